@@ -1,0 +1,3 @@
+module github.com/gwagent/gwagent
+
+go 1.26.8

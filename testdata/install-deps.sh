@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Installs what gwagent's tests, demo and cross builds need on Debian:
+# swtpm (a real software TPM), SoftHSM2 (a real PKCS#11 token), openssl (to
+# check CSRs and chains) and the cross compilers for the cgo (PKCS#11) build.
+# It installs only what is missing, so it is cheap to call from every make run.
+# Needs root (CI runs as root) or sudo.
+set -euo pipefail
+
+want=(swtpm swtpm-tools softhsm2 openssl)
+if [ "${1:-}" = "--cross" ]; then
+	want+=(gcc-aarch64-linux-gnu gcc-arm-linux-gnueabihf libc6-dev-arm64-cross libc6-dev-armhf-cross)
+fi
+
+missing=()
+for p in "${want[@]}"; do
+	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+[ ${#missing[@]} -eq 0 ] && exit 0
+
+if ! command -v apt-get >/dev/null; then
+	echo "install-deps: missing ${missing[*]} and no apt-get here; install them with your package manager" >&2
+	exit 1
+fi
+sudo=""
+if [ "$(id -u)" -ne 0 ]; then
+	command -v sudo >/dev/null || { echo "install-deps: need root to install ${missing[*]}" >&2; exit 1; }
+	sudo=sudo
+fi
+echo "install-deps: installing ${missing[*]}" >&2
+export DEBIAN_FRONTEND=noninteractive
+$sudo apt-get update -qq
+$sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
