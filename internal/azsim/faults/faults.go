@@ -1,0 +1,97 @@
+// Package faults lets tests and people make azsim misbehave on demand:
+// answer the next N requests with an error status, refuse connections for a
+// while, delay DPS assignment. One Injector per emulator instance; it is safe
+// for concurrent use and has no global state.
+package faults
+
+import (
+	"sync"
+	"time"
+)
+
+// Target names the service a fault applies to.
+type Target string
+
+const (
+	DPS Target = "dps"
+	Hub Target = "hub"
+)
+
+// Answer is an injected reply: Status (429, 500, 503, ...) and, when
+// non-zero, the retry-after seconds to send with it.
+type Answer struct {
+	Status     int `json:"status"`
+	RetryAfter int `json:"retryAfter,omitempty"`
+}
+
+// Injector holds the faults armed for one emulator.
+type Injector struct {
+	mu          sync.Mutex
+	answers     map[Target][]Answer
+	refuseUntil map[Target]time.Time
+	assignDelay time.Duration
+}
+
+// New returns an Injector with nothing armed.
+func New() *Injector {
+	return &Injector{answers: map[Target][]Answer{}, refuseUntil: map[Target]time.Time{}}
+}
+
+// Arm makes the next n requests to t get answer a instead of being served.
+func (i *Injector) Arm(t Target, n int, a Answer) {
+	i.mu.Lock()
+	defer i.mu.Unlock()
+	for ; n > 0; n-- {
+		i.answers[t] = append(i.answers[t], a)
+	}
+}
+
+// Take returns the next armed answer for t, if any, and disarms it.
+func (i *Injector) Take(t Target) (Answer, bool) {
+	i.mu.Lock()
+	defer i.mu.Unlock()
+	q := i.answers[t]
+	if len(q) == 0 {
+		return Answer{}, false
+	}
+	i.answers[t] = q[1:]
+	return q[0], true
+}
+
+// RefuseUntil makes t refuse new connections (CONNACK "server unavailable")
+// until the given time.
+func (i *Injector) RefuseUntil(t Target, until time.Time) {
+	i.mu.Lock()
+	defer i.mu.Unlock()
+	i.refuseUntil[t] = until
+}
+
+// Refusing reports whether t refuses connections at now.
+func (i *Injector) Refusing(t Target, now time.Time) bool {
+	i.mu.Lock()
+	defer i.mu.Unlock()
+	return now.Before(i.refuseUntil[t])
+}
+
+// SetAssignDelay makes DPS keep registrations in "assigning" for d.
+func (i *Injector) SetAssignDelay(d time.Duration) {
+	i.mu.Lock()
+	defer i.mu.Unlock()
+	i.assignDelay = d
+}
+
+// AssignDelay is the current DPS assignment delay.
+func (i *Injector) AssignDelay() time.Duration {
+	i.mu.Lock()
+	defer i.mu.Unlock()
+	return i.assignDelay
+}
+
+// Reset disarms everything.
+func (i *Injector) Reset() {
+	i.mu.Lock()
+	defer i.mu.Unlock()
+	i.answers = map[Target][]Answer{}
+	i.refuseUntil = map[Target]time.Time{}
+	i.assignDelay = 0
+}
