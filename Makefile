@@ -28,6 +28,7 @@ deps:
 test: deps
 	$(GO) vet ./...
 	$(GO) test $(TESTFLAGS) ./...
+	$(GO) test -run=^$$ -fuzz=FuzzDPSReply -fuzztime=10s ./provisioning/
 
 demo: deps build
 	./testdata/demo.sh
