@@ -1,0 +1,407 @@
+package provisioning
+
+import (
+	"context"
+	"crypto"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"net"
+	"net/url"
+	"strconv"
+	"time"
+
+	mqtt "github.com/eclipse/paho.mqtt.golang"
+	"github.com/eclipse/paho.mqtt.golang/packets"
+
+	"github.com/gwagent/gwagent/internal/backoff"
+	"github.com/gwagent/gwagent/internal/tlsconf"
+)
+
+// DefaultAPIVersion is the DPS api-version that carries a CSR and returns
+// issuedCertificateChain (azure-protocol §2.1).
+const DefaultAPIVersion = "2025-07-01-preview"
+
+// Credential is the onboarding credential DPS authenticates the device with:
+// an X509Credential or a SymmetricKey.
+type Credential interface{ isCredential() }
+
+// X509Credential is a factory onboarding certificate: its key (which never
+// leaves its key store) and the chain, leaf first with every intermediate,
+// as the factory installed it.
+type X509Credential struct {
+	Signer crypto.Signer
+	Chain  []*x509.Certificate
+}
+
+func (X509Credential) isCredential() {}
+func (SymmetricKey) isCredential()   {}
+
+// DPSConfig says where and as whom to register.
+type DPSConfig struct {
+	// Endpoint is the DPS host, optionally with :port (default 8883).
+	Endpoint       string
+	IDScope        string
+	RegistrationID string
+	// APIVersion defaults to DefaultAPIVersion.
+	APIVersion string
+	// Roots verify DPS's server certificate. Required.
+	Roots      *x509.CertPool
+	Credential Credential
+	// Payload is optional custom allocation data.
+	Payload json.RawMessage
+	// Timeout bounds the whole registration (default 5 minutes).
+	Timeout time.Duration
+	// RetryAfterMin and RetryAfterMax clamp DPS's retry-after (defaults 2 s
+	// and 300 s, as the SDKs do).
+	RetryAfterMin, RetryAfterMax time.Duration
+	// Backoff is used when DPS sends no retry-after or the connection fails
+	// (default 1 s to 60 s, jittered).
+	Backoff backoff.Policy
+	// Progress, if set, is told each step as it happens.
+	Progress func(Step)
+	// ClientVersion goes into the username's ClientVersion (user agent).
+	ClientVersion string
+}
+
+// StepKind names a provisioning step for progress output.
+type StepKind int
+
+const (
+	StepConnecting StepKind = iota
+	StepRegistering
+	StepWaiting // DPS asked us to wait (Step.Wait) before polling
+	StepPolling
+	StepRetrying // a transient error; Step.Err says which, Step.Wait how long
+	StepAssigned
+)
+
+// Step is one progress event.
+type Step struct {
+	Kind StepKind
+	Wait time.Duration
+	Err  error
+}
+
+func (s Step) String() string {
+	switch s.Kind {
+	case StepConnecting:
+		return "connecting to DPS"
+	case StepRegistering:
+		return "registering"
+	case StepWaiting:
+		return fmt.Sprintf("DPS is assigning; waiting %s as it asked", s.Wait.Round(time.Millisecond))
+	case StepPolling:
+		return "polling registration status"
+	case StepRetrying:
+		return fmt.Sprintf("retrying in %s: %v", s.Wait.Round(time.Millisecond), s.Err)
+	case StepAssigned:
+		return "assigned"
+	}
+	return "?"
+}
+
+// Errors a caller branches on.
+var (
+	// ErrCredentialRejected: DPS refused the onboarding credential (CONNACK
+	// refusal, 401, 403). Retrying with the same credential cannot help.
+	ErrCredentialRejected = errors.New("onboarding credential rejected by DPS")
+	// ErrRegistrationFailed: DPS finished with status failed.
+	ErrRegistrationFailed = errors.New("DPS registration failed")
+	// ErrEnrollmentDisabled: DPS finished with status disabled.
+	ErrEnrollmentDisabled = errors.New("enrollment disabled in DPS")
+)
+
+// Register registers the device with DPS over MQTT and returns the final
+// registration state when DPS assigns it. csrDER, if non-nil, is sent as the
+// csr field so DPS issues an operational certificate. Transient failures
+// (network, 429, 5xx) are retried with backoff within cfg.Timeout; a
+// rejected credential, 4xx and final failed/disabled are returned at once.
+func Register(ctx context.Context, cfg DPSConfig, csrDER []byte) (*RegistrationState, error) {
+	cfg.defaults()
+	if err := cfg.check(); err != nil {
+		return nil, err
+	}
+	ctx, cancel := context.WithTimeout(ctx, cfg.Timeout)
+	defer cancel()
+
+	body := map[string]any{"registrationId": cfg.RegistrationID}
+	if len(cfg.Payload) > 0 {
+		body["payload"] = cfg.Payload
+	}
+	if csrDER != nil {
+		body["csr"] = EncodeCSR(csrDER)
+	}
+	reqBody, _ := json.Marshal(body)
+
+	rng := rand.New(rand.NewPCG(uint64(time.Now().UnixNano()), 0x9e3779b97f4a7c15))
+	for attempt := 0; ; attempt++ {
+		st, err := registerOnce(ctx, &cfg, reqBody, rng)
+		if err == nil {
+			return st, nil
+		}
+		if ctx.Err() != nil {
+			return nil, fmt.Errorf("dps: gave up after %s: %w (last error: %v)", cfg.Timeout, ctx.Err(), err)
+		}
+		var te *transientError
+		if !errors.As(err, &te) {
+			return nil, err
+		}
+		wait := te.retryAfter
+		if wait == 0 {
+			wait = cfg.Backoff.Delay(attempt, rng)
+		}
+		cfg.progress(Step{Kind: StepRetrying, Wait: wait, Err: te.err})
+		if err := sleep(ctx, wait); err != nil {
+			return nil, fmt.Errorf("dps: gave up after %s: %w (last error: %v)", cfg.Timeout, err, te.err)
+		}
+	}
+}
+
+func (c *DPSConfig) defaults() {
+	if c.APIVersion == "" {
+		c.APIVersion = DefaultAPIVersion
+	}
+	if c.Timeout == 0 {
+		c.Timeout = 5 * time.Minute
+	}
+	if c.RetryAfterMin == 0 {
+		c.RetryAfterMin = 2 * time.Second
+	}
+	if c.RetryAfterMax == 0 {
+		c.RetryAfterMax = 300 * time.Second
+	}
+	if c.Backoff.Min == 0 {
+		c.Backoff = backoff.Policy{Min: time.Second, Max: time.Minute}
+	}
+	if c.ClientVersion == "" {
+		c.ClientVersion = "gwagent"
+	}
+}
+
+func (c *DPSConfig) check() error {
+	switch {
+	case c.Endpoint == "":
+		return errors.New("dps: no endpoint; set [dps] endpoint (e.g. global.azure-devices-provisioning.net)")
+	case c.IDScope == "":
+		return errors.New("dps: no id scope; set [dps] id_scope from the DPS overview page")
+	case c.Roots == nil:
+		return errors.New("dps: no trust bundle; set trust_bundle")
+	case c.Credential == nil:
+		return errors.New("dps: no onboarding credential configured")
+	}
+	return ValidateRegistrationID(c.RegistrationID)
+}
+
+func (c *DPSConfig) progress(s Step) {
+	if c.Progress != nil {
+		c.Progress(s)
+	}
+}
+
+// transientError marks a failure worth retrying, with DPS's retry-after.
+type transientError struct {
+	err        error
+	retryAfter time.Duration
+}
+
+func (e *transientError) Error() string { return e.err.Error() }
+func (e *transientError) Unwrap() error { return e.err }
+
+func sleep(ctx context.Context, d time.Duration) error {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-t.C:
+		return nil
+	}
+}
+
+// registerOnce is one connection: register, then poll until final.
+func registerOnce(ctx context.Context, cfg *DPSConfig, reqBody []byte, rng *rand.Rand) (*RegistrationState, error) {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	cfg.progress(Step{Kind: StepConnecting})
+	sess, err := connectDPS(ctx, cfg)
+	if err != nil {
+		return nil, err
+	}
+	defer sess.client.Disconnect(250)
+
+	rid := 0
+	send := func(topic, suffix string, payload []byte) (response, []byte, error) {
+		rid++
+		r := strconv.Itoa(rid)
+		tok := sess.client.Publish(topic+r+suffix, 1, false, payload)
+		if !tok.WaitTimeout(30 * time.Second) {
+			return response{}, nil, &transientError{err: errors.New("dps: publish not acknowledged in 30 s")}
+		}
+		if err := tok.Error(); err != nil {
+			return response{}, nil, &transientError{err: fmt.Errorf("dps: publish: %w", err)}
+		}
+		for {
+			select {
+			case <-ctx.Done():
+				return response{}, nil, ctx.Err()
+			case <-sess.lost:
+				return response{}, nil, &transientError{err: errors.New("dps: connection lost while waiting for the answer")}
+			case m := <-sess.replies:
+				if m.resp.rid != r {
+					continue // an answer to an earlier request
+				}
+				return m.resp, m.body, nil
+			}
+		}
+	}
+
+	cfg.progress(Step{Kind: StepRegistering})
+	topic, suffix, payload := dpsRegisterTopic, "", reqBody
+	for polls := 0; ; polls++ {
+		resp, body, err := send(topic, suffix, payload)
+		if err != nil {
+			return nil, err
+		}
+		switch {
+		case resp.status == 200 || resp.status == 202:
+			op, err := decodeOperation(body)
+			if err != nil {
+				return nil, err
+			}
+			switch op.Status {
+			case StatusAssigned:
+				cfg.progress(Step{Kind: StepAssigned})
+				return op.RegistrationState, nil
+			case StatusFailed:
+				rs := op.RegistrationState
+				if rs == nil {
+					rs = &RegistrationState{}
+				}
+				return nil, fmt.Errorf("dps: %w: error %d: %s; check the enrollment and its allocation policy in DPS", ErrRegistrationFailed, rs.ErrorCode, rs.ErrorMessage)
+			case StatusDisabled:
+				return nil, fmt.Errorf("dps: %w for registration id %q; enable the enrollment (or the device's registration) in DPS", ErrEnrollmentDisabled, cfg.RegistrationID)
+			}
+			// assigning / unassigned: wait as asked, then poll.
+			wait := backoff.Clamp(resp.retryAfter, cfg.RetryAfterMin, cfg.RetryAfterMax)
+			if wait == 0 {
+				wait = cfg.Backoff.Delay(polls, rng)
+			}
+			cfg.progress(Step{Kind: StepWaiting, Wait: wait})
+			if err := sleep(ctx, wait); err != nil {
+				return nil, err
+			}
+			cfg.progress(Step{Kind: StepPolling})
+			topic, suffix, payload = dpsPollTopic, "&operationId="+url.QueryEscape(op.OperationID), nil
+		default:
+			de := decodeServiceError(resp.status, body)
+			if de.Transient() {
+				return nil, &transientError{err: de, retryAfter: backoff.Clamp(resp.retryAfter, cfg.RetryAfterMin, cfg.RetryAfterMax)}
+			}
+			if resp.status == 401 || resp.status == 403 {
+				return nil, fmt.Errorf("dps: %w: %w", ErrCredentialRejected, de)
+			}
+			return nil, fmt.Errorf("dps: %w", de)
+		}
+	}
+}
+
+type reply struct {
+	resp response
+	body []byte
+}
+
+// dpsSession is one MQTT connection to DPS. Replies arrive on replies; lost
+// is closed when the connection drops.
+type dpsSession struct {
+	client  mqtt.Client
+	replies chan reply
+	lost    chan struct{}
+}
+
+// connectDPS opens the MQTT session: client id = registration id, username
+// {idScope}/registrations/{id}/api-version=..&ClientVersion=.., TLS 1.2+
+// with the server verified, the X.509 onboarding chain presented in the
+// handshake or a short-lived SAS token as password; then it subscribes to
+// the response topics.
+func connectDPS(ctx context.Context, cfg *DPSConfig) (*dpsSession, error) {
+	host, port := cfg.Endpoint, "8883"
+	if h, p, err := net.SplitHostPort(cfg.Endpoint); err == nil {
+		host, port = h, p
+	}
+	var tlsCfg, err = tlsconf.Client(host, cfg.Roots, nil, nil)
+	if err != nil {
+		return nil, fmt.Errorf("dps: %w", err)
+	}
+	opts := mqtt.NewClientOptions().
+		AddBroker("tls://" + net.JoinHostPort(host, port)).
+		SetClientID(cfg.RegistrationID).
+		SetUsername(cfg.IDScope + "/registrations/" + cfg.RegistrationID + "/api-version=" + cfg.APIVersion +
+			"&ClientVersion=" + url.QueryEscape(cfg.ClientVersion)).
+		SetCleanSession(true).
+		SetProtocolVersion(4).
+		SetAutoReconnect(false).
+		SetConnectRetry(false).
+		SetKeepAlive(60 * time.Second).
+		SetConnectTimeout(30 * time.Second).
+		SetOrderMatters(false)
+	switch c := cfg.Credential.(type) {
+	case X509Credential:
+		tlsCfg, err = tlsconf.Client(host, cfg.Roots, c.Signer, c.Chain)
+		if err != nil {
+			return nil, fmt.Errorf("dps: %w", err)
+		}
+	case SymmetricKey:
+		// Short-lived: the token only has to outlive the registration.
+		opts.SetPassword(c.DPSToken(cfg.IDScope, cfg.RegistrationID, time.Now().Add(cfg.Timeout+time.Minute)))
+	default:
+		return nil, fmt.Errorf("dps: unsupported onboarding credential %T", cfg.Credential)
+	}
+	opts.SetTLSConfig(tlsCfg)
+
+	replies := make(chan reply, 8)
+	lost := make(chan struct{})
+	opts.SetConnectionLostHandler(func(mqtt.Client, error) { close(lost) })
+	client := mqtt.NewClient(opts)
+	tok := client.Connect()
+	select {
+	case <-ctx.Done():
+		client.Disconnect(0)
+		return nil, ctx.Err()
+	case <-tok.Done():
+	}
+	if err := tok.Error(); err != nil {
+		switch {
+		case errors.Is(err, packets.ErrorRefusedNotAuthorised), errors.Is(err, packets.ErrorRefusedBadUsernameOrPassword),
+			errors.Is(err, packets.ErrorRefusedIDRejected):
+			return nil, fmt.Errorf("dps: connect to %s: %w (%v): check the id scope, the registration id and the onboarding certificate or key", cfg.Endpoint, ErrCredentialRejected, err)
+		}
+		var cve *tls.CertificateVerificationError
+		if errors.As(err, &cve) {
+			return nil, fmt.Errorf("dps: %s presented a certificate our trust bundle does not accept (%v); check trust_bundle and the endpoint name", cfg.Endpoint, cve.Err)
+		}
+		return nil, &transientError{err: fmt.Errorf("dps: connect to %s: %w", cfg.Endpoint, err)}
+	}
+	// Forward answers without blocking paho past the connection's or the
+	// caller's end.
+	handler := func(_ mqtt.Client, m mqtt.Message) {
+		r, err := parseResponseTopic(m.Topic())
+		if err != nil {
+			return
+		}
+		select {
+		case replies <- reply{resp: r, body: append([]byte(nil), m.Payload()...)}:
+		case <-lost:
+		case <-ctx.Done():
+		}
+	}
+	sub := client.Subscribe(dpsSubscribe, 1, handler)
+	if !sub.WaitTimeout(30*time.Second) || sub.Error() != nil {
+		client.Disconnect(0)
+		return nil, &transientError{err: fmt.Errorf("dps: subscribe to %s failed: %v", dpsSubscribe, sub.Error())}
+	}
+	return &dpsSession{client: client, replies: replies, lost: lost}, nil
+}
