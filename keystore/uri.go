@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"net/url"
 	"os"
+	"path/filepath"
 	"sort"
 	"strconv"
 	"strings"
@@ -323,4 +324,62 @@ func redactRaw(raw string) string {
 		tail = raw[i+end:]
 	}
 	return raw[:i] + "pin-value=REDACTED" + tail
+}
+
+// StoreID identifies the backend instance holding u's key: keys with equal
+// StoreIDs live in the same TPM, token or file system and must share one
+// open KeyStore (a swtpm socket, for one, serves a single connection).
+func (u *URI) StoreID() string {
+	switch u.Scheme {
+	case SchemeTPM2:
+		p, sock := u.TPMDevice()
+		if sock {
+			return "tpm2:socket=" + p
+		}
+		return "tpm2:device=" + p
+	case SchemePKCS11:
+		return "pkcs11:" + u.Query["module-path"] + "|" + u.Attrs["token"] + "|" + u.Attrs["serial"] + "|" + u.Attrs["slot-id"]
+	}
+	return u.Scheme
+}
+
+// Alternate returns the second key slot beside u, in the same backend: the
+// place a new key is made while u's key is still in use (renewal,
+// re-provisioning). file: and blob= paths get ".b" before the extension;
+// a handle= becomes handle+1; a PKCS#11 object= label gets "-b" and an id=
+// a trailing 0x0b byte.
+func (u *URI) Alternate() (*URI, error) {
+	a := &URI{Scheme: u.Scheme, Path: u.Path, Attrs: map[string]string{}, Query: map[string]string{}}
+	for k, v := range u.Attrs {
+		a.Attrs[k] = v
+	}
+	for k, v := range u.Query {
+		a.Query[k] = v
+	}
+	suffix := func(p string) string {
+		ext := filepath.Ext(p)
+		return strings.TrimSuffix(p, ext) + ".b" + ext
+	}
+	switch u.Scheme {
+	case SchemeFile:
+		a.Path = suffix(u.Path)
+	case SchemeTPM2:
+		if b := u.Attrs["blob"]; b != "" {
+			a.Attrs["blob"] = suffix(b)
+		}
+		if h, _ := u.Handle(); h != 0 {
+			if h == 0x81FFFFFF {
+				return nil, fmt.Errorf("%w: handle 0x81FFFFFF leaves no room for a second key at handle+1", ErrBadURI)
+			}
+			a.Attrs["handle"] = fmt.Sprintf("0x%08X", h+1)
+		}
+	case SchemePKCS11:
+		if o := u.Attrs["object"]; o != "" {
+			a.Attrs["object"] = o + "-b"
+		}
+		if id := u.Attrs["id"]; id != "" {
+			a.Attrs["id"] = id + "\x0b"
+		}
+	}
+	return a, nil
 }

@@ -96,3 +96,24 @@ func TestPIN(t *testing.T) {
 		t.Fatalf("unreadable pin-source: got %v, want ErrBadPIN (never an empty PIN)", err)
 	}
 }
+
+func TestAlternate(t *testing.T) {
+	for in, want := range map[string]string{
+		"file:/s/keys/op.key":                         "file:/s/keys/op.b.key",
+		"tpm2:socket=/t;blob=/s/op.tpmkey":            "tpm2:blob=/s/op.b.tpmkey;socket=/t",
+		"tpm2:handle=0x81000100":                      "tpm2:handle=0x81000101",
+		"pkcs11:token=gw;object=op?module-path=/m.so": "pkcs11:object=op-b;token=gw?module-path=/m.so",
+	} {
+		u := keystore.MustParse(in)
+		a, err := u.Alternate()
+		if err != nil || a.String() != want {
+			t.Errorf("Alternate(%s) = %v, %v; want %s", in, a, err, want)
+		}
+		if a.StoreID() != u.StoreID() {
+			t.Errorf("Alternate(%s) moved to another store", in)
+		}
+	}
+	if _, err := keystore.MustParse("tpm2:handle=0x81FFFFFF").Alternate(); err == nil {
+		t.Error("handle at the end of the range: no error")
+	}
+}

@@ -34,7 +34,7 @@ func ValidateChain(chain []*x509.Certificate, pub crypto.PublicKey, deviceID str
 		return fmt.Errorf("%w: certificate CN %q is not the assigned device id %q", ErrBadChain, leaf.Subject.CommonName, deviceID)
 	}
 	if err := checkDates(leaf, now); err != nil {
-		return err
+		return fmt.Errorf("%w: %w", ErrBadChain, err)
 	}
 	roots := anchors
 	inter := x509.NewCertPool()
@@ -69,11 +69,14 @@ func ValidateChain(chain []*x509.Certificate, pub crypto.PublicKey, deviceID str
 
 func checkDates(c *x509.Certificate, now time.Time) error {
 	if now.Add(clockSkew).Before(c.NotBefore) {
-		return fmt.Errorf("%w: certificate valid from %s but our clock says %s; the device clock is probably wrong (is time synchronised?)",
-			ErrBadChain, c.NotBefore.UTC().Format(time.RFC3339), now.UTC().Format(time.RFC3339))
+		return fmt.Errorf("certificate %q valid from %s but our clock says %s; the device clock is probably wrong (is time synchronised?)",
+			c.Subject.CommonName, c.NotBefore.UTC().Format(time.RFC3339), now.UTC().Format(time.RFC3339))
 	}
 	if !now.Before(c.NotAfter) {
-		return fmt.Errorf("%w: certificate expired at %s (now %s)", ErrBadChain, c.NotAfter.UTC().Format(time.RFC3339), now.UTC().Format(time.RFC3339))
+		return fmt.Errorf("certificate %q expired at %s (now %s)", c.Subject.CommonName, c.NotAfter.UTC().Format(time.RFC3339), now.UTC().Format(time.RFC3339))
 	}
 	return nil
 }
+
+// CheckValidity reports, with a clock hint, whether c is valid at now.
+func CheckValidity(c *x509.Certificate, now time.Time) error { return checkDates(c, now) }

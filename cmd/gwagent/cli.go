@@ -33,13 +33,15 @@ func commands() []command {
 		{"version", "", "print version and build information", cmdVersion},
 		{"keygen", "--key URI [--force]", "create a P-384 key; print its public key and fingerprint", cmdKeygen},
 		{"csr", "--key URI --cn ID [--pem] [--out FILE]", "print a PKCS#10 CSR (ECDSA-SHA384, CN=ID) signed by the key", cmdCSR},
+		{"onboard", "csr|install --config FILE ...", "factory step: onboarding key + CSR, then install the signed chain", cmdOnboard},
+		{"provision", "--config FILE [--progress]", "get an operational certificate from DPS and store it", cmdProvision},
 	}
 }
 
 func usage(w io.Writer) {
 	fmt.Fprintln(w, "usage: gwagent COMMAND [flags]\n\ncommands:")
 	for _, c := range commands() {
-		fmt.Fprintf(w, "  %-8s %-40s %s\n", c.name, c.args, c.help)
+		fmt.Fprintf(w, "  %-10s %-42s %s\n", c.name, c.args, c.help)
 	}
 	fmt.Fprint(w, `
 key URIs:

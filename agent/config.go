@@ -1,0 +1,231 @@
+package agent
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/pelletier/go-toml/v2"
+
+	"github.com/gwagent/gwagent/keystore"
+	"github.com/gwagent/gwagent/provisioning"
+)
+
+// Config is gwagent's configuration file (TOML). Decoding is strict: an
+// unknown key is an error naming its line, so a typo never silently falls
+// back to a default. configs/gwagent.toml is the commented example.
+type Config struct {
+	// StateDir holds keys (for file: and blob keys), the identity store and
+	// the outbox. systemd's StateDirectory= gives /var/lib/gwagent.
+	StateDir string `toml:"state_dir"`
+	// TrustBundle is a PEM file of the CAs that sign DPS's and the hub's
+	// server certificates.
+	TrustBundle string `toml:"trust_bundle"`
+	// LogLevel is debug, info, warn or error.
+	LogLevel string `toml:"log_level"`
+
+	Identity    IdentityConfig    `toml:"identity"`
+	Onboarding  OnboardingConfig  `toml:"onboarding"`
+	Operational OperationalConfig `toml:"operational"`
+
+	// path is the file the config was loaded from.
+	path string
+}
+
+// IdentityConfig says who the device is to DPS.
+type IdentityConfig struct {
+	IDScope        string `toml:"id_scope"`
+	RegistrationID string `toml:"registration_id"`
+	// DPSEndpoint is the DPS host[:port]; default
+	// global.azure-devices-provisioning.net.
+	DPSEndpoint string `toml:"dps_endpoint"`
+	// APIVersion is DPS's api-version; default 2025-07-01-preview, the
+	// first that issues certificates.
+	APIVersion string `toml:"api_version"`
+	// ProvisioningTimeout bounds one whole registration; default 5m.
+	ProvisioningTimeout Duration `toml:"provisioning_timeout"`
+}
+
+// OnboardingConfig is the factory credential DPS authenticates the device
+// with: an X.509 certificate whose key is in a key store, or a symmetric key.
+type OnboardingConfig struct {
+	// Kind is "x509" or "symmetric_key".
+	Kind string `toml:"kind"`
+	// Key is the onboarding key URI (x509).
+	Key string `toml:"key"`
+	// Chain is the PEM file with the onboarding certificate and its
+	// intermediates, leaf first (x509), as `gwagent onboard install` wrote it.
+	Chain string `toml:"chain"`
+	// SymmetricKeyFile holds the base64 key (symmetric_key). Keep it 0600.
+	SymmetricKeyFile string `toml:"symmetric_key_file"`
+	// GroupKey says the file holds the enrollment-group key, from which the
+	// device key is derived for registration_id.
+	GroupKey bool `toml:"group_key"`
+}
+
+// OperationalConfig is the key the operational certificate is issued for.
+type OperationalConfig struct {
+	// Key is the operational key URI. gwagent creates the key if it does
+	// not exist when provisioning.
+	Key string `toml:"key"`
+}
+
+// Duration is a time.Duration written as "90s", "5m", "1h30m" in TOML.
+type Duration struct{ time.Duration }
+
+// UnmarshalText implements encoding.TextUnmarshaler.
+func (d *Duration) UnmarshalText(b []byte) error {
+	v, err := time.ParseDuration(string(b))
+	if err != nil {
+		return fmt.Errorf("%q is not a duration (examples: 90s, 5m, 1h30m)", b)
+	}
+	d.Duration = v
+	return nil
+}
+
+// MarshalText implements encoding.TextMarshaler.
+func (d Duration) MarshalText() ([]byte, error) { return []byte(d.String()), nil }
+
+// Onboarding kinds.
+const (
+	OnboardingX509         = "x509"
+	OnboardingSymmetricKey = "symmetric_key"
+)
+
+// ErrConfig marks configuration errors.
+var ErrConfig = errors.New("config")
+
+// LoadConfig reads, decodes strictly and validates a config file. Relative
+// paths in it are taken relative to the file's directory.
+func LoadConfig(path string) (*Config, error) {
+	raw, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("%w: %w", ErrConfig, err)
+	}
+	return ParseConfig(path, raw)
+}
+
+// ParseConfig is LoadConfig on bytes already read from path.
+func ParseConfig(path string, raw []byte) (*Config, error) {
+	var c Config
+	dec := toml.NewDecoder(bytes.NewReader(raw))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&c); err != nil {
+		return nil, configError(path, err)
+	}
+	c.path = path
+	c.defaults()
+	if err := c.validate(); err != nil {
+		return nil, fmt.Errorf("%w: %s: %w", ErrConfig, path, err)
+	}
+	return &c, nil
+}
+
+func configError(path string, err error) error {
+	var sm *toml.StrictMissingError
+	if errors.As(err, &sm) {
+		var lines []string
+		for _, e := range sm.Errors {
+			row, _ := e.Position()
+			lines = append(lines, fmt.Sprintf("%s:%d: unknown key %q (check its spelling and section; see configs/gwagent.toml)", path, row, strings.Join(e.Key(), ".")))
+		}
+		return fmt.Errorf("%w: %s", ErrConfig, strings.Join(lines, "; "))
+	}
+	var de *toml.DecodeError
+	if errors.As(err, &de) {
+		row, col := de.Position()
+		return fmt.Errorf("%w: %s:%d:%d: %s", ErrConfig, path, row, col, strings.TrimPrefix(de.Error(), "toml: "))
+	}
+	return fmt.Errorf("%w: %s: %w", ErrConfig, path, err)
+}
+
+func (c *Config) defaults() {
+	base := filepath.Dir(c.path)
+	abs := func(p *string) {
+		if *p != "" && !filepath.IsAbs(*p) {
+			*p = filepath.Join(base, *p)
+		}
+	}
+	if c.StateDir == "" {
+		c.StateDir = "/var/lib/gwagent"
+	}
+	abs(&c.StateDir)
+	abs(&c.TrustBundle)
+	abs(&c.Onboarding.Chain)
+	abs(&c.Onboarding.SymmetricKeyFile)
+	if c.LogLevel == "" {
+		c.LogLevel = "info"
+	}
+	if c.Identity.DPSEndpoint == "" {
+		c.Identity.DPSEndpoint = "global.azure-devices-provisioning.net"
+	}
+	if c.Identity.APIVersion == "" {
+		c.Identity.APIVersion = provisioning.DefaultAPIVersion
+	}
+	if c.Identity.ProvisioningTimeout.Duration == 0 {
+		c.Identity.ProvisioningTimeout.Duration = 5 * time.Minute
+	}
+}
+
+func (c *Config) validate() error {
+	var errs []error
+	add := func(format string, a ...any) { errs = append(errs, fmt.Errorf(format, a...)) }
+	if c.TrustBundle == "" {
+		add("trust_bundle is required: the PEM file of CAs that sign DPS's and IoT Hub's server certificates")
+	}
+	switch c.LogLevel {
+	case "debug", "info", "warn", "error":
+	default:
+		add("log_level %q: use debug, info, warn or error", c.LogLevel)
+	}
+	if c.Identity.IDScope == "" {
+		add("[identity] id_scope is required (DPS overview page, e.g. 0ne00000000)")
+	}
+	if err := provisioning.ValidateRegistrationID(c.Identity.RegistrationID); err != nil {
+		add("[identity] registration_id: %v", err)
+	}
+	switch c.Onboarding.Kind {
+	case OnboardingX509:
+		if _, err := keystore.Parse(c.Onboarding.Key); err != nil {
+			add("[onboarding] key: %v", err)
+		}
+		if c.Onboarding.Chain == "" {
+			add("[onboarding] chain is required for kind = \"x509\" (the file `gwagent onboard install` writes)")
+		}
+		if c.Onboarding.SymmetricKeyFile != "" {
+			add("[onboarding] symmetric_key_file is for kind = \"symmetric_key\"; remove it or change kind")
+		}
+	case OnboardingSymmetricKey:
+		if c.Onboarding.SymmetricKeyFile == "" {
+			add("[onboarding] symmetric_key_file is required for kind = \"symmetric_key\"")
+		}
+		if c.Onboarding.Key != "" || c.Onboarding.Chain != "" {
+			add("[onboarding] key and chain are for kind = \"x509\"; remove them or change kind")
+		}
+	case "":
+		add("[onboarding] kind is required: \"x509\" or \"symmetric_key\"")
+	default:
+		add("[onboarding] kind %q: use \"x509\" or \"symmetric_key\"", c.Onboarding.Kind)
+	}
+	if u, err := keystore.Parse(c.Operational.Key); err != nil {
+		add("[operational] key: %v", err)
+	} else if c.Onboarding.Key != "" && u.String() == mustString(c.Onboarding.Key) {
+		add("[operational] key must differ from [onboarding] key: the onboarding key proves the device's origin and is never replaced")
+	}
+	return errors.Join(errs...)
+}
+
+func mustString(raw string) string {
+	u, err := keystore.Parse(raw)
+	if err != nil {
+		return raw
+	}
+	return u.String()
+}
+
+// Path is the file the config was loaded from.
+func (c *Config) Path() string { return c.path }

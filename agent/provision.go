@@ -1,0 +1,172 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"time"
+
+	"github.com/gwagent/gwagent/internal/tlsconf"
+	"github.com/gwagent/gwagent/keystore"
+	"github.com/gwagent/gwagent/provisioning"
+)
+
+// OnboardingCredential loads the factory credential the config names: the
+// onboarding key and its installed chain (x509), or the symmetric key.
+func OnboardingCredential(ctx context.Context, cfg *Config, keys *Keys) (provisioning.Credential, error) {
+	switch cfg.Onboarding.Kind {
+	case OnboardingX509:
+		u, err := keystore.Parse(cfg.Onboarding.Key)
+		if err != nil {
+			return nil, fmt.Errorf("onboarding key: %w", err)
+		}
+		signer, err := keys.Signer(ctx, u)
+		if err != nil {
+			return nil, fmt.Errorf("onboarding key: %w", err)
+		}
+		chain, err := tlsconf.LoadChain(cfg.Onboarding.Chain)
+		if errors.Is(err, os.ErrNotExist) {
+			return nil, fmt.Errorf("onboarding chain %s is missing: run the factory step (`gwagent onboard csr`, sign it, `gwagent onboard install --chain FILE`)", cfg.Onboarding.Chain)
+		}
+		if err != nil {
+			return nil, fmt.Errorf("onboarding chain: %w", err)
+		}
+		if err := checkOnboardingChain(chain, signer.Public(), cfg.Identity.RegistrationID); err != nil {
+			return nil, fmt.Errorf("onboarding chain %s: %w", cfg.Onboarding.Chain, err)
+		}
+		return provisioning.X509Credential{Signer: signer, Chain: chain}, nil
+	case OnboardingSymmetricKey:
+		b, err := readSecretFile(cfg.Onboarding.SymmetricKeyFile)
+		if err != nil {
+			return nil, fmt.Errorf("onboarding symmetric key: %w", err)
+		}
+		k, err := provisioning.ParseSymmetricKey(string(b), cfg.Onboarding.GroupKey, cfg.Identity.RegistrationID)
+		if err != nil {
+			return nil, fmt.Errorf("onboarding symmetric key %s: %w", cfg.Onboarding.SymmetricKeyFile, err)
+		}
+		return k, nil
+	}
+	return nil, fmt.Errorf("onboarding kind %q not supported", cfg.Onboarding.Kind)
+}
+
+// readSecretFile reads a secret that only the service may read.
+func readSecretFile(path string) ([]byte, error) {
+	st, err := os.Stat(path)
+	if err != nil {
+		return nil, err
+	}
+	if st.Mode().Perm()&0o077 != 0 {
+		return nil, fmt.Errorf("%s has mode %04o; it holds a secret: run `chmod 600 %s`", path, st.Mode().Perm(), path)
+	}
+	return os.ReadFile(path)
+}
+
+// ProvisionOptions tunes Provision.
+type ProvisionOptions struct {
+	// Progress, if set, receives one line per step.
+	Progress func(string)
+	// Now is the clock (tests); default time.Now.
+	Now func() time.Time
+	// RetryAfterMin lets tests shorten DPS's retry-after clamp; production
+	// leaves it zero (2 s).
+	RetryAfterMin time.Duration
+	// ClientVersion is sent to DPS as the user agent, e.g. "gwagent/1.2.0".
+	ClientVersion string
+}
+
+// Provision gets a new operational identity from DPS and commits it: a
+// fresh P-384 key in the operational key store (in the slot the current
+// identity does not use), a CSR, registration with the onboarding
+// credential, validation of the issued chain, and an atomic store. On any
+// failure the previous identity stays current and untouched.
+func Provision(ctx context.Context, cfg *Config, keys *Keys, opts ProvisionOptions) (*provisioning.Identity, error) {
+	say := func(format string, a ...any) {
+		if opts.Progress != nil {
+			opts.Progress(fmt.Sprintf(format, a...))
+		}
+	}
+	now := time.Now
+	if opts.Now != nil {
+		now = opts.Now
+	}
+	store, err := provisioning.OpenStore(cfg.StateDir)
+	if err != nil {
+		return nil, err
+	}
+	roots, err := tlsconf.LoadPool(cfg.TrustBundle)
+	if err != nil {
+		return nil, fmt.Errorf("%w; set trust_bundle to the PEM file of CAs for DPS and IoT Hub", err)
+	}
+	cred, err := OnboardingCredential(ctx, cfg, keys)
+	if err != nil {
+		return nil, err
+	}
+
+	slot, err := freeSlot(cfg, store)
+	if err != nil {
+		return nil, err
+	}
+	say("creating a new P-384 operational key at %s", slot)
+	signer, err := keys.Fresh(ctx, slot)
+	if err != nil {
+		return nil, fmt.Errorf("operational key: %w", err)
+	}
+	dps := provisioning.DPSConfig{
+		Endpoint:       cfg.Identity.DPSEndpoint,
+		IDScope:        cfg.Identity.IDScope,
+		RegistrationID: cfg.Identity.RegistrationID,
+		APIVersion:     cfg.Identity.APIVersion,
+		Roots:          roots,
+		Credential:     cred,
+		Timeout:        cfg.Identity.ProvisioningTimeout.Duration,
+		RetryAfterMin:  opts.RetryAfterMin,
+		ClientVersion:  opts.ClientVersion,
+		Progress:       func(s provisioning.Step) { say("%s", s) },
+	}
+	issued, err := provisioning.Obtain(ctx, dps, signer, now(), nil)
+	if err != nil {
+		// The fresh key belongs to nothing; do not leave it behind.
+		if derr := keys.Delete(context.WithoutCancel(ctx), slot); derr != nil {
+			err = fmt.Errorf("%w (and removing the unused key failed: %v)", err, derr)
+		}
+		return nil, err
+	}
+	say("validated the issued chain (%d certificates, leaf serial %s)", len(issued.Chain), issued.Chain[0].SerialNumber.Text(16))
+	id, err := store.Save(&provisioning.Identity{
+		KeyURI:         slot.Secret(),
+		RegistrationID: cfg.Identity.RegistrationID,
+		DeviceID:       issued.State.DeviceID,
+		AssignedHub:    issued.State.AssignedHub,
+		IssuedAt:       now().UTC(),
+		Via:            "dps",
+	}, issued.Chain)
+	if err != nil {
+		return nil, err
+	}
+	if err := store.Prune(); err != nil {
+		say("warning: %v", err)
+	}
+	say("stored the new identity as %s", id.Generation)
+	return id, nil
+}
+
+// freeSlot picks the operational key location the current identity does
+// not use: the configured key URI, or its alternate.
+func freeSlot(cfg *Config, store *provisioning.Store) (*keystore.URI, error) {
+	base, err := keystore.Parse(cfg.Operational.Key)
+	if err != nil {
+		return nil, fmt.Errorf("operational key: %w", err)
+	}
+	cur, err := store.Current()
+	if errors.Is(err, provisioning.ErrNotProvisioned) {
+		return base, nil
+	}
+	if err != nil {
+		return base, nil // an unreadable identity is being replaced
+	}
+	if cu, err := keystore.Parse(cur.KeyURI); err == nil && cu.String() == base.String() {
+		return base.Alternate()
+	}
+	return base, nil
+}
