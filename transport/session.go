@@ -1,0 +1,422 @@
+package transport
+
+import (
+	"context"
+	"crypto"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"net/url"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	mqtt "github.com/eclipse/paho.mqtt.golang"
+	"github.com/eclipse/paho.mqtt.golang/packets"
+
+	"github.com/gwagent/gwagent/internal/tlsconf"
+)
+
+// DefaultAPIVersion is the hub api-version gwagent sends: the one the SDKs
+// that implement the certificate-signing API use (azure-protocol §2.5).
+const DefaultAPIVersion = "2025-08-01-preview"
+
+// Config describes one device connection to IoT Hub.
+type Config struct {
+	// Host is the hub as DPS assigned it: host, or host:port (default 8883).
+	Host     string
+	DeviceID string
+	// APIVersion defaults to DefaultAPIVersion.
+	APIVersion string
+	// Roots verify the hub's server certificate. Required.
+	Roots *x509.CertPool
+	// Signer and Chain authenticate with X.509: the full chain, leaf first,
+	// is presented in the handshake.
+	Signer crypto.Signer
+	Chain  []*x509.Certificate
+	// SASToken, instead of Signer/Chain, returns a SAS token valid until the
+	// given time (devices onboarded by symmetric key without a certificate).
+	SASToken func(expiry time.Time) string
+	// KeepAlive defaults to 240 s, the C SDK's value (the hub allows up to 1177 s).
+	KeepAlive time.Duration
+	// ClientVersion is sent as DeviceClientType.
+	ClientVersion string
+	// Handlers for what the hub sends. Each runs on its own goroutine and
+	// must not block for long.
+	OnDesired func(patch json.RawMessage, version int64)
+	OnMethod  func(name string, payload []byte) (status int, response []byte)
+	OnC2D     func(system, app map[string]string, body []byte)
+	// OnCredentials receives certificate-signing answers that arrive with no
+	// request waiting for them (a 200 after a reconnect).
+	OnCredentials func(status int, rid string, body []byte)
+}
+
+// Errors Dial classifies.
+var (
+	// ErrUnauthorized: the hub refused our identity (CONNACK 4 or 5). Do not
+	// retry blindly: re-provision through DPS (azure-protocol §4.6).
+	ErrUnauthorized = errors.New("hub refused the device's credentials")
+	// ErrUnavailable: the hub refused for now (CONNACK 3): disabled device or
+	// server unavailable. Retry with backoff.
+	ErrUnavailable = errors.New("hub unavailable or device disabled")
+	// ErrServerUntrusted: the hub's certificate failed verification.
+	ErrServerUntrusted = errors.New("hub server certificate not trusted")
+	// ErrClosed: the session is closed or its connection was lost.
+	ErrClosed = errors.New("hub session closed")
+)
+
+// StatusError is a non-success answer to a twin or credentials request.
+type StatusError struct {
+	Status     int
+	Body       []byte
+	RetryAfter time.Duration
+}
+
+func (e *StatusError) Error() string {
+	if len(e.Body) > 0 {
+		return fmt.Sprintf("hub answered %d: %s", e.Status, truncate(e.Body, 300))
+	}
+	return fmt.Sprintf("hub answered %d", e.Status)
+}
+
+func truncate(b []byte, n int) string {
+	if len(b) > n {
+		return string(b[:n]) + "…"
+	}
+	return string(b)
+}
+
+// Session is one MQTT connection to the hub. When the connection drops,
+// Done is closed and the session is finished: dial a new one (the agent does,
+// with backoff), which subscribes again.
+type Session struct {
+	cfg    Config
+	client mqtt.Client
+	done   chan struct{}
+	once   sync.Once
+	err    atomic.Value // error that ended the session
+
+	mu      sync.Mutex
+	pending map[string]chan answer
+	rid     atomic.Uint64
+}
+
+type answer struct {
+	status int
+	query  url.Values
+	body   []byte
+}
+
+// Dial connects, subscribes to the five documented filters, and returns the
+// session. It makes one attempt; errors wrap ErrUnauthorized,
+// ErrUnavailable or ErrServerUntrusted where they apply.
+func Dial(ctx context.Context, cfg Config) (*Session, error) {
+	if cfg.APIVersion == "" {
+		cfg.APIVersion = DefaultAPIVersion
+	}
+	if cfg.KeepAlive == 0 {
+		cfg.KeepAlive = 240 * time.Second
+	}
+	if cfg.ClientVersion == "" {
+		cfg.ClientVersion = "gwagent"
+	}
+	host, port := cfg.Host, "8883"
+	if h, p, err := net.SplitHostPort(cfg.Host); err == nil {
+		host, port = h, p
+	}
+	var tlsCfg *tls.Config
+	var err error
+	if cfg.Signer != nil {
+		tlsCfg, err = tlsconf.Client(host, cfg.Roots, cfg.Signer, cfg.Chain)
+	} else {
+		tlsCfg, err = tlsconf.Client(host, cfg.Roots, nil, nil)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("hub: %w", err)
+	}
+	s := &Session{cfg: cfg, done: make(chan struct{}), pending: map[string]chan answer{}}
+
+	// The username's hub name is the host without the port.
+	opts := mqtt.NewClientOptions().
+		AddBroker("tls://" + net.JoinHostPort(host, port)).
+		SetClientID(cfg.DeviceID).
+		SetUsername(host + "/" + cfg.DeviceID + "/?api-version=" + cfg.APIVersion + "&DeviceClientType=" + url.QueryEscape(cfg.ClientVersion)).
+		SetTLSConfig(tlsCfg).
+		SetProtocolVersion(4).
+		// CleanSession=0 keeps C2D queued across reconnects (azure-protocol §4.1).
+		SetCleanSession(false).
+		SetKeepAlive(cfg.KeepAlive).
+		SetPingTimeout(30 * time.Second).
+		SetConnectTimeout(30 * time.Second).
+		SetAutoReconnect(false).
+		SetConnectRetry(false).
+		SetOrderMatters(false).
+		SetConnectionLostHandler(func(_ mqtt.Client, err error) { s.finish(err) })
+	if cfg.SASToken != nil {
+		opts.SetPassword(cfg.SASToken(time.Now().Add(time.Hour)))
+	}
+	s.client = mqtt.NewClient(opts)
+	tok := s.client.Connect()
+	select {
+	case <-ctx.Done():
+		s.client.Disconnect(0)
+		return nil, ctx.Err()
+	case <-tok.Done():
+	}
+	if err := tok.Error(); err != nil {
+		return nil, classifyConnect(cfg.Host, err)
+	}
+	subs := map[string]byte{
+		twinResSub: 0, twinDesiredSub: 0, methodsSub: 0, credentialsResSub: 0, c2dSub(cfg.DeviceID): 1,
+	}
+	st := s.client.SubscribeMultiple(subs, s.route)
+	if !waitToken(ctx, st, 30*time.Second) || st.Error() != nil {
+		s.client.Disconnect(0)
+		return nil, fmt.Errorf("hub: subscribe: %v", tokenErr(st))
+	}
+	return s, nil
+}
+
+func classifyConnect(host string, err error) error {
+	switch {
+	case errors.Is(err, packets.ErrorRefusedNotAuthorised), errors.Is(err, packets.ErrorRefusedBadUsernameOrPassword),
+		errors.Is(err, packets.ErrorRefusedIDRejected):
+		return fmt.Errorf("hub %s: %w (%v)", host, ErrUnauthorized, err)
+	case errors.Is(err, packets.ErrorRefusedServerUnavailable):
+		return fmt.Errorf("hub %s: %w (%v)", host, ErrUnavailable, err)
+	}
+	var cve *tls.CertificateVerificationError
+	if errors.As(err, &cve) {
+		return fmt.Errorf("hub %s: %w: %v; check trust_bundle", host, ErrServerUntrusted, cve.Err)
+	}
+	return fmt.Errorf("hub %s: connect: %w", host, err)
+}
+
+func waitToken(ctx context.Context, t mqtt.Token, d time.Duration) bool {
+	timer := time.NewTimer(d)
+	defer timer.Stop()
+	select {
+	case <-t.Done():
+		return true
+	case <-ctx.Done():
+		return false
+	case <-timer.C:
+		return false
+	}
+}
+
+func tokenErr(t mqtt.Token) error {
+	select {
+	case <-t.Done():
+		return t.Error()
+	default:
+		return errors.New("timed out")
+	}
+}
+
+func (s *Session) finish(err error) {
+	s.once.Do(func() {
+		if err == nil {
+			err = ErrClosed
+		}
+		s.err.Store(err)
+		close(s.done)
+	})
+}
+
+// Done is closed when the connection is gone.
+func (s *Session) Done() <-chan struct{} { return s.done }
+
+// Err is why the session ended, or nil while it is up.
+func (s *Session) Err() error {
+	if e, ok := s.err.Load().(error); ok {
+		return e
+	}
+	return nil
+}
+
+// Close disconnects politely (no will message is sent).
+func (s *Session) Close() {
+	s.client.Disconnect(250)
+	s.finish(ErrClosed)
+}
+
+// route dispatches every message the hub sends.
+func (s *Session) route(_ mqtt.Client, m mqtt.Message) {
+	topic := m.Topic()
+	body := append([]byte(nil), m.Payload()...)
+	switch {
+	case strings.HasPrefix(topic, twinResPrefix):
+		if st, q, ok := parseStatusTopic(topic, twinResPrefix); ok {
+			s.deliver(q.Get("$rid"), answer{status: st, query: q, body: body})
+		}
+	case strings.HasPrefix(topic, credentialsRes):
+		if st, q, ok := parseStatusTopic(topic, credentialsRes); ok {
+			if !s.deliver(q.Get("$rid"), answer{status: st, query: q, body: body}) && s.cfg.OnCredentials != nil {
+				s.cfg.OnCredentials(st, q.Get("$rid"), body)
+			}
+		}
+	case strings.HasPrefix(topic, desiredPrefix):
+		if s.cfg.OnDesired != nil {
+			v, _ := url.ParseQuery(strings.TrimPrefix(strings.TrimPrefix(topic, desiredPrefix), "?"))
+			ver, _ := strconv.ParseInt(v.Get("$version"), 10, 64)
+			s.cfg.OnDesired(body, ver)
+		}
+	case strings.HasPrefix(topic, methodPrefix):
+		s.method(topic, body)
+	case strings.HasPrefix(topic, "devices/"+s.cfg.DeviceID+"/messages/devicebound/"):
+		if s.cfg.OnC2D != nil {
+			sys, app := DecodeProperties(topic[len("devices/"+s.cfg.DeviceID+"/messages/devicebound/"):])
+			s.cfg.OnC2D(sys, app, body)
+		}
+	}
+}
+
+// method answers $iothub/methods/POST/{name}/?$rid={rid}.
+func (s *Session) method(topic string, body []byte) {
+	rest := topic[len(methodPrefix):]
+	name, query, ok := strings.Cut(rest, "/?")
+	if !ok {
+		return
+	}
+	q, _ := url.ParseQuery(query)
+	rid := q.Get("$rid")
+	status, resp := 501, []byte(`{"error":"method not implemented"}`)
+	if s.cfg.OnMethod != nil {
+		status, resp = s.cfg.OnMethod(name, body)
+	}
+	s.client.Publish(methodResTopic+strconv.Itoa(status)+"/?$rid="+url.QueryEscape(rid), 0, false, resp)
+}
+
+func (s *Session) deliver(rid string, a answer) bool {
+	s.mu.Lock()
+	ch, ok := s.pending[rid]
+	s.mu.Unlock()
+	if ok {
+		select {
+		case ch <- a:
+		default: // a second answer to the same rid (e.g. 202 then 200) queues up to the channel's size
+		}
+	}
+	return ok
+}
+
+func (s *Session) newRID() string {
+	return "gw" + strconv.FormatUint(s.rid.Add(1), 10) + "x" + strconv.FormatInt(time.Now().UnixNano()%1e6, 36)
+}
+
+// request publishes to topic+rid and waits for the answers that match rid;
+// it returns when want(answer) says done.
+func (s *Session) request(ctx context.Context, topic, rid string, payload []byte, want func(answer) bool) (answer, error) {
+	ch := make(chan answer, 4)
+	s.mu.Lock()
+	s.pending[rid] = ch
+	s.mu.Unlock()
+	defer func() {
+		s.mu.Lock()
+		delete(s.pending, rid)
+		s.mu.Unlock()
+	}()
+	tok := s.client.Publish(topic+url.QueryEscape(rid), 0, false, payload)
+	if !waitToken(ctx, tok, 30*time.Second) || tok.Error() != nil {
+		return answer{}, fmt.Errorf("hub: publish %s: %v", topic, tokenErr(tok))
+	}
+	for {
+		select {
+		case <-ctx.Done():
+			return answer{}, ctx.Err()
+		case <-s.done:
+			return answer{}, fmt.Errorf("hub: %w while waiting for an answer", ErrClosed)
+		case a := <-ch:
+			if want(a) {
+				return a, nil
+			}
+		}
+	}
+}
+
+// SendTelemetry publishes a device-to-cloud message at QoS 1 and returns
+// once the hub acknowledged it (PUBACK). system holds system properties
+// without "$." (mid, ct, ce, ...), app the application properties.
+func (s *Session) SendTelemetry(ctx context.Context, body []byte, system, app map[string]string) error {
+	select {
+	case <-s.done:
+		return ErrClosed
+	default:
+	}
+	topic := telemetryTopic(s.cfg.DeviceID) + EncodeProperties(system, app)
+	tok := s.client.Publish(topic, 1, false, body)
+	select {
+	case <-tok.Done():
+		if err := tok.Error(); err != nil {
+			return fmt.Errorf("hub: telemetry: %w", err)
+		}
+		return nil
+	case <-s.done:
+		return fmt.Errorf("hub: telemetry: %w before PUBACK", ErrClosed)
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// Twin is the device twin document.
+type Twin struct {
+	Desired  json.RawMessage `json:"desired"`
+	Reported json.RawMessage `json:"reported"`
+}
+
+// GetTwin fetches the full twin.
+func (s *Session) GetTwin(ctx context.Context) (*Twin, error) {
+	a, err := s.request(ctx, twinGetTopic, s.newRID(), nil, func(answer) bool { return true })
+	if err != nil {
+		return nil, err
+	}
+	if a.status != 200 {
+		return nil, &StatusError{Status: a.status, Body: a.body, RetryAfter: retryAfter(a)}
+	}
+	var t Twin
+	if err := json.Unmarshal(a.body, &t); err != nil {
+		return nil, fmt.Errorf("hub: twin: %w", err)
+	}
+	return &t, nil
+}
+
+// PatchReported sends a reported-properties patch and returns the new
+// reported version.
+func (s *Session) PatchReported(ctx context.Context, patch any) (int64, error) {
+	b, err := json.Marshal(patch)
+	if err != nil {
+		return 0, err
+	}
+	a, err := s.request(ctx, twinPatchTopic, s.newRID(), b, func(answer) bool { return true })
+	if err != nil {
+		return 0, err
+	}
+	if a.status != 204 && a.status != 200 {
+		return 0, &StatusError{Status: a.status, Body: a.body, RetryAfter: retryAfter(a)}
+	}
+	v, _ := strconv.ParseInt(a.query.Get("$version"), 10, 64)
+	return v, nil
+}
+
+func retryAfter(a answer) time.Duration {
+	for k, v := range a.query {
+		if strings.EqualFold(k, "retry-after") && len(v) > 0 {
+			if n, err := strconv.Atoi(v[0]); err == nil && n > 0 {
+				return time.Duration(n) * time.Second
+			}
+		}
+	}
+	var body struct {
+		RetryAfter int `json:"retryAfter"`
+	}
+	if json.Unmarshal(a.body, &body) == nil && body.RetryAfter > 0 {
+		return time.Duration(body.RetryAfter) * time.Second
+	}
+	return 0
+}

@@ -1,0 +1,37 @@
+package transport
+
+import (
+	"reflect"
+	"testing"
+)
+
+func TestPropertyBag(t *testing.T) {
+	sys := map[string]string{"mid": "m-1", "ct": "application/json", "ce": "utf-8"}
+	app := map[string]string{"kind": "health", "a b": "x&y=z"}
+	bag := EncodeProperties(sys, app)
+	want := "%24.ce=utf-8&%24.ct=application%2Fjson&%24.mid=m-1&a+b=x%26y%3Dz&kind=health"
+	if bag != want {
+		t.Fatalf("bag\n got %s\nwant %s", bag, want)
+	}
+	s2, a2 := DecodeProperties(bag)
+	if !reflect.DeepEqual(s2, sys) || !reflect.DeepEqual(a2, app) {
+		t.Fatalf("round trip: %v %v", s2, a2)
+	}
+	// The documented C2D example, with a bare key.
+	s3, a3 := DecodeProperties("%24.to=%2Fdevices%2Fd1%2Fmessages%2FdeviceBound&abc=123&flag")
+	if s3["to"] != "/devices/d1/messages/deviceBound" || a3["abc"] != "123" || a3["flag"] != "" {
+		t.Fatalf("decode: %v %v", s3, a3)
+	}
+}
+
+func TestParseStatusTopic(t *testing.T) {
+	st, q, ok := parseStatusTopic("$iothub/twin/res/204/?$rid=7&$version=12", twinResPrefix)
+	if !ok || st != 204 || q.Get("$rid") != "7" || q.Get("$version") != "12" {
+		t.Fatalf("%v %v %v", st, q, ok)
+	}
+	for _, bad := range []string{"$iothub/twin/res/x/?$rid=1", "$iothub/twin/res/200", "other/200/?a=1"} {
+		if _, _, ok := parseStatusTopic(bad, twinResPrefix); ok {
+			t.Errorf("accepted %q", bad)
+		}
+	}
+}
