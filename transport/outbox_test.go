@@ -1,0 +1,249 @@
+package transport
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"sync"
+	"syscall"
+	"testing"
+)
+
+// TestMain doubles as a child that queues messages and is SIGKILLed.
+func TestMain(m *testing.M) {
+	if dir := os.Getenv("GWAGENT_TEST_OUTBOX_CHILD"); dir != "" {
+		o, err := OpenOutbox(dir, OutboxOptions{SegmentBytes: 4096})
+		if err != nil {
+			panic(err)
+		}
+		n, _ := strconv.Atoi(os.Getenv("GWAGENT_TEST_OUTBOX_N"))
+		for i := 0; i < n; i++ {
+			if _, err := o.Put(&Message{Kind: KindApp, Body: []byte(fmt.Sprintf(`{"n":%d}`, i))}); err != nil {
+				panic(err)
+			}
+		}
+		// Everything Put returned for is on disk: die without Close.
+		syscall.Kill(os.Getpid(), syscall.SIGKILL)
+		select {}
+	}
+	os.Exit(m.Run())
+}
+
+func openT(t *testing.T, dir string, opts OutboxOptions) *Outbox {
+	t.Helper()
+	o, err := OpenOutbox(dir, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { o.Close() })
+	return o
+}
+
+func bodies(t *testing.T, o *Outbox) []string {
+	t.Helper()
+	ms, err := o.Next(0, 1<<20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out []string
+	for _, m := range ms {
+		out = append(out, string(m.Body))
+	}
+	return out
+}
+
+func TestOutboxPutNextAck(t *testing.T) {
+	dir := t.TempDir()
+	o := openT(t, dir, OutboxOptions{})
+	for i := 0; i < 3; i++ {
+		if _, err := o.Put(&Message{Kind: KindApp, System: map[string]string{"ct": "application/json"}, App: map[string]string{"i": strconv.Itoa(i)}, Local: "spool/" + strconv.Itoa(i), Body: []byte{'a' + byte(i)}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	ms, _ := o.Next(0, 10)
+	if len(ms) != 3 || string(ms[0].Body) != "a" || ms[2].App["i"] != "2" || ms[1].System["ct"] != "application/json" || ms[1].Local != "spool/1" {
+		t.Fatalf("Next: %+v", ms)
+	}
+	if ms[0].ID != o.ID()+"-1" || ms[0].Seq >= ms[1].Seq {
+		t.Fatalf("ids/seqs: %q %d %d", ms[0].ID, ms[0].Seq, ms[1].Seq)
+	}
+	if after, _ := o.Next(ms[0].Seq, 10); len(after) != 2 {
+		t.Fatalf("Next(after first) = %d messages", len(after))
+	}
+	o.Ack(ms[0].Seq)
+	o.Ack(ms[1].Seq)
+	o.Ack(ms[1].Seq) // twice is harmless
+	if n, _ := o.Depth(); n != 1 {
+		t.Fatalf("depth %d after two acks", n)
+	}
+	if seq, at := o.LastAcked(); seq != ms[1].Seq || at.IsZero() {
+		t.Fatalf("LastAcked = %d %v", seq, at)
+	}
+	id := o.ID()
+	o.Close()
+	o2 := openT(t, dir, OutboxOptions{})
+	if got := bodies(t, o2); len(got) != 1 || got[0] != "c" {
+		t.Fatalf("after reopen: %v", got)
+	}
+	if o2.ID() != id {
+		t.Fatal("outbox id changed on reopen: message ids would not be stable")
+	}
+	if _, err := o2.Put(&Message{Kind: KindApp, Body: []byte("d")}); err != nil {
+		t.Fatal(err)
+	}
+	if ms, _ := o2.Next(0, 10); ms[1].Seq <= ms[0].Seq {
+		t.Fatal("sequence numbers reused after reopen")
+	}
+}
+
+// TestOutboxSurvivesKill: messages Put before a SIGKILL are all there after.
+func TestOutboxSurvivesKill(t *testing.T) {
+	dir := t.TempDir()
+	cmd := exec.Command(os.Args[0], "-test.run=^$")
+	cmd.Env = append(os.Environ(), "GWAGENT_TEST_OUTBOX_CHILD="+dir, "GWAGENT_TEST_OUTBOX_N=500")
+	var ee *exec.ExitError
+	if err := cmd.Run(); !errors.As(err, &ee) {
+		t.Fatalf("child: %v", err)
+	}
+	o := openT(t, dir, OutboxOptions{SegmentBytes: 4096})
+	got := bodies(t, o)
+	if len(got) != 500 {
+		t.Fatalf("%d messages after SIGKILL, want 500", len(got))
+	}
+	for i, b := range got {
+		if b != fmt.Sprintf(`{"n":%d}`, i) {
+			t.Fatalf("message %d = %s: order or content lost", i, b)
+		}
+	}
+}
+
+// TestOutboxTornTail: a power cut mid-write leaves a partial record; it is
+// cut off and everything before it survives.
+func TestOutboxTornTail(t *testing.T) {
+	dir := t.TempDir()
+	o, _ := OpenOutbox(dir, OutboxOptions{})
+	o.Put(&Message{Kind: KindApp, Body: []byte("one")}, &Message{Kind: KindApp, Body: []byte("two")})
+	o.Close()
+	segs, _ := filepath.Glob(filepath.Join(dir, "*.seg"))
+	f, _ := os.OpenFile(segs[0], os.O_WRONLY|os.O_APPEND, 0)
+	f.Write([]byte{200, 0, 0, 0, 1, 2, 3}) // a header promising 200 bytes, then nothing
+	f.Close()
+	o2 := openT(t, dir, OutboxOptions{})
+	if got := bodies(t, o2); len(got) != 2 || got[1] != "two" {
+		t.Fatalf("after torn tail: %v", got)
+	}
+	o2.Put(&Message{Kind: KindApp, Body: []byte("three")})
+	o2.Close()
+	o3 := openT(t, dir, OutboxOptions{})
+	if got := bodies(t, o3); len(got) != 3 || got[2] != "three" {
+		t.Fatalf("append after torn tail: %v", got)
+	}
+}
+
+func TestOutboxEviction(t *testing.T) {
+	o := openT(t, t.TempDir(), OutboxOptions{MaxBytes: 1000})
+	body := bytes.Repeat([]byte("x"), 100)
+	put := func(k Kind, tag string) (int, error) {
+		return o.Put(&Message{Kind: k, App: map[string]string{"tag": tag}, Body: body})
+	}
+	for i := 0; i < 3; i++ {
+		put(KindHealth, "h"+strconv.Itoa(i))
+		put(KindApp, "a"+strconv.Itoa(i))
+	}
+	// Full now; more app messages push out health messages, oldest first.
+	ev, err := put(KindApp, "a3")
+	if err != nil || ev == 0 {
+		t.Fatalf("app put when full: evicted %d, %v", ev, err)
+	}
+	ms, _ := o.Next(0, 100)
+	if ms[0].App["tag"] == "h0" {
+		t.Fatal("oldest health message not evicted first")
+	}
+	for {
+		if _, err = put(KindApp, "more"); err != nil {
+			break
+		}
+	}
+	if !errors.Is(err, ErrOutboxFull) {
+		t.Fatalf("got %v, want ErrOutboxFull", err)
+	}
+	ms, _ = o.Next(0, 100)
+	seen := map[string]bool{}
+	for _, m := range ms {
+		if m.Kind == KindHealth {
+			t.Fatal("health message kept while application messages were refused")
+		}
+		seen[m.App["tag"]] = true
+	}
+	for _, tag := range []string{"a0", "a1", "a2", "a3"} {
+		if !seen[tag] {
+			t.Fatalf("application message %s was evicted", tag)
+		}
+	}
+	// A health message that does not fit is dropped, not an error.
+	if ev, err := put(KindHealth, "h9"); err != nil || ev == 0 {
+		t.Fatalf("health put when full of app messages: %d %v", ev, err)
+	}
+}
+
+func TestOutboxReclaimsSpace(t *testing.T) {
+	dir := t.TempDir()
+	o := openT(t, dir, OutboxOptions{SegmentBytes: 2048})
+	for i := 0; i < 200; i++ {
+		o.Put(&Message{Kind: KindApp, Body: bytes.Repeat([]byte("y"), 50)})
+	}
+	segs, _ := filepath.Glob(filepath.Join(dir, "*.seg"))
+	if len(segs) < 5 {
+		t.Fatalf("expected rotation, got %d segments", len(segs))
+	}
+	ms, _ := o.Next(0, 1000)
+	for _, m := range ms {
+		o.Ack(m.Seq)
+	}
+	o.Flush()
+	segs, _ = filepath.Glob(filepath.Join(dir, "*.seg"))
+	if len(segs) > 1 {
+		t.Fatalf("%d segment files left after acking everything", len(segs))
+	}
+	if st, _ := os.Stat(filepath.Join(dir, "acks.log")); st.Size() > 200*8 {
+		t.Fatalf("ack log %d bytes after acking everything", st.Size())
+	}
+}
+
+// TestOutboxGroupCommit: concurrent producers share fsyncs.
+func TestOutboxGroupCommit(t *testing.T) {
+	o := openT(t, t.TempDir(), OutboxOptions{})
+	var wg sync.WaitGroup
+	for g := 0; g < 16; g++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := 0; i < 20; i++ {
+				if _, err := o.Put(&Message{Kind: KindApp, Body: []byte("z")}); err != nil {
+					t.Error(err)
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	if n, _ := o.Depth(); n != 320 {
+		t.Fatalf("depth %d, want 320", n)
+	}
+	ms, _ := o.Next(0, 1000)
+	for i := 1; i < len(ms); i++ {
+		if ms[i].Seq <= ms[i-1].Seq {
+			t.Fatal("out of order")
+		}
+	}
+	o.syncMu.Lock()
+	n := o.fsyncs
+	o.syncMu.Unlock()
+	if n >= 320 {
+		t.Fatalf("%d fsyncs for 320 concurrent puts: no group commit", n)
+	}
+	t.Logf("%d fsyncs for 320 puts from 16 producers", n)
+}
