@@ -31,6 +31,9 @@ type Config struct {
 	Identity    IdentityConfig    `toml:"identity"`
 	Onboarding  OnboardingConfig  `toml:"onboarding"`
 	Operational OperationalConfig `toml:"operational"`
+	Hub         HubConfig         `toml:"hub"`
+	Telemetry   TelemetryConfig   `toml:"telemetry"`
+	Outbox      OutboxConfig      `toml:"outbox"`
 
 	// path is the file the config was loaded from.
 	path string
@@ -72,6 +75,41 @@ type OperationalConfig struct {
 	// Key is the operational key URI. gwagent creates the key if it does
 	// not exist when provisioning.
 	Key string `toml:"key"`
+}
+
+// HubConfig tunes the IoT Hub session. Static mode (Host, DeviceID and
+// Chain set) is for devices whose CA-signed certificate was installed at the
+// factory and that connect to a known hub without DPS.
+type HubConfig struct {
+	// APIVersion is the hub api-version; default 2025-08-01-preview (the
+	// certificate-signing API needs it).
+	APIVersion string `toml:"api_version"`
+	// KeepAlive is the MQTT keep-alive; default 240s (at most 1177s).
+	KeepAlive Duration `toml:"keep_alive"`
+	// Static mode: the hub host[:port], the device id and the PEM chain
+	// (leaf first) for [operational] key. Leave empty to use DPS.
+	Host     string `toml:"host"`
+	DeviceID string `toml:"device_id"`
+	Chain    string `toml:"chain"`
+}
+
+// TelemetryConfig is what the agent sends. Reloadable without restart.
+type TelemetryConfig struct {
+	// Interval between health messages; default 60s. The twin's desired
+	// property telemetryInterval (seconds) overrides it.
+	Interval Duration `toml:"interval"`
+	// SpoolDir is watched for *.json files from local applications; each is
+	// sent as one message and deleted after the hub acknowledged it.
+	// Default: STATE_DIR/spool.
+	SpoolDir string `toml:"spool_dir"`
+}
+
+// OutboxConfig bounds the on-disk queue.
+type OutboxConfig struct {
+	// MaxBytes bounds queued messages; default 16777216 (16 MiB). When full,
+	// the oldest health messages are dropped first; application messages
+	// wait in the spool directory.
+	MaxBytes int64 `toml:"max_bytes"`
 }
 
 // Duration is a time.Duration written as "90s", "5m", "1h30m" in TOML.
@@ -157,6 +195,23 @@ func (c *Config) defaults() {
 	abs(&c.TrustBundle)
 	abs(&c.Onboarding.Chain)
 	abs(&c.Onboarding.SymmetricKeyFile)
+	abs(&c.Hub.Chain)
+	if c.Telemetry.SpoolDir == "" {
+		c.Telemetry.SpoolDir = filepath.Join(c.StateDir, "spool")
+	}
+	abs(&c.Telemetry.SpoolDir)
+	if c.Telemetry.Interval.Duration == 0 {
+		c.Telemetry.Interval.Duration = time.Minute
+	}
+	if c.Hub.KeepAlive.Duration == 0 {
+		c.Hub.KeepAlive.Duration = 240 * time.Second
+	}
+	if c.Hub.APIVersion == "" {
+		c.Hub.APIVersion = "2025-08-01-preview"
+	}
+	if c.Outbox.MaxBytes == 0 {
+		c.Outbox.MaxBytes = 16 << 20
+	}
 	if c.LogLevel == "" {
 		c.LogLevel = "info"
 	}
@@ -181,6 +236,24 @@ func (c *Config) validate() error {
 	case "debug", "info", "warn", "error":
 	default:
 		add("log_level %q: use debug, info, warn or error", c.LogLevel)
+	}
+	if d := c.Telemetry.Interval.Duration; d < time.Second {
+		add("[telemetry] interval %s is below 1s", d)
+	}
+	if d := c.Hub.KeepAlive.Duration; d < 30*time.Second || d > 1177*time.Second {
+		add("[hub] keep_alive %s: use 30s to 1177s (the hub allows at most 1177s)", d)
+	}
+	if c.Outbox.MaxBytes < 64<<10 {
+		add("[outbox] max_bytes %d is below 65536", c.Outbox.MaxBytes)
+	}
+	if c.Static() {
+		if c.Hub.Host == "" || c.Hub.DeviceID == "" || c.Hub.Chain == "" {
+			add("[hub] static mode needs host, device_id and chain together")
+		}
+		if _, err := keystore.Parse(c.Operational.Key); err != nil {
+			add("[operational] key: %v", err)
+		}
+		return errors.Join(errs...)
 	}
 	if c.Identity.IDScope == "" {
 		add("[identity] id_scope is required (DPS overview page, e.g. 0ne00000000)")
@@ -225,6 +298,12 @@ func mustString(raw string) string {
 		return raw
 	}
 	return u.String()
+}
+
+// Static reports whether the config names a factory-installed certificate
+// and a known hub ([hub] host/device_id/chain) instead of DPS.
+func (c *Config) Static() bool {
+	return c.Hub.Host != "" || c.Hub.DeviceID != "" || c.Hub.Chain != ""
 }
 
 // Path is the file the config was loaded from.

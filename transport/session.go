@@ -344,13 +344,24 @@ func (s *Session) request(ctx context.Context, topic, rid string, payload []byte
 // once the hub acknowledged it (PUBACK). system holds system properties
 // without "$." (mid, ct, ce, ...), app the application properties.
 func (s *Session) SendTelemetry(ctx context.Context, body []byte, system, app map[string]string) error {
+	return s.PublishTelemetry(body, system, app)(ctx)
+}
+
+// PublishTelemetry starts a QoS 1 publish and returns a function that waits
+// for its PUBACK. Publishing several before waiting pipelines them; MQTT
+// keeps their order on the connection.
+func (s *Session) PublishTelemetry(body []byte, system, app map[string]string) (wait func(context.Context) error) {
 	select {
 	case <-s.done:
-		return ErrClosed
+		return func(context.Context) error { return ErrClosed }
 	default:
 	}
 	topic := telemetryTopic(s.cfg.DeviceID) + EncodeProperties(system, app)
 	tok := s.client.Publish(topic, 1, false, body)
+	return func(ctx context.Context) error { return s.waitPuback(ctx, tok) }
+}
+
+func (s *Session) waitPuback(ctx context.Context, tok mqtt.Token) error {
 	select {
 	case <-tok.Done():
 		if err := tok.Error(); err != nil {

@@ -35,6 +35,8 @@ func commands() []command {
 		{"csr", "--key URI --cn ID [--pem] [--out FILE]", "print a PKCS#10 CSR (ECDSA-SHA384, CN=ID) signed by the key", cmdCSR},
 		{"onboard", "csr|install --config FILE ...", "factory step: onboarding key + CSR, then install the signed chain", cmdOnboard},
 		{"provision", "--config FILE [--progress]", "get an operational certificate from DPS and store it", cmdProvision},
+		{"run", "--config FILE", "run the agent (the systemd service's command)", cmdRun},
+		{"status", "--config FILE", "show state, identity, certificate and outbox, also while the service runs", cmdStatus},
 	}
 }
 
