@@ -6,7 +6,7 @@
 # Needs root (CI runs as root) or sudo.
 set -euo pipefail
 
-want=(swtpm swtpm-tools softhsm2 openssl)
+want=(swtpm swtpm-tools softhsm2 openssl systemd)
 if [ "${1:-}" = "--cross" ]; then
 	want+=(gcc-aarch64-linux-gnu gcc-arm-linux-gnueabihf libc6-dev-arm64-cross libc6-dev-armhf-cross)
 fi
