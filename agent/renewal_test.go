@@ -1,0 +1,43 @@
+package agent
+
+import (
+	"crypto/x509"
+	"strings"
+	"testing"
+	"time"
+)
+
+func TestNeedsRenewal(t *testing.T) {
+	nb := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	leaf := &x509.Certificate{NotBefore: nb, NotAfter: nb.Add(100 * time.Hour)} // 100 h lifetime
+	p := RenewalPolicy{Threshold: 0.8, Jitter: 10 * time.Hour, Floor: time.Hour}
+	tests := []struct {
+		name string
+		now  time.Time
+		draw float64
+		want bool
+		why  string
+	}{
+		{"ok/fresh", nb.Add(time.Hour), 0, false, "planned for 2026-01-04T08:00:00Z"},
+		{"ok/just-before-80pct", nb.Add(80*time.Hour - time.Second), 0, false, "planned"},
+		{"ok/at-80pct", nb.Add(80 * time.Hour), 0, true, "80% of the lifetime"},
+		{"ok/jitter-moves-earlier", nb.Add(75 * time.Hour), 0.5, true, "planned for 2026-01-04T03:00:00Z"},
+		{"ok/jitter-not-yet", nb.Add(69 * time.Hour), 1, false, "planned for 2026-01-03T22:00:00Z"},
+		{"ok/floor-beats-schedule", nb.Add(99*time.Hour + 30*time.Minute), 0, true, "emergency floor"},
+		{"ok/expired", nb.Add(101 * time.Hour), 0, true, "expired 1h0m0s ago"},
+		{"ok/clock-before-notbefore", nb.Add(-time.Hour), 0, false, "planned"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			got, why := needsRenewal(tc.now, leaf, p, tc.draw)
+			if got != tc.want || !strings.Contains(why, tc.why) {
+				t.Fatalf("needsRenewal = %v, %q; want %v, %q", got, why, tc.want, tc.why)
+			}
+		})
+	}
+	// Jitter never pulls renewal before half the lifetime.
+	short := &x509.Certificate{NotBefore: nb, NotAfter: nb.Add(10 * time.Hour)}
+	if at := renewAt(short, RenewalPolicy{Threshold: 0.8, Jitter: 24 * time.Hour}, 0.99); at.Before(nb.Add(5 * time.Hour)) {
+		t.Fatalf("renewAt %s is before half the lifetime", at)
+	}
+}
