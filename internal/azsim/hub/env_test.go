@@ -416,7 +416,7 @@ func (e *env) dial(d *device, o dialOpts) (*client, byte, error) {
 		SetConnectRetry(false).
 		SetConnectTimeout(5 * time.Second).
 		SetKeepAlive(60 * time.Second).
-		SetOrderMatters(false).
+		SetOrderMatters(true). // the handler only queues, in arrival order
 		SetDefaultPublishHandler(func(_ paho.Client, m paho.Message) { c.msgs <- m }).
 		SetConnectionLostHandler(func(_ paho.Client, err error) {
 			select {
@@ -529,6 +529,17 @@ func (c *client) stillUp(t testing.TB) {
 	if !c.IsConnectionOpen() {
 		t.Fatal("connection is not open")
 	}
+}
+
+// offline disconnects c and waits until the hub has noticed.
+func (e *env) offline(c *client, id string) {
+	e.t.Helper()
+	c.Disconnect(0)
+	eventually(e.t, id+" offline", func() bool {
+		var v struct{ Connected bool }
+		e.api("GET", "/hub/devices/"+id, nil, &v)
+		return !v.Connected
+	})
 }
 
 // telemetry reads the telemetry log.
