@@ -1,0 +1,206 @@
+package hub_test
+
+import (
+	"crypto/sha1"
+	"crypto/sha256"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/hex"
+	"net/http"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/gwagent/gwagent/internal/azsim/faults"
+)
+
+const (
+	connAccepted          = 0
+	connBadProtocol       = 1
+	connServerUnavailable = 3
+	connNotAuthorized     = 5
+)
+
+func TestConnect(t *testing.T) {
+	e := newEnv(t)
+
+	// A registered CA with an intermediate, as in Azure's CA walk-through.
+	regRoot := newCA(t, "Contoso Root", nil)
+	regInter := newCA(t, "Contoso Intermediate", regRoot)
+	var code struct{ VerificationCode string }
+	if st := e.api("POST", "/hub/cas/contoso", pemCert(regRoot.cert), &code); st != http.StatusCreated {
+		t.Fatalf("upload CA: %d", st)
+	}
+	proof := regRoot.sign(t, newKey(t).Public(), code.VerificationCode, leafOpts{})
+	if st := e.api("POST", "/hub/cas/contoso/verify", pemCert(proof), nil); st != http.StatusOK {
+		t.Fatalf("verify CA: %d", st)
+	}
+	// And one uploaded but never verified.
+	unverified := newCA(t, "Fabrikam Root", nil)
+	if st := e.api("POST", "/hub/cas/fabrikam", pemCert(unverified.cert), nil); st != http.StatusCreated {
+		t.Fatalf("upload CA: %d", st)
+	}
+	foreign := newCA(t, "Foreign Root", nil)
+
+	caDevice := func(id, cn string, signer *testCA, chainTail []*testCA, o leafOpts) *device {
+		key := newKey(t)
+		leaf := signer.sign(t, key.Public(), cn, o)
+		d := &device{id: id, key: key, chain: []*x509.Certificate{leaf}}
+		for _, c := range chainTail {
+			d.chain = append(d.chain, c.cert)
+		}
+		e.putDevice(id, map[string]any{"auth": "certificateAuthority"})
+		return d
+	}
+
+	// Self-signed device certificates, registered by thumbprint.
+	selfCA := newCA(t, "thumb-1", nil) // a self-signed cert with CN thumb-1
+	selfSHA256 := sha256.Sum256(selfCA.cert.Raw)
+	selfSHA1 := sha1.Sum(selfCA.cert.Raw)
+	e.putDevice("thumb-1", map[string]any{"auth": "selfSigned", "thumbprints": []string{strings.ToUpper(hex.EncodeToString(selfSHA256[:]))}})
+	e.putDevice("thumb-sha1", map[string]any{"auth": "selfSigned", "thumbprints": []string{hex.EncodeToString(selfSHA1[:])}})
+	e.putDevice("thumb-other", map[string]any{"auth": "selfSigned", "thumbprints": []string{strings.Repeat("ab", 32)}})
+
+	symKey := newSymKey()
+	e.putDevice("sas-1", map[string]any{"auth": "sas", "primaryKey": symKey})
+	host := e.hub.HostName()
+
+	disabled := e.issuedDevice("disabled-1")
+	if st := e.api("POST", "/hub/devices/disabled-1/disable", nil, nil); st != http.StatusNoContent {
+		t.Fatalf("disable: %d", st)
+	}
+
+	past := leafOpts{notBefore: time.Now().Add(-2 * time.Hour), notAfter: time.Now().Add(-time.Hour)}
+
+	tests := []struct {
+		name string
+		dev  *device
+		o    dialOpts
+		want byte
+		why  string // in the admin API's lastRefusal.reason
+	}{
+		{"ok/issued-full-chain", e.issuedDevice("issued-1"), dialOpts{}, connAccepted, ""},
+		{"ok/registered-verified-ca", caDevice("reg-1", "reg-1", regInter, []*testCA{regInter}, leafOpts{}), dialOpts{}, connAccepted, ""},
+		{"ok/thumbprint-sha256", &device{id: "thumb-1"}, dialOpts{cert: certOf(selfCA)}, connAccepted, ""},
+		{"ok/thumbprint-sha1", &device{id: "thumb-sha1"}, dialOpts{cert: certOf(selfCA)}, connAccepted, ""},
+		{"ok/sas", &device{id: "sas-1", sas: sasToken(host, "sas-1", symKey, time.Now().Add(time.Hour))}, dialOpts{noCert: true}, connAccepted, ""},
+		{"ok/username-extra-params", e.issuedDevice("issued-2"), dialOpts{username: host + "/issued-2/?api-version=2021-04-12&DeviceClientType=x%2F1&model-id=dtmi%3Acom%3Ax%3B1"}, connAccepted, ""},
+
+		{"fail/unknown-device", &device{id: "ghost", key: newKey(t)}, dialOpts{noCert: true}, connNotAuthorized, ""},
+		{"fail/wrong-cn", caDevice("cn-1", "someone-else", e.issuer.issuing, []*testCA{e.issuer.issuing}, leafOpts{}), dialOpts{}, connNotAuthorized, "CN \"someone-else\" is not the device id"},
+		{"fail/foreign-ca", caDevice("foreign-1", "foreign-1", foreign, []*testCA{foreign}, leafOpts{}), dialOpts{}, connNotAuthorized, "unknown authority"},
+		{"fail/expired-cert", caDevice("expired-1", "expired-1", e.issuer.issuing, []*testCA{e.issuer.issuing}, past), dialOpts{}, connNotAuthorized, "expired"},
+		{"fail/not-yet-valid", caDevice("future-1", "future-1", e.issuer.issuing, nil, leafOpts{notBefore: time.Now().Add(time.Hour), notAfter: time.Now().Add(2 * time.Hour)}), dialOpts{}, connNotAuthorized, "is before"},
+		{"fail/unverified-ca", caDevice("unv-1", "unv-1", unverified, []*testCA{unverified}, leafOpts{}), dialOpts{}, connNotAuthorized, "unknown authority"},
+		{"fail/registered-ca-missing-intermediate", caDevice("reg-2", "reg-2", regInter, nil, leafOpts{}), dialOpts{}, connNotAuthorized, "unknown authority"},
+		{"fail/no-client-cert", e.issuedDevice("nocert-1"), dialOpts{noCert: true}, connNotAuthorized, "no client certificate"},
+		{"fail/thumbprint-mismatch", &device{id: "thumb-other"}, dialOpts{cert: certOf(selfCA)}, connNotAuthorized, "thumbprint matches none"},
+		{"fail/sas-bad-signature", &device{id: "sas-1", sas: sasToken(host, "sas-1", newSymKey(), time.Now().Add(time.Hour))}, dialOpts{noCert: true}, connNotAuthorized, "signature does not match"},
+		{"fail/sas-expired", &device{id: "sas-1", sas: sasToken(host, "sas-1", symKey, time.Now().Add(-time.Minute))}, dialOpts{noCert: true}, connNotAuthorized, "SAS token expired"},
+		{"fail/sas-other-device", &device{id: "sas-1", sas: sasToken(host, "sas-2", symKey, time.Now().Add(time.Hour))}, dialOpts{noCert: true}, connNotAuthorized, "is not {hostName}/devices/sas-1"},
+		{"fail/sas-other-hub", &device{id: "sas-1", sas: sasToken("elsewhere.azure-devices.net", "sas-1", symKey, time.Now().Add(time.Hour))}, dialOpts{noCert: true}, connNotAuthorized, "names another hub"},
+		{"fail/sas-missing", &device{id: "sas-1"}, dialOpts{noCert: true}, connNotAuthorized, "not a SharedAccessSignature"},
+		{"fail/username-other-device", e.issuedDevice("issued-3"), dialOpts{username: host + "/issued-1/?api-version=" + apiVersion}, connNotAuthorized, "username names device \"issued-1\""},
+		{"fail/username-no-api-version", e.issuedDevice("issued-4"), dialOpts{username: host + "/issued-4/?DeviceClientType=x"}, connNotAuthorized, "has no api-version"},
+		{"fail/disabled", disabled, dialOpts{}, connServerUnavailable, "disabled"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			c, code, err := e.dial(tc.dev, tc.o)
+			if code != tc.want {
+				t.Fatalf("CONNACK %d (%v), want %d", code, err, tc.want)
+			}
+			if tc.want == connAccepted {
+				c.stillUp(t)
+				c.Disconnect(0)
+				return
+			}
+			if err == nil {
+				t.Fatal("connect succeeded")
+			}
+			if tc.why == "" {
+				return
+			}
+			var v struct {
+				LastRefusal struct {
+					ConnackCode byte
+					Reason      string
+				}
+			}
+			e.api("GET", "/hub/devices/"+tc.dev.id, nil, &v)
+			if v.LastRefusal.ConnackCode != tc.want || !strings.Contains(v.LastRefusal.Reason, tc.why) {
+				t.Fatalf("lastRefusal %+v, want code %d and reason containing %q", v.LastRefusal, tc.want, tc.why)
+			}
+		})
+	}
+}
+
+func certOf(ca *testCA) *tls.Certificate {
+	return &tls.Certificate{Certificate: [][]byte{ca.cert.Raw}, PrivateKey: ca.key, Leaf: ca.cert}
+}
+
+func TestConnectFaults(t *testing.T) {
+	e := newEnv(t)
+	d := e.issuedDevice("dev-1")
+
+	t.Run("fail/refusing", func(t *testing.T) {
+		e.faults.RefuseUntil(faults.Hub, time.Now().Add(time.Hour))
+		_, code, err := e.dial(d, dialOpts{})
+		e.faults.Reset()
+		if code != connServerUnavailable || err == nil {
+			t.Fatalf("CONNACK %d (%v), want 3", code, err)
+		}
+	})
+	t.Run("ok/after-refusal", func(t *testing.T) {
+		e.mustDial(d, dialOpts{}).stillUp(t)
+	})
+	t.Run("ok/drop-all", func(t *testing.T) {
+		c := e.mustDial(d, dialOpts{})
+		e.hub.DropAll()
+		c.waitLost(t)
+		e.mustDial(d, dialOpts{}).stillUp(t)
+	})
+	t.Run("ok/disable-drops-connection", func(t *testing.T) {
+		c := e.mustDial(d, dialOpts{})
+		if st := e.api("POST", "/hub/devices/dev-1/disable", nil, nil); st != http.StatusNoContent {
+			t.Fatalf("disable: %d", st)
+		}
+		c.waitLost(t)
+		if _, code, _ := e.dial(d, dialOpts{}); code != connServerUnavailable {
+			t.Fatalf("CONNACK %d for a disabled device, want 3", code)
+		}
+		if st := e.api("POST", "/hub/devices/dev-1/enable", nil, nil); st != http.StatusNoContent {
+			t.Fatalf("enable: %d", st)
+		}
+		e.mustDial(d, dialOpts{}).stillUp(t)
+	})
+}
+
+func TestOneConnectionPerDevice(t *testing.T) {
+	e := newEnv(t)
+	d := e.issuedDevice("dev-1")
+	first := e.mustDial(d, dialOpts{})
+	second := e.mustDial(d, dialOpts{})
+	first.waitLost(t)
+	second.stillUp(t)
+	second.sub(t, "$iothub/twin/res/#")
+	second.pub(t, "$iothub/twin/GET/?$rid=1", 0, nil)
+	second.recv(t, "$iothub/twin/res/200/")
+}
+
+func TestSASExpiryDisconnects(t *testing.T) {
+	e := newEnv(t)
+	key := newSymKey()
+	e.putDevice("sas-1", map[string]any{"auth": "sas", "primaryKey": key})
+	// se has one-second resolution: pick an expiry 2-3 s ahead.
+	exp := time.Now().Add(3 * time.Second).Truncate(time.Second)
+	c := e.mustDial(&device{id: "sas-1", sas: sasToken(e.hub.HostName(), "sas-1", key, exp)}, dialOpts{noCert: true})
+	select {
+	case <-c.lost:
+		if time.Now().Before(exp) {
+			t.Fatal("dropped before the token expired")
+		}
+	case <-time.After(6 * time.Second):
+		t.Fatal("connection survived its SAS token")
+	}
+}
