@@ -34,6 +34,7 @@ type Config struct {
 	Hub         HubConfig         `toml:"hub"`
 	Telemetry   TelemetryConfig   `toml:"telemetry"`
 	Outbox      OutboxConfig      `toml:"outbox"`
+	Renewal     RenewalConfig     `toml:"renewal"`
 
 	// path is the file the config was loaded from.
 	path string
@@ -110,6 +111,42 @@ type OutboxConfig struct {
 	// the oldest health messages are dropped first; application messages
 	// wait in the spool directory.
 	MaxBytes int64 `toml:"max_bytes"`
+}
+
+// RenewalConfig says when and how the operational certificate is renewed.
+type RenewalConfig struct {
+	// Threshold is the share of the certificate's lifetime after which it
+	// is renewed; default 0.8 (Microsoft's guidance).
+	Threshold float64 `toml:"threshold"`
+	// Jitter moves each certificate's renewal earlier by a random amount up
+	// to Jitter (drawn once per certificate, stable across restarts), so a
+	// fleet provisioned together does not renew together; default 6h.
+	Jitter Duration `toml:"jitter"`
+	// Floor: with less than this left, renew at once; default 1h.
+	Floor Duration `toml:"floor"`
+	// RetryMin and RetryMax bound the backoff between failed attempts
+	// (defaults 30s and 1h); a retry is never planned later than a quarter
+	// of the remaining lifetime, so several attempts fit before expiry.
+	RetryMin Duration `toml:"retry_min"`
+	RetryMax Duration `toml:"retry_max"`
+	// Prefer is "hub" (the hub's certificate API while the certificate is
+	// valid, DPS as fallback; default) or "dps" (always re-register).
+	Prefer string `toml:"prefer"`
+	// RotateKey makes every renewal use a new key; default true. false is
+	// for PKCS#11 tokens that cannot hold a second key.
+	RotateKey *bool `toml:"rotate_key"`
+	// IssueTimeout bounds the wait for the hub's certificate after its 202;
+	// default 3m. An answer arriving later, even on a later connection, is
+	// still used.
+	IssueTimeout Duration `toml:"issue_timeout"`
+}
+
+// Rotate reports whether renewals use a new key.
+func (r RenewalConfig) Rotate() bool { return r.RotateKey == nil || *r.RotateKey }
+
+// Policy is the renewal schedule the config describes.
+func (r RenewalConfig) Policy() RenewalPolicy {
+	return RenewalPolicy{Threshold: r.Threshold, Jitter: r.Jitter.Duration, Floor: r.Floor.Duration}
 }
 
 // Duration is a time.Duration written as "90s", "5m", "1h30m" in TOML.
@@ -215,6 +252,29 @@ func (c *Config) defaults() {
 	if c.LogLevel == "" {
 		c.LogLevel = "info"
 	}
+	r := &c.Renewal
+	def := DefaultRenewalPolicy()
+	if r.Threshold == 0 {
+		r.Threshold = def.Threshold
+	}
+	if r.Jitter.Duration == 0 {
+		r.Jitter.Duration = def.Jitter
+	}
+	if r.Floor.Duration == 0 {
+		r.Floor.Duration = def.Floor
+	}
+	if r.RetryMin.Duration == 0 {
+		r.RetryMin.Duration = 30 * time.Second
+	}
+	if r.RetryMax.Duration == 0 {
+		r.RetryMax.Duration = time.Hour
+	}
+	if r.Prefer == "" {
+		r.Prefer = "hub"
+	}
+	if r.IssueTimeout.Duration == 0 {
+		r.IssueTimeout.Duration = 3 * time.Minute
+	}
 	if c.Identity.DPSEndpoint == "" {
 		c.Identity.DPSEndpoint = "global.azure-devices-provisioning.net"
 	}
@@ -245,6 +305,21 @@ func (c *Config) validate() error {
 	}
 	if c.Outbox.MaxBytes < 64<<10 {
 		add("[outbox] max_bytes %d is below 65536", c.Outbox.MaxBytes)
+	}
+	r := c.Renewal
+	if r.Threshold < 0.5 || r.Threshold > 0.95 {
+		add("[renewal] threshold %g: use 0.5 to 0.95 (0.8 is Microsoft's guidance)", r.Threshold)
+	}
+	if r.Jitter.Duration < 0 || r.Floor.Duration < 0 || r.RetryMin.Duration <= 0 || r.RetryMax.Duration < r.RetryMin.Duration {
+		add("[renewal] jitter and floor must not be negative, and 0 < retry_min <= retry_max")
+	}
+	if r.Prefer != "hub" && r.Prefer != "dps" {
+		add("[renewal] prefer %q: use \"hub\" or \"dps\"", r.Prefer)
+	}
+	if !r.Rotate() {
+		if u, err := keystore.Parse(c.Operational.Key); err == nil && u.Scheme != keystore.SchemePKCS11 {
+			add("[renewal] rotate_key = false is only for PKCS#11 tokens that cannot hold a second key; %s keys can always be rotated, so remove it", u.Scheme)
+		}
 	}
 	if c.Static() {
 		if c.Hub.Host == "" || c.Hub.DeviceID == "" || c.Hub.Chain == "" {

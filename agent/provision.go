@@ -73,6 +73,9 @@ type ProvisionOptions struct {
 	RetryAfterMin time.Duration
 	// ClientVersion is sent to DPS as the user agent, e.g. "gwagent/1.2.0".
 	ClientVersion string
+	// Stage leaves the new identity staged as the next generation instead of
+	// committing it (renewal: the swap commits after the hub accepted it).
+	Stage bool
 }
 
 // Provision gets a new operational identity from DPS and commits it: a
@@ -133,7 +136,11 @@ func Provision(ctx context.Context, cfg *Config, keys *Keys, opts ProvisionOptio
 		return nil, err
 	}
 	say("validated the issued chain (%d certificates, leaf serial %s)", len(issued.Chain), issued.Chain[0].SerialNumber.Text(16))
-	id, err := store.Save(&provisioning.Identity{
+	save := store.Save
+	if opts.Stage {
+		save = store.Stage
+	}
+	id, err := save(&provisioning.Identity{
 		KeyURI:         slot.Secret(),
 		RegistrationID: cfg.Identity.RegistrationID,
 		DeviceID:       issued.State.DeviceID,
@@ -143,6 +150,10 @@ func Provision(ctx context.Context, cfg *Config, keys *Keys, opts ProvisionOptio
 	}, issued.Chain)
 	if err != nil {
 		return nil, err
+	}
+	if opts.Stage {
+		say("staged the new identity as %s", id.Generation)
+		return id, nil
 	}
 	if err := store.Prune(); err != nil {
 		say("warning: %v", err)

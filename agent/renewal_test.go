@@ -41,3 +41,29 @@ func TestNeedsRenewal(t *testing.T) {
 		t.Fatalf("renewAt %s is before half the lifetime", at)
 	}
 }
+
+// The jitter draw is stable for one certificate on one device (restarts do
+// not re-roll it) and differs across devices and certificates.
+func TestRenewalDraw(t *testing.T) {
+	seedA, seedB := []byte("device-a-seed-0123456789abcdef!!"), []byte("device-b-seed-0123456789abcdef!!")
+	if renewalDraw(seedA, "1f") != renewalDraw(seedA, "1f") {
+		t.Fatal("fail/draw changes between calls for the same certificate")
+	}
+	if renewalDraw(seedA, "1f") == renewalDraw(seedB, "1f") || renewalDraw(seedA, "1f") == renewalDraw(seedA, "20") {
+		t.Fatal("fail/draw does not depend on the device and the certificate")
+	}
+	// 1000 devices: the draws fill [0,1) roughly evenly (each tenth has 5–15%).
+	var buckets [10]int
+	for i := range 1000 {
+		d := renewalDraw([]byte{byte(i), byte(i >> 8), 7}, "abc")
+		if d < 0 || d >= 1 {
+			t.Fatalf("draw %v outside [0,1)", d)
+		}
+		buckets[int(d*10)]++
+	}
+	for i, n := range buckets {
+		if n < 50 || n > 150 {
+			t.Errorf("fail/bucket %d has %d of 1000 draws", i, n)
+		}
+	}
+}

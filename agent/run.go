@@ -64,7 +64,18 @@ type Agent struct {
 
 	mu      sync.Mutex
 	sess    *transport.Session
+	endSess func() // ends the current session (renewal swap)
 	started time.Time
+
+	// Renewal (renew.go). renewFailures, retryAt and pending are guarded
+	// by mu; swapFailures is the lifecycle goroutine's own.
+	seed          []byte
+	crashAt       string
+	renewNow      chan string
+	renewFailures int
+	retryAt       time.Time
+	pending       *pendingIssue
+	swapFailures  int
 }
 
 // New loads the config and prepares an agent; Run starts it.
@@ -86,13 +97,15 @@ func New(cfgPath string, opts Options) (*Agent, error) {
 		opts.ClockPoll = 5 * time.Second
 	}
 	a := &Agent{
-		cfgPath: cfgPath,
-		opts:    opts,
-		log:     opts.Logger,
-		notify:  newNotifier(),
-		keys:    NewKeys(),
-		kick:    make(chan struct{}, 1),
-		rng:     rand.New(rand.NewPCG(uint64(time.Now().UnixNano()), uint64(os.Getpid()))),
+		cfgPath:  cfgPath,
+		opts:     opts,
+		log:      opts.Logger,
+		notify:   newNotifier(),
+		keys:     NewKeys(),
+		kick:     make(chan struct{}, 1),
+		renewNow: make(chan string, 1),
+		crashAt:  os.Getenv(crashEnv),
+		rng:      rand.New(rand.NewPCG(uint64(time.Now().UnixNano()), uint64(os.Getpid()))),
 	}
 	a.cfg.Store(cfg)
 	a.applyLogLevel(cfg)
@@ -123,6 +136,7 @@ func (a *Agent) Run(ctx context.Context) error {
 		return err
 	}
 	a.store = store
+	a.seed = a.renewalSeed()
 	a.outbox, err = transport.OpenOutbox(filepath.Join(cfg.StateDir, "outbox"), transport.OutboxOptions{MaxBytes: cfg.Outbox.MaxBytes})
 	if err != nil {
 		return err
@@ -223,6 +237,17 @@ func (a *Agent) lifecycle(ctx context.Context) {
 			continue
 		}
 		a.status.Clear(CondCertificateExpired)
+		if !a.cfg.Load().Static() {
+			if sess, next := a.trySwap(ctx); sess != nil {
+				failures = 0
+				a.status.Clear(CondHubUnreachable)
+				a.status.Set(StateConnected)
+				if !a.connected(ctx, sess, next, wdC, wait) {
+					return
+				}
+				continue
+			}
+		}
 		if failures > 0 {
 			a.status.Set(StateReconnecting)
 		} else {
@@ -250,18 +275,28 @@ func (a *Agent) lifecycle(ctx context.Context) {
 		failures = 0
 		a.status.Clear(CondHubUnreachable)
 		a.status.Set(StateConnected)
-		a.serve(ctx, sess, id, wdC)
-		if ctx.Err() != nil {
-			sess.Close()
+		if !a.connected(ctx, sess, id, wdC, wait) {
 			return
 		}
-		a.log.Warn("hub connection lost", "err", sess.Err())
-		a.status.Set(StateReconnecting)
 		failures = 1
-		if !wait(a.opts.Backoff.Delay(0, a.rng)) {
-			return
-		}
 	}
+}
+
+// connected serves a session until it ends; false means the agent stops.
+func (a *Agent) connected(ctx context.Context, sess *transport.Session, id *provisioning.Identity, wdC <-chan time.Time, wait func(time.Duration) bool) bool {
+	a.serve(ctx, sess, id, wdC)
+	if ctx.Err() != nil {
+		sess.Close()
+		return false
+	}
+	if _, err := a.store.Next(); err == nil {
+		sess.Close()
+		a.log.Info("switching to the renewed certificate")
+		return true
+	}
+	a.log.Warn("hub connection lost", "err", sess.Err())
+	a.status.Set(StateReconnecting)
+	return wait(a.opts.Backoff.Delay(0, a.rng))
 }
 
 // identity returns the identity to connect with: the static one from the
@@ -378,6 +413,7 @@ func (a *Agent) dial(ctx context.Context, id *provisioning.Identity) (*transport
 		ClientVersion: "gwagent/" + a.opts.Version,
 		OnDesired:     a.onDesired,
 		OnMethod:      a.onMethod,
+		OnCredentials: a.onCredentials,
 		OnC2D: func(sys, app map[string]string, body []byte) {
 			a.log.Info("cloud-to-device message", "id", sys["mid"], "bytes", len(body))
 		},
@@ -387,16 +423,16 @@ func (a *Agent) dial(ctx context.Context, id *provisioning.Identity) (*transport
 // serve runs one connected session: report to the twin, drain the outbox,
 // until the connection drops or ctx ends.
 func (a *Agent) serve(ctx context.Context, sess *transport.Session, id *provisioning.Identity, wdC <-chan time.Time) {
+	sctx, cancel := context.WithCancel(ctx)
+	defer cancel()
 	a.mu.Lock()
-	a.sess = sess
+	a.sess, a.endSess = sess, cancel
 	a.mu.Unlock()
 	defer func() {
 		a.mu.Lock()
-		a.sess = nil
+		a.sess, a.endSess = nil, nil
 		a.mu.Unlock()
 	}()
-	sctx, cancel := context.WithCancel(ctx)
-	defer cancel()
 	go func() {
 		select {
 		case <-sess.Done():
@@ -405,6 +441,7 @@ func (a *Agent) serve(ctx context.Context, sess *transport.Session, id *provisio
 		}
 	}()
 	go a.syncTwin(sctx, sess, id)
+	go a.renewLoop(sctx, sess, id, cancel)
 	drained := make(chan struct{})
 	go func() { defer close(drained); a.drain(sctx, sess) }()
 	for {
@@ -610,7 +647,8 @@ func (a *Agent) onMethod(name string, payload []byte) (int, []byte) {
 		b, _ := json.Marshal(map[string]any{"pong": true, "time": a.opts.Now().UTC(), "version": a.opts.Version, "state": a.status.Snapshot().State})
 		return 200, b
 	case "renewCertificate":
-		return 501, []byte(`{"error":"certificate renewal is not available in this version"}`)
+		a.RequestRenewal("renewCertificate direct method")
+		return 202, []byte(`{"accepted":true,"message":"renewal started; watch the twin's reported certificate"}`)
 	}
 	return 404, []byte(`{"error":"unknown method"}`)
 }

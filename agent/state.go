@@ -28,9 +28,10 @@ const (
 	StateReconnecting
 	StateDegraded
 	StateStopped
+	StateSwapping
 )
 
-var stateNames = [...]string{"starting", "waiting-for-clock", "not-provisioned", "provisioning", "connecting", "connected", "reconnecting", "degraded", "stopped"}
+var stateNames = [...]string{"starting", "waiting-for-clock", "not-provisioned", "provisioning", "connecting", "connected", "reconnecting", "degraded", "stopped", "swapping-certificate"}
 
 func (s State) String() string {
 	if int(s) < len(stateNames) {
@@ -51,6 +52,7 @@ const (
 	CondHubUnreachable      Condition = "hub-unreachable"
 	CondProvisioningFailed  Condition = "provisioning-failed"
 	CondOutboxFull          Condition = "outbox-full"
+	CondRenewalFailed       Condition = "renewal-failed"
 )
 
 // Status is the one place STATUS=, logs, `gwagent status` and the twin's

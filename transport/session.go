@@ -313,30 +313,49 @@ func (s *Session) newRID() string {
 // request publishes to topic+rid and waits for the answers that match rid;
 // it returns when want(answer) says done.
 func (s *Session) request(ctx context.Context, topic, rid string, payload []byte, want func(answer) bool) (answer, error) {
-	ch := make(chan answer, 4)
+	ch, done := s.expect(rid)
+	defer done()
+	if err := s.publishRequest(ctx, topic, rid, payload); err != nil {
+		return answer{}, err
+	}
+	for {
+		a, err := s.next(ctx, ch)
+		if err != nil || want(a) {
+			return a, err
+		}
+	}
+}
+
+// expect registers rid for answers; call done when no longer waiting.
+func (s *Session) expect(rid string) (ch chan answer, done func()) {
+	ch = make(chan answer, 4)
 	s.mu.Lock()
 	s.pending[rid] = ch
 	s.mu.Unlock()
-	defer func() {
+	return ch, func() {
 		s.mu.Lock()
 		delete(s.pending, rid)
 		s.mu.Unlock()
-	}()
+	}
+}
+
+func (s *Session) publishRequest(ctx context.Context, topic, rid string, payload []byte) error {
 	tok := s.client.Publish(topic+url.QueryEscape(rid), 0, false, payload)
 	if !waitToken(ctx, tok, 30*time.Second) || tok.Error() != nil {
-		return answer{}, fmt.Errorf("hub: publish %s: %v", topic, tokenErr(tok))
+		return fmt.Errorf("hub: publish %s: %v", topic, tokenErr(tok))
 	}
-	for {
-		select {
-		case <-ctx.Done():
-			return answer{}, ctx.Err()
-		case <-s.done:
-			return answer{}, fmt.Errorf("hub: %w while waiting for an answer", ErrClosed)
-		case a := <-ch:
-			if want(a) {
-				return a, nil
-			}
-		}
+	return nil
+}
+
+// next waits for one answer on ch.
+func (s *Session) next(ctx context.Context, ch chan answer) (answer, error) {
+	select {
+	case <-ctx.Done():
+		return answer{}, ctx.Err()
+	case <-s.done:
+		return answer{}, fmt.Errorf("hub: %w while waiting for an answer", ErrClosed)
+	case a := <-ch:
+		return a, nil
 	}
 }
 

@@ -37,6 +37,7 @@ func commands() []command {
 		{"provision", "--config FILE [--progress]", "get an operational certificate from DPS and store it", cmdProvision},
 		{"run", "--config FILE", "run the agent (the systemd service's command)", cmdRun},
 		{"status", "--config FILE", "show state, identity, certificate and outbox, also while the service runs", cmdStatus},
+		{"renew", "--config FILE", "renew the certificate now (asks the running service, or runs alone)", cmdRenew},
 	}
 }
 

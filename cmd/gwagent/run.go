@@ -7,7 +7,9 @@ import (
 	"io"
 	"log/slog"
 	"os"
+	"os/signal"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/gwagent/gwagent/agent"
@@ -29,6 +31,14 @@ func cmdRun(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 		return err
 	}
 	log.Info("gwagent starting", "version", version, "config", *cfgPath)
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
+	go func() {
+		for range hup {
+			a.RequestRenewal("SIGHUP")
+		}
+	}()
 	err = a.Run(ctx)
 	log.Info("gwagent stopped")
 	return err
@@ -104,4 +114,37 @@ func processAlive(pid int) bool {
 	}
 	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
 	return err == nil && strings.Contains(string(b), "gwagent")
+}
+
+func cmdRenew(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	fs := flags("renew", "--config FILE", stderr)
+	cfgPath := fs.String("config", "/etc/gwagent/gwagent.toml", "config file")
+	if err := parse(fs, args); err != nil {
+		return err
+	}
+	cfg, err := agent.LoadConfig(*cfgPath)
+	if err != nil {
+		return err
+	}
+	if st, err := agent.ReadStatus(cfg.StateDir); err == nil && st.State != "stopped" && processAlive(st.PID) {
+		if err := syscall.Kill(st.PID, syscall.SIGHUP); err != nil {
+			return fmt.Errorf("renew: cannot signal the running agent (pid %d): %w; run as its user or root", st.PID, err)
+		}
+		fmt.Fprintf(stdout, "asked the running agent (pid %d) to renew its certificate; follow it with `gwagent status` or its log\n", st.PID)
+		return nil
+	}
+	level := new(slog.LevelVar)
+	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: level}))
+	bt, _ := time.Parse(time.RFC3339, buildTime)
+	a, err := agent.New(*cfgPath, agent.Options{Logger: log, LogLevel: level, Version: version, BuildTime: bt})
+	if err != nil {
+		return err
+	}
+	id, err := a.RenewOnce(ctx)
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(stdout, "renewed: device %s, serial %s, valid until %s (via %s)\nchain: %s\n", id.DeviceID, id.Serial,
+		id.NotAfter.Format(time.RFC3339), id.Via, id.ChainPath)
+	return nil
 }

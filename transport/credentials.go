@@ -1,0 +1,155 @@
+package transport
+
+import (
+	"context"
+	"encoding/base64"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"strconv"
+	"time"
+)
+
+// IssueRequest is one call of the hub's certificate-signing API
+// (azure-protocol §2.5).
+type IssueRequest struct {
+	// RID identifies the request; the final answer may arrive on a later
+	// connection, so the caller keeps it. Empty: one is generated.
+	RID string
+	// CSR is the PKCS#10 request in DER; CN must be the device id.
+	CSR []byte
+	// Replace, if set, supersedes an active request ("*" for any).
+	Replace string
+	// AcceptTimeout bounds the wait for the 202 (default 90 s, as the SDKs).
+	AcceptTimeout time.Duration
+	// Accepted, if not nil, is called once the hub committed the request
+	// (202), before the wait for the certificate.
+	Accepted func(rid, correlationID string)
+}
+
+// IssueError is the hub's error answer to a certificate-signing request.
+type IssueError struct {
+	Status     int
+	Code       int    // errorCode, e.g. 409005
+	Message    string // the hub's message
+	Credential string // info.credentialError, e.g. FailedToDecodeCsr
+	// ActiveRID is the request already in flight (409).
+	ActiveRID  string
+	RetryAfter time.Duration
+}
+
+func (e *IssueError) Error() string {
+	s := "hub certificate API answered " + strconv.Itoa(e.Status)
+	if e.Code != 0 {
+		s += " (" + strconv.Itoa(e.Code) + ")"
+	}
+	if e.Credential != "" {
+		s += " " + e.Credential
+	}
+	if e.Message != "" {
+		s += ": " + e.Message
+	}
+	return s
+}
+
+// Permanent reports whether retrying the same request cannot help: a bad
+// CSR, an unknown device, a tier without the API.
+func (e *IssueError) Permanent() bool {
+	return e.Status == 400 || e.Status == 403 || e.Status == 404 || e.Status == 412
+}
+
+// IsIssueStatus reports whether err is an IssueError with that status.
+func IsIssueStatus(err error, status int) bool {
+	var ie *IssueError
+	return errors.As(err, &ie) && ie.Status == status
+}
+
+// IssueCertificate sends a CSR to $iothub/credentials/POST/issueCertificate
+// and waits for the 202 and then the final answer on this connection. It
+// returns the certificates as sent (base64 DER or PEM, leaf first); decode
+// and validate them before use. If the connection drops after the 202, the
+// answer may come on a later session through Config.OnCredentials.
+func (s *Session) IssueCertificate(ctx context.Context, req IssueRequest) ([]string, error) {
+	if req.RID == "" {
+		req.RID = s.newRID()
+	}
+	if req.AcceptTimeout <= 0 {
+		req.AcceptTimeout = 90 * time.Second
+	}
+	body := map[string]string{"id": s.cfg.DeviceID, "csr": base64.StdEncoding.EncodeToString(req.CSR)}
+	if req.Replace != "" {
+		body["replace"] = req.Replace
+	}
+	payload, err := json.Marshal(body)
+	if err != nil {
+		return nil, err
+	}
+	ch, done := s.expect(req.RID)
+	defer done()
+	if err := s.publishRequest(ctx, credentialsTopic, req.RID, payload); err != nil {
+		return nil, err
+	}
+	// Until the 202, the accept timeout bounds the wait; after it, only ctx.
+	acceptCtx, cancel := context.WithTimeout(ctx, req.AcceptTimeout)
+	defer cancel()
+	waitCtx := acceptCtx
+	var a answer
+	for {
+		a, err = s.next(waitCtx, ch)
+		if err != nil {
+			if waitCtx == acceptCtx && ctx.Err() == nil && acceptCtx.Err() != nil {
+				return nil, fmt.Errorf("hub: certificate request %s: no answer within %s; the hub may not offer certificate management", req.RID, req.AcceptTimeout)
+			}
+			return nil, fmt.Errorf("hub: certificate request %s: %w", req.RID, err)
+		}
+		if a.status != 202 {
+			break
+		}
+		if waitCtx == acceptCtx {
+			waitCtx = ctx
+			if req.Accepted != nil {
+				var b struct {
+					CorrelationID string `json:"correlationId"`
+				}
+				_ = json.Unmarshal(a.body, &b)
+				req.Accepted(req.RID, b.CorrelationID)
+			}
+		}
+	}
+	return ParseIssueAnswer(a.status, a.body, retryAfter(a))
+}
+
+// ParseIssueAnswer interprets a final answer of the certificate-signing
+// API: on 200 the certificates, else an *IssueError. Both documented forms
+// of the 200 body are accepted: {"certificates":[...]} and a bare array.
+func ParseIssueAnswer(status int, body []byte, retry time.Duration) ([]string, error) {
+	if status == 200 {
+		var obj struct {
+			Certificates []string `json:"certificates"`
+		}
+		if err := json.Unmarshal(body, &obj); err == nil && len(obj.Certificates) > 0 {
+			return obj.Certificates, nil
+		}
+		var arr []string
+		if err := json.Unmarshal(body, &arr); err == nil && len(arr) > 0 {
+			return arr, nil
+		}
+		return nil, fmt.Errorf("hub: certificate answer 200 without certificates: %s", truncate(body, 200))
+	}
+	var e struct {
+		ErrorCode  int    `json:"errorCode"`
+		Message    string `json:"message"`
+		RetryAfter int    `json:"retryAfter"`
+		Info       struct {
+			CredentialError string `json:"credentialError"`
+			RequestID       string `json:"requestId"`
+		} `json:"info"`
+	}
+	_ = json.Unmarshal(body, &e)
+	ie := &IssueError{Status: status, Code: e.ErrorCode, Message: e.Message, Credential: e.Info.CredentialError,
+		ActiveRID: e.Info.RequestID, RetryAfter: retry}
+	if ie.RetryAfter == 0 && e.RetryAfter > 0 {
+		ie.RetryAfter = time.Duration(e.RetryAfter) * time.Second
+	}
+	return nil, ie
+}
