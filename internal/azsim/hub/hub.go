@@ -61,6 +61,7 @@ import (
 
 	"github.com/gwagent/gwagent/internal/azsim/faults"
 	"github.com/gwagent/gwagent/internal/azsim/identity"
+	"github.com/gwagent/gwagent/internal/azsim/tlslisten"
 )
 
 // Config configures a Hub. TLS and Issuer are required.
@@ -114,7 +115,7 @@ type Hub struct {
 	store      *store // nil when StateDir is empty
 
 	srv *mqtt.Server
-	ln  *listener
+	ln  *tlslisten.Listener
 
 	ctx    context.Context // canceled by Close; ends timers and waits
 	cancel context.CancelFunc
@@ -241,7 +242,7 @@ func (h *Hub) Start() error {
 		nl.Close()
 		return fmt.Errorf("hub start: %w", err)
 	}
-	ln := newListener("iothub", nl, h.tlsConf)
+	ln := tlslisten.New("iothub", nl, h.tlsConf, handshakeTimeout)
 	if err := srv.AddListener(ln); err != nil {
 		nl.Close()
 		return fmt.Errorf("hub start: %w", err)
@@ -300,7 +301,7 @@ func (h *Hub) Addr() net.Addr {
 	if h.ln == nil {
 		return nil
 	}
-	return h.ln.nl.Addr()
+	return h.ln.Addr()
 }
 
 // Close stops listening, drops every connection and waits for the hub's
@@ -320,7 +321,7 @@ func (h *Hub) Close() error {
 		_ = srv.Close() // closes the listener and every client, waits for them
 	}
 	if ln != nil {
-		ln.wait()
+		ln.Wait()
 	}
 	h.wg.Wait()
 	return nil

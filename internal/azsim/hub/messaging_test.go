@@ -312,7 +312,7 @@ func TestDirectMethods(t *testing.T) {
 		}
 	})
 	t.Run("fail/offline", func(t *testing.T) {
-		c.Disconnect(0)
+		e.offline(c, "dev-1") // wait until the hub saw the disconnect
 		if st, _ := invoke("reboot", "1", `{}`); st != http.StatusNotFound {
 			t.Fatalf("status %d, want 404", st)
 		}
