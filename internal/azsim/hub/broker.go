@@ -11,6 +11,7 @@ import (
 	mqtt "github.com/mochi-mqtt/server/v2"
 	"github.com/mochi-mqtt/server/v2/packets"
 
+	"github.com/gwagent/gwagent/internal/azsim/broker"
 	"github.com/gwagent/gwagent/internal/azsim/faults"
 	"github.com/gwagent/gwagent/internal/azsim/identity"
 )
@@ -299,28 +300,7 @@ func (k *hook) OnWillSent(cl *mqtt.Client, pk packets.Packet) {
 	k.h.recordTelemetry(cl.ID, pk.TopicName, t.bag, pk.Payload, pk.FixedHeader.Retain, true)
 }
 
-// send writes one PUBLISH to the client. QoS 1 messages go through the
-// broker's inflight store, so they are resent if a persistent session
-// resumes before the PUBACK.
+// send writes one PUBLISH to the client.
 func (h *Hub) send(cl *mqtt.Client, topic string, payload []byte, qos byte) error {
-	out := packets.Packet{
-		FixedHeader: packets.FixedHeader{Type: packets.Publish, Qos: qos},
-		TopicName:   topic,
-		Payload:     payload,
-		Created:     time.Now().Unix(),
-	}
-	if qos > 0 {
-		id, err := cl.NextPacketID()
-		if err != nil {
-			return fmt.Errorf("send %s: %w", topic, err)
-		}
-		out.PacketID = uint16(id)
-		if cl.State.Inflight.Set(out) {
-			cl.State.Inflight.DecreaseSendQuota()
-		}
-	}
-	if err := cl.WritePacket(out); err != nil {
-		return fmt.Errorf("send %s: %w", topic, err)
-	}
-	return nil
+	return broker.Send(cl, topic, payload, qos)
 }

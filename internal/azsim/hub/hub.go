@@ -59,9 +59,9 @@ import (
 
 	mqtt "github.com/mochi-mqtt/server/v2"
 
+	"github.com/gwagent/gwagent/internal/azsim/broker"
 	"github.com/gwagent/gwagent/internal/azsim/faults"
 	"github.com/gwagent/gwagent/internal/azsim/identity"
-	"github.com/gwagent/gwagent/internal/azsim/tlslisten"
 )
 
 // Config configures a Hub. TLS and Issuer are required.
@@ -115,7 +115,7 @@ type Hub struct {
 	store      *store // nil when StateDir is empty
 
 	srv *mqtt.Server
-	ln  *tlslisten.Listener
+	ln  *broker.Listener
 
 	ctx    context.Context // canceled by Close; ends timers and waits
 	cancel context.CancelFunc
@@ -242,7 +242,7 @@ func (h *Hub) Start() error {
 		nl.Close()
 		return fmt.Errorf("hub start: %w", err)
 	}
-	ln := tlslisten.New("iothub", nl, h.tlsConf, handshakeTimeout)
+	ln := broker.New("iothub", nl, h.tlsConf, handshakeTimeout)
 	if err := srv.AddListener(ln); err != nil {
 		nl.Close()
 		return fmt.Errorf("hub start: %w", err)

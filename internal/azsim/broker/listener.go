@@ -1,5 +1,6 @@
-// Package tlslisten is a mochi-mqtt listener that does TLS itself.
-package tlslisten
+// Package broker holds what azsim's two embedded mochi-mqtt brokers (DPS and
+// the hub) share: a TLS listener and a direct PUBLISH to one client.
+package broker
 
 import (
 	"context"

@@ -1,0 +1,35 @@
+package broker
+
+import (
+	"fmt"
+	"time"
+
+	mqtt "github.com/mochi-mqtt/server/v2"
+	"github.com/mochi-mqtt/server/v2/packets"
+)
+
+// Send writes one PUBLISH to the client. QoS 1 messages go through the
+// broker's inflight store, so they are resent if a persistent session
+// resumes before the PUBACK.
+func Send(cl *mqtt.Client, topic string, payload []byte, qos byte) error {
+	out := packets.Packet{
+		FixedHeader: packets.FixedHeader{Type: packets.Publish, Qos: qos},
+		TopicName:   topic,
+		Payload:     payload,
+		Created:     time.Now().Unix(),
+	}
+	if qos > 0 {
+		id, err := cl.NextPacketID()
+		if err != nil {
+			return fmt.Errorf("send %s: %w", topic, err)
+		}
+		out.PacketID = uint16(id)
+		if cl.State.Inflight.Set(out) {
+			cl.State.Inflight.DecreaseSendQuota()
+		}
+	}
+	if err := cl.WritePacket(out); err != nil {
+		return fmt.Errorf("send %s: %w", topic, err)
+	}
+	return nil
+}
