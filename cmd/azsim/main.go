@@ -1,12 +1,257 @@
-// Command azsim is a local emulator of Azure IoT Hub DPS and IoT Hub (stub).
+// Command azsim is a local emulator of Azure IoT Hub DPS and IoT Hub, for
+// trying and testing gwagent (and Microsoft's device SDKs) without Azure.
+// `azsim serve` runs it; the other commands talk to its admin API.
 package main
 
 import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
 	"fmt"
+	"io"
+	"net/http"
+	"net/url"
 	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/gwagent/gwagent/internal/azsim"
 )
 
+const usage = `usage: azsim COMMAND [flags]
+
+commands:
+  serve         run DPS, IoT Hub and the admin API (see 'azsim serve -h')
+  info          addresses, id scope and trust bundle of a running azsim
+  factory-sign  sign an onboarding CSR as the factory CA: azsim factory-sign < csr > chain.pem
+  derive-key    device key for a registration id in the symmetric-key group: azsim derive-key REG_ID
+  devices       list the hub's devices and their current certificates
+  device        enable|disable ID
+  method        ID NAME [JSON_PAYLOAD]   invoke a direct method
+  c2d           ID MESSAGE               send a cloud-to-device message
+  desired       ID JSON                  patch the twin's desired properties
+  twin          ID                       show the twin
+  registrations list DPS registrations
+  fault         drop [dps|hub|all] | refuse TARGET SECONDS | answer TARGET STATUS [COUNT] [RETRY_AFTER]
+                | assign-delay SECONDS | clear
+  ca            upload NAME FILE | verify NAME FILE | list   (hub CA registration, proof of possession)
+
+Admin commands use --admin URL (default $AZSIM_ADMIN or http://127.0.0.1:8480).
+`
+
 func main() {
-	fmt.Fprintln(os.Stderr, "azsim: not yet implemented")
-	os.Exit(1)
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	err := run(ctx, os.Args[1:], os.Stdin, os.Stdout, os.Stderr)
+	stop()
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "azsim:", err)
+		if errors.Is(err, errUsage) {
+			os.Exit(2)
+		}
+		os.Exit(1)
+	}
+}
+
+var errUsage = errors.New("see 'azsim help'")
+
+func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.Writer) error {
+	if len(args) == 0 || args[0] == "help" || args[0] == "-h" || args[0] == "--help" {
+		fmt.Fprint(stdout, usage)
+		if len(args) == 0 {
+			return errUsage
+		}
+		return nil
+	}
+	if args[0] == "serve" {
+		return serve(ctx, args[1:], stdout, stderr)
+	}
+	fs := flag.NewFlagSet("azsim "+args[0], flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	def := os.Getenv("AZSIM_ADMIN")
+	if def == "" {
+		def = "http://127.0.0.1:8480"
+	}
+	admin := fs.String("admin", def, "admin API URL")
+	if err := fs.Parse(args[1:]); err != nil {
+		return errUsage
+	}
+	c := client{base: strings.TrimRight(*admin, "/"), out: stdout}
+	a := fs.Args()
+	need := func(n int) error {
+		if len(a) < n {
+			return fmt.Errorf("%s needs %d argument(s): %w", args[0], n, errUsage)
+		}
+		return nil
+	}
+	switch args[0] {
+	case "info":
+		return c.do("GET", "/info", nil)
+	case "factory-sign":
+		csr, err := io.ReadAll(stdin)
+		if err != nil {
+			return err
+		}
+		return c.do("POST", "/factory/sign", csr)
+	case "derive-key":
+		if err := need(1); err != nil {
+			return err
+		}
+		return c.do("GET", "/dps/derive-key?group="+azsim.SymmetricKeyGroup+"&registrationId="+url.QueryEscape(a[0]), nil)
+	case "devices":
+		return c.do("GET", "/hub/devices", nil)
+	case "registrations":
+		return c.do("GET", "/dps/registrations", nil)
+	case "device":
+		if err := need(2); err != nil {
+			return err
+		}
+		return c.do("POST", "/hub/devices/"+url.PathEscape(a[1])+"/"+a[0], nil)
+	case "method":
+		if err := need(2); err != nil {
+			return err
+		}
+		payload := "null"
+		if len(a) > 2 {
+			payload = a[2]
+		}
+		return c.do("POST", "/hub/devices/"+url.PathEscape(a[0])+"/methods/"+url.PathEscape(a[1])+"?timeout=30", []byte(payload))
+	case "c2d":
+		if err := need(2); err != nil {
+			return err
+		}
+		return c.do("POST", "/hub/devices/"+url.PathEscape(a[0])+"/c2d", []byte(a[1]))
+	case "desired":
+		if err := need(2); err != nil {
+			return err
+		}
+		return c.do("PATCH", "/hub/devices/"+url.PathEscape(a[0])+"/twin/desired", []byte(a[1]))
+	case "twin":
+		if err := need(1); err != nil {
+			return err
+		}
+		return c.do("GET", "/hub/devices/"+url.PathEscape(a[0])+"/twin", nil)
+	case "fault":
+		return c.fault(a)
+	case "ca":
+		return c.ca(a)
+	}
+	return fmt.Errorf("unknown command %q: %w", args[0], errUsage)
+}
+
+func serve(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	fs := flag.NewFlagSet("azsim serve", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	var cfg azsim.Config
+	fs.StringVar(&cfg.StateDir, "state", "./azsim-state", "state directory: PKI, enrollments, devices, twins (reused across restarts)")
+	fs.StringVar(&cfg.DPSAddr, "dps-addr", "127.0.0.1:8883", "DPS MQTT/TLS listen address")
+	fs.StringVar(&cfg.HubAddr, "hub-addr", "127.0.0.1:8884", "IoT Hub MQTT/TLS listen address")
+	fs.StringVar(&cfg.AdminAddr, "admin-addr", "127.0.0.1:8480", "admin HTTP API listen address (loopback only)")
+	fs.StringVar(&cfg.HubHostName, "hub-hostname", "", "hub name as devices dial it (default localhost:PORT)")
+	fs.StringVar(&cfg.IDScope, "id-scope", "0ne00AZSIM0", "DPS id scope")
+	fs.DurationVar(&cfg.CertLifetime, "cert-lifetime", 30*24*time.Hour, "lifetime of issued operational certificates (e.g. 90s for renewal demos)")
+	fs.StringVar(&cfg.TelemetryLog, "telemetry-log", "", "append one JSON line per device-to-cloud message to this file")
+	fs.IntVar(&cfg.RetryAfter, "retry-after", 3, "DPS retry-after seconds while assigning")
+	fs.DurationVar(&cfg.IssueDelay, "issue-delay", time.Second, "hub certificate API delay between 202 and 200")
+	fs.BoolVar(&cfg.AcceptP256, "accept-p256", false, "let DPS accept P-256 CSRs too (default: P-384 only, as documented)")
+	names := fs.String("server-names", "", "comma-separated extra DNS names/IPs for the TLS server certificate")
+	infoFile := fs.String("info-file", "", "write the info JSON (addresses, id scope, trust bundle) to this file once serving")
+	if err := fs.Parse(args); err != nil {
+		return errUsage
+	}
+	if *names != "" {
+		cfg.ServerNames = strings.Split(*names, ",")
+	}
+	s, err := azsim.New(cfg)
+	if err != nil {
+		return err
+	}
+	defer s.Close()
+	if err := s.Start(); err != nil {
+		return err
+	}
+	inf := s.Info()
+	b, _ := json.MarshalIndent(inf, "", "  ")
+	if *infoFile != "" {
+		if err := os.WriteFile(*infoFile, append(b, '\n'), 0o644); err != nil {
+			return err
+		}
+	}
+	fmt.Fprintf(stdout, "azsim serving\n  DPS          %s (id scope %s)\n  IoT Hub      %s\n  admin API    %s\n  trust bundle %s\n",
+		inf.DPSAddr, inf.IDScope, inf.HubHostName, inf.AdminURL, inf.TrustBundle)
+	<-ctx.Done()
+	fmt.Fprintln(stdout, "azsim stopping")
+	return nil
+}
+
+type client struct {
+	base string
+	out  io.Writer
+}
+
+func (c client) do(method, path string, body []byte) error {
+	req, err := http.NewRequest(method, c.base+path, bytes.NewReader(body))
+	if err != nil {
+		return err
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return fmt.Errorf("admin API at %s: %w (is `azsim serve` running? set --admin or AZSIM_ADMIN)", c.base, err)
+	}
+	defer resp.Body.Close()
+	out, _ := io.ReadAll(resp.Body)
+	if resp.StatusCode >= 300 {
+		return fmt.Errorf("%s %s: %s: %s", method, path, resp.Status, strings.TrimSpace(string(out)))
+	}
+	c.out.Write(out)
+	return nil
+}
+
+func (c client) fault(a []string) error {
+	if len(a) == 0 {
+		return fmt.Errorf("fault needs a kind: %w", errUsage)
+	}
+	arg := func(i int, d string) string {
+		if len(a) > i {
+			return a[i]
+		}
+		return d
+	}
+	js := func(v map[string]any) []byte { b, _ := json.Marshal(v); return b }
+	num := func(s string) float64 { var f float64; fmt.Sscan(s, &f); return f }
+	switch a[0] {
+	case "drop":
+		return c.do("POST", "/faults/drop", js(map[string]any{"target": arg(1, "all")}))
+	case "refuse":
+		return c.do("POST", "/faults/refuse", js(map[string]any{"target": arg(1, "all"), "seconds": num(arg(2, "10"))}))
+	case "answer":
+		return c.do("POST", "/faults", js(map[string]any{"target": arg(1, "dps"), "status": int(num(arg(2, "429"))),
+			"count": int(num(arg(3, "1"))), "retryAfter": int(num(arg(4, "0")))}))
+	case "assign-delay":
+		return c.do("POST", "/faults/assign-delay", js(map[string]any{"seconds": num(arg(1, "0"))}))
+	case "clear":
+		return c.do("DELETE", "/faults", nil)
+	}
+	return fmt.Errorf("unknown fault %q: %w", a[0], errUsage)
+}
+
+func (c client) ca(a []string) error {
+	if len(a) >= 1 && a[0] == "list" {
+		return c.do("GET", "/hub/cas", nil)
+	}
+	if len(a) < 3 || (a[0] != "upload" && a[0] != "verify") {
+		return fmt.Errorf("ca upload|verify NAME FILE: %w", errUsage)
+	}
+	b, err := os.ReadFile(a[2])
+	if err != nil {
+		return err
+	}
+	path := "/hub/cas/" + url.PathEscape(a[1])
+	if a[0] == "verify" {
+		path += "/verify"
+	}
+	return c.do("POST", path, b)
 }

@@ -8,6 +8,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/gwagent/gwagent/internal/azsim/broker"
 )
 
 const (
@@ -180,13 +182,7 @@ func decodeJSONBody(r *http.Request, v any) error {
 	return nil
 }
 
-func writeJSON(w http.ResponseWriter, status int, v any) {
-	w.Header().Set("Content-Type", "application/json")
-	w.WriteHeader(status)
-	enc := json.NewEncoder(w)
-	enc.SetIndent("", "  ")
-	_ = enc.Encode(v)
-}
+func writeJSON(w http.ResponseWriter, status int, v any) { broker.WriteJSON(w, status, v) }
 
 func writeError(w http.ResponseWriter, err error) {
 	status := http.StatusInternalServerError

@@ -1,0 +1,348 @@
+// Package azsim wires azsim's parts into one emulator: the PKI, DPS, the IoT
+// Hub, fault injection and the loopback admin API. Several Servers may run
+// in one process (tests); there is no global state.
+package azsim
+
+import (
+	"crypto/rand"
+	"crypto/x509"
+	"encoding/base64"
+	"encoding/json"
+	"encoding/pem"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/gwagent/gwagent/internal/azsim/broker"
+	"github.com/gwagent/gwagent/internal/azsim/dps"
+	"github.com/gwagent/gwagent/internal/azsim/faults"
+	"github.com/gwagent/gwagent/internal/azsim/hub"
+	"github.com/gwagent/gwagent/internal/azsim/pki"
+)
+
+// Config configures a Server. Zero values get the documented defaults.
+type Config struct {
+	StateDir  string // required
+	DPSAddr   string // default 127.0.0.1:8883 (":0" style addresses are fine)
+	HubAddr   string // default 127.0.0.1:8884
+	AdminAddr string // default 127.0.0.1:8480; must be loopback
+	// HubHostName is the hub's name as devices dial it; default
+	// "localhost:PORT" ("localhost" on 8883).
+	HubHostName string
+	IDScope     string // default 0ne00AZSIM0
+	// CertLifetime of operational certificates (DPS and the hub's renewal
+	// API); default 30 days, down to seconds for renewal tests.
+	CertLifetime time.Duration
+	// TelemetryLog is a file that gets one JSON line per device-to-cloud
+	// message. Empty: none.
+	TelemetryLog string
+	// ServerNames are extra DNS names or IPs for the TLS server certificate.
+	ServerNames []string
+	// RetryAfter is DPS's retry-after in seconds; default 3.
+	RetryAfter int
+	// IssueDelay is the hub renewal API's delay between 202 and 200.
+	IssueDelay time.Duration
+	// AcceptP256 lets DPS accept P-256 CSRs too.
+	AcceptP256 bool
+	Now        func() time.Time
+}
+
+// Default enrollment groups created on a fresh state directory.
+const (
+	X509Group         = "factory-x509"
+	SymmetricKeyGroup = "factory-symkey"
+)
+
+// Server is one running azsim.
+type Server struct {
+	cfg    Config
+	PKI    *pki.PKI
+	DPS    *dps.DPS
+	Hub    *hub.Hub
+	Faults *faults.Injector
+
+	admin   *http.Server
+	adminLn net.Listener
+	logFile *os.File
+}
+
+// Info is what clients need to use a running azsim.
+type Info struct {
+	IDScope        string `json:"idScope"`
+	DPSAddr        string `json:"dpsAddr"`     // host:port for devices
+	HubHostName    string `json:"hubHostName"` // as devices dial it
+	AdminURL       string `json:"adminUrl"`
+	TrustBundle    string `json:"trustBundle"`    // PEM file to trust azsim's servers
+	OnboardingRoot string `json:"onboardingRoot"` // PEM file of the company root
+	X509Group      string `json:"x509Group"`
+	SymmetricGroup string `json:"symmetricKeyGroup"`
+}
+
+// New prepares a Server: PKI, state, default enrollments. Start serves.
+func New(cfg Config) (*Server, error) {
+	if cfg.StateDir == "" {
+		return nil, errors.New("azsim: a state directory is required (--state DIR)")
+	}
+	def := func(p *string, v string) {
+		if *p == "" {
+			*p = v
+		}
+	}
+	def(&cfg.DPSAddr, "127.0.0.1:8883")
+	def(&cfg.HubAddr, "127.0.0.1:8884")
+	def(&cfg.AdminAddr, "127.0.0.1:8480")
+	if err := loopbackOnly(cfg.AdminAddr); err != nil {
+		return nil, err
+	}
+	if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
+		return nil, fmt.Errorf("azsim: state directory: %w", err)
+	}
+	p, err := pki.Load(filepath.Join(cfg.StateDir, "pki"), cfg.ServerNames, cfg.Now)
+	if err != nil {
+		return nil, err
+	}
+	s := &Server{cfg: cfg, PKI: p, Faults: faults.New()}
+	var tlog io.Writer
+	if cfg.TelemetryLog != "" {
+		f, err := os.OpenFile(cfg.TelemetryLog, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
+		if err != nil {
+			return nil, fmt.Errorf("azsim: telemetry log: %w", err)
+		}
+		s.logFile, tlog = f, f
+	}
+	s.Hub, err = hub.New(hub.Config{Addr: cfg.HubAddr, HostName: cfg.HubHostName, TLS: p.ServerTLS(), Issuer: p,
+		CertLifetime: cfg.CertLifetime, StateDir: filepath.Join(cfg.StateDir, "hub"), TelemetryLog: tlog,
+		Faults: s.Faults, Now: cfg.Now, IssueDelay: cfg.IssueDelay})
+	if err != nil {
+		s.Close()
+		return nil, err
+	}
+	if err := s.Hub.TrustCA("azsim-onboarding-root", p.OnboardRoot.Cert); err != nil {
+		s.Close()
+		return nil, err
+	}
+	s.DPS, err = dps.New(dps.Config{Addr: cfg.DPSAddr, IDScope: cfg.IDScope, TLS: p.ServerTLS(), Registrar: s.Hub,
+		Issuer: p, CertLifetime: cfg.CertLifetime, RetryAfter: cfg.RetryAfter, AcceptP256: cfg.AcceptP256,
+		StateDir: filepath.Join(cfg.StateDir, "dps"), Faults: s.Faults, Now: cfg.Now})
+	if err != nil {
+		s.Close()
+		return nil, err
+	}
+	if err := s.defaultEnrollments(); err != nil {
+		s.Close()
+		return nil, err
+	}
+	return s, nil
+}
+
+func loopbackOnly(addr string) error {
+	host, _, err := net.SplitHostPort(addr)
+	if err != nil {
+		return fmt.Errorf("azsim: admin address %q: %w", addr, err)
+	}
+	if ip := net.ParseIP(host); host != "localhost" && (ip == nil || !ip.IsLoopback()) {
+		return fmt.Errorf("azsim: the admin API has no authentication; its address %q must be loopback (127.0.0.1)", addr)
+	}
+	return nil
+}
+
+func (s *Server) defaultEnrollments() error {
+	have := map[string]bool{}
+	for _, e := range s.DPS.Enrollments() {
+		have[e.ID] = true
+	}
+	if !have[X509Group] {
+		if err := s.DPS.PutEnrollment(dps.Enrollment{ID: X509Group, Kind: dps.KindX509, Enabled: true,
+			CA: string(pki.PEM(s.PKI.OnboardRoot.Cert))}); err != nil {
+			return err
+		}
+	}
+	if !have[SymmetricKeyGroup] {
+		k := make([]byte, 64)
+		rand.Read(k)
+		if err := s.DPS.PutEnrollment(dps.Enrollment{ID: SymmetricKeyGroup, Kind: dps.KindSymmetricKey, Enabled: true,
+			PrimaryKey: base64.StdEncoding.EncodeToString(k)}); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// Start serves DPS, the hub and the admin API.
+func (s *Server) Start() error {
+	if err := s.Hub.Start(); err != nil {
+		return err
+	}
+	if err := s.DPS.Start(); err != nil {
+		return err
+	}
+	ln, err := net.Listen("tcp", s.cfg.AdminAddr)
+	if err != nil {
+		return fmt.Errorf("azsim: admin API: %w (pick another port with --admin-addr)", err)
+	}
+	s.adminLn = ln
+	s.admin = &http.Server{Handler: s.adminMux(), ReadHeaderTimeout: 10 * time.Second}
+	go s.admin.Serve(ln)
+	return nil
+}
+
+// Close stops everything.
+func (s *Server) Close() error {
+	var errs []error
+	if s.admin != nil {
+		errs = append(errs, s.admin.Close())
+	}
+	if s.DPS != nil {
+		errs = append(errs, s.DPS.Close())
+	}
+	if s.Hub != nil {
+		errs = append(errs, s.Hub.Close())
+	}
+	if s.logFile != nil {
+		errs = append(errs, s.logFile.Close())
+	}
+	return errors.Join(errs...)
+}
+
+// Info describes the running server.
+func (s *Server) Info() Info {
+	inf := Info{IDScope: s.DPS.IDScope(), HubHostName: s.Hub.HostName(), TrustBundle: s.PKI.TrustBundle(),
+		OnboardingRoot: filepath.Join(s.PKI.Dir(), pki.OnboardRootFile), X509Group: X509Group, SymmetricGroup: SymmetricKeyGroup}
+	if a, ok := s.DPS.Addr().(*net.TCPAddr); ok {
+		inf.DPSAddr = "localhost:" + strconv.Itoa(a.Port)
+	}
+	if s.adminLn != nil {
+		inf.AdminURL = "http://" + s.adminLn.Addr().String()
+	}
+	return inf
+}
+
+// FactorySign signs an onboarding CSR (PEM or base64 DER) as the factory CA
+// and returns the PEM chain (leaf, factory intermediate).
+func (s *Server) FactorySign(csrText []byte) ([]byte, error) {
+	der := csrText
+	if blk, _ := pem.Decode(csrText); blk != nil {
+		der = blk.Bytes
+	} else if b, err := base64.StdEncoding.DecodeString(strings.TrimSpace(string(csrText))); err == nil {
+		der = b
+	}
+	csr, err := x509.ParseCertificateRequest(der)
+	if err != nil {
+		return nil, fmt.Errorf("factory-sign: not a PKCS#10 CSR (PEM or base64 DER): %w", err)
+	}
+	chain, err := s.PKI.FactorySign(csr, 0)
+	if err != nil {
+		return nil, err
+	}
+	return pki.PEM(chain...), nil
+}
+
+func (s *Server) adminMux() http.Handler {
+	mux := http.NewServeMux()
+	mux.Handle("/hub/", s.Hub.AdminHandler())
+	mux.Handle("/dps/", s.DPS.AdminHandler())
+	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "ok\n") })
+	mux.HandleFunc("GET /info", func(w http.ResponseWriter, r *http.Request) { broker.WriteJSON(w, 200, s.Info()) })
+	mux.HandleFunc("POST /factory/sign", func(w http.ResponseWriter, r *http.Request) {
+		b, _ := io.ReadAll(io.LimitReader(r.Body, 64<<10))
+		out, err := s.FactorySign(b)
+		if err != nil {
+			broker.WriteJSON(w, 400, map[string]string{"error": err.Error()})
+			return
+		}
+		w.Header().Set("Content-Type", "application/x-pem-file")
+		w.Write(out)
+	})
+	mux.HandleFunc("POST /faults", func(w http.ResponseWriter, r *http.Request) {
+		var f struct {
+			Target     faults.Target `json:"target"`
+			Status     int           `json:"status"`
+			RetryAfter int           `json:"retryAfter"`
+			Count      int           `json:"count"`
+		}
+		if !decode(w, r, &f) {
+			return
+		}
+		if (f.Target != faults.DPS && f.Target != faults.Hub) || f.Status < 400 {
+			broker.WriteJSON(w, 400, map[string]string{"error": `need {"target":"dps"|"hub","status":>=400,"retryAfter":N,"count":N}`})
+			return
+		}
+		s.Faults.Arm(f.Target, max(f.Count, 1), faults.Answer{Status: f.Status, RetryAfter: f.RetryAfter})
+		w.WriteHeader(http.StatusNoContent)
+	})
+	mux.HandleFunc("POST /faults/refuse", func(w http.ResponseWriter, r *http.Request) {
+		var f struct {
+			Target  string  `json:"target"`
+			Seconds float64 `json:"seconds"`
+		}
+		if !decode(w, r, &f) {
+			return
+		}
+		until := time.Now().Add(time.Duration(f.Seconds * float64(time.Second)))
+		for _, t := range targets(f.Target) {
+			s.Faults.RefuseUntil(t, until)
+		}
+		s.drop(f.Target)
+		w.WriteHeader(http.StatusNoContent)
+	})
+	mux.HandleFunc("POST /faults/drop", func(w http.ResponseWriter, r *http.Request) {
+		var f struct {
+			Target string `json:"target"`
+		}
+		if !decode(w, r, &f) {
+			return
+		}
+		s.drop(f.Target)
+		w.WriteHeader(http.StatusNoContent)
+	})
+	mux.HandleFunc("POST /faults/assign-delay", func(w http.ResponseWriter, r *http.Request) {
+		var f struct {
+			Seconds float64 `json:"seconds"`
+		}
+		if !decode(w, r, &f) {
+			return
+		}
+		s.Faults.SetAssignDelay(time.Duration(f.Seconds * float64(time.Second)))
+		w.WriteHeader(http.StatusNoContent)
+	})
+	mux.HandleFunc("DELETE /faults", func(w http.ResponseWriter, r *http.Request) {
+		s.Faults.Reset()
+		w.WriteHeader(http.StatusNoContent)
+	})
+	return mux
+}
+
+func targets(t string) []faults.Target {
+	switch t {
+	case "dps":
+		return []faults.Target{faults.DPS}
+	case "hub":
+		return []faults.Target{faults.Hub}
+	}
+	return []faults.Target{faults.DPS, faults.Hub}
+}
+
+func (s *Server) drop(target string) {
+	for _, t := range targets(target) {
+		if t == faults.DPS {
+			s.DPS.DropAll()
+		} else {
+			s.Hub.DropAll()
+		}
+	}
+}
+
+func decode(w http.ResponseWriter, r *http.Request, v any) bool {
+	if err := json.NewDecoder(io.LimitReader(r.Body, 1<<20)).Decode(v); err != nil {
+		broker.WriteJSON(w, 400, map[string]string{"error": "body is not the expected JSON: " + err.Error()})
+		return false
+	}
+	return true
+}
