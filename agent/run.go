@@ -532,6 +532,8 @@ func (a *Agent) enqueue(msgs ...*transport.Message) error {
 
 // healthLoop queues a health message every interval.
 func (a *Agent) healthLoop(ctx context.Context) {
+	// One at start, so the cloud sees a (re)started gateway at once.
+	a.sendHealth()
 	for {
 		d := time.Duration(a.interval.Load())
 		t := time.NewTimer(d)

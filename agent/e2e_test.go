@@ -1,0 +1,383 @@
+package agent_test
+
+// End-to-end tests: a real azsim (DPS, IoT Hub on an embedded MQTT broker,
+// real TLS) started in-process, and gwagent's agent package driving it.
+
+import (
+	"context"
+	"crypto/x509"
+	"encoding/pem"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/gwagent/gwagent/agent"
+	"github.com/gwagent/gwagent/internal/azsim"
+	"github.com/gwagent/gwagent/internal/backoff"
+	"github.com/gwagent/gwagent/internal/testenv"
+	"github.com/gwagent/gwagent/provisioning"
+)
+
+// device is one gateway's config and state directory.
+type device struct {
+	t    *testing.T
+	az   *testenv.Azsim
+	dir  string
+	path string
+	cfg  *agent.Config
+}
+
+type devOpts struct {
+	regID     string
+	symmetric bool   // symmetric-key onboarding instead of X.509
+	opKey     string // operational key URI (default: file key in the state dir)
+	extra     string // appended TOML
+}
+
+func newDevice(t *testing.T, az *testenv.Azsim, o devOpts) *device {
+	t.Helper()
+	if o.regID == "" {
+		o.regID = "gw-" + strings.ToLower(strings.ReplaceAll(t.Name(), "/", "-"))
+		if len(o.regID) > 60 {
+			o.regID = o.regID[:60]
+		}
+	}
+	d := &device{t: t, az: az, dir: t.TempDir()}
+	d.path = filepath.Join(d.dir, "gwagent.toml")
+	if o.opKey == "" {
+		o.opKey = "file:" + filepath.Join(d.dir, "state", "device.key")
+	}
+	onboarding := fmt.Sprintf("kind = \"x509\"\nkey = \"file:%s/onboarding.key\"\nchain = \"%s/onboarding-chain.pem\"\n", d.dir, d.dir)
+	if o.symmetric {
+		var k struct{ DeviceKey string }
+		if st := az.Admin("GET", "/dps/derive-key?group="+azsim.SymmetricKeyGroup+"&registrationId="+o.regID, nil, &k); st != 200 {
+			t.Fatalf("derive-key: %d", st)
+		}
+		keyFile := filepath.Join(d.dir, "device.sas")
+		if err := os.WriteFile(keyFile, []byte(k.DeviceKey+"\n"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		onboarding = fmt.Sprintf("kind = \"symmetric_key\"\nsymmetric_key_file = \"%s\"\n", keyFile)
+	}
+	toml := fmt.Sprintf(`state_dir = "%s/state"
+trust_bundle = "%s"
+log_level = "debug"
+[identity]
+id_scope = "%s"
+registration_id = "%s"
+dps_endpoint = "%s"
+provisioning_timeout = "30s"
+[onboarding]
+%s
+[operational]
+key = "%s"
+[telemetry]
+interval = "1h"
+%s`, d.dir, az.Info.TrustBundle, az.Info.IDScope, o.regID, az.Info.DPSAddr, onboarding, o.opKey, o.extra)
+	d.write(toml)
+	if !o.symmetric {
+		d.factory()
+	}
+	return d
+}
+
+func (d *device) write(toml string) {
+	d.t.Helper()
+	if err := os.WriteFile(d.path, []byte(toml), 0o600); err != nil {
+		d.t.Fatal(err)
+	}
+	cfg, err := agent.LoadConfig(d.path)
+	if err != nil {
+		d.t.Fatal(err)
+	}
+	d.cfg = cfg
+}
+
+// factory does the onboarding step: key, CSR, azsim's factory CA, install.
+func (d *device) factory() {
+	d.t.Helper()
+	ctx := context.Background()
+	keys := agent.NewKeys()
+	defer keys.Close()
+	der, _, err := agent.OnboardCSR(ctx, d.cfg, keys)
+	if err != nil {
+		d.t.Fatal(err)
+	}
+	chain, err := d.az.Server.FactorySign(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE REQUEST", Bytes: der}))
+	if err != nil {
+		d.t.Fatal(err)
+	}
+	f := filepath.Join(d.dir, "factory-chain.pem")
+	os.WriteFile(f, chain, 0o644)
+	if _, err := agent.OnboardInstall(ctx, d.cfg, keys, f, time.Now()); err != nil {
+		d.t.Fatal(err)
+	}
+}
+
+func (d *device) provision() (*provisioning.Identity, error) {
+	keys := agent.NewKeys()
+	defer keys.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	return agent.Provision(ctx, d.cfg, keys, agent.ProvisionOptions{RetryAfterMin: 100 * time.Millisecond})
+}
+
+// running is an agent.Run in the background.
+type running struct {
+	a      *agent.Agent
+	cancel context.CancelFunc
+	done   chan error
+}
+
+func (d *device) start() *running {
+	d.t.Helper()
+	a, err := agent.New(d.path, agent.Options{
+		Logger:        slog.New(slog.NewTextHandler(testWriter{d.t}, &slog.HandlerOptions{Level: slog.LevelDebug})),
+		Version:       "test",
+		RetryAfterMin: 100 * time.Millisecond,
+		Backoff:       backoff.Policy{Min: 100 * time.Millisecond, Max: time.Second},
+		ClockPoll:     100 * time.Millisecond,
+	})
+	if err != nil {
+		d.t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	r := &running{a: a, cancel: cancel, done: make(chan error, 1)}
+	go func() { r.done <- a.Run(ctx) }()
+	d.t.Cleanup(r.stop)
+	return r
+}
+
+func (r *running) stop() {
+	r.cancel()
+	<-r.done
+	r.done <- nil // later stops return at once
+}
+
+type testWriter struct{ t *testing.T }
+
+func (w testWriter) Write(p []byte) (int, error) {
+	w.t.Log(strings.TrimRight(string(p), "\n"))
+	return len(p), nil
+}
+
+func (d *device) status() *agent.Status {
+	st, err := agent.ReadStatus(d.cfg.StateDir)
+	if err != nil {
+		return &agent.Status{}
+	}
+	return st
+}
+
+func (d *device) current() *provisioning.Identity {
+	d.t.Helper()
+	s, err := provisioning.OpenStore(d.cfg.StateDir)
+	if err != nil {
+		d.t.Fatal(err)
+	}
+	id, err := s.Current()
+	if err != nil {
+		d.t.Fatal(err)
+	}
+	return id
+}
+
+// received counts the messages azsim got from deviceID with a filter on
+// the application property "type".
+func received(az *testenv.Azsim, deviceID, typ string) []map[string]any {
+	var out []map[string]any
+	for _, m := range az.Telemetry() {
+		props, _ := m["properties"].(map[string]any)
+		app, _ := props["application"].(map[string]any)
+		if m["deviceId"] == deviceID && (typ == "" || app["type"] == typ) {
+			out = append(out, m)
+		}
+	}
+	return out
+}
+
+func TestProvisionE2E(t *testing.T) {
+	az := testenv.StartAzsim(t, azsim.Config{})
+	t.Run("ok/x509 onboarding, P-384 chain from the issuing CA", func(t *testing.T) {
+		d := newDevice(t, az, devOpts{regID: "gw-x509-1"})
+		id, err := d.provision()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if id.DeviceID != "gw-x509-1" || id.AssignedHub != az.Info.HubHostName {
+			t.Fatalf("identity %+v", id)
+		}
+		roots := x509.NewCertPool()
+		roots.AddCert(az.Server.PKI.IssuingRoot.Cert)
+		inter := x509.NewCertPool()
+		inter.AddCert(id.Chain[1])
+		if _, err := id.Chain[0].Verify(x509.VerifyOptions{Roots: roots, Intermediates: inter, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageAny}}); err != nil {
+			t.Fatalf("stored chain does not verify to azsim's issuing root: %v", err)
+		}
+		if id.Chain[0].SignatureAlgorithm != x509.ECDSAWithSHA384 {
+			t.Fatalf("leaf signed with %v", id.Chain[0].SignatureAlgorithm)
+		}
+		// A second provisioning rotates to the other key slot and commits.
+		id2, err := d.provision()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if id2.KeyURI == id.KeyURI || id2.Serial == id.Serial {
+			t.Fatal("re-provisioning reused the key or the certificate")
+		}
+	})
+	t.Run("ok/symmetric-key onboarding", func(t *testing.T) {
+		d := newDevice(t, az, devOpts{regID: "gw-sym-1", symmetric: true})
+		id, err := d.provision()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if id.DeviceID != "gw-sym-1" || len(id.Chain) != 3 {
+			t.Fatalf("identity %+v with %d certificates", id, len(id.Chain))
+		}
+	})
+	t.Run("ok/429 then success", func(t *testing.T) {
+		d := newDevice(t, az, devOpts{regID: "gw-throttled"})
+		az.Admin("POST", "/faults", map[string]any{"target": "dps", "status": 429, "retryAfter": 1, "count": 2}, nil)
+		if _, err := d.provision(); err != nil {
+			t.Fatal(err)
+		}
+	})
+	t.Run("ok/retry-after and polling while DPS assigns slowly", func(t *testing.T) {
+		d := newDevice(t, az, devOpts{regID: "gw-slow"})
+		az.Admin("POST", "/faults/assign-delay", map[string]any{"seconds": 2.5}, nil)
+		defer az.Admin("POST", "/faults/assign-delay", map[string]any{"seconds": 0}, nil)
+		start := time.Now()
+		if _, err := d.provision(); err != nil {
+			t.Fatal(err)
+		}
+		if time.Since(start) < 2*time.Second {
+			t.Fatal("provisioning finished before DPS had assigned")
+		}
+	})
+	t.Run("fail/disabled enrollment, nothing stored", func(t *testing.T) {
+		d := newDevice(t, az, devOpts{regID: "gw-disabled", symmetric: true})
+		az.Admin("POST", "/dps/enrollments/"+azsim.SymmetricKeyGroup+"/disable", nil, nil)
+		defer az.Admin("POST", "/dps/enrollments/"+azsim.SymmetricKeyGroup+"/enable", nil, nil)
+		_, err := d.provision()
+		if !errors.Is(err, provisioning.ErrEnrollmentDisabled) {
+			t.Fatalf("got %v, want ErrEnrollmentDisabled", err)
+		}
+		assertNotProvisioned(t, d)
+	})
+	t.Run("fail/wrong symmetric key is rejected without retry", func(t *testing.T) {
+		d := newDevice(t, az, devOpts{regID: "gw-badkey", symmetric: true})
+		os.WriteFile(d.cfg.Onboarding.SymmetricKeyFile, []byte("c2VjcmV0LWJ1dC13cm9uZy1rZXktMDEyMzQ1Njc4OQ==\n"), 0o600)
+		_, err := d.provision()
+		if !errors.Is(err, provisioning.ErrCredentialRejected) {
+			t.Fatalf("got %v, want ErrCredentialRejected", err)
+		}
+		if strings.Contains(err.Error(), "c2VjcmV0") {
+			t.Fatal("the error leaks the key")
+		}
+		assertNotProvisioned(t, d)
+	})
+	t.Run("fail/500s exhaust the retries with a clear error", func(t *testing.T) {
+		d := newDevice(t, az, devOpts{regID: "gw-5xx"})
+		az.Admin("POST", "/faults", map[string]any{"target": "dps", "status": 503, "retryAfter": 1, "count": 50}, nil)
+		defer az.Admin("DELETE", "/faults", nil, nil)
+		d.cfg.Identity.ProvisioningTimeout.Duration = 4 * time.Second
+		_, err := d.provision()
+		if err == nil || !strings.Contains(err.Error(), "503") {
+			t.Fatalf("got %v, want an error naming DPS's 503", err)
+		}
+		assertNotProvisioned(t, d)
+	})
+}
+
+func assertNotProvisioned(t *testing.T, d *device) {
+	t.Helper()
+	s, _ := provisioning.OpenStore(d.cfg.StateDir)
+	if _, err := s.Current(); !errors.Is(err, provisioning.ErrNotProvisioned) {
+		t.Fatalf("a failed provisioning left an identity behind: %v", err)
+	}
+	if _, err := os.Stat(filepath.Join(d.cfg.StateDir, "device.key")); err == nil {
+		t.Fatal("a failed provisioning left its new key behind")
+	}
+}
+
+func TestRunE2E(t *testing.T) {
+	az := testenv.StartAzsim(t, azsim.Config{})
+	d := newDevice(t, az, devOpts{regID: "gw-run-1"})
+	r := d.start()
+	testenv.Eventually(t, 20*time.Second, "the first health message", func() bool { return len(received(az, "gw-run-1", "health")) > 0 })
+
+	t.Run("ok/spool files are sent and deleted after PUBACK", func(t *testing.T) {
+		for i := range 5 {
+			p := filepath.Join(d.cfg.Telemetry.SpoolDir, fmt.Sprintf("m%d.json", i))
+			os.WriteFile(p+".tmp", []byte(fmt.Sprintf(`{"seq":%d}`, i)), 0o644)
+			os.Rename(p+".tmp", p)
+		}
+		testenv.Eventually(t, 10*time.Second, "5 application messages", func() bool { return len(received(az, "gw-run-1", "")) >= 6 })
+		testenv.Eventually(t, 5*time.Second, "spool emptied", func() bool {
+			m, _ := filepath.Glob(filepath.Join(d.cfg.Telemetry.SpoolDir, "*.json"))
+			return len(m) == 0
+		})
+	})
+	t.Run("ok/twin reports the certificate and version", func(t *testing.T) {
+		var tw struct {
+			Reported map[string]any `json:"reported"`
+		}
+		testenv.Eventually(t, 10*time.Second, "reported certificate", func() bool {
+			az.Admin("GET", "/hub/devices/gw-run-1/twin", nil, &tw)
+			_, ok := tw.Reported["certificate"]
+			return ok
+		})
+		cert := tw.Reported["certificate"].(map[string]any)
+		if cert["validUntil"] != d.current().NotAfter.UTC().Format(time.RFC3339) {
+			t.Fatalf("reported %v, stored %v", cert["validUntil"], d.current().NotAfter)
+		}
+	})
+	t.Run("ok/ping method", func(t *testing.T) {
+		var res struct {
+			Status  int            `json:"status"`
+			Payload map[string]any `json:"payload"`
+		}
+		st := az.Admin("POST", "/hub/devices/gw-run-1/methods/ping?timeout=10", "{}", &res)
+		if st != 200 || res.Status != 200 || res.Payload["pong"] != true {
+			t.Fatalf("ping: http %d, %+v", st, res)
+		}
+	})
+	t.Run("ok/broker outage loses nothing", func(t *testing.T) {
+		before := len(received(az, "gw-run-1", "app"))
+		az.Admin("POST", "/faults/refuse", map[string]any{"target": "hub", "seconds": 2}, nil)
+		for i := range 20 {
+			p := filepath.Join(d.cfg.Telemetry.SpoolDir, fmt.Sprintf("out%02d.json", i))
+			os.WriteFile(p, []byte(fmt.Sprintf(`{"outage":%d}`, i)), 0o644)
+		}
+		testenv.Eventually(t, 20*time.Second, "all 20 messages after the outage", func() bool {
+			return countBodies(az, "gw-run-1", "outage") >= 20
+		})
+		if n := countBodies(az, "gw-run-1", "outage"); n != 20 {
+			t.Errorf("the hub got %d outage messages, want exactly 20 (no duplicates without a crash)", n)
+		}
+		_ = before
+	})
+	r.stop()
+	if st := d.status(); st.State != "stopped" {
+		t.Fatalf("state after stop: %q", st.State)
+	}
+}
+
+// countBodies counts received messages whose JSON body has key.
+func countBodies(az *testenv.Azsim, deviceID, key string) int {
+	n := 0
+	for _, m := range received(az, deviceID, "") {
+		if b, ok := m["body"].(map[string]any); ok {
+			if _, ok := b[key]; ok {
+				n++
+			}
+		}
+	}
+	return n
+}
