@@ -381,3 +381,11 @@ func countBodies(az *testenv.Azsim, deviceID, key string) int {
 	}
 	return n
 }
+
+func storeCurrent(d *device) (*provisioning.Identity, error) {
+	s, err := provisioning.OpenStore(d.cfg.StateDir)
+	if err != nil {
+		return nil, err
+	}
+	return s.Current()
+}
