@@ -36,6 +36,7 @@ type devOpts struct {
 	regID     string
 	symmetric bool   // symmetric-key onboarding instead of X.509
 	opKey     string // operational key URI (default: file key in the state dir)
+	onKey     string // onboarding key URI (default: file key)
 	extra     string // appended TOML
 }
 
@@ -52,7 +53,10 @@ func newDevice(t *testing.T, az *testenv.Azsim, o devOpts) *device {
 	if o.opKey == "" {
 		o.opKey = "file:" + filepath.Join(d.dir, "state", "device.key")
 	}
-	onboarding := fmt.Sprintf("kind = \"x509\"\nkey = \"file:%s/onboarding.key\"\nchain = \"%s/onboarding-chain.pem\"\n", d.dir, d.dir)
+	if o.onKey == "" {
+		o.onKey = "file:" + filepath.Join(d.dir, "onboarding.key")
+	}
+	onboarding := fmt.Sprintf("kind = \"x509\"\nkey = \"%s\"\nchain = \"%s/onboarding-chain.pem\"\n", o.onKey, d.dir)
 	if o.symmetric {
 		var k struct{ DeviceKey string }
 		if st := az.Admin("GET", "/dps/derive-key?group="+azsim.SymmetricKeyGroup+"&registrationId="+o.regID, nil, &k); st != 200 {
@@ -229,6 +233,28 @@ func TestProvisionE2E(t *testing.T) {
 		}
 		if id2.KeyURI == id.KeyURI || id2.Serial == id.Serial {
 			t.Fatal("re-provisioning reused the key or the certificate")
+		}
+	})
+	t.Run("ok/keys in a TPM (swtpm): onboarding by blob, operational by handle", func(t *testing.T) {
+		sw := testenv.StartSWTPM(t)
+		dir := t.TempDir()
+		d := newDevice(t, az, devOpts{regID: "gw-tpm-1",
+			onKey: "tpm2:socket=" + sw.Sock + ";blob=" + filepath.Join(dir, "onboarding.tpmkey"),
+			opKey: "tpm2:socket=" + sw.Sock + ";handle=0x81000100"})
+		id, err := d.provision()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !strings.Contains(id.KeyURI, "handle=0x81000100") {
+			t.Fatalf("key %s", id.KeyURI)
+		}
+		// Re-provisioning puts the new key at the alternate handle.
+		id2, err := d.provision()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !strings.Contains(id2.KeyURI, "handle=0x81000101") {
+			t.Fatalf("second key %s", id2.KeyURI)
 		}
 	})
 	t.Run("ok/symmetric-key onboarding", func(t *testing.T) {

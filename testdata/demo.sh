@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=$PWD/bin
 DIR=$PWD/bin/demo
-KEYS=${DEMO_KEYS:-file}
+KEYS=${DEMO_KEYS:-tpm}
 LIFETIME=${DEMO_CERT_LIFETIME:-60s}
 ADMIN=127.0.0.1:18480
 

@@ -13,6 +13,8 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/gwagent/gwagent/internal/testenv"
 )
 
 // gw runs the CLI in-process and returns stdout, stderr and the error.
@@ -125,6 +127,16 @@ func keygenAndCSR(t *testing.T, key string) {
 
 func TestKeygenCSRFile(t *testing.T) {
 	keygenAndCSR(t, "file:"+filepath.Join(t.TempDir(), "keys", "device.key"))
+}
+
+func TestKeygenCSRTPM(t *testing.T) {
+	sw := testenv.StartSWTPM(t)
+	t.Run("blob", func(t *testing.T) {
+		keygenAndCSR(t, "tpm2:socket="+sw.Sock+";blob="+filepath.Join(t.TempDir(), "device.tpmkey"))
+	})
+	t.Run("handle", func(t *testing.T) {
+		keygenAndCSR(t, "tpm2:socket="+sw.Sock+";handle=0x81000100")
+	})
 }
 
 func TestCLIErrors(t *testing.T) {

@@ -1,14 +1,479 @@
-// Package tpm2 is the TPM 2.0 key store backend (stub; being implemented).
+// Package tpm2 is the TPM 2.0 key store: ECDSA P-384 keys created inside the
+// TPM under the storage root key, with fixedTPM, fixedParent and
+// sensitiveDataOrigin set, so the private key never exists outside the TPM.
+//
+// A key lives at a persistent handle (handle=0x81000100), in a key blob file
+// (blob=PATH: the TPM-wrapped private part and the public part, useless
+// without this TPM), or both. The TPM is a character device (/dev/tpmrm0,
+// the kernel's resource manager) or, for tests and demos, a swtpm Unix
+// socket (socket=PATH).
+//
+// Every operation takes the store's lock and flushes every transient object
+// it loaded, on success and on error.
 package tpm2
 
 import (
 	"context"
+	"crypto"
+	"crypto/ecdsa"
+	"encoding/asn1"
+	"encoding/pem"
+	"errors"
 	"fmt"
+	"io"
+	"io/fs"
+	"math/big"
+	"os"
+	"path/filepath"
+	"sync"
+	"syscall"
 
+	tpm "github.com/google/go-tpm/tpm2"
+	"github.com/google/go-tpm/tpm2/transport"
+	"github.com/google/go-tpm/tpm2/transport/linuxtpm"
+	"github.com/google/go-tpm/tpm2/transport/linuxudstpm"
+
+	"github.com/gwagent/gwagent/internal/atomicfile"
 	"github.com/gwagent/gwagent/keystore"
 )
 
-// Open opens the TPM named by u.
+// srkHandle is where a provisioned platform keeps the standard SRK; if it is
+// absent, the SRK is created (deterministically) from the owner hierarchy's
+// seed for each operation.
+const srkHandle = tpm.TPMHandle(0x81000001)
+
+// Store is one open TPM.
+type Store struct {
+	mu     sync.Mutex
+	tpm    transport.TPMCloser
+	name   string
+	closed bool
+}
+
+var (
+	_ keystore.KeyStore   = (*Store)(nil)
+	_ keystore.KeyDeleter = (*Store)(nil)
+)
+
+// Open opens the TPM that u names and checks that it supports P-384.
 func Open(ctx context.Context, u *keystore.URI) (keystore.KeyStore, error) {
-	return nil, fmt.Errorf("tpm2: %w", keystore.ErrNotCompiled)
+	path, socket := u.TPMDevice()
+	st, err := os.Stat(path)
+	if errors.Is(err, fs.ErrNotExist) {
+		hint := "check that the TPM is enabled in firmware and its driver loaded, or use a file: key"
+		if socket {
+			hint = "start swtpm (socket mode) or fix socket="
+		}
+		return nil, fmt.Errorf("tpm2: %w: no TPM at %s; %s", keystore.ErrDeviceAbsent, path, hint)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("tpm2: %s: %w", path, err)
+	}
+	var tr transport.TPMCloser
+	if socket {
+		if st.Mode()&fs.ModeSocket == 0 {
+			return nil, fmt.Errorf("tpm2: %w: %s is not a Unix socket; socket= is for swtpm, device= for /dev/tpmrm0", keystore.ErrBadURI, path)
+		}
+		tr, err = linuxudstpm.Open(path)
+	} else {
+		tr, err = linuxtpm.Open(path)
+	}
+	switch {
+	case errors.Is(err, syscall.EBUSY):
+		return nil, fmt.Errorf("tpm2: %w: %s is in use by another process; use /dev/tpmrm0 (the resource manager) instead of /dev/tpm0", keystore.ErrDeviceBusy, path)
+	case errors.Is(err, fs.ErrPermission):
+		return nil, fmt.Errorf("tpm2: %w: no permission to open %s; add the service user to group tss", keystore.ErrDeviceAbsent, path)
+	case err != nil:
+		return nil, fmt.Errorf("tpm2: open %s: %w", path, err)
+	}
+	s, err := New(tr, path)
+	if err != nil {
+		tr.Close()
+		return nil, err
+	}
+	return s, nil
+}
+
+// New makes a Store over an open TPM transport and probes for P-384.
+func New(tr transport.TPMCloser, name string) (*Store, error) {
+	s := &Store{tpm: tr, name: name}
+	rsp, err := tpm.GetCapability{Capability: tpm.TPMCapECCCurves, PropertyCount: 64}.Execute(tr)
+	if err != nil {
+		return nil, fmt.Errorf("tpm2: %w: the TPM at %s does not answer (%v); check the device or restart swtpm", keystore.ErrDeviceAbsent, name, err)
+	}
+	curves, err := rsp.CapabilityData.Data.ECCCurves()
+	if err != nil {
+		return nil, fmt.Errorf("tpm2: reading the TPM's curves: %w", err)
+	}
+	for _, c := range curves.ECCCurves {
+		if c == tpm.TPMECCNistP384 {
+			return s, nil
+		}
+	}
+	return nil, fmt.Errorf("tpm2: %w: the TPM at %s has no NIST P-384 (it lists %v); Azure issues only for P-384 keys, so use a PKCS#11 token or a file: key on this device", keystore.ErrUnsupportedCurve, name, curves.ECCCurves)
+}
+
+// Close closes the TPM connection.
+func (s *Store) Close() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return nil
+	}
+	s.closed = true
+	return s.tpm.Close()
+}
+
+// keyTemplate is the P-384 signing key: never leaves the TPM.
+var keyTemplate = tpm.TPMTPublic{
+	Type:    tpm.TPMAlgECC,
+	NameAlg: tpm.TPMAlgSHA256,
+	ObjectAttributes: tpm.TPMAObject{
+		FixedTPM:            true,
+		FixedParent:         true,
+		SensitiveDataOrigin: true,
+		UserWithAuth:        true,
+		SignEncrypt:         true,
+	},
+	Parameters: tpm.NewTPMUPublicParms(tpm.TPMAlgECC, &tpm.TPMSECCParms{
+		CurveID: tpm.TPMECCNistP384,
+		// No fixed scheme: each Sign names ECDSA with SHA-384 (or SHA-256,
+		// which TLS 1.2 peers may ask for).
+		Scheme: tpm.TPMTECCScheme{Scheme: tpm.TPMAlgNull},
+	}),
+	Unique: tpm.NewTPMUPublicID(tpm.TPMAlgECC, &tpm.TPMSECCPoint{}),
+}
+
+// locked runs f with the TPM lock held.
+func (s *Store) locked(f func() error) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return errors.New("tpm2: key store is closed")
+	}
+	return f()
+}
+
+func (s *Store) flush(h tpm.TPMHandle) {
+	_, _ = tpm.FlushContext{FlushHandle: h}.Execute(s.tpm)
+}
+
+// srk returns the storage root key and a release function that flushes it
+// when it was created for this operation.
+func (s *Store) srk() (tpm.AuthHandle, func(), error) {
+	if rp, err := (tpm.ReadPublic{ObjectHandle: srkHandle}).Execute(s.tpm); err == nil {
+		return tpm.AuthHandle{Handle: srkHandle, Name: rp.Name, Auth: tpm.PasswordAuth(nil)}, func() {}, nil
+	}
+	rsp, err := tpm.CreatePrimary{PrimaryHandle: tpm.TPMRHOwner, InPublic: tpm.New2B(tpm.ECCSRKTemplate)}.Execute(s.tpm)
+	if err != nil {
+		return tpm.AuthHandle{}, nil, fmt.Errorf("tpm2: creating the storage root key: %w (is the owner hierarchy password-protected?)", err)
+	}
+	return tpm.AuthHandle{Handle: rsp.ObjectHandle, Name: rsp.Name, Auth: tpm.PasswordAuth(nil)}, func() { s.flush(rsp.ObjectHandle) }, nil
+}
+
+// persisted returns the name of the object at persistent handle h, or
+// ok=false if there is none.
+func (s *Store) persisted(h uint32) (tpm.TPM2BName, *tpm.TPM2BPublic, bool) {
+	rp, err := (tpm.ReadPublic{ObjectHandle: tpm.TPMHandle(h)}).Execute(s.tpm)
+	if err != nil {
+		return tpm.TPM2BName{}, nil, false
+	}
+	return rp.Name, &rp.OutPublic, true
+}
+
+// CreateKey creates a P-384 key in the TPM and stores it where u says.
+func (s *Store) CreateKey(ctx context.Context, u *keystore.URI) (crypto.Signer, error) {
+	handle, err := u.Handle()
+	if err != nil {
+		return nil, err
+	}
+	blob := u.Attrs["blob"]
+	var sig *signer
+	err = s.locked(func() error {
+		if handle != 0 {
+			if _, _, ok := s.persisted(handle); ok {
+				return fmt.Errorf("tpm2 create: %w at handle 0x%08X", keystore.ErrKeyExists, handle)
+			}
+		}
+		if blob != "" {
+			if _, err := os.Lstat(blob); err == nil {
+				return fmt.Errorf("tpm2 create: %w at %s", keystore.ErrKeyExists, blob)
+			}
+		}
+		parent, release, err := s.srk()
+		if err != nil {
+			return err
+		}
+		defer release()
+		cr, err := tpm.Create{ParentHandle: parent, InPublic: tpm.New2B(keyTemplate)}.Execute(s.tpm)
+		if err != nil {
+			return fmt.Errorf("tpm2 create: %w", err)
+		}
+		pub, err := publicKey(&cr.OutPublic)
+		if err != nil {
+			return err
+		}
+		if blob != "" {
+			if err := writeBlob(blob, &cr.OutPublic, &cr.OutPrivate); err != nil {
+				return err
+			}
+		}
+		if handle != 0 {
+			ld, err := tpm.Load{ParentHandle: parent, InPrivate: cr.OutPrivate, InPublic: cr.OutPublic}.Execute(s.tpm)
+			if err != nil {
+				return fmt.Errorf("tpm2 create: load: %w", err)
+			}
+			defer s.flush(ld.ObjectHandle)
+			_, err = tpm.EvictControl{
+				Auth:             tpm.TPMRHOwner,
+				ObjectHandle:     &tpm.NamedHandle{Handle: ld.ObjectHandle, Name: ld.Name},
+				PersistentHandle: tpm.TPMHandle(handle),
+			}.Execute(s.tpm)
+			if err != nil {
+				if blob != "" {
+					os.Remove(blob)
+				}
+				return fmt.Errorf("tpm2 create: persisting at 0x%08X: %w", handle, err)
+			}
+		}
+		sig = &signer{s: s, handle: handle, blob: blob, pub: pub}
+		return nil
+	})
+	return sig, err
+}
+
+// Signer opens the key u names: at its persistent handle if it is there,
+// else from its blob file.
+func (s *Store) Signer(ctx context.Context, u *keystore.URI) (crypto.Signer, error) {
+	handle, err := u.Handle()
+	if err != nil {
+		return nil, err
+	}
+	blob := u.Attrs["blob"]
+	var sig *signer
+	err = s.locked(func() error {
+		if handle != 0 {
+			if _, pub, ok := s.persisted(handle); ok {
+				k, err := publicKey(pub)
+				if err != nil {
+					return err
+				}
+				sig = &signer{s: s, handle: handle, pub: k}
+				return nil
+			}
+		}
+		if blob != "" {
+			pub, _, err := readBlob(blob)
+			if err != nil {
+				return err
+			}
+			k, err := publicKey(pub)
+			if err != nil {
+				return err
+			}
+			sig = &signer{s: s, blob: blob, pub: k}
+			return nil
+		}
+		return fmt.Errorf("tpm2: %w at handle 0x%08X", keystore.ErrKeyNotFound, handle)
+	})
+	return sig, err
+}
+
+// DeleteKey evicts the persistent key and removes the blob file.
+func (s *Store) DeleteKey(ctx context.Context, u *keystore.URI) error {
+	handle, err := u.Handle()
+	if err != nil {
+		return err
+	}
+	blob := u.Attrs["blob"]
+	return s.locked(func() error {
+		found := false
+		if handle != 0 {
+			if name, _, ok := s.persisted(handle); ok {
+				_, err := tpm.EvictControl{
+					Auth:             tpm.TPMRHOwner,
+					ObjectHandle:     &tpm.NamedHandle{Handle: tpm.TPMHandle(handle), Name: name},
+					PersistentHandle: tpm.TPMHandle(handle),
+				}.Execute(s.tpm)
+				if err != nil {
+					return fmt.Errorf("tpm2 delete: evicting 0x%08X: %w", handle, err)
+				}
+				found = true
+			}
+		}
+		if blob != "" {
+			err := atomicfile.Remove(blob)
+			if err == nil {
+				found = true
+			} else if !errors.Is(err, fs.ErrNotExist) {
+				return fmt.Errorf("tpm2 delete: %w", err)
+			}
+		}
+		if !found {
+			return fmt.Errorf("tpm2 delete: %w", keystore.ErrKeyNotFound)
+		}
+		return nil
+	})
+}
+
+// transientHandles lists loaded transient objects (tests check for leaks).
+func (s *Store) transientHandles() ([]tpm.TPMHandle, error) {
+	var hs []tpm.TPMHandle
+	err := s.locked(func() error {
+		rsp, err := tpm.GetCapability{Capability: tpm.TPMCapHandles, Property: uint32(tpm.TPMHTTransient) << 24, PropertyCount: 64}.Execute(s.tpm)
+		if err != nil {
+			return err
+		}
+		l, err := rsp.CapabilityData.Data.Handles()
+		if err != nil {
+			return err
+		}
+		hs = l.Handle
+		return nil
+	})
+	return hs, err
+}
+
+// signer is a TPM-resident key.
+type signer struct {
+	s      *Store
+	handle uint32 // persistent handle, or 0
+	blob   string // blob file when not persistent
+	pub    *ecdsa.PublicKey
+}
+
+func (k *signer) Public() crypto.PublicKey { return k.pub }
+
+// Sign signs a SHA-384 (or SHA-256) digest inside the TPM and returns an
+// ASN.1 DER ECDSA signature.
+func (k *signer) Sign(_ io.Reader, digest []byte, opts crypto.SignerOpts) ([]byte, error) {
+	if err := keystore.CheckDigest(digest, opts); err != nil {
+		return nil, err
+	}
+	hash := tpm.TPMAlgSHA384
+	if opts.HashFunc() == crypto.SHA256 {
+		hash = tpm.TPMAlgSHA256
+	}
+	var out []byte
+	err := k.s.locked(func() error {
+		key, release, err := k.load()
+		if err != nil {
+			return err
+		}
+		defer release()
+		rsp, err := tpm.Sign{
+			KeyHandle: key,
+			Digest:    tpm.TPM2BDigest{Buffer: digest},
+			InScheme: tpm.TPMTSigScheme{
+				Scheme:  tpm.TPMAlgECDSA,
+				Details: tpm.NewTPMUSigScheme(tpm.TPMAlgECDSA, &tpm.TPMSSchemeHash{HashAlg: hash}),
+			},
+			Validation: tpm.TPMTTKHashCheck{Tag: tpm.TPMSTHashCheck, Hierarchy: tpm.TPMRHNull},
+		}.Execute(k.s.tpm)
+		if err != nil {
+			return fmt.Errorf("tpm2 sign: %w", err)
+		}
+		sig, err := rsp.Signature.Signature.ECDSA()
+		if err != nil {
+			return fmt.Errorf("tpm2 sign: %w", err)
+		}
+		out, err = asn1.Marshal(struct{ R, S *big.Int }{
+			new(big.Int).SetBytes(sig.SignatureR.Buffer), new(big.Int).SetBytes(sig.SignatureS.Buffer)})
+		return err
+	})
+	return out, err
+}
+
+// load makes the key usable: the persistent handle as is, or the blob
+// loaded under the SRK (flushed by release).
+func (k *signer) load() (tpm.AuthHandle, func(), error) {
+	s := k.s
+	if k.handle != 0 {
+		name, _, ok := s.persisted(k.handle)
+		if !ok {
+			return tpm.AuthHandle{}, nil, fmt.Errorf("tpm2: %w: handle 0x%08X was evicted", keystore.ErrKeyNotFound, k.handle)
+		}
+		return tpm.AuthHandle{Handle: tpm.TPMHandle(k.handle), Name: name, Auth: tpm.PasswordAuth(nil)}, func() {}, nil
+	}
+	pub, priv, err := readBlob(k.blob)
+	if err != nil {
+		return tpm.AuthHandle{}, nil, err
+	}
+	parent, releaseSRK, err := s.srk()
+	if err != nil {
+		return tpm.AuthHandle{}, nil, err
+	}
+	ld, err := tpm.Load{ParentHandle: parent, InPrivate: *priv, InPublic: *pub}.Execute(s.tpm)
+	releaseSRK()
+	if err != nil {
+		return tpm.AuthHandle{}, nil, fmt.Errorf("tpm2: loading %s: %w (was the blob made by another TPM, or was the TPM cleared?)", k.blob, err)
+	}
+	return tpm.AuthHandle{Handle: ld.ObjectHandle, Name: ld.Name, Auth: tpm.PasswordAuth(nil)}, func() { s.flush(ld.ObjectHandle) }, nil
+}
+
+func publicKey(p *tpm.TPM2BPublic) (*ecdsa.PublicKey, error) {
+	pub, err := p.Contents()
+	if err != nil {
+		return nil, fmt.Errorf("tpm2: public area: %w", err)
+	}
+	k, err := tpm.Pub(*pub)
+	if err != nil {
+		return nil, fmt.Errorf("tpm2: public key: %w", err)
+	}
+	ek, ok := k.(*ecdsa.PublicKey)
+	if !ok || !keystore.IsP384(ek) {
+		return nil, fmt.Errorf("tpm2: %w: the key is not ECDSA P-384", keystore.ErrUnsupportedCurve)
+	}
+	return ek, nil
+}
+
+// Blob files: two PEM blocks, the TPM2B_PUBLIC and the TPM-wrapped
+// TPM2B_PRIVATE. 0600 although the private part is only usable inside this
+// TPM.
+const (
+	pemPublic  = "TPM2 PUBLIC"
+	pemPrivate = "TPM2 PRIVATE"
+)
+
+func writeBlob(path string, pub *tpm.TPM2BPublic, priv *tpm.TPM2BPrivate) error {
+	b := pem.EncodeToMemory(&pem.Block{Type: pemPublic, Bytes: tpm.Marshal(pub)})
+	b = append(b, pem.EncodeToMemory(&pem.Block{Type: pemPrivate, Bytes: tpm.Marshal(priv)})...)
+	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
+		return fmt.Errorf("tpm2: %w", err)
+	}
+	if err := atomicfile.Create(path, b, 0o600); err != nil {
+		return fmt.Errorf("tpm2: writing key blob: %w", err)
+	}
+	return nil
+}
+
+func readBlob(path string) (*tpm.TPM2BPublic, *tpm.TPM2BPrivate, error) {
+	b, err := os.ReadFile(path)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, nil, fmt.Errorf("tpm2: %w: no key blob at %s", keystore.ErrKeyNotFound, path)
+	}
+	if err != nil {
+		return nil, nil, fmt.Errorf("tpm2: %w", err)
+	}
+	var pubDER, privDER []byte
+	for blk, rest := pem.Decode(b); blk != nil; blk, rest = pem.Decode(rest) {
+		switch blk.Type {
+		case pemPublic:
+			pubDER = blk.Bytes
+		case pemPrivate:
+			privDER = blk.Bytes
+		}
+	}
+	if pubDER == nil || privDER == nil {
+		return nil, nil, fmt.Errorf("tpm2: %s is not a gwagent TPM key blob", path)
+	}
+	pub, err := tpm.Unmarshal[tpm.TPM2BPublic](pubDER)
+	if err != nil {
+		return nil, nil, fmt.Errorf("tpm2: %s: %w", path, err)
+	}
+	priv, err := tpm.Unmarshal[tpm.TPM2BPrivate](privDER)
+	if err != nil {
+		return nil, nil, fmt.Errorf("tpm2: %s: %w", path, err)
+	}
+	return pub, priv, nil
 }
