@@ -20,6 +20,7 @@ import (
 	"github.com/gwagent/gwagent/internal/azsim"
 	"github.com/gwagent/gwagent/internal/backoff"
 	"github.com/gwagent/gwagent/internal/testenv"
+	"github.com/gwagent/gwagent/keystore/pkcs11"
 	"github.com/gwagent/gwagent/provisioning"
 )
 
@@ -255,6 +256,21 @@ func TestProvisionE2E(t *testing.T) {
 		}
 		if !strings.Contains(id2.KeyURI, "handle=0x81000101") {
 			t.Fatalf("second key %s", id2.KeyURI)
+		}
+	})
+	t.Run("ok/keys on a PKCS#11 token (SoftHSM2)", func(t *testing.T) {
+		if !pkcs11.Supported {
+			t.Skip("this build has no PKCS#11 (nopkcs11 or CGO_ENABLED=0); make test uses the full build")
+		}
+		h := testenv.StartSoftHSM(t, "gw", "2468")
+		d := newDevice(t, az, devOpts{regID: "gw-p11-1", onKey: h.URI("onboarding"), opKey: h.URI("operational")})
+		for range 2 { // the second rotates to the "-b" object
+			if _, err := d.provision(); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if id := d.current(); !strings.Contains(id.KeyURI, "object=operational-b") {
+			t.Fatalf("key %s", id.KeyURI)
 		}
 	})
 	t.Run("ok/symmetric-key onboarding", func(t *testing.T) {

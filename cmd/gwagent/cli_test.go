@@ -15,6 +15,7 @@ import (
 	"testing"
 
 	"github.com/gwagent/gwagent/internal/testenv"
+	"github.com/gwagent/gwagent/keystore/pkcs11"
 )
 
 // gw runs the CLI in-process and returns stdout, stderr and the error.
@@ -137,6 +138,14 @@ func TestKeygenCSRTPM(t *testing.T) {
 	t.Run("handle", func(t *testing.T) {
 		keygenAndCSR(t, "tpm2:socket="+sw.Sock+";handle=0x81000100")
 	})
+}
+
+func TestKeygenCSRPKCS11(t *testing.T) {
+	if !pkcs11.Supported {
+		t.Skip("this build has no PKCS#11 (nopkcs11 or CGO_ENABLED=0); make test uses the full build")
+	}
+	h := testenv.StartSoftHSM(t, "gw", "4321")
+	keygenAndCSR(t, h.URI("device-key"))
 }
 
 func TestCLIErrors(t *testing.T) {
