@@ -14,7 +14,7 @@ ifeq ($(RACE),1)
 TESTFLAGS += -race
 endif
 
-.PHONY: all build test demo cross lint bench deps clean fuzz
+.PHONY: all build test demo cross lint bench deps clean fuzz sdkcheck
 
 all: build
 
@@ -32,6 +32,10 @@ test: deps
 
 demo: deps build
 	./testdata/demo.sh
+
+# Microsoft's Node.js device SDKs against azsim (needs node and npm).
+sdkcheck: build
+	./testdata/sdkcheck.sh
 
 # Two flavours per architecture: CGO-free static (TPM + software keys) and the
 # full cgo build with PKCS#11, using Debian's cross compilers.

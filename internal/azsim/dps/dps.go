@@ -614,7 +614,7 @@ func (d *DPS) authenticate(s *session) (*Enrollment, bool, error) {
 	if s.password == "" {
 		return nil, false, errors.New("no credential: present a client certificate or a SAS token")
 	}
-	sr, sig, se, err := parseSAS(s.password)
+	sr, rawSR, sig, se, err := parseSAS(s.password)
 	if err != nil {
 		return nil, false, err
 	}
@@ -633,41 +633,49 @@ func (d *DPS) authenticate(s *session) (*Enrollment, bool, error) {
 		if err != nil {
 			continue
 		}
-		if signatureOK(key, url.QueryEscape(sr), se, sig) {
+		if signatureOK(key, rawSR, url.QueryEscape(sr), se, sig) {
 			return g, true, nil
 		}
 	}
 	return nil, false, errors.New("The SAS token's signature does not match any enrollment group's derived key")
 }
 
-func parseSAS(p string) (sr, sig string, se int64, err error) {
+// parseSAS returns the token's resource decoded (sr) and as it appears in
+// the token (rawSR): the signature covers the latter.
+func parseSAS(p string) (sr, rawSR, sig string, se int64, err error) {
 	rest, ok := strings.CutPrefix(p, "SharedAccessSignature ")
 	if !ok {
-		return "", "", 0, errors.New("password is not a SharedAccessSignature")
+		return "", "", "", 0, errors.New("password is not a SharedAccessSignature")
 	}
 	q, err := url.ParseQuery(rest)
 	if err != nil {
-		return "", "", 0, fmt.Errorf("malformed SAS token: %w", err)
+		return "", "", "", 0, fmt.Errorf("malformed SAS token: %w", err)
 	}
 	if q.Get("skn") != "registration" {
-		return "", "", 0, errors.New("SAS token skn must be \"registration\"")
+		return "", "", "", 0, errors.New("SAS token skn must be \"registration\"")
 	}
 	se, err = strconv.ParseInt(q.Get("se"), 10, 64)
 	if err != nil || q.Get("sig") == "" || q.Get("sr") == "" {
-		return "", "", 0, errors.New("SAS token lacks sr, sig or se")
+		return "", "", "", 0, errors.New("SAS token lacks sr, sig or se")
 	}
-	return q.Get("sr"), q.Get("sig"), se, nil
+	for _, kv := range strings.Split(rest, "&") {
+		if v, ok := strings.CutPrefix(kv, "sr="); ok {
+			rawSR = v
+		}
+	}
+	return q.Get("sr"), rawSR, q.Get("sig"), se, nil
 }
 
-// signatureOK checks sig over "{encoded sr}\n{se}"; SDKs differ in the case
-// of the percent-encoding, so both are tried.
-func signatureOK(deviceKey, encodedSR string, se int64, sig string) bool {
+// signatureOK checks sig over "{sr}\n{se}". The SDKs differ: the C SDKs
+// sign the percent-encoded resource (upper or lower case), the Node SDK the
+// plain one as it sends it; the token's own form is tried first.
+func signatureOK(deviceKey, rawSR, encodedSR string, se int64, sig string) bool {
 	k, _ := base64.StdEncoding.DecodeString(deviceKey)
 	got, err := base64.StdEncoding.DecodeString(sig)
 	if err != nil {
 		return false
 	}
-	for _, sr := range []string{encodedSR, strings.ReplaceAll(encodedSR, "%2F", "%2f")} {
+	for _, sr := range []string{rawSR, encodedSR, strings.ReplaceAll(encodedSR, "%2F", "%2f")} {
 		m := hmac.New(sha256.New, k)
 		fmt.Fprintf(m, "%s\n%d", sr, se)
 		if hmac.Equal(m.Sum(nil), got) {
