@@ -1,0 +1,285 @@
+package dps_test
+
+// DPS driven by a plain paho client (not gwagent's provisioning package, so
+// the two cannot share a misunderstanding of the protocol).
+
+import (
+	"crypto"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/hmac"
+	"crypto/rand"
+	"crypto/rsa"
+	"crypto/sha256"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/base64"
+	"encoding/json"
+	"encoding/pem"
+	"fmt"
+	"math/big"
+	"net/url"
+	"os"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	paho "github.com/eclipse/paho.mqtt.golang"
+
+	"github.com/gwagent/gwagent/internal/azsim"
+	"github.com/gwagent/gwagent/internal/azsim/dps"
+	"github.com/gwagent/gwagent/internal/testenv"
+)
+
+type reply struct {
+	status int
+	query  url.Values
+	body   map[string]any
+}
+
+type client struct {
+	t   *testing.T
+	c   paho.Client
+	got chan reply
+}
+
+// connect dials DPS as regID; cert may be nil (then password is used).
+func connect(t *testing.T, az *testenv.Azsim, regID, apiVersion string, cert *tls.Certificate, password string) (*client, error) {
+	t.Helper()
+	pool := x509.NewCertPool()
+	b, _ := os.ReadFile(az.Info.TrustBundle)
+	pool.AppendCertsFromPEM(b)
+	tc := &tls.Config{RootCAs: pool, ServerName: "localhost", MinVersion: tls.VersionTLS12}
+	if cert != nil {
+		tc.Certificates = []tls.Certificate{*cert}
+	}
+	cl := &client{t: t, got: make(chan reply, 8)}
+	opts := paho.NewClientOptions().AddBroker("tls://" + az.Info.DPSAddr).SetClientID(regID).
+		SetUsername(az.Info.IDScope + "/registrations/" + regID + "/api-version=" + apiVersion + "&ClientVersion=paho-test").
+		SetPassword(password).SetTLSConfig(tc).SetProtocolVersion(4).SetAutoReconnect(false).SetConnectTimeout(5 * time.Second)
+	cl.c = paho.NewClient(opts)
+	if tok := cl.c.Connect(); !tok.WaitTimeout(5*time.Second) || tok.Error() != nil {
+		return nil, fmt.Errorf("connect: %v", tok.Error())
+	}
+	t.Cleanup(func() { cl.c.Disconnect(0) })
+	tok := cl.c.Subscribe("$dps/registrations/res/#", 1, func(_ paho.Client, m paho.Message) {
+		rest := strings.TrimPrefix(m.Topic(), "$dps/registrations/res/")
+		st, q, _ := strings.Cut(rest, "/?")
+		r := reply{query: map[string][]string{}}
+		r.status, _ = strconv.Atoi(st)
+		r.query, _ = url.ParseQuery(q)
+		json.Unmarshal(m.Payload(), &r.body)
+		cl.got <- r
+	})
+	tok.WaitTimeout(5 * time.Second)
+	return cl, nil
+}
+
+func (c *client) request(topic string, body any) reply {
+	c.t.Helper()
+	var b []byte
+	if body != nil {
+		b, _ = json.Marshal(body)
+	}
+	c.c.Publish(topic, 1, false, b).WaitTimeout(5 * time.Second)
+	select {
+	case r := <-c.got:
+		return r
+	case <-time.After(10 * time.Second):
+		c.t.Fatalf("no answer to %s", topic)
+	}
+	return reply{}
+}
+
+// register runs the whole flow and returns the final reply.
+func (c *client) register(body any) reply {
+	c.t.Helper()
+	r := c.request("$dps/registrations/PUT/iotdps-register/?$rid=1", body)
+	for r.status == 202 {
+		ra, _ := strconv.Atoi(r.query.Get("retry-after"))
+		time.Sleep(time.Duration(ra) * time.Second)
+		r = c.request("$dps/registrations/GET/iotdps-get-operationstatus/?$rid=2&operationId="+r.body["operationId"].(string), nil)
+	}
+	return r
+}
+
+func csrFor(t *testing.T, key crypto.Signer, cn string) string {
+	der, err := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{Subject: pkix.Name{CommonName: cn}}, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return base64.StdEncoding.EncodeToString(der)
+}
+
+// onboarding returns a factory-signed TLS certificate for regID.
+func onboarding(t *testing.T, az *testenv.Azsim, regID string) *tls.Certificate {
+	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	der, _ := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{Subject: pkix.Name{CommonName: regID}}, key)
+	chainPEM, err := az.Server.FactorySign(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE REQUEST", Bytes: der}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := &tls.Certificate{PrivateKey: key}
+	for blk, rest := pem.Decode(chainPEM); blk != nil; blk, rest = pem.Decode(rest) {
+		c.Certificate = append(c.Certificate, blk.Bytes)
+	}
+	return c
+}
+
+func sas(scope, regID, deviceKey string, exp time.Time) string {
+	sr := url.QueryEscape(scope + "/registrations/" + regID)
+	k, _ := base64.StdEncoding.DecodeString(deviceKey)
+	m := hmac.New(sha256.New, k)
+	fmt.Fprintf(m, "%s\n%d", sr, exp.Unix())
+	return "SharedAccessSignature sr=" + sr + "&sig=" + url.QueryEscape(base64.StdEncoding.EncodeToString(m.Sum(nil))) +
+		"&se=" + strconv.FormatInt(exp.Unix(), 10) + "&skn=registration"
+}
+
+const certAPI = "2025-07-01-preview"
+
+func TestDPS(t *testing.T) {
+	az := testenv.StartAzsim(t, azsim.Config{})
+	p384, _ := ecdsa.GenerateKey(elliptic.P384(), rand.Reader)
+
+	t.Run("ok/x509 group with a P-384 CSR returns the chain", func(t *testing.T) {
+		c, err := connect(t, az, "dev-x1", certAPI, onboarding(t, az, "dev-x1"), "")
+		if err != nil {
+			t.Fatal(err)
+		}
+		r := c.register(map[string]any{"registrationId": "dev-x1", "csr": csrFor(t, p384, "dev-x1")})
+		st, _ := r.body["registrationState"].(map[string]any)
+		if r.status != 200 || r.body["status"] != "assigned" || st["assignedHub"] != az.Info.HubHostName || st["deviceId"] != "dev-x1" {
+			t.Fatalf("reply %d %v", r.status, r.body)
+		}
+		chain, _ := st["issuedCertificateChain"].([]any)
+		if len(chain) != 3 {
+			t.Fatalf("chain of %d", len(chain))
+		}
+		der, _ := base64.StdEncoding.DecodeString(chain[0].(string))
+		leaf, err := x509.ParseCertificate(der)
+		if err != nil || leaf.Subject.CommonName != "dev-x1" || !leaf.PublicKey.(*ecdsa.PublicKey).Equal(&p384.PublicKey) {
+			t.Fatalf("leaf %v %v", err, leaf.Subject)
+		}
+	})
+	t.Run("ok/older api-version or no csr: no chain", func(t *testing.T) {
+		c, _ := connect(t, az, "dev-x2", "2019-03-31", onboarding(t, az, "dev-x2"), "")
+		r := c.register(map[string]any{"csr": csrFor(t, p384, "dev-x2")})
+		st, _ := r.body["registrationState"].(map[string]any)
+		if r.status != 200 || st["issuedCertificateChain"] != nil {
+			t.Fatalf("reply %d %v", r.status, r.body)
+		}
+	})
+	t.Run("ok/symmetric-key group, registration id case-insensitive", func(t *testing.T) {
+		var k struct{ DeviceKey string }
+		az.Admin("GET", "/dps/derive-key?group="+azsim.SymmetricKeyGroup+"&registrationId=dev-s1", nil, &k)
+		c, _ := connect(t, az, "dev-s1", certAPI, nil, sas(az.Info.IDScope, "dev-s1", k.DeviceKey, time.Now().Add(time.Hour)))
+		if r := c.register(map[string]any{"registrationId": "DEV-S1"}); r.status != 200 || r.body["status"] != "assigned" {
+			t.Fatalf("reply %d %v", r.status, r.body)
+		}
+	})
+
+	bad := []struct {
+		name   string
+		regID  string
+		cert   bool
+		pass   func() string
+		body   func() any
+		status int
+		msg    string
+	}{
+		{"fail/csr with PEM armour", "dev-b1", true, nil, func() any {
+			return map[string]any{"csr": "-----BEGIN CERTIFICATE REQUEST-----\nMII=\n-----END CERTIFICATE REQUEST-----"}
+		}, 400, "PEM"},
+		{"fail/RSA csr", "dev-b2", true, nil, func() any {
+			rk, _ := rsa.GenerateKey(rand.Reader, 2048)
+			return map[string]any{"csr": csrFor(t, rk, "dev-b2")}
+		}, 400, "EC"},
+		{"fail/P-256 csr", "dev-b3", true, nil, func() any {
+			k, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+			return map[string]any{"csr": csrFor(t, k, "dev-b3")}
+		}, 400, "P-384"},
+		{"fail/csr CN differs", "dev-b4", true, nil, func() any {
+			return map[string]any{"csr": csrFor(t, p384, "someone-else")}
+		}, 400, "CN"},
+		{"fail/bad SAS signature", "dev-b5", false, func() string {
+			return sas(az.Info.IDScope, "dev-b5", base64.StdEncoding.EncodeToString([]byte("not-the-derived-key-0123456789")), time.Now().Add(time.Hour))
+		}, func() any { return map[string]any{} }, 401, "signature"},
+		{"fail/expired SAS", "dev-b6", false, func() string {
+			var k struct{ DeviceKey string }
+			az.Admin("GET", "/dps/derive-key?group="+azsim.SymmetricKeyGroup+"&registrationId=dev-b6", nil, &k)
+			return sas(az.Info.IDScope, "dev-b6", k.DeviceKey, time.Now().Add(-time.Minute))
+		}, func() any { return map[string]any{} }, 401, "expired"},
+	}
+	for _, b := range bad {
+		t.Run(b.name, func(t *testing.T) {
+			var cert *tls.Certificate
+			pass := ""
+			if b.cert {
+				cert = onboarding(t, az, b.regID)
+			} else {
+				pass = b.pass()
+			}
+			c, err := connect(t, az, b.regID, certAPI, cert, pass)
+			if err != nil {
+				t.Fatal(err)
+			}
+			r := c.register(b.body())
+			if r.status != b.status || !strings.Contains(fmt.Sprint(r.body["message"]), b.msg) {
+				t.Fatalf("got %d %v, want %d mentioning %q", r.status, r.body, b.status, b.msg)
+			}
+			if code, _ := r.body["errorCode"].(float64); int(code)/1000 != b.status {
+				t.Fatalf("errorCode %v does not match status %d", r.body["errorCode"], b.status)
+			}
+		})
+	}
+	t.Run("fail/certificate from a foreign CA", func(t *testing.T) {
+		key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+		tmpl := &x509.Certificate{SerialNumber: big1(), Subject: pkix.Name{CommonName: "dev-f1"}, NotBefore: time.Now().Add(-time.Hour),
+			NotAfter: time.Now().Add(time.Hour), ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}}
+		der, _ := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+		c, _ := connect(t, az, "dev-f1", certAPI, &tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key}, "")
+		if r := c.register(map[string]any{}); r.status != 401 {
+			t.Fatalf("got %d %v", r.status, r.body)
+		}
+	})
+	t.Run("ok/disabled enrollment answers status disabled", func(t *testing.T) {
+		az.Admin("POST", "/dps/enrollments/"+azsim.X509Group+"/disable", nil, nil)
+		defer az.Admin("POST", "/dps/enrollments/"+azsim.X509Group+"/enable", nil, nil)
+		c, _ := connect(t, az, "dev-d1", certAPI, onboarding(t, az, "dev-d1"), "")
+		if r := c.register(map[string]any{}); r.status != 200 || r.body["status"] != "disabled" {
+			t.Fatalf("got %d %v", r.status, r.body)
+		}
+	})
+	t.Run("ok/throttling fault: 429 with retry-after", func(t *testing.T) {
+		az.Admin("POST", "/faults", map[string]any{"target": "dps", "status": 429, "retryAfter": 7, "count": 1}, nil)
+		c, _ := connect(t, az, "dev-t1", certAPI, onboarding(t, az, "dev-t1"), "")
+		r := c.request("$dps/registrations/PUT/iotdps-register/?$rid=9", map[string]any{})
+		if r.status != 429 || r.query.Get("retry-after") != "7" || r.query.Get("$rid") != "9" {
+			t.Fatalf("got %d %v", r.status, r.query)
+		}
+	})
+	t.Run("fail/wrong id scope is refused at CONNECT", func(t *testing.T) {
+		az2 := *az
+		az2.Info.IDScope = "0ne00WRONG0"
+		if _, err := connect(t, &az2, "dev-w1", certAPI, onboarding(t, az, "dev-w1"), ""); err == nil {
+			t.Fatal("connected with an unknown id scope")
+		}
+	})
+	t.Run("ok/registrations persist across a restart", func(t *testing.T) {
+		d, err := dps.New(dps.Config{TLS: &tls.Config{}, Registrar: az.Server.Hub, Issuer: az.Server.PKI, StateDir: az.Dir + "/state/dps"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		found := false
+		for _, r := range d.Registrations() {
+			found = found || r.RegistrationID == "dev-x1"
+		}
+		if !found || len(d.Enrollments()) != 2 {
+			t.Fatalf("after reload: %d enrollments, dev-x1 registered %v", len(d.Enrollments()), found)
+		}
+	})
+}
+
+func big1() *big.Int { return big.NewInt(time.Now().UnixNano()) }
