@@ -756,6 +756,7 @@ func (a *Agent) spoolFile(path string, queued map[string]bool) {
 		a.log.Error("application message not queued; it stays in the spool directory", "file", path, "err", err)
 		return
 	}
+	a.log.Debug("spool file queued", "file", path)
 	queued[path] = true
 }
 
