@@ -302,6 +302,17 @@ func TestProvisionE2E(t *testing.T) {
 			t.Fatal("provisioning finished before DPS had assigned")
 		}
 	})
+	for _, kind := range []string{"wrong-key", "wrong-cn", "broken-chain"} {
+		t.Run("fail/issued chain "+kind+" is rejected, nothing stored", func(t *testing.T) {
+			d := newDevice(t, az, devOpts{regID: "gw-tamper-" + kind})
+			az.Admin("POST", "/faults/tamper", map[string]any{"kind": kind}, nil)
+			_, err := d.provision()
+			if !errors.Is(err, provisioning.ErrBadChain) {
+				t.Fatalf("got %v, want ErrBadChain", err)
+			}
+			assertNotProvisioned(t, d)
+		})
+	}
 	t.Run("fail/disabled enrollment, nothing stored", func(t *testing.T) {
 		d := newDevice(t, az, devOpts{regID: "gw-disabled", symmetric: true})
 		az.Admin("POST", "/dps/enrollments/"+azsim.SymmetricKeyGroup+"/disable", nil, nil)

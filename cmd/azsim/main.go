@@ -37,7 +37,7 @@ commands:
   twin          ID                       show the twin
   registrations list DPS registrations
   fault         drop [dps|hub|all] | refuse TARGET SECONDS | answer TARGET STATUS [COUNT] [RETRY_AFTER]
-                | assign-delay SECONDS | clear
+                | assign-delay SECONDS | tamper wrong-key|wrong-cn|broken-chain | clear
   ca            upload NAME FILE | verify NAME FILE | list   (hub CA registration, proof of possession)
 
 Admin commands use --admin URL (default $AZSIM_ADMIN or http://127.0.0.1:8480).
@@ -232,6 +232,8 @@ func (c client) fault(a []string) error {
 			"count": int(num(arg(3, "1"))), "retryAfter": int(num(arg(4, "0")))}))
 	case "assign-delay":
 		return c.do("POST", "/faults/assign-delay", js(map[string]any{"seconds": num(arg(1, "0"))}))
+	case "tamper":
+		return c.do("POST", "/faults/tamper", js(map[string]any{"kind": arg(1, "wrong-key")}))
 	case "clear":
 		return c.do("DELETE", "/faults", nil)
 	}

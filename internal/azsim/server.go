@@ -312,6 +312,21 @@ func (s *Server) adminMux() http.Handler {
 		s.Faults.SetAssignDelay(time.Duration(f.Seconds * float64(time.Second)))
 		w.WriteHeader(http.StatusNoContent)
 	})
+	mux.HandleFunc("POST /faults/tamper", func(w http.ResponseWriter, r *http.Request) {
+		var f struct {
+			Kind faults.Tamper `json:"kind"`
+		}
+		if !decode(w, r, &f) {
+			return
+		}
+		switch f.Kind {
+		case faults.TamperWrongKey, faults.TamperWrongCN, faults.TamperBrokenChain:
+			s.Faults.ArmTamper(f.Kind)
+			w.WriteHeader(http.StatusNoContent)
+		default:
+			broker.WriteJSON(w, 400, map[string]string{"error": `kind must be "wrong-key", "wrong-cn", or "broken-chain"`})
+		}
+	})
 	mux.HandleFunc("DELETE /faults", func(w http.ResponseWriter, r *http.Request) {
 		s.Faults.Reset()
 		w.WriteHeader(http.StatusNoContent)

@@ -531,9 +531,21 @@ func (d *DPS) assign(op *operation) error {
 	var serial string
 	var notAfter time.Time
 	if op.csr != nil {
-		certs, err := d.cfg.Issuer.Issue(op.csr, deviceID, d.cfg.CertLifetime)
+		csr, cn := op.csr, deviceID
+		tamper, tampered := d.cfg.Faults.TakeTamper()
+		switch tamper {
+		case faults.TamperWrongKey:
+			k, _ := ecdsa.GenerateKey(elliptic.P384(), rand.Reader)
+			csr = &x509.CertificateRequest{PublicKey: &k.PublicKey, Subject: csr.Subject}
+		case faults.TamperWrongCN:
+			cn += "-other"
+		}
+		certs, err := d.cfg.Issuer.Issue(csr, cn, d.cfg.CertLifetime)
 		if err != nil {
 			return fmt.Errorf("issuing the certificate: %w", err)
+		}
+		if tampered && tamper == faults.TamperBrokenChain && len(certs) > 2 {
+			certs = append(certs[:1], certs[2:]...)
 		}
 		for _, c := range certs {
 			chain = append(chain, base64.StdEncoding.EncodeToString(c.Raw))

@@ -30,6 +30,37 @@ type Injector struct {
 	answers     map[Target][]Answer
 	refuseUntil map[Target]time.Time
 	assignDelay time.Duration
+	tamper      []Tamper
+}
+
+// Tamper spoils the next issued certificate chain, to test that devices
+// validate before trusting: a leaf for another key, a leaf with another CN,
+// or a chain that lacks its intermediate.
+type Tamper string
+
+const (
+	TamperWrongKey    Tamper = "wrong-key"
+	TamperWrongCN     Tamper = "wrong-cn"
+	TamperBrokenChain Tamper = "broken-chain"
+)
+
+// ArmTamper spoils the next issued chain with kind.
+func (i *Injector) ArmTamper(kind Tamper) {
+	i.mu.Lock()
+	defer i.mu.Unlock()
+	i.tamper = append(i.tamper, kind)
+}
+
+// TakeTamper returns and disarms the next tamper, if any.
+func (i *Injector) TakeTamper() (Tamper, bool) {
+	i.mu.Lock()
+	defer i.mu.Unlock()
+	if len(i.tamper) == 0 {
+		return "", false
+	}
+	k := i.tamper[0]
+	i.tamper = i.tamper[1:]
+	return k, true
 }
 
 // New returns an Injector with nothing armed.
@@ -94,4 +125,5 @@ func (i *Injector) Reset() {
 	i.answers = map[Target][]Answer{}
 	i.refuseUntil = map[Target]time.Time{}
 	i.assignDelay = 0
+	i.tamper = nil
 }
