@@ -102,3 +102,14 @@ func TestExampleConfigLoads(t *testing.T) {
 		}
 	}
 }
+
+// The shipped, commented example must stay a valid config.
+func TestExampleConfig(t *testing.T) {
+	cfg, err := LoadConfig("../configs/gwagent.toml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cfg.Renewal.Threshold != 0.8 || !cfg.Renewal.Rotate() || cfg.Renewal.Prefer != "hub" {
+		t.Fatalf("renewal section: %+v", cfg.Renewal)
+	}
+}

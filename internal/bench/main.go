@@ -147,6 +147,7 @@ func (b *bench) device(interval string) (string, string) {
 	os.WriteFile(filepath.Join(d, "sas"), []byte(key), 0o600)
 	cfg := fmt.Sprintf(`state_dir = %q
 trust_bundle = %q
+log_level = "debug"
 [identity]
 id_scope = %q
 registration_id = %q
