@@ -9,10 +9,13 @@ import (
 	"encoding/pem"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -137,22 +140,46 @@ type running struct {
 	a      *agent.Agent
 	cancel context.CancelFunc
 	done   chan error
+	log    *syncBuffer
 }
 
-func (d *device) start() *running {
+// syncBuffer keeps the agent's log for assertions.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  strings.Builder
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+func (d *device) start(now ...func() time.Time) *running {
 	d.t.Helper()
-	a, err := agent.New(d.path, agent.Options{
-		Logger:        slog.New(slog.NewTextHandler(testWriter{d.t}, &slog.HandlerOptions{Level: slog.LevelDebug})),
+	logs := &syncBuffer{}
+	opts := agent.Options{
+		Logger:        slog.New(slog.NewTextHandler(io.MultiWriter(testWriter{d.t}, logs), &slog.HandlerOptions{Level: slog.LevelDebug})),
 		Version:       "test",
 		RetryAfterMin: 100 * time.Millisecond,
 		Backoff:       backoff.Policy{Min: 100 * time.Millisecond, Max: time.Second},
 		ClockPoll:     100 * time.Millisecond,
-	})
+	}
+	if len(now) > 0 {
+		opts.Now = now[0]
+	}
+	a, err := agent.New(d.path, opts)
 	if err != nil {
 		d.t.Fatal(err)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	r := &running{a: a, cancel: cancel, done: make(chan error, 1)}
+	r := &running{a: a, cancel: cancel, done: make(chan error, 1), log: logs}
 	go func() { r.done <- a.Run(ctx) }()
 	d.t.Cleanup(r.stop)
 	return r
@@ -416,6 +443,39 @@ func TestRunE2E(t *testing.T) {
 		}
 		_ = before
 	})
+	t.Run("fail/invalid config change is kept out", func(t *testing.T) {
+		good, _ := os.ReadFile(d.path)
+		os.WriteFile(d.path, append(good, []byte("\n[telemetry]\nintervall = \"1s\"\n")...), 0o600)
+		testenv.Eventually(t, 10*time.Second, "the rejection in the log", func() bool {
+			return strings.Contains(r.log.String(), "config change rejected")
+		})
+		os.WriteFile(d.path, good, 0o600)
+		// Still working with the old config.
+		os.WriteFile(filepath.Join(d.cfg.Telemetry.SpoolDir, "still.json"), []byte(`{"stillUp":1}`), 0o644)
+		testenv.Eventually(t, 10*time.Second, "a message after the rejected change", func() bool { return countBodies(az, "gw-run-1", "stillUp") == 1 })
+	})
+	t.Run("ok/telemetry interval reloaded without restart", func(t *testing.T) {
+		good, _ := os.ReadFile(d.path)
+		defer os.WriteFile(d.path, good, 0o600)
+		before := len(received(az, "gw-run-1", "health"))
+		os.WriteFile(d.path, []byte(strings.Replace(string(good), `interval = "1h"`, `interval = "1s"`, 1)), 0o600)
+		testenv.Eventually(t, 15*time.Second, "health messages every second", func() bool {
+			return len(received(az, "gw-run-1", "health")) >= before+3
+		})
+	})
+	t.Run("ok/hub refuses the identity: re-provision through DPS", func(t *testing.T) {
+		old := d.current().Serial
+		if st := az.Admin("DELETE", "/hub/devices/gw-run-1", nil, nil); st >= 300 {
+			t.Fatalf("delete device: %d", st)
+		}
+		az.Admin("POST", "/faults/drop", map[string]any{"target": "hub"}, nil)
+		testenv.Eventually(t, 30*time.Second, "re-provisioned and connected", func() bool {
+			id, err := storeCurrent(d)
+			return err == nil && id.Serial != old && d.status().State == "connected"
+		})
+		os.WriteFile(filepath.Join(d.cfg.Telemetry.SpoolDir, "again.json"), []byte(`{"again":1}`), 0o644)
+		testenv.Eventually(t, 10*time.Second, "a message with the new identity", func() bool { return countBodies(az, "gw-run-1", "again") == 1 })
+	})
 	r.stop()
 	if st := d.status(); st.State != "stopped" {
 		t.Fatalf("state after stop: %q", st.State)
@@ -441,4 +501,32 @@ func storeCurrent(d *device) (*provisioning.Identity, error) {
 		return nil, err
 	}
 	return s.Current()
+}
+
+// A gateway without RTC boots in 1970: the agent waits for time sync
+// instead of failing TLS, then carries on.
+func TestClock1970(t *testing.T) {
+	az := testenv.StartAzsim(t, azsim.Config{})
+	d := newDevice(t, az, devOpts{regID: "gw-clock-1"})
+	if _, err := d.provision(); err != nil {
+		t.Fatal(err)
+	}
+	var synced atomic.Bool
+	clock := func() time.Time {
+		if synced.Load() {
+			return time.Now()
+		}
+		return time.Date(1970, 1, 1, 0, 0, 42, 0, time.UTC)
+	}
+	d.start(clock)
+	testenv.Eventually(t, 10*time.Second, "waiting-for-clock with the condition raised", func() bool {
+		st := d.status()
+		_, cond := st.Conditions["clock-not-synchronised"]
+		return st.State == "waiting-for-clock" && cond
+	})
+	if n := len(received(az, "gw-clock-1", "")); n != 0 {
+		t.Fatalf("%d messages sent with the clock in 1970", n)
+	}
+	synced.Store(true)
+	testenv.Eventually(t, 10*time.Second, "connected once the clock is set", func() bool { return d.status().State == "connected" })
 }

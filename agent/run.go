@@ -61,6 +61,7 @@ type Agent struct {
 
 	interval atomic.Int64  // current health interval (ns): config or twin
 	kick     chan struct{} // wakes the sender when the outbox got messages
+	retimer  chan struct{} // wakes the health loop when the interval changed
 
 	mu      sync.Mutex
 	sess    *transport.Session
@@ -103,6 +104,7 @@ func New(cfgPath string, opts Options) (*Agent, error) {
 		notify:   newNotifier(),
 		keys:     NewKeys(),
 		kick:     make(chan struct{}, 1),
+		retimer:  make(chan struct{}, 1),
 		renewNow: make(chan string, 1),
 		crashAt:  os.Getenv(crashEnv),
 		rng:      rand.New(rand.NewPCG(uint64(time.Now().UnixNano()), uint64(os.Getpid()))),
@@ -531,6 +533,17 @@ func (a *Agent) enqueue(msgs ...*transport.Message) error {
 }
 
 // healthLoop queues a health message every interval.
+// setInterval changes the health interval and restarts the wait for the
+// next message with it.
+func (a *Agent) setInterval(d time.Duration) (old time.Duration) {
+	old = time.Duration(a.interval.Swap(int64(d)))
+	select {
+	case a.retimer <- struct{}{}:
+	default:
+	}
+	return old
+}
+
 func (a *Agent) healthLoop(ctx context.Context) {
 	// One at start, so the cloud sees a (re)started gateway at once.
 	a.sendHealth()
@@ -541,6 +554,9 @@ func (a *Agent) healthLoop(ctx context.Context) {
 		case <-ctx.Done():
 			t.Stop()
 			return
+		case <-a.retimer:
+			t.Stop()
+			continue
 		case <-t.C:
 		}
 		a.sendHealth()
@@ -596,7 +612,7 @@ func (a *Agent) applyDesired(desired json.RawMessage) {
 		a.log.Warn("ignoring desired telemetryInterval below 1 s", "seconds", *d.TelemetryInterval)
 		return
 	}
-	if old := time.Duration(a.interval.Swap(int64(iv))); old != iv {
+	if old := a.setInterval(iv); old != iv {
 		a.log.Info("telemetry interval changed by the twin", "from", old, "to", iv)
 	}
 }
@@ -815,7 +831,7 @@ func (a *Agent) reload() {
 	a.cfg.Store(next)
 	a.applyLogLevel(next)
 	if next.Telemetry.Interval != old.Telemetry.Interval {
-		a.interval.Store(int64(next.Telemetry.Interval.Duration))
+		a.setInterval(next.Telemetry.Interval.Duration)
 	}
 	a.log.Info("config reloaded", "telemetry_interval", next.Telemetry.Interval.Duration, "spool_dir", next.Telemetry.SpoolDir, "log_level", next.LogLevel)
 }

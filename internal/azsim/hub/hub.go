@@ -350,12 +350,15 @@ func (h *Hub) RegisterDevice(ctx context.Context, d identity.Device) error {
 	if err := ctx.Err(); err != nil {
 		return fmt.Errorf("hub register device: %w", err)
 	}
-	if _, _, err := h.putDevice(d.ID, deviceSpec{
-		Auth:        d.Auth,
-		PrimaryKey:  d.PrimaryKey,
-		Thumbprints: d.Thumbprints,
-		Enabled:     &d.Enabled,
-	}); err != nil {
+	spec := deviceSpec{Auth: d.Auth, PrimaryKey: d.PrimaryKey, Thumbprints: d.Thumbprints, Enabled: &d.Enabled}
+	h.mu.Lock()
+	if _, exists := h.devices[d.ID]; exists {
+		// Like Azure: provisioning again does not re-enable a device an
+		// operator disabled at the hub.
+		spec.Enabled = nil
+	}
+	h.mu.Unlock()
+	if _, _, err := h.putDevice(d.ID, spec); err != nil {
 		return fmt.Errorf("hub register device: %w", err)
 	}
 	return nil
