@@ -90,6 +90,7 @@ func (a *Agent) renewLoop(ctx context.Context, sess *transport.Session, id *prov
 		due, why := needsRenewal(now, id.Leaf(), policy, draw)
 		next := renewAt(id.Leaf(), policy, draw)
 		a.mu.Lock()
+		pending := a.pending
 		if !a.retryAt.IsZero() && a.retryAt.After(next) {
 			next = a.retryAt
 			if due = !now.Before(next); due {
@@ -98,6 +99,11 @@ func (a *Agent) renewLoop(ctx context.Context, sess *transport.Session, id *prov
 		}
 		a.mu.Unlock()
 		a.status.Update(true, func(s *Status) { s.NextRenewal = next })
+		if p := pending; due && p != nil && now.Before(p.deadline) && p.id.Serial == id.Serial {
+			// A request the hub accepted is still within its wait: its
+			// answer may come on this connection; do not ask again yet.
+			due, next = false, p.deadline
+		}
 		if !due {
 			timer := time.NewTimer(next.Sub(now))
 			select {
@@ -220,10 +226,15 @@ func (a *Agent) renewViaHub(ctx context.Context, sess *transport.Session, id *pr
 	replace := ""
 	for attempt := 1; ; attempt++ {
 		rid := fmt.Sprintf("gwrenew%dx%d", a.opts.Now().Unix(), attempt)
-		p.setRID(rid)
+		a.mu.Lock()
+		p.rid = rid
+		a.mu.Unlock()
 		wctx, cancel := context.WithTimeout(ctx, cfg.Renewal.IssueTimeout.Duration)
 		certs, err := sess.IssueCertificate(wctx, transport.IssueRequest{RID: rid, CSR: der, Replace: replace,
 			Accepted: func(rid, corr string) {
+				a.mu.Lock()
+				p.deadline = a.opts.Now().Add(cfg.Renewal.IssueTimeout.Duration)
+				a.mu.Unlock()
 				a.log.Info("the hub accepted the certificate request", "rid", rid, "correlation_id", corr)
 			}})
 		cancel()
@@ -249,9 +260,10 @@ func (a *Agent) renewViaHub(ctx context.Context, sess *transport.Session, id *pr
 				continue
 			}
 		}
-		if ctx.Err() == nil && !(errors.As(err, &ie)) {
-			// No final answer on this connection: it may still come later
-			// (OnCredentials), so the new key is kept until then.
+		if !errors.As(err, &ie) {
+			// No final answer on this connection (timeout, connection
+			// lost): it may still come later (OnCredentials), so the new
+			// key is kept until then.
 			return fmt.Errorf("hub certificate request %s: %w", rid, err)
 		}
 		a.mu.Lock()
@@ -270,10 +282,11 @@ type pendingIssue struct {
 	slot   *keystore.URI
 	signer crypto.Signer
 	id     *provisioning.Identity
-	rid    string
+	// rid and deadline (the end of the wait for the answer after the 202)
+	// are set under Agent.mu.
+	rid      string
+	deadline time.Time
 }
-
-func (p *pendingIssue) setRID(rid string) { p.rid = rid }
 
 // onCredentials takes a certificate answer that arrived with nobody waiting
 // (the 200 after a reconnect).

@@ -1,14 +1,24 @@
 package agent_test
 
 import (
+	"context"
+	"crypto/rand"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"errors"
+	"math/big"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
+	"github.com/gwagent/gwagent/agent"
 	"github.com/gwagent/gwagent/internal/azsim"
 	"github.com/gwagent/gwagent/internal/testenv"
 	"github.com/gwagent/gwagent/keystore"
+	"github.com/gwagent/gwagent/keystore/pkcs11"
+	"github.com/gwagent/gwagent/provisioning"
 )
 
 // fastRenewal renews at half the lifetime with little jitter, so that
@@ -23,58 +33,40 @@ retry_max = "2s"
 issue_timeout = "10s"
 `
 
+// keyExists opens the key through the key store, whatever the backend.
 func keyExists(t *testing.T, uri string) bool {
 	u, err := keystore.Parse(uri)
 	if err != nil {
 		t.Fatal(err)
 	}
-	_, err = os.Stat(u.Path)
+	keys := agent.NewKeys()
+	defer keys.Close()
+	_, err = keys.Signer(context.Background(), u)
+	if err != nil && !errors.Is(err, keystore.ErrKeyNotFound) {
+		t.Fatalf("opening %s: %v", u, err)
+	}
 	return err == nil
 }
 
 func TestRenewalE2E(t *testing.T) {
 	az := testenv.StartAzsim(t, azsim.Config{CertLifetime: 12 * time.Second})
 
-	t.Run("ok/several renewals through the hub, each with a new key", func(t *testing.T) {
-		d := newDevice(t, az, devOpts{regID: "gw-renew-hub", extra: fastRenewal})
-		d.start()
-		testenv.Eventually(t, 20*time.Second, "connected", func() bool { return d.status().State == "connected" })
-		first := d.current()
-		seen := map[string]bool{first.Serial: true}
-		prev := first
-		for len(seen) < 3 {
-			testenv.Eventually(t, 30*time.Second, "a renewed certificate", func() bool {
-				s, err := storeCurrent(d)
-				return err == nil && !seen[s.Serial]
-			})
-			cur := d.current()
-			seen[cur.Serial] = true
-			if cur.Via != "hub" {
-				t.Fatalf("renewed via %q, want hub", cur.Via)
+	for _, be := range []string{"file", "tpm", "pkcs11"} {
+		t.Run("ok/several renewals through the hub, each with a new key/"+be, func(t *testing.T) {
+			opKey := ""
+			switch be {
+			case "tpm":
+				sw := testenv.StartSWTPM(t)
+				opKey = "tpm2:socket=" + sw.Sock + ";blob=" + filepath.Join(t.TempDir(), "op.tpmkey")
+			case "pkcs11":
+				if !pkcs11.Supported {
+					t.Skip("this build has no PKCS#11 (nopkcs11 or CGO_ENABLED=0); make test uses the full build")
+				}
+				opKey = testenv.StartSoftHSM(t, "gw", "1357").URI("operational")
 			}
-			if cur.KeyURI == prev.KeyURI {
-				t.Fatal("renewal reused the key")
-			}
-			testenv.Eventually(t, 5*time.Second, "old key deleted", func() bool { return !keyExists(t, prev.KeyURI) })
-			if !keyExists(t, cur.KeyURI) {
-				t.Fatal("the new key is missing")
-			}
-			prev = cur
-		}
-		// Telemetry flows over the renewed identity.
-		os.WriteFile(filepath.Join(d.cfg.Telemetry.SpoolDir, "after.json"), []byte(`{"afterRenewal":1}`), 0o644)
-		testenv.Eventually(t, 10*time.Second, "a message sent with the renewed certificate", func() bool {
-			return countBodies(az, "gw-renew-hub", "afterRenewal") == 1
+			renewRepeatedly(t, az, "gw-renew-hub-"+be, opKey)
 		})
-		var tw struct {
-			Reported map[string]any `json:"reported"`
-		}
-		testenv.Eventually(t, 10*time.Second, "twin shows the new validity", func() bool {
-			az.Admin("GET", "/hub/devices/gw-renew-hub/twin", nil, &tw)
-			c, _ := tw.Reported["certificate"].(map[string]any)
-			return c != nil && c["serial"] == d.current().Serial
-		})
-	})
+	}
 
 	t.Run("ok/DPS fallback when the hub's certificate API fails", func(t *testing.T) {
 		d := newDevice(t, az, devOpts{regID: "gw-renew-fallback", extra: fastRenewal})
@@ -113,5 +105,134 @@ func TestRenewalE2E(t *testing.T) {
 		if d.current().Via != "dps" {
 			t.Fatal("an expired certificate must be replaced through DPS")
 		}
+	})
+}
+
+func renewRepeatedly(t *testing.T, az *testenv.Azsim, regID, opKey string) {
+	d := newDevice(t, az, devOpts{regID: regID, opKey: opKey, extra: fastRenewal})
+	d.start()
+	testenv.Eventually(t, 20*time.Second, "connected", func() bool { return d.status().State == "connected" })
+	first := d.current()
+	seen := map[string]bool{first.Serial: true}
+	prev := first
+	for len(seen) < 3 {
+		testenv.Eventually(t, 30*time.Second, "a renewed certificate", func() bool {
+			s, err := storeCurrent(d)
+			return err == nil && !seen[s.Serial]
+		})
+		cur := d.current()
+		seen[cur.Serial] = true
+		if cur.Via != "hub" {
+			t.Fatalf("renewed via %q, want hub", cur.Via)
+		}
+		if cur.KeyURI == prev.KeyURI {
+			t.Fatal("renewal reused the key")
+		}
+		testenv.Eventually(t, 5*time.Second, "old key deleted", func() bool { return !keyExists(t, prev.KeyURI) })
+		if !keyExists(t, cur.KeyURI) {
+			t.Fatal("the new key is missing")
+		}
+		prev = cur
+	}
+	// Telemetry flows over the renewed identity.
+	os.WriteFile(filepath.Join(d.cfg.Telemetry.SpoolDir, "after.json"), []byte(`{"afterRenewal":1}`), 0o644)
+	testenv.Eventually(t, 10*time.Second, "a message sent with the renewed certificate", func() bool {
+		return countBodies(az, regID, "afterRenewal") == 1
+	})
+	var tw struct {
+		Reported map[string]any `json:"reported"`
+	}
+	testenv.Eventually(t, 10*time.Second, "twin shows the new validity", func() bool {
+		az.Admin("GET", "/hub/devices/"+regID+"/twin", nil, &tw)
+		c, _ := tw.Reported["certificate"].(map[string]any)
+		return c != nil && c["serial"] == d.current().Serial
+	})
+}
+
+// The hub refuses a staged pair (here: a certificate from a CA the hub does
+// not trust): the agent rolls back to the current pair, deletes the new key
+// and keeps the old one.
+func TestRenewalRollback(t *testing.T) {
+	az := testenv.StartAzsim(t, azsim.Config{})
+	d := newDevice(t, az, devOpts{regID: "gw-rollback"})
+	cur, err := d.provision()
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Stage a next generation: a new key in the free slot with a
+	// self-signed certificate the hub will refuse.
+	alt, _ := keystore.MustParse(cur.KeyURI).Alternate()
+	keys := agent.NewKeys()
+	signer, err := keys.Fresh(context.Background(), alt)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{SerialNumber: big.NewInt(42), Subject: pkix.Name{CommonName: "gw-rollback"},
+		NotBefore: time.Now().Add(-time.Minute), NotAfter: time.Now().Add(time.Hour), IsCA: true, BasicConstraintsValid: true,
+		KeyUsage: x509.KeyUsageDigitalSignature | x509.KeyUsageCertSign, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, signer.Public(), signer)
+	if err != nil {
+		t.Fatal(err)
+	}
+	keys.Close()
+	self, _ := x509.ParseCertificate(der)
+	store, _ := provisioning.OpenStore(d.cfg.StateDir)
+	if _, err := store.Stage(&provisioning.Identity{KeyURI: alt.Secret(), RegistrationID: "gw-rollback", DeviceID: "gw-rollback",
+		AssignedHub: cur.AssignedHub, Via: "hub"}, []*x509.Certificate{self}); err != nil {
+		t.Fatal(err)
+	}
+	r := d.start()
+	testenv.Eventually(t, 20*time.Second, "connected with the current pair after the rollback", func() bool {
+		return d.status().State == "connected" && strings.Contains(r.log.String(), "rolling back")
+	})
+	if _, err := store.Next(); !errors.Is(err, provisioning.ErrNotProvisioned) {
+		t.Fatalf("the refused generation is still staged: %v", err)
+	}
+	if d.current().Serial != cur.Serial {
+		t.Fatal("the current identity changed")
+	}
+	if keyExists(t, alt.String()) {
+		t.Fatal("the refused new key was kept")
+	}
+	if !keyExists(t, cur.KeyURI) {
+		t.Fatal("the current key was deleted")
+	}
+}
+
+// The agent stops while its certificate request is in flight at the hub;
+// after the restart its new request gets 409 (one is active), it replaces
+// the old one, and the renewal completes through the hub.
+func TestRenewal409Replace(t *testing.T) {
+	az := testenv.StartAzsim(t, azsim.Config{CertLifetime: 40 * time.Second, IssueDelay: 6 * time.Second})
+	d := newDevice(t, az, devOpts{regID: "gw-renew-409", extra: fastRenewal})
+	r := d.start()
+	testenv.Eventually(t, 40*time.Second, "the hub accepted a certificate request", func() bool {
+		return strings.Contains(r.log.String(), "the hub accepted the certificate request")
+	})
+	s0 := d.current().Serial
+	r.stop()
+	r = d.start()
+	testenv.Eventually(t, 30*time.Second, "renewed through the hub after a 409", func() bool {
+		id, err := storeCurrent(d)
+		return err == nil && id.Serial != s0 && id.Via == "hub"
+	})
+	if !strings.Contains(r.log.String(), "already in flight; replacing it") {
+		t.Fatal("no 409 was handled")
+	}
+}
+
+// The 202 arrives, then the connection drops: the 200 comes on the next
+// connection and is used.
+func TestRenewalAnswerAfterReconnect(t *testing.T) {
+	az := testenv.StartAzsim(t, azsim.Config{CertLifetime: 40 * time.Second, IssueDelay: 3 * time.Second})
+	d := newDevice(t, az, devOpts{regID: "gw-renew-late", extra: strings.Replace(fastRenewal, `issue_timeout = "10s"`, `issue_timeout = "30s"`, 1)})
+	r := d.start()
+	testenv.Eventually(t, 40*time.Second, "the hub accepted a certificate request", func() bool {
+		return strings.Contains(r.log.String(), "the hub accepted the certificate request")
+	})
+	az.Admin("POST", "/faults/drop", map[string]any{"target": "hub"}, nil)
+	testenv.Eventually(t, 30*time.Second, "the certificate used after the reconnect", func() bool {
+		return strings.Contains(r.log.String(), "the certificate arrived after a reconnect") &&
+			strings.Contains(r.log.String(), "certificate renewed and in use")
 	})
 }

@@ -13,3 +13,6 @@ full=$(stat -c %s bin/bench-gwagent-arm64-full)
 rm -f bin/bench-gwagent-arm64-static bin/bench-gwagent-arm64-full
 go build -trimpath -ldflags "$ldflags" -o bin/gwagent ./cmd/gwagent
 go run ./internal/bench -gwagent bin/gwagent -sizes "$static $full" -out bin/bench.json
+# The fleet check: 200 agents provisioned at once must renew spread out.
+echo "fleet check (200 agents in one process, 80 s certificates, 30 s jitter window):"
+go test -tags fleet -run TestFleetRenewalSpread -count=1 -v -timeout 10m ./agent 2>&1 | grep -E "FLEET|^(ok|FAIL|---)" | sed 's/^ *fleet_test.go:[0-9]*: /  /'

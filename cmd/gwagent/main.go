@@ -9,7 +9,6 @@ import (
 	"fmt"
 	"os"
 	"os/signal"
-	"runtime/debug"
 	"syscall"
 )
 
@@ -20,14 +19,6 @@ var (
 )
 
 func main() {
-	// A gateway has little memory: collect garbage sooner than Go's default
-	// unless the operator tuned it (GOGC, GOMEMLIMIT).
-	if os.Getenv("GOGC") == "" {
-		debug.SetGCPercent(40)
-	}
-	if os.Getenv("GOMEMLIMIT") == "" {
-		debug.SetMemoryLimit(10 << 20)
-	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	err := run(ctx, os.Args[1:], os.Stdout, os.Stderr)
 	stop()
