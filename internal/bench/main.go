@@ -345,9 +345,10 @@ func (b *bench) steady() ([]row, error) {
 	w1 := procIO(pid, "write_bytes")
 	rss := procStatus(pid, "VmRSS") / 1024
 	hwm := procStatus(pid, "VmHWM") / 1024
+	anon, file := procStatus(pid, "RssAnon")/1024, procStatus(pid, "RssFile")/1024
 	perMsg := (w1 - w0) / float64(max(n1-n0, 1))
 	return []row{
-		{"steady-state RSS, 1 message/s", rss, "MiB", "<= 12", fmt.Sprintf("peak %.1f MiB", hwm)},
+		{"steady-state RSS, 1 message/s", rss, "MiB", "<= 12", fmt.Sprintf("peak %.1f; heap etc. %.1f, binary pages %.1f", hwm, anon, file)},
 		{"bytes written to disk per telemetry message", perMsg, "B", "", fmt.Sprintf("%d messages, /proc/PID/io write_bytes", n1-n0)},
 	}, nil
 }
