@@ -23,6 +23,7 @@ import (
 	"github.com/gwagent/gwagent/internal/azsim"
 	"github.com/gwagent/gwagent/internal/backoff"
 	"github.com/gwagent/gwagent/internal/testenv"
+	"github.com/gwagent/gwagent/keystore"
 	"github.com/gwagent/gwagent/keystore/pkcs11"
 	"github.com/gwagent/gwagent/provisioning"
 )
@@ -529,4 +530,49 @@ func TestClock1970(t *testing.T) {
 	}
 	synced.Store(true)
 	testenv.Eventually(t, 10*time.Second, "connected once the clock is set", func() bool { return d.status().State == "connected" })
+}
+
+// Static mode: a certificate installed at the factory (signed by a CA the
+// hub trusts) and a known hub, no DPS.
+func TestStaticModeE2E(t *testing.T) {
+	az := testenv.StartAzsim(t, azsim.Config{})
+	dir := t.TempDir()
+	keyURI := "file:" + filepath.Join(dir, "device.key")
+	keys := agent.NewKeys()
+	signer, err := keys.Fresh(context.Background(), keystore.MustParse(keyURI))
+	if err != nil {
+		t.Fatal(err)
+	}
+	der, err := provisioning.CSR(signer, "gw-static-1")
+	keys.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	chain, err := az.Server.FactorySign(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE REQUEST", Bytes: der}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	os.WriteFile(filepath.Join(dir, "chain.pem"), chain, 0o644)
+	if st := az.Admin("PUT", "/hub/devices/gw-static-1", map[string]any{"auth": "certificateAuthority"}, nil); st >= 300 {
+		t.Fatalf("register device: %d", st)
+	}
+	d := &device{t: t, az: az, dir: dir, path: filepath.Join(dir, "gwagent.toml")}
+	d.write(fmt.Sprintf(`state_dir = "%s/state"
+trust_bundle = %q
+[operational]
+key = %q
+[hub]
+host = %q
+device_id = "gw-static-1"
+chain = "%s/chain.pem"
+[telemetry]
+interval = "1h"
+`, dir, az.Info.TrustBundle, keyURI, az.Info.HubHostName, dir))
+	d.start()
+	testenv.Eventually(t, 20*time.Second, "a health message from the static device", func() bool {
+		return len(received(az, "gw-static-1", "health")) > 0
+	})
+	if regs := az.Server.DPS.Registrations(); len(regs) != 0 {
+		t.Fatalf("static mode talked to DPS: %v", regs)
+	}
 }
