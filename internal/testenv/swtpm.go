@@ -1,6 +1,7 @@
 package testenv
 
 import (
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -49,8 +50,11 @@ func (s *SWTPM) start(bin string) {
 		s.t.Fatalf("start swtpm: %v", err)
 	}
 	s.cmd = cmd
+	// The socket file appears before swtpm accepts connections: wait for a
+	// successful connect.
 	for range 100 {
-		if _, err := os.Stat(s.Sock); err == nil {
+		if c, err := net.Dial("unix", s.Sock); err == nil {
+			c.Close()
 			return
 		}
 		time.Sleep(20 * time.Millisecond)

@@ -181,6 +181,21 @@ func (s *Store) persisted(h uint32) (tpm.TPM2BName, *tpm.TPM2BPublic, bool) {
 	return rp.Name, &rp.OutPublic, true
 }
 
+// checkOurs refuses an object at a persistent handle that is not a P-384
+// signing key like the ones gwagent makes (a storage key at 0x81000001, an
+// endorsement key, another program's key): gwagent must neither sign with it
+// nor evict it.
+func checkOurs(h uint32, p *tpm.TPM2BPublic) error {
+	pub, err := p.Contents()
+	if err == nil && pub.Type == tpm.TPMAlgECC && pub.ObjectAttributes.SignEncrypt &&
+		!pub.ObjectAttributes.Restricted && !pub.ObjectAttributes.Decrypt {
+		if parms, perr := pub.Parameters.ECCDetail(); perr == nil && parms.CurveID == tpm.TPMECCNistP384 {
+			return nil
+		}
+	}
+	return fmt.Errorf("tpm2: handle 0x%08X holds another kind of object (not a P-384 signing key); gwagent will not use or delete it: pick a free handle", h)
+}
+
 // CreateKey creates a P-384 key in the TPM and stores it where u says.
 func (s *Store) CreateKey(ctx context.Context, u *keystore.URI) (crypto.Signer, error) {
 	handle, err := u.Handle()
@@ -254,6 +269,9 @@ func (s *Store) Signer(ctx context.Context, u *keystore.URI) (crypto.Signer, err
 	err = s.locked(func() error {
 		if handle != 0 {
 			if _, pub, ok := s.persisted(handle); ok {
+				if err := checkOurs(handle, pub); err != nil {
+					return err
+				}
 				k, err := publicKey(pub)
 				if err != nil {
 					return err
@@ -289,7 +307,10 @@ func (s *Store) DeleteKey(ctx context.Context, u *keystore.URI) error {
 	return s.locked(func() error {
 		found := false
 		if handle != 0 {
-			if name, _, ok := s.persisted(handle); ok {
+			if name, pub, ok := s.persisted(handle); ok {
+				if err := checkOurs(handle, pub); err != nil {
+					return err
+				}
 				_, err := tpm.EvictControl{
 					Auth:             tpm.TPMRHOwner,
 					ObjectHandle:     &tpm.NamedHandle{Handle: tpm.TPMHandle(handle), Name: name},

@@ -159,3 +159,37 @@ func TestErrors(t *testing.T) {
 		}
 	})
 }
+
+// A persistent handle holding something that is not ours (here a storage
+// key, as platforms keep at 0x81000001) is never used nor evicted, not even
+// by `keygen --force`.
+func TestForeignHandle(t *testing.T) {
+	ctx := context.Background()
+	sw := testenv.StartSWTPM(t)
+	s := openSock(t, sw.Sock).(*Store)
+	defer s.Close()
+	const h = 0x81000010
+	err := s.locked(func() error {
+		cp, err := tpm.CreatePrimary{PrimaryHandle: tpm.TPMRHOwner, InPublic: tpm.New2B(tpm.ECCSRKTemplate)}.Execute(s.tpm)
+		if err != nil {
+			return err
+		}
+		defer s.flush(cp.ObjectHandle)
+		_, err = tpm.EvictControl{Auth: tpm.TPMRHOwner, ObjectHandle: &tpm.NamedHandle{Handle: cp.ObjectHandle, Name: cp.Name},
+			PersistentHandle: tpm.TPMHandle(h)}.Execute(s.tpm)
+		return err
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	u := keystore.MustParse(fmt.Sprintf("tpm2:socket=%s;handle=0x%08X", sw.Sock, h))
+	if _, err := s.Signer(ctx, u); err == nil || !strings.Contains(err.Error(), "another kind of object") {
+		t.Fatalf("fail/signer on a storage key: %v", err)
+	}
+	if err := s.DeleteKey(ctx, u); err == nil {
+		t.Fatal("fail/deleted a storage key")
+	}
+	if _, _, ok := s.persisted(h); !ok {
+		t.Fatal("fail/the storage key is gone")
+	}
+}
