@@ -1,0 +1,218 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/gwagent/gwagent/internal/tlsconf"
+	"github.com/gwagent/gwagent/keystore"
+	"github.com/gwagent/gwagent/provisioning"
+	"github.com/gwagent/gwagent/transport"
+)
+
+// lifecycle is the state machine: wait for a sane clock, make sure there is
+// a valid identity (provisioning if not), connect, serve, reconnect.
+func (a *Agent) lifecycle(ctx context.Context) {
+	wd := watchdogInterval()
+	var wdC <-chan time.Time
+	if wd > 0 {
+		t := time.NewTicker(wd)
+		defer t.Stop()
+		wdC = t.C
+	}
+	failures := 0
+	wait := func(d time.Duration) bool {
+		timer := time.NewTimer(d)
+		defer timer.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				return false
+			case <-wdC:
+				a.notify.watchdog()
+			case <-timer.C:
+				return true
+			}
+		}
+	}
+	for ctx.Err() == nil {
+		id, err := a.identity(ctx)
+		if err != nil {
+			failures++
+			d := a.opts.Backoff.Delay(failures, a.rng)
+			a.log.Error("no usable identity", "err", err, "retry_in", d.Round(time.Second))
+			if !wait(d) {
+				return
+			}
+			continue
+		}
+		if !a.clockSane(ctx, id, wait) {
+			return
+		}
+		if a.opts.Now().After(id.NotAfter) {
+			a.status.Raise(CondCertificateExpired, "certificate expired at "+id.NotAfter.Format(time.RFC3339))
+			if a.cfg.Load().Static() {
+				a.status.Set(StateDegraded)
+				if !wait(a.opts.Backoff.Delay(failures, a.rng)) {
+					return
+				}
+				failures++
+				continue
+			}
+			a.log.Warn("operational certificate expired; re-provisioning through DPS", "not_after", id.NotAfter)
+			if _, err := a.provision(ctx); err != nil {
+				failures++
+				if !wait(a.opts.Backoff.Delay(failures, a.rng)) {
+					return
+				}
+			}
+			continue
+		}
+		a.status.Clear(CondCertificateExpired)
+		if !a.cfg.Load().Static() {
+			if sess, next := a.trySwap(ctx); sess != nil {
+				failures = 0
+				a.status.Clear(CondHubUnreachable)
+				a.status.Set(StateConnected)
+				if !a.connected(ctx, sess, next, wdC, wait) {
+					return
+				}
+				continue
+			}
+		}
+		if failures > 0 {
+			a.status.Set(StateReconnecting)
+		} else {
+			a.status.Set(StateConnecting)
+		}
+		sess, err := a.dial(ctx, id)
+		if err != nil {
+			failures++
+			d := a.opts.Backoff.Delay(failures, a.rng)
+			a.status.Raise(CondHubUnreachable, err.Error())
+			if errors.Is(err, transport.ErrUnauthorized) && !a.cfg.Load().Static() {
+				// The documented recovery: the hub no longer accepts this
+				// identity (disabled, deleted, moved); register again.
+				a.log.Warn("hub refused our identity; re-provisioning through DPS", "err", err)
+				if _, perr := a.provision(ctx); perr == nil {
+					continue
+				}
+			}
+			a.log.Warn("hub connection failed", "err", err, "retry_in", d.Round(time.Millisecond))
+			if !wait(d) {
+				return
+			}
+			continue
+		}
+		failures = 0
+		a.status.Clear(CondHubUnreachable)
+		a.status.Set(StateConnected)
+		if !a.connected(ctx, sess, id, wdC, wait) {
+			return
+		}
+		failures = 1
+	}
+}
+
+// connected serves a session until it ends; false means the agent stops.
+func (a *Agent) connected(ctx context.Context, sess *transport.Session, id *provisioning.Identity, wdC <-chan time.Time, wait func(time.Duration) bool) bool {
+	a.serve(ctx, sess, id, wdC)
+	if ctx.Err() != nil {
+		sess.Close()
+		return false
+	}
+	if _, err := a.store.Next(); err == nil {
+		sess.Close()
+		a.log.Info("switching to the renewed certificate")
+		return true
+	}
+	a.log.Warn("hub connection lost", "err", sess.Err())
+	a.status.Set(StateReconnecting)
+	return wait(a.opts.Backoff.Delay(0, a.rng))
+}
+
+// identity returns the identity to connect with: the static one from the
+// config, or the committed DPS identity (provisioning first if none).
+func (a *Agent) identity(ctx context.Context) (*provisioning.Identity, error) {
+	cfg := a.cfg.Load()
+	if cfg.Static() {
+		chain, err := tlsconf.LoadChain(cfg.Hub.Chain)
+		if err != nil {
+			return nil, fmt.Errorf("[hub] chain: %w", err)
+		}
+		return &provisioning.Identity{KeyURI: cfg.Operational.Key, DeviceID: cfg.Hub.DeviceID, AssignedHub: cfg.Hub.Host,
+			Chain: chain, ChainPath: cfg.Hub.Chain, NotBefore: chain[0].NotBefore, NotAfter: chain[0].NotAfter,
+			Serial: chain[0].SerialNumber.Text(16), Via: "factory"}, nil
+	}
+	id, err := a.store.Current()
+	if errors.Is(err, provisioning.ErrNotProvisioned) {
+		a.status.Set(StateNotProvisioned)
+		return a.provision(ctx)
+	}
+	if err != nil {
+		return nil, err
+	}
+	a.noteIdentity(id)
+	return id, nil
+}
+
+func (a *Agent) noteIdentity(id *provisioning.Identity) {
+	a.status.Update(true, func(s *Status) {
+		s.DeviceID, s.Hub, s.CertSerial, s.CertNotAfter = id.DeviceID, id.AssignedHub, id.Serial, id.NotAfter
+	})
+}
+
+// provision registers through DPS and commits the new identity.
+func (a *Agent) provision(ctx context.Context) (*provisioning.Identity, error) {
+	a.status.Set(StateProvisioning)
+	cfg := a.cfg.Load()
+	id, err := Provision(ctx, cfg, a.keys, ProvisionOptions{
+		Now:           a.opts.Now,
+		RetryAfterMin: a.opts.RetryAfterMin,
+		ClientVersion: "gwagent/" + a.opts.Version,
+		Progress:      func(s string) { a.log.Info("provisioning", "step", s) },
+	})
+	switch {
+	case err == nil:
+		a.status.Clear(CondOnboardingRejected)
+		a.status.Clear(CondProvisioningFailed)
+		a.status.Clear(CondKeyStoreUnavailable)
+		a.log.Info("provisioned", "device_id", id.DeviceID, "hub", id.AssignedHub, "serial", id.Serial, "not_after", id.NotAfter)
+		a.noteIdentity(id)
+		return id, nil
+	case errors.Is(err, provisioning.ErrCredentialRejected):
+		a.status.Raise(CondOnboardingRejected, err.Error())
+	case errors.Is(err, keystore.ErrDeviceAbsent), errors.Is(err, keystore.ErrDeviceBusy), errors.Is(err, keystore.ErrBadPIN),
+		errors.Is(err, keystore.ErrTokenAbsent), errors.Is(err, keystore.ErrUnsupportedCurve):
+		a.status.Raise(CondKeyStoreUnavailable, err.Error())
+	default:
+		a.status.Raise(CondProvisioningFailed, err.Error())
+	}
+	a.status.Set(StateDegraded)
+	a.log.Error("provisioning failed", "err", err)
+	return nil, err
+}
+
+// clockSane waits while the clock is before the build time or before the
+// certificate's notBefore (a gateway without RTC boots in 1970): TLS and
+// renewal decisions are meaningless until time is synchronised.
+func (a *Agent) clockSane(ctx context.Context, id *provisioning.Identity, wait func(time.Duration) bool) bool {
+	for {
+		now := a.opts.Now()
+		floor := a.opts.BuildTime
+		if nb := id.NotBefore.Add(-5 * time.Minute); nb.After(floor) {
+			floor = nb
+		}
+		if !now.Before(floor) {
+			a.status.Clear(CondClockNotSynced)
+			return true
+		}
+		a.status.Raise(CondClockNotSynced, fmt.Sprintf("clock says %s, before %s; waiting for time synchronisation (NTP)", now.UTC().Format(time.RFC3339), floor.UTC().Format(time.RFC3339)))
+		a.status.Set(StateWaitingForClock)
+		if !wait(a.opts.ClockPoll) {
+			return false
+		}
+	}
+}

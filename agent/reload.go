@@ -1,0 +1,69 @@
+package agent
+
+import (
+	"context"
+	"path/filepath"
+	"time"
+
+	"github.com/fsnotify/fsnotify"
+)
+
+// watchConfig reloads the config when its file changes (directory watch,
+// so atomic replaces are seen), debounced; an invalid file is logged and
+// the old config stays.
+func (a *Agent) watchConfig(ctx context.Context) {
+	w, err := fsnotify.NewWatcher()
+	if err != nil {
+		a.log.Error("config watcher", "err", err)
+		return
+	}
+	defer w.Close()
+	dir, file := filepath.Dir(a.cfgPath), filepath.Base(a.cfgPath)
+	if err := w.Add(dir); err != nil {
+		a.log.Error("cannot watch config directory", "dir", dir, "err", err)
+		return
+	}
+	var debounce <-chan time.Time
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case ev, ok := <-w.Events:
+			if !ok {
+				return
+			}
+			if filepath.Base(ev.Name) == file {
+				debounce = time.After(300 * time.Millisecond)
+			}
+		case err := <-w.Errors:
+			a.log.Warn("config watcher", "err", err)
+		case <-debounce:
+			debounce = nil
+			a.reload()
+		}
+	}
+}
+
+// reload applies a changed config: telemetry interval, spool directory, log
+// level take effect now; identity changes and the outbox bound need a restart.
+func (a *Agent) reload() {
+	next, err := LoadConfig(a.cfgPath)
+	if err != nil {
+		a.log.Error("config change rejected; keeping the running config", "err", err)
+		return
+	}
+	old := a.cfg.Load()
+	if next.Identity != old.Identity || next.Onboarding != old.Onboarding || next.Operational != old.Operational ||
+		next.Hub != old.Hub || next.StateDir != old.StateDir || next.TrustBundle != old.TrustBundle {
+		a.log.Warn("config change affects the device identity or connection; restart gwagent to apply it (systemctl restart gwagent)")
+		// Apply what can be applied; keep the identity-related parts.
+		next.Identity, next.Onboarding, next.Operational, next.Hub = old.Identity, old.Onboarding, old.Operational, old.Hub
+		next.StateDir, next.TrustBundle = old.StateDir, old.TrustBundle
+	}
+	a.cfg.Store(next)
+	a.applyLogLevel(next)
+	if next.Telemetry.Interval != old.Telemetry.Interval {
+		a.setInterval(next.Telemetry.Interval.Duration)
+	}
+	a.log.Info("config reloaded", "telemetry_interval", next.Telemetry.Interval.Duration, "spool_dir", next.Telemetry.SpoolDir, "log_level", next.LogLevel)
+}

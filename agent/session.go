@@ -1,0 +1,161 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"time"
+
+	"github.com/gwagent/gwagent/internal/tlsconf"
+	"github.com/gwagent/gwagent/keystore"
+	"github.com/gwagent/gwagent/provisioning"
+	"github.com/gwagent/gwagent/transport"
+)
+
+// dial opens a hub session with the identity's key and chain.
+func (a *Agent) dial(ctx context.Context, id *provisioning.Identity) (*transport.Session, error) {
+	cfg := a.cfg.Load()
+	u, err := keystore.Parse(id.KeyURI)
+	if err != nil {
+		return nil, err
+	}
+	signer, err := a.keys.Signer(ctx, u)
+	if err != nil {
+		a.status.Raise(CondKeyStoreUnavailable, err.Error())
+		return nil, fmt.Errorf("operational key: %w", err)
+	}
+	a.status.Clear(CondKeyStoreUnavailable)
+	roots, err := tlsconf.LoadPool(cfg.TrustBundle)
+	if err != nil {
+		return nil, err
+	}
+	dctx, cancel := context.WithTimeout(ctx, time.Minute)
+	defer cancel()
+	return transport.Dial(dctx, transport.Config{
+		Host:          id.AssignedHub,
+		DeviceID:      id.DeviceID,
+		APIVersion:    cfg.Hub.APIVersion,
+		Roots:         roots,
+		Signer:        signer,
+		Chain:         id.Chain,
+		KeepAlive:     cfg.Hub.KeepAlive.Duration,
+		ClientVersion: "gwagent/" + a.opts.Version,
+		OnDesired:     a.onDesired,
+		OnMethod:      a.onMethod,
+		OnCredentials: a.onCredentials,
+		OnC2D: func(sys, app map[string]string, body []byte) {
+			a.log.Info("cloud-to-device message", "id", sys["mid"], "bytes", len(body))
+		},
+	})
+}
+
+// serve runs one connected session: report to the twin, drain the outbox,
+// until the connection drops or ctx ends.
+func (a *Agent) serve(ctx context.Context, sess *transport.Session, id *provisioning.Identity, wdC <-chan time.Time) {
+	sctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	a.mu.Lock()
+	a.sess, a.endSess = sess, cancel
+	a.mu.Unlock()
+	defer func() {
+		a.mu.Lock()
+		a.sess, a.endSess = nil, nil
+		a.mu.Unlock()
+	}()
+	go func() {
+		select {
+		case <-sess.Done():
+			cancel()
+		case <-sctx.Done():
+		}
+	}()
+	go a.syncTwin(sctx, sess, id)
+	go a.renewLoop(sctx, sess, id, cancel)
+	drained := make(chan struct{})
+	go func() { defer close(drained); a.drain(sctx, sess) }()
+	for {
+		select {
+		case <-sctx.Done():
+			<-drained
+			return
+		case <-wdC:
+			a.notify.watchdog()
+		}
+	}
+}
+
+// drain sends queued messages in order, pipelining up to window publishes,
+// and acks each in the outbox after its PUBACK.
+func (a *Agent) drain(ctx context.Context, sess *transport.Session) {
+	const window = 64
+	type inflight struct {
+		m    *transport.Message
+		wait func(context.Context) error
+	}
+	var last uint64
+	for ctx.Err() == nil {
+		msgs, err := a.outbox.Next(last, window)
+		if err != nil {
+			a.log.Error("outbox read", "err", err)
+			return
+		}
+		if len(msgs) == 0 {
+			select {
+			case <-ctx.Done():
+				return
+			case <-a.kick:
+			}
+			continue
+		}
+		q := make([]inflight, 0, len(msgs))
+		for _, m := range msgs {
+			sys := map[string]string{"mid": m.ID}
+			for k, v := range m.System {
+				sys[k] = v
+			}
+			q = append(q, inflight{m, sess.PublishTelemetry(m.Body, sys, m.App)})
+		}
+		for _, f := range q {
+			if err := f.wait(ctx); err != nil {
+				return // resent from the outbox on the next connection
+			}
+			if err := a.outbox.Ack(f.m.Seq); err != nil {
+				a.log.Error("outbox ack", "err", err)
+			}
+			if f.m.Local != "" {
+				if err := os.Remove(f.m.Local); err != nil && !errors.Is(err, os.ErrNotExist) {
+					a.log.Warn("cannot delete sent spool file", "file", f.m.Local, "err", err)
+				}
+			}
+			last = f.m.Seq
+			a.status.Update(false, func(s *Status) { s.LastAckID, s.LastAckAt = f.m.ID, a.opts.Now().UTC() })
+		}
+		n, b := a.outbox.Depth()
+		a.status.Update(false, func(s *Status) { s.OutboxDepth, s.OutboxBytes = n, b })
+	}
+}
+
+// wake tells the sender there is something new in the outbox.
+func (a *Agent) wake() {
+	select {
+	case a.kick <- struct{}{}:
+	default:
+	}
+}
+
+func (a *Agent) enqueue(msgs ...*transport.Message) error {
+	evicted, err := a.outbox.Put(msgs...)
+	if evicted > 0 {
+		a.log.Warn("outbox full: dropped oldest health messages", "dropped", evicted)
+	}
+	if errors.Is(err, transport.ErrOutboxFull) {
+		a.status.Raise(CondOutboxFull, err.Error())
+	} else if err == nil {
+		a.status.Clear(CondOutboxFull)
+	}
+	n, b := a.outbox.Depth()
+	a.status.Update(false, func(s *Status) { s.OutboxDepth, s.OutboxBytes = n, b })
+	a.wake()
+	return err
+}

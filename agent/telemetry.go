@@ -1,0 +1,64 @@
+package agent
+
+import (
+	"context"
+	"encoding/json"
+	"time"
+
+	"github.com/gwagent/gwagent/transport"
+)
+
+// healthLoop queues a health message every interval.
+// setInterval changes the health interval and restarts the wait for the
+// next message with it.
+func (a *Agent) setInterval(d time.Duration) (old time.Duration) {
+	old = time.Duration(a.interval.Swap(int64(d)))
+	select {
+	case a.retimer <- struct{}{}:
+	default:
+	}
+	return old
+}
+
+func (a *Agent) healthLoop(ctx context.Context) {
+	// One at start, so the cloud sees a (re)started gateway at once.
+	a.sendHealth()
+	for {
+		d := time.Duration(a.interval.Load())
+		t := time.NewTimer(d)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return
+		case <-a.retimer:
+			t.Stop()
+			continue
+		case <-t.C:
+		}
+		a.sendHealth()
+	}
+}
+
+func (a *Agent) sendHealth() {
+	cfg := a.cfg.Load()
+	now := a.opts.Now()
+	h := readHealth(now, cfg.StateDir)
+	h.AgentUptime = now.Sub(a.started).Seconds()
+	h.AgentVersion = a.opts.Version
+	st := a.status.Snapshot()
+	h.AgentState = st.State
+	for c := range st.Conditions {
+		h.ConditionsActive = append(h.ConditionsActive, string(c))
+	}
+	if !st.CertNotAfter.IsZero() {
+		days := st.CertNotAfter.Sub(now).Hours() / 24
+		h.CertDaysLeft = &days
+	}
+	h.OutboxDepth, _ = a.outbox.Depth()
+	body, _ := json.Marshal(h)
+	if err := a.enqueue(&transport.Message{Kind: transport.KindHealth, Body: body,
+		System: map[string]string{"ct": "application/json", "ce": "utf-8"},
+		App:    map[string]string{"type": "health"}}); err != nil {
+		a.log.Warn("health message not queued", "err", err)
+	}
+}
