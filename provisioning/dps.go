@@ -26,7 +26,7 @@ import (
 const DefaultAPIVersion = "2025-07-01-preview"
 
 // Credential is the onboarding credential DPS authenticates the device with:
-// an X509Credential or a SymmetricKey.
+// an X509Credential, a SymmetricKey or a TPMCredential.
 type Credential interface{ isCredential() }
 
 // X509Credential is a factory onboarding certificate: its key (which never
@@ -42,8 +42,12 @@ func (SymmetricKey) isCredential()   {}
 
 // DPSConfig says where and as whom to register.
 type DPSConfig struct {
-	// Endpoint is the DPS host, optionally with :port (default 8883).
-	Endpoint       string
+	// Endpoint is the DPS host, optionally with :port (default 8883 for
+	// MQTT, 443 for HTTPS).
+	Endpoint string
+	// Transport is TransportMQTT (default) or TransportHTTPS; TPM
+	// attestation needs HTTPS.
+	Transport      string
 	IDScope        string
 	RegistrationID string
 	// APIVersion defaults to DefaultAPIVersion.
@@ -138,8 +142,12 @@ func Register(ctx context.Context, cfg DPSConfig, csrDER []byte) (*RegistrationS
 	reqBody, _ := json.Marshal(body)
 
 	rng := rand.New(rand.NewPCG(uint64(time.Now().UnixNano()), 0x9e3779b97f4a7c15))
+	once := registerOnce
+	if cfg.Transport == TransportHTTPS {
+		once = registerOnceHTTPS // dpshttp.go
+	}
 	for attempt := 0; ; attempt++ {
-		st, err := registerOnce(ctx, &cfg, reqBody, rng)
+		st, err := once(ctx, &cfg, reqBody, rng)
 		if err == nil {
 			return st, nil
 		}
@@ -180,6 +188,12 @@ func (c *DPSConfig) defaults() {
 	if c.ClientVersion == "" {
 		c.ClientVersion = "gwagent"
 	}
+	if c.Transport == "" {
+		c.Transport = TransportMQTT
+		if _, tpm := c.Credential.(TPMCredential); tpm {
+			c.Transport = TransportHTTPS
+		}
+	}
 }
 
 func (c *DPSConfig) check() error {
@@ -192,6 +206,11 @@ func (c *DPSConfig) check() error {
 		return errors.New("dps: no trust bundle; set trust_bundle")
 	case c.Credential == nil:
 		return errors.New("dps: no onboarding credential configured")
+	case c.Transport != TransportMQTT && c.Transport != TransportHTTPS:
+		return fmt.Errorf("dps: transport %q: use %q or %q", c.Transport, TransportMQTT, TransportHTTPS)
+	}
+	if _, tpm := c.Credential.(TPMCredential); tpm && c.Transport != TransportHTTPS {
+		return errors.New("dps: TPM attestation works over HTTPS only (DPS does not offer it over MQTT); set [identity] dps_transport = \"https\"")
 	}
 	return ValidateRegistrationID(c.RegistrationID)
 }
@@ -266,46 +285,16 @@ func registerOnce(ctx context.Context, cfg *DPSConfig, reqBody []byte, rng *rand
 		if err != nil {
 			return nil, err
 		}
-		switch {
-		case resp.status == 200 || resp.status == 202:
-			op, err := decodeOperation(body)
-			if err != nil {
-				return nil, err
-			}
-			switch op.Status {
-			case StatusAssigned:
-				cfg.progress(Step{Kind: StepAssigned})
-				return op.RegistrationState, nil
-			case StatusFailed:
-				rs := op.RegistrationState
-				if rs == nil {
-					rs = &RegistrationState{}
-				}
-				return nil, fmt.Errorf("dps: %w: error %d: %s; check the enrollment and its allocation policy in DPS", ErrRegistrationFailed, rs.ErrorCode, rs.ErrorMessage)
-			case StatusDisabled:
-				return nil, fmt.Errorf("dps: %w for registration id %q; enable the enrollment (or the device's registration) in DPS", ErrEnrollmentDisabled, cfg.RegistrationID)
-			}
-			// assigning / unassigned: wait as asked, then poll.
-			wait := backoff.Clamp(resp.retryAfter, cfg.RetryAfterMin, cfg.RetryAfterMax)
-			if wait == 0 {
-				wait = cfg.Backoff.Delay(polls, rng)
-			}
-			cfg.progress(Step{Kind: StepWaiting, Wait: wait})
-			if err := sleep(ctx, wait); err != nil {
-				return nil, err
-			}
-			cfg.progress(Step{Kind: StepPolling})
-			topic, suffix, payload = dpsPollTopic, "&operationId="+url.QueryEscape(op.OperationID), nil
-		default:
-			de := decodeServiceError(resp.status, body)
-			if de.Transient() {
-				return nil, &transientError{err: de, retryAfter: backoff.Clamp(resp.retryAfter, cfg.RetryAfterMin, cfg.RetryAfterMax)}
-			}
-			if resp.status == 401 || resp.status == 403 {
-				return nil, fmt.Errorf("dps: %w: %w", ErrCredentialRejected, de)
-			}
-			return nil, fmt.Errorf("dps: %w", de)
+		st, opID, wait, err := outcome(cfg, resp.status, resp.retryAfter, body, polls, rng)
+		if err != nil || st != nil {
+			return st, err
 		}
+		cfg.progress(Step{Kind: StepWaiting, Wait: wait})
+		if err := sleep(ctx, wait); err != nil {
+			return nil, err
+		}
+		cfg.progress(Step{Kind: StepPolling})
+		topic, suffix, payload = dpsPollTopic, "&operationId="+url.QueryEscape(opID), nil
 	}
 }
 

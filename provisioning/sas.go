@@ -5,8 +5,6 @@ import (
 	"crypto/sha256"
 	"encoding/base64"
 	"fmt"
-	"net/url"
-	"strconv"
 	"strings"
 	"time"
 )
@@ -62,14 +60,6 @@ func (k SymmetricKey) HubToken(host, deviceID string, expiry time.Time) string {
 }
 
 func (k SymmetricKey) token(resource string, expiry time.Time, skn string) string {
-	sr := url.QueryEscape(resource)
-	se := strconv.FormatInt(expiry.Unix(), 10)
-	m := hmac.New(sha256.New, k.key)
-	m.Write([]byte(sr + "\n" + se))
-	sig := url.QueryEscape(base64.StdEncoding.EncodeToString(m.Sum(nil)))
-	t := "SharedAccessSignature sr=" + sr + "&sig=" + sig + "&se=" + se
-	if skn != "" {
-		t += "&skn=" + skn
-	}
+	t, _ := sasToken(resource, expiry, skn, hmacSHA256(k.key)) // signing in memory cannot fail
 	return t
 }

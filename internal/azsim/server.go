@@ -29,10 +29,13 @@ import (
 
 // Config configures a Server. Zero values get the documented defaults.
 type Config struct {
-	StateDir  string // required
-	DPSAddr   string // default 127.0.0.1:8883 (":0" style addresses are fine)
-	HubAddr   string // default 127.0.0.1:8884
-	AdminAddr string // default 127.0.0.1:8480; must be loopback
+	StateDir string // required
+	DPSAddr  string // default 127.0.0.1:8883 (":0" style addresses are fine)
+	// DPSHTTPSAddr is DPS's REST endpoint (TPM attestation and the HTTPS
+	// transport); default 127.0.0.1:8443.
+	DPSHTTPSAddr string
+	HubAddr      string // default 127.0.0.1:8884
+	AdminAddr    string // default 127.0.0.1:8480; must be loopback
 	// HubHostName is the hub's name as devices dial it; default
 	// "localhost:PORT" ("localhost" on 8883).
 	HubHostName string
@@ -76,8 +79,9 @@ type Server struct {
 // Info is what clients need to use a running azsim.
 type Info struct {
 	IDScope        string `json:"idScope"`
-	DPSAddr        string `json:"dpsAddr"`     // host:port for devices
-	HubHostName    string `json:"hubHostName"` // as devices dial it
+	DPSAddr        string `json:"dpsAddr"`      // host:port for devices
+	DPSHTTPSAddr   string `json:"dpsHttpsAddr"` // host:port of the REST endpoint
+	HubHostName    string `json:"hubHostName"`  // as devices dial it
 	AdminURL       string `json:"adminUrl"`
 	TrustBundle    string `json:"trustBundle"`    // PEM file to trust azsim's servers
 	OnboardingRoot string `json:"onboardingRoot"` // PEM file of the company root
@@ -96,6 +100,7 @@ func New(cfg Config) (*Server, error) {
 		}
 	}
 	def(&cfg.DPSAddr, "127.0.0.1:8883")
+	def(&cfg.DPSHTTPSAddr, "127.0.0.1:8443")
 	def(&cfg.HubAddr, "127.0.0.1:8884")
 	def(&cfg.AdminAddr, "127.0.0.1:8480")
 	if err := loopbackOnly(cfg.AdminAddr); err != nil {
@@ -183,6 +188,9 @@ func (s *Server) Start() error {
 	if err := s.DPS.Start(); err != nil {
 		return err
 	}
+	if err := s.DPS.StartHTTPS(s.cfg.DPSHTTPSAddr); err != nil {
+		return err
+	}
 	ln, err := net.Listen("tcp", s.cfg.AdminAddr)
 	if err != nil {
 		return fmt.Errorf("azsim: admin API: %w (pick another port with --admin-addr)", err)
@@ -217,6 +225,9 @@ func (s *Server) Info() Info {
 		OnboardingRoot: filepath.Join(s.PKI.Dir(), pki.OnboardRootFile), X509Group: X509Group, SymmetricGroup: SymmetricKeyGroup}
 	if a, ok := s.DPS.Addr().(*net.TCPAddr); ok {
 		inf.DPSAddr = "localhost:" + strconv.Itoa(a.Port)
+	}
+	if a, ok := s.DPS.HTTPSAddr().(*net.TCPAddr); ok {
+		inf.DPSHTTPSAddr = "localhost:" + strconv.Itoa(a.Port)
 	}
 	if s.adminLn != nil {
 		inf.AdminURL = "http://" + s.adminLn.Addr().String()

@@ -28,6 +28,7 @@ func pemDecode(b []byte) ([]byte, []byte) {
 //	GET  /dps/derive-key?registrationId=R&group=G  {"deviceKey":B64}
 func (d *DPS) AdminHandler() http.Handler {
 	mux := http.NewServeMux()
+	d.tpmAdmin(mux) // tpmenroll.go
 	mux.HandleFunc("GET /dps/enrollments", func(w http.ResponseWriter, r *http.Request) {
 		list := d.Enrollments()
 		sort.Slice(list, func(i, j int) bool { return list[i].ID < list[j].ID })

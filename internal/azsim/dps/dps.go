@@ -109,6 +109,7 @@ type DPS struct {
 	conns   map[*mqtt.Client]*session
 	ops     map[string]*operation
 	started bool
+	tpm     *tpmState // TPM enrollments and the REST endpoint (https.go)
 }
 
 // session is what CONNECT established for one client.
@@ -158,6 +159,10 @@ func New(cfg Config) (*DPS, error) {
 		}
 	}
 	if err := d.load(); err != nil {
+		return nil, err
+	}
+	var err error
+	if d.tpm, err = newTPMState(cfg.StateDir); err != nil {
 		return nil, err
 	}
 	return d, nil
@@ -214,12 +219,13 @@ func (d *DPS) Close() error {
 	srv, ln := d.srv, d.ln
 	d.srv, d.ln = nil, nil
 	d.mu.Unlock()
+	herr := d.closeHTTPS()
 	if srv == nil {
-		return nil
+		return herr
 	}
 	err := srv.Close()
 	ln.Wait()
-	return err
+	return errors.Join(err, herr)
 }
 
 // DropAll closes every client connection (fault).

@@ -1,0 +1,234 @@
+package dps
+
+// DPS's REST endpoint (azure-protocol §3): the same registrations as over
+// MQTT, for X.509 (client certificate in the TLS handshake), symmetric
+// keys and TPM attestation (SAS token in the Authorization header).
+//
+//	PUT /{idScope}/registrations/{registrationId}/register?api-version=V
+//	GET /{idScope}/registrations/{registrationId}/operations/{operationId}?api-version=V
+
+import (
+	"bytes"
+	"crypto/tls"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log"
+	"net"
+	"net/http"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/gwagent/gwagent/internal/azsim/faults"
+)
+
+type httpsServer struct {
+	srv *http.Server
+	ln  net.Listener
+}
+
+// StartHTTPS serves the REST endpoint on addr with the same server
+// certificate and TLS rules as the MQTT endpoint.
+func (d *DPS) StartHTTPS(addr string) error {
+	nl, err := net.Listen("tcp", addr)
+	if err != nil {
+		return fmt.Errorf("dps start https: listen on %s: %w (is the port in use? pick another with --dps-https-addr)", addr, err)
+	}
+	tc := d.cfg.TLS.Clone()
+	tc.ClientAuth = tls.RequestClientCert
+	tc.MinVersion = max(tc.MinVersion, tls.VersionTLS12)
+	tc.NextProtos = []string{"http/1.1"}
+	mux := http.NewServeMux()
+	mux.HandleFunc("PUT /{scope}/registrations/{regID}/register", d.httpRegister)
+	mux.HandleFunc("GET /{scope}/registrations/{regID}/operations/{opID}", d.httpPoll)
+	srv := &http.Server{Handler: mux, TLSConfig: tc, ReadHeaderTimeout: 10 * time.Second,
+		ErrorLog: log.New(io.Discard, "", 0), MaxHeaderBytes: 16 << 10}
+	go srv.ServeTLS(nl, "", "")
+	d.tpm.mu.Lock()
+	d.tpm.web = &httpsServer{srv: srv, ln: nl}
+	d.tpm.mu.Unlock()
+	return nil
+}
+
+// HTTPSAddr is the REST endpoint's bound address, or nil.
+func (d *DPS) HTTPSAddr() net.Addr {
+	d.tpm.mu.Lock()
+	defer d.tpm.mu.Unlock()
+	if d.tpm.web == nil {
+		return nil
+	}
+	return d.tpm.web.ln.Addr()
+}
+
+func (d *DPS) closeHTTPS() error {
+	d.tpm.mu.Lock()
+	w := d.tpm.web
+	d.tpm.web = nil
+	d.tpm.mu.Unlock()
+	if w == nil {
+		return nil
+	}
+	return w.srv.Close()
+}
+
+func writeDPS(w http.ResponseWriter, status, retryAfter int, body []byte) {
+	w.Header().Set("Content-Type", "application/json; charset=utf-8")
+	if retryAfter > 0 {
+		w.Header().Set("Retry-After", strconv.Itoa(retryAfter))
+	}
+	w.WriteHeader(status)
+	w.Write(body)
+}
+
+// httpSession checks scope and api-version and collects the credential.
+func (d *DPS) httpSession(w http.ResponseWriter, r *http.Request) (*session, bool) {
+	if !strings.EqualFold(r.PathValue("scope"), d.cfg.IDScope) {
+		writeDPS(w, 401, 0, errorBody(401002, "unknown id scope "+r.PathValue("scope")))
+		return nil, false
+	}
+	api := r.URL.Query().Get("api-version")
+	if api == "" {
+		writeDPS(w, 400, 0, errorBody(400001, "api-version is required"))
+		return nil, false
+	}
+	s := &session{regID: r.PathValue("regID"), apiVersion: api, password: r.Header.Get("Authorization")}
+	if r.TLS != nil {
+		s.chain = r.TLS.PeerCertificates
+	}
+	if a, ok := d.cfg.Faults.Take(faults.DPS); ok {
+		writeDPS(w, a.Status, a.RetryAfter, errorBody(a.Status*1000+1, "injected fault"))
+		return nil, false
+	}
+	return s, true
+}
+
+func (d *DPS) httpRegister(w http.ResponseWriter, r *http.Request) {
+	s, ok := d.httpSession(w, r)
+	if !ok {
+		return
+	}
+	var body struct {
+		RegistrationID string          `json:"registrationId"`
+		CSR            *string         `json:"csr"`
+		Payload        json.RawMessage `json:"payload"`
+		TPM            *struct {
+			EndorsementKey string `json:"endorsementKey"`
+			StorageRootKey string `json:"storageRootKey"`
+		} `json:"tpm"`
+	}
+	raw, err := io.ReadAll(io.LimitReader(r.Body, 96<<10))
+	if err == nil && len(bytes.TrimSpace(raw)) > 0 {
+		err = json.Unmarshal(raw, &body)
+	}
+	if err != nil {
+		writeDPS(w, 400, 0, errorBody(400004, "The request body is not valid JSON: "+err.Error()))
+		return
+	}
+	if body.RegistrationID != "" && !strings.EqualFold(body.RegistrationID, s.regID) {
+		writeDPS(w, 400, 0, errorBody(400004, "registrationId in the body differs from the one in the path"))
+		return
+	}
+	var group *Enrollment
+	var sym, isTPM bool
+	if body.TPM != nil {
+		e, status, errBody := d.tpmAttest(s.regID, body.TPM.EndorsementKey, body.TPM.StorageRootKey, s.password)
+		if e == nil {
+			writeDPS(w, status, 0, errBody)
+			return
+		}
+		group, isTPM = &Enrollment{ID: e.RegistrationID, Kind: KindTPM, Enabled: e.Enabled}, true
+	} else {
+		group, sym, err = d.authenticate(s)
+		if err != nil {
+			writeDPS(w, 401, 0, errorBody(401002, err.Error()))
+			return
+		}
+	}
+	op := &operation{id: "4." + newID(), regID: s.regID, readyAt: d.now().Add(d.cfg.Faults.AssignDelay()), group: group, sym: sym}
+	if !group.Enabled {
+		op.status, op.result = 200, mustJSON(map[string]any{"operationId": op.id, "status": "disabled",
+			"registrationState": map[string]any{"registrationId": s.regID, "status": "disabled"}})
+	} else if body.CSR != nil && s.apiVersion >= MinCertAPIVersion {
+		csr, err := d.checkCSR(*body.CSR, s.regID)
+		if err != nil {
+			writeDPS(w, 400, 0, errorBody(400004, err.Error()))
+			return
+		}
+		op.csr = csr
+	}
+	d.mu.Lock()
+	d.ops[op.id] = op
+	d.mu.Unlock()
+	if isTPM {
+		d.tpm.mu.Lock()
+		d.tpm.ops[op.id] = true
+		d.tpm.mu.Unlock()
+	}
+	writeDPS(w, 202, d.cfg.RetryAfter, mustJSON(map[string]any{"operationId": op.id, "status": "assigning"}))
+}
+
+func (d *DPS) httpPoll(w http.ResponseWriter, r *http.Request) {
+	s, ok := d.httpSession(w, r)
+	if !ok {
+		return
+	}
+	opID := r.PathValue("opID")
+	d.mu.Lock()
+	op, ok := d.ops[opID]
+	d.mu.Unlock()
+	if !ok || !strings.EqualFold(op.regID, s.regID) {
+		writeDPS(w, 404, 0, errorBody(404001, "operation "+opID+" not found"))
+		return
+	}
+	// Every REST request authenticates on its own.
+	d.tpm.mu.Lock()
+	isTPM, hk := d.tpm.ops[opID], d.tpm.keys[strings.ToLower(s.regID)]
+	d.tpm.mu.Unlock()
+	var authErr error
+	if isTPM {
+		if s.password == "" || hk == nil {
+			authErr = errors.New("a TPM registration's status needs the SAS token")
+		} else {
+			authErr = d.checkTPMToken(s.password, s.regID, hk)
+		}
+	} else {
+		_, _, authErr = d.authenticate(s)
+	}
+	if authErr != nil {
+		writeDPS(w, 401, 0, errorBody(401002, authErr.Error()))
+		return
+	}
+	d.tpm.mu.Lock() // serializes assignment of one operation between polls
+	defer d.tpm.mu.Unlock()
+	if op.result == nil && d.now().Before(op.readyAt) {
+		writeDPS(w, 202, d.cfg.RetryAfter, mustJSON(map[string]any{"operationId": op.id, "status": "assigning",
+			"registrationState": map[string]any{"registrationId": op.regID, "status": "assigning"}}))
+		return
+	}
+	if op.result == nil {
+		if err := d.assign(op); err != nil {
+			op.status, op.result = 200, mustJSON(map[string]any{"operationId": op.id, "status": "failed",
+				"registrationState": map[string]any{"registrationId": op.regID, "status": "failed", "errorCode": 500001, "errorMessage": err.Error()}})
+		} else if isTPM {
+			op.result = tpmResult(op.result)
+		}
+	}
+	writeDPS(w, op.status, 0, op.result)
+}
+
+// tpmResult names the attestation in the registration state as DPS does
+// for TPM enrollments ("tpm" instead of the group's "x509").
+func tpmResult(result []byte) []byte {
+	var m map[string]any
+	if json.Unmarshal(result, &m) != nil {
+		return result
+	}
+	if st, ok := m["registrationState"].(map[string]any); ok {
+		delete(st, "x509")
+		delete(st, "symmetricKey")
+		st["tpm"] = map[string]any{}
+	}
+	return mustJSON(m)
+}

@@ -1,0 +1,380 @@
+package tpm2
+
+// TPM attestation for Azure DPS: the endorsement key (EK) as the onboarding
+// credential. DPS knows the EK's public area from an individual enrollment;
+// it answers the first registration with a challenge only this TPM can
+// open, and the device proves possession by signing a SAS token with the
+// HMAC key inside the challenge:
+//
+//  1. TPM2_ActivateCredential with the EK (authorized by the EK's policy,
+//     PolicySecret(TPM_RH_ENDORSEMENT)) releases the inner wrapper key that
+//     DPS protected against the EK for the SRK's name (TPM2_MakeCredential).
+//  2. TPM2_Import under the SRK turns DPS's duplication blob (inner wrapper:
+//     AES-128-CFB with that key; outer wrapper: a seed encrypted to the SRK)
+//     into a TPM-wrapped private area; TPM2_Load loads it.
+//  3. TPM2_HMAC signs the token with the loaded key.
+//
+// The HMAC key never exists outside the TPM, and nothing is stored: every
+// object and session is flushed before the call returns, on success and on
+// error. The EK and SRK are the TCG reference RSA-2048 templates DPS uses
+// (the Azure IoT C SDK's hsm_client_tpm creates the same ones); persisted
+// copies at 0x81010001 and 0x81000001 are used when present.
+//
+// go-tpm-tools' client package has the EK templates and NV helpers too, but
+// it adds about 1.9 MB (+27 %) to the CGO-free arm64 binary; the templates
+// are in go-tpm already and the NV certificate read is a few lines.
+
+import (
+	"bytes"
+	"context"
+	"crypto/x509"
+	"encoding/binary"
+	"errors"
+	"fmt"
+
+	tpm "github.com/google/go-tpm/tpm2"
+)
+
+// Handles and NV indices of the TCG EK Credential Profile and the TCG
+// provisioning guidance.
+const (
+	ekPersistent  = tpm.TPMHandle(0x81010001) // RSA 2048 EK
+	ekCertIndex   = tpm.TPMHandle(0x01C00002) // RSA 2048 EK certificate
+	maxEKCertSize = 4096
+)
+
+// Errors of TPM attestation.
+var (
+	// ErrNoEK: the TPM has no endorsement key and cannot make one.
+	ErrNoEK = errors.New("no endorsement key")
+	// ErrEKTemplate: the TPM's EK is not the RSA 2048 EK DPS uses, or the
+	// TPM cannot create it.
+	ErrEKTemplate = errors.New("unsupported endorsement key")
+	// ErrEndorsementAuth: the endorsement hierarchy has a password.
+	ErrEndorsementAuth = errors.New("endorsement hierarchy is password-protected")
+	// ErrChallenge: DPS's challenge cannot be opened by this TPM: it was made
+	// for another TPM's EK or SRK, or it is damaged. Retrying cannot help.
+	ErrChallenge = errors.New("TPM attestation challenge refused by the TPM")
+)
+
+// Endorsement is what a manufacturer records in a DPS individual enrollment.
+type Endorsement struct {
+	// Public is the EK's TPM2B_PUBLIC as DPS wants it (base64 it).
+	Public []byte
+	// Cert is the EK certificate (DER) from NV index 0x01C00002, or nil
+	// when the TPM has none.
+	Cert *x509.Certificate
+	// Persistent reports whether the EK is persisted at 0x81010001 (else it
+	// is recreated from the endorsement seed, which yields the same key).
+	Persistent bool
+}
+
+// Endorsement reads the RSA EK's public area and its certificate.
+func (s *Store) Endorsement(ctx context.Context) (*Endorsement, error) {
+	var out Endorsement
+	err := s.locked(func() error {
+		ek, release, persistent, err := s.ek()
+		if err != nil {
+			return err
+		}
+		release()
+		out.Public, out.Persistent = tpm.Marshal(ek.pub), persistent
+		out.Cert, err = s.ekCert()
+		return err
+	})
+	if err != nil {
+		return nil, err
+	}
+	return &out, nil
+}
+
+// DPSPublics returns the EK and SRK public areas (TPM2B_PUBLIC) the first
+// TPM registration request carries.
+func (s *Store) DPSPublics(ctx context.Context) (ek, srk []byte, err error) {
+	err = s.locked(func() error {
+		e, releaseEK, _, err := s.ek()
+		if err != nil {
+			return err
+		}
+		releaseEK()
+		r, releaseSRK, err := s.rsaSRK()
+		if err != nil {
+			return err
+		}
+		releaseSRK()
+		ek, srk = tpm.Marshal(e.pub), tpm.Marshal(r.pub)
+		return nil
+	})
+	return ek, srk, err
+}
+
+// DPSSign opens DPS's challenge (the base64-decoded authenticationKey) in
+// the TPM and returns HMAC-SHA256(key, data) computed by the TPM with the
+// key the challenge carries.
+func (s *Store) DPSSign(ctx context.Context, challenge, data []byte) ([]byte, error) {
+	ch, err := parseChallenge(challenge)
+	if err != nil {
+		return nil, err
+	}
+	if len(data) > 1024 {
+		return nil, fmt.Errorf("tpm2 dps sign: %d bytes is more than TPM2_HMAC takes", len(data))
+	}
+	var mac []byte
+	err = s.locked(func() error {
+		srk, releaseSRK, err := s.rsaSRK()
+		if err != nil {
+			return err
+		}
+		defer releaseSRK()
+		ek, releaseEK, _, err := s.ek()
+		if err != nil {
+			return err
+		}
+		inner, err := s.activate(ek, srk, ch.idObject, ch.secret)
+		releaseEK()
+		if err != nil {
+			return err
+		}
+		imp, err := tpm.Import{
+			ParentHandle:  tpm.AuthHandle{Handle: srk.handle, Name: srk.name, Auth: tpm.PasswordAuth(nil)},
+			EncryptionKey: tpm.TPM2BData{Buffer: inner},
+			ObjectPublic:  ch.public,
+			Duplicate:     ch.duplicate,
+			InSymSeed:     ch.seed,
+			Symmetric: tpm.TPMTSymDef{
+				Algorithm: tpm.TPMAlgAES,
+				KeyBits:   tpm.NewTPMUSymKeyBits(tpm.TPMAlgAES, tpm.TPMKeyBits(128)),
+				Mode:      tpm.NewTPMUSymMode(tpm.TPMAlgAES, tpm.TPMAlgCFB),
+			},
+		}.Execute(s.tpm)
+		if err != nil {
+			return fmt.Errorf("tpm2 dps sign: %w: importing the key under the storage root key failed (%v); the challenge was made for another SRK or is damaged", ErrChallenge, err)
+		}
+		ld, err := tpm.Load{
+			ParentHandle: tpm.AuthHandle{Handle: srk.handle, Name: srk.name, Auth: tpm.PasswordAuth(nil)},
+			InPrivate:    imp.OutPrivate,
+			InPublic:     ch.public,
+		}.Execute(s.tpm)
+		if err != nil {
+			return fmt.Errorf("tpm2 dps sign: %w: loading the imported key failed (%v)", ErrChallenge, err)
+		}
+		defer s.flush(ld.ObjectHandle)
+		rsp, err := tpm.Hmac{
+			Handle:  tpm.AuthHandle{Handle: ld.ObjectHandle, Name: ld.Name, Auth: tpm.PasswordAuth(nil)},
+			Buffer:  tpm.TPM2BMaxBuffer{Buffer: data},
+			HashAlg: tpm.TPMAlgSHA256,
+		}.Execute(s.tpm)
+		if err != nil {
+			return fmt.Errorf("tpm2 dps sign: TPM2_HMAC: %w", err)
+		}
+		mac = rsp.OutHMAC.Buffer
+		return nil
+	})
+	return mac, err
+}
+
+// loaded is a primary key in a transient (or persistent) handle.
+type loaded struct {
+	handle tpm.TPMHandle
+	name   tpm.TPM2BName
+	pub    *tpm.TPM2BPublic
+}
+
+// ek returns the RSA EK: the persisted one if there is one (checked to be
+// the reference template), else one created from the endorsement seed.
+func (s *Store) ek() (loaded, func(), bool, error) {
+	if rp, err := (tpm.ReadPublic{ObjectHandle: ekPersistent}).Execute(s.tpm); err == nil {
+		if err := checkEK(&rp.OutPublic); err != nil {
+			return loaded{}, nil, true, err
+		}
+		return loaded{handle: ekPersistent, name: rp.Name, pub: &rp.OutPublic}, func() {}, true, nil
+	}
+	rsp, err := tpm.CreatePrimary{PrimaryHandle: tpm.TPMRHEndorsement, InPublic: tpm.New2B(tpm.RSAEKTemplate)}.Execute(s.tpm)
+	switch {
+	case err == nil:
+	case errors.Is(err, tpm.TPMRCBadAuth), errors.Is(err, tpm.TPMRCAuthFail):
+		return loaded{}, nil, false, fmt.Errorf("tpm2: %w: creating the EK needs the endorsement hierarchy's authorization, which is not empty on %s; clear it with `tpm2_changeauth -c e -p OLD` (DPS attestation, like the Azure SDKs, expects it empty)", ErrEndorsementAuth, s.name)
+	case errors.Is(err, tpm.TPMRCHierarchy):
+		return loaded{}, nil, false, fmt.Errorf("tpm2: %w on %s: the endorsement hierarchy is disabled and no EK is persisted at 0x81010001; enable the endorsement hierarchy in firmware or persist the EK at provisioning time", ErrNoEK, s.name)
+	default:
+		var f1 tpm.TPMFmt1Error
+		if errors.As(err, &f1) {
+			return loaded{}, nil, false, fmt.Errorf("tpm2: %w: %s cannot create the RSA 2048 EK (TCG template L-1) that DPS attestation uses: %v; use X.509 or symmetric-key onboarding on this device", ErrEKTemplate, s.name, err)
+		}
+		return loaded{}, nil, false, fmt.Errorf("tpm2: creating the EK: %w", err)
+	}
+	h := rsp.ObjectHandle
+	return loaded{handle: h, name: rsp.Name, pub: &rsp.OutPublic}, func() { s.flush(h) }, false, nil
+}
+
+// checkEK accepts a persisted EK only if it is an RSA 2048 restricted
+// decryption key whose use is governed by the standard EK policy: that is
+// what DPS's challenge and our policy session assume.
+func checkEK(p *tpm.TPM2BPublic) error {
+	pub, err := p.Contents()
+	if err != nil {
+		return fmt.Errorf("tpm2: %w: the object at 0x81010001 has an unreadable public area: %v", ErrEKTemplate, err)
+	}
+	want := tpm.RSAEKTemplate
+	if pub.Type != tpm.TPMAlgRSA {
+		return fmt.Errorf("tpm2: %w: the EK persisted at 0x81010001 is not an RSA key (algorithm 0x%04x); DPS attestation uses the RSA 2048 EK: evict it and let gwagent create the standard one, or use X.509 onboarding", ErrEKTemplate, uint16(pub.Type))
+	}
+	rsa, err := pub.Parameters.RSADetail()
+	if err != nil || rsa.KeyBits != 2048 || !pub.ObjectAttributes.Restricted || !pub.ObjectAttributes.Decrypt ||
+		pub.ObjectAttributes.SignEncrypt || pub.NameAlg != want.NameAlg || !bytes.Equal(pub.AuthPolicy.Buffer, want.AuthPolicy.Buffer) {
+		return fmt.Errorf("tpm2: %w: the key persisted at 0x81010001 is not an RSA 2048 EK made from the TCG template (restricted decryption key with the standard EK policy)", ErrEKTemplate)
+	}
+	return nil
+}
+
+// rsaSRK returns the RSA 2048 storage root key DPS duplicates the HMAC key
+// to: the persisted 0x81000001 if it is an RSA storage key, else the TCG
+// reference SRK created from the owner seed.
+func (s *Store) rsaSRK() (loaded, func(), error) {
+	if rp, err := (tpm.ReadPublic{ObjectHandle: srkHandle}).Execute(s.tpm); err == nil {
+		if pub, err := rp.OutPublic.Contents(); err == nil && pub.Type == tpm.TPMAlgRSA &&
+			pub.ObjectAttributes.Restricted && pub.ObjectAttributes.Decrypt && pub.ObjectAttributes.UserWithAuth {
+			return loaded{handle: srkHandle, name: rp.Name, pub: &rp.OutPublic}, func() {}, nil
+		}
+	}
+	rsp, err := tpm.CreatePrimary{PrimaryHandle: tpm.TPMRHOwner, InPublic: tpm.New2B(tpm.RSASRKTemplate)}.Execute(s.tpm)
+	if err != nil {
+		return loaded{}, nil, fmt.Errorf("tpm2: creating the RSA storage root key: %w (is the owner hierarchy password-protected?)", err)
+	}
+	h := rsp.ObjectHandle
+	return loaded{handle: h, name: rsp.Name, pub: &rsp.OutPublic}, func() { s.flush(h) }, nil
+}
+
+// activate runs TPM2_ActivateCredential for the SRK's name with the EK,
+// authorized by the EK policy (PolicySecret on the endorsement hierarchy)
+// in a policy session that is flushed before returning.
+func (s *Store) activate(ek, srk loaded, blob, secret []byte) ([]byte, error) {
+	sess, closeSess, err := tpm.PolicySession(s.tpm, tpm.TPMAlgSHA256, 16)
+	if err != nil {
+		return nil, fmt.Errorf("tpm2 dps sign: starting the EK policy session: %w", err)
+	}
+	defer closeSess()
+	if _, err := (tpm.PolicySecret{AuthHandle: tpm.TPMRHEndorsement, PolicySession: sess.Handle()}).Execute(s.tpm); err != nil {
+		if errors.Is(err, tpm.TPMRCBadAuth) || errors.Is(err, tpm.TPMRCAuthFail) {
+			return nil, fmt.Errorf("tpm2 dps sign: %w: the EK policy needs the endorsement hierarchy's authorization, which is not empty on %s", ErrEndorsementAuth, s.name)
+		}
+		return nil, fmt.Errorf("tpm2 dps sign: EK policy: %w", err)
+	}
+	rsp, err := tpm.ActivateCredential{
+		ActivateHandle: tpm.NamedHandle{Handle: srk.handle, Name: srk.name},
+		KeyHandle:      tpm.AuthHandle{Handle: ek.handle, Name: ek.name, Auth: sess},
+		CredentialBlob: tpm.TPM2BIDObject{Buffer: blob},
+		Secret:         tpm.TPM2BEncryptedSecret{Buffer: secret},
+	}.Execute(s.tpm)
+	if err != nil {
+		why := "it was made for another TPM's endorsement key, or it is damaged"
+		if errors.Is(err, tpm.TPMRCIntegrity) {
+			why = "its integrity check failed: it is damaged, or made for another storage root key"
+		}
+		return nil, fmt.Errorf("tpm2 dps sign: %w: TPM2_ActivateCredential failed (%v): %s", ErrChallenge, err, why)
+	}
+	return rsp.CertInfo.Buffer, nil
+}
+
+// challenge is DPS's authenticationKey: TPM2B_ID_OBJECT (credential blob),
+// TPM2B_ENCRYPTED_SECRET (its seed, encrypted to the EK), TPM2B_PRIVATE
+// (the duplicated HMAC key), TPM2B_ENCRYPTED_SECRET (the duplication seed,
+// encrypted to the SRK), TPM2B_PUBLIC (the HMAC key's public area),
+// optionally followed by a sized encrypted-data field gwagent ignores.
+type challenge struct {
+	idObject, secret []byte
+	duplicate        tpm.TPM2BPrivate
+	seed             tpm.TPM2BEncryptedSecret
+	public           tpm.TPM2BPublic
+}
+
+func parseChallenge(b []byte) (*challenge, error) {
+	var parts [5][]byte
+	rest := b
+	for i := range parts {
+		if len(rest) < 2 {
+			return nil, fmt.Errorf("tpm2 dps sign: %w: the challenge is truncated (%d bytes, part %d of 5 missing)", ErrChallenge, len(b), i+1)
+		}
+		n := int(binary.BigEndian.Uint16(rest))
+		if n == 0 || len(rest) < 2+n {
+			return nil, fmt.Errorf("tpm2 dps sign: %w: the challenge is malformed (part %d of 5 has a bad size)", ErrChallenge, i+1)
+		}
+		parts[i], rest = rest[2:2+n], rest[2+n:]
+	}
+	pub, err := tpm.Unmarshal[tpm.TPM2BPublic](append(binary.BigEndian.AppendUint16(nil, uint16(len(parts[4]))), parts[4]...))
+	if err != nil {
+		return nil, fmt.Errorf("tpm2 dps sign: %w: the key's public area is malformed: %v", ErrChallenge, err)
+	}
+	c, err := pub.Contents()
+	if err != nil || c.Type != tpm.TPMAlgKeyedHash || c.ObjectAttributes.Decrypt || !c.ObjectAttributes.SignEncrypt ||
+		c.ObjectAttributes.FixedTPM || c.ObjectAttributes.FixedParent {
+		return nil, fmt.Errorf("tpm2 dps sign: %w: the challenge does not carry an HMAC key", ErrChallenge)
+	}
+	return &challenge{
+		idObject:  parts[0],
+		secret:    parts[1],
+		duplicate: tpm.TPM2BPrivate{Buffer: parts[2]},
+		seed:      tpm.TPM2BEncryptedSecret{Buffer: parts[3]},
+		public:    *pub,
+	}, nil
+}
+
+// ekCert reads the RSA EK certificate from NV, or returns nil if the TPM
+// has none. A present but unparsable certificate is an error.
+func (s *Store) ekCert() (*x509.Certificate, error) {
+	rp, err := (tpm.NVReadPublic{NVIndex: ekCertIndex}).Execute(s.tpm)
+	if err != nil {
+		return nil, nil // no certificate provisioned: common on boards and swtpm
+	}
+	nv, err := rp.NVPublic.Contents()
+	if err != nil {
+		return nil, fmt.Errorf("tpm2: EK certificate index: %w", err)
+	}
+	size := int(nv.DataSize)
+	if size == 0 || size > maxEKCertSize {
+		return nil, fmt.Errorf("tpm2: the EK certificate index holds %d bytes; that is not a certificate", size)
+	}
+	var der []byte
+	for off := 0; off < size; {
+		n := min(size-off, 512) // below every TPM's MAX_NV_BUFFER_SIZE
+		rsp, err := tpm.NVRead{
+			AuthHandle: tpm.AuthHandle{Handle: ekCertIndex, Name: rp.NVName, Auth: tpm.PasswordAuth(nil)},
+			NVIndex:    tpm.NamedHandle{Handle: ekCertIndex, Name: rp.NVName},
+			Size:       uint16(n),
+			Offset:     uint16(off),
+		}.Execute(s.tpm)
+		if err != nil {
+			return nil, fmt.Errorf("tpm2: reading the EK certificate: %w", err)
+		}
+		der = append(der, rsp.Data.Buffer...)
+		off += n
+	}
+	// Certificates in NV are often padded to the index size.
+	c, err := x509.ParseCertificate(trimDER(der))
+	if err != nil {
+		return nil, fmt.Errorf("tpm2: the EK certificate in NV is not X.509: %w", err)
+	}
+	return c, nil
+}
+
+// trimDER cuts a DER SEQUENCE to its encoded length (NV padding after it).
+func trimDER(b []byte) []byte {
+	if len(b) < 4 || b[0] != 0x30 {
+		return b
+	}
+	var n, hdr int
+	switch l := b[1]; {
+	case l < 0x80:
+		n, hdr = int(l), 2
+	case l == 0x81:
+		n, hdr = int(b[2]), 3
+	case l == 0x82:
+		n, hdr = int(b[2])<<8|int(b[3]), 4
+	default:
+		return b
+	}
+	if hdr+n <= len(b) {
+		return b[:hdr+n]
+	}
+	return b
+}

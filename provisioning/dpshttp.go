@@ -1,0 +1,304 @@
+package provisioning
+
+// DPS over HTTPS (azure-protocol §3): the REST API with the same
+// api-version, CSR, retry-after, polling, error handling and chain
+// validation as the MQTT path, for X.509 (client certificate in the TLS
+// handshake), symmetric keys (SAS token in Authorization) and TPM
+// attestation, which DPS offers over HTTPS and AMQP only.
+
+import (
+	"bytes"
+	"context"
+	"crypto/hmac"
+	"crypto/sha256"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/base32"
+	"encoding/base64"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"net"
+	"net/http"
+	"net/url"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/gwagent/gwagent/internal/backoff"
+	"github.com/gwagent/gwagent/internal/tlsconf"
+)
+
+// DPS transports ([identity] dps_transport).
+const (
+	TransportMQTT  = "mqtt"
+	TransportHTTPS = "https"
+)
+
+// TPMAttestor is a TPM that answers DPS's TPM attestation challenge
+// (keystore/tpm2's Store). The HMAC key in the challenge never leaves it.
+type TPMAttestor interface {
+	// DPSPublics returns the EK and SRK public areas (TPM2B_PUBLIC).
+	DPSPublics(ctx context.Context) (ek, srk []byte, err error)
+	// DPSSign opens the challenge inside the TPM and returns
+	// HMAC-SHA256(challenge key, data) computed by the TPM.
+	DPSSign(ctx context.Context, challenge, data []byte) ([]byte, error)
+}
+
+// TPMCredential is TPM attestation: the TPM's endorsement key, recorded in
+// an individual enrollment, is the onboarding credential.
+type TPMCredential struct{ TPM TPMAttestor }
+
+func (TPMCredential) isCredential() {}
+
+// TPMRegistrationID is the registration id the Azure IoT SDKs derive from
+// an endorsement key: base32 of SHA-256 over the EK's TPM2B_PUBLIC, without
+// padding, in lower case.
+func TPMRegistrationID(ek []byte) string {
+	sum := sha256.Sum256(ek)
+	return strings.ToLower(base32.StdEncoding.WithPadding(base32.NoPadding).EncodeToString(sum[:]))
+}
+
+// maxDPSBody bounds what we read of an answer (DPS's message limit).
+const maxDPSBody = 96 << 10
+
+// httpsDPS is one registration's REST client.
+type httpsDPS struct {
+	cfg    *DPSConfig
+	client *http.Client
+	base   string // https://host:port/{scope}/registrations/{id}
+	auth   string // Authorization header, once known
+}
+
+func newHTTPSDPS(cfg *DPSConfig) (*httpsDPS, error) {
+	host, port := cfg.Endpoint, "443"
+	if h, p, err := net.SplitHostPort(cfg.Endpoint); err == nil {
+		host, port = h, p
+	}
+	var tlsCfg *tls.Config
+	var err error
+	if c, ok := cfg.Credential.(X509Credential); ok {
+		tlsCfg, err = tlsconf.Client(host, cfg.Roots, c.Signer, c.Chain)
+	} else {
+		tlsCfg, err = tlsconf.Client(host, cfg.Roots, nil, nil)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("dps: %w", err)
+	}
+	tr := &http.Transport{
+		TLSClientConfig:       tlsCfg,
+		TLSHandshakeTimeout:   30 * time.Second,
+		ResponseHeaderTimeout: 30 * time.Second,
+		MaxIdleConns:          1,
+		IdleConnTimeout:       time.Minute,
+		// Proxy settings come with the shared connection layer; until then
+		// DPS is dialled directly, as over MQTT.
+	}
+	return &httpsDPS{
+		cfg:    cfg,
+		client: &http.Client{Transport: tr, Timeout: time.Minute},
+		base: "https://" + net.JoinHostPort(host, port) + "/" + url.PathEscape(cfg.IDScope) +
+			"/registrations/" + url.PathEscape(cfg.RegistrationID),
+	}, nil
+}
+
+// do sends one request and returns status, body and retry-after.
+func (h *httpsDPS) do(ctx context.Context, method, path string, body []byte) (int, []byte, time.Duration, error) {
+	u := h.base + path + "?api-version=" + url.QueryEscape(h.cfg.APIVersion)
+	var rd io.Reader
+	if body != nil {
+		rd = bytes.NewReader(body)
+	}
+	req, err := http.NewRequestWithContext(ctx, method, u, rd)
+	if err != nil {
+		return 0, nil, 0, fmt.Errorf("dps: %w", err)
+	}
+	req.Header.Set("Accept", "application/json")
+	req.Header.Set("User-Agent", h.cfg.ClientVersion)
+	if body != nil {
+		req.Header.Set("Content-Type", "application/json; charset=utf-8")
+	}
+	if h.auth != "" {
+		req.Header.Set("Authorization", h.auth)
+	}
+	resp, err := h.client.Do(req)
+	if err != nil {
+		if ctx.Err() != nil {
+			return 0, nil, 0, ctx.Err()
+		}
+		var cve *tls.CertificateVerificationError
+		if errors.As(err, &cve) {
+			return 0, nil, 0, fmt.Errorf("dps: %s presented a certificate our trust bundle does not accept (%v); check trust_bundle and the endpoint name", h.cfg.Endpoint, cve.Err)
+		}
+		var ua x509.UnknownAuthorityError
+		if errors.As(err, &ua) {
+			return 0, nil, 0, fmt.Errorf("dps: %s presented a certificate our trust bundle does not accept (%v); check trust_bundle and the endpoint name", h.cfg.Endpoint, err)
+		}
+		return 0, nil, 0, &transientError{err: fmt.Errorf("dps: %s %s: %w", method, h.cfg.Endpoint, err)}
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(io.LimitReader(resp.Body, maxDPSBody))
+	if err != nil {
+		return 0, nil, 0, &transientError{err: fmt.Errorf("dps: reading the answer: %w", err)}
+	}
+	var ra time.Duration
+	if n, err := strconv.Atoi(strings.TrimSpace(resp.Header.Get("Retry-After"))); err == nil && n > 0 {
+		ra = time.Duration(n) * time.Second
+	}
+	return resp.StatusCode, b, ra, nil
+}
+
+// registerOnceHTTPS is one registration over REST: register (answering the
+// TPM challenge when there is one), then poll until final.
+func registerOnceHTTPS(ctx context.Context, cfg *DPSConfig, reqBody []byte, rng *rand.Rand) (*RegistrationState, error) {
+	cfg.progress(Step{Kind: StepConnecting})
+	h, err := newHTTPSDPS(cfg)
+	if err != nil {
+		return nil, err
+	}
+	defer h.client.CloseIdleConnections()
+	expiry := time.Now().Add(cfg.Timeout + time.Minute)
+	tpmCred, isTPM := cfg.Credential.(TPMCredential)
+	switch c := cfg.Credential.(type) {
+	case SymmetricKey:
+		h.auth = c.DPSToken(cfg.IDScope, cfg.RegistrationID, expiry)
+	case TPMCredential:
+		ek, srk, err := c.TPM.DPSPublics(ctx)
+		if err != nil {
+			return nil, fmt.Errorf("dps: %w", err)
+		}
+		if reqBody, err = withTPM(reqBody, ek, srk); err != nil {
+			return nil, err
+		}
+	case X509Credential:
+	default:
+		return nil, fmt.Errorf("dps: unsupported onboarding credential %T", cfg.Credential)
+	}
+
+	cfg.progress(Step{Kind: StepRegistering})
+	status, body, ra, err := h.do(ctx, http.MethodPut, "/register", reqBody)
+	if err != nil {
+		return nil, err
+	}
+	if isTPM && status == 401 {
+		// The challenge: only this TPM can turn it into the key that signs
+		// the token for the retry. A challenge the TPM refuses is final.
+		var ch struct {
+			AuthenticationKey string `json:"authenticationKey"`
+		}
+		if json.Unmarshal(body, &ch) != nil || ch.AuthenticationKey == "" {
+			return nil, fmt.Errorf("dps: %w: %w", ErrCredentialRejected, decodeServiceError(status, body))
+		}
+		blob, err := base64.StdEncoding.DecodeString(ch.AuthenticationKey)
+		if err != nil {
+			return nil, fmt.Errorf("dps: %w: the TPM challenge (authenticationKey) is not base64", ErrMalformedReply)
+		}
+		h.auth, err = sasToken(cfg.IDScope+"/registrations/"+cfg.RegistrationID, expiry, "registration",
+			func(msg []byte) ([]byte, error) { return tpmCred.TPM.DPSSign(ctx, blob, msg) })
+		if err != nil {
+			return nil, fmt.Errorf("dps: TPM attestation: %w", err)
+		}
+		status, body, ra, err = h.do(ctx, http.MethodPut, "/register", reqBody)
+		if err != nil {
+			return nil, err
+		}
+	}
+	for polls := 0; ; polls++ {
+		st, opID, wait, err := outcome(cfg, status, ra, body, polls, rng)
+		if err != nil || st != nil {
+			return st, err
+		}
+		cfg.progress(Step{Kind: StepWaiting, Wait: wait})
+		if err := sleep(ctx, wait); err != nil {
+			return nil, err
+		}
+		cfg.progress(Step{Kind: StepPolling})
+		status, body, ra, err = h.do(ctx, http.MethodGet, "/operations/"+url.PathEscape(opID), nil)
+		if err != nil {
+			return nil, err
+		}
+	}
+}
+
+// withTPM adds the tpm object (EK and SRK, base64) to the register body.
+func withTPM(reqBody, ek, srk []byte) ([]byte, error) {
+	var m map[string]json.RawMessage
+	if err := json.Unmarshal(reqBody, &m); err != nil {
+		return nil, fmt.Errorf("dps: %w", err)
+	}
+	m["tpm"], _ = json.Marshal(map[string]string{
+		"endorsementKey": base64.StdEncoding.EncodeToString(ek),
+		"storageRootKey": base64.StdEncoding.EncodeToString(srk),
+	})
+	return json.Marshal(m)
+}
+
+// sasToken builds a SAS token for resource, its signature computed by sign
+// over "{url-encoded resource}\n{expiry}" (a key in memory or in a TPM).
+func sasToken(resource string, expiry time.Time, skn string, sign func([]byte) ([]byte, error)) (string, error) {
+	sr := url.QueryEscape(resource)
+	se := strconv.FormatInt(expiry.Unix(), 10)
+	mac, err := sign([]byte(sr + "\n" + se))
+	if err != nil {
+		return "", err
+	}
+	t := "SharedAccessSignature sr=" + sr + "&sig=" + url.QueryEscape(base64.StdEncoding.EncodeToString(mac)) + "&se=" + se
+	if skn != "" {
+		t += "&skn=" + skn
+	}
+	return t, nil
+}
+
+// hmacSHA256 signs with a key in memory (symmetric-key credentials).
+func hmacSHA256(key []byte) func([]byte) ([]byte, error) {
+	return func(msg []byte) ([]byte, error) {
+		m := hmac.New(sha256.New, key)
+		m.Write(msg)
+		return m.Sum(nil), nil
+	}
+}
+
+// outcome interprets one DPS answer the same way for both transports: the
+// final registration state, or the operation to poll and how long to wait
+// first, or an error (retryable ones as *transientError).
+func outcome(cfg *DPSConfig, status int, retryAfter time.Duration, body []byte, polls int, rng *rand.Rand) (*RegistrationState, string, time.Duration, error) {
+	if status != 200 && status != 202 {
+		de := decodeServiceError(status, body)
+		if de.Transient() {
+			return nil, "", 0, &transientError{err: de, retryAfter: clampRetry(cfg, retryAfter)}
+		}
+		if status == 401 || status == 403 {
+			return nil, "", 0, fmt.Errorf("dps: %w: %w", ErrCredentialRejected, de)
+		}
+		return nil, "", 0, fmt.Errorf("dps: %w", de)
+	}
+	op, err := decodeOperation(body)
+	if err != nil {
+		return nil, "", 0, err
+	}
+	switch op.Status {
+	case StatusAssigned:
+		cfg.progress(Step{Kind: StepAssigned})
+		return op.RegistrationState, "", 0, nil
+	case StatusFailed:
+		rs := op.RegistrationState
+		if rs == nil {
+			rs = &RegistrationState{}
+		}
+		return nil, "", 0, fmt.Errorf("dps: %w: error %d: %s; check the enrollment and its allocation policy in DPS", ErrRegistrationFailed, rs.ErrorCode, rs.ErrorMessage)
+	case StatusDisabled:
+		return nil, "", 0, fmt.Errorf("dps: %w for registration id %q; enable the enrollment (or the device's registration) in DPS", ErrEnrollmentDisabled, cfg.RegistrationID)
+	}
+	// assigning / unassigned: wait as asked, then poll.
+	wait := clampRetry(cfg, retryAfter)
+	if wait == 0 {
+		wait = cfg.Backoff.Delay(polls, rng)
+	}
+	return nil, op.OperationID, wait, nil
+}
+
+func clampRetry(cfg *DPSConfig, d time.Duration) time.Duration {
+	return backoff.Clamp(d, cfg.RetryAfterMin, cfg.RetryAfterMax)
+}
