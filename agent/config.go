@@ -52,13 +52,21 @@ type IdentityConfig struct {
 	APIVersion string `toml:"api_version"`
 	// ProvisioningTimeout bounds one whole registration; default 5m.
 	ProvisioningTimeout Duration `toml:"provisioning_timeout"`
+	// DPSTransport is "mqtt" (port 8883) or "https" (port 443, the REST
+	// API). Default: "https" for [onboarding] kind = "tpm" (DPS offers TPM
+	// attestation over HTTPS only), else "mqtt".
+	DPSTransport string `toml:"dps_transport"`
 }
 
 // OnboardingConfig is the factory credential DPS authenticates the device
-// with: an X.509 certificate whose key is in a key store, or a symmetric key.
+// with: an X.509 certificate whose key is in a key store, a symmetric key,
+// or the TPM's endorsement key (TPM attestation).
 type OnboardingConfig struct {
-	// Kind is "x509" or "symmetric_key".
+	// Kind is "x509", "symmetric_key" or "tpm".
 	Kind string `toml:"kind"`
+	// TPM is the TPM whose endorsement key is the credential (tpm):
+	// "tpm2:device=/dev/tpmrm0" (the default) or "tpm2:socket=PATH" (swtpm).
+	TPM string `toml:"tpm"`
 	// Key is the onboarding key URI (x509).
 	Key string `toml:"key"`
 	// Chain is the PEM file with the onboarding certificate and its
@@ -169,6 +177,7 @@ func (d Duration) MarshalText() ([]byte, error) { return []byte(d.String()), nil
 const (
 	OnboardingX509         = "x509"
 	OnboardingSymmetricKey = "symmetric_key"
+	OnboardingTPM          = "tpm"
 )
 
 // ErrConfig marks configuration errors.
@@ -284,6 +293,15 @@ func (c *Config) defaults() {
 	if c.Identity.ProvisioningTimeout.Duration == 0 {
 		c.Identity.ProvisioningTimeout.Duration = 5 * time.Minute
 	}
+	if c.Onboarding.Kind == OnboardingTPM && c.Onboarding.TPM == "" {
+		c.Onboarding.TPM = "tpm2:device=/dev/tpmrm0"
+	}
+	if c.Identity.DPSTransport == "" {
+		c.Identity.DPSTransport = provisioning.TransportMQTT
+		if c.Onboarding.Kind == OnboardingTPM {
+			c.Identity.DPSTransport = provisioning.TransportHTTPS
+		}
+	}
 }
 
 func (c *Config) validate() error {
@@ -333,8 +351,20 @@ func (c *Config) validate() error {
 	if c.Identity.IDScope == "" {
 		add("[identity] id_scope is required (DPS overview page, e.g. 0ne00000000)")
 	}
-	if err := provisioning.ValidateRegistrationID(c.Identity.RegistrationID); err != nil {
-		add("[identity] registration_id: %v", err)
+	// With TPM attestation the registration id may be left out: it is then
+	// derived from the endorsement key as the Azure SDKs do.
+	if c.Onboarding.Kind != OnboardingTPM || c.Identity.RegistrationID != "" {
+		if err := provisioning.ValidateRegistrationID(c.Identity.RegistrationID); err != nil {
+			add("[identity] registration_id: %v", err)
+		}
+	}
+	switch c.Identity.DPSTransport {
+	case provisioning.TransportMQTT, provisioning.TransportHTTPS:
+	default:
+		add("[identity] dps_transport %q: use \"mqtt\" or \"https\"", c.Identity.DPSTransport)
+	}
+	if c.Onboarding.Kind != OnboardingTPM && c.Onboarding.TPM != "" {
+		add("[onboarding] tpm is for kind = \"tpm\"; remove it or change kind")
 	}
 	switch c.Onboarding.Kind {
 	case OnboardingX509:
@@ -354,10 +384,20 @@ func (c *Config) validate() error {
 		if c.Onboarding.Key != "" || c.Onboarding.Chain != "" {
 			add("[onboarding] key and chain are for kind = \"x509\"; remove them or change kind")
 		}
+	case OnboardingTPM:
+		if _, err := TPMDevice(c.Onboarding.TPM); err != nil {
+			add("[onboarding] tpm: %v", err)
+		}
+		if c.Onboarding.Key != "" || c.Onboarding.Chain != "" || c.Onboarding.SymmetricKeyFile != "" {
+			add("[onboarding] key, chain and symmetric_key_file are not used with kind = \"tpm\" (the TPM's endorsement key is the credential); remove them")
+		}
+		if c.Identity.DPSTransport == provisioning.TransportMQTT {
+			add("[identity] dps_transport = \"mqtt\" cannot carry TPM attestation (DPS offers it over HTTPS only); use \"https\" or leave it out")
+		}
 	case "":
-		add("[onboarding] kind is required: \"x509\" or \"symmetric_key\"")
+		add("[onboarding] kind is required: \"x509\", \"symmetric_key\" or \"tpm\"")
 	default:
-		add("[onboarding] kind %q: use \"x509\" or \"symmetric_key\"", c.Onboarding.Kind)
+		add("[onboarding] kind %q: use \"x509\", \"symmetric_key\" or \"tpm\"", c.Onboarding.Kind)
 	}
 	if u, err := keystore.Parse(c.Operational.Key); err != nil {
 		add("[operational] key: %v", err)
@@ -383,3 +423,14 @@ func (c *Config) Static() bool {
 
 // Path is the file the config was loaded from.
 func (c *Config) Path() string { return c.path }
+
+// TPMDevice parses [onboarding] tpm: "tpm2:device=PATH" or
+// "tpm2:socket=PATH", into a key-store URI that opens that TPM.
+func TPMDevice(raw string) (*keystore.URI, error) {
+	rest, ok := strings.CutPrefix(strings.TrimSpace(raw), keystore.SchemeTPM2+":")
+	k, v, ok2 := strings.Cut(rest, "=")
+	if !ok || !ok2 || (k != "device" && k != "socket") || v == "" || strings.Contains(v, ";") {
+		return nil, fmt.Errorf("%q: use tpm2:device=/dev/tpmrm0 or tpm2:socket=/path/to/swtpm.sock", raw)
+	}
+	return &keystore.URI{Scheme: keystore.SchemeTPM2, Attrs: map[string]string{k: v}}, nil
+}

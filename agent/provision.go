@@ -46,8 +46,50 @@ func OnboardingCredential(ctx context.Context, cfg *Config, keys *Keys) (provisi
 			return nil, fmt.Errorf("onboarding symmetric key %s: %w", cfg.Onboarding.SymmetricKeyFile, err)
 		}
 		return k, nil
+	case OnboardingTPM:
+		tpm, err := onboardingTPM(ctx, cfg, keys)
+		if err != nil {
+			return nil, err
+		}
+		return provisioning.TPMCredential{TPM: tpm}, nil
 	}
 	return nil, fmt.Errorf("onboarding kind %q not supported", cfg.Onboarding.Kind)
+}
+
+// onboardingTPM opens the TPM of [onboarding] tpm (shared with TPM keys in
+// the same TPM: one connection per device).
+func onboardingTPM(ctx context.Context, cfg *Config, keys *Keys) (provisioning.TPMAttestor, error) {
+	u, err := TPMDevice(cfg.Onboarding.TPM)
+	if err != nil {
+		return nil, fmt.Errorf("onboarding tpm: %w", err)
+	}
+	ks, err := keys.Store(ctx, u)
+	if err != nil {
+		return nil, fmt.Errorf("onboarding tpm: %w", err)
+	}
+	tpm, ok := ks.(provisioning.TPMAttestor)
+	if !ok {
+		return nil, fmt.Errorf("onboarding tpm: %s cannot do TPM attestation", u)
+	}
+	return tpm, nil
+}
+
+// RegistrationID is the device's registration id: [identity]
+// registration_id, or with TPM attestation and none configured, the id the
+// Azure SDKs derive from the endorsement key.
+func RegistrationID(ctx context.Context, cfg *Config, keys *Keys) (string, error) {
+	if cfg.Identity.RegistrationID != "" || cfg.Onboarding.Kind != OnboardingTPM {
+		return cfg.Identity.RegistrationID, nil
+	}
+	tpm, err := onboardingTPM(ctx, cfg, keys)
+	if err != nil {
+		return "", err
+	}
+	ek, _, err := tpm.DPSPublics(ctx)
+	if err != nil {
+		return "", fmt.Errorf("registration id from the EK: %w", err)
+	}
+	return provisioning.TPMRegistrationID(ek), nil
 }
 
 // readSecretFile reads a secret that only the service may read.
@@ -105,6 +147,10 @@ func Provision(ctx context.Context, cfg *Config, keys *Keys, opts ProvisionOptio
 	if err != nil {
 		return nil, err
 	}
+	regID, err := RegistrationID(ctx, cfg, keys)
+	if err != nil {
+		return nil, err
+	}
 
 	slot, err := freeSlot(cfg, store)
 	if err != nil {
@@ -118,8 +164,9 @@ func Provision(ctx context.Context, cfg *Config, keys *Keys, opts ProvisionOptio
 	dps := provisioning.DPSConfig{
 		Endpoint:       cfg.Identity.DPSEndpoint,
 		IDScope:        cfg.Identity.IDScope,
-		RegistrationID: cfg.Identity.RegistrationID,
+		RegistrationID: regID,
 		APIVersion:     cfg.Identity.APIVersion,
+		Transport:      cfg.Identity.DPSTransport,
 		Roots:          roots,
 		Credential:     cred,
 		Timeout:        cfg.Identity.ProvisioningTimeout.Duration,
@@ -142,7 +189,7 @@ func Provision(ctx context.Context, cfg *Config, keys *Keys, opts ProvisionOptio
 	}
 	id, err := save(&provisioning.Identity{
 		KeyURI:         slot.Secret(),
-		RegistrationID: cfg.Identity.RegistrationID,
+		RegistrationID: regID,
 		DeviceID:       issued.State.DeviceID,
 		AssignedHub:    issued.State.AssignedHub,
 		IssuedAt:       now().UTC(),

@@ -245,3 +245,18 @@ func (r *tpmReader) u32() uint32 {
 }
 
 func (r *tpmReader) sized() []byte { return r.take(int(r.u16())) }
+
+// TPMChallenge builds a challenge for the TPM whose EK and SRK public areas
+// (TPM2B_PUBLIC) are given, as DPS does on a first TPM registration, and
+// returns it with the HMAC key it carries (for tests of device code).
+func TPMChallenge(ekPub, srkPub []byte) (blob, hmacKey []byte, err error) {
+	ek, err := parseRSAPublic(ekPub)
+	if err != nil {
+		return nil, nil, fmt.Errorf("endorsement key: %w", err)
+	}
+	srk, err := parseRSAPublic(srkPub)
+	if err != nil {
+		return nil, nil, fmt.Errorf("storage root key: %w", err)
+	}
+	return tpmChallenge(ek, srk)
+}
