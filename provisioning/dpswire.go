@@ -155,7 +155,7 @@ func (e *DPSError) Error() string {
 	}
 	switch {
 	case e.Status == 401 || e.Status == 403:
-		b.WriteString("; the onboarding credential was rejected: check the id scope, registration id and the certificate chain or symmetric key installed at the factory")
+		b.WriteString("; the onboarding credential was rejected: check the id scope, registration id and the certificate chain, symmetric key or TPM endorsement key enrolled for this device")
 	case e.Status == 404:
 		b.WriteString("; DPS does not know this device: check the id scope and that an enrollment exists")
 	case e.Status == 400:

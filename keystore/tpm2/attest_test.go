@@ -70,6 +70,7 @@ func TestDPSChallenge(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	blob0 := blob
 	msg := []byte("0ne00AZSIM0%2Fregistrations%2Fdev-1\n1700000000")
 	got, err := s.DPSSign(ctx, blob, msg)
 	if err != nil {
@@ -99,6 +100,11 @@ func TestDPSChallenge(t *testing.T) {
 			_, err = s.DPSSign(ctx, blob, msg)
 			if !errors.Is(err, ErrChallenge) {
 				t.Errorf("%s: got %v, want ErrChallenge", name, err)
+			}
+			// libtpms answers a seed it cannot decrypt with TPM_RC_FAILURE;
+			// the TPM must still work afterwards.
+			if _, err := s.DPSSign(ctx, blob0, msg); err != nil {
+				t.Fatalf("after a refused challenge the TPM no longer works: %v", err)
 			}
 		}
 		noLeaks(t, s)
