@@ -15,6 +15,7 @@ import (
 	"github.com/gwagent/gwagent/internal/atomicfile"
 	"github.com/gwagent/gwagent/internal/tlsconf"
 	"github.com/gwagent/gwagent/keystore"
+	"github.com/gwagent/gwagent/keystore/tpm2"
 	"github.com/gwagent/gwagent/provisioning"
 )
 
@@ -105,4 +106,42 @@ func checkOnboardingChain(chain []*x509.Certificate, pub crypto.PublicKey, regID
 		}
 	}
 	return nil
+}
+
+// TPMOnboarding is what a manufacturer records to enroll a TPM-attested
+// device in DPS (an individual enrollment with TPM attestation).
+type TPMOnboarding struct {
+	// RegistrationID is [identity] registration_id, or the id derived from
+	// the EK when the config names none.
+	RegistrationID string
+	// EndorsementKey is the EK's TPM2B_PUBLIC (DPS wants it base64).
+	EndorsementKey []byte
+	// EKCert is the EK certificate from the TPM's NV, or nil.
+	EKCert *x509.Certificate
+}
+
+// OnboardTPM reads the endorsement key of the TPM that tpmURI names
+// ("tpm2:device=..." or "tpm2:socket=..."). regID, if not empty, is the
+// configured registration id.
+func OnboardTPM(ctx context.Context, tpmURI, regID string, keys *Keys) (*TPMOnboarding, error) {
+	u, err := TPMDevice(tpmURI)
+	if err != nil {
+		return nil, fmt.Errorf("onboard tpm: %w", err)
+	}
+	ks, err := keys.Store(ctx, u)
+	if err != nil {
+		return nil, fmt.Errorf("onboard tpm: %w", err)
+	}
+	st, ok := ks.(*tpm2.Store)
+	if !ok {
+		return nil, fmt.Errorf("onboard tpm: %s is not a TPM", u)
+	}
+	e, err := st.Endorsement(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("onboard tpm: %w", err)
+	}
+	if regID == "" {
+		regID = provisioning.TPMRegistrationID(e.Public)
+	}
+	return &TPMOnboarding{RegistrationID: regID, EndorsementKey: e.Public, EKCert: e.Cert}, nil
 }

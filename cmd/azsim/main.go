@@ -36,6 +36,9 @@ commands:
   desired       ID JSON                  patch the twin's desired properties
   twin          ID                       show the twin
   registrations list DPS registrations
+  enroll        tpm --registration-id ID --ek FILE [--disabled]
+                individual enrollment with TPM attestation (FILE: base64 EK, as gwagent onboard tpm --ek-out writes it)
+  tpm-enrollments  list the TPM enrollments
   fault         drop [dps|hub|all] | refuse TARGET SECONDS | answer TARGET STATUS [COUNT] [RETRY_AFTER]
                 | assign-delay SECONDS | tamper wrong-key|wrong-cn|broken-chain | clear
   ca            upload NAME FILE | verify NAME FILE | list   (hub CA registration, proof of possession)
@@ -134,6 +137,10 @@ func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.
 			return err
 		}
 		return c.do("GET", "/hub/devices/"+url.PathEscape(a[0])+"/twin", nil)
+	case "enroll":
+		return c.enroll(a, stderr)
+	case "tpm-enrollments":
+		return c.do("GET", "/dps/tpm-enrollments", nil)
 	case "fault":
 		return c.fault(a)
 	case "ca":
@@ -148,6 +155,7 @@ func serve(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	var cfg azsim.Config
 	fs.StringVar(&cfg.StateDir, "state", "./azsim-state", "state directory: PKI, enrollments, devices, twins (reused across restarts)")
 	fs.StringVar(&cfg.DPSAddr, "dps-addr", "127.0.0.1:8883", "DPS MQTT/TLS listen address")
+	fs.StringVar(&cfg.DPSHTTPSAddr, "dps-https-addr", "127.0.0.1:8443", "DPS REST (HTTPS) listen address: TPM attestation and dps_transport = \"https\"")
 	fs.StringVar(&cfg.HubAddr, "hub-addr", "127.0.0.1:8884", "IoT Hub MQTT/TLS listen address")
 	fs.StringVar(&cfg.AdminAddr, "admin-addr", "127.0.0.1:8480", "admin HTTP API listen address (loopback only)")
 	fs.StringVar(&cfg.HubHostName, "hub-hostname", "", "hub name as devices dial it (default localhost:PORT)")
@@ -180,8 +188,8 @@ func serve(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 			return err
 		}
 	}
-	fmt.Fprintf(stdout, "azsim serving\n  DPS          %s (id scope %s)\n  IoT Hub      %s\n  admin API    %s\n  trust bundle %s\n",
-		inf.DPSAddr, inf.IDScope, inf.HubHostName, inf.AdminURL, inf.TrustBundle)
+	fmt.Fprintf(stdout, "azsim serving\n  DPS          %s (id scope %s)\n  DPS (HTTPS)  %s\n  IoT Hub      %s\n  admin API    %s\n  trust bundle %s\n",
+		inf.DPSAddr, inf.IDScope, inf.DPSHTTPSAddr, inf.HubHostName, inf.AdminURL, inf.TrustBundle)
 	<-ctx.Done()
 	fmt.Fprintln(stdout, "azsim stopping")
 	return nil
@@ -256,4 +264,30 @@ func (c client) ca(a []string) error {
 		path += "/verify"
 	}
 	return c.do("POST", path, b)
+}
+
+// enroll creates an individual enrollment: `enroll tpm --registration-id ID --ek FILE`.
+func (c client) enroll(a []string, stderr io.Writer) error {
+	if len(a) == 0 || a[0] != "tpm" {
+		return fmt.Errorf("enroll tpm --registration-id ID --ek FILE: %w", errUsage)
+	}
+	fs := flag.NewFlagSet("azsim enroll tpm", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	regID := fs.String("registration-id", "", "registration id (gwagent onboard tpm prints it)")
+	ekFile := fs.String("ek", "", "file with the base64 endorsement key (TPM2B_PUBLIC)")
+	disabled := fs.Bool("disabled", false, "create the enrollment disabled")
+	admin := fs.String("admin", c.base, "admin API URL")
+	if err := fs.Parse(a[1:]); err != nil {
+		return errUsage
+	}
+	c.base = strings.TrimRight(*admin, "/")
+	if *regID == "" || *ekFile == "" {
+		return fmt.Errorf("enroll tpm needs --registration-id and --ek: %w", errUsage)
+	}
+	ek, err := os.ReadFile(*ekFile)
+	if err != nil {
+		return err
+	}
+	body, _ := json.Marshal(map[string]any{"endorsementKey": strings.TrimSpace(string(ek)), "enabled": !*disabled})
+	return c.do("PUT", "/dps/tpm-enrollments/"+url.PathEscape(*regID), body)
 }

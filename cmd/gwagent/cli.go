@@ -33,7 +33,7 @@ func commands() []command {
 		{"version", "", "print version and build information", cmdVersion},
 		{"keygen", "--key URI [--force]", "create a P-384 key; print its public key and fingerprint", cmdKeygen},
 		{"csr", "--key URI --cn ID [--pem] [--out FILE]", "print a PKCS#10 CSR (ECDSA-SHA384, CN=ID) signed by the key", cmdCSR},
-		{"onboard", "csr|install --config FILE ...", "factory step: onboarding key + CSR, then install the signed chain", cmdOnboard},
+		{"onboard", "csr|install|tpm --config FILE ...", "factory step: onboarding key + CSR, then install the signed chain; or print the TPM's endorsement key for enrollment", cmdOnboard},
 		{"provision", "--config FILE [--progress]", "get an operational certificate from DPS and store it", cmdProvision},
 		{"run", "--config FILE", "run the agent (the systemd service's command)", cmdRun},
 		{"status", "--config FILE", "show state, identity, certificate and outbox, also while the service runs", cmdStatus},

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"encoding/base64"
 	"encoding/pem"
 	"fmt"
 	"io"
@@ -24,14 +25,68 @@ func isTerminal(w io.Writer) bool {
 }
 
 func cmdOnboard(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	if len(args) == 0 || (args[0] != "csr" && args[0] != "install") {
-		fmt.Fprintln(stderr, "usage: gwagent onboard csr --config FILE [--out FILE]\n       gwagent onboard install --config FILE --chain FILE")
+	if len(args) == 0 || (args[0] != "csr" && args[0] != "install" && args[0] != "tpm") {
+		fmt.Fprintln(stderr, "usage: gwagent onboard csr --config FILE [--out FILE]\n       gwagent onboard install --config FILE --chain FILE\n       gwagent onboard tpm (--config FILE | --tpm tpm2:device=/dev/tpmrm0) [--ek-out FILE]")
 		return errUsage
 	}
-	if args[0] == "csr" {
+	switch args[0] {
+	case "csr":
 		return cmdOnboardCSR(ctx, args[1:], stdout, stderr)
+	case "tpm":
+		return cmdOnboardTPM(ctx, args[1:], stdout, stderr)
 	}
 	return cmdOnboardInstall(ctx, args[1:], stdout, stderr)
+}
+
+// cmdOnboardTPM prints what a DPS individual enrollment with TPM
+// attestation needs: the registration id, the endorsement key and, when the
+// TPM has one, its EK certificate.
+func cmdOnboardTPM(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	fs := flags("onboard tpm", "(--config FILE | --tpm URI) [--ek-out FILE]", stderr)
+	cfgPath := fs.String("config", "", "config file with [onboarding] kind = \"tpm\"")
+	tpmURI := fs.String("tpm", "", "the TPM, tpm2:device=/dev/tpmrm0 or tpm2:socket=PATH (instead of --config)")
+	ekOut := fs.String("ek-out", "", "also write the base64 endorsement key to FILE (for `azsim enroll tpm --ek FILE`)")
+	if err := parse(fs, args); err != nil {
+		return err
+	}
+	regID := ""
+	switch {
+	case *cfgPath != "" && *tpmURI != "":
+		fmt.Fprintln(stderr, "give --config or --tpm, not both")
+		return errUsage
+	case *cfgPath != "":
+		cfg, err := agent.LoadConfig(*cfgPath)
+		if err != nil {
+			return err
+		}
+		if cfg.Onboarding.Kind != agent.OnboardingTPM {
+			return fmt.Errorf("onboard tpm: %s has [onboarding] kind = %q; TPM enrollment is for kind = \"tpm\" (or pass --tpm)", *cfgPath, cfg.Onboarding.Kind)
+		}
+		*tpmURI, regID = cfg.Onboarding.TPM, cfg.Identity.RegistrationID
+	case *tpmURI == "":
+		*tpmURI = "tpm2:device=/dev/tpmrm0"
+	}
+	keys := agent.NewKeys()
+	defer keys.Close()
+	o, err := agent.OnboardTPM(ctx, *tpmURI, regID, keys)
+	if err != nil {
+		return err
+	}
+	ek := base64.StdEncoding.EncodeToString(o.EndorsementKey)
+	if *ekOut != "" {
+		if err := atomicfile.Write(*ekOut, []byte(ek+"\n"), 0o644); err != nil {
+			return err
+		}
+	}
+	fmt.Fprintf(stdout, "registration_id: %s\nendorsement_key: %s\n", o.RegistrationID, ek)
+	if o.EKCert == nil {
+		fmt.Fprintln(stdout, "ek_certificate: none (the TPM has no EK certificate in NV index 0x01C00002)")
+	} else {
+		fmt.Fprintf(stdout, "ek_certificate: issuer %q, serial %s\n", o.EKCert.Issuer.String(), o.EKCert.SerialNumber.Text(16))
+		pem.Encode(stdout, &pem.Block{Type: "CERTIFICATE", Bytes: o.EKCert.Raw})
+	}
+	fmt.Fprintln(stderr, "Create an individual enrollment with TPM attestation in DPS for this registration id and endorsement key.")
+	return nil
 }
 
 func cmdOnboardCSR(ctx context.Context, args []string, stdout, stderr io.Writer) error {
