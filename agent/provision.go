@@ -81,15 +81,11 @@ func RegistrationID(ctx context.Context, cfg *Config, keys *Keys) (string, error
 	if cfg.Identity.RegistrationID != "" || cfg.Onboarding.Kind != OnboardingTPM {
 		return cfg.Identity.RegistrationID, nil
 	}
-	tpm, err := onboardingTPM(ctx, cfg, keys)
-	if err != nil {
-		return "", err
-	}
-	ek, _, err := tpm.DPSPublics(ctx)
+	o, err := OnboardTPM(ctx, cfg.Onboarding.TPM, "", keys)
 	if err != nil {
 		return "", fmt.Errorf("registration id from the EK: %w", err)
 	}
-	return provisioning.TPMRegistrationID(ek), nil
+	return o.RegistrationID, nil
 }
 
 // readSecretFile reads a secret that only the service may read.

@@ -47,6 +47,7 @@ func main() {
 	gw := flag.String("gwagent", "bin/gwagent", "gwagent binary")
 	sizes := flag.String("sizes", "", "\"STATIC FULL\" stripped arm64 sizes in bytes")
 	out := flag.String("out", "bin/bench.json", "JSON output")
+	onlyTPM := flag.Bool("tpm-only", false, "run only the TPM attestation section")
 	flag.Parse()
 	var rows []row
 	if f := strings.Fields(*sizes); len(f) == 2 {
@@ -60,7 +61,11 @@ func main() {
 		fail(err)
 	}
 	defer b.close()
-	for _, f := range []func() ([]row, error){b.coldStart, b.keyOps, b.steady, b.drain} {
+	sections := []func() ([]row, error){b.coldStart, b.keyOps, b.steady, b.drain, b.tpmAttestation}
+	if *onlyTPM {
+		sections = sections[4:]
+	}
+	for _, f := range sections {
 		r, err := f()
 		if err != nil {
 			fail(err)
@@ -100,7 +105,7 @@ func newBench(gw string) (*bench, error) {
 	}
 	b := &bench{gw: gw, dir: dir}
 	b.az, err = azsim.New(azsim.Config{StateDir: filepath.Join(dir, "azsim"), DPSAddr: "127.0.0.1:0", HubAddr: "127.0.0.1:0",
-		AdminAddr: "127.0.0.1:0", RetryAfter: 1, TelemetryLog: filepath.Join(dir, "telemetry.jsonl")})
+		AdminAddr: "127.0.0.1:0", DPSHTTPSAddr: "127.0.0.1:0", RetryAfter: 1, TelemetryLog: filepath.Join(dir, "telemetry.jsonl")})
 	if err != nil {
 		return nil, err
 	}
