@@ -3,12 +3,19 @@
 #   azsim (DPS + IoT Hub) -> swtpm (a software TPM) -> factory step ->
 #   gwagent run: provision, connect, telemetry, certificate renewal.
 # Runs until Ctrl-C, or for DEMO_SECONDS seconds. DEMO_KEYS=file uses
-# software keys instead of the TPM.
+# software keys instead of the TPM. DEMO_ONBOARDING=tpm onboards with TPM
+# attestation (the TPM's endorsement key enrolled in DPS, DPS over HTTPS)
+# instead of a factory X.509 certificate.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=$PWD/bin
 DIR=$PWD/bin/demo
 KEYS=${DEMO_KEYS:-tpm}
+ONBOARDING=${DEMO_ONBOARDING:-x509}
+if [ "$ONBOARDING" = tpm ] && [ "$KEYS" != tpm ]; then
+	echo "DEMO_ONBOARDING=tpm needs the TPM (leave DEMO_KEYS unset)" >&2
+	exit 2
+fi
 LIFETIME=${DEMO_CERT_LIFETIME:-60s}
 ADMIN=127.0.0.1:18480
 
@@ -27,7 +34,7 @@ rm -rf "$DIR" && mkdir -p "$DIR"
 export AZSIM_ADMIN=http://$ADMIN
 
 say "starting azsim: DPS and IoT Hub emulators with their own PKI (certificates live $LIFETIME so you see a renewal)"
-"$BIN/azsim" serve --state "$DIR/azsim" --dps-addr 127.0.0.1:18883 --hub-addr 127.0.0.1:18884 --admin-addr $ADMIN \
+"$BIN/azsim" serve --state "$DIR/azsim" --dps-addr 127.0.0.1:18883 --dps-https-addr 127.0.0.1:18443 --hub-addr 127.0.0.1:18884 --admin-addr $ADMIN \
 	--cert-lifetime "$LIFETIME" --telemetry-log "$DIR/telemetry.jsonl" --retry-after 1 >"$DIR/azsim.log" 2>&1 &
 pids+=($!)
 for _ in $(seq 50); do "$BIN/azsim" info >/dev/null 2>&1 && break; sleep 0.1; done
@@ -50,18 +57,27 @@ else
 fi
 
 mkdir -p "$DIR/state"
+IDENTITY='registration_id = "demo-gateway-01"
+dps_endpoint = "localhost:18883"'
+ONBOARDING_TOML="kind = \"x509\"
+key = \"$ONBOARD_KEY\"
+chain = \"$DIR/state/onboarding-chain.pem\""
+if [ "$ONBOARDING" = tpm ]; then
+	# No registration id: gwagent derives it from the endorsement key.
+	IDENTITY='dps_endpoint = "localhost:18443"
+dps_transport = "https"'
+	ONBOARDING_TOML="kind = \"tpm\"
+tpm = \"tpm2:socket=$DIR/tpm/tpm.sock\""
+fi
 cat >"$DIR/gwagent.toml" <<EOF
 # Written by make demo. See configs/gwagent.toml for every option.
 state_dir = "$DIR/state"
 trust_bundle = "$DIR/azsim/pki/trust-bundle.pem"
 [identity]
 id_scope = "0ne00AZSIM0"
-registration_id = "demo-gateway-01"
-dps_endpoint = "localhost:18883"
+$IDENTITY
 [onboarding]
-kind = "x509"
-key = "$ONBOARD_KEY"
-chain = "$DIR/state/onboarding-chain.pem"
+$ONBOARDING_TOML
 [operational]
 key = "$OP_KEY"
 [telemetry]
@@ -73,15 +89,28 @@ retry_min = "2s"
 retry_max = "10s"
 EOF
 
-say "factory step 1: gwagent onboard csr (onboarding key + CSR for the factory CA)"
-"$BIN/gwagent" onboard csr --config "$DIR/gwagent.toml" --out "$DIR/onboarding.csr"
-say "factory step 2: azsim factory-sign plays the factory's CA"
-"$BIN/azsim" factory-sign <"$DIR/onboarding.csr" >"$DIR/factory-chain.pem"
-openssl x509 -in "$DIR/factory-chain.pem" -noout -subject -issuer | sed 's/^/    /'
-say "factory step 3: gwagent onboard install (checks the chain matches the key)"
-"$BIN/gwagent" onboard install --config "$DIR/gwagent.toml" --chain "$DIR/factory-chain.pem"
+if [ "$ONBOARDING" = tpm ]; then
+	say "factory step 1: gwagent onboard tpm (the TPM's endorsement key and the registration id derived from it)"
+	"$BIN/gwagent" onboard tpm --config "$DIR/gwagent.toml" --ek-out "$DIR/ek.b64" | tee "$DIR/onboard-tpm.txt" | cut -c1-100 | sed 's/^/    /'
+	REG_ID=$(sed -n 's/^registration_id: //p' "$DIR/onboard-tpm.txt")
+	say "factory step 2: the manufacturer enrolls the EK in DPS (azsim enroll tpm); nothing secret is stored on the device"
+	"$BIN/azsim" enroll tpm --registration-id "$REG_ID" --ek "$DIR/ek.b64" | cut -c1-100 | sed 's/^/    /'
+	echo
+else
+	say "factory step 1: gwagent onboard csr (onboarding key + CSR for the factory CA)"
+	"$BIN/gwagent" onboard csr --config "$DIR/gwagent.toml" --out "$DIR/onboarding.csr"
+	say "factory step 2: azsim factory-sign plays the factory's CA"
+	"$BIN/azsim" factory-sign <"$DIR/onboarding.csr" >"$DIR/factory-chain.pem"
+	openssl x509 -in "$DIR/factory-chain.pem" -noout -subject -issuer | sed 's/^/    /'
+	say "factory step 3: gwagent onboard install (checks the chain matches the key)"
+	"$BIN/gwagent" onboard install --config "$DIR/gwagent.toml" --chain "$DIR/factory-chain.pem"
+fi
 
-say "gwagent run: provisions through DPS with a new P-384 key, connects to the hub, sends telemetry"
+if [ "$ONBOARDING" = tpm ]; then
+	say "gwagent run: TPM attestation over HTTPS (DPS's challenge opened inside the TPM), a new P-384 key, hub, telemetry"
+else
+	say "gwagent run: provisions through DPS with a new P-384 key, connects to the hub, sends telemetry"
+fi
 echo "    (agent log: $DIR/gwagent.log; azsim's record of arrivals: $DIR/telemetry.jsonl)"
 "$BIN/gwagent" run --config "$DIR/gwagent.toml" >"$DIR/gwagent.log" 2>&1 &
 AGENT=$!
