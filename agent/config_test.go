@@ -34,7 +34,12 @@ func TestConfig(t *testing.T) {
 		{"fail/typo-in-section", strings.Replace(minimal, "id_scope", "idscope", 1), []string{"cfg.toml:4", `"identity.idscope"`}},
 		{"fail/syntax", minimal + "state_dir = \n", []string{"cfg.toml:12"}},
 		{"fail/missing-required", "[identity]\n", []string{"trust_bundle is required", "id_scope is required", "registration_id", "kind is required", "[operational] key"}},
-		{"fail/bad-kind", strings.Replace(minimal, `kind = "x509"`, `kind = "tpm"`, 1), []string{`kind "tpm"`}},
+		{"fail/bad-kind", strings.Replace(minimal, `kind = "x509"`, `kind = "tpm2"`, 1), []string{`kind "tpm2"`, `"tpm"`}},
+		{"ok/tpm attestation, no registration id", strings.Replace(strings.Replace(minimal, "kind = \"x509\"\nkey = \"file:/s/onb.key\"\nchain = \"onb.pem\"", "kind = \"tpm\"\ntpm = \"tpm2:socket=/run/swtpm.sock\"", 1), "registration_id = \"gw-1\"\n", "", 1), nil},
+		{"fail/tpm with x509 leftovers", strings.Replace(minimal, `kind = "x509"`, `kind = "tpm"`, 1), []string{"not used with kind = \"tpm\""}},
+		{"fail/tpm over mqtt", strings.Replace(strings.Replace(minimal, "kind = \"x509\"\nkey = \"file:/s/onb.key\"\nchain = \"onb.pem\"", "kind = \"tpm\"", 1), `registration_id = "gw-1"`, "registration_id = \"gw-1\"\ndps_transport = \"mqtt\"", 1), []string{"cannot carry TPM attestation"}},
+		{"fail/bad tpm URI", strings.Replace(minimal, "kind = \"x509\"\nkey = \"file:/s/onb.key\"\nchain = \"onb.pem\"", "kind = \"tpm\"\ntpm = \"tpm2:handle=0x81000001\"", 1), []string{"[onboarding] tpm", "tpm2:device=/dev/tpmrm0"}},
+		{"fail/bad transport", strings.Replace(minimal, `registration_id = "gw-1"`, "registration_id = \"gw-1\"\ndps_transport = \"amqp\"", 1), []string{`dps_transport "amqp"`}},
 		{"fail/bad-key-uri", strings.Replace(minimal, "file:/s/op.key", "tpm2:handle=7", 1), []string{"[operational] key", "persistent handle"}},
 		{"fail/same-keys", strings.Replace(minimal, "file:/s/op.key", "file:/s/onb.key", 1), []string{"must differ"}},
 		{"fail/log-level", "log_level = \"loud\"\n" + minimal, []string{"log_level"}},
@@ -111,5 +116,20 @@ func TestExampleConfig(t *testing.T) {
 	}
 	if cfg.Renewal.Threshold != 0.8 || !cfg.Renewal.Rotate() || cfg.Renewal.Prefer != "hub" {
 		t.Fatalf("renewal section: %+v", cfg.Renewal)
+	}
+}
+
+func TestConfigTPMDefaults(t *testing.T) {
+	text := strings.Replace(minimal, "kind = \"x509\"\nkey = \"file:/s/onb.key\"\nchain = \"onb.pem\"", "kind = \"tpm\"", 1)
+	c, err := ParseConfig("/etc/gw/cfg.toml", []byte(text))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Onboarding.TPM != "tpm2:device=/dev/tpmrm0" || c.Identity.DPSTransport != "https" {
+		t.Fatalf("tpm %q, transport %q", c.Onboarding.TPM, c.Identity.DPSTransport)
+	}
+	c, err = ParseConfig("/etc/gw/cfg.toml", []byte(minimal))
+	if err != nil || c.Identity.DPSTransport != "mqtt" {
+		t.Fatalf("x509 default transport: %v %v", c, err)
 	}
 }
