@@ -279,23 +279,14 @@ func registerOnce(ctx context.Context, cfg *DPSConfig, reqBody []byte, rng *rand
 	}
 
 	cfg.progress(Step{Kind: StepRegistering})
-	topic, suffix, payload := dpsRegisterTopic, "", reqBody
-	for polls := 0; ; polls++ {
-		resp, body, err := send(topic, suffix, payload)
-		if err != nil {
-			return nil, err
-		}
-		st, opID, wait, err := outcome(cfg, resp.status, resp.retryAfter, body, polls, rng)
-		if err != nil || st != nil {
-			return st, err
-		}
-		cfg.progress(Step{Kind: StepWaiting, Wait: wait})
-		if err := sleep(ctx, wait); err != nil {
-			return nil, err
-		}
-		cfg.progress(Step{Kind: StepPolling})
-		topic, suffix, payload = dpsPollTopic, "&operationId="+url.QueryEscape(opID), nil
+	resp, body, err := send(dpsRegisterTopic, "", reqBody)
+	if err != nil {
+		return nil, err
 	}
+	return pollUntilFinal(ctx, cfg, rng, resp.status, resp.retryAfter, body, func(opID string) (int, time.Duration, []byte, error) {
+		resp, body, err := send(dpsPollTopic, "&operationId="+url.QueryEscape(opID), nil)
+		return resp.status, resp.retryAfter, body, err
+	})
 }
 
 type reply struct {

@@ -205,8 +205,19 @@ func registerOnceHTTPS(ctx context.Context, cfg *DPSConfig, reqBody []byte, rng 
 			return nil, err
 		}
 	}
+	return pollUntilFinal(ctx, cfg, rng, status, ra, body, func(opID string) (int, time.Duration, []byte, error) {
+		status, body, ra, err := h.do(ctx, http.MethodGet, "/operations/"+url.PathEscape(opID), nil)
+		return status, ra, body, err
+	})
+}
+
+// pollUntilFinal is the polling both transports share: interpret an
+// answer, wait as DPS asked, fetch the operation's status with next, until
+// DPS is final or fails.
+func pollUntilFinal(ctx context.Context, cfg *DPSConfig, rng *rand.Rand, status int, retryAfter time.Duration, body []byte,
+	next func(opID string) (int, time.Duration, []byte, error)) (*RegistrationState, error) {
 	for polls := 0; ; polls++ {
-		st, opID, wait, err := outcome(cfg, status, ra, body, polls, rng)
+		st, opID, wait, err := outcome(cfg, status, retryAfter, body, polls, rng)
 		if err != nil || st != nil {
 			return st, err
 		}
@@ -215,8 +226,7 @@ func registerOnceHTTPS(ctx context.Context, cfg *DPSConfig, reqBody []byte, rng 
 			return nil, err
 		}
 		cfg.progress(Step{Kind: StepPolling})
-		status, body, ra, err = h.do(ctx, http.MethodGet, "/operations/"+url.PathEscape(opID), nil)
-		if err != nil {
+		if status, retryAfter, body, err = next(opID); err != nil {
 			return nil, err
 		}
 	}
