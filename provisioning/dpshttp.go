@@ -7,21 +7,17 @@ package provisioning
 // attestation, which DPS offers over HTTPS and AMQP only.
 
 import (
-	"bytes"
 	"context"
 	"crypto/hmac"
 	"crypto/sha256"
 	"crypto/tls"
-	"crypto/x509"
 	"encoding/base32"
 	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"math/rand/v2"
 	"net"
-	"net/http"
 	"net/url"
 	"strconv"
 	"strings"
@@ -66,10 +62,10 @@ const maxDPSBody = 96 << 10
 
 // httpsDPS is one registration's REST client.
 type httpsDPS struct {
-	cfg    *DPSConfig
-	client *http.Client
-	base   string // https://host:port/{scope}/registrations/{id}
-	auth   string // Authorization header, once known
+	cfg  *DPSConfig
+	conn *restConn
+	base string // /{scope}/registrations/{id}
+	auth string // Authorization header, once known
 }
 
 func newHTTPSDPS(cfg *DPSConfig) (*httpsDPS, error) {
@@ -87,43 +83,28 @@ func newHTTPSDPS(cfg *DPSConfig) (*httpsDPS, error) {
 	if err != nil {
 		return nil, fmt.Errorf("dps: %w", err)
 	}
-	tr := &http.Transport{
-		TLSClientConfig:       tlsCfg,
-		TLSHandshakeTimeout:   30 * time.Second,
-		ResponseHeaderTimeout: 30 * time.Second,
-		MaxIdleConns:          1,
-		IdleConnTimeout:       time.Minute,
-		// Proxy settings come with the shared connection layer; until then
-		// DPS is dialled directly, as over MQTT.
+	tlsCfg.NextProtos = []string{"http/1.1"}
+	hostHdr := host
+	if port != "443" {
+		hostHdr = net.JoinHostPort(host, port)
 	}
 	return &httpsDPS{
-		cfg:    cfg,
-		client: &http.Client{Transport: tr, Timeout: time.Minute},
-		base: "https://" + net.JoinHostPort(host, port) + "/" + url.PathEscape(cfg.IDScope) +
-			"/registrations/" + url.PathEscape(cfg.RegistrationID),
+		cfg:  cfg,
+		conn: &restConn{addr: net.JoinHostPort(host, port), host: hostHdr, tlsCfg: tlsCfg},
+		base: "/" + url.PathEscape(cfg.IDScope) + "/registrations/" + url.PathEscape(cfg.RegistrationID),
 	}, nil
 }
 
 // do sends one request and returns status, body and retry-after.
 func (h *httpsDPS) do(ctx context.Context, method, path string, body []byte) (int, []byte, time.Duration, error) {
-	u := h.base + path + "?api-version=" + url.QueryEscape(h.cfg.APIVersion)
-	var rd io.Reader
+	hdr := map[string]string{"Accept": "application/json", "User-Agent": h.cfg.ClientVersion}
 	if body != nil {
-		rd = bytes.NewReader(body)
-	}
-	req, err := http.NewRequestWithContext(ctx, method, u, rd)
-	if err != nil {
-		return 0, nil, 0, fmt.Errorf("dps: %w", err)
-	}
-	req.Header.Set("Accept", "application/json")
-	req.Header.Set("User-Agent", h.cfg.ClientVersion)
-	if body != nil {
-		req.Header.Set("Content-Type", "application/json; charset=utf-8")
+		hdr["Content-Type"] = "application/json; charset=utf-8"
 	}
 	if h.auth != "" {
-		req.Header.Set("Authorization", h.auth)
+		hdr["Authorization"] = h.auth
 	}
-	resp, err := h.client.Do(req)
+	rsp, err := h.conn.roundTrip(ctx, method, h.base+path+"?api-version="+url.QueryEscape(h.cfg.APIVersion), hdr, body)
 	if err != nil {
 		if ctx.Err() != nil {
 			return 0, nil, 0, ctx.Err()
@@ -132,22 +113,13 @@ func (h *httpsDPS) do(ctx context.Context, method, path string, body []byte) (in
 		if errors.As(err, &cve) {
 			return 0, nil, 0, fmt.Errorf("dps: %s presented a certificate our trust bundle does not accept (%v); check trust_bundle and the endpoint name", h.cfg.Endpoint, cve.Err)
 		}
-		var ua x509.UnknownAuthorityError
-		if errors.As(err, &ua) {
-			return 0, nil, 0, fmt.Errorf("dps: %s presented a certificate our trust bundle does not accept (%v); check trust_bundle and the endpoint name", h.cfg.Endpoint, err)
-		}
 		return 0, nil, 0, &transientError{err: fmt.Errorf("dps: %s %s: %w", method, h.cfg.Endpoint, err)}
 	}
-	defer resp.Body.Close()
-	b, err := io.ReadAll(io.LimitReader(resp.Body, maxDPSBody))
-	if err != nil {
-		return 0, nil, 0, &transientError{err: fmt.Errorf("dps: reading the answer: %w", err)}
-	}
 	var ra time.Duration
-	if n, err := strconv.Atoi(strings.TrimSpace(resp.Header.Get("Retry-After"))); err == nil && n > 0 {
+	if n, err := strconv.Atoi(strings.TrimSpace(rsp.header.Get("Retry-After"))); err == nil && n > 0 {
 		ra = time.Duration(n) * time.Second
 	}
-	return resp.StatusCode, b, ra, nil
+	return rsp.status, rsp.body, ra, nil
 }
 
 // registerOnceHTTPS is one registration over REST: register (answering the
@@ -158,7 +130,7 @@ func registerOnceHTTPS(ctx context.Context, cfg *DPSConfig, reqBody []byte, rng 
 	if err != nil {
 		return nil, err
 	}
-	defer h.client.CloseIdleConnections()
+	defer h.conn.close()
 	expiry := time.Now().Add(cfg.Timeout + time.Minute)
 	tpmCred, isTPM := cfg.Credential.(TPMCredential)
 	switch c := cfg.Credential.(type) {
@@ -178,7 +150,7 @@ func registerOnceHTTPS(ctx context.Context, cfg *DPSConfig, reqBody []byte, rng 
 	}
 
 	cfg.progress(Step{Kind: StepRegistering})
-	status, body, ra, err := h.do(ctx, http.MethodPut, "/register", reqBody)
+	status, body, ra, err := h.do(ctx, "PUT", "/register", reqBody)
 	if err != nil {
 		return nil, err
 	}
@@ -200,13 +172,13 @@ func registerOnceHTTPS(ctx context.Context, cfg *DPSConfig, reqBody []byte, rng 
 		if err != nil {
 			return nil, fmt.Errorf("dps: TPM attestation: %w", err)
 		}
-		status, body, ra, err = h.do(ctx, http.MethodPut, "/register", reqBody)
+		status, body, ra, err = h.do(ctx, "PUT", "/register", reqBody)
 		if err != nil {
 			return nil, err
 		}
 	}
 	return pollUntilFinal(ctx, cfg, rng, status, ra, body, func(opID string) (int, time.Duration, []byte, error) {
-		status, body, ra, err := h.do(ctx, http.MethodGet, "/operations/"+url.PathEscape(opID), nil)
+		status, body, ra, err := h.do(ctx, "GET", "/operations/"+url.PathEscape(opID), nil)
 		return status, ra, body, err
 	})
 }
