@@ -170,6 +170,26 @@ func TestEndorsement(t *testing.T) {
 		}
 		noLeaks(t, s)
 	})
+	t.Run("ok/persisted RSA SRK is used and kept", func(t *testing.T) {
+		s := openStore(t)
+		persist(t, s, tpm.TPMRHOwner, tpm.RSASRKTemplate, srkHandle)
+		rp, err := (tpm.ReadPublic{ObjectHandle: srkHandle}).Execute(s.tpm)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ek, srk, err := s.DPSPublics(ctx)
+		if err != nil || string(srk) != string(tpm.Marshal(rp.OutPublic)) {
+			t.Fatalf("the SRK sent is not the persisted one (%v)", err)
+		}
+		blob, _, _ := dps.TPMChallenge(ek, srk)
+		if _, err := s.DPSSign(ctx, blob, []byte("x")); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := (tpm.ReadPublic{ObjectHandle: srkHandle}).Execute(s.tpm); err != nil {
+			t.Fatal("the persisted SRK is gone")
+		}
+		noLeaks(t, s)
+	})
 	t.Run("fail/unsupported EK template", func(t *testing.T) {
 		s := openStore(t)
 		persist(t, s, tpm.TPMRHEndorsement, tpm.ECCEKTemplate, ekPersistent)
