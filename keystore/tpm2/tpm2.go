@@ -47,6 +47,7 @@ type Store struct {
 	mu     sync.Mutex
 	tpm    transport.TPMCloser
 	name   string
+	noP384 error // set when the TPM lacks P-384: keys fail, attestation works
 	closed bool
 }
 
@@ -55,7 +56,7 @@ var (
 	_ keystore.KeyDeleter = (*Store)(nil)
 )
 
-// Open opens the TPM that u names and checks that it supports P-384.
+// Open opens the TPM that u names and probes it for P-384 (see New).
 func Open(ctx context.Context, u *keystore.URI) (keystore.KeyStore, error) {
 	path, socket := u.TPMDevice()
 	st, err := os.Stat(path)
@@ -94,7 +95,9 @@ func Open(ctx context.Context, u *keystore.URI) (keystore.KeyStore, error) {
 	return s, nil
 }
 
-// New makes a Store over an open TPM transport and probes for P-384.
+// New makes a Store over an open TPM transport and probes for P-384. A TPM
+// without P-384 still opens (its endorsement key can be the onboarding
+// credential), but every key operation fails with ErrUnsupportedCurve.
 func New(tr transport.TPMCloser, name string) (*Store, error) {
 	s := &Store{tpm: tr, name: name}
 	rsp, err := tpm.GetCapability{Capability: tpm.TPMCapECCCurves, PropertyCount: 64}.Execute(tr)
@@ -110,7 +113,8 @@ func New(tr transport.TPMCloser, name string) (*Store, error) {
 			return s, nil
 		}
 	}
-	return nil, fmt.Errorf("tpm2: %w: the TPM at %s has no NIST P-384 (it lists %v); Azure issues only for P-384 keys, so use a PKCS#11 token or a file: key on this device", keystore.ErrUnsupportedCurve, name, curves.ECCCurves)
+	s.noP384 = fmt.Errorf("tpm2: %w: the TPM at %s has no NIST P-384 (it lists %v); Azure issues only for P-384 keys, so use a PKCS#11 token or a file: key on this device (its endorsement key can still be the onboarding credential)", keystore.ErrUnsupportedCurve, name, curves.ECCCurves)
+	return s, nil
 }
 
 // Close closes the TPM connection.
@@ -198,6 +202,9 @@ func checkOurs(h uint32, p *tpm.TPM2BPublic) error {
 
 // CreateKey creates a P-384 key in the TPM and stores it where u says.
 func (s *Store) CreateKey(ctx context.Context, u *keystore.URI) (crypto.Signer, error) {
+	if s.noP384 != nil {
+		return nil, s.noP384
+	}
 	handle, err := u.Handle()
 	if err != nil {
 		return nil, err
@@ -260,6 +267,9 @@ func (s *Store) CreateKey(ctx context.Context, u *keystore.URI) (crypto.Signer, 
 // Signer opens the key u names: at its persistent handle if it is there,
 // else from its blob file.
 func (s *Store) Signer(ctx context.Context, u *keystore.URI) (crypto.Signer, error) {
+	if s.noP384 != nil {
+		return nil, s.noP384
+	}
 	handle, err := u.Handle()
 	if err != nil {
 		return nil, err

@@ -141,9 +141,18 @@ func (fakeTPM) Close() error { return nil }
 
 func TestErrors(t *testing.T) {
 	t.Run("fail/TPM without P-384", func(t *testing.T) {
-		_, err := New(fakeTPM{}, "fake")
-		if !errors.Is(err, keystore.ErrUnsupportedCurve) || !strings.Contains(err.Error(), "P-384") {
-			t.Fatalf("got %v", err)
+		// It opens (the EK can still be the onboarding credential), but no
+		// key operation reaches the TPM.
+		s, err := New(fakeTPM{}, "fake")
+		if err != nil {
+			t.Fatal(err)
+		}
+		u := keystore.MustParse("tpm2:socket=/x;blob=/nonexistent/k.tpmkey")
+		if _, err := s.CreateKey(context.Background(), u); !errors.Is(err, keystore.ErrUnsupportedCurve) || !strings.Contains(err.Error(), "P-384") {
+			t.Fatalf("create: got %v", err)
+		}
+		if _, err := s.Signer(context.Background(), u); !errors.Is(err, keystore.ErrUnsupportedCurve) {
+			t.Fatalf("signer: got %v", err)
 		}
 	})
 	t.Run("fail/no TPM device", func(t *testing.T) {
