@@ -10,6 +10,7 @@ package dps
 import (
 	"bytes"
 	"crypto/tls"
+	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -212,15 +213,17 @@ func (d *DPS) httpPoll(w http.ResponseWriter, r *http.Request) {
 			op.status, op.result = 200, mustJSON(map[string]any{"operationId": op.id, "status": "failed",
 				"registrationState": map[string]any{"registrationId": op.regID, "status": "failed", "errorCode": 500001, "errorMessage": err.Error()}})
 		} else if isTPM {
-			op.result = tpmResult(op.result)
+			op.result = tpmResult(op.result, d.tpm.blobs[strings.ToLower(op.regID)])
 		}
 	}
 	writeDPS(w, op.status, 0, op.result)
 }
 
 // tpmResult names the attestation in the registration state as DPS does
-// for TPM enrollments ("tpm" instead of the group's "x509").
-func tpmResult(result []byte) []byte {
+// for TPM enrollments: "tpm" with the authenticationKey (the challenge,
+// which the Azure SDKs import again to keep the key for the hub) instead
+// of the group's "x509".
+func tpmResult(result, blob []byte) []byte {
 	var m map[string]any
 	if json.Unmarshal(result, &m) != nil {
 		return result
@@ -228,7 +231,7 @@ func tpmResult(result []byte) []byte {
 	if st, ok := m["registrationState"].(map[string]any); ok {
 		delete(st, "x509")
 		delete(st, "symmetricKey")
-		st["tpm"] = map[string]any{}
+		st["tpm"] = map[string]any{"authenticationKey": base64.StdEncoding.EncodeToString(blob)}
 	}
 	return mustJSON(m)
 }

@@ -44,6 +44,7 @@ type tpmState struct {
 	mu     sync.Mutex
 	enroll map[string]*TPMEnrollment // by lower-case registration id
 	keys   map[string][]byte         // challenge HMAC key by lower-case registration id
+	blobs  map[string][]byte         // the challenge that carried it (authenticationKey)
 	ops    map[string]bool           // operation ids of TPM registrations
 	tamper func([]byte) []byte
 
@@ -51,7 +52,7 @@ type tpmState struct {
 }
 
 func newTPMState(dir string) (*tpmState, error) {
-	t := &tpmState{dir: dir, enroll: map[string]*TPMEnrollment{}, keys: map[string][]byte{}, ops: map[string]bool{}}
+	t := &tpmState{dir: dir, enroll: map[string]*TPMEnrollment{}, keys: map[string][]byte{}, blobs: map[string][]byte{}, ops: map[string]bool{}}
 	if dir == "" {
 		return t, nil
 	}
@@ -201,7 +202,7 @@ func (d *DPS) tpmAttest(regID string, ekB64, srkB64, auth string) (*TPMEnrollmen
 			return nil, 500, errorBody(500000, err.Error())
 		}
 		t.mu.Lock()
-		t.keys[key] = hmacKey
+		t.keys[key], t.blobs[key] = hmacKey, blob
 		t.mu.Unlock()
 		if tamper != nil {
 			blob = tamper(blob)
