@@ -18,7 +18,8 @@ package tpm2
 // object and session is flushed before the call returns, on success and on
 // error. The EK and SRK are the TCG reference RSA-2048 templates DPS uses
 // (the Azure IoT C SDK's hsm_client_tpm creates the same ones); persisted
-// copies at 0x81010001 and 0x81000001 are used when present.
+// copies at 0x81010001 and 0x81000001 are used when present, else they are
+// derived once per Store and reloaded from TPM-encrypted saved contexts.
 //
 // go-tpm-tools' client package has the EK templates and NV helpers too, but
 // it adds about 1.9 MB (+27 %) to the CGO-free arm64 binary; the templates
@@ -189,6 +190,9 @@ func (s *Store) ek() (loaded, func(), bool, error) {
 		}
 		return loaded{handle: ekPersistent, name: rp.Name, pub: &rp.OutPublic}, func() {}, true, nil
 	}
+	if l, release, ok := s.loadSaved(tpm.TPMRHEndorsement); ok {
+		return l, release, false, nil
+	}
 	rsp, err := tpm.CreatePrimary{PrimaryHandle: tpm.TPMRHEndorsement, InPublic: tpm.New2B(tpm.RSAEKTemplate)}.Execute(s.tpm)
 	switch {
 	case err == nil:
@@ -204,7 +208,9 @@ func (s *Store) ek() (loaded, func(), bool, error) {
 		return loaded{}, nil, false, fmt.Errorf("tpm2: creating the EK: %w", err)
 	}
 	h := rsp.ObjectHandle
-	return loaded{handle: h, name: rsp.Name, pub: &rsp.OutPublic}, func() { s.flush(h) }, false, nil
+	l := loaded{handle: h, name: rsp.Name, pub: &rsp.OutPublic}
+	s.save(tpm.TPMRHEndorsement, l)
+	return l, func() { s.flush(h) }, false, nil
 }
 
 // checkEK accepts a persisted EK only if it is an RSA 2048 restricted
@@ -237,12 +243,57 @@ func (s *Store) rsaSRK() (loaded, func(), error) {
 			return loaded{handle: srkHandle, name: rp.Name, pub: &rp.OutPublic}, func() {}, nil
 		}
 	}
+	if l, release, ok := s.loadSaved(tpm.TPMRHOwner); ok {
+		return l, release, nil
+	}
 	rsp, err := tpm.CreatePrimary{PrimaryHandle: tpm.TPMRHOwner, InPublic: tpm.New2B(tpm.RSASRKTemplate)}.Execute(s.tpm)
 	if err != nil {
 		return loaded{}, nil, fmt.Errorf("tpm2: creating the RSA storage root key: %w (is the owner hierarchy password-protected?)", err)
 	}
 	h := rsp.ObjectHandle
-	return loaded{handle: h, name: rsp.Name, pub: &rsp.OutPublic}, func() { s.flush(h) }, nil
+	l := loaded{handle: h, name: rsp.Name, pub: &rsp.OutPublic}
+	s.save(tpm.TPMRHOwner, l)
+	return l, func() { s.flush(h) }, nil
+}
+
+// savedPrimary is a context-saved RSA primary key. Deriving an RSA 2048
+// primary takes the TPM hundreds of milliseconds (seconds on some discrete
+// TPMs), and a registration needs the EK and SRK twice (public areas, then
+// the challenge); a saved context reloads in a millisecond and occupies no
+// object slot in between. It is tied to this TPM's current power cycle: a
+// context that no longer loads is dropped and the key derived again.
+type savedPrimary struct {
+	ctx  tpm.TPMSContext
+	name tpm.TPM2BName
+	pub  tpm.TPM2BPublic
+}
+
+// save keeps a context of a freshly created primary (best effort).
+func (s *Store) save(hier tpm.TPMHandle, l loaded) {
+	rsp, err := (tpm.ContextSave{SaveHandle: l.handle}).Execute(s.tpm)
+	if err != nil {
+		return
+	}
+	if s.saved == nil {
+		s.saved = map[tpm.TPMHandle]*savedPrimary{}
+	}
+	s.saved[hier] = &savedPrimary{ctx: rsp.Context, name: l.name, pub: *l.pub}
+}
+
+// loadSaved reloads the saved primary of hier, if there is one that loads.
+func (s *Store) loadSaved(hier tpm.TPMHandle) (loaded, func(), bool) {
+	sp := s.saved[hier]
+	if sp == nil {
+		return loaded{}, nil, false
+	}
+	rsp, err := (tpm.ContextLoad{Context: sp.ctx}).Execute(s.tpm)
+	if err != nil {
+		delete(s.saved, hier)
+		return loaded{}, nil, false
+	}
+	h := rsp.LoadedHandle
+	pub := sp.pub
+	return loaded{handle: h, name: sp.name, pub: &pub}, func() { s.flush(h) }, true
 }
 
 // activate runs TPM2_ActivateCredential for the SRK's name with the EK,

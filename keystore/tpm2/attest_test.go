@@ -9,6 +9,7 @@ import (
 	"crypto/sha256"
 	"crypto/x509"
 	"crypto/x509/pkix"
+	"encoding/binary"
 	"errors"
 	"math/big"
 	"strings"
@@ -16,6 +17,8 @@ import (
 	"time"
 
 	tpm "github.com/google/go-tpm/tpm2"
+	"github.com/google/go-tpm/tpm2/transport"
+	"github.com/google/go-tpm/tpm2/transport/linuxudstpm"
 
 	"github.com/gwagent/gwagent/internal/azsim/dps"
 	"github.com/gwagent/gwagent/internal/testenv"
@@ -297,4 +300,52 @@ func selfSigned(t *testing.T) []byte {
 		t.Fatal(err)
 	}
 	return der
+}
+
+// countCC counts the commands of one code sent through a transport.
+type countCC struct {
+	transport.TPMCloser
+	cc tpm.TPMCC
+	n  int
+}
+
+func (c *countCC) Send(cmd []byte) ([]byte, error) {
+	if len(cmd) >= 10 && tpm.TPMCC(binary.BigEndian.Uint32(cmd[6:10])) == c.cc {
+		c.n++
+	}
+	return c.TPMCloser.Send(cmd)
+}
+
+// The RSA EK and SRK are derived once per store: the challenge reloads
+// their saved contexts instead of deriving them again.
+func TestPrimariesDerivedOnce(t *testing.T) {
+	ctx := context.Background()
+	sw := testenv.StartSWTPM(t)
+	tr, err := linuxudstpm.Open(sw.Sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := &countCC{TPMCloser: tr, cc: tpm.TPMCCCreatePrimary}
+	s, err := New(c, sw.Sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	ek, srk, err := s.DPSPublics(ctx)
+	if err != nil || c.n != 2 {
+		t.Fatalf("DPSPublics: %d CreatePrimary, err %v", c.n, err)
+	}
+	for range 2 {
+		blob, _, _ := dps.TPMChallenge(ek, srk)
+		if _, err := s.DPSSign(ctx, blob, []byte("x")); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := s.Endorsement(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if c.n != 2 {
+		t.Fatalf("%d CreatePrimary in all; the EK and SRK should be derived once", c.n)
+	}
+	noLeaks(t, s)
 }

@@ -48,6 +48,7 @@ type Store struct {
 	tpm    transport.TPMCloser
 	name   string
 	noP384 error // set when the TPM lacks P-384: keys fail, attestation works
+	saved  map[tpm.TPMHandle]*savedPrimary // attest.go: RSA EK and SRK contexts by hierarchy
 	closed bool
 }
 
