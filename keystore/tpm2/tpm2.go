@@ -47,7 +47,7 @@ type Store struct {
 	mu     sync.Mutex
 	tpm    transport.TPMCloser
 	name   string
-	noP384 error // set when the TPM lacks P-384: keys fail, attestation works
+	noP384 error                           // set when the TPM lacks P-384: keys fail, attestation works
 	saved  map[tpm.TPMHandle]*savedPrimary // attest.go: RSA EK and SRK contexts by hierarchy
 	closed bool
 }
