@@ -109,8 +109,14 @@ type TelemetryConfig struct {
 	Interval Duration `toml:"interval"`
 	// SpoolDir is watched for *.json files from local applications; each is
 	// sent as one message and deleted after the hub acknowledged it.
-	// Default: STATE_DIR/spool.
+	// Default: /var/spool/gwagent (group gwagent-spool may write it) when
+	// state_dir is the default, else STATE_DIR/spool.
 	SpoolDir string `toml:"spool_dir"`
+	// SpoolSettle is how long a spool file must be unchanged before it is
+	// read, so a file written in place in several chunks is not sent half
+	// written; default 1s. Files renamed into place after writing have
+	// usually settled already.
+	SpoolSettle Duration `toml:"spool_settle"`
 }
 
 // OutboxConfig bounds the on-disk queue.
@@ -172,6 +178,15 @@ func (d *Duration) UnmarshalText(b []byte) error {
 
 // MarshalText implements encoding.TextMarshaler.
 func (d Duration) MarshalText() ([]byte, error) { return []byte(d.String()), nil }
+
+// DefaultStateDir is the state directory when the config names none
+// (systemd's StateDirectory=gwagent).
+const DefaultStateDir = "/var/lib/gwagent"
+
+// DefaultSpoolDir is the spool directory when the config names none. It is
+// outside the state directory so that local applications (group
+// gwagent-spool) can write it without any access to keys and identity.
+const DefaultSpoolDir = "/var/spool/gwagent"
 
 // Onboarding kinds.
 const (
@@ -235,7 +250,7 @@ func (c *Config) defaults() {
 		}
 	}
 	if c.StateDir == "" {
-		c.StateDir = "/var/lib/gwagent"
+		c.StateDir = DefaultStateDir
 	}
 	abs(&c.StateDir)
 	abs(&c.TrustBundle)
@@ -243,9 +258,17 @@ func (c *Config) defaults() {
 	abs(&c.Onboarding.SymmetricKeyFile)
 	abs(&c.Hub.Chain)
 	if c.Telemetry.SpoolDir == "" {
-		c.Telemetry.SpoolDir = filepath.Join(c.StateDir, "spool")
+		c.Telemetry.SpoolDir = DefaultSpoolDir
+		if c.StateDir != DefaultStateDir {
+			// A private setup (tests, demos, a second instance): keep it
+			// beside its state, not in the system-wide spool.
+			c.Telemetry.SpoolDir = filepath.Join(c.StateDir, "spool")
+		}
 	}
 	abs(&c.Telemetry.SpoolDir)
+	if c.Telemetry.SpoolSettle.Duration == 0 {
+		c.Telemetry.SpoolSettle.Duration = time.Second
+	}
 	if c.Telemetry.Interval.Duration == 0 {
 		c.Telemetry.Interval.Duration = time.Minute
 	}
@@ -317,6 +340,12 @@ func (c *Config) validate() error {
 	}
 	if d := c.Telemetry.Interval.Duration; d < time.Second {
 		add("[telemetry] interval %s is below 1s", d)
+	}
+	if d := c.Telemetry.SpoolSettle.Duration; d < 0 || d > time.Hour {
+		add("[telemetry] spool_settle %s: use 0s to 1h", d)
+	}
+	if c.Telemetry.SpoolDir == c.StateDir {
+		add("[telemetry] spool_dir must not be the state directory: local applications write the spool, and must not reach keys, identity or outbox")
 	}
 	if d := c.Hub.KeepAlive.Duration; d < 30*time.Second || d > 1177*time.Second {
 		add("[hub] keep_alive %s: use 30s to 1177s (the hub allows at most 1177s)", d)

@@ -24,6 +24,7 @@ type Health struct {
 	TemperatureC     *float64  `json:"temperatureC,omitempty"`
 	CertDaysLeft     *float64  `json:"certDaysLeft,omitempty"`
 	OutboxDepth      int       `json:"outboxDepth"`
+	SpoolRejected    int64     `json:"spoolRejected"`
 	AgentVersion     string    `json:"agentVersion"`
 	AgentState       string    `json:"agentState"`
 	ConditionsActive []string  `json:"conditions,omitempty"`

@@ -54,6 +54,9 @@ type Agent struct {
 	kick     chan struct{} // wakes the sender when the outbox got messages
 	retimer  chan struct{} // wakes the health loop when the interval changed
 
+	spool         spoolState   // spool files in the outbox (spool.go)
+	spoolRejected atomic.Int64 // spool files refused since start
+
 	mu      sync.Mutex
 	sess    *transport.Session
 	endSess func() // ends the current session (renewal swap)
@@ -97,6 +100,7 @@ func New(cfgPath string, opts Options) (*Agent, error) {
 		kick:     make(chan struct{}, 1),
 		retimer:  make(chan struct{}, 1),
 		renewNow: make(chan string, 1),
+		spool:    spoolState{queued: map[string]fileSig{}},
 		crashAt:  os.Getenv(crashEnv),
 		rng:      rand.New(rand.NewPCG(uint64(time.Now().UnixNano()), uint64(os.Getpid()))),
 	}

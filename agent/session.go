@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"os"
 	"time"
 
 	"github.com/gwagent/gwagent/internal/tlsconf"
@@ -124,9 +123,7 @@ func (a *Agent) drain(ctx context.Context, sess *transport.Session) {
 				a.log.Error("outbox ack", "err", err)
 			}
 			if f.m.Local != "" {
-				if err := os.Remove(f.m.Local); err != nil && !errors.Is(err, os.ErrNotExist) {
-					a.log.Warn("cannot delete sent spool file", "file", f.m.Local, "err", err)
-				}
+				a.spoolSent(f.m.Local)
 			}
 			last = f.m.Seq
 			a.status.Update(false, func(s *Status) { s.LastAckID, s.LastAckAt = f.m.ID, a.opts.Now().UTC() })

@@ -69,9 +69,12 @@ type Status struct {
 	OutboxBytes  int64                `json:"outboxBytes"`
 	LastAckID    string               `json:"lastAckId,omitempty"`
 	LastAckAt    time.Time            `json:"lastAckAt,omitzero"`
-	Version      string               `json:"version,omitempty"`
-	PID          int                  `json:"pid"`
-	UpdatedAt    time.Time            `json:"updatedAt"`
+	// SpoolRejected counts spool files refused (moved to rejected/) since
+	// the agent started.
+	SpoolRejected int64     `json:"spoolRejected,omitempty"`
+	Version       string    `json:"version,omitempty"`
+	PID           int       `json:"pid"`
+	UpdatedAt     time.Time `json:"updatedAt"`
 }
 
 // statusTracker owns Status. Changes of state or conditions are logged,

@@ -55,6 +55,7 @@ func (a *Agent) sendHealth() {
 		h.CertDaysLeft = &days
 	}
 	h.OutboxDepth, _ = a.outbox.Depth()
+	h.SpoolRejected = a.spoolRejected.Load()
 	body, _ := json.Marshal(h)
 	if err := a.enqueue(&transport.Message{Kind: transport.KindHealth, Body: body,
 		System: map[string]string{"ct": "application/json", "ce": "utf-8"},
