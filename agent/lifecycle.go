@@ -144,7 +144,7 @@ func (a *Agent) identity(ctx context.Context) (*provisioning.Identity, error) {
 		}
 		return &provisioning.Identity{KeyURI: cfg.Operational.Key, DeviceID: cfg.Hub.DeviceID, AssignedHub: cfg.Hub.Host,
 			Chain: chain, ChainPath: cfg.Hub.Chain, NotBefore: chain[0].NotBefore, NotAfter: chain[0].NotAfter,
-			Serial: chain[0].SerialNumber.Text(16), Via: "factory"}, nil
+			Serial: provisioning.FormatSerial(chain[0].SerialNumber), Via: "factory"}, nil
 	}
 	id, err := a.store.Current()
 	if errors.Is(err, provisioning.ErrNotProvisioned) {

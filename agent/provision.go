@@ -178,7 +178,7 @@ func Provision(ctx context.Context, cfg *Config, keys *Keys, opts ProvisionOptio
 		}
 		return nil, err
 	}
-	say("validated the issued chain (%d certificates, leaf serial %s)", len(issued.Chain), issued.Chain[0].SerialNumber.Text(16))
+	say("validated the issued chain (%d certificates, leaf serial %s)", len(issued.Chain), provisioning.FormatSerial(issued.Chain[0].SerialNumber))
 	save := store.Save
 	if opts.Stage {
 		save = store.Stage

@@ -124,9 +124,11 @@ func (a *Agent) applyLogLevel(cfg *Config) {
 func (a *Agent) Run(ctx context.Context) error {
 	cfg := a.cfg.Load()
 	a.started = a.opts.Now()
-	if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
-		return fmt.Errorf("state directory: %w; create it or fix state_dir", err)
+	lock, err := LockStateDir(cfg.StateDir)
+	if err != nil {
+		return err
 	}
+	defer lock.Unlock()
 	a.status = newStatusTracker(cfg.StateDir, a.log, a.notify, a.opts.Now, a.opts.Version)
 	store, err := provisioning.OpenStore(cfg.StateDir)
 	if err != nil {

@@ -28,7 +28,7 @@ func ValidateChain(chain []*x509.Certificate, pub crypto.PublicKey, deviceID str
 	leaf := chain[0]
 	type equaler interface{ Equal(crypto.PublicKey) bool }
 	if k, ok := leaf.PublicKey.(equaler); !ok || !k.Equal(pub) {
-		return fmt.Errorf("%w: the issued certificate (serial %s) is for a different key than the one we sent in the CSR", ErrBadChain, leaf.SerialNumber.Text(16))
+		return fmt.Errorf("%w: the issued certificate (serial %s) is for a different key than the one we sent in the CSR", ErrBadChain, FormatSerial(leaf.SerialNumber))
 	}
 	if leaf.Subject.CommonName != deviceID {
 		return fmt.Errorf("%w: certificate CN %q is not the assigned device id %q", ErrBadChain, leaf.Subject.CommonName, deviceID)

@@ -171,7 +171,7 @@ func (s *Store) Stage(id *Identity, chain []*x509.Certificate) (*Identity, error
 	s.step("chain-written")
 	leaf := chain[0]
 	rec := *id
-	rec.Serial = leaf.SerialNumber.Text(16)
+	rec.Serial = FormatSerial(leaf.SerialNumber)
 	rec.NotBefore, rec.NotAfter = leaf.NotBefore.UTC(), leaf.NotAfter.UTC()
 	raw, _ := json.MarshalIndent(&rec, "", "  ")
 	if err := atomicfile.Write(filepath.Join(gdir, identityFile), append(raw, '\n'), 0o600); err != nil {

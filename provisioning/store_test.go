@@ -75,7 +75,7 @@ func TestStoreSaveLoad(t *testing.T) {
 	if got.Generation != saved.Generation || got.AssignedHub != "hub:8884" || len(got.Chain) != 3 || !got.Leaf().Equal(chain[0]) {
 		t.Fatalf("loaded %+v", got)
 	}
-	if got.Serial != chain[0].SerialNumber.Text(16) || !got.NotAfter.Equal(chain[0].NotAfter) {
+	if got.Serial != FormatSerial(chain[0].SerialNumber) || !got.NotAfter.Equal(chain[0].NotAfter) {
 		t.Fatalf("serial/notAfter not recorded: %+v", got)
 	}
 	st, _ := os.Stat(filepath.Join(s.Dir(), got.Generation, identityFile))
@@ -148,7 +148,7 @@ func TestStoreCrash(t *testing.T) {
 			if tc.wantNew {
 				wantKey, wantLeaf = "file:/new.key", newChain[0]
 			}
-			if cur.KeyURI != wantKey || !cur.Leaf().Equal(wantLeaf) || cur.Serial != wantLeaf.SerialNumber.Text(16) {
+			if cur.KeyURI != wantKey || !cur.Leaf().Equal(wantLeaf) || cur.Serial != FormatSerial(wantLeaf.SerialNumber) {
 				t.Fatalf("after kill at %s: key %s serial %s; want %s with its own certificate", tc.step, cur.KeyURI, cur.Serial, wantKey)
 			}
 			// The leftovers are pruned and a fresh save works.

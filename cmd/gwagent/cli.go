@@ -23,6 +23,10 @@ import (
 // errUsage marks errors already explained on stderr; main exits 2.
 var errUsage = errors.New("usage")
 
+// errHelp means -h or --help was given and the help printed: the command
+// stops there, without acting, and gwagent exits 0.
+var errHelp = errors.New("help requested")
+
 type command struct {
 	name, args, help string
 	run              func(ctx context.Context, args []string, stdout, stderr io.Writer) error
@@ -70,7 +74,10 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	}
 	for _, c := range commands() {
 		if c.name == args[0] {
-			return c.run(ctx, args[1:], stdout, stderr)
+			if err := c.run(ctx, args[1:], stdout, stderr); !errors.Is(err, errHelp) {
+				return err
+			}
+			return nil
 		}
 	}
 	fmt.Fprintf(stderr, "gwagent: unknown command %q\n\n", args[0])
@@ -84,7 +91,7 @@ func flags(name, args string, stderr io.Writer) *flag.FlagSet {
 	fs := flag.NewFlagSet("gwagent "+name, flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	fs.Usage = func() {
-		fmt.Fprintf(stderr, "usage: gwagent %s %s\n", name, args)
+		fmt.Fprintf(fs.Output(), "usage: gwagent %s %s\n", name, args)
 		fs.PrintDefaults()
 	}
 	return fs
@@ -93,7 +100,7 @@ func flags(name, args string, stderr io.Writer) *flag.FlagSet {
 func parse(fs *flag.FlagSet, args []string) error {
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
-			return nil
+			return errHelp
 		}
 		return errUsage
 	}

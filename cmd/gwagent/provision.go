@@ -25,8 +25,13 @@ func isTerminal(w io.Writer) bool {
 }
 
 func cmdOnboard(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	const help = "usage: gwagent onboard csr --config FILE [--out FILE]\n       gwagent onboard install --config FILE --chain FILE\n       gwagent onboard tpm (--config FILE | --tpm tpm2:device=/dev/tpmrm0) [--ek-out FILE]"
+	if len(args) > 0 && (args[0] == "-h" || args[0] == "-help" || args[0] == "--help") {
+		fmt.Fprintln(stderr, help)
+		return errHelp
+	}
 	if len(args) == 0 || (args[0] != "csr" && args[0] != "install" && args[0] != "tpm") {
-		fmt.Fprintln(stderr, "usage: gwagent onboard csr --config FILE [--out FILE]\n       gwagent onboard install --config FILE --chain FILE\n       gwagent onboard tpm (--config FILE | --tpm tpm2:device=/dev/tpmrm0) [--ek-out FILE]")
+		fmt.Fprintln(stderr, help)
 		return errUsage
 	}
 	switch args[0] {

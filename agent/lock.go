@@ -1,0 +1,85 @@
+package agent
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+)
+
+// ErrAlreadyRunning says another gwagent process holds the state directory.
+var ErrAlreadyRunning = errors.New("already running")
+
+// lockFile is the file in the state directory that one process at a time
+// holds an exclusive flock on. It holds the holder's pid for messages; the
+// lock itself, not the pid, is what counts (the kernel drops it when the
+// process dies, even by SIGKILL).
+const lockFile = "gwagent.lock"
+
+// StateLock is the exclusive hold of one process on a state directory: two
+// agents on one identity and one outbox knock each other off the hub and
+// send everything twice.
+type StateLock struct {
+	f *os.File
+}
+
+// LockStateDir takes the state directory for this process, creating it
+// (0700) if needed. If another process holds it, the error wraps
+// ErrAlreadyRunning and names its pid.
+func LockStateDir(dir string) (*StateLock, error) {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, fmt.Errorf("state directory: %w; create it or fix state_dir", err)
+	}
+	p := filepath.Join(dir, lockFile)
+	f, err := os.OpenFile(p, os.O_RDWR|os.O_CREATE|syscall.O_NOFOLLOW|syscall.O_CLOEXEC, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("state directory lock: %w", err)
+	}
+	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
+		defer f.Close()
+		if errors.Is(err, syscall.EWOULDBLOCK) {
+			return nil, fmt.Errorf("gwagent is %w (pid %d) on %s; stop it first (systemctl stop gwagent) or use another state_dir", ErrAlreadyRunning, readPID(f), dir)
+		}
+		return nil, fmt.Errorf("state directory lock %s: %w", p, err)
+	}
+	if err := f.Truncate(0); err == nil {
+		f.WriteAt([]byte(strconv.Itoa(os.Getpid())+"\n"), 0)
+	}
+	return &StateLock{f: f}, nil
+}
+
+// Unlock releases the state directory.
+func (l *StateLock) Unlock() {
+	if l != nil && l.f != nil {
+		l.f.Close() // closing the last descriptor drops the flock
+		l.f = nil
+	}
+}
+
+// LockHolder reports the pid of the process holding the state directory,
+// or 0 if none does. It only needs read access to the lock file.
+func LockHolder(dir string) int {
+	f, err := os.OpenFile(filepath.Join(dir, lockFile), os.O_RDONLY|syscall.O_NOFOLLOW|syscall.O_CLOEXEC, 0)
+	if err != nil {
+		return 0
+	}
+	defer f.Close()
+	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_SH|syscall.LOCK_NB); err == nil {
+		syscall.Flock(int(f.Fd()), syscall.LOCK_UN)
+		return 0
+	}
+	if pid := readPID(f); pid > 0 {
+		return pid
+	}
+	return -1 // held, pid unknown (being written)
+}
+
+func readPID(f *os.File) int {
+	b := make([]byte, 32)
+	n, _ := f.ReadAt(b, 0)
+	pid, _ := strconv.Atoi(strings.TrimSpace(string(b[:n])))
+	return pid
+}
