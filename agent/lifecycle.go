@@ -142,9 +142,11 @@ func (a *Agent) identity(ctx context.Context) (*provisioning.Identity, error) {
 		if err != nil {
 			return nil, fmt.Errorf("[hub] chain: %w", err)
 		}
-		return &provisioning.Identity{KeyURI: cfg.Operational.Key, DeviceID: cfg.Hub.DeviceID, AssignedHub: cfg.Hub.Host,
+		id := &provisioning.Identity{KeyURI: cfg.Operational.Key, DeviceID: cfg.Hub.DeviceID, AssignedHub: cfg.Hub.Host,
 			Chain: chain, ChainPath: cfg.Hub.Chain, NotBefore: chain[0].NotBefore, NotAfter: chain[0].NotAfter,
-			Serial: provisioning.FormatSerial(chain[0].SerialNumber), Via: "factory"}, nil
+			Serial: provisioning.FormatSerial(chain[0].SerialNumber), Via: "factory"}
+		a.noteIdentity(id) // status and health show the certificate and its days left
+		return id, nil
 	}
 	id, err := a.store.Current()
 	if errors.Is(err, provisioning.ErrNotProvisioned) {

@@ -59,22 +59,26 @@ func (l *StateLock) Unlock() {
 	}
 }
 
-// LockHolder reports the pid of the process holding the state directory,
-// or 0 if none does. It only needs read access to the lock file.
-func LockHolder(dir string) int {
+// LockHolder reports the pid of the process holding the state directory:
+// 0 if none does, -1 if one does but its pid is not written yet. It only
+// needs read access to the lock file; an error means it could not tell.
+func LockHolder(dir string) (int, error) {
 	f, err := os.OpenFile(filepath.Join(dir, lockFile), os.O_RDONLY|syscall.O_NOFOLLOW|syscall.O_CLOEXEC, 0)
+	if errors.Is(err, os.ErrNotExist) {
+		return 0, nil
+	}
 	if err != nil {
-		return 0
+		return 0, err
 	}
 	defer f.Close()
 	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_SH|syscall.LOCK_NB); err == nil {
 		syscall.Flock(int(f.Fd()), syscall.LOCK_UN)
-		return 0
+		return 0, nil
 	}
 	if pid := readPID(f); pid > 0 {
-		return pid
+		return pid, nil
 	}
-	return -1 // held, pid unknown (being written)
+	return -1, nil
 }
 
 func readPID(f *os.File) int {

@@ -461,6 +461,7 @@ func (a *Agent) RenewOnce(ctx context.Context) (*provisioning.Identity, error) {
 	}
 	a.started = a.opts.Now()
 	a.status = newStatusTracker(cfg.StateDir, a.log, a.notify, a.opts.Now, a.opts.Version)
+	defer a.status.Set(StateStopped) // not "swapping-certificate" for ever: no agent runs
 	defer a.keys.Close()
 	store, err := provisioning.OpenStore(cfg.StateDir)
 	if err != nil {

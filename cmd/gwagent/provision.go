@@ -105,6 +105,11 @@ func cmdOnboardCSR(ctx context.Context, args []string, stdout, stderr io.Writer)
 	if err != nil {
 		return err
 	}
+	lock, err := agent.LockStateDir(cfg.StateDir)
+	if err != nil {
+		return err
+	}
+	defer lock.Unlock()
 	keys := agent.NewKeys()
 	defer keys.Close()
 	der, created, err := agent.OnboardCSR(ctx, cfg, keys)
@@ -140,6 +145,11 @@ func cmdOnboardInstall(ctx context.Context, args []string, stdout, stderr io.Wri
 	if err != nil {
 		return err
 	}
+	lock, err := agent.LockStateDir(cfg.StateDir)
+	if err != nil {
+		return err
+	}
+	defer lock.Unlock()
 	keys := agent.NewKeys()
 	defer keys.Close()
 	chain, err := agent.OnboardInstall(ctx, cfg, keys, *chainFile, time.Now())
@@ -162,6 +172,11 @@ func cmdProvision(ctx context.Context, args []string, stdout, stderr io.Writer) 
 	if err != nil {
 		return err
 	}
+	lock, err := agent.LockStateDir(cfg.StateDir)
+	if err != nil {
+		return err
+	}
+	defer lock.Unlock()
 	keys := agent.NewKeys()
 	defer keys.Close()
 	opts := agent.ProvisionOptions{ClientVersion: "gwagent/" + version}

@@ -8,11 +8,13 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"strings"
 	"syscall"
 	"time"
 
 	"github.com/gwagent/gwagent/agent"
+	"github.com/gwagent/gwagent/internal/tlsconf"
 	"github.com/gwagent/gwagent/keystore"
 	"github.com/gwagent/gwagent/provisioning"
 )
@@ -54,20 +56,25 @@ func cmdStatus(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	if err != nil {
 		return err
 	}
+	now := time.Now()
 	st, serr := agent.ReadStatus(cfg.StateDir)
-	store, err := provisioning.OpenStore(cfg.StateDir)
-	if err != nil {
-		return err
-	}
-	id, ierr := store.Current()
 	w := func(k, v string) { fmt.Fprintf(stdout, "%-16s %s\n", k+":", v) }
 	switch {
 	case serr == nil:
-		state := st.State
-		if st.State != "stopped" && !processAlive(st.PID) {
-			state += " (agent not running; last update " + st.UpdatedAt.Format(time.RFC3339) + ")"
+		age := now.Sub(st.UpdatedAt).Round(time.Second)
+		pid, lerr := agent.LockHolder(cfg.StateDir)
+		running := pid != 0
+		if lerr != nil { // cannot tell from the lock: fall back on the pid
+			running = st.State != "stopped" && processAlive(st.PID)
 		}
-		w("state", state)
+		switch {
+		case running:
+			w("state", fmt.Sprintf("%s (updated %s ago, %s)", st.State, age, st.UpdatedAt.Format(time.RFC3339)))
+		case st.State == "stopped":
+			w("state", fmt.Sprintf("stopped %s ago (%s)", age, st.UpdatedAt.Format(time.RFC3339)))
+		default:
+			w("state", fmt.Sprintf("%s (agent not running; last update %s ago, %s)", st.State, age, st.UpdatedAt.Format(time.RFC3339)))
+		}
 		for c, why := range st.Conditions {
 			w("condition", string(c)+": "+why)
 		}
@@ -76,12 +83,16 @@ func cmdStatus(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	default:
 		w("state", "unreadable: "+serr.Error())
 	}
+	id, ierr := statusIdentity(cfg)
 	switch {
 	case ierr == nil:
+		if cfg.Static() {
+			w("mode", "static (factory certificate, no DPS; gwagent does not renew it)")
+		}
 		w("device id", id.DeviceID)
 		w("hub", id.AssignedHub)
-		w("certificate", fmt.Sprintf("serial %s, valid %s to %s (%s left)", id.Serial,
-			id.NotBefore.Format(time.RFC3339), id.NotAfter.Format(time.RFC3339), time.Until(id.NotAfter).Round(time.Second)))
+		w("certificate", fmt.Sprintf("serial %s, valid %s to %s (%s)", id.Serial,
+			id.NotBefore.Format(time.RFC3339), id.NotAfter.Format(time.RFC3339), timeLeft(id.NotAfter.Sub(now))))
 		w("chain", id.ChainPath)
 		if u, err := keystore.Parse(id.KeyURI); err == nil {
 			w("key", u.String())
@@ -92,9 +103,12 @@ func cmdStatus(ctx context.Context, args []string, stdout, stderr io.Writer) err
 		w("identity", "unreadable: "+ierr.Error())
 	}
 	if serr == nil {
-		if st.NextRenewal.IsZero() {
+		switch {
+		case cfg.Static():
+			w("next renewal", "none (static mode)")
+		case st.NextRenewal.IsZero():
 			w("next renewal", "not scheduled")
-		} else {
+		default:
 			w("next renewal", st.NextRenewal.Format(time.RFC3339))
 		}
 		w("outbox", fmt.Sprintf("%d messages, %d bytes", st.OutboxDepth, st.OutboxBytes))
@@ -104,7 +118,40 @@ func cmdStatus(ctx context.Context, args []string, stdout, stderr io.Writer) err
 			w("last acked", "none yet")
 		}
 	}
+	spool := cfg.Telemetry.SpoolDir
+	ents, _ := os.ReadDir(filepath.Join(spool, "rejected"))
+	refused := int64(0)
+	if serr == nil {
+		refused = st.SpoolRejected
+	}
+	w("spool", fmt.Sprintf("%s; %d files refused since the agent started, %d in %s", spool, refused, len(ents), filepath.Join(spool, "rejected")))
 	return nil
+}
+
+// statusIdentity is the identity the agent connects with: the factory
+// certificate in static mode, else the committed DPS identity.
+func statusIdentity(cfg *agent.Config) (*provisioning.Identity, error) {
+	if cfg.Static() {
+		chain, err := tlsconf.LoadChain(cfg.Hub.Chain)
+		if err != nil {
+			return nil, fmt.Errorf("[hub] chain: %w", err)
+		}
+		return &provisioning.Identity{KeyURI: cfg.Operational.Key, DeviceID: cfg.Hub.DeviceID, AssignedHub: cfg.Hub.Host,
+			ChainPath: cfg.Hub.Chain, NotBefore: chain[0].NotBefore, NotAfter: chain[0].NotAfter,
+			Serial: provisioning.FormatSerial(chain[0].SerialNumber)}, nil
+	}
+	store, err := provisioning.OpenStore(cfg.StateDir)
+	if err != nil {
+		return nil, err
+	}
+	return store.Current()
+}
+
+func timeLeft(d time.Duration) string {
+	if d < 0 {
+		return fmt.Sprintf("EXPIRED %s ago", (-d).Round(time.Second))
+	}
+	return fmt.Sprintf("%s left", d.Round(time.Second))
 }
 
 // processAlive reports whether pid is a running process.
@@ -126,13 +173,25 @@ func cmdRenew(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	if err != nil {
 		return err
 	}
-	if st, err := agent.ReadStatus(cfg.StateDir); err == nil && st.State != "stopped" && processAlive(st.PID) {
-		if err := syscall.Kill(st.PID, syscall.SIGHUP); err != nil {
-			return fmt.Errorf("renew: cannot signal the running agent (pid %d): %w; run as its user or root", st.PID, err)
+	if cfg.Static() {
+		return fmt.Errorf("renew: this device is in static mode ([hub] host, device_id and chain): its factory certificate cannot be renewed by gwagent; install a new chain at %s and restart the service", cfg.Hub.Chain)
+	}
+	if pid, err := agent.LockHolder(cfg.StateDir); err != nil {
+		return fmt.Errorf("renew: %w; run as the service user (gwagent) or root", err)
+	} else if pid == -1 {
+		return errors.New("renew: the agent is starting; try again in a moment")
+	} else if pid > 0 {
+		if err := syscall.Kill(pid, syscall.SIGHUP); err != nil {
+			return fmt.Errorf("renew: cannot signal the running agent (pid %d): %w; run as its user or root", pid, err)
 		}
-		fmt.Fprintf(stdout, "asked the running agent (pid %d) to renew its certificate; follow it with `gwagent status` or its log\n", st.PID)
+		fmt.Fprintf(stdout, "asked the running agent (pid %d) to renew its certificate; follow it with `gwagent status` or its log\n", pid)
 		return nil
 	}
+	lock, err := agent.LockStateDir(cfg.StateDir)
+	if err != nil {
+		return fmt.Errorf("renew: %w", err)
+	}
+	defer lock.Unlock()
 	level := new(slog.LevelVar)
 	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: level}))
 	bt, _ := time.Parse(time.RFC3339, buildTime)

@@ -1,0 +1,215 @@
+package main
+
+import (
+	"context"
+	"crypto/x509"
+	"encoding/pem"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/gwagent/gwagent/agent"
+	"github.com/gwagent/gwagent/internal/azsim"
+	"github.com/gwagent/gwagent/internal/testenv"
+	"github.com/gwagent/gwagent/keystore"
+	"github.com/gwagent/gwagent/provisioning"
+)
+
+// -h and --help print the command's help once and exit 0 without acting:
+// no agent starts, no key is made, nothing is renewed.
+func TestHelpDoesNotAct(t *testing.T) {
+	dir := t.TempDir()
+	t.Chdir(dir)
+	names := []string{"onboard csr", "onboard install", "onboard"}
+	for _, c := range commands() {
+		if c.name != "onboard" {
+			names = append(names, c.name)
+		}
+	}
+	for _, name := range names {
+		for _, h := range []string{"-h", "--help", "-help"} {
+			t.Run(strings.ReplaceAll(name, " ", "-")+"/"+h, func(t *testing.T) {
+				args := append(strings.Fields(name), h)
+				out, errOut, err := gw(t, args...)
+				if err != nil {
+					t.Fatalf("gwagent %s %s: %v (want exit 0)\n%s", name, h, err, errOut)
+				}
+				help := out + errOut
+				if n := strings.Count(help, "usage: gwagent "+name); n != 1 {
+					t.Fatalf("help printed %d times, want once:\n%s", n, help)
+				}
+				if ents, _ := os.ReadDir(dir); len(ents) != 0 {
+					t.Fatalf("help acted: created %v", ents[0].Name())
+				}
+			})
+		}
+	}
+}
+
+// gwProc runs gwagent as a separate process with args and waits for it.
+func gwProc(t *testing.T, timeout time.Duration, args ...string) (string, error) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, os.Args[0], "-test.run=^$")
+	cmd.Env = append(os.Environ(), "GWAGENT_TEST_EXEC="+strings.Join(args, "\n"))
+	out, err := cmd.CombinedOutput()
+	if ctx.Err() != nil {
+		t.Fatalf("gwagent %s did not exit within %s:\n%s", strings.Join(args, " "), timeout, out)
+	}
+	return string(out), err
+}
+
+// Two agents on one state directory knock each other off the hub: the
+// second exits at once naming the first, and so do commands that change
+// state. After a SIGKILL the lock is gone with the process.
+func TestOneAgentPerStateDir(t *testing.T) {
+	az := testenv.StartAzsim(t, azsim.Config{})
+	d := newCrashDevice(t, az, "gw-lock-1", "")
+	first := d.start()
+	testenv.Eventually(t, 30*time.Second, "the first agent connected", func() bool {
+		st, err := agent.ReadStatus(d.state)
+		return err == nil && st.State == "connected"
+	})
+	want := fmt.Sprintf("already running (pid %d)", first.Process.Pid)
+	out, err := gwProc(t, 20*time.Second, "run", "--config", d.cfg)
+	if err == nil || !strings.Contains(out, want) {
+		t.Fatalf("second gwagent run: %v, want an error saying %q:\n%s", err, want, out)
+	}
+	for _, args := range [][]string{{"provision", "--config", d.cfg}, {"onboard", "csr", "--config", d.cfg}} {
+		if _, _, err := gw(t, args...); err == nil || !errors.Is(err, agent.ErrAlreadyRunning) || !strings.Contains(err.Error(), want) {
+			t.Fatalf("gwagent %s beside a running agent: %v, want %q", args[0], err, want)
+		}
+	}
+	status, _, err := gw(t, "status", "--config", d.cfg)
+	if err != nil || !regexpMatch(`state: +connected \(updated \d+s ago`, status) {
+		t.Fatalf("status: %v\n%s", err, status)
+	}
+	first.Process.Signal(syscall.SIGKILL)
+	first.Wait()
+	status, _, _ = gw(t, "status", "--config", d.cfg)
+	if !strings.Contains(status, "agent not running; last update") {
+		t.Fatalf("status after SIGKILL does not say the agent is gone:\n%s", status)
+	}
+	d.start()
+	testenv.Eventually(t, 30*time.Second, "a new agent after the SIGKILL", func() bool {
+		st, err := agent.ReadStatus(d.state)
+		return err == nil && st.State == "connected" && st.PID != first.Process.Pid
+	})
+	if strings.Count(d.log(), "already running") != 0 {
+		t.Fatalf("the restarted agent found the dead one's lock:\n%s", d.log())
+	}
+}
+
+// A standalone `gwagent renew` (no service running) renews and leaves the
+// state at "stopped", not "swapping-certificate".
+func TestStandaloneRenewLeavesStateStopped(t *testing.T) {
+	az := testenv.StartAzsim(t, azsim.Config{})
+	d := newCrashDevice(t, az, "gw-renew-alone", "")
+	if _, errOut, err := gw(t, "provision", "--config", d.cfg); err != nil {
+		t.Fatalf("provision: %v\n%s", err, errOut)
+	}
+	before := d.current().Serial
+	out, errOut, err := gw(t, "renew", "--config", d.cfg)
+	if err != nil || !strings.Contains(out, "renewed:") {
+		t.Fatalf("renew: %v\n%s%s", err, out, errOut)
+	}
+	if d.current().Serial == before {
+		t.Fatal("the certificate did not change")
+	}
+	st, err := agent.ReadStatus(d.state)
+	if err != nil || st.State != "stopped" {
+		t.Fatalf("state after a standalone renew: %+v, %v; want stopped", st, err)
+	}
+	status, _, _ := gw(t, "status", "--config", d.cfg)
+	if !regexpMatch(`state: +stopped \d+s ago`, status) || !strings.Contains(status, "serial "+d.current().Serial) {
+		t.Fatalf("status:\n%s", status)
+	}
+}
+
+// Static mode (factory certificate, no DPS) is a state of its own: status
+// shows the certificate and its expiry, health carries the days left, and
+// `gwagent renew` says it cannot renew instead of signalling an agent that
+// ignores it.
+func TestStaticModeStatusAndRenew(t *testing.T) {
+	az := testenv.StartAzsim(t, azsim.Config{})
+	dir := t.TempDir()
+	keyURI := "file:" + filepath.Join(dir, "device.key")
+	keys := agent.NewKeys()
+	signer, err := keys.Fresh(context.Background(), keystore.MustParse(keyURI))
+	if err != nil {
+		t.Fatal(err)
+	}
+	der, err := provisioning.CSR(signer, "gw-static-cli")
+	keys.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	chain, err := az.Server.FactorySign(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE REQUEST", Bytes: der}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	os.WriteFile(filepath.Join(dir, "chain.pem"), chain, 0o644)
+	if st := az.Admin("PUT", "/hub/devices/gw-static-cli", map[string]any{"auth": "certificateAuthority"}, nil); st >= 300 {
+		t.Fatalf("register device: %d", st)
+	}
+	d := &crashDevice{t: t, az: az, dir: dir, cfg: filepath.Join(dir, "gwagent.toml"), state: filepath.Join(dir, "state")}
+	os.WriteFile(d.cfg, []byte(fmt.Sprintf(`state_dir = "state"
+trust_bundle = %q
+[operational]
+key = %q
+[hub]
+host = %q
+device_id = "gw-static-cli"
+chain = "chain.pem"
+[telemetry]
+interval = "1h"
+`, az.Info.TrustBundle, keyURI, az.Info.HubHostName)), 0o600)
+	agentProc := d.start()
+	testenv.Eventually(t, 20*time.Second, "a health message with the days left", func() bool {
+		for _, m := range az.Telemetry() {
+			if b, ok := m["body"].(map[string]any); ok && m["deviceId"] == "gw-static-cli" && b["certDaysLeft"] != nil {
+				return true
+			}
+		}
+		return false
+	})
+	leaf, _ := pem.Decode(chain)
+	cert, err := x509.ParseCertificate(leaf.Bytes)
+	if err != nil {
+		t.Fatal(err)
+	}
+	status, _, err := gw(t, "status", "--config", d.cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{"mode:", "static", "device id:       gw-static-cli", "serial " + provisioning.FormatSerial(cert.SerialNumber),
+		cert.NotAfter.UTC().Format(time.RFC3339), "left)", "next renewal:    none (static mode)"} {
+		if !strings.Contains(status, want) {
+			t.Errorf("status lacks %q:\n%s", want, status)
+		}
+	}
+	if strings.Contains(status, "not provisioned") {
+		t.Errorf("status says not provisioned in static mode:\n%s", status)
+	}
+	_, _, err = gw(t, "renew", "--config", d.cfg)
+	if err == nil || !strings.Contains(err.Error(), "static mode") || !strings.Contains(err.Error(), "cannot be renewed") {
+		t.Fatalf("renew in static mode: %v, want a refusal that names static mode", err)
+	}
+	if !processRunning(agentProc) {
+		t.Fatal("the static agent died")
+	}
+}
+
+func processRunning(c *exec.Cmd) bool {
+	return c.ProcessState == nil && syscall.Kill(c.Process.Pid, 0) == nil
+}
+
+func regexpMatch(re, s string) bool { return regexp.MustCompile(re).MatchString(s) }
