@@ -4,12 +4,17 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
+	"reflect"
+	"slices"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/pelletier/go-toml/v2"
+	"github.com/pelletier/go-toml/v2/unstable"
 
 	"github.com/gwagent/gwagent/keystore"
 	"github.com/gwagent/gwagent/provisioning"
@@ -201,11 +206,57 @@ var ErrConfig = errors.New("config")
 // LoadConfig reads, decodes strictly and validates a config file. Relative
 // paths in it are taken relative to the file's directory.
 func LoadConfig(path string) (*Config, error) {
-	raw, err := os.ReadFile(path)
+	raw, err := readConfigFile(path)
 	if err != nil {
 		return nil, fmt.Errorf("%w: %w", ErrConfig, err)
 	}
 	return ParseConfig(path, raw)
+}
+
+// maxConfigBytes bounds a config file; the commented example is ~10 KiB.
+const maxConfigBytes = 1 << 20
+
+// readConfigFile reads a config file only if it is a regular file of
+// bounded size (a link to one is fine). A FIFO would block the reader (and
+// `gwagent status` with it), /dev/zero would never end.
+func readConfigFile(path string) ([]byte, error) {
+	f, err := os.OpenFile(path, os.O_RDONLY|syscall.O_NONBLOCK|syscall.O_CLOEXEC, 0)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	st, err := f.Stat()
+	if err != nil {
+		return nil, err
+	}
+	if !st.Mode().IsRegular() {
+		return nil, fmt.Errorf("%s is %s, not a regular file; --config must name the TOML file", path, describeMode(st.Mode()))
+	}
+	if st.Size() > maxConfigBytes {
+		return nil, fmt.Errorf("%s has %d bytes; a config file may have at most %d", path, st.Size(), maxConfigBytes)
+	}
+	raw, err := io.ReadAll(io.LimitReader(f, maxConfigBytes+1))
+	if err != nil {
+		return nil, err
+	}
+	if len(raw) > maxConfigBytes {
+		return nil, fmt.Errorf("%s grew beyond %d bytes while being read", path, maxConfigBytes)
+	}
+	return raw, nil
+}
+
+func describeMode(m os.FileMode) string {
+	switch {
+	case m&os.ModeNamedPipe != 0:
+		return "a FIFO"
+	case m&os.ModeDevice != 0:
+		return "a device"
+	case m.IsDir():
+		return "a directory"
+	case m&os.ModeSocket != 0:
+		return "a socket"
+	}
+	return "not a regular file"
 }
 
 // ParseConfig is LoadConfig on bytes already read from path.
@@ -214,7 +265,7 @@ func ParseConfig(path string, raw []byte) (*Config, error) {
 	dec := toml.NewDecoder(bytes.NewReader(raw))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(&c); err != nil {
-		return nil, configError(path, err)
+		return nil, configError(path, raw, err)
 	}
 	c.path = path
 	c.defaults()
@@ -224,7 +275,7 @@ func ParseConfig(path string, raw []byte) (*Config, error) {
 	return &c, nil
 }
 
-func configError(path string, err error) error {
+func configError(path string, raw []byte, err error) error {
 	var sm *toml.StrictMissingError
 	if errors.As(err, &sm) {
 		var lines []string
@@ -239,7 +290,62 @@ func configError(path string, err error) error {
 		row, col := de.Position()
 		return fmt.Errorf("%w: %s:%d:%d: %s", ErrConfig, path, row, col, strings.TrimPrefix(de.Error(), "toml: "))
 	}
+	if key, row, col, ok := misplacedDuration(raw); ok {
+		return fmt.Errorf("%w: %s:%d:%d: %s must be a duration in quotes, e.g. %s = \"90s\" (units: ms, s, m, h)", ErrConfig, path, row, col, key, key[strings.LastIndex(key, ".")+1:])
+	}
 	return fmt.Errorf("%w: %s: %w", ErrConfig, path, err)
+}
+
+// durationKeys are the dotted keys of Config's Duration fields.
+var durationKeys = func() map[string]bool {
+	out := map[string]bool{}
+	var walk func(t reflect.Type, prefix string)
+	walk = func(t reflect.Type, prefix string) {
+		for i := range t.NumField() {
+			f := t.Field(i)
+			name, _, _ := strings.Cut(f.Tag.Get("toml"), ",")
+			if name == "" {
+				continue
+			}
+			switch {
+			case f.Type == reflect.TypeFor[Duration]():
+				out[prefix+name] = true
+			case f.Type.Kind() == reflect.Struct:
+				walk(f.Type, prefix+name+".")
+			}
+		}
+	}
+	walk(reflect.TypeFor[Config](), "")
+	return out
+}()
+
+// misplacedDuration finds a duration key whose value is not a string (the
+// decoder's error for `interval = 5` carries no position).
+func misplacedDuration(raw []byte) (key string, row, col int, ok bool) {
+	var p unstable.Parser
+	p.Reset(raw)
+	var table []string
+	parts := func(it unstable.Iterator) []string {
+		var out []string
+		for it.Next() {
+			out = append(out, string(it.Node().Data))
+		}
+		return out
+	}
+	for p.NextExpression() {
+		e := p.Expression()
+		switch e.Kind {
+		case unstable.Table:
+			table = parts(e.Key())
+		case unstable.KeyValue:
+			k := strings.Join(append(slices.Clone(table), parts(e.Key())...), ".")
+			if v := e.Value(); durationKeys[k] && v.Kind != unstable.String {
+				sh := p.Shape(v.Raw)
+				return k, sh.Start.Line, sh.Start.Column, true
+			}
+		}
+	}
+	return "", 0, 0, false
 }
 
 func (c *Config) defaults() {
@@ -257,6 +363,8 @@ func (c *Config) defaults() {
 	abs(&c.Onboarding.Chain)
 	abs(&c.Onboarding.SymmetricKeyFile)
 	abs(&c.Hub.Chain)
+	c.Onboarding.Key = absKeyURI(base, c.Onboarding.Key)
+	c.Operational.Key = absKeyURI(base, c.Operational.Key)
 	if c.Telemetry.SpoolDir == "" {
 		c.Telemetry.SpoolDir = DefaultSpoolDir
 		if c.StateDir != DefaultStateDir {
@@ -325,6 +433,47 @@ func (c *Config) defaults() {
 			c.Identity.DPSTransport = provisioning.TransportHTTPS
 		}
 	}
+}
+
+// absKeyURI makes the file paths in a key URI (file: path, tpm2 blob and
+// socket, pkcs11 pin-source and a module-path with a '/') absolute, relative to base: the
+// config file's directory, not the working directory. An unparsable or
+// already absolute URI is returned unchanged (validate reports the former).
+func absKeyURI(base, raw string) string {
+	u, err := keystore.Parse(raw)
+	if err != nil {
+		return raw
+	}
+	changed := false
+	fix := func(p string) string {
+		if p == "" || filepath.IsAbs(p) {
+			return p
+		}
+		changed = true
+		return filepath.Join(base, p)
+	}
+	switch u.Scheme {
+	case keystore.SchemeFile:
+		u.Path = fix(u.Path)
+	case keystore.SchemeTPM2:
+		for _, k := range []string{"blob", "socket"} {
+			if v, ok := u.Attrs[k]; ok {
+				u.Attrs[k] = fix(v)
+			}
+		}
+	case keystore.SchemePKCS11:
+		if v, ok := u.Query["pin-source"]; ok {
+			u.Query["pin-source"] = fix(v)
+		}
+		// A bare library name is for the dynamic loader's search path.
+		if v, ok := u.Query["module-path"]; ok && strings.Contains(v, "/") {
+			u.Query["module-path"] = fix(v)
+		}
+	}
+	if !changed {
+		return raw
+	}
+	return u.Secret()
 }
 
 func (c *Config) validate() error {
