@@ -24,6 +24,7 @@ func (a *Agent) lifecycle(ctx context.Context) {
 	}
 	failures := 0
 	wait := func(d time.Duration) bool {
+		a.beat.alive(d + stepBudget) // a planned wait is progress
 		timer := time.NewTimer(d)
 		defer timer.Stop()
 		for {
@@ -31,13 +32,13 @@ func (a *Agent) lifecycle(ctx context.Context) {
 			case <-ctx.Done():
 				return false
 			case <-wdC:
-				a.notify.watchdog()
 			case <-timer.C:
 				return true
 			}
 		}
 	}
 	for ctx.Err() == nil {
+		a.beat.alive(stepBudget)
 		id, err := a.identity(ctx)
 		if err != nil {
 			failures++
@@ -170,6 +171,9 @@ func (a *Agent) noteIdentity(id *provisioning.Identity) {
 func (a *Agent) provision(ctx context.Context) (*provisioning.Identity, error) {
 	a.status.Set(StateProvisioning)
 	cfg := a.cfg.Load()
+	// Provision is bounded by provisioning_timeout, DPS's retry-afters
+	// included: waiting for DPS is progress.
+	a.beat.alive(cfg.Identity.ProvisioningTimeout.Duration + stepBudget)
 	id, err := Provision(ctx, cfg, a.keys, ProvisionOptions{
 		Now:           a.opts.Now,
 		RetryAfterMin: a.opts.RetryAfterMin,

@@ -44,6 +44,7 @@ type Agent struct {
 	opts    Options
 	log     *slog.Logger
 	notify  *notifier
+	beat    *heartbeat
 	status  *statusTracker
 	keys    *Keys
 	store   *provisioning.Store
@@ -96,6 +97,7 @@ func New(cfgPath string, opts Options) (*Agent, error) {
 		opts:     opts,
 		log:      opts.Logger,
 		notify:   newNotifier(),
+		beat:     newHeartbeat(time.Now), // real time, like systemd's watchdog
 		keys:     NewKeys(),
 		kick:     make(chan struct{}, 1),
 		retimer:  make(chan struct{}, 1),
@@ -155,6 +157,10 @@ func (a *Agent) Run(ctx context.Context) error {
 	a.notify.ready()
 	a.status.Update(true, func(*Status) {})
 
+	if wd := watchdogInterval(); wd > 0 {
+		wg.Add(1)
+		go func() { defer wg.Done(); a.watchdogLoop(ctx, wd) }()
+	}
 	wg.Add(3)
 	go func() { defer wg.Done(); a.watchConfig(ctx) }()
 	go func() { defer wg.Done(); a.healthLoop(ctx) }()

@@ -79,7 +79,7 @@ func (a *Agent) serve(ctx context.Context, sess *transport.Session, id *provisio
 			<-drained
 			return
 		case <-wdC:
-			a.notify.watchdog()
+			a.beat.alive(stepBudget)
 		}
 	}
 }
