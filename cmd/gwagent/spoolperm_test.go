@@ -1,0 +1,185 @@
+package main
+
+import (
+	"bufio"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/gwagent/gwagent/internal/azsim"
+	"github.com/gwagent/gwagent/internal/testenv"
+)
+
+// The shipped layout, for real: systemd-sysusers and systemd-tmpfiles apply
+// systemd/gwagent.{sysusers,tmpfiles} to a scratch root; the agent runs as
+// the gwagent uid they allocated, and a local application runs as another
+// unprivileged uid in group gwagent-spool (setpriv). The application can
+// write the spool but cannot read the state directory; its message reaches
+// the hub; one member of no group can write nothing.
+func TestSpoolLayoutWithRealUsers(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("NEEDS ROOT: switching to unprivileged uids with setpriv (make test runs as root in CI)")
+	}
+	setpriv := testenv.LookPath(t, "setpriv", "util-linux")
+	sysusers := testenv.LookPath(t, "systemd-sysusers", "systemd")
+	tmpfiles := testenv.LookPath(t, "systemd-tmpfiles", "systemd")
+
+	root := t.TempDir()
+	for p := root; p != os.TempDir() && p != "/"; p = filepath.Dir(p) {
+		os.Chmod(p, 0o755) // let the unprivileged uids walk down to it
+	}
+	os.MkdirAll(filepath.Join(root, "etc"), 0o755)
+	for _, f := range []string{"passwd", "group", "shadow", "gshadow"} {
+		os.WriteFile(filepath.Join(root, "etc", f), nil, 0o644)
+	}
+	abs := func(p string) string { a, _ := filepath.Abs(p); return a }
+	for _, c := range [][]string{
+		{sysusers, "--root=" + root, abs("../../systemd/gwagent.sysusers")},
+		{tmpfiles, "--create", "--root=" + root, abs("../../systemd/gwagent.tmpfiles")},
+	} {
+		if out, err := exec.Command(c[0], c[1:]...).CombinedOutput(); err != nil {
+			t.Fatalf("%s: %v\n%s", filepath.Base(c[0]), err, out)
+		}
+	}
+	uid, gid := idOf(t, filepath.Join(root, "etc/passwd"), "gwagent")
+	spoolGID, _ := idOf(t, filepath.Join(root, "etc/group"), "gwagent-spool")
+	state := filepath.Join(root, "var/lib/gwagent")
+	spool := filepath.Join(root, "var/spool/gwagent")
+	etc := filepath.Join(root, "etc/gwagent")
+
+	// The agent's files, owned as an installer would leave them.
+	az := testenv.StartAzsim(t, azsim.Config{})
+	var k struct{ DeviceKey string }
+	az.Admin("GET", "/dps/derive-key?group="+azsim.SymmetricKeyGroup+"&registrationId=gw-layout", nil, &k)
+	copyFile(t, az.Info.TrustBundle, filepath.Join(etc, "roots.pem"), 0o644)
+	os.WriteFile(filepath.Join(etc, "dps-key"), []byte(k.DeviceKey), 0o600)
+	os.Chown(filepath.Join(etc, "dps-key"), uid, gid)
+	cfg := filepath.Join(etc, "gwagent.toml")
+	os.WriteFile(cfg, []byte(fmt.Sprintf(`state_dir = %q
+trust_bundle = "roots.pem"
+[identity]
+id_scope = %q
+registration_id = "gw-layout"
+dps_endpoint = %q
+[onboarding]
+kind = "symmetric_key"
+symmetric_key_file = "dps-key"
+[operational]
+key = "file:%s/device.key"
+[telemetry]
+interval = "1h"
+spool_dir = %q
+`, state, az.Info.IDScope, az.Info.DPSAddr, state, spool)), 0o640)
+	os.Chown(cfg, 0, gid)
+	bin := filepath.Join(root, "gwagent.test")
+	copyFile(t, os.Args[0], bin, 0o755)
+
+	// The application: an unprivileged uid in group gwagent-spool only.
+	const appUID = 61234
+	app := func(script string) (string, error) {
+		out, err := exec.Command(setpriv, "--reuid="+strconv.Itoa(appUID), "--regid="+strconv.Itoa(appUID),
+			"--groups="+strconv.Itoa(spoolGID), "--inh-caps=-all", "--bounding-set=-all", "--",
+			"sh", "-c", "umask 027; "+script).CombinedOutput()
+		return string(out), err
+	}
+	if out, err := app(fmt.Sprintf(`printf '{"fromApp":1}' > %s/.m.tmp && mv %s/.m.tmp %s/m.json`, spool, spool, spool)); err != nil {
+		t.Fatalf("a member of gwagent-spool cannot write the spool: %v\n%s", err, out)
+	}
+	for _, probe := range []string{"ls " + state, "cat " + filepath.Join(state, "gwagent.lock"), "touch " + filepath.Join(state, "x")} {
+		if out, err := app(probe); err == nil {
+			t.Fatalf("the application could %q in the state directory:\n%s", probe, out)
+		}
+	}
+	out, err := exec.Command(setpriv, "--reuid=61235", "--regid=61235", "--clear-groups", "--", "sh", "-c",
+		"printf '{}' > "+spool+"/outsider.json").CombinedOutput()
+	if err == nil {
+		t.Fatalf("a user outside gwagent-spool wrote the spool:\n%s", out)
+	}
+
+	// The agent as the gwagent uid with its supplementary group, as the unit
+	// runs it.
+	logPath := filepath.Join(t.TempDir(), "agent.log")
+	logf, _ := os.Create(logPath)
+	cmd := exec.Command(setpriv, "--reuid="+strconv.Itoa(uid), "--regid="+strconv.Itoa(gid),
+		"--groups="+strconv.Itoa(spoolGID), "--inh-caps=-all", "--bounding-set=-all", "--", bin, "-test.run=^$")
+	cmd.Env = append(os.Environ(), "GWAGENT_TEST_EXEC=run\n--config\n"+cfg)
+	cmd.Stdout, cmd.Stderr = logf, logf
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait(); logf.Close() })
+	agentLog := func() string { b, _ := os.ReadFile(logPath); return string(b) }
+	testenv.Eventually(t, 30*time.Second, "the application's message at the hub", func() bool {
+		for _, m := range az.Telemetry() {
+			if b, ok := m["body"].(map[string]any); ok && m["deviceId"] == "gw-layout" && b["fromApp"] != nil {
+				return true
+			}
+		}
+		return false
+	})
+	testenv.Eventually(t, 10*time.Second, "the file deleted after the PUBACK", func() bool {
+		_, err := os.Lstat(filepath.Join(spool, "m.json"))
+		return os.IsNotExist(err)
+	})
+	// A file the agent may not read (the application's umask was 077) is
+	// moved aside with the reason.
+	if out, err := app(fmt.Sprintf(`umask 077; printf '{"private":1}' > %s/.p.tmp && mv %s/.p.tmp %s/private.json`, spool, spool, spool)); err != nil {
+		t.Fatalf("%v\n%s", err, out)
+	}
+	testenv.Eventually(t, 10*time.Second, "the unreadable file moved to rejected/", func() bool {
+		_, err := os.Lstat(filepath.Join(spool, "rejected", "private.json"))
+		return err == nil && strings.Contains(agentLog(), "not readable by the agent")
+	})
+	if st, err := os.Stat(state); err != nil || st.Mode().Perm() != 0o700 {
+		t.Fatalf("state directory mode changed: %v %v", st.Mode(), err)
+	}
+}
+
+// idOf reads the numeric id of name from a passwd or group file.
+func idOf(t *testing.T, file, name string) (id, gid int) {
+	t.Helper()
+	f, err := os.Open(file)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		fs := strings.Split(sc.Text(), ":")
+		if len(fs) >= 3 && fs[0] == name {
+			id, _ = strconv.Atoi(fs[2])
+			if len(fs) >= 4 {
+				gid, _ = strconv.Atoi(fs[3])
+			}
+			return id, gid
+		}
+	}
+	t.Fatalf("%s not in %s", name, file)
+	return 0, 0
+}
+
+func copyFile(t *testing.T, from, to string, mode os.FileMode) {
+	t.Helper()
+	in, err := os.Open(from)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer in.Close()
+	out, err := os.OpenFile(to, os.O_CREATE|os.O_WRONLY|os.O_TRUNC, mode)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := io.Copy(out, in); err != nil {
+		t.Fatal(err)
+	}
+	if err := out.Close(); err != nil {
+		t.Fatal(err)
+	}
+	os.Chmod(to, mode)
+}
