@@ -291,6 +291,10 @@ type pendingIssue struct {
 // onCredentials takes a certificate answer that arrived with nobody waiting
 // (the 200 after a reconnect).
 func (a *Agent) onCredentials(status int, rid string, body []byte) {
+	if !a.calls.enter() {
+		return
+	}
+	defer a.calls.leave()
 	a.mu.Lock()
 	p := a.pending
 	if p == nil || p.rid != rid {
@@ -300,7 +304,7 @@ func (a *Agent) onCredentials(status int, rid string, body []byte) {
 	}
 	a.pending = nil
 	a.mu.Unlock()
-	ctx := context.Background()
+	ctx := a.callbackCtx()
 	certs, err := transport.ParseIssueAnswer(status, body, 0)
 	if err == nil {
 		err = a.finishHubIssue(ctx, p, certs)

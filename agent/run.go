@@ -58,6 +58,9 @@ type Agent struct {
 	spool         spoolState   // spool files in the outbox (spool.go)
 	spoolRejected atomic.Int64 // spool files refused since start
 
+	ctx   context.Context // Run's, for callbacks (set before any session)
+	calls callbacks       // callbacks in progress (calls.go)
+
 	mu      sync.Mutex
 	sess    *transport.Session
 	endSess func() // ends the current session (renewal swap)
@@ -151,6 +154,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	defer wg.Wait()
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
+	a.ctx = ctx
 
 	// READY once the agent works: state loaded, queue open. Not gated on
 	// the hub: an outage must not fail the boot.
@@ -175,6 +179,7 @@ func (a *Agent) shutdown() {
 	if a.status != nil {
 		a.status.Set(StateStopped)
 	}
+	a.calls.closeAndWait() // before the key stores and the outbox close
 	if a.outbox != nil {
 		if err := a.outbox.Close(); err != nil {
 			a.log.Error("outbox close", "err", err)

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"sync"
 	"time"
 
 	"github.com/gwagent/gwagent/internal/tlsconf"
@@ -62,21 +63,25 @@ func (a *Agent) serve(ctx context.Context, sess *transport.Session, id *provisio
 		a.sess, a.endSess = nil, nil
 		a.mu.Unlock()
 	}()
+	// Everything started here ends before serve returns (and so before the
+	// key stores close at shutdown).
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	wg.Add(4)
 	go func() {
+		defer wg.Done()
 		select {
 		case <-sess.Done():
 			cancel()
 		case <-sctx.Done():
 		}
 	}()
-	go a.syncTwin(sctx, sess, id)
-	go a.renewLoop(sctx, sess, id, cancel)
-	drained := make(chan struct{})
-	go func() { defer close(drained); a.drain(sctx, sess) }()
+	go func() { defer wg.Done(); a.syncTwin(sctx, sess, id) }()
+	go func() { defer wg.Done(); a.renewLoop(sctx, sess, id, cancel) }()
+	go func() { defer wg.Done(); a.drain(sctx, sess) }()
 	for {
 		select {
 		case <-sctx.Done():
-			<-drained
 			return
 		case <-wdC:
 			a.beat.alive(stepBudget)
