@@ -67,3 +67,6 @@ func (a *Agent) reload() {
 	}
 	a.log.Info("config reloaded", "telemetry_interval", next.Telemetry.Interval.Duration, "spool_dir", next.Telemetry.SpoolDir, "log_level", next.LogLevel)
 }
+
+// Config is the configuration in effect (it changes on reload).
+func (a *Agent) Config() *Config { return a.cfg.Load() }

@@ -36,9 +36,21 @@ func cmdRun(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 	hup := make(chan os.Signal, 1)
 	signal.Notify(hup, syscall.SIGHUP)
 	defer signal.Stop(hup)
+	static := a.Config().Static()
+	done := make(chan struct{})
+	defer close(done)
 	go func() {
-		for range hup {
-			a.RequestRenewal("SIGHUP")
+		for {
+			select {
+			case <-done:
+				return
+			case <-hup:
+				if static {
+					log.Warn("SIGHUP ignored: static mode, the factory certificate is not renewed by gwagent")
+					continue
+				}
+				a.RequestRenewal("SIGHUP")
+			}
 		}
 	}()
 	err = a.Run(ctx)
