@@ -76,7 +76,7 @@ func TestRenewalE2E(t *testing.T) {
 				Reported map[string]any `json:"reported"`
 			}
 			az.Admin("GET", "/hub/devices/gw-renew-fallback/twin", nil, &tw)
-			return tw.Reported["certificate"] != nil
+			return tw.Reported["certificate"] != nil && tw.Reported["telemetryInterval"] != nil // the whole twin sync, so the fault below hits the certificate request
 		})
 		first := d.current()
 		// The next hub request (the certificate request) gets a 400.

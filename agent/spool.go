@@ -94,6 +94,7 @@ type spooler struct {
 	a       *Agent
 	dir     string
 	pending map[string]pendingFile
+	soonest time.Time          // when the earliest pending file may have settled
 	refused map[string]fileSig // could not be moved aside: warned once
 }
 
@@ -116,13 +117,16 @@ func (a *Agent) spoolLoop(ctx context.Context) {
 	s.scan()
 	retry := time.NewTicker(30 * time.Second) // picks up files refused while the outbox was full
 	defer retry.Stop()
+	// One timer for all pending files, armed for the soonest.
 	settle := time.NewTimer(time.Hour)
-	defer settle.Stop()
+	settle.Stop()
+	var armed time.Time
 	resetSettle := func() {
-		settle.Stop()
-		if d, ok := s.nextDue(); ok {
-			settle.Reset(d)
+		if len(s.pending) == 0 || s.soonest.IsZero() || s.soonest.Equal(armed) {
+			return
 		}
+		armed = s.soonest
+		settle.Reset(max(armed.Sub(a.opts.Now()), 10*time.Millisecond))
 	}
 	resetSettle()
 	for {
@@ -143,6 +147,7 @@ func (a *Agent) spoolLoop(ctx context.Context) {
 		case err := <-w.Errors:
 			a.log.Warn("spool watcher", "err", err)
 		case <-settle.C:
+			armed, s.soonest = time.Time{}, time.Time{}
 			for p := range s.pending {
 				s.file(p)
 			}
@@ -242,43 +247,30 @@ func (s *spooler) scan() {
 	s.a.spool.mu.Unlock()
 }
 
-// nextDue is how long until the earliest pending file may have settled.
-func (s *spooler) nextDue() (time.Duration, bool) {
-	if len(s.pending) == 0 {
-		return 0, false
-	}
-	settle := s.a.cfg.Load().Telemetry.SpoolSettle.Duration
-	now := s.a.opts.Now()
-	best := time.Duration(-1)
-	for _, p := range s.pending {
-		due := p.seen.Add(settle)
-		if m := time.Unix(0, p.sig.mtime).Add(settle); m.Before(due) && !m.Before(now) {
-			due = m
-		}
-		d := max(due.Sub(now), 10*time.Millisecond)
-		if best < 0 || d < best {
-			best = d
-		}
-	}
-	return best, true
-}
-
-// settled decides whether the file with signature sig may be read now.
+// settled decides whether the file with signature sig may be read now. If
+// not, it is pending, and s.soonest says when to look at pending files again.
 func (s *spooler) settled(path string, sig fileSig) bool {
 	settle := s.a.cfg.Load().Telemetry.SpoolSettle.Duration
 	now := s.a.opts.Now()
-	if mt := time.Unix(0, sig.mtime); !mt.After(now.Add(-settle)) {
+	mt := time.Unix(0, sig.mtime)
+	if !mt.After(now.Add(-settle)) {
 		delete(s.pending, path)
 		return true
 	}
 	p, ok := s.pending[path]
 	if !ok || p.sig != sig {
-		s.pending[path] = pendingFile{sig: sig, seen: now}
-		return false
-	}
-	if now.Sub(p.seen) >= settle {
+		p = pendingFile{sig: sig, seen: now}
+		s.pending[path] = p
+	} else if now.Sub(p.seen) >= settle {
 		delete(s.pending, path)
 		return true
+	}
+	due := p.seen.Add(settle)
+	if m := mt.Add(settle); m.Before(due) {
+		due = m // mtime in the past but recent: settles earlier than watched
+	}
+	if s.soonest.IsZero() || due.Before(s.soonest) {
+		s.soonest = due
 	}
 	return false
 }
