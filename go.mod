@@ -10,6 +10,7 @@ require (
 	github.com/miekg/pkcs11 v1.1.1
 	github.com/mochi-mqtt/server/v2 v2.7.9
 	github.com/pelletier/go-toml/v2 v2.4.3
+	golang.org/x/sys v0.36.0
 )
 
 require (
@@ -19,5 +20,4 @@ require (
 	github.com/thales-e-security/pool v0.0.2 // indirect
 	golang.org/x/net v0.44.0 // indirect
 	golang.org/x/sync v0.17.0 // indirect
-	golang.org/x/sys v0.36.0 // indirect
 )

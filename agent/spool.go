@@ -18,6 +18,7 @@ import (
 	"unicode/utf8"
 
 	"github.com/fsnotify/fsnotify"
+	"golang.org/x/sys/unix"
 
 	"github.com/gwagent/gwagent/transport"
 )
@@ -405,23 +406,12 @@ func fileKind(mode uint32) string {
 	return "an unknown file type"
 }
 
-// reject moves a refused spool file to rejected/ (never following links),
-// warns once and counts it.
+// reject moves a refused spool file to rejected/ (never following links,
+// never replacing a file there), warns once and counts it.
 func (s *spooler) reject(path string, sig fileSig, reason string) {
 	a := s.a
 	delete(s.pending, path)
-	rdir := filepath.Join(s.dir, spoolRejectedDir)
-	dst := filepath.Join(rdir, filepath.Base(path))
-	err := os.Mkdir(rdir, 0o2770)
-	if err == nil {
-		os.Chmod(rdir, 0o2770) // the service's umask is 0077
-	}
-	if err == nil || errors.Is(err, os.ErrExist) {
-		if _, serr := os.Lstat(dst); serr == nil {
-			dst = filepath.Join(rdir, fmt.Sprintf("%s.%d", filepath.Base(path), a.opts.Now().UnixNano()))
-		}
-		err = os.Rename(path, dst)
-	}
+	dst, err := moveAside(s.dir, filepath.Base(path), a.opts.Now())
 	if err != nil {
 		s.refused[path] = sig
 		a.log.Warn("spool file refused and left in place (cannot move it aside)", "file", path, "reason", reason, "err", err)
@@ -430,4 +420,39 @@ func (s *spooler) reject(path string, sig fileSig, reason string) {
 	}
 	n := a.spoolRejected.Add(1)
 	a.status.Update(true, func(st *Status) { st.SpoolRejected = n })
+}
+
+// moveAside renames dir/name into dir/rejected/. The rejected directory is
+// opened without following a link, so an application that replaced it by a
+// symbolic link cannot make the agent move files elsewhere (say, into the
+// state directory); the rename never replaces an existing file.
+func moveAside(dir, name string, now time.Time) (string, error) {
+	rdir := filepath.Join(dir, spoolRejectedDir)
+	if err := os.Mkdir(rdir, 0o2770); err == nil {
+		os.Chmod(rdir, 0o2770) // the service's umask is 0077
+	} else if !errors.Is(err, os.ErrExist) {
+		return "", err
+	}
+	rfd, err := unix.Open(rdir, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return "", fmt.Errorf("%s is not a directory the agent may use: %w", rdir, err)
+	}
+	defer unix.Close(rfd)
+	dfd, err := unix.Open(dir, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return "", err
+	}
+	defer unix.Close(dfd)
+	target := name
+	for i := 0; ; i++ {
+		err = unix.Renameat2(dfd, name, rfd, target, unix.RENAME_NOREPLACE)
+		if !errors.Is(err, unix.EEXIST) || i == 3 {
+			break
+		}
+		target = fmt.Sprintf("%s.%d", name, now.UnixNano()+int64(i))
+	}
+	if err != nil {
+		return "", err
+	}
+	return filepath.Join(rdir, target), nil
 }
