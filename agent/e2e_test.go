@@ -23,7 +23,6 @@ import (
 	"github.com/gwagent/gwagent/internal/azsim"
 	"github.com/gwagent/gwagent/internal/backoff"
 	"github.com/gwagent/gwagent/internal/testenv"
-	"github.com/gwagent/gwagent/keystore"
 	"github.com/gwagent/gwagent/keystore/pkcs11"
 	"github.com/gwagent/gwagent/provisioning"
 )
@@ -537,25 +536,7 @@ func TestClock1970(t *testing.T) {
 func TestStaticModeE2E(t *testing.T) {
 	az := testenv.StartAzsim(t, azsim.Config{})
 	dir := t.TempDir()
-	keyURI := "file:" + filepath.Join(dir, "device.key")
-	keys := agent.NewKeys()
-	signer, err := keys.Fresh(context.Background(), keystore.MustParse(keyURI))
-	if err != nil {
-		t.Fatal(err)
-	}
-	der, err := provisioning.CSR(signer, "gw-static-1")
-	keys.Close()
-	if err != nil {
-		t.Fatal(err)
-	}
-	chain, err := az.Server.FactorySign(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE REQUEST", Bytes: der}))
-	if err != nil {
-		t.Fatal(err)
-	}
-	os.WriteFile(filepath.Join(dir, "chain.pem"), chain, 0o644)
-	if st := az.Admin("PUT", "/hub/devices/gw-static-1", map[string]any{"auth": "certificateAuthority"}, nil); st >= 300 {
-		t.Fatalf("register device: %d", st)
-	}
+	keyURI, _ := az.FactoryDevice(t, dir, "gw-static-1")
 	d := &device{t: t, az: az, dir: dir, path: filepath.Join(dir, "gwagent.toml")}
 	d.write(fmt.Sprintf(`state_dir = "%s/state"
 trust_bundle = %q

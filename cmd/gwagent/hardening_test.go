@@ -18,7 +18,6 @@ import (
 	"github.com/gwagent/gwagent/agent"
 	"github.com/gwagent/gwagent/internal/azsim"
 	"github.com/gwagent/gwagent/internal/testenv"
-	"github.com/gwagent/gwagent/keystore"
 	"github.com/gwagent/gwagent/provisioning"
 )
 
@@ -141,25 +140,7 @@ func TestStandaloneRenewLeavesStateStopped(t *testing.T) {
 func TestStaticModeStatusAndRenew(t *testing.T) {
 	az := testenv.StartAzsim(t, azsim.Config{})
 	dir := t.TempDir()
-	keyURI := "file:" + filepath.Join(dir, "device.key")
-	keys := agent.NewKeys()
-	signer, err := keys.Fresh(context.Background(), keystore.MustParse(keyURI))
-	if err != nil {
-		t.Fatal(err)
-	}
-	der, err := provisioning.CSR(signer, "gw-static-cli")
-	keys.Close()
-	if err != nil {
-		t.Fatal(err)
-	}
-	chain, err := az.Server.FactorySign(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE REQUEST", Bytes: der}))
-	if err != nil {
-		t.Fatal(err)
-	}
-	os.WriteFile(filepath.Join(dir, "chain.pem"), chain, 0o644)
-	if st := az.Admin("PUT", "/hub/devices/gw-static-cli", map[string]any{"auth": "certificateAuthority"}, nil); st >= 300 {
-		t.Fatalf("register device: %d", st)
-	}
+	keyURI, chainPath := az.FactoryDevice(t, dir, "gw-static-cli")
 	d := &crashDevice{t: t, az: az, dir: dir, cfg: filepath.Join(dir, "gwagent.toml"), state: filepath.Join(dir, "state")}
 	os.WriteFile(d.cfg, []byte(fmt.Sprintf(`state_dir = "state"
 trust_bundle = %q
@@ -181,6 +162,7 @@ interval = "1h"
 		}
 		return false
 	})
+	chain, _ := os.ReadFile(chainPath)
 	leaf, _ := pem.Decode(chain)
 	cert, err := x509.ParseCertificate(leaf.Bytes)
 	if err != nil {
