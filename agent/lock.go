@@ -8,6 +8,7 @@ import (
 	"strconv"
 	"strings"
 	"syscall"
+	"time"
 )
 
 // ErrAlreadyRunning says another gwagent process holds the state directory.
@@ -38,7 +39,13 @@ func LockStateDir(dir string) (*StateLock, error) {
 	if err != nil {
 		return nil, fmt.Errorf("state directory lock: %w", err)
 	}
-	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
+	err = syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB)
+	for i := 0; errors.Is(err, syscall.EWOULDBLOCK) && i < 5; i++ {
+		// LockHolder (gwagent status) holds a shared lock for an instant.
+		time.Sleep(20 * time.Millisecond)
+		err = syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB)
+	}
+	if err != nil {
 		defer f.Close()
 		if errors.Is(err, syscall.EWOULDBLOCK) {
 			return nil, fmt.Errorf("gwagent is %w (pid %d) on %s; stop it first (systemctl stop gwagent) or use another state_dir", ErrAlreadyRunning, readPID(f), dir)
