@@ -35,10 +35,21 @@ func LockStateDir(dir string) (*StateLock, error) {
 		return nil, fmt.Errorf("state directory: %w; create it or fix state_dir", err)
 	}
 	p := filepath.Join(dir, lockFile)
-	f, err := os.OpenFile(p, os.O_RDWR|os.O_CREATE|syscall.O_NOFOLLOW|syscall.O_CLOEXEC, 0o600)
+	// Readable by all (it holds only a pid), so that whoever runs gwagent
+	// can lock it, even if another user created it.
+	f, err := os.OpenFile(p, os.O_RDWR|os.O_CREATE|syscall.O_NOFOLLOW|syscall.O_CLOEXEC, 0o644)
+	if err == nil {
+		f.Chmod(0o644) // whatever the umask
+	}
+	if errors.Is(err, os.ErrPermission) {
+		// Left by root (say, `gwagent onboard` at the factory): a read-only
+		// descriptor locks just as well; only the pid cannot be written.
+		f, err = os.OpenFile(p, os.O_RDONLY|syscall.O_NOFOLLOW|syscall.O_CLOEXEC, 0)
+	}
 	if err != nil {
 		return nil, fmt.Errorf("state directory lock: %w", err)
 	}
+	giveToDirOwner(f, dir)
 	err = syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB)
 	for i := 0; errors.Is(err, syscall.EWOULDBLOCK) && i < 5; i++ {
 		// LockHolder (gwagent status) holds a shared lock for an instant.
@@ -93,4 +104,19 @@ func readPID(f *os.File) int {
 	n, _ := f.ReadAt(b, 0)
 	pid, _ := strconv.Atoi(strings.TrimSpace(string(b[:n])))
 	return pid
+}
+
+// giveToDirOwner hands a lock file root created to the state directory's
+// owner (the service user), so the service can write its pid in it later.
+func giveToDirOwner(f *os.File, dir string) {
+	if os.Geteuid() != 0 {
+		return
+	}
+	var d, st syscall.Stat_t
+	if syscall.Stat(dir, &d) != nil || syscall.Fstat(int(f.Fd()), &st) != nil {
+		return
+	}
+	if st.Uid != d.Uid || st.Gid != d.Gid {
+		f.Chown(int(d.Uid), int(d.Gid))
+	}
 }

@@ -193,6 +193,15 @@ func cmdRenew(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	} else if pid == -1 {
 		return errors.New("renew: the agent is starting; try again in a moment")
 	} else if pid > 0 {
+		if !processAlive(pid) {
+			// The lock file's pid is stale (an agent that could not write
+			// it); the running agent's own status names it.
+			st, err := agent.ReadStatus(cfg.StateDir)
+			if err != nil || !processAlive(st.PID) {
+				return fmt.Errorf("renew: an agent holds %s but its pid is unknown; use systemctl reload gwagent", cfg.StateDir)
+			}
+			pid = st.PID
+		}
 		if err := syscall.Kill(pid, syscall.SIGHUP); err != nil {
 			return fmt.Errorf("renew: cannot signal the running agent (pid %d): %w; run as its user or root", pid, err)
 		}

@@ -102,6 +102,18 @@ spool_dir = %q
 		t.Fatalf("a user outside gwagent-spool wrote the spool:\n%s", out)
 	}
 
+	// A command run as root first (the factory's `gwagent onboard`, an
+	// admin's `gwagent provision`) takes the state lock too; the service
+	// must still be able to take it afterwards.
+	if _, _, err := gw(t, "provision", "--config", cfg); err != nil {
+		t.Fatalf("provision as root: %v", err)
+	}
+	exec.Command("chown", "-R", fmt.Sprintf("%d:%d", uid, gid), state).Run() // as an installer would fix the keys it made
+	os.Chown(filepath.Join(state, "gwagent.lock"), 0, 0)                     // but not the lock: the agent copes
+	if st, _ := os.Stat(filepath.Join(state, "gwagent.lock")); st == nil || st.Mode().Perm() != 0o644 {
+		t.Fatalf("lock file mode %v, want 0644 so that any user running gwagent can lock it", st)
+	}
+
 	// The agent as the gwagent uid with its supplementary group, as the unit
 	// runs it.
 	logPath := filepath.Join(t.TempDir(), "agent.log")
@@ -115,6 +127,11 @@ spool_dir = %q
 	}
 	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait(); logf.Close() })
 	agentLog := func() string { b, _ := os.ReadFile(logPath); return string(b) }
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("agent log:\n%s", agentLog())
+		}
+	})
 	testenv.Eventually(t, 30*time.Second, "the application's message at the hub", func() bool {
 		for _, m := range az.Telemetry() {
 			if b, ok := m["body"].(map[string]any); ok && m["deviceId"] == "gw-layout" && b["fromApp"] != nil {
@@ -136,6 +153,10 @@ spool_dir = %q
 		_, err := os.Lstat(filepath.Join(spool, "rejected", "private.json"))
 		return err == nil && strings.Contains(agentLog(), "not readable by the agent")
 	})
+	status, _, err := gw(t, "status", "--config", cfg)
+	if err != nil || !strings.Contains(status, "connected (updated") {
+		t.Fatalf("status as root beside the service: %v\n%s", err, status)
+	}
 	if st, err := os.Stat(state); err != nil || st.Mode().Perm() != 0o700 {
 		t.Fatalf("state directory mode changed: %v %v", st.Mode(), err)
 	}
