@@ -195,3 +195,22 @@ func processRunning(c *exec.Cmd) bool {
 }
 
 func regexpMatch(re, s string) bool { return regexp.MustCompile(re).MatchString(s) }
+
+// `gwagent status` on a config path that is a FIFO or a link to /dev/zero
+// exits at once with a clear error (it used to hang, deaf to SIGTERM, or run
+// out of memory).
+func TestStatusOnHostileConfigPath(t *testing.T) {
+	dir := t.TempDir()
+	fifo := filepath.Join(dir, "fifo.toml")
+	if err := syscall.Mkfifo(fifo, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	zero := filepath.Join(dir, "zero.toml")
+	os.Symlink("/dev/zero", zero)
+	for path, want := range map[string]string{fifo: "is a FIFO, not a regular file", zero: "is a device, not a regular file"} {
+		out, err := gwProc(t, 20*time.Second, "status", "--config", path)
+		if err == nil || !strings.Contains(out, want) {
+			t.Errorf("status --config %s: %v, want %q:\n%s", filepath.Base(path), err, want, out)
+		}
+	}
+}

@@ -6,9 +6,11 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"maps"
 	"os"
 	"os/signal"
 	"path/filepath"
+	"slices"
 	"strings"
 	"syscall"
 	"time"
@@ -87,8 +89,8 @@ func cmdStatus(ctx context.Context, args []string, stdout, stderr io.Writer) err
 		default:
 			w("state", fmt.Sprintf("%s (agent not running; last update %s ago, %s)", st.State, age, st.UpdatedAt.Format(time.RFC3339)))
 		}
-		for c, why := range st.Conditions {
-			w("condition", string(c)+": "+why)
+		for _, c := range slices.Sorted(maps.Keys(st.Conditions)) {
+			w("condition", string(c)+": "+st.Conditions[c])
 		}
 	case errors.Is(serr, os.ErrNotExist):
 		w("state", "never run")
