@@ -2,6 +2,7 @@ package agent
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"math/rand/v2"
@@ -146,8 +147,13 @@ func (a *Agent) Run(ctx context.Context) error {
 		return err
 	}
 	defer a.shutdown()
-	if err := os.MkdirAll(cfg.Telemetry.SpoolDir, 0o770); err != nil {
-		return fmt.Errorf("spool directory: %w", err)
+	if _, err := os.Stat(cfg.Telemetry.SpoolDir); errors.Is(err, os.ErrNotExist) {
+		// Normally made by tmpfiles.d; here for a private setup, with the
+		// same mode whatever the umask.
+		if err := os.MkdirAll(cfg.Telemetry.SpoolDir, 0o2770); err != nil {
+			return fmt.Errorf("spool directory: %w", err)
+		}
+		os.Chmod(cfg.Telemetry.SpoolDir, 0o2770)
 	}
 
 	var wg sync.WaitGroup
