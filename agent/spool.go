@@ -127,7 +127,7 @@ func (a *Agent) spoolLoop(ctx context.Context) {
 			return
 		}
 		armed = s.soonest
-		settle.Reset(max(armed.Sub(a.opts.Now()), 10*time.Millisecond))
+		settle.Reset(max(time.Until(armed), 10*time.Millisecond))
 	}
 	resetSettle()
 	for {
@@ -252,7 +252,7 @@ func (s *spooler) scan() {
 // not, it is pending, and s.soonest says when to look at pending files again.
 func (s *spooler) settled(path string, sig fileSig) bool {
 	settle := s.a.cfg.Load().Telemetry.SpoolSettle.Duration
-	now := s.a.opts.Now()
+	now := time.Now() // not opts.Now: compared with file times the kernel sets
 	mt := time.Unix(0, sig.mtime)
 	if !mt.After(now.Add(-settle)) {
 		delete(s.pending, path)
@@ -346,7 +346,7 @@ func (s *spooler) file(path string) {
 	}
 	var after syscall.Stat_t
 	if syscall.Fstat(fd, &after) != nil || sigOf(&after) != sig || int64(len(body)) != st.Size {
-		s.pending[path] = pendingFile{sig: sigOf(&after), seen: a.opts.Now()}
+		s.pending[path] = pendingFile{sig: sigOf(&after), seen: time.Now()}
 		return // still being written
 	}
 	if !utf8.Valid(body) {
@@ -411,7 +411,7 @@ func fileKind(mode uint32) string {
 func (s *spooler) reject(path string, sig fileSig, reason string) {
 	a := s.a
 	delete(s.pending, path)
-	dst, err := moveAside(s.dir, filepath.Base(path), a.opts.Now())
+	dst, err := moveAside(s.dir, filepath.Base(path), time.Now())
 	if err != nil {
 		s.refused[path] = sig
 		a.log.Warn("spool file refused and left in place (cannot move it aside)", "file", path, "reason", reason, "err", err)
