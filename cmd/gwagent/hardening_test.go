@@ -26,7 +26,7 @@ import (
 func TestHelpDoesNotAct(t *testing.T) {
 	dir := t.TempDir()
 	t.Chdir(dir)
-	names := []string{"onboard csr", "onboard install", "onboard"}
+	names := []string{"onboard csr", "onboard install", "onboard tpm", "onboard"}
 	for _, c := range commands() {
 		if c.name != "onboard" {
 			names = append(names, c.name)

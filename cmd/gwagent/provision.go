@@ -12,6 +12,7 @@ import (
 	"github.com/gwagent/gwagent/agent"
 	"github.com/gwagent/gwagent/internal/atomicfile"
 	"github.com/gwagent/gwagent/keystore"
+	"github.com/gwagent/gwagent/provisioning"
 )
 
 // isTerminal reports whether w is a character device (progress on by default).
@@ -87,7 +88,7 @@ func cmdOnboardTPM(ctx context.Context, args []string, stdout, stderr io.Writer)
 	if o.EKCert == nil {
 		fmt.Fprintln(stdout, "ek_certificate: none (the TPM has no EK certificate in NV index 0x01C00002)")
 	} else {
-		fmt.Fprintf(stdout, "ek_certificate: issuer %q, serial %s\n", o.EKCert.Issuer.String(), o.EKCert.SerialNumber.Text(16))
+		fmt.Fprintf(stdout, "ek_certificate: issuer %q, serial %s\n", o.EKCert.Issuer.String(), provisioning.FormatSerial(o.EKCert.SerialNumber))
 		pem.Encode(stdout, &pem.Block{Type: "CERTIFICATE", Bytes: o.EKCert.Raw})
 	}
 	fmt.Fprintln(stderr, "Create an individual enrollment with TPM attestation in DPS for this registration id and endorsement key.")
