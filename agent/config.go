@@ -365,6 +365,9 @@ func (c *Config) defaults() {
 	abs(&c.Hub.Chain)
 	c.Onboarding.Key = absKeyURI(base, c.Onboarding.Key)
 	c.Operational.Key = absKeyURI(base, c.Operational.Key)
+	if u, err := TPMDevice(c.Onboarding.TPM); err == nil && u.Attrs["socket"] != "" && !filepath.IsAbs(u.Attrs["socket"]) {
+		c.Onboarding.TPM = "tpm2:socket=" + filepath.Join(base, u.Attrs["socket"])
+	}
 	if c.Telemetry.SpoolDir == "" {
 		c.Telemetry.SpoolDir = DefaultSpoolDir
 		if c.StateDir != DefaultStateDir {

@@ -94,6 +94,14 @@ func TestConfigKeyURIsRelativeToFile(t *testing.T) {
 	if !strings.Contains(c.Operational.Key, "pin-source=/etc/gw/pin.txt") || !strings.Contains(c.Operational.Key, "module-path=libsofthsm2.so") {
 		t.Errorf("pkcs11 key %q: pin-source must follow the config file, a bare module name the loader", c.Operational.Key)
 	}
+	tpm := strings.Replace(minimal, "kind = \"x509\"\nkey = \"file:/s/onb.key\"\nchain = \"onb.pem\"", "kind = \"tpm\"\ntpm = \"tpm2:socket=run/swtpm.sock\"", 1)
+	c, err = ParseConfig("/etc/gw/cfg.toml", []byte(tpm))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Onboarding.TPM != "tpm2:socket=/etc/gw/run/swtpm.sock" {
+		t.Errorf("[onboarding] tpm %q", c.Onboarding.TPM)
+	}
 	abs := minimal
 	c, _ = ParseConfig("/etc/gw/cfg.toml", []byte(abs))
 	if c.Operational.Key != "file:/s/op.key" {
