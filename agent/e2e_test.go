@@ -34,6 +34,8 @@ type device struct {
 	dir  string
 	path string
 	cfg  *agent.Config
+	// tweak, if set, adjusts the agent's options before start.
+	tweak func(*agent.Options)
 }
 
 type devOpts struct {
@@ -173,6 +175,9 @@ func (d *device) start(now ...func() time.Time) *running {
 	}
 	if len(now) > 0 {
 		opts.Now = now[0]
+	}
+	if d.tweak != nil {
+		d.tweak(&opts)
 	}
 	a, err := agent.New(d.path, opts)
 	if err != nil {

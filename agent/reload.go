@@ -3,45 +3,54 @@ package agent
 import (
 	"context"
 	"path/filepath"
+	"syscall"
 	"time"
-
-	"github.com/fsnotify/fsnotify"
 )
 
 // watchConfig reloads the config when its file changes (directory watch,
 // so atomic replaces are seen), debounced; an invalid file is logged and
 // the old config stays.
 func (a *Agent) watchConfig(ctx context.Context) {
-	w, err := fsnotify.NewWatcher()
-	if err != nil {
-		a.log.Error("config watcher", "err", err)
-		return
-	}
-	defer w.Close()
 	dir, file := filepath.Dir(a.cfgPath), filepath.Base(a.cfgPath)
-	if err := w.Add(dir); err != nil {
-		a.log.Error("cannot watch config directory", "dir", dir, "err", err)
-		return
-	}
+	w := a.watchDir("config", CondConfigPolled, dir)
+	defer w.close()
+	last := configSig(a.cfgPath) // what polling compares with
 	var debounce <-chan time.Time
 	for {
 		select {
 		case <-ctx.Done():
 			return
-		case ev, ok := <-w.Events:
+		case ev, ok := <-w.events():
 			if !ok {
 				return
 			}
 			if filepath.Base(ev.Name) == file {
 				debounce = time.After(300 * time.Millisecond)
 			}
-		case err := <-w.Errors:
+		case err := <-w.errs():
 			a.log.Warn("config watcher", "err", err)
+		case <-w.tick():
+			w.ticked()
+			if sig := configSig(a.cfgPath); sig != last {
+				last = sig
+				a.reload()
+			}
 		case <-debounce:
 			debounce = nil
+			last = configSig(a.cfgPath)
 			a.reload()
 		}
 	}
+}
+
+// configSig tells one version of the config file from another without
+// reading it (an atomic replace changes the inode, an edit the time or size).
+func configSig(path string) fileSig {
+	var st syscall.Stat_t
+	if syscall.Stat(path, &st) != nil {
+		return fileSig{}
+	}
+	return sigOf(&st)
 }
 
 // reload applies a changed config: telemetry interval, spool directory, log

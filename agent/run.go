@@ -12,6 +12,8 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/fsnotify/fsnotify"
+
 	"github.com/gwagent/gwagent/internal/backoff"
 	"github.com/gwagent/gwagent/provisioning"
 	"github.com/gwagent/gwagent/transport"
@@ -35,6 +37,11 @@ type Options struct {
 	Backoff backoff.Policy
 	// ClockPoll is how often an unsynchronised clock is checked; default 5 s.
 	ClockPoll time.Duration
+
+	// newWatcher stands in for fsnotify.NewWatcher in tests (export_test.go):
+	// inotify that cannot be had is a fault the kernel gives only when its
+	// per-user instance limit is used up, which would break other tests.
+	newWatcher func() (*fsnotify.Watcher, error)
 }
 
 // Agent is one running gwagent: one device identity, one hub session at a

@@ -103,17 +103,9 @@ type spooler struct {
 // applications and queues each as one message; the file is deleted after
 // the hub's PUBACK (drain).
 func (a *Agent) spoolLoop(ctx context.Context) {
-	w, err := fsnotify.NewWatcher()
-	if err != nil {
-		a.log.Error("spool watcher", "err", err)
-		return
-	}
-	defer w.Close()
 	s := &spooler{a: a, dir: a.cfg.Load().Telemetry.SpoolDir, pending: map[string]pendingFile{}, refused: map[string]fileSig{}}
-	if err := w.Add(s.dir); err != nil {
-		a.log.Error("cannot watch spool directory", "dir", s.dir, "err", err)
-		return
-	}
+	w := a.watchDir("spool", CondSpoolPolled, s.dir)
+	defer w.close()
 	a.loadQueuedSpoolFiles()
 	s.scan()
 	retry := time.NewTicker(30 * time.Second) // picks up files refused while the outbox was full
@@ -134,7 +126,7 @@ func (a *Agent) spoolLoop(ctx context.Context) {
 		select {
 		case <-ctx.Done():
 			return
-		case ev, ok := <-w.Events:
+		case ev, ok := <-w.events():
 			if !ok {
 				return
 			}
@@ -145,8 +137,12 @@ func (a *Agent) spoolLoop(ctx context.Context) {
 				s.file(ev.Name)
 			}
 			resetSettle()
-		case err := <-w.Errors:
+		case err := <-w.errs():
 			a.log.Warn("spool watcher", "err", err)
+		case <-w.tick():
+			w.ticked()
+			s.scan()
+			resetSettle()
 		case <-settle.C:
 			armed, s.soonest = time.Time{}, time.Time{}
 			for p := range s.pending {
@@ -155,8 +151,7 @@ func (a *Agent) spoolLoop(ctx context.Context) {
 			resetSettle()
 		case <-retry.C:
 			if nd := a.cfg.Load().Telemetry.SpoolDir; nd != s.dir {
-				w.Remove(s.dir)
-				if err := w.Add(nd); err != nil {
+				if err := w.move(nd); err != nil {
 					a.log.Error("cannot watch new spool directory", "dir", nd, "err", err)
 				} else {
 					a.log.Info("spool directory changed", "from", s.dir, "to", nd)
