@@ -18,6 +18,7 @@ import (
 	"github.com/eclipse/paho.mqtt.golang/packets"
 
 	"github.com/gwagent/gwagent/internal/backoff"
+	"github.com/gwagent/gwagent/internal/mqttconn"
 	"github.com/gwagent/gwagent/internal/tlsconf"
 )
 
@@ -69,6 +70,10 @@ type DPSConfig struct {
 	Progress func(Step)
 	// ClientVersion goes into the username's ClientVersion (user agent).
 	ClientVersion string
+	// Network is how to reach DPS: transport (MQTT on 8883, WebSockets on
+	// 443, or auto), proxy, timeouts. Its Host and TLS are filled in from
+	// Endpoint and the credential.
+	Network mqttconn.Options
 }
 
 // StepKind names a provisioning step for progress output.
@@ -308,16 +313,15 @@ type dpsSession struct {
 // handshake or a short-lived SAS token as password; then it subscribes to
 // the response topics.
 func connectDPS(ctx context.Context, cfg *DPSConfig) (*dpsSession, error) {
-	host, port := cfg.Endpoint, "8883"
-	if h, p, err := net.SplitHostPort(cfg.Endpoint); err == nil {
-		host, port = h, p
+	host := cfg.Endpoint
+	if h, _, err := net.SplitHostPort(cfg.Endpoint); err == nil {
+		host = h
 	}
 	var tlsCfg, err = tlsconf.Client(host, cfg.Roots, nil, nil)
 	if err != nil {
 		return nil, fmt.Errorf("dps: %w", err)
 	}
 	opts := mqtt.NewClientOptions().
-		AddBroker("tls://" + net.JoinHostPort(host, port)).
 		SetClientID(cfg.RegistrationID).
 		SetUsername(cfg.IDScope + "/registrations/" + cfg.RegistrationID + "/api-version=" + cfg.APIVersion +
 			"&ClientVersion=" + url.QueryEscape(cfg.ClientVersion)).
@@ -326,7 +330,6 @@ func connectDPS(ctx context.Context, cfg *DPSConfig) (*dpsSession, error) {
 		SetAutoReconnect(false).
 		SetConnectRetry(false).
 		SetKeepAlive(60 * time.Second).
-		SetConnectTimeout(30 * time.Second).
 		SetOrderMatters(false)
 	switch c := cfg.Credential.(type) {
 	case X509Credential:
@@ -340,7 +343,11 @@ func connectDPS(ctx context.Context, cfg *DPSConfig) (*dpsSession, error) {
 	default:
 		return nil, fmt.Errorf("dps: unsupported onboarding credential %T", cfg.Credential)
 	}
-	opts.SetTLSConfig(tlsCfg)
+	nw := cfg.Network
+	nw.Host, nw.TLS = cfg.Endpoint, tlsCfg
+	if _, err := mqttconn.Configure(ctx, opts, nw); err != nil {
+		return nil, fmt.Errorf("dps: %w", err)
+	}
 
 	replies := make(chan reply, 8)
 	lost := make(chan struct{})

@@ -19,6 +19,7 @@ import (
 	mqtt "github.com/eclipse/paho.mqtt.golang"
 	"github.com/eclipse/paho.mqtt.golang/packets"
 
+	"github.com/gwagent/gwagent/internal/mqttconn"
 	"github.com/gwagent/gwagent/internal/tlsconf"
 )
 
@@ -54,6 +55,10 @@ type Config struct {
 	// OnCredentials receives certificate-signing answers that arrive with no
 	// request waiting for them (a 200 after a reconnect).
 	OnCredentials func(status int, rid string, body []byte)
+	// Network is how to reach the hub: transport (MQTT on 8883, WebSockets
+	// on 443, or auto), proxy, timeouts. Its Host and TLS are filled in
+	// from Host and the credentials above.
+	Network mqttconn.Options
 }
 
 // Errors Dial classifies.
@@ -97,6 +102,7 @@ func truncate(b []byte, n int) string {
 type Session struct {
 	cfg    Config
 	client mqtt.Client
+	dialer *mqttconn.Dialer
 	done   chan struct{}
 	once   sync.Once
 	err    atomic.Value // error that ended the session
@@ -125,9 +131,9 @@ func Dial(ctx context.Context, cfg Config) (*Session, error) {
 	if cfg.ClientVersion == "" {
 		cfg.ClientVersion = "gwagent"
 	}
-	host, port := cfg.Host, "8883"
-	if h, p, err := net.SplitHostPort(cfg.Host); err == nil {
-		host, port = h, p
+	host := cfg.Host
+	if h, _, err := net.SplitHostPort(cfg.Host); err == nil {
+		host = h
 	}
 	var tlsCfg *tls.Config
 	var err error
@@ -143,22 +149,25 @@ func Dial(ctx context.Context, cfg Config) (*Session, error) {
 
 	// The username's hub name is the host without the port.
 	opts := mqtt.NewClientOptions().
-		AddBroker("tls://" + net.JoinHostPort(host, port)).
 		SetClientID(cfg.DeviceID).
 		SetUsername(host + "/" + cfg.DeviceID + "/?api-version=" + cfg.APIVersion + "&DeviceClientType=" + url.QueryEscape(cfg.ClientVersion)).
-		SetTLSConfig(tlsCfg).
 		SetProtocolVersion(4).
 		// CleanSession=0 keeps C2D queued across reconnects (azure-protocol §4.1).
 		SetCleanSession(false).
 		SetKeepAlive(cfg.KeepAlive).
 		SetPingTimeout(30 * time.Second).
-		SetConnectTimeout(30 * time.Second).
 		SetAutoReconnect(false).
 		SetConnectRetry(false).
 		SetOrderMatters(false).
 		SetConnectionLostHandler(func(_ mqtt.Client, err error) { s.finish(err) })
 	if cfg.SASToken != nil {
 		opts.SetPassword(cfg.SASToken(time.Now().Add(time.Hour)))
+	}
+	nw := cfg.Network
+	nw.Host, nw.TLS = cfg.Host, tlsCfg
+	// The dial is bounded by ctx; the session outlives it.
+	if s.dialer, err = mqttconn.Configure(ctx, opts, nw); err != nil {
+		return nil, fmt.Errorf("hub: %w", err)
 	}
 	s.client = mqtt.NewClient(opts)
 	tok := s.client.Connect()
@@ -228,6 +237,10 @@ func (s *Session) finish(err error) {
 		close(s.done)
 	})
 }
+
+// Transport is what the session's connection runs over: mqttconn.MQTT or
+// mqttconn.WebSocket.
+func (s *Session) Transport() mqttconn.Transport { return s.dialer.Used() }
 
 // Done is closed when the connection is gone.
 func (s *Session) Done() <-chan struct{} { return s.done }

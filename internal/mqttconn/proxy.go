@@ -1,0 +1,275 @@
+package mqttconn
+
+import (
+	"bufio"
+	"context"
+	"crypto/tls"
+	"encoding/base64"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"net/url"
+	"strings"
+	"time"
+)
+
+// ErrProxy marks every failure of the HTTP proxy: unreachable, refusing
+// the tunnel (407, 403, ...) or closing it.
+var ErrProxy = errors.New("proxy")
+
+// ProxyFunc returns the proxy to reach target (host:port) through, or nil
+// to connect directly.
+type ProxyFunc func(target string) (*url.URL, error)
+
+// ParseProxy checks a proxy URL as written in the config or in https_proxy:
+// http://[user:password@]host[:port] (port default 80; a bare host:port is
+// taken as http). The error never contains the password.
+func ParseProxy(s string) (*url.URL, error) {
+	if s == "" {
+		return nil, nil
+	}
+	if !strings.Contains(s, "://") {
+		s = "http://" + s
+	}
+	u, err := url.Parse(s)
+	if err != nil {
+		// url's errors quote the whole input, password included.
+		return nil, errors.New("proxy: not a URL; write it as http://[user:password@]host:port")
+	}
+	if u.Scheme != "http" {
+		return nil, fmt.Errorf("proxy %s: scheme %q is not supported; use an http:// proxy (the tunnel inside is TLS either way)", u.Redacted(), u.Scheme)
+	}
+	if u.Hostname() == "" {
+		return nil, fmt.Errorf("proxy %s: no host", u.Redacted())
+	}
+	if u.Path != "" && u.Path != "/" || u.RawQuery != "" {
+		return nil, fmt.Errorf("proxy %s: a proxy URL has no path or query", u.Redacted())
+	}
+	if u.Port() == "" {
+		u.Host = net.JoinHostPort(u.Hostname(), "80")
+	}
+	u.Path = ""
+	return u, nil
+}
+
+// Proxy returns a ProxyFunc that sends every target through proxy except
+// those noProxy names. noProxy is a comma- or space-separated list in the
+// curl/Go style: "*" (all), a host name (which matches it and its
+// subdomains; a leading dot is allowed), an IP address, a CIDR block, each
+// optionally with ":port". Unlike Go's net/http, loopback addresses are not
+// exempt unless listed: a proxy named here is used as written.
+func Proxy(proxy *url.URL, noProxy string) ProxyFunc {
+	if proxy == nil {
+		return nil
+	}
+	rules := parseNoProxy(noProxy)
+	return func(target string) (*url.URL, error) {
+		if rules.match(target) {
+			return nil, nil
+		}
+		return proxy, nil
+	}
+}
+
+// ProxyFromEnvironment reads https_proxy, HTTPS_PROXY, no_proxy and
+// NO_PROXY through getenv (lower case first, as curl does), as the Azure IoT
+// Identity Service and systemd drop-ins set them. No https_proxy: no proxy.
+func ProxyFromEnvironment(getenv func(string) string) (ProxyFunc, error) {
+	first := func(names ...string) string {
+		for _, n := range names {
+			if v := getenv(n); v != "" {
+				return v
+			}
+		}
+		return ""
+	}
+	u, err := ParseProxy(first("https_proxy", "HTTPS_PROXY"))
+	if err != nil {
+		return nil, fmt.Errorf("https_proxy: %w", err)
+	}
+	return Proxy(u, first("no_proxy", "NO_PROXY")), nil
+}
+
+type noProxyRules struct {
+	all   bool
+	hosts []hostRule
+	nets  []*net.IPNet
+}
+
+type hostRule struct{ host, port string }
+
+func parseNoProxy(s string) noProxyRules {
+	var r noProxyRules
+	for _, f := range strings.FieldsFunc(s, func(c rune) bool { return c == ',' || c == ' ' }) {
+		f = strings.ToLower(strings.TrimSpace(f))
+		if f == "*" {
+			r.all = true
+			continue
+		}
+		if _, n, err := net.ParseCIDR(f); err == nil {
+			r.nets = append(r.nets, n)
+			continue
+		}
+		h, p := f, ""
+		if hh, pp, err := net.SplitHostPort(f); err == nil {
+			h, p = hh, pp
+		}
+		h = strings.TrimPrefix(strings.TrimPrefix(h, "*"), ".")
+		if h != "" {
+			r.hosts = append(r.hosts, hostRule{host: strings.Trim(h, "[]"), port: p})
+		}
+	}
+	return r
+}
+
+func (r noProxyRules) match(target string) bool {
+	if r.all {
+		return true
+	}
+	host, port, err := net.SplitHostPort(target)
+	if err != nil {
+		host = target
+	}
+	host = strings.ToLower(strings.TrimSuffix(host, "."))
+	if ip := net.ParseIP(host); ip != nil {
+		for _, n := range r.nets {
+			if n.Contains(ip) {
+				return true
+			}
+		}
+	}
+	for _, h := range r.hosts {
+		if h.port != "" && h.port != port {
+			continue
+		}
+		if host == h.host || strings.HasSuffix(host, "."+h.host) {
+			return true
+		}
+	}
+	return false
+}
+
+// ProxyError is a proxy that could not be reached or would not open the
+// tunnel. Proxy is the proxy's URL without its password.
+type ProxyError struct {
+	Proxy  string
+	Target string
+	// Status is the proxy's HTTP answer to CONNECT; 0 when there was none.
+	Status int
+	// Closed: the proxy closed the connection instead of answering.
+	Closed bool
+	Err    error
+}
+
+func (e *ProxyError) Error() string {
+	switch {
+	case e.Status == 407:
+		return fmt.Sprintf("proxy %s refused CONNECT to %s: 407 Proxy Authentication Required; check the user name and password in the proxy setting", e.Proxy, e.Target)
+	case e.Status == 403:
+		return fmt.Sprintf("proxy %s refused CONNECT to %s: 403 Forbidden; the proxy does not allow tunnels to this port (many allow only 443: use transport \"websocket\" or \"auto\")", e.Proxy, e.Target)
+	case e.Status != 0:
+		return fmt.Sprintf("proxy %s refused CONNECT to %s: %d %s", e.Proxy, e.Target, e.Status, http.StatusText(e.Status))
+	case e.Closed:
+		return fmt.Sprintf("proxy %s closed the tunnel to %s: %v", e.Proxy, e.Target, e.Err)
+	}
+	return fmt.Sprintf("proxy %s unreachable: %v; check the proxy setting (https_proxy) and that the proxy runs", e.Proxy, e.Err)
+}
+
+func (e *ProxyError) Unwrap() []error {
+	if e.Err == nil {
+		return []error{ErrProxy}
+	}
+	return []error{ErrProxy, e.Err}
+}
+
+// tunnel opens a TCP connection to target through the proxy's CONNECT
+// method, with Basic authentication when the proxy URL has a user.
+func tunnel(ctx context.Context, proxy *url.URL, target string, dial func(context.Context, string, string) (net.Conn, error)) (net.Conn, error) {
+	pe := &ProxyError{Proxy: proxy.Redacted(), Target: target}
+	c, err := dial(ctx, "tcp", proxy.Host)
+	if err != nil {
+		pe.Err = err
+		return nil, pe
+	}
+	// The context bounds the exchange: a deadline, and a cancel that
+	// unblocks the read.
+	if dl, ok := ctx.Deadline(); ok {
+		_ = c.SetDeadline(dl)
+	}
+	stop := context.AfterFunc(ctx, func() { _ = c.SetDeadline(time.Unix(1, 0)) })
+	defer stop()
+
+	req := &http.Request{
+		Method: http.MethodConnect,
+		URL:    &url.URL{Opaque: target},
+		Host:   target,
+		Header: http.Header{"User-Agent": {"gwagent"}},
+	}
+	if u := proxy.User; u != nil {
+		pw, _ := u.Password()
+		req.Header.Set("Proxy-Authorization", "Basic "+base64.StdEncoding.EncodeToString([]byte(u.Username()+":"+pw)))
+	}
+	if err := req.Write(c); err != nil {
+		c.Close()
+		pe.Closed, pe.Err = true, err
+		return nil, pe
+	}
+	br := bufio.NewReader(c)
+	resp, err := http.ReadResponse(br, req)
+	if err != nil {
+		c.Close()
+		if ctx.Err() != nil {
+			err = fmt.Errorf("no answer to CONNECT: %w", ctx.Err())
+		}
+		pe.Closed, pe.Err = true, err
+		return nil, pe
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		c.Close()
+		pe.Status = resp.StatusCode
+		return nil, pe
+	}
+	if !stop() {
+		c.Close()
+		return nil, ctx.Err()
+	}
+	_ = c.SetDeadline(time.Time{})
+	if br.Buffered() > 0 {
+		// The server spoke first (it never does in TLS, but a proxy might
+		// have sent bytes early): keep them.
+		return &bufferedConn{Conn: c, r: br}, nil
+	}
+	return c, nil
+}
+
+type bufferedConn struct {
+	net.Conn
+	r *bufio.Reader
+}
+
+func (b *bufferedConn) Read(p []byte) (int, error) { return b.r.Read(p) }
+
+// HTTPTransport is an http.Transport with the same rules as the MQTT
+// connections: TLS from cfg, and proxy (nil: none) for CONNECT tunnels.
+// For HTTPS clients of DPS.
+func HTTPTransport(cfg *tls.Config, proxy ProxyFunc) *http.Transport {
+	t := &http.Transport{
+		TLSClientConfig:     cfg,
+		ForceAttemptHTTP2:   false,
+		TLSHandshakeTimeout: 30 * time.Second,
+		MaxIdleConns:        1,
+		IdleConnTimeout:     90 * time.Second,
+	}
+	if proxy != nil {
+		t.Proxy = func(r *http.Request) (*url.URL, error) {
+			host := r.URL.Host
+			if r.URL.Port() == "" {
+				host = net.JoinHostPort(r.URL.Hostname(), "443")
+			}
+			return proxy(host)
+		}
+	}
+	return t
+}
