@@ -157,6 +157,8 @@ func serve(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs.StringVar(&cfg.DPSAddr, "dps-addr", "127.0.0.1:8883", "DPS MQTT/TLS listen address")
 	fs.StringVar(&cfg.DPSHTTPSAddr, "dps-https-addr", "127.0.0.1:8443", "DPS REST (HTTPS) listen address: TPM attestation and dps_transport = \"https\"")
 	fs.StringVar(&cfg.HubAddr, "hub-addr", "127.0.0.1:8884", "IoT Hub MQTT/TLS listen address")
+	fs.StringVar(&cfg.DPSWSAddr, "dps-ws-addr", "127.0.0.1:8445", "DPS MQTT over WebSockets listen address (Azure's 443; \"off\": none)")
+	fs.StringVar(&cfg.HubWSAddr, "hub-ws-addr", "127.0.0.1:8444", "IoT Hub MQTT over WebSockets listen address (Azure's 443; \"off\": none)")
 	fs.StringVar(&cfg.AdminAddr, "admin-addr", "127.0.0.1:8480", "admin HTTP API listen address (loopback only)")
 	fs.StringVar(&cfg.HubHostName, "hub-hostname", "", "hub name as devices dial it (default localhost:PORT)")
 	fs.StringVar(&cfg.IDScope, "id-scope", "0ne00AZSIM0", "DPS id scope")
@@ -188,8 +190,8 @@ func serve(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 			return err
 		}
 	}
-	fmt.Fprintf(stdout, "azsim serving\n  DPS          %s (id scope %s)\n  DPS (HTTPS)  %s\n  IoT Hub      %s\n  admin API    %s\n  trust bundle %s\n",
-		inf.DPSAddr, inf.IDScope, inf.DPSHTTPSAddr, inf.HubHostName, inf.AdminURL, inf.TrustBundle)
+	fmt.Fprintf(stdout, "azsim serving\n  DPS          %s (id scope %s)\n  DPS (HTTPS)  %s\n  IoT Hub      %s\n  WebSockets   DPS port %d, hub port %d (path /$iothub/websocket)\n  admin API    %s\n  trust bundle %s\n",
+		inf.DPSAddr, inf.IDScope, inf.DPSHTTPSAddr, inf.HubHostName, inf.DPSWebSocketPort, inf.HubWebSocketPort, inf.AdminURL, inf.TrustBundle)
 	<-ctx.Done()
 	fmt.Fprintln(stdout, "azsim stopping")
 	return nil

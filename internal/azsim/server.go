@@ -36,6 +36,10 @@ type Config struct {
 	DPSHTTPSAddr string
 	HubAddr      string // default 127.0.0.1:8884
 	AdminAddr    string // default 127.0.0.1:8480; must be loopback
+	// DPSWSAddr and HubWSAddr serve MQTT over WebSockets (Azure's 443);
+	// defaults 127.0.0.1:8445 and 127.0.0.1:8444; "off" serves none.
+	DPSWSAddr string
+	HubWSAddr string
 	// HubHostName is the hub's name as devices dial it; default
 	// "localhost:PORT" ("localhost" on 8883).
 	HubHostName string
@@ -83,10 +87,14 @@ type Info struct {
 	DPSHTTPSAddr   string `json:"dpsHttpsAddr"` // host:port of the REST endpoint
 	HubHostName    string `json:"hubHostName"`  // as devices dial it
 	AdminURL       string `json:"adminUrl"`
-	TrustBundle    string `json:"trustBundle"`    // PEM file to trust azsim's servers
-	OnboardingRoot string `json:"onboardingRoot"` // PEM file of the company root
-	X509Group      string `json:"x509Group"`
-	SymmetricGroup string `json:"symmetricKeyGroup"`
+	// DPSWebSocketPort and HubWebSocketPort are the WebSocket ports (0: none),
+	// on the same host names as DPSAddr and HubHostName.
+	DPSWebSocketPort int    `json:"dpsWebSocketPort,omitempty"`
+	HubWebSocketPort int    `json:"hubWebSocketPort,omitempty"`
+	TrustBundle      string `json:"trustBundle"`    // PEM file to trust azsim's servers
+	OnboardingRoot   string `json:"onboardingRoot"` // PEM file of the company root
+	X509Group        string `json:"x509Group"`
+	SymmetricGroup   string `json:"symmetricKeyGroup"`
 }
 
 // New prepares a Server: PKI, state, default enrollments. Start serves.
@@ -103,6 +111,14 @@ func New(cfg Config) (*Server, error) {
 	def(&cfg.DPSHTTPSAddr, "127.0.0.1:8443")
 	def(&cfg.HubAddr, "127.0.0.1:8884")
 	def(&cfg.AdminAddr, "127.0.0.1:8480")
+	def(&cfg.DPSWSAddr, "127.0.0.1:8445")
+	def(&cfg.HubWSAddr, "127.0.0.1:8444")
+	wsAddr := func(a string) string {
+		if a == "off" {
+			return ""
+		}
+		return a
+	}
 	if err := loopbackOnly(cfg.AdminAddr); err != nil {
 		return nil, err
 	}
@@ -122,7 +138,7 @@ func New(cfg Config) (*Server, error) {
 		}
 		s.logFile, tlog = f, f
 	}
-	s.Hub, err = hub.New(hub.Config{Addr: cfg.HubAddr, HostName: cfg.HubHostName, TLS: p.ServerTLS(), Issuer: p,
+	s.Hub, err = hub.New(hub.Config{Addr: cfg.HubAddr, WSAddr: wsAddr(cfg.HubWSAddr), HostName: cfg.HubHostName, TLS: p.ServerTLS(), Issuer: p,
 		CertLifetime: cfg.CertLifetime, StateDir: filepath.Join(cfg.StateDir, "hub"), TelemetryLog: tlog,
 		Faults: s.Faults, Now: cfg.Now, IssueDelay: cfg.IssueDelay})
 	if err != nil {
@@ -133,7 +149,7 @@ func New(cfg Config) (*Server, error) {
 		s.Close()
 		return nil, err
 	}
-	s.DPS, err = dps.New(dps.Config{Addr: cfg.DPSAddr, IDScope: cfg.IDScope, TLS: p.ServerTLS(), Registrar: s.Hub,
+	s.DPS, err = dps.New(dps.Config{Addr: cfg.DPSAddr, WSAddr: wsAddr(cfg.DPSWSAddr), IDScope: cfg.IDScope, TLS: p.ServerTLS(), Registrar: s.Hub,
 		Issuer: p, CertLifetime: cfg.CertLifetime, RetryAfter: cfg.RetryAfter, AcceptP256: cfg.AcceptP256,
 		StateDir: filepath.Join(cfg.StateDir, "dps"), Faults: s.Faults, Now: cfg.Now})
 	if err != nil {
@@ -228,6 +244,12 @@ func (s *Server) Info() Info {
 	}
 	if a, ok := s.DPS.HTTPSAddr().(*net.TCPAddr); ok {
 		inf.DPSHTTPSAddr = "localhost:" + strconv.Itoa(a.Port)
+	}
+	if a, ok := s.DPS.WSAddr().(*net.TCPAddr); ok {
+		inf.DPSWebSocketPort = a.Port
+	}
+	if a, ok := s.Hub.WSAddr().(*net.TCPAddr); ok {
+		inf.HubWebSocketPort = a.Port
 	}
 	if s.adminLn != nil {
 		inf.AdminURL = "http://" + s.adminLn.Addr().String()

@@ -270,7 +270,7 @@ func worthFallback(ctx context.Context, err error) bool {
 		return false
 	}
 	var pe *ProxyError
-	if errors.As(err, &pe) && (pe.Status == 0 || pe.Status == 407) && !pe.Closed {
+	if errors.As(err, &pe) && (pe.Status == 0 && !pe.Closed || pe.authFailed()) {
 		return false
 	}
 	return true

@@ -164,8 +164,8 @@ type ProxyError struct {
 
 func (e *ProxyError) Error() string {
 	switch {
-	case e.Status == 407:
-		return fmt.Sprintf("proxy %s refused CONNECT to %s: 407 Proxy Authentication Required; check the user name and password in the proxy setting", e.Proxy, e.Target)
+	case e.authFailed():
+		return fmt.Sprintf("proxy %s refused CONNECT to %s: %d %s; check the user name and password in the proxy setting", e.Proxy, e.Target, e.Status, http.StatusText(e.Status))
 	case e.Status == 403:
 		return fmt.Sprintf("proxy %s refused CONNECT to %s: 403 Forbidden; the proxy does not allow tunnels to this port (many allow only 443: use transport \"websocket\" or \"auto\")", e.Proxy, e.Target)
 	case e.Status != 0:
@@ -175,6 +175,10 @@ func (e *ProxyError) Error() string {
 	}
 	return fmt.Sprintf("proxy %s unreachable: %v; check the proxy setting (https_proxy) and that the proxy runs", e.Proxy, e.Err)
 }
+
+// authFailed: 407, or 401 as some proxies (tinyproxy) answer a wrong
+// password.
+func (e *ProxyError) authFailed() bool { return e.Status == 407 || e.Status == 401 }
 
 func (e *ProxyError) Unwrap() []error {
 	if e.Err == nil {

@@ -33,6 +33,7 @@ func StartAzsim(t testing.TB, cfg azsim.Config) *Azsim {
 	cfg.StateDir = filepath.Join(dir, "state")
 	cfg.DPSAddr, cfg.HubAddr, cfg.AdminAddr = "127.0.0.1:0", "127.0.0.1:0", "127.0.0.1:0"
 	cfg.DPSHTTPSAddr = "127.0.0.1:0"
+	cfg.DPSWSAddr, cfg.HubWSAddr = "127.0.0.1:0", "127.0.0.1:0"
 	if cfg.RetryAfter == 0 {
 		cfg.RetryAfter = 1
 	}

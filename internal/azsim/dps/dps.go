@@ -40,6 +40,7 @@ import (
 // Config configures a DPS instance. TLS, Registrar and Issuer are required.
 type Config struct {
 	Addr    string // listen address; ":0" picks a port
+	WSAddr  string // if set, also serve MQTT over WebSockets there
 	IDScope string // default "0ne00AZSIM0"
 	TLS     *tls.Config
 	// Registrar is the hub devices are assigned to.
@@ -102,6 +103,7 @@ type DPS struct {
 
 	srv *mqtt.Server
 	ln  *broker.Listener
+	wsl *broker.WebSocketListener
 
 	mu      sync.Mutex
 	enroll  map[string]*Enrollment
@@ -193,12 +195,19 @@ func (d *DPS) Start() error {
 		nl.Close()
 		return err
 	}
+	var wsl *broker.WebSocketListener
+	if d.cfg.WSAddr != "" {
+		if wsl, err = broker.ListenWebSocket(srv, "dps-ws", d.cfg.WSAddr, tc, 30*time.Second); err != nil {
+			nl.Close()
+			return fmt.Errorf("dps start: %w", err)
+		}
+	}
 	if err := srv.Serve(); err != nil {
 		nl.Close()
 		return err
 	}
 	d.mu.Lock()
-	d.srv, d.ln, d.started = srv, ln, true
+	d.srv, d.ln, d.wsl, d.started = srv, ln, wsl, true
 	d.mu.Unlock()
 	return nil
 }
@@ -213,11 +222,21 @@ func (d *DPS) Addr() net.Addr {
 	return d.ln.Addr()
 }
 
+// WSAddr is the bound WebSocket address (nil without one).
+func (d *DPS) WSAddr() net.Addr {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.wsl == nil {
+		return nil
+	}
+	return d.wsl.Addr()
+}
+
 // Close stops the service.
 func (d *DPS) Close() error {
 	d.mu.Lock()
-	srv, ln := d.srv, d.ln
-	d.srv, d.ln = nil, nil
+	srv, ln, wsl := d.srv, d.ln, d.wsl
+	d.srv, d.ln, d.wsl = nil, nil, nil
 	d.mu.Unlock()
 	herr := d.closeHTTPS()
 	if srv == nil {
@@ -225,6 +244,9 @@ func (d *DPS) Close() error {
 	}
 	err := srv.Close()
 	ln.Wait()
+	if wsl != nil {
+		wsl.Wait()
+	}
 	return errors.Join(err, herr)
 }
 
@@ -361,9 +383,7 @@ func (k *hook) OnConnect(cl *mqtt.Client, pk packets.Packet) error {
 		return k.refuse(cl, packets.Err3ClientIdentifierNotValid, fmt.Errorf("client id %q differs from the registration id %q", pk.Connect.ClientIdentifier, regID))
 	}
 	s := &session{regID: regID, apiVersion: q.Get("api-version"), password: string(pk.Connect.Password)}
-	if tc, ok := cl.Net.Conn.(*tls.Conn); ok {
-		s.chain = tc.ConnectionState().PeerCertificates
-	}
+	s.chain = broker.PeerCertificates(cl.Net.Conn)
 	d.mu.Lock()
 	d.conns[cl] = s
 	d.mu.Unlock()

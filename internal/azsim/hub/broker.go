@@ -2,7 +2,6 @@ package hub
 
 import (
 	"bytes"
-	"crypto/tls"
 	"crypto/x509"
 	"errors"
 	"fmt"
@@ -132,11 +131,7 @@ func (k *hook) OnConnect(cl *mqtt.Client, pk packets.Packet) error {
 }
 
 func peerChain(cl *mqtt.Client) []*x509.Certificate {
-	tc, ok := cl.Net.Conn.(*tls.Conn)
-	if !ok {
-		return nil
-	}
-	return tc.ConnectionState().PeerCertificates
+	return broker.PeerCertificates(cl.Net.Conn)
 }
 
 // OnConnectAuthenticate: OnConnect has already decided.

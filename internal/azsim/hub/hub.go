@@ -68,6 +68,8 @@ import (
 type Config struct {
 	// Addr is the listen address, e.g. "127.0.0.1:8884"; ":0" picks a port.
 	Addr string
+	// WSAddr, if set, also serves MQTT over WebSockets (Azure's port 443).
+	WSAddr string
 	// HostName is the hub's name as devices dial it. Empty: derived from the
 	// bound listener, "localhost:PORT", or "localhost" on port 8883.
 	HostName string
@@ -116,6 +118,7 @@ type Hub struct {
 
 	srv *mqtt.Server
 	ln  *broker.Listener
+	wsl *broker.WebSocketListener
 
 	ctx    context.Context // canceled by Close; ends timers and waits
 	cancel context.CancelFunc
@@ -247,6 +250,12 @@ func (h *Hub) Start() error {
 		nl.Close()
 		return fmt.Errorf("hub start: %w", err)
 	}
+	if h.cfg.WSAddr != "" {
+		if h.wsl, err = broker.ListenWebSocket(srv, "iothub-ws", h.cfg.WSAddr, h.tlsConf, handshakeTimeout); err != nil {
+			nl.Close()
+			return fmt.Errorf("hub start: %w", err)
+		}
+	}
 	if err := srv.Serve(); err != nil {
 		nl.Close()
 		return fmt.Errorf("hub start: %w", err)
@@ -304,6 +313,16 @@ func (h *Hub) Addr() net.Addr {
 	return h.ln.Addr()
 }
 
+// WSAddr is the bound WebSocket address (nil before Start or without one).
+func (h *Hub) WSAddr() net.Addr {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.wsl == nil {
+		return nil
+	}
+	return h.wsl.Addr()
+}
+
 // Close stops listening, drops every connection and waits for the hub's
 // goroutines. It is safe to call more than once.
 func (h *Hub) Close() error {
@@ -322,6 +341,9 @@ func (h *Hub) Close() error {
 	}
 	if ln != nil {
 		ln.Wait()
+	}
+	if h.wsl != nil {
+		h.wsl.Wait()
 	}
 	h.wg.Wait()
 	return nil
