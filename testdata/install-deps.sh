@@ -2,13 +2,14 @@
 # Installs what gwagent's tests, demo and cross builds need on Debian:
 # swtpm (a real software TPM), SoftHSM2 (a real PKCS#11 token), openssl (to
 # check CSRs and chains), systemd and util-linux (unit checks, sysusers,
-# tmpfiles, setpriv for the unprivileged-uid spool test) and the cross
+# tmpfiles, setpriv for the unprivileged-uid spool test), tinyproxy (a real
+# HTTP CONNECT proxy; the -bin package has no system service) and the cross
 # compilers for the cgo (PKCS#11) build.
 # It installs only what is missing, so it is cheap to call from every make run.
 # Needs root (CI runs as root) or sudo.
 set -euo pipefail
 
-want=(swtpm swtpm-tools softhsm2 openssl systemd util-linux)
+want=(swtpm swtpm-tools softhsm2 openssl systemd util-linux tinyproxy-bin)
 if [ "${1:-}" = "--cross" ]; then
 	want+=(gcc-aarch64-linux-gnu gcc-arm-linux-gnueabihf libc6-dev-arm64-cross libc6-dev-armhf-cross)
 fi
