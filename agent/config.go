@@ -40,6 +40,7 @@ type Config struct {
 	Telemetry   TelemetryConfig   `toml:"telemetry"`
 	Outbox      OutboxConfig      `toml:"outbox"`
 	Renewal     RenewalConfig     `toml:"renewal"`
+	Network     NetworkConfig     `toml:"network"`
 
 	// path is the file the config was loaded from.
 	path string
@@ -418,6 +419,7 @@ func (c *Config) defaults() {
 	if r.IssueTimeout.Duration == 0 {
 		r.IssueTimeout.Duration = 3 * time.Minute
 	}
+	c.Network.defaults()
 	if c.Identity.DPSEndpoint == "" {
 		c.Identity.DPSEndpoint = "global.azure-devices-provisioning.net"
 	}
@@ -482,6 +484,7 @@ func absKeyURI(base, raw string) string {
 func (c *Config) validate() error {
 	var errs []error
 	add := func(format string, a ...any) { errs = append(errs, fmt.Errorf(format, a...)) }
+	errs = append(errs, c.Network.validate()...)
 	if c.TrustBundle == "" {
 		add("trust_bundle is required: the PEM file of CAs that sign DPS's and IoT Hub's server certificates")
 	}

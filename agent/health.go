@@ -27,6 +27,7 @@ type Health struct {
 	SpoolRejected    int64     `json:"spoolRejected"`
 	AgentVersion     string    `json:"agentVersion"`
 	AgentState       string    `json:"agentState"`
+	Transport        string    `json:"transport,omitempty"`
 	ConditionsActive []string  `json:"conditions,omitempty"`
 }
 

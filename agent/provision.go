@@ -157,7 +157,12 @@ func Provision(ctx context.Context, cfg *Config, keys *Keys, opts ProvisionOptio
 	if err != nil {
 		return nil, fmt.Errorf("operational key: %w", err)
 	}
+	nw, _, err := networkOptions(cfg, now(), cfg.Network.DPSWebSocketPort)
+	if err != nil {
+		return nil, fmt.Errorf("dps: %w", err)
+	}
 	dps := provisioning.DPSConfig{
+		Network:        nw,
 		Endpoint:       cfg.Identity.DPSEndpoint,
 		IDScope:        cfg.Identity.IDScope,
 		RegistrationID: regID,

@@ -74,6 +74,11 @@ func (a *Agent) reload() {
 	if next.Telemetry.Interval != old.Telemetry.Interval {
 		a.setInterval(next.Telemetry.Interval.Duration)
 	}
+	if next.Network != old.Network {
+		// Reconnect so the next session uses the new transport or proxy.
+		a.log.Info("network settings changed; reconnecting", "transport", next.Network.Transport)
+		a.endSession()
+	}
 	a.log.Info("config reloaded", "telemetry_interval", next.Telemetry.Interval.Duration, "spool_dir", next.Telemetry.SpoolDir, "log_level", next.LogLevel)
 }
 

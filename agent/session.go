@@ -7,6 +7,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/gwagent/gwagent/internal/mqttconn"
 	"github.com/gwagent/gwagent/internal/tlsconf"
 	"github.com/gwagent/gwagent/keystore"
 	"github.com/gwagent/gwagent/provisioning"
@@ -30,9 +31,14 @@ func (a *Agent) dial(ctx context.Context, id *provisioning.Identity) (*transport
 	if err != nil {
 		return nil, err
 	}
+	now := a.opts.Now()
+	nw, probe, err := networkOptions(cfg, now, cfg.Network.HubWebSocketPort)
+	if err != nil {
+		return nil, fmt.Errorf("hub: %w", err)
+	}
 	dctx, cancel := context.WithTimeout(ctx, time.Minute)
 	defer cancel()
-	return transport.Dial(dctx, transport.Config{
+	sess, err := transport.Dial(dctx, transport.Config{
 		Host:          id.AssignedHub,
 		DeviceID:      id.DeviceID,
 		APIVersion:    cfg.Hub.APIVersion,
@@ -47,7 +53,20 @@ func (a *Agent) dial(ctx context.Context, id *provisioning.Identity) (*transport
 		OnC2D: func(sys, app map[string]string, body []byte) {
 			a.log.Info("cloud-to-device message", "id", sys["mid"], "bytes", len(body))
 		},
+		Network: nw,
 	})
+	if err != nil {
+		return nil, err
+	}
+	used := sess.Transport()
+	if err := rememberTransport(cfg, now, used, probe); err != nil {
+		a.log.Warn("cannot remember the transport that worked", "err", err)
+	}
+	if probe || used != nw.Prefer && nw.Transport == mqttconn.Auto {
+		a.log.Info("transport chosen", "transport", string(used), "tried_first", string(nw.Prefer))
+	}
+	a.status.Update(true, func(s *Status) { s.Transport = string(used) })
+	return sess, nil
 }
 
 // serve runs one connected session: report to the twin, drain the outbox,

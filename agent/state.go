@@ -62,6 +62,7 @@ type Status struct {
 	Conditions   map[Condition]string `json:"conditions,omitempty"`
 	DeviceID     string               `json:"deviceId,omitempty"`
 	Hub          string               `json:"hub,omitempty"`
+	Transport    string               `json:"transport,omitempty"` // of the last hub connection: mqtt or websocket
 	CertSerial   string               `json:"certSerial,omitempty"`
 	CertNotAfter time.Time            `json:"certNotAfter,omitzero"`
 	NextRenewal  time.Time            `json:"nextRenewal,omitzero"`
@@ -179,6 +180,9 @@ func (s Status) Line() string {
 	}
 	if s.Hub != "" && s.State == StateConnected.String() {
 		b.WriteString(" to " + s.Hub)
+		if s.Transport != "" {
+			b.WriteString(" over " + s.Transport)
+		}
 	}
 	if len(s.Conditions) > 0 {
 		names := make([]string, 0, len(s.Conditions))

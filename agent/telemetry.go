@@ -47,6 +47,7 @@ func (a *Agent) sendHealth() {
 	h.AgentVersion = a.opts.Version
 	st := a.status.Snapshot()
 	h.AgentState = st.State
+	h.Transport = st.Transport
 	for c := range st.Conditions {
 		h.ConditionsActive = append(h.ConditionsActive, string(c))
 	}

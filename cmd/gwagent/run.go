@@ -125,6 +125,9 @@ func cmdStatus(ctx context.Context, args []string, stdout, stderr io.Writer) err
 		default:
 			w("next renewal", st.NextRenewal.Format(time.RFC3339))
 		}
+		if st.Transport != "" {
+			w("transport", st.Transport+" (last hub connection; [network] transport = "+cfg.Network.Transport+")")
+		}
 		w("outbox", fmt.Sprintf("%d messages, %d bytes", st.OutboxDepth, st.OutboxBytes))
 		if st.LastAckID != "" {
 			w("last acked", st.LastAckID+" at "+st.LastAckAt.Format(time.RFC3339))

@@ -1,0 +1,180 @@
+package agent_test
+
+// A gateway behind a site proxy that allows CONNECT only to the WebSocket
+// port (443 on a real site; azsim's WebSocket ports stand in for it here,
+// while 8883's stand-in, azsim's raw ports, stay forbidden): provisioning,
+// telemetry, renewal with file, TPM and PKCS#11 keys, the auto fallback and
+// what is remembered across a restart. Real tinyproxy, real azsim.
+
+import (
+	"encoding/json"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/gwagent/gwagent/internal/azsim"
+	"github.com/gwagent/gwagent/internal/testenv"
+	"github.com/gwagent/gwagent/keystore/pkcs11"
+)
+
+// onlyWebSockets is a proxy with a password that tunnels only to azsim's
+// WebSocket ports.
+func onlyWebSockets(t *testing.T, az *testenv.Azsim) *testenv.Proxy {
+	return testenv.StartTinyproxy(t, testenv.ProxyOpts{User: "site", Password: "pw-Xy7",
+		ConnectPorts: []int{az.Info.DPSWebSocketPort, az.Info.HubWebSocketPort}})
+}
+
+func networkTOML(az *testenv.Azsim, transport, proxy string) string {
+	return fmt.Sprintf("\n[network]\ntransport = %q\nproxy = %q\ndps_websocket_port = %d\nhub_websocket_port = %d\n",
+		transport, proxy, az.Info.DPSWebSocketPort, az.Info.HubWebSocketPort)
+}
+
+func proxyURL(p *testenv.Proxy, user, pw string) string {
+	return "http://" + user + ":" + pw + "@" + p.Addr
+}
+
+// tunnels counts the CONNECT requests the proxy logged to a port.
+func tunnels(p *testenv.Proxy, port int) int {
+	return strings.Count(p.Log(), ":"+strconv.Itoa(port)+" HTTP/1.1")
+}
+
+func hubPort(t *testing.T, az *testenv.Azsim) int {
+	i := strings.LastIndex(az.Info.HubHostName, ":")
+	p, err := strconv.Atoi(az.Info.HubHostName[i+1:])
+	if err != nil {
+		t.Fatalf("hub host name %q has no port", az.Info.HubHostName)
+	}
+	return p
+}
+
+func TestBehindProxyRenewsOverWebSockets(t *testing.T) {
+	az := testenv.StartAzsim(t, azsim.Config{CertLifetime: 12 * time.Second})
+	px := onlyWebSockets(t, az)
+	for _, be := range []string{"file", "tpm", "pkcs11"} {
+		t.Run("ok/"+be, func(t *testing.T) {
+			o := devOpts{regID: "gw-ws-" + be, extra: fastRenewal + networkTOML(az, "websocket", proxyURL(px, "site", "pw-Xy7"))}
+			switch be {
+			case "tpm":
+				sw := testenv.StartSWTPM(t)
+				dir := t.TempDir()
+				o.onKey = "tpm2:socket=" + sw.Sock + ";blob=" + filepath.Join(dir, "onboarding.tpmkey")
+				o.opKey = "tpm2:socket=" + sw.Sock + ";blob=" + filepath.Join(dir, "op.tpmkey")
+			case "pkcs11":
+				if !pkcs11.Supported {
+					t.Skip("this build has no PKCS#11 (nopkcs11 or CGO_ENABLED=0); make test uses the full build")
+				}
+				h := testenv.StartSoftHSM(t, "gw", "1357")
+				o.onKey, o.opKey = h.URI("onboarding"), h.URI("operational")
+			}
+			d := newDevice(t, az, o)
+			d.start()
+			testenv.Eventually(t, 30*time.Second, "connected over WebSockets", func() bool {
+				st := d.status()
+				return st.State == "connected" && st.Transport == "websocket"
+			})
+			first := d.current()
+			testenv.Eventually(t, 40*time.Second, "a certificate renewed through the hub", func() bool {
+				s, err := storeCurrent(d)
+				return err == nil && s.Serial != first.Serial
+			})
+			if via := d.current().Via; via != "hub" {
+				t.Fatalf("renewed via %q, want hub", via)
+			}
+			os.WriteFile(filepath.Join(d.cfg.Telemetry.SpoolDir, "ws.json"), []byte(`{"overWebSockets":1}`), 0o644)
+			testenv.Eventually(t, 15*time.Second, "a message after the renewal", func() bool {
+				return countBodies(az, o.regID, "overWebSockets") == 1
+			})
+			if tunnels(px, az.Info.HubWebSocketPort) == 0 || tunnels(px, az.Info.DPSWebSocketPort) == 0 {
+				t.Fatalf("the proxy tunnelled nothing to the WebSocket ports:\n%s", px.Log())
+			}
+		})
+	}
+}
+
+func TestAutoFallsBackAndRemembers(t *testing.T) {
+	az := testenv.StartAzsim(t, azsim.Config{})
+	px := onlyWebSockets(t, az)
+	raw := hubPort(t, az)
+	d := newDevice(t, az, devOpts{regID: "gw-auto", extra: networkTOML(az, "auto", proxyURL(px, "site", "pw-Xy7"))})
+	r := d.start()
+	testenv.Eventually(t, 30*time.Second, "connected over WebSockets after 8883 was refused", func() bool {
+		st := d.status()
+		return st.State == "connected" && st.Transport == "websocket"
+	})
+	if tunnels(px, raw) == 0 {
+		t.Fatalf("auto did not try the raw MQTT port first:\n%s", px.Log())
+	}
+	b, err := os.ReadFile(filepath.Join(d.cfg.StateDir, "transport.json"))
+	if err != nil || !strings.Contains(string(b), `"websocket"`) {
+		t.Fatalf("transport.json: %s, %v", b, err)
+	}
+	if line := d.status(); !strings.Contains(healthOrLine(line), "over websocket") {
+		t.Fatalf("status line %q does not name the transport", healthOrLine(line))
+	}
+	r.stop()
+
+	// After a restart WebSockets is tried first: no new tunnel to 8883.
+	before := tunnels(px, raw)
+	d.start()
+	testenv.Eventually(t, 30*time.Second, "connected again over WebSockets", func() bool {
+		st := d.status()
+		return st.State == "connected" && st.Transport == "websocket"
+	})
+	if n := tunnels(px, raw); n != before {
+		t.Fatalf("after the restart auto tried 8883 again (%d more tunnels) instead of preferring WebSockets", n-before)
+	}
+}
+
+func healthOrLine(st interface{ Line() string }) string { return st.Line() }
+
+func TestNetworkReloadAndEnvironment(t *testing.T) {
+	az := testenv.StartAzsim(t, azsim.Config{})
+	t.Run("ok/changing transport in the config reconnects over the new one", func(t *testing.T) {
+		d := newDevice(t, az, devOpts{regID: "gw-reload-net", extra: networkTOML(az, "mqtt", "")})
+		d.start()
+		testenv.Eventually(t, 30*time.Second, "connected over MQTT", func() bool {
+			st := d.status()
+			return st.State == "connected" && st.Transport == "mqtt"
+		})
+		raw, _ := os.ReadFile(d.path)
+		next := strings.Replace(string(raw), `transport = "mqtt"`, `transport = "websocket"`, 1)
+		tmp := d.path + ".new"
+		os.WriteFile(tmp, []byte(next), 0o600)
+		os.Rename(tmp, d.path)
+		testenv.Eventually(t, 30*time.Second, "reconnected over WebSockets", func() bool {
+			st := d.status()
+			return st.State == "connected" && st.Transport == "websocket"
+		})
+	})
+	t.Run("ok/https_proxy from the environment, no_proxy for the local hub", func(t *testing.T) {
+		dead := testenv.StartTinyproxy(t, testenv.ProxyOpts{})
+		dead.Stop()
+		t.Setenv("https_proxy", "http://u:env-pw@"+dead.Addr)
+		t.Setenv("no_proxy", "localhost")
+		d := newDevice(t, az, devOpts{regID: "gw-noproxy", extra: networkTOML(az, "mqtt", "")})
+		d.start()
+		testenv.Eventually(t, 30*time.Second, "connected directly", func() bool { return d.status().State == "connected" })
+	})
+	t.Run("fail/https_proxy that is down: backs off with a clear error, no password", func(t *testing.T) {
+		dead := testenv.StartTinyproxy(t, testenv.ProxyOpts{})
+		dead.Stop()
+		t.Setenv("https_proxy", "http://u:env-pw@"+dead.Addr)
+		t.Setenv("no_proxy", "")
+		d := newDevice(t, az, devOpts{regID: "gw-deadproxy", extra: networkTOML(az, "auto", "")})
+		if _, err := d.provision(); err == nil || !strings.Contains(err.Error(), dead.Addr) || strings.Contains(err.Error(), "env-pw") {
+			t.Fatalf("provisioning through a dead proxy: %v", err)
+		}
+		// The proxy returns: the agent gets through on a later attempt.
+		dead.Start()
+		d.start()
+		testenv.Eventually(t, 60*time.Second, "connected once the proxy is back", func() bool { return d.status().State == "connected" })
+		st, _ := json.Marshal(d.status())
+		if strings.Contains(string(st), "env-pw") {
+			t.Fatalf("status shows the proxy password: %s", st)
+		}
+	})
+}
