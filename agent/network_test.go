@@ -1,0 +1,85 @@
+package agent
+
+import (
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/gwagent/gwagent/internal/mqttconn"
+)
+
+// The auto policy over a sequence of connections: what is tried first, what
+// is remembered, when 8883 gets another chance. A fake clock; the state
+// directory is real.
+func TestAutoMemory(t *testing.T) {
+	cfg := &Config{StateDir: t.TempDir(), Network: NetworkConfig{Transport: "auto"}}
+	cfg.Network.defaults()
+	t0 := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	step := func(now time.Time, used mqttconn.Transport) (prefer mqttconn.Transport, probe bool) {
+		t.Helper()
+		o, probe, err := networkOptions(cfg, now, 443)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := rememberTransport(cfg, now, used, probe); err != nil {
+			t.Fatal(err)
+		}
+		return o.Prefer, probe
+	}
+	if p, probe := step(t0, mqttconn.WebSocket); p != mqttconn.MQTT || probe {
+		t.Fatalf("first connection tries %s (probe %v), want mqtt", p, probe)
+	}
+	if p, probe := step(t0.Add(time.Hour), mqttconn.WebSocket); p != mqttconn.WebSocket || probe {
+		t.Fatalf("after websocket worked, tries %s (probe %v)", p, probe)
+	}
+	// 6 h after WebSockets first worked, 8883 is tried first again; it is
+	// still blocked, so the clock for the next probe restarts.
+	if p, probe := step(t0.Add(6*time.Hour), mqttconn.WebSocket); p != mqttconn.MQTT || !probe {
+		t.Fatalf("re-probe: tries %s (probe %v)", p, probe)
+	}
+	if p, probe := step(t0.Add(7*time.Hour), mqttconn.WebSocket); p != mqttconn.WebSocket || probe {
+		t.Fatalf("right after a failed probe: tries %s (probe %v)", p, probe)
+	}
+	// The firewall opened 8883: the next probe succeeds and MQTT is the
+	// default again, with nothing left on disk.
+	if p, _ := step(t0.Add(13*time.Hour), mqttconn.MQTT); p != mqttconn.MQTT {
+		t.Fatalf("second probe tries %s", p)
+	}
+	if m := readMemory(cfg.StateDir); m.Transport != mqttconn.MQTT {
+		t.Fatalf("memory %+v after MQTT worked", m)
+	}
+	// Fixed transports neither read nor write the memory.
+	cfg.Network.Transport = "mqtt"
+	if p, _ := step(t0, mqttconn.MQTT); p != mqttconn.MQTT {
+		t.Fatal(p)
+	}
+}
+
+func TestNetworkConfigValidate(t *testing.T) {
+	for _, tc := range []struct{ name, toml, err string }{
+		{"ok/defaults", "", ""},
+		{"ok/websocket with proxy", "transport = \"websocket\"\nproxy = \"http://u:pw-1@proxy:3128\"\nno_proxy = \"localhost\"", ""},
+		{"fail/unknown transport", "transport = \"quic\"", `transport "quic"`},
+		{"fail/https proxy, password kept out", "proxy = \"https://u:pw-1@proxy:3128\"", "not supported"},
+		{"fail/port", "hub_websocket_port = 70000", "hub_websocket_port"},
+		{"fail/reprobe too often", "mqtt_reprobe = \"1s\"", "mqtt_reprobe"},
+		{"fail/unknown key", "proxy_url = \"x\"", "unknown key"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			raw := "trust_bundle = \"ca.pem\"\n[hub]\nhost = \"h\"\ndevice_id = \"d\"\nchain = \"c.pem\"\n[operational]\nkey = \"file:/k\"\n[network]\n" + tc.toml + "\n"
+			_, err := ParseConfig("/etc/gwagent/gwagent.toml", []byte(raw))
+			if tc.err == "" {
+				if err != nil {
+					t.Fatal(err)
+				}
+				return
+			}
+			if err == nil || !strings.Contains(err.Error(), tc.err) {
+				t.Fatalf("err %v, want %q", err, tc.err)
+			}
+			if strings.Contains(err.Error(), "pw-1") {
+				t.Fatalf("error shows the proxy password: %v", err)
+			}
+		})
+	}
+}
