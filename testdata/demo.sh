@@ -5,7 +5,10 @@
 # Runs until Ctrl-C, or for DEMO_SECONDS seconds. DEMO_KEYS=file uses
 # software keys instead of the TPM. DEMO_ONBOARDING=tpm onboards with TPM
 # attestation (the TPM's endorsement key enrolled in DPS, DPS over HTTPS)
-# instead of a factory X.509 certificate.
+# instead of a factory X.509 certificate. DEMO_PROXY=1 puts the gateway
+# behind an HTTP proxy (tinyproxy, with a password) that only tunnels to the
+# WebSocket ports, as a plant proxy that only allows 443: the agent's auto
+# transport falls back from MQTT to MQTT over WebSockets.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=$PWD/bin
@@ -35,6 +38,7 @@ export AZSIM_ADMIN=http://$ADMIN
 
 say "starting azsim: DPS and IoT Hub emulators with their own PKI (certificates live $LIFETIME so you see a renewal)"
 "$BIN/azsim" serve --state "$DIR/azsim" --dps-addr 127.0.0.1:18883 --dps-https-addr 127.0.0.1:18443 --hub-addr 127.0.0.1:18884 --admin-addr $ADMIN \
+	--dps-ws-addr 127.0.0.1:18445 --hub-ws-addr 127.0.0.1:18444 \
 	--cert-lifetime "$LIFETIME" --telemetry-log "$DIR/telemetry.jsonl" --retry-after 1 >"$DIR/azsim.log" 2>&1 &
 pids+=($!)
 for _ in $(seq 50); do "$BIN/azsim" info >/dev/null 2>&1 && break; sleep 0.1; done
@@ -54,6 +58,28 @@ else
 	ONBOARD_KEY="file:$DIR/state/onboarding.key"
 	OP_KEY="file:$DIR/state/device.key"
 	echo "    keys: software P-384 key files (0600)"
+fi
+
+NETWORK=""
+if [ "${DEMO_PROXY:-0}" = 1 ]; then
+	say "starting tinyproxy: a site proxy with a password that tunnels only to the WebSocket ports (18445, 18444 stand in for 443)"
+	cat >"$DIR/tinyproxy.conf" <<EOF
+Port 18128
+Listen 127.0.0.1
+Allow 127.0.0.1
+BasicAuth demo demo-proxy-pw
+ConnectPort 18445
+ConnectPort 18444
+LogLevel Connect
+EOF
+	tinyproxy -d -c "$DIR/tinyproxy.conf" >"$DIR/tinyproxy.log" 2>&1 &
+	pids+=($!)
+	NETWORK="[network]
+transport = \"auto\"
+proxy = \"http://demo:demo-proxy-pw@127.0.0.1:18128\"
+dps_websocket_port = 18445
+hub_websocket_port = 18444"
+	echo "    proxy log: $DIR/tinyproxy.log (8883's stand-ins 18883/18884 are refused with 403)"
 fi
 
 mkdir -p "$DIR/state"
@@ -87,7 +113,9 @@ jitter = "10s"
 floor = "5s"
 retry_min = "2s"
 retry_max = "10s"
+$NETWORK
 EOF
+chmod 600 "$DIR/gwagent.toml"
 
 if [ "$ONBOARDING" = tpm ]; then
 	say "factory step 1: gwagent onboard tpm (the TPM's endorsement key and the registration id derived from it)"
@@ -143,4 +171,8 @@ done
 kill -0 $AGENT 2>/dev/null || { echo "gwagent exited:"; tail -20 "$DIR/gwagent.log"; exit 1; }
 say "stopping gwagent (SIGTERM: flushes the outbox and reports 'stopped')"
 kill -TERM $AGENT; wait $AGENT || true
+if [ "${DEMO_PROXY:-0}" = 1 ]; then
+	say "what the proxy saw (CONNECT requests):"
+	grep -o 'CONNECT [^ ]*' "$DIR/tinyproxy.log" | sort | uniq -c | sed 's/^/    /'
+fi
 "$BIN/gwagent" status --config "$DIR/gwagent.toml" | sed 's/^/    /'

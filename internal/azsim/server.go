@@ -37,7 +37,8 @@ type Config struct {
 	HubAddr      string // default 127.0.0.1:8884
 	AdminAddr    string // default 127.0.0.1:8480; must be loopback
 	// DPSWSAddr and HubWSAddr serve MQTT over WebSockets (Azure's 443);
-	// defaults 127.0.0.1:8445 and 127.0.0.1:8444; "off" serves none.
+	// defaults 127.0.0.1:8445 and 127.0.0.1:8444, or an ephemeral port when
+	// the MQTT address's is ephemeral; "off" serves none.
 	DPSWSAddr string
 	HubWSAddr string
 	// HubHostName is the hub's name as devices dial it; default
@@ -82,11 +83,11 @@ type Server struct {
 
 // Info is what clients need to use a running azsim.
 type Info struct {
-	IDScope        string `json:"idScope"`
-	DPSAddr        string `json:"dpsAddr"`      // host:port for devices
-	DPSHTTPSAddr   string `json:"dpsHttpsAddr"` // host:port of the REST endpoint
-	HubHostName    string `json:"hubHostName"`  // as devices dial it
-	AdminURL       string `json:"adminUrl"`
+	IDScope      string `json:"idScope"`
+	DPSAddr      string `json:"dpsAddr"`      // host:port for devices
+	DPSHTTPSAddr string `json:"dpsHttpsAddr"` // host:port of the REST endpoint
+	HubHostName  string `json:"hubHostName"`  // as devices dial it
+	AdminURL     string `json:"adminUrl"`
 	// DPSWebSocketPort and HubWebSocketPort are the WebSocket ports (0: none),
 	// on the same host names as DPSAddr and HubHostName.
 	DPSWebSocketPort int    `json:"dpsWebSocketPort,omitempty"`
@@ -111,8 +112,14 @@ func New(cfg Config) (*Server, error) {
 	def(&cfg.DPSHTTPSAddr, "127.0.0.1:8443")
 	def(&cfg.HubAddr, "127.0.0.1:8884")
 	def(&cfg.AdminAddr, "127.0.0.1:8480")
-	def(&cfg.DPSWSAddr, "127.0.0.1:8445")
-	def(&cfg.HubWSAddr, "127.0.0.1:8444")
+	wsDefault := func(raw, fixed string) string {
+		if h, p, err := net.SplitHostPort(raw); err == nil && p == "0" {
+			return net.JoinHostPort(h, "0")
+		}
+		return fixed
+	}
+	def(&cfg.DPSWSAddr, wsDefault(cfg.DPSAddr, "127.0.0.1:8445"))
+	def(&cfg.HubWSAddr, wsDefault(cfg.HubAddr, "127.0.0.1:8444"))
 	wsAddr := func(a string) string {
 		if a == "off" {
 			return ""

@@ -61,9 +61,9 @@ func main() {
 		fail(err)
 	}
 	defer b.close()
-	sections := []func() ([]row, error){b.coldStart, b.keyOps, b.steady, b.drain, b.tpmAttestation}
+	sections := []func() ([]row, error){b.coldStart, b.keyOps, b.steady, b.drain, b.transports, b.tpmAttestation}
 	if *onlyTPM {
-		sections = sections[4:]
+		sections = sections[5:]
 	}
 	for _, f := range sections {
 		r, err := f()
