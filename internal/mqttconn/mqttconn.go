@@ -15,9 +15,11 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/url"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	mqtt "github.com/eclipse/paho.mqtt.golang"
@@ -235,6 +237,12 @@ func (d *Dialer) tlsDial(ctx context.Context, _, target string) (net.Conn, error
 	tc := tls.Client(raw, d.o.TLS)
 	if err := tc.HandshakeContext(ctx); err != nil {
 		raw.Close()
+		var alert tls.AlertError
+		if proxy != nil && !errors.As(err, &alert) && (errors.Is(err, io.EOF) || errors.Is(err, syscall.ECONNRESET)) {
+			// The server would have sent an alert; a silent close under
+			// a tunnel is the proxy's doing (filters, idle limits).
+			return nil, &ProxyError{Proxy: proxy.Redacted(), Target: target, Closed: true, Err: fmt.Errorf("during the TLS handshake: %w", err)}
+		}
 		return nil, fmt.Errorf("tls handshake: %w", err)
 	}
 	return tc, nil

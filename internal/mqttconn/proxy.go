@@ -2,11 +2,13 @@ package mqttconn
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"crypto/tls"
 	"encoding/base64"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"net/url"
@@ -157,8 +159,10 @@ type ProxyError struct {
 	Target string
 	// Status is the proxy's HTTP answer to CONNECT; 0 when there was none.
 	Status int
-	// Closed: the proxy closed the connection instead of answering.
+	// Closed: the proxy closed the connection instead of answering, or
+	// (Silent) did not answer in time.
 	Closed bool
+	Silent bool
 	Err    error
 }
 
@@ -170,6 +174,8 @@ func (e *ProxyError) Error() string {
 		return fmt.Sprintf("proxy %s refused CONNECT to %s: 403 Forbidden; the proxy does not allow tunnels to this port (many allow only 443: use transport \"websocket\" or \"auto\")", e.Proxy, e.Target)
 	case e.Status != 0:
 		return fmt.Sprintf("proxy %s refused CONNECT to %s: %d %s", e.Proxy, e.Target, e.Status, http.StatusText(e.Status))
+	case e.Silent:
+		return fmt.Sprintf("proxy %s did not answer CONNECT to %s in time: %v", e.Proxy, e.Target, e.Err)
 	case e.Closed:
 		return fmt.Sprintf("proxy %s closed the tunnel to %s: %v", e.Proxy, e.Target, e.Err)
 	}
@@ -219,12 +225,15 @@ func tunnel(ctx context.Context, proxy *url.URL, target string, dial func(contex
 		pe.Closed, pe.Err = true, err
 		return nil, pe
 	}
-	br := bufio.NewReader(c)
+	// A proxy's answer is a few hundred bytes; cap it so a broken or
+	// hostile proxy cannot make us buffer without end.
+	br := bufio.NewReader(io.LimitReader(c, maxConnectResponse))
 	resp, err := http.ReadResponse(br, req)
 	if err != nil {
 		c.Close()
-		if ctx.Err() != nil {
-			err = fmt.Errorf("no answer to CONNECT: %w", ctx.Err())
+		var ne net.Error
+		if ctx.Err() != nil || errors.As(err, &ne) && ne.Timeout() {
+			pe.Silent = true
 		}
 		pe.Closed, pe.Err = true, err
 		return nil, pe
@@ -240,17 +249,21 @@ func tunnel(ctx context.Context, proxy *url.URL, target string, dial func(contex
 		return nil, ctx.Err()
 	}
 	_ = c.SetDeadline(time.Time{})
-	if br.Buffered() > 0 {
-		// The server spoke first (it never does in TLS, but a proxy might
-		// have sent bytes early): keep them.
-		return &bufferedConn{Conn: c, r: br}, nil
+	if n := br.Buffered(); n > 0 {
+		// Bytes after the answer belong to the tunnel (a server never
+		// speaks first in TLS, but keep them if a proxy sent them).
+		early, _ := br.Peek(n)
+		return &bufferedConn{Conn: c, r: io.MultiReader(bytes.NewReader(bytes.Clone(early)), c)}, nil
 	}
 	return c, nil
 }
 
+// maxConnectResponse bounds the proxy's answer to CONNECT.
+const maxConnectResponse = 64 << 10
+
 type bufferedConn struct {
 	net.Conn
-	r *bufio.Reader
+	r io.Reader
 }
 
 func (b *bufferedConn) Read(p []byte) (int, error) { return b.r.Read(p) }
