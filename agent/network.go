@@ -1,15 +1,20 @@
 package agent
 
 import (
+	"context"
+	"crypto/x509"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"net"
 	"os"
 	"path/filepath"
 	"time"
 
 	"github.com/gwagent/gwagent/internal/atomicfile"
 	"github.com/gwagent/gwagent/internal/mqttconn"
+	"github.com/gwagent/gwagent/internal/tlsconf"
+	"github.com/gwagent/gwagent/transport"
 )
 
 // NetworkConfig is how the agent reaches DPS and IoT Hub. Reloadable: a
@@ -29,8 +34,9 @@ type NetworkConfig struct {
 	// match their subdomains, IPs, CIDRs, "*"). Empty: no_proxy (or NO_PROXY)
 	// from the environment.
 	NoProxy string `toml:"no_proxy"`
-	// MQTTReprobe: in auto, after WebSockets worked, how often a new
-	// connection tries 8883 first again; default 6h.
+	// MQTTReprobe: in auto, after WebSockets worked, how often 8883 is
+	// tried again (a TLS handshake beside the running session; when it
+	// works, the agent reconnects over MQTT); default 6h.
 	MQTTReprobe Duration `toml:"mqtt_reprobe"`
 	// DPSWebSocketPort and HubWebSocketPort are the WebSocket ports; default
 	// 443 as Azure serves them. Only emulators (azsim) use others.
@@ -61,8 +67,8 @@ func (n *NetworkConfig) validate() []error {
 	if _, err := mqttconn.ParseProxy(n.Proxy); err != nil {
 		errs = append(errs, fmt.Errorf("[network] %w", err))
 	}
-	if n.MQTTReprobe.Duration < time.Minute {
-		errs = append(errs, fmt.Errorf("[network] mqtt_reprobe %s: use at least 1m", n.MQTTReprobe.Duration))
+	if n.MQTTReprobe.Duration < 10*time.Second {
+		errs = append(errs, fmt.Errorf("[network] mqtt_reprobe %s: use at least 10s", n.MQTTReprobe.Duration))
 	}
 	for name, p := range map[string]int{"dps_websocket_port": n.DPSWebSocketPort, "hub_websocket_port": n.HubWebSocketPort} {
 		if p < 1 || p > 65535 {
@@ -176,4 +182,50 @@ func rememberTransport(cfg *Config, now time.Time, used mqttconn.Transport, prob
 		return nil
 	}
 	return writeMemory(cfg.StateDir, next)
+}
+
+// watchMQTT runs, in auto mode, beside a session over WebSockets: every
+// MQTTReprobe it checks whether 8883 can be reached (a TLS handshake, no
+// MQTT, no client key use) and, once it can, forgets WebSockets and ends the
+// session so the next one goes over MQTT. Sessions last weeks; without this
+// a site that opened 8883 would never be noticed.
+func (a *Agent) watchMQTT(sess *transport.Session, cfg *Config, host string, roots *x509.CertPool, o mqttconn.Options) {
+	every := cfg.Network.MQTTReprobe.Duration
+	t := time.NewTimer(every)
+	defer t.Stop()
+	name := host
+	if h, _, err := net.SplitHostPort(host); err == nil {
+		name = h
+	}
+	tlsCfg, err := tlsconf.Client(name, roots, nil, nil)
+	if err != nil {
+		return
+	}
+	o.Host, o.TLS = host, tlsCfg
+	for {
+		select {
+		case <-sess.Done():
+			return
+		case <-t.C:
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		err := mqttconn.Probe(ctx, o, mqttconn.MQTT)
+		cancel()
+		if err != nil {
+			a.log.Debug("port 8883 still unreachable; staying on WebSockets", "err", err)
+			t.Reset(every)
+			continue
+		}
+		a.log.Info("port 8883 is reachable again; reconnecting over MQTT")
+		if err := rememberTransport(cfg, a.opts.Now(), mqttconn.MQTT, true); err != nil {
+			a.log.Warn("cannot remember the transport", "err", err)
+		}
+		a.mu.Lock()
+		cur, end := a.sess, a.endSess
+		a.mu.Unlock()
+		if cur == sess && end != nil {
+			end()
+		}
+		return
+	}
 }

@@ -129,6 +129,31 @@ func TestAutoFallsBackAndRemembers(t *testing.T) {
 	}
 }
 
+// While a session runs over WebSockets, the site opens 8883: the agent
+// notices at its next re-probe, beside the running session (the proxy keeps
+// the open tunnel), and reconnects over MQTT.
+func TestAutoReturnsToMQTT(t *testing.T) {
+	az := testenv.StartAzsim(t, azsim.Config{})
+	px := onlyWebSockets(t, az)
+	d := newDevice(t, az, devOpts{regID: "gw-reprobe", extra: networkTOML(az, "auto", proxyURL(px, "site", "pw-Xy7")) + "mqtt_reprobe = \"10s\"\n"})
+	r := d.start()
+	testenv.Eventually(t, 30*time.Second, "connected over WebSockets", func() bool {
+		st := d.status()
+		return st.State == "connected" && st.Transport == "websocket"
+	})
+	px.Reload(testenv.ProxyOpts{User: "site", Password: "pw-Xy7"}) // every port
+	testenv.Eventually(t, 90*time.Second, "back on MQTT", func() bool {
+		st := d.status()
+		return st.State == "connected" && st.Transport == "mqtt"
+	})
+	if !strings.Contains(r.log.String(), "port 8883 is reachable again") {
+		t.Fatal("the switch was not the re-probe's doing")
+	}
+	if _, err := os.Stat(filepath.Join(d.cfg.StateDir, "transport.json")); !os.IsNotExist(err) {
+		t.Fatalf("WebSockets still remembered: %v", err)
+	}
+}
+
 func healthOrLine(st interface{ Line() string }) string { return st.Line() }
 
 func TestNetworkReloadAndEnvironment(t *testing.T) {

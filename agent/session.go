@@ -66,6 +66,9 @@ func (a *Agent) dial(ctx context.Context, id *provisioning.Identity) (*transport
 		a.log.Info("transport chosen", "transport", string(used), "tried_first", string(nw.Prefer))
 	}
 	a.status.Update(true, func(s *Status) { s.Transport = string(used) })
+	if nw.Transport == mqttconn.Auto && used == mqttconn.WebSocket {
+		go a.watchMQTT(sess, cfg, id.AssignedHub, roots, nw)
+	}
 	return sess, nil
 }
 

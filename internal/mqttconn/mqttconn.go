@@ -283,3 +283,23 @@ func worthFallback(ctx context.Context, err error) bool {
 	}
 	return true
 }
+
+// Probe checks that t can reach o.Host: it opens one connection (proxy
+// tunnel, TLS handshake, WebSocket upgrade for WebSocket) and closes it
+// without speaking MQTT. Auto mode uses it to notice that 8883 opened again
+// while a WebSocket session runs. o.Transport and o.Prefer are ignored.
+func Probe(ctx context.Context, o Options, t Transport) error {
+	if t != MQTT && t != WebSocket {
+		return fmt.Errorf("mqttconn: probe: unknown transport %q", t)
+	}
+	o.Transport = t
+	d, err := Configure(ctx, mqtt.NewClientOptions(), o)
+	if err != nil {
+		return err
+	}
+	c, err := d.Open(ctx)
+	if err != nil {
+		return err
+	}
+	return c.Close()
+}

@@ -11,6 +11,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -65,21 +66,8 @@ func StartTinyproxy(t testing.TB, o ProxyOpts) *Proxy {
 	p := &Proxy{t: t, bin: bin, dir: dir, conf: filepath.Join(dir, "tinyproxy.conf")}
 	var err error
 	for range 5 { // a free port can be taken between probe and bind
-		port := freePort(t)
-		p.Addr = net.JoinHostPort("127.0.0.1", strconv.Itoa(port))
-		var b strings.Builder
-		fmt.Fprintf(&b, "Port %d\nListen 127.0.0.1\nTimeout 60\nMaxClients 64\nAllow 127.0.0.1\nDisableViaHeader Yes\n", port)
-		// No LogFile: with -d it logs to stderr, which Log returns.
-		b.WriteString("LogLevel Connect\n")
-		if o.User != "" {
-			fmt.Fprintf(&b, "BasicAuth %s %s\n", o.User, o.Password)
-		}
-		for _, cp := range o.ConnectPorts {
-			fmt.Fprintf(&b, "ConnectPort %d\n", cp)
-		}
-		if err = os.WriteFile(p.conf, []byte(b.String()), 0o644); err != nil {
-			t.Fatal(err)
-		}
+		p.Addr = net.JoinHostPort("127.0.0.1", strconv.Itoa(freePort(t)))
+		p.writeConf(o)
 		if err = p.start(); err == nil {
 			break
 		}
@@ -90,6 +78,34 @@ func StartTinyproxy(t testing.TB, o ProxyOpts) *Proxy {
 	p.URL = &url.URL{Scheme: "http", Host: p.Addr}
 	t.Cleanup(p.Stop)
 	return p
+}
+
+func (p *Proxy) writeConf(o ProxyOpts) {
+	_, port, _ := net.SplitHostPort(p.Addr)
+	var b strings.Builder
+	fmt.Fprintf(&b, "Port %s\nListen 127.0.0.1\nTimeout 60\nMaxClients 64\nAllow 127.0.0.1\nDisableViaHeader Yes\n", port)
+	// No LogFile: with -d it logs to stderr, which Log returns.
+	b.WriteString("LogLevel Connect\n")
+	if o.User != "" {
+		fmt.Fprintf(&b, "BasicAuth %s %s\n", o.User, o.Password)
+	}
+	for _, cp := range o.ConnectPorts {
+		fmt.Fprintf(&b, "ConnectPort %d\n", cp)
+	}
+	if err := os.WriteFile(p.conf, []byte(b.String()), 0o600); err != nil {
+		p.t.Fatal(err)
+	}
+}
+
+// Reload gives the running proxy new rules (the site opened a port,
+// changed the password); open tunnels stay. tinyproxy rereads its config on
+// SIGUSR1, asynchronously: callers wait for the effect they expect.
+func (p *Proxy) Reload(o ProxyOpts) {
+	p.t.Helper()
+	p.writeConf(o)
+	if err := p.cmd.Process.Signal(syscall.SIGUSR1); err != nil {
+		p.t.Fatal(err)
+	}
 }
 
 // Start restarts a stopped proxy on the same address.
