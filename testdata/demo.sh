@@ -173,6 +173,6 @@ say "stopping gwagent (SIGTERM: flushes the outbox and reports 'stopped')"
 kill -TERM $AGENT; wait $AGENT || true
 if [ "${DEMO_PROXY:-0}" = 1 ]; then
 	say "what the proxy saw (CONNECT requests):"
-	grep -o 'CONNECT [^ ]*' "$DIR/tinyproxy.log" | sort | uniq -c | sed 's/^/    /'
+	grep -o 'CONNECT [^ ]*:[0-9]*' "$DIR/tinyproxy.log" | sort | uniq -c | sed 's/^/    /'
 fi
 "$BIN/gwagent" status --config "$DIR/gwagent.toml" | sed 's/^/    /'
