@@ -11,6 +11,7 @@ import (
 	"io"
 	"net"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/gorilla/websocket"
@@ -21,6 +22,10 @@ type Conn struct {
 	ws  *websocket.Conn
 	r   io.Reader
 	wmu sync.Mutex // gorilla allows one writer at a time
+	// wdl is the write deadline. gorilla keeps its own in a plain field
+	// that writers read, but net.Conn allows SetDeadline beside a Write
+	// (mochi and paho do that): so it is handed to gorilla under wmu.
+	wdl atomic.Pointer[time.Time]
 }
 
 var _ net.Conn = (*Conn)(nil)
@@ -58,6 +63,13 @@ func (c *Conn) Read(p []byte) (int, error) {
 func (c *Conn) Write(p []byte) (int, error) {
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
+	var dl time.Time
+	if d := c.wdl.Load(); d != nil {
+		dl = *d
+	}
+	if err := c.ws.SetWriteDeadline(dl); err != nil {
+		return 0, err
+	}
 	if err := c.ws.WriteMessage(websocket.BinaryMessage, p); err != nil {
 		return 0, err
 	}
@@ -75,7 +87,15 @@ func (c *Conn) LocalAddr() net.Addr  { return c.ws.LocalAddr() }
 func (c *Conn) RemoteAddr() net.Addr { return c.ws.RemoteAddr() }
 
 func (c *Conn) SetDeadline(t time.Time) error {
-	return errors.Join(c.ws.SetReadDeadline(t), c.ws.SetWriteDeadline(t))
+	return errors.Join(c.SetReadDeadline(t), c.SetWriteDeadline(t))
 }
-func (c *Conn) SetReadDeadline(t time.Time) error  { return c.ws.SetReadDeadline(t) }
-func (c *Conn) SetWriteDeadline(t time.Time) error { return c.ws.SetWriteDeadline(t) }
+
+// SetReadDeadline is safe beside Read: gorilla passes it to the socket.
+func (c *Conn) SetReadDeadline(t time.Time) error { return c.ws.SetReadDeadline(t) }
+
+// SetWriteDeadline applies to the next Write and, through the socket, to
+// one in progress (so a blocked Write can be cut short).
+func (c *Conn) SetWriteDeadline(t time.Time) error {
+	c.wdl.Store(&t)
+	return c.ws.NetConn().SetWriteDeadline(t)
+}
