@@ -203,3 +203,46 @@ func TestNetworkReloadAndEnvironment(t *testing.T) {
 		}
 	})
 }
+
+// Twin, methods, the outbox across an outage and reconnects behave over
+// WebSockets through a proxy as they do over MQTT.
+func TestOverWebSocketsLikeMQTT(t *testing.T) {
+	az := testenv.StartAzsim(t, azsim.Config{})
+	px := onlyWebSockets(t, az)
+	d := newDevice(t, az, devOpts{regID: "gw-ws-all", extra: networkTOML(az, "websocket", proxyURL(px, "site", "pw-Xy7"))})
+	d.start()
+	testenv.Eventually(t, 30*time.Second, "connected over WebSockets", func() bool {
+		st := d.status()
+		return st.State == "connected" && st.Transport == "websocket"
+	})
+	var tw struct {
+		Reported map[string]any `json:"reported"`
+	}
+	testenv.Eventually(t, 10*time.Second, "the twin's reported certificate", func() bool {
+		az.Admin("GET", "/hub/devices/gw-ws-all/twin", nil, &tw)
+		return tw.Reported["certificate"] != nil
+	})
+	var res struct {
+		Status  int            `json:"status"`
+		Payload map[string]any `json:"payload"`
+	}
+	if st := az.Admin("POST", "/hub/devices/gw-ws-all/methods/ping?timeout=10", "{}", &res); st != 200 || res.Status != 200 || res.Payload["pong"] != true {
+		t.Fatalf("ping over WebSockets: http %d, %+v", st, res)
+	}
+	az.Admin("POST", "/faults/refuse", map[string]any{"target": "hub", "seconds": 2}, nil)
+	az.Admin("POST", "/faults/drop", map[string]any{"target": "hub"}, nil)
+	for i := range 20 {
+		p := filepath.Join(d.cfg.Telemetry.SpoolDir, fmt.Sprintf("out%02d.json", i))
+		os.WriteFile(p+".tmp", []byte(fmt.Sprintf(`{"wsOutage":%d}`, i)), 0o644)
+		os.Rename(p+".tmp", p)
+	}
+	testenv.Eventually(t, 30*time.Second, "all 20 messages after the outage", func() bool {
+		return countBodies(az, "gw-ws-all", "wsOutage") >= 20
+	})
+	if n := countBodies(az, "gw-ws-all", "wsOutage"); n != 20 {
+		t.Errorf("the hub got %d messages, want exactly 20", n)
+	}
+	if st := d.status(); st.Transport != "websocket" {
+		t.Fatalf("reconnected over %q", st.Transport)
+	}
+}
