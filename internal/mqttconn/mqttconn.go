@@ -127,7 +127,13 @@ func Configure(ctx context.Context, opts *mqtt.ClientOptions, o Options) (*Diale
 	// defaults; the custom function below does all the dialing.
 	opts.AddBroker(d.url(first))
 	opts.SetTLSConfig(o.TLS)
-	opts.SetConnectTimeout(o.Timeout)
+	// paho's connect timeout runs from before the open to the CONNACK:
+	// the open's whole budget (both attempts in Auto) plus time for CONNACK.
+	budget := o.Timeout
+	if len(d.order()) > 1 {
+		budget += o.FallbackTimeout
+	}
+	opts.SetConnectTimeout(budget + 30*time.Second)
 	opts.SetCustomOpenConnectionFn(func(*url.URL, mqtt.ClientOptions) (net.Conn, error) { return d.Open(d.ctx) })
 	return d, nil
 }

@@ -13,6 +13,7 @@ import (
 	"crypto/x509/pkix"
 	"encoding/pem"
 	"errors"
+	"net"
 	"net/url"
 	"os"
 	"strconv"
@@ -250,4 +251,44 @@ func TestProxyRefusals(t *testing.T) {
 			t.Fatalf("after the proxy returned: %v", err)
 		}
 	})
+}
+
+// Auto's first attempt runs into a silent server (a firewall that accepts
+// and then drops, or a blackhole) and uses up its whole share of the time;
+// the WebSocket attempt after it must still get its CONNACK: paho's connect
+// timeout covers both attempts.
+func TestAutoAfterSilentMQTT(t *testing.T) {
+	az := testenv.StartAzsim(t, azsim.Config{})
+	g := newGateway(t, az, "silent-8883")
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	op, _ := ecdsa.GenerateKey(elliptic.P384(), rand.Reader)
+	issued, err := provisioning.Obtain(ctx, provisioning.DPSConfig{Endpoint: az.Info.DPSAddr, IDScope: az.Info.IDScope,
+		RegistrationID: g.regID, Roots: g.roots, Credential: g.cred}, op, time.Now(), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	silent, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer silent.Close()
+	go func() {
+		for {
+			c, err := silent.Accept()
+			if err != nil {
+				return
+			}
+			defer c.Close() // accepted, never answered
+		}
+	}()
+	host := "localhost:" + strconv.Itoa(silent.Addr().(*net.TCPAddr).Port)
+	sess, err := g.dialHub(ctx, host, issued.State.DeviceID, op, issued.Chain,
+		mqttconn.Options{Transport: mqttconn.Auto, Timeout: 3 * time.Second, FallbackTimeout: 3 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if sess.Transport() != mqttconn.WebSocket {
+		t.Fatalf("transport %q", sess.Transport())
+	}
 }
