@@ -1,7 +1,9 @@
 package agent
 
 import (
+	"os"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -48,6 +50,23 @@ func TestAutoMemory(t *testing.T) {
 	if m := readMemory(cfg.StateDir); m.Transport != mqttconn.MQTT {
 		t.Fatalf("memory %+v after MQTT worked", m)
 	}
+	// A damaged, huge or special memory file means nothing learnt.
+	for _, bad := range []func(string) error{
+		func(p string) error { return os.WriteFile(p, []byte(`{"transport":`), 0o600) },
+		func(p string) error {
+			return os.WriteFile(p, []byte(`{"transport":"websocket","x":"`+strings.Repeat("a", 8192)+`"}`), 0o600)
+		},
+		func(p string) error { return syscall.Mkfifo(p, 0o600) },
+	} {
+		os.Remove(memoryPath(cfg.StateDir))
+		if err := bad(memoryPath(cfg.StateDir)); err != nil {
+			t.Fatal(err)
+		}
+		if m := readMemory(cfg.StateDir); m.Transport != mqttconn.MQTT {
+			t.Fatalf("bad memory file read as %+v", m)
+		}
+	}
+	os.Remove(memoryPath(cfg.StateDir))
 	// Fixed transports neither read nor write the memory.
 	cfg.Network.Transport = "mqtt"
 	if p, _ := step(t0, mqttconn.MQTT); p != mqttconn.MQTT {
