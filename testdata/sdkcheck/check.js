@@ -6,6 +6,9 @@
 // usage: node check.js x509 DPS_HOST ID_SCOPE REG_ID CHAIN_PEM KEY_PEM
 //        node check.js symkey DPS_HOST ID_SCOPE REG_ID DEVICE_KEY_B64
 // The trust bundle comes from NODE_EXTRA_CA_CERTS, Node's standard way.
+// SDKCHECK_WS=1 uses the SDKs' MQTT over WebSockets transports (MqttWs, port
+// 443), through the proxy in https_proxy if set, as the SDK samples do it
+// (https-proxy-agent as the webSocketAgent).
 'use strict';
 const fs = require('fs');
 const { ProvisioningDeviceClient } = require('azure-iot-provisioning-device');
@@ -13,7 +16,17 @@ const ProvisioningMqtt = require('azure-iot-provisioning-device-mqtt').Mqtt;
 const { X509Security } = require('azure-iot-security-x509');
 const { SymmetricKeySecurityClient } = require('azure-iot-security-symmetric-key');
 const { Client, Message } = require('azure-iot-device');
-const HubMqtt = require('azure-iot-device-mqtt').Mqtt;
+const { MqttBase } = require('azure-iot-mqtt-base');
+
+const ws = process.env.SDKCHECK_WS === '1';
+const proxy = process.env.https_proxy || process.env.HTTPS_PROXY;
+let agent;
+if (ws && proxy) {
+  const { HttpsProxyAgent } = require('https-proxy-agent');
+  agent = new HttpsProxyAgent(proxy);
+}
+const HubMqtt = ws ? require('azure-iot-device-mqtt').MqttWs : require('azure-iot-device-mqtt').Mqtt;
+const wsOptions = agent ? { mqtt: { webSocketAgent: agent } } : {};
 
 function fail(step, err) {
   console.log(JSON.stringify({ ok: false, step, error: String(err && err.message || err) }));
@@ -27,17 +40,27 @@ if (mode === 'x509') {
   security = new X509Security(regId, cert);
   hubAuth = (host, id) => {
     const c = Client.fromConnectionString(`HostName=${host};DeviceId=${id};x509=true`, HubMqtt);
-    c.setOptions(cert);
+    c.setOptions(Object.assign({}, cert, wsOptions));
     return c;
   };
 } else if (mode === 'symkey') {
   security = new SymmetricKeySecurityClient(regId, a);
-  hubAuth = (host, id) => Client.fromConnectionString(`HostName=${host};DeviceId=${id};SharedAccessKey=${a}`, HubMqtt);
+  hubAuth = (host, id) => {
+    const c = Client.fromConnectionString(`HostName=${host};DeviceId=${id};SharedAccessKey=${a}`, HubMqtt);
+    if (agent) c.setOptions(wsOptions);
+    return c;
+  };
 } else {
   fail('usage', 'mode must be x509 or symkey');
 }
 
-const prov = ProvisioningDeviceClient.create(dpsHost, idScope, new ProvisioningMqtt(), security);
+let provTransport = new ProvisioningMqtt();
+if (ws) {
+  const base = new MqttBase();
+  if (agent) base.setOptions(wsOptions);
+  provTransport = new (require('azure-iot-provisioning-device-mqtt').MqttWs)(base);
+}
+const prov = ProvisioningDeviceClient.create(dpsHost, idScope, provTransport, security);
 prov.register((err, res) => {
   if (err) return fail('register', err);
   const client = hubAuth(res.assignedHub, res.deviceId);
@@ -53,7 +76,7 @@ prov.register((err, res) => {
         if (err) return fail('twin-get', err);
         twin.properties.reported.update({ sdkcheck: { mode } }, (err) => {
           if (err) return fail('twin-report', err);
-          console.log(JSON.stringify({ ok: true, assignedHub: res.assignedHub, deviceId: res.deviceId,
+          console.log(JSON.stringify({ ok: true, transport: ws ? (agent ? 'websocket via proxy' : 'websocket') : 'mqtt', assignedHub: res.assignedHub, deviceId: res.deviceId,
             reportedVersion: twin.properties.reported.$version }));
           client.close(() => process.exit(0));
         });
