@@ -90,7 +90,7 @@ func newHTTPSDPS(cfg *DPSConfig) (*httpsDPS, error) {
 	}
 	return &httpsDPS{
 		cfg:  cfg,
-		conn: &restConn{addr: net.JoinHostPort(host, port), host: hostHdr, tlsCfg: tlsCfg},
+		conn: &restConn{addr: net.JoinHostPort(host, port), host: hostHdr, tlsCfg: tlsCfg, proxy: cfg.Network.Proxy},
 		base: "/" + url.PathEscape(cfg.IDScope) + "/registrations/" + url.PathEscape(cfg.RegistrationID),
 	}, nil
 }

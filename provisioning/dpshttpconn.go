@@ -4,8 +4,8 @@ package provisioning
 // connection per registration, requests with a JSON body, responses with
 // Content-Length or chunked bodies. net/http would do the same but adds
 // about 0.8 MB to the CGO-free arm64 binary (its Transport brings HTTP/2 and
-// more), for the two request shapes DPS needs. The dialer is the one place
-// a proxy (CONNECT) would plug in.
+// more), for the two request shapes DPS needs. It dials through
+// internal/mqttconn, so an HTTP proxy (CONNECT) applies as to DPS over MQTT.
 
 import (
 	"bufio"
@@ -14,11 +14,12 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"net"
 	"net/textproto"
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/gwagent/gwagent/internal/mqttconn"
 )
 
 // restConn is the connection to DPS's REST endpoint, dialled on first use
@@ -27,6 +28,7 @@ type restConn struct {
 	addr   string // host:port
 	host   string // Host header
 	tlsCfg *tls.Config
+	proxy  mqttconn.ProxyFunc // nil: direct
 	conn   *tls.Conn
 	br     *bufio.Reader
 }
@@ -39,12 +41,12 @@ func (c *restConn) close() {
 }
 
 func (c *restConn) dial(ctx context.Context) error {
-	d := tls.Dialer{NetDialer: &net.Dialer{Timeout: 30 * time.Second}, Config: c.tlsCfg}
-	conn, err := d.DialContext(ctx, "tcp", c.addr)
+	// The same proxy rules and TLS dial as DPS over MQTT.
+	conn, err := mqttconn.DialTLS(ctx, mqttconn.Options{TLS: c.tlsCfg, Proxy: c.proxy}, c.addr)
 	if err != nil {
 		return err
 	}
-	c.conn, c.br = conn.(*tls.Conn), bufio.NewReaderSize(conn, 4096)
+	c.conn, c.br = conn, bufio.NewReaderSize(conn, 4096)
 	return nil
 }
 

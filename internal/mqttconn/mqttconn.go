@@ -309,3 +309,27 @@ func Probe(ctx context.Context, o Options, t Transport) error {
 	}
 	return c.Close()
 }
+
+// DialTLS opens a TLS connection to target (host:port) the way the MQTT
+// transports do: through the proxy o.Proxy picks for it, under o.Timeout
+// (default 30 s), with o.TLS. For DPS's HTTPS endpoint, which shares the
+// proxy rules of the MQTT connections.
+func DialTLS(ctx context.Context, o Options, target string) (*tls.Conn, error) {
+	if o.TLS == nil {
+		return nil, errors.New("mqttconn: no TLS configuration")
+	}
+	if o.Timeout == 0 {
+		o.Timeout = 30 * time.Second
+	}
+	if o.Dial == nil {
+		o.Dial = (&net.Dialer{KeepAlive: 30 * time.Second}).DialContext
+	}
+	ctx, cancel := context.WithTimeout(ctx, o.Timeout)
+	defer cancel()
+	d := &Dialer{o: o}
+	c, err := d.tlsDial(ctx, "tcp", target)
+	if err != nil {
+		return nil, err
+	}
+	return c.(*tls.Conn), nil
+}

@@ -156,6 +156,23 @@ func TestThroughProxy(t *testing.T) {
 			t.Fatalf("transport %q, want websocket", sess.Transport())
 		}
 	})
+	t.Run("ok/DPS over HTTPS through the same proxy rules", func(t *testing.T) {
+		httpsPort := portOf(t, az.Info.DPSHTTPSAddr)
+		px := testenv.StartTinyproxy(t, testenv.ProxyOpts{User: "gw", Password: "pw-https", ConnectPorts: ports(httpsPort)})
+		g := newGateway(t, az, "https-proxied")
+		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		defer cancel()
+		op, _ := ecdsa.GenerateKey(elliptic.P384(), rand.Reader)
+		issued, err := provisioning.Obtain(ctx, provisioning.DPSConfig{Endpoint: az.Info.DPSHTTPSAddr, Transport: provisioning.TransportHTTPS,
+			IDScope: az.Info.IDScope, RegistrationID: g.regID, Roots: g.roots, Credential: g.cred, Timeout: 20 * time.Second,
+			Network: mqttconn.Options{Proxy: mqttconn.Proxy(withCreds(px.URL, "gw", "pw-https"), "")}}, op, time.Now(), nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if issued.State.DeviceID != g.regID || !strings.Contains(px.Log(), ":"+strconv.Itoa(httpsPort)+" HTTP/1.1") {
+			t.Fatalf("device %q; proxy log:\n%s", issued.State.DeviceID, px.Log())
+		}
+	})
 	t.Run("ok/no_proxy sends a local hub past a dead proxy", func(t *testing.T) {
 		px := testenv.StartTinyproxy(t, testenv.ProxyOpts{})
 		px.Stop()
