@@ -2,8 +2,7 @@ package mqttconn_test
 
 // Proxy faults a real proxy does not produce on demand, from a scripted fake
 // proxy (a mock, on purpose): a tunnel closed right after 200, no answer at
-// all, an answer that never ends. And the HTTP client helper through a real
-// tinyproxy.
+// all, an answer that never ends.
 
 import (
 	"bufio"
@@ -12,7 +11,6 @@ import (
 	"errors"
 	"net"
 	"net/http"
-	"net/http/httptest"
 	"net/url"
 	"strings"
 	"testing"
@@ -21,7 +19,6 @@ import (
 	mqtt "github.com/eclipse/paho.mqtt.golang"
 
 	"github.com/gwagent/gwagent/internal/mqttconn"
-	"github.com/gwagent/gwagent/internal/testenv"
 )
 
 // fakeProxy accepts connections, reads the CONNECT request and runs answer.
@@ -103,23 +100,5 @@ func TestProxyFaults(t *testing.T) {
 				t.Fatalf("fallback to WebSockets = %v, want %v: %s", got, tc.fallback, msg)
 			}
 		})
-	}
-}
-
-func TestHTTPTransportThroughProxy(t *testing.T) {
-	srv := httptest.NewTLSServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { w.Write([]byte("ok")) }))
-	defer srv.Close()
-	px := testenv.StartTinyproxy(t, testenv.ProxyOpts{User: "u", Password: "pw"})
-	cfg := &tls.Config{RootCAs: srv.Client().Transport.(*http.Transport).TLSClientConfig.RootCAs, MinVersion: tls.VersionTLS12}
-	u, _ := url.Parse("http://u:pw@" + px.Addr)
-	client := &http.Client{Transport: mqttconn.HTTPTransport(cfg, mqttconn.Proxy(u, "")), Timeout: 20 * time.Second}
-	resp, err := client.Get(srv.URL)
-	if err != nil {
-		t.Fatal(err)
-	}
-	resp.Body.Close()
-	target := strings.TrimPrefix(srv.URL, "https://")
-	if resp.StatusCode != 200 || !strings.Contains(px.Log(), target) {
-		t.Fatalf("status %d; proxy log:\n%s", resp.StatusCode, px.Log())
 	}
 }

@@ -4,7 +4,6 @@ import (
 	"bufio"
 	"bytes"
 	"context"
-	"crypto/tls"
 	"encoding/base64"
 	"errors"
 	"fmt"
@@ -267,26 +266,3 @@ type bufferedConn struct {
 }
 
 func (b *bufferedConn) Read(p []byte) (int, error) { return b.r.Read(p) }
-
-// HTTPTransport is an http.Transport with the same rules as the MQTT
-// connections: TLS from cfg, and proxy (nil: none) for CONNECT tunnels.
-// For HTTPS clients of DPS.
-func HTTPTransport(cfg *tls.Config, proxy ProxyFunc) *http.Transport {
-	t := &http.Transport{
-		TLSClientConfig:     cfg,
-		ForceAttemptHTTP2:   false,
-		TLSHandshakeTimeout: 30 * time.Second,
-		MaxIdleConns:        1,
-		IdleConnTimeout:     90 * time.Second,
-	}
-	if proxy != nil {
-		t.Proxy = func(r *http.Request) (*url.URL, error) {
-			host := r.URL.Host
-			if r.URL.Port() == "" {
-				host = net.JoinHostPort(r.URL.Hostname(), "443")
-			}
-			return proxy(host)
-		}
-	}
-	return t
-}
