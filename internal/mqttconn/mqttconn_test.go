@@ -75,6 +75,19 @@ func (g *gateway) provision(nw mqttconn.Options) (*transport.Session, error) {
 	return g.dialHub(ctx, issued.State.AssignedHub, issued.State.DeviceID, op, issued.Chain, nw)
 }
 
+// provisionDirect registers over raw MQTT without a proxy, for tests about
+// the hub connection.
+func (g *gateway) provisionDirect(ctx context.Context) (*provisioning.Issued, *ecdsa.PrivateKey) {
+	g.t.Helper()
+	op, _ := ecdsa.GenerateKey(elliptic.P384(), rand.Reader)
+	issued, err := provisioning.Obtain(ctx, provisioning.DPSConfig{Endpoint: g.az.Info.DPSAddr, IDScope: g.az.Info.IDScope,
+		RegistrationID: g.regID, Roots: g.roots, Credential: g.cred}, op, time.Now(), nil)
+	if err != nil {
+		g.t.Fatal(err)
+	}
+	return issued, op
+}
+
 func (g *gateway) dialHub(ctx context.Context, host, deviceID string, op *ecdsa.PrivateKey, chain []*x509.Certificate, nw mqttconn.Options) (*transport.Session, error) {
 	nw.WebSocketPort = g.az.Info.HubWebSocketPort
 	sess, err := transport.Dial(ctx, transport.Config{Host: host, DeviceID: deviceID, Roots: g.roots, Signer: op, Chain: chain, Network: nw})
@@ -190,15 +203,9 @@ func TestThroughProxy(t *testing.T) {
 func TestProxyRefusals(t *testing.T) {
 	az := testenv.StartAzsim(t, azsim.Config{})
 	g := newGateway(t, az, "refused")
-	// Provision once, directly, for an identity to dial the hub with.
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	op, _ := ecdsa.GenerateKey(elliptic.P384(), rand.Reader)
-	issued, err := provisioning.Obtain(ctx, provisioning.DPSConfig{Endpoint: az.Info.DPSAddr, IDScope: az.Info.IDScope,
-		RegistrationID: g.regID, Roots: g.roots, Credential: g.cred}, op, time.Now(), nil)
-	if err != nil {
-		t.Fatal(err)
-	}
+	issued, op := g.provisionDirect(ctx)
 	dial := func(nw mqttconn.Options) error {
 		_, err := g.dialHub(ctx, issued.State.AssignedHub, issued.State.DeviceID, op, issued.Chain, nw)
 		return err
@@ -279,12 +286,7 @@ func TestAutoAfterSilentMQTT(t *testing.T) {
 	g := newGateway(t, az, "silent-8883")
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	op, _ := ecdsa.GenerateKey(elliptic.P384(), rand.Reader)
-	issued, err := provisioning.Obtain(ctx, provisioning.DPSConfig{Endpoint: az.Info.DPSAddr, IDScope: az.Info.IDScope,
-		RegistrationID: g.regID, Roots: g.roots, Credential: g.cred}, op, time.Now(), nil)
-	if err != nil {
-		t.Fatal(err)
-	}
+	issued, op := g.provisionDirect(ctx)
 	silent, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
