@@ -62,12 +62,13 @@ fi
 
 NETWORK=""
 if [ "${DEMO_PROXY:-0}" = 1 ]; then
-	say "starting tinyproxy: a site proxy with a password that tunnels only to the WebSocket ports (18445, 18444 stand in for 443)"
+	say "starting tinyproxy: a site proxy with a password that tunnels only to stand-ins for 443 (WebSockets 18445 and 18444, DPS HTTPS 18443)"
 	cat >"$DIR/tinyproxy.conf" <<EOF
 Port 18128
 Listen 127.0.0.1
 Allow 127.0.0.1
 BasicAuth demo demo-proxy-pw
+ConnectPort 18443
 ConnectPort 18445
 ConnectPort 18444
 LogLevel Connect
