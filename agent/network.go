@@ -210,7 +210,7 @@ func rememberTransport(cfg *Config, now time.Time, used mqttconn.Transport, prob
 // MQTT, no client key use) and, once it can, forgets WebSockets and ends the
 // session so the next one goes over MQTT. Sessions last weeks; without this
 // a site that opened 8883 would never be noticed.
-func (a *Agent) watchMQTT(sess *transport.Session, cfg *Config, host string, roots *x509.CertPool, o mqttconn.Options) {
+func (a *Agent) watchMQTT(ctx context.Context, sess *transport.Session, cfg *Config, host string, roots *x509.CertPool, o mqttconn.Options) {
 	every := cfg.Network.MQTTReprobe.Duration
 	t := time.NewTimer(every)
 	defer t.Stop()
@@ -227,10 +227,12 @@ func (a *Agent) watchMQTT(sess *transport.Session, cfg *Config, host string, roo
 		select {
 		case <-sess.Done():
 			return
+		case <-ctx.Done():
+			return
 		case <-t.C:
 		}
-		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-		err := mqttconn.Probe(ctx, o, mqttconn.MQTT)
+		pctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+		err := mqttconn.Probe(pctx, o, mqttconn.MQTT)
 		cancel()
 		if err != nil {
 			a.log.Debug("port 8883 still unreachable; staying on WebSockets", "err", err)

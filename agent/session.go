@@ -67,7 +67,11 @@ func (a *Agent) dial(ctx context.Context, id *provisioning.Identity) (*transport
 	}
 	a.status.Update(true, func(s *Status) { s.Transport = string(used) })
 	if nw.Transport == mqttconn.Auto && used == mqttconn.WebSocket {
-		go a.watchMQTT(sess, cfg, id.AssignedHub, roots, nw)
+		// Owned like the hub's callbacks: waited for before shutdown
+		// completes, cancelled with the agent.
+		if a.calls.enter() {
+			go func() { defer a.calls.leave(); a.watchMQTT(a.callbackCtx(), sess, cfg, id.AssignedHub, roots, nw) }()
+		}
 	}
 	return sess, nil
 }
