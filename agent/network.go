@@ -6,11 +6,9 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"net"
 	"os"
 	"path/filepath"
-	"syscall"
 	"time"
 
 	"github.com/gwagent/gwagent/internal/atomicfile"
@@ -122,30 +120,11 @@ func memoryPath(stateDir string) string { return filepath.Join(stateDir, "transp
 // readMemory never fails: a missing or damaged file means nothing learnt.
 func readMemory(stateDir string) transportMemory {
 	var m transportMemory
-	b, err := readSmall(memoryPath(stateDir), 4096)
+	b, err := readConfigFile(memoryPath(stateDir)) // regular, bounded, never blocks
 	if err != nil || json.Unmarshal(b, &m) != nil || m.Transport != mqttconn.WebSocket {
 		return transportMemory{Transport: mqttconn.MQTT}
 	}
 	return m
-}
-
-// readSmall reads a regular file of at most limit bytes (not a FIFO, not
-// a runaway file).
-func readSmall(path string, limit int64) ([]byte, error) {
-	// O_NONBLOCK: opening a FIFO must not wait for a writer.
-	f, err := os.OpenFile(path, os.O_RDONLY|syscall.O_NONBLOCK, 0)
-	if err != nil {
-		return nil, err
-	}
-	defer f.Close()
-	st, err := f.Stat()
-	if err != nil {
-		return nil, err
-	}
-	if !st.Mode().IsRegular() || st.Size() > limit {
-		return nil, fmt.Errorf("%s: not a small regular file", path)
-	}
-	return io.ReadAll(io.LimitReader(f, limit))
 }
 
 func writeMemory(stateDir string, m transportMemory) error {

@@ -54,7 +54,7 @@ func TestAutoMemory(t *testing.T) {
 	for _, bad := range []func(string) error{
 		func(p string) error { return os.WriteFile(p, []byte(`{"transport":`), 0o600) },
 		func(p string) error {
-			return os.WriteFile(p, []byte(`{"transport":"websocket","x":"`+strings.Repeat("a", 8192)+`"}`), 0o600)
+			return os.WriteFile(p, []byte(`{"transport":"websocket","x":"`+strings.Repeat("a", 2<<20)+`"}`), 0o600)
 		},
 		func(p string) error { return syscall.Mkfifo(p, 0o600) },
 	} {
