@@ -54,7 +54,15 @@ type Config struct {
 	IssueDelay time.Duration
 	// AcceptP256 lets DPS accept P-256 CSRs too.
 	AcceptP256 bool
-	Now        func() time.Time
+	// ServerKey is the key type of the TLS server chains: "rsa" (default,
+	// RSA-2048 like Azure's public endpoints) or "ecdsa".
+	ServerKey string
+	// Gentle makes azsim kinder than Azure, for demos: no CA list in the
+	// CertificateRequest, bad client certificates refused with CONNACK 5
+	// rather than in the TLS handshake. By default azsim is at least as hard
+	// as Azure (docs/azure-fidelity.md).
+	Gentle bool
+	Now    func() time.Time
 }
 
 // Default enrollment groups created on a fresh state directory.
@@ -122,9 +130,14 @@ func New(cfg Config) (*Server, error) {
 		}
 		s.logFile, tlog = f, f
 	}
-	s.Hub, err = hub.New(hub.Config{Addr: cfg.HubAddr, HostName: cfg.HubHostName, TLS: p.ServerTLS(), Issuer: p,
+	serverTLS, err := p.ServerTLS(cfg.ServerKey, !cfg.Gentle)
+	if err != nil {
+		s.Close()
+		return nil, fmt.Errorf("azsim: %w", err)
+	}
+	s.Hub, err = hub.New(hub.Config{Addr: cfg.HubAddr, HostName: cfg.HubHostName, TLS: serverTLS, Issuer: p,
 		CertLifetime: cfg.CertLifetime, StateDir: filepath.Join(cfg.StateDir, "hub"), TelemetryLog: tlog,
-		Faults: s.Faults, Now: cfg.Now, IssueDelay: cfg.IssueDelay})
+		Faults: s.Faults, Now: cfg.Now, IssueDelay: cfg.IssueDelay, RejectInHandshake: !cfg.Gentle})
 	if err != nil {
 		s.Close()
 		return nil, err
@@ -133,7 +146,7 @@ func New(cfg Config) (*Server, error) {
 		s.Close()
 		return nil, err
 	}
-	s.DPS, err = dps.New(dps.Config{Addr: cfg.DPSAddr, IDScope: cfg.IDScope, TLS: p.ServerTLS(), Registrar: s.Hub,
+	s.DPS, err = dps.New(dps.Config{Addr: cfg.DPSAddr, IDScope: cfg.IDScope, TLS: serverTLS, Registrar: s.Hub,
 		Issuer: p, CertLifetime: cfg.CertLifetime, RetryAfter: cfg.RetryAfter, AcceptP256: cfg.AcceptP256,
 		StateDir: filepath.Join(cfg.StateDir, "dps"), Faults: s.Faults, Now: cfg.Now})
 	if err != nil {

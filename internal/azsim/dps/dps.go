@@ -41,7 +41,9 @@ import (
 type Config struct {
 	Addr    string // listen address; ":0" picks a port
 	IDScope string // default "0ne00AZSIM0"
-	TLS     *tls.Config
+	// TLS carries the server certificate; DPS requests a client certificate
+	// and speaks TLS 1.2 only unless MaxVersion is set.
+	TLS *tls.Config
 	// Registrar is the hub devices are assigned to.
 	Registrar identity.Registrar
 	// Issuer signs operational certificates from CSRs.
@@ -180,6 +182,11 @@ func (d *DPS) Start() error {
 	tc := d.cfg.TLS.Clone()
 	tc.ClientAuth = tls.RequestClientCert
 	tc.MinVersion = max(tc.MinVersion, tls.VersionTLS12)
+	if tc.MaxVersion == 0 {
+		// Azure DPS speaks TLS 1.2 only: clients must get TLS 1.2 client
+		// authentication right (signature schemes chosen by the server).
+		tc.MaxVersion = tls.VersionTLS12
+	}
 	caps := mqtt.NewDefaultServerCapabilities()
 	caps.MaximumQos = 1
 	caps.MaximumPacketSize = 96 * 1024 // DPS's message limit

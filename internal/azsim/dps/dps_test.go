@@ -53,8 +53,15 @@ func connect(t *testing.T, az *testenv.Azsim, regID, apiVersion string, cert *tl
 	pool.AppendCertsFromPEM(b)
 	tc := &tls.Config{RootCAs: pool, ServerName: "localhost", MinVersion: tls.VersionTLS12}
 	if cert != nil {
-		tc.Certificates = []tls.Certificate{*cert}
+		// DPS names CAs in its CertificateRequest that are not the
+		// device's: a static Certificates list would send nothing.
+		tc.GetClientCertificate = func(*tls.CertificateRequestInfo) (*tls.Certificate, error) { return cert, nil }
 	}
+	return dial(t, az, regID, apiVersion, tc, password)
+}
+
+func dial(t *testing.T, az *testenv.Azsim, regID, apiVersion string, tc *tls.Config, password string) (*client, error) {
+	t.Helper()
 	cl := &client{t: t, got: make(chan reply, 8)}
 	opts := paho.NewClientOptions().AddBroker("tls://" + az.Info.DPSAddr).SetClientID(regID).
 		SetUsername(az.Info.IDScope + "/registrations/" + regID + "/api-version=" + apiVersion + "&ClientVersion=paho-test").
@@ -283,3 +290,74 @@ func TestDPS(t *testing.T) {
 }
 
 func big1() *big.Int { return big.NewInt(time.Now().UnixNano()) }
+
+// TestDPSTLS: the handshake as Azure DPS does it: TLS 1.2 only, an RSA-2048
+// server chain by default (ECDSA as an option), and a CertificateRequest
+// whose certificate_authorities list names none of the device's CAs.
+func TestDPSTLS(t *testing.T) {
+	for _, key := range []string{"rsa", "ecdsa"} {
+		t.Run("ok/"+key, func(t *testing.T) {
+			az := testenv.StartAzsim(t, azsim.Config{ServerKey: key})
+			pool := x509.NewCertPool()
+			b, _ := os.ReadFile(az.Info.TrustBundle)
+			pool.AppendCertsFromPEM(b)
+			var req *tls.CertificateRequestInfo
+			cert := onboarding(t, az, "dev-tls")
+			tc := &tls.Config{RootCAs: pool, ServerName: "localhost", MinVersion: tls.VersionTLS12,
+				GetClientCertificate: func(cri *tls.CertificateRequestInfo) (*tls.Certificate, error) { req = cri; return cert, nil }}
+			conn, err := tls.Dial("tcp", az.Info.DPSAddr, tc)
+			if err != nil {
+				t.Fatal(err)
+			}
+			st := conn.ConnectionState()
+			conn.Close()
+			if st.Version != tls.VersionTLS12 {
+				t.Errorf("negotiated %s, want TLS 1.2 only", tls.VersionName(st.Version))
+			}
+			if len(st.PeerCertificates) != 2 {
+				t.Errorf("server sent %d certificates, want leaf and intermediate", len(st.PeerCertificates))
+			}
+			wantAlgo := map[string]x509.PublicKeyAlgorithm{"rsa": x509.RSA, "ecdsa": x509.ECDSA}[key]
+			if st.PeerCertificates[0].PublicKeyAlgorithm != wantAlgo {
+				t.Errorf("server key %v, want %v", st.PeerCertificates[0].PublicKeyAlgorithm, wantAlgo)
+			}
+			if k, ok := st.PeerCertificates[0].PublicKey.(*rsa.PublicKey); ok && k.N.BitLen() != 2048 {
+				t.Errorf("RSA server key of %d bits, want 2048", k.N.BitLen())
+			}
+			if req == nil || len(req.AcceptableCAs) == 0 {
+				t.Fatal("the CertificateRequest carried no certificate_authorities list")
+			}
+			leafIssuer := onboardingIssuer(t, cert)
+			for _, ca := range req.AcceptableCAs {
+				if string(ca) == string(leafIssuer) {
+					t.Fatal("the CA list names the device's factory CA; it must name none of the device's CAs")
+				}
+			}
+			// A client with a static certificate list sends nothing and
+			// is refused; one that always presents its chain registers.
+			static := &tls.Config{RootCAs: pool, ServerName: "localhost", MinVersion: tls.VersionTLS12, Certificates: []tls.Certificate{*cert}}
+			c, err := dial(t, az, "dev-tls", dps.MinCertAPIVersion, static, "")
+			if err != nil {
+				t.Fatal(err)
+			}
+			if r := c.request("$dps/registrations/PUT/iotdps-register/?$rid=1", map[string]any{"registrationId": "dev-tls"}); r.status != 401 {
+				t.Fatalf("static certificate list: %d, want 401 (no certificate sent)", r.status)
+			}
+			c2, err := connect(t, az, "dev-tls", dps.MinCertAPIVersion, cert, "")
+			if err != nil {
+				t.Fatal(err)
+			}
+			if r := c2.register(map[string]any{"registrationId": "dev-tls"}); r.status != 200 {
+				t.Fatalf("register: %d %v", r.status, r.body)
+			}
+		})
+	}
+}
+
+func onboardingIssuer(t *testing.T, c *tls.Certificate) []byte {
+	leaf, err := x509.ParseCertificate(c.Certificate[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	return leaf.RawIssuer
+}

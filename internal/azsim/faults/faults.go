@@ -31,6 +31,7 @@ type Injector struct {
 	refuseUntil map[Target]time.Time
 	assignDelay time.Duration
 	tamper      []Tamper
+	rejectCerts map[string]bool // serials (hex) the hub refuses in the TLS handshake
 }
 
 // Tamper spoils the next issued certificate chain, to test that devices
@@ -118,6 +119,25 @@ func (i *Injector) AssignDelay() time.Duration {
 	return i.assignDelay
 }
 
+// RejectCertificate makes the hub refuse the certificate with this serial
+// (lower-case hex) inside the TLS handshake, with a bad_certificate alert,
+// as if its CA had been removed from the hub.
+func (i *Injector) RejectCertificate(serialHex string) {
+	i.mu.Lock()
+	defer i.mu.Unlock()
+	if i.rejectCerts == nil {
+		i.rejectCerts = map[string]bool{}
+	}
+	i.rejectCerts[serialHex] = true
+}
+
+// CertificateRejected reports whether RejectCertificate named serialHex.
+func (i *Injector) CertificateRejected(serialHex string) bool {
+	i.mu.Lock()
+	defer i.mu.Unlock()
+	return i.rejectCerts[serialHex]
+}
+
 // Reset disarms everything.
 func (i *Injector) Reset() {
 	i.mu.Lock()
@@ -126,4 +146,5 @@ func (i *Injector) Reset() {
 	i.refuseUntil = map[Target]time.Time{}
 	i.assignDelay = 0
 	i.tamper = nil
+	i.rejectCerts = nil
 }

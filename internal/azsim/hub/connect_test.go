@@ -11,7 +11,10 @@ import (
 	"testing"
 	"time"
 
+	paho "github.com/eclipse/paho.mqtt.golang"
+
 	"github.com/gwagent/gwagent/internal/azsim/faults"
+	"github.com/gwagent/gwagent/internal/azsim/hub"
 )
 
 const (
@@ -202,5 +205,87 @@ func TestSASExpiryDisconnects(t *testing.T) {
 		}
 	case <-time.After(6 * time.Second):
 		t.Fatal("connection survived its SAS token")
+	}
+}
+
+// TestConnectRejectInHandshake: with RejectInHandshake (azsim's default),
+// certificates the hub can judge without the CONNECT are refused with a TLS
+// alert, as Azure may do, and a certificate the fault injector names is
+// refused in the handshake in any mode.
+func TestConnectRejectInHandshake(t *testing.T) {
+	e := newEnv(t, func(c *hub.Config) { c.RejectInHandshake = true })
+	foreign := newCA(t, "Foreign Root", nil)
+	key := newKey(t)
+	e.putDevice("foreign-1", map[string]any{"auth": "certificateAuthority"})
+	foreignDev := &device{id: "foreign-1", key: key, chain: []*x509.Certificate{foreign.sign(t, key.Public(), "foreign-1", leafOpts{}), foreign.cert}}
+	selfCA := newCA(t, "thumb-1", nil)
+	s256 := sha256.Sum256(selfCA.cert.Raw)
+	e.putDevice("thumb-1", map[string]any{"auth": "selfSigned", "thumbprints": []string{hex.EncodeToString(s256[:])}})
+	symKey := newSymKey()
+	e.putDevice("sas-1", map[string]any{"auth": "sas", "primaryKey": symKey})
+	good := e.issuedDevice("good-1")
+	revoked := e.issuedDevice("revoked-1")
+	e.faults.RejectCertificate(revoked.chain[0].SerialNumber.Text(16))
+
+	for _, tc := range []struct {
+		name  string
+		dev   *device
+		o     dialOpts
+		alert bool
+	}{
+		{"ok/issued", good, dialOpts{}, false},
+		{"ok/thumbprint", &device{id: "thumb-1"}, dialOpts{cert: certOf(selfCA)}, false},
+		{"ok/sas-without-certificate", &device{id: "sas-1", sas: sasToken(e.hub.HostName(), "sas-1", symKey, time.Now().Add(time.Hour))}, dialOpts{noCert: true}, false},
+		{"fail/foreign-ca", foreignDev, dialOpts{}, true},
+		{"fail/rejected-by-fault", revoked, dialOpts{}, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c, code, err := e.dial(tc.dev, tc.o)
+			if !tc.alert {
+				if err != nil {
+					t.Fatalf("CONNACK %d: %v", code, err)
+				}
+				c.stillUp(t)
+				return
+			}
+			if err == nil || code == connNotAuthorized || !strings.Contains(err.Error(), "remote error: tls: bad certificate") {
+				t.Fatalf("code %d, err %v; want a bad_certificate alert in the handshake, no CONNACK", code, err)
+			}
+		})
+	}
+}
+
+// TestConnectCAList: the hub's CertificateRequest may name CAs that are not
+// the device's; a client with a static certificate list then sends nothing
+// and is refused, a client that always presents its chain gets in.
+func TestConnectCAList(t *testing.T) {
+	other := newCA(t, "Some Server Root", nil)
+	e := newEnv(t, func(c *hub.Config) {
+		c.TLS = c.TLS.Clone()
+		c.TLS.ClientCAs = x509.NewCertPool()
+		c.TLS.ClientCAs.AddCert(other.cert)
+	})
+	d := e.issuedDevice("dev-1")
+	e.mustDial(d, dialOpts{}).stillUp(t)
+
+	tc := &tls.Config{RootCAs: e.roots, ServerName: "localhost", MinVersion: tls.VersionTLS12, Certificates: []tls.Certificate{*d.tlsCert()}}
+	var got [][]byte
+	conn, err := tls.Dial("tcp", e.addr, &tls.Config{RootCAs: e.roots, ServerName: "localhost", MinVersion: tls.VersionTLS12,
+		GetClientCertificate: func(cri *tls.CertificateRequestInfo) (*tls.Certificate, error) { got = cri.AcceptableCAs; return d.tlsCert(), nil }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	conn.Close()
+	if len(got) != 1 || string(got[0]) != string(other.cert.RawSubject) {
+		t.Fatalf("certificate_authorities %d names, want the configured one", len(got))
+	}
+	opts := paho.NewClientOptions().AddBroker("ssl://" + e.addr).SetClientID("dev-1").
+		SetUsername(e.hub.HostName() + "/dev-1/?api-version=" + apiVersion).SetTLSConfig(tc).SetProtocolVersion(4).
+		SetAutoReconnect(false).SetConnectTimeout(5 * time.Second)
+	cl := paho.NewClient(opts)
+	tok := cl.Connect()
+	tok.WaitTimeout(10 * time.Second)
+	if tok.Error() == nil || tok.(*paho.ConnectToken).ReturnCode() != connNotAuthorized {
+		t.Fatalf("static certificate list: %v, want CONNACK 5 (no certificate was sent)", tok.Error())
 	}
 }

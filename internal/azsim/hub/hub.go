@@ -95,6 +95,12 @@ type Config struct {
 	// IssueDelay is how long the renewal API waits between its 202 and the
 	// 200 with the certificate. Zero means 1s; negative means no delay.
 	IssueDelay time.Duration
+	// RejectInHandshake judges client certificates inside the TLS handshake
+	// as far as the hub can without the CONNECT (validity, a chain to a
+	// trusted CA or a registered thumbprint) and refuses bad ones with a
+	// bad_certificate alert instead of CONNACK 5. Certificates named by
+	// Faults.RejectCertificate are refused in the handshake either way.
+	RejectInHandshake bool
 }
 
 const (
@@ -174,6 +180,7 @@ func New(cfg Config) (*Hub, error) {
 	}
 	h.ctx, h.cancel = context.WithCancel(context.Background())
 	h.tlsConf = serverTLS(cfg.TLS)
+	h.tlsConf.VerifyPeerCertificate = h.verifyInHandshake
 
 	if cfg.StateDir != "" {
 		st, err := openStore(cfg.StateDir)
