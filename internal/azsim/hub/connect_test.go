@@ -271,7 +271,10 @@ func TestConnectCAList(t *testing.T) {
 	tc := &tls.Config{RootCAs: e.roots, ServerName: "localhost", MinVersion: tls.VersionTLS12, Certificates: []tls.Certificate{*d.tlsCert()}}
 	var got [][]byte
 	conn, err := tls.Dial("tcp", e.addr, &tls.Config{RootCAs: e.roots, ServerName: "localhost", MinVersion: tls.VersionTLS12,
-		GetClientCertificate: func(cri *tls.CertificateRequestInfo) (*tls.Certificate, error) { got = cri.AcceptableCAs; return d.tlsCert(), nil }})
+		GetClientCertificate: func(cri *tls.CertificateRequestInfo) (*tls.Certificate, error) {
+			got = cri.AcceptableCAs
+			return d.tlsCert(), nil
+		}})
 	if err != nil {
 		t.Fatal(err)
 	}

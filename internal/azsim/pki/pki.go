@@ -56,10 +56,10 @@ type PKI struct {
 	ServerRSA     tls.Certificate // leaf, intermediate
 	ServerECDSA   tls.Certificate // leaf, intermediate
 	Server        tls.Certificate
-	OnboardRoot CA
-	Factory     CA
-	IssuingRoot CA
-	Issuing     CA
+	OnboardRoot   CA
+	Factory       CA
+	IssuingRoot   CA
+	Issuing       CA
 }
 
 // File names under Dir.
