@@ -172,6 +172,7 @@ func (d *device) start(now ...func() time.Time) *running {
 		RetryAfterMin: 100 * time.Millisecond,
 		Backoff:       backoff.Policy{Min: 100 * time.Millisecond, Max: time.Second},
 		ClockPoll:     100 * time.Millisecond,
+		Reprovision:   agent.ReprovisionPolicy{Backoff: backoff.Policy{Min: 2 * time.Second, Max: 8 * time.Second}, PerHour: 4},
 	}
 	if len(now) > 0 {
 		opts.Now = now[0]

@@ -75,6 +75,7 @@ func (a *Agent) lifecycle(ctx context.Context) {
 		if !a.cfg.Load().Static() {
 			if sess, next := a.trySwap(ctx); sess != nil {
 				failures = 0
+				a.reprov.connected()
 				a.status.Clear(CondHubUnreachable)
 				a.status.Set(StateConnected)
 				if !a.connected(ctx, sess, next, wdC, wait) {
@@ -93,11 +94,11 @@ func (a *Agent) lifecycle(ctx context.Context) {
 			failures++
 			d := a.opts.Backoff.Delay(failures, a.rng)
 			a.status.Raise(CondHubUnreachable, err.Error())
-			if errors.Is(err, transport.ErrUnauthorized) && !a.cfg.Load().Static() {
+			if a.identityRefused(err) && !a.cfg.Load().Static() {
 				// The documented recovery: the hub no longer accepts this
-				// identity (disabled, deleted, moved); register again.
-				a.log.Warn("hub refused our identity; re-provisioning through DPS", "err", err)
-				if _, perr := a.provision(ctx); perr == nil {
+				// identity (disabled, deleted, moved); register again,
+				// within the bounds of the re-provisioning policy.
+				if a.reprovisionAfterRefusal(ctx, err) {
 					continue
 				}
 			}
@@ -108,7 +109,11 @@ func (a *Agent) lifecycle(ctx context.Context) {
 			continue
 		}
 		failures = 0
+		a.reprov.connected()
+		a.hsRejections = 0
+		a.swapRejectedThenConnected(ctx)
 		a.status.Clear(CondHubUnreachable)
+		a.status.Clear(CondReprovisionHeldBack)
 		a.status.Set(StateConnected)
 		if !a.connected(ctx, sess, id, wdC, wait) {
 			return
@@ -170,6 +175,7 @@ func (a *Agent) noteIdentity(id *provisioning.Identity) {
 // provision registers through DPS and commits the new identity.
 func (a *Agent) provision(ctx context.Context) (*provisioning.Identity, error) {
 	a.status.Set(StateProvisioning)
+	a.noteRegistration()
 	cfg := a.cfg.Load()
 	// Provision is bounded by provisioning_timeout, DPS's retry-afters
 	// included: waiting for DPS is progress.

@@ -15,6 +15,7 @@ import (
 
 	"github.com/gwagent/gwagent/internal/atomicfile"
 	"github.com/gwagent/gwagent/internal/backoff"
+	"github.com/gwagent/gwagent/internal/tlsconf"
 	"github.com/gwagent/gwagent/keystore"
 	"github.com/gwagent/gwagent/provisioning"
 	"github.com/gwagent/gwagent/transport"
@@ -383,8 +384,18 @@ func (a *Agent) trySwap(ctx context.Context) (*transport.Session, *provisioning.
 	a.status.Set(StateSwapping)
 	sess, err := a.dial(ctx, next)
 	if err != nil {
+		// A TLS alert about the new certificate is a refusal too, from the
+		// second in a row, or once the current pair got through right
+		// after it (swapRejectedThenConnected): a single alert alone may
+		// come from a middlebox.
+		rejected := tlsconf.RejectedIdentity(err)
 		refused := errors.Is(err, transport.ErrUnauthorized) || errors.Is(err, keystore.ErrKeyNotFound) ||
-			a.opts.Now().After(next.NotAfter)
+			a.opts.Now().After(next.NotAfter) || (rejected && a.swapRejections >= 1)
+		if rejected {
+			a.swapRejections++
+		} else {
+			a.swapRejections = 0
+		}
 		a.swapFailures++
 		if !refused && a.swapFailures < 3 {
 			a.log.Warn("could not try the new certificate yet; keeping it staged", "err", err)
@@ -394,7 +405,7 @@ func (a *Agent) trySwap(ctx context.Context) (*transport.Session, *provisioning.
 		a.rollback(ctx, next)
 		return nil, nil
 	}
-	a.swapFailures = 0
+	a.swapFailures, a.swapRejections = 0, 0
 	a.step("swap-connected")
 	prev, err := a.store.Commit()
 	if err != nil {
@@ -423,6 +434,22 @@ func (a *Agent) trySwap(ctx context.Context) (*transport.Session, *provisioning.
 	return sess, next
 }
 
+// swapRejectedThenConnected is called when the hub accepted the current
+// pair: if the staged one was just rejected in the TLS handshake, on the
+// same path, the alert was about the new certificate, so it is rolled back.
+func (a *Agent) swapRejectedThenConnected(ctx context.Context) {
+	if a.swapRejections == 0 {
+		return
+	}
+	next, err := a.store.Next()
+	if err != nil {
+		a.swapRejections = 0
+		return
+	}
+	a.log.Error("the hub rejected the new certificate in the TLS handshake and accepted the current one; rolling back", "serial", next.Serial)
+	a.rollback(ctx, next)
+}
+
 // rollback drops a staged identity and its key (unless it is the current
 // key), keeping the current identity.
 func (a *Agent) rollback(ctx context.Context, next *provisioning.Identity) {
@@ -431,7 +458,7 @@ func (a *Agent) rollback(ctx context.Context, next *provisioning.Identity) {
 		a.log.Error("rollback", "err", err)
 		return
 	}
-	a.swapFailures = 0
+	a.swapFailures, a.swapRejections = 0, 0
 	if cur == nil || cur.KeyURI != next.KeyURI {
 		if u, err := keystore.Parse(next.KeyURI); err == nil {
 			if err := a.keys.Delete(context.WithoutCancel(ctx), u); err != nil {
