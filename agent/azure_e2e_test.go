@@ -4,12 +4,19 @@ package agent_test
 // emulator (issue 12): azsim plays each, gwagent must survive it.
 
 import (
+	"context"
+	"maps"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/gwagent/gwagent/agent"
 	"github.com/gwagent/gwagent/internal/azsim"
 	"github.com/gwagent/gwagent/internal/testenv"
+	"github.com/gwagent/gwagent/internal/tlsconf"
+	"github.com/gwagent/gwagent/keystore"
+	"github.com/gwagent/gwagent/provisioning"
+	"github.com/gwagent/gwagent/transport"
 )
 
 func registrations(az *testenv.Azsim, regID string) int {
@@ -44,5 +51,84 @@ func TestHandshakeRejectionReprovisions(t *testing.T) {
 	}
 	if n := registrations(az, old.RegistrationID) - before; n != 1 {
 		t.Fatalf("%d DPS registrations after the rejection, want exactly 1", n)
+	}
+}
+
+// dialAs opens a transport session with a provisioned device's identity,
+// as the agent does.
+func dialAs(t *testing.T, d *device, id *provisioning.Identity, cfg transport.Config) *transport.Session {
+	t.Helper()
+	keys := agent.NewKeys()
+	t.Cleanup(func() { keys.Close() })
+	signer, err := keys.Signer(context.Background(), keystore.MustParse(id.KeyURI))
+	if err != nil {
+		t.Fatal(err)
+	}
+	roots, err := tlsconf.LoadPool(d.cfg.TrustBundle)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg.Host, cfg.DeviceID, cfg.Roots, cfg.Signer, cfg.Chain = id.AssignedHub, id.DeviceID, roots, signer, id.Chain
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	s, err := transport.Dial(ctx, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(s.Close)
+	return s
+}
+
+// TestPropertyBagE2E: application properties with spaces, '+', '&', '=',
+// '/' and non-ASCII text reach the hub unchanged, sent directly and through
+// the durable outbox. A space encoded as '+' would be an MQTT wildcard in
+// the topic name and cost the connection.
+func TestPropertyBagE2E(t *testing.T) {
+	az := testenv.StartAzsim(t, azsim.Config{})
+	d := newDevice(t, az, devOpts{})
+	id, err := d.provision()
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := dialAs(t, d, id, transport.Config{})
+	app := map[string]string{"note": "a b+c&d=e/f", "größe": "naïve 東京", "plus+key": "+", "kind": "direct"}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := s.SendTelemetry(ctx, []byte(`{"v":1}`), map[string]string{"ct": "application/json"}, app); err != nil {
+		t.Fatal(err)
+	}
+	// Through the outbox: the properties survive the disk round trip.
+	ob, err := transport.OpenOutbox(t.TempDir(), transport.OutboxOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ob.Close()
+	spooled := maps.Clone(app)
+	spooled["kind"] = "outbox"
+	if _, err := ob.Put(&transport.Message{Kind: transport.KindApp, Body: []byte(`{"v":2}`), App: spooled}); err != nil {
+		t.Fatal(err)
+	}
+	ms, err := ob.Next(0, 10)
+	if err != nil || len(ms) != 1 {
+		t.Fatalf("outbox: %v %d", err, len(ms))
+	}
+	if err := s.SendTelemetry(ctx, ms[0].Body, ms[0].System, ms[0].App); err != nil {
+		t.Fatal(err)
+	}
+	testenv.Eventually(t, 10*time.Second, "both messages", func() bool { return len(received(az, id.DeviceID, "")) == 2 })
+	for _, m := range received(az, id.DeviceID, "") {
+		got := m["properties"].(map[string]any)["application"].(map[string]any)
+		want := app
+		if got["kind"] == "outbox" {
+			want = spooled
+		}
+		if len(got) != len(want) {
+			t.Fatalf("hub got %v, want %v", got, want)
+		}
+		for k, v := range want {
+			if got[k] != v {
+				t.Errorf("property %q: hub got %q, want %q", k, got[k], v)
+			}
+		}
 	}
 }
