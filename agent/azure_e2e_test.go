@@ -132,3 +132,26 @@ func TestPropertyBagE2E(t *testing.T) {
 		}
 	}
 }
+
+// TestRenewalWithoutCertificateManagement: the hub refuses the credentials
+// subscription (SUBACK 0x80, which paho reports without an error); gwagent
+// notices, renews through DPS instead, and the session itself never
+// subscribed to it (it would have failed to connect).
+func TestRenewalWithoutCertificateManagement(t *testing.T) {
+	az := testenv.StartAzsim(t, azsim.Config{NoCertificateManagement: true})
+	d := newDevice(t, az, devOpts{})
+	r := d.start()
+	testenv.Eventually(t, time.Minute, "connected", func() bool { return d.status().State == "connected" })
+	old := d.current()
+	r.a.RequestRenewal("test")
+	testenv.Eventually(t, time.Minute, "renewed through DPS", func() bool {
+		st := d.status()
+		return st.State == "connected" && st.CertSerial != old.Serial
+	})
+	if cur := d.current(); cur.Via != "dps" {
+		t.Fatalf("renewed via %q, want dps", cur.Via)
+	}
+	if !strings.Contains(r.log.String(), "does not offer certificate management") {
+		t.Error("the log does not say why the hub path was abandoned")
+	}
+}

@@ -86,6 +86,16 @@ func (a *Agent) renewLoop(ctx context.Context, sess *transport.Session, id *prov
 	}
 	policy := cfg.Renewal.Policy()
 	draw := renewalDraw(a.seed, id.Serial)
+	a.mu.Lock()
+	p := a.pending
+	a.mu.Unlock()
+	if p != nil && p.id.Serial == id.Serial {
+		// The answer to a request the hub accepted before the reconnect
+		// comes on the credentials topic, subscribed only while renewing.
+		if err := sess.WatchCredentials(ctx); err != nil {
+			a.log.Warn("cannot wait for the pending certificate answer on this connection", "err", err)
+		}
+	}
 	for ctx.Err() == nil {
 		now := a.opts.Now()
 		due, why := needsRenewal(now, id.Leaf(), policy, draw)
@@ -164,7 +174,8 @@ func (a *Agent) renew(ctx context.Context, sess *transport.Session, id *provisio
 			return nil
 		}
 		var ie *transport.IssueError
-		hubBroken := errors.As(err, &ie) && (ie.Permanent() || ie.Status >= 500)
+		hubBroken := errors.As(err, &ie) && (ie.Permanent() || ie.Status >= 500) ||
+			errors.Is(err, transport.ErrNoCertificateManagement)
 		if !hubBroken {
 			return err // transient (timeout, throttled, connection lost): retry the hub later
 		}

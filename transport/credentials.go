@@ -10,6 +10,62 @@ import (
 	"time"
 )
 
+// ErrNoCertificateManagement: the hub refused the subscription to the
+// certificate-signing API's answers (SUBACK 0x80): it does not offer
+// certificate management. Renew through DPS instead.
+var ErrNoCertificateManagement = errors.New("the hub does not offer certificate management (it refused the $iothub/credentials subscription)")
+
+// subackErr checks the return codes of a SUBACK against the request.
+func subackErr(result map[string]byte, asked map[string]byte) error {
+	for f := range asked {
+		code, ok := result[f]
+		switch {
+		case !ok:
+			return fmt.Errorf("hub: subscribe: no SUBACK code for %s", f)
+		case code == 0x80 && f == credentialsResSub:
+			return fmt.Errorf("hub: subscribe %s: %w", f, ErrNoCertificateManagement)
+		case code == 0x80:
+			return fmt.Errorf("hub: subscribe %s: refused by the hub (SUBACK 0x80)", f)
+		case code > 2:
+			return fmt.Errorf("hub: subscribe %s: unexpected SUBACK code %#x", f, code)
+		}
+	}
+	return nil
+}
+
+// WatchCredentials subscribes to the certificate-signing API's answers on
+// this connection, once; IssueCertificate does it itself. Call it after a
+// reconnect while a request the hub accepted is still pending, so that the
+// answer reaches Config.OnCredentials.
+func (s *Session) WatchCredentials(ctx context.Context) error {
+	s.mu.Lock()
+	done := s.credSubscribed
+	s.mu.Unlock()
+	if done {
+		return nil
+	}
+	if err := s.subscribe(ctx, map[string]byte{credentialsResSub: 0}); err != nil {
+		return err
+	}
+	s.mu.Lock()
+	s.credSubscribed = true
+	s.mu.Unlock()
+	return nil
+}
+
+// unwatchCredentials ends the subscription once no answer is awaited.
+func (s *Session) unwatchCredentials() {
+	s.mu.Lock()
+	if !s.credSubscribed {
+		s.mu.Unlock()
+		return
+	}
+	s.credSubscribed = false
+	s.mu.Unlock()
+	t := s.client.Unsubscribe(credentialsResSub)
+	t.WaitTimeout(10 * time.Second)
+}
+
 // IssueRequest is one call of the hub's certificate-signing API
 // (azure-protocol §2.5).
 type IssueRequest struct {
@@ -84,6 +140,9 @@ func (s *Session) IssueCertificate(ctx context.Context, req IssueRequest) ([]str
 	if err != nil {
 		return nil, err
 	}
+	if err := s.WatchCredentials(ctx); err != nil {
+		return nil, err
+	}
 	ch, done := s.expect(req.RID)
 	defer done()
 	if err := s.publishRequest(ctx, credentialsTopic, req.RID, payload); err != nil {
@@ -116,6 +175,8 @@ func (s *Session) IssueCertificate(ctx context.Context, req IssueRequest) ([]str
 			}
 		}
 	}
+	// A final answer: nothing more to wait for on this connection.
+	s.unwatchCredentials()
 	return ParseIssueAnswer(a.status, a.body, retryAfter(a))
 }
 

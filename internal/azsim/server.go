@@ -62,7 +62,10 @@ type Config struct {
 	// rather than in the TLS handshake. By default azsim is at least as hard
 	// as Azure (docs/azure-fidelity.md).
 	Gentle bool
-	Now    func() time.Time
+	// NoCertificateManagement plays a hub without the certificate-signing
+	// API: it refuses the $iothub/credentials subscription (SUBACK 0x80).
+	NoCertificateManagement bool
+	Now                     func() time.Time
 }
 
 // Default enrollment groups created on a fresh state directory.
@@ -137,7 +140,8 @@ func New(cfg Config) (*Server, error) {
 	}
 	s.Hub, err = hub.New(hub.Config{Addr: cfg.HubAddr, HostName: cfg.HubHostName, TLS: serverTLS, Issuer: p,
 		CertLifetime: cfg.CertLifetime, StateDir: filepath.Join(cfg.StateDir, "hub"), TelemetryLog: tlog,
-		Faults: s.Faults, Now: cfg.Now, IssueDelay: cfg.IssueDelay, RejectInHandshake: !cfg.Gentle})
+		Faults: s.Faults, Now: cfg.Now, IssueDelay: cfg.IssueDelay, RejectInHandshake: !cfg.Gentle,
+		NoCertificateManagement: cfg.NoCertificateManagement})
 	if err != nil {
 		s.Close()
 		return nil, err
@@ -349,6 +353,35 @@ func (s *Server) adminMux() http.Handler {
 			w.WriteHeader(http.StatusNoContent)
 		default:
 			broker.WriteJSON(w, 400, map[string]string{"error": `kind must be "wrong-key", "wrong-cn", or "broken-chain"`})
+		}
+	})
+	mux.HandleFunc("POST /faults/reject-certificate", func(w http.ResponseWriter, r *http.Request) {
+		var f struct {
+			Serial string `json:"serial"` // hex
+		}
+		if !decode(w, r, &f) {
+			return
+		}
+		if f.Serial == "" {
+			broker.WriteJSON(w, 400, map[string]string{"error": `need {"serial":"<certificate serial, hex>"}`})
+			return
+		}
+		s.Faults.RejectCertificate(strings.ToLower(strings.TrimLeft(f.Serial, "0")))
+		w.WriteHeader(http.StatusNoContent)
+	})
+	mux.HandleFunc("POST /faults/credentials", func(w http.ResponseWriter, r *http.Request) {
+		var f struct {
+			Mode faults.CredentialsMode `json:"mode"`
+		}
+		if !decode(w, r, &f) {
+			return
+		}
+		switch f.Mode {
+		case faults.CredentialsNormal, faults.CredentialsSilent, faults.CredentialsDrop:
+			s.Faults.SetCredentialsMode(f.Mode)
+			w.WriteHeader(http.StatusNoContent)
+		default:
+			broker.WriteJSON(w, 400, map[string]string{"error": `mode must be "", "silent" or "drop"`})
 		}
 	})
 	mux.HandleFunc("DELETE /faults", func(w http.ResponseWriter, r *http.Request) {

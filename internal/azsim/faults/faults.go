@@ -32,6 +32,33 @@ type Injector struct {
 	assignDelay time.Duration
 	tamper      []Tamper
 	rejectCerts map[string]bool // serials (hex) the hub refuses in the TLS handshake
+	credentials CredentialsMode
+}
+
+// CredentialsMode is how the hub treats certificate-signing requests.
+type CredentialsMode string
+
+const (
+	CredentialsNormal CredentialsMode = ""
+	// CredentialsSilent: PUBACK, then nothing: no 202, no answer.
+	CredentialsSilent CredentialsMode = "silent"
+	// CredentialsDrop: the hub closes the connection on the request.
+	CredentialsDrop CredentialsMode = "drop"
+)
+
+// SetCredentialsMode makes the hub answer certificate-signing requests
+// normally, never, or by dropping the connection, until changed.
+func (i *Injector) SetCredentialsMode(m CredentialsMode) {
+	i.mu.Lock()
+	defer i.mu.Unlock()
+	i.credentials = m
+}
+
+// CredentialsMode is the current mode.
+func (i *Injector) CredentialsMode() CredentialsMode {
+	i.mu.Lock()
+	defer i.mu.Unlock()
+	return i.credentials
 }
 
 // Tamper spoils the next issued certificate chain, to test that devices
@@ -147,4 +174,5 @@ func (i *Injector) Reset() {
 	i.assignDelay = 0
 	i.tamper = nil
 	i.rejectCerts = nil
+	i.credentials = CredentialsNormal
 }

@@ -216,8 +216,13 @@ func (k *hook) OnACLCheck(cl *mqtt.Client, topic string, write bool) bool {
 	if write {
 		return true
 	}
-	if classifyFilter(cl.ID, topic) == subNone {
+	switch classifyFilter(cl.ID, topic) {
+	case subNone:
 		return false
+	case subCredentials:
+		if k.h.cfg.NoCertificateManagement {
+			return false // SUBACK 0x80
+		}
 	}
 	if _, ok := cl.State.Subscriptions.Get(topic); ok {
 		return true
@@ -247,8 +252,17 @@ func (k *hook) OnPacketRead(cl *mqtt.Client, pk packets.Packet) (packets.Packet,
 	if len(pk.Payload) > maxD2CPayload {
 		return pk, errClose("message of %d bytes exceeds 256 KiB", len(pk.Payload))
 	}
-	if _, err := parseDeviceTopic(cl.ID, pk.TopicName); err != nil {
+	t, err := parseDeviceTopic(cl.ID, pk.TopicName)
+	if err != nil {
 		return pk, errClose("%v", err)
+	}
+	if t.kind == topicIssueCert {
+		if k.h.cfg.NoCertificateManagement {
+			return pk, errClose("this hub has no certificate management")
+		}
+		if k.h.cfg.Faults != nil && k.h.cfg.Faults.CredentialsMode() == faults.CredentialsDrop {
+			return pk, errClose("credentials request dropped (fault injected)")
+		}
 	}
 	return pk, nil
 }

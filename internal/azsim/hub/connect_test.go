@@ -2,6 +2,7 @@ package hub_test
 
 import (
 	"crypto/sha1"
+	"encoding/base64"
 	"crypto/sha256"
 	"crypto/tls"
 	"crypto/x509"
@@ -291,4 +292,51 @@ func TestConnectCAList(t *testing.T) {
 	if tok.Error() == nil || tok.(*paho.ConnectToken).ReturnCode() != connNotAuthorized {
 		t.Fatalf("static certificate list: %v, want CONNACK 5 (no certificate was sent)", tok.Error())
 	}
+}
+
+// TestNoCertificateManagement: a hub without the certificate-signing API
+// refuses the credentials subscription with SUBACK 0x80 (paho records it in
+// the token's result, with no error) and closes the connection on a
+// credentials request; everything else works.
+func TestNoCertificateManagement(t *testing.T) {
+	e := newEnv(t, func(c *hub.Config) { c.NoCertificateManagement = true })
+	c := e.mustDial(e.issuedDevice("dev-1"), dialOpts{})
+	tok := c.SubscribeMultiple(map[string]byte{"$iothub/twin/res/#": 0, "$iothub/credentials/res/#": 0}, nil)
+	if !tok.WaitTimeout(5*time.Second) || tok.Error() != nil {
+		t.Fatalf("subscribe: %v", tok.Error())
+	}
+	res := tok.(*paho.SubscribeToken).Result()
+	if res["$iothub/credentials/res/#"] != 0x80 || res["$iothub/twin/res/#"] != 0 {
+		t.Fatalf("SUBACK codes %v, want 0x80 for credentials and 0 for the twin", res)
+	}
+	c.pub(t, "$iothub/twin/GET/?$rid=1", 0, nil)
+	c.recv(t, "$iothub/twin/res/200/")
+	c.Publish("$iothub/credentials/POST/issueCertificate/?$rid=abcd", 1, false, []byte(`{"id":"dev-1","csr":"x"}`))
+	c.waitLost(t)
+}
+
+// TestCredentialsFaults: a hub that stays silent on a certificate request
+// (PUBACK, then nothing) or drops the connection on it.
+func TestCredentialsFaults(t *testing.T) {
+	e := newEnv(t)
+	d := e.issuedDevice("dev-1")
+	csr := base64.StdEncoding.EncodeToString(makeCSR(t, newKey(t), "dev-1").Raw)
+	body := []byte(`{"id":"dev-1","csr":"` + csr + `"}`)
+
+	e.faults.SetCredentialsMode(faults.CredentialsSilent)
+	c := e.mustDial(d, dialOpts{})
+	c.sub(t, "$iothub/credentials/res/#")
+	c.pub(t, "$iothub/credentials/POST/issueCertificate/?$rid=abcd", 1, body)
+	c.none(t, "$iothub/credentials/res/", 2*time.Second)
+	c.stillUp(t)
+
+	e.faults.SetCredentialsMode(faults.CredentialsDrop)
+	c.Publish("$iothub/credentials/POST/issueCertificate/?$rid=abce", 1, false, body)
+	c.waitLost(t)
+
+	e.faults.SetCredentialsMode(faults.CredentialsNormal)
+	c = e.mustDial(d, dialOpts{})
+	c.sub(t, "$iothub/credentials/res/#")
+	c.pub(t, "$iothub/credentials/POST/issueCertificate/?$rid=abcf", 1, body)
+	c.recv(t, "$iothub/credentials/res/202/")
 }

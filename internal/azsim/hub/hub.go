@@ -101,6 +101,11 @@ type Config struct {
 	// bad_certificate alert instead of CONNACK 5. Certificates named by
 	// Faults.RejectCertificate are refused in the handshake either way.
 	RejectInHandshake bool
+	// NoCertificateManagement plays a hub without the certificate-signing
+	// API (a tier or region without it): SUBACK 0x80 for
+	// $iothub/credentials/res/#, and a publish to $iothub/credentials/...
+	// closes the connection like any topic the device may not use.
+	NoCertificateManagement bool
 }
 
 const (
