@@ -2,10 +2,10 @@ package hub_test
 
 import (
 	"crypto/sha1"
-	"encoding/base64"
 	"crypto/sha256"
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/base64"
 	"encoding/hex"
 	"net/http"
 	"strings"
