@@ -155,3 +155,37 @@ func TestRenewalWithoutCertificateManagement(t *testing.T) {
 		t.Error("the log does not say why the hub path was abandoned")
 	}
 }
+
+// TestCredentialSyncLagE2E: the hub refuses a freshly issued certificate
+// for a while (Azure syncs credentials to the hub asynchronously). gwagent
+// must keep trying the hub with it instead of registering again and again
+// (each time a new key and certificate the hub does not know either): the
+// re-provisioning rule holds it back, says so in the log and status, and
+// the device gets in once the hub caught up.
+func TestCredentialSyncLagE2E(t *testing.T) {
+	az := testenv.StartAzsim(t, azsim.Config{CredentialSyncLag: 2 * time.Second})
+	d := newDevice(t, az, devOpts{})
+	r := d.start()
+	sawHeldBack := false
+	testenv.Eventually(t, time.Minute, "connected", func() bool {
+		st := d.status()
+		if _, ok := st.Conditions[agent.CondReprovisionHeldBack]; ok {
+			sawHeldBack = true
+		}
+		return st.State == "connected"
+	})
+	if !strings.Contains(r.log.String(), "re-provisioning held back") {
+		t.Error("the log does not say that re-provisioning was held back")
+	}
+	// The start() policy allows 4 per hour; a storm would be one per
+	// reconnect attempt, and each would restart the lag.
+	if n := registrations(az, d.current().RegistrationID); n > 4 {
+		t.Fatalf("%d DPS registrations, want at most 4", n)
+	}
+	if _, ok := d.status().Conditions[agent.CondReprovisionHeldBack]; ok {
+		t.Error("the held-back condition stays raised after the hub accepted the device")
+	}
+	if !sawHeldBack {
+		t.Errorf("status never showed %s while the hub refused the new certificate", agent.CondReprovisionHeldBack)
+	}
+}

@@ -167,7 +167,8 @@ func serve(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs.BoolVar(&cfg.AcceptP256, "accept-p256", false, "let DPS accept P-256 CSRs too (default: P-384 only, as documented)")
 	fs.StringVar(&cfg.ServerKey, "server-key", "rsa", "TLS server chain: rsa (RSA-2048, as Azure's endpoints) or ecdsa")
 	fs.BoolVar(&cfg.NoCertificateManagement, "no-cert-management", false, "play a hub without the certificate-signing API: SUBACK 0x80 for $iothub/credentials/res/#")
-	fs.BoolVar(&cfg.Gentle, "gentle", false, "kinder than Azure, for demos: no CA list in the TLS CertificateRequest, bad client certificates get CONNACK 5 instead of a TLS alert (see docs/azure-fidelity.md)")
+	fs.DurationVar(&cfg.CredentialSyncLag, "credential-sync-lag", 5*time.Second, "after a DPS registration the hub refuses the newly issued certificate for this long, as Azure's asynchronous credential sync can (0: none)")
+	fs.BoolVar(&cfg.Gentle, "gentle", false, "kinder than Azure, for demos: no CA list in the TLS CertificateRequest, bad client certificates get CONNACK 5 instead of a TLS alert, no credential sync lag (see docs/azure-fidelity.md)")
 	names := fs.String("server-names", "", "comma-separated extra DNS names/IPs for the TLS server certificate")
 	infoFile := fs.String("info-file", "", "write the info JSON (addresses, id scope, trust bundle) to this file once serving")
 	if err := fs.Parse(args); err != nil {
@@ -175,6 +176,11 @@ func serve(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	}
 	if *names != "" {
 		cfg.ServerNames = strings.Split(*names, ",")
+	}
+	lagSet := false
+	fs.Visit(func(f *flag.Flag) { lagSet = lagSet || f.Name == "credential-sync-lag" })
+	if cfg.Gentle && !lagSet {
+		cfg.CredentialSyncLag = 0
 	}
 	s, err := azsim.New(cfg)
 	if err != nil {

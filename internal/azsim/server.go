@@ -65,7 +65,11 @@ type Config struct {
 	// NoCertificateManagement plays a hub without the certificate-signing
 	// API: it refuses the $iothub/credentials subscription (SUBACK 0x80).
 	NoCertificateManagement bool
-	Now                     func() time.Time
+	// CredentialSyncLag: for this long after a DPS registration the hub
+	// refuses the newly issued certificate (CONNACK 5), as Azure's
+	// asynchronous credential sync can. The CLI's default is 5 s.
+	CredentialSyncLag time.Duration
+	Now               func() time.Time
 }
 
 // Default enrollment groups created on a fresh state directory.
@@ -141,7 +145,7 @@ func New(cfg Config) (*Server, error) {
 	s.Hub, err = hub.New(hub.Config{Addr: cfg.HubAddr, HostName: cfg.HubHostName, TLS: serverTLS, Issuer: p,
 		CertLifetime: cfg.CertLifetime, StateDir: filepath.Join(cfg.StateDir, "hub"), TelemetryLog: tlog,
 		Faults: s.Faults, Now: cfg.Now, IssueDelay: cfg.IssueDelay, RejectInHandshake: !cfg.Gentle,
-		NoCertificateManagement: cfg.NoCertificateManagement})
+		NoCertificateManagement: cfg.NoCertificateManagement, CredentialSyncLag: cfg.CredentialSyncLag})
 	if err != nil {
 		s.Close()
 		return nil, err

@@ -100,6 +100,10 @@ func (k *hook) OnConnect(cl *mqtt.Client, pk packets.Packet) error {
 		sasExpiry, err = checkSAS(string(pk.Connect.Password), d, []string{h.hostName, h.cfg.HostName, user.host}, now)
 	default:
 		err = h.checkCertificate(d, chain, h.trustedRootsLocked(), now)
+		if err == nil && now.Before(d.syncUntil) && h.issuedByIssuer(chain[0]) &&
+			(d.Certificate == nil || string(d.Certificate.DER) != string(chain[0].Raw)) {
+			err = fmt.Errorf("certificate not synchronised to the hub yet (credential sync lag until %s)", d.syncUntil.UTC().Format(time.RFC3339))
+		}
 	}
 	if err != nil {
 		h.mu.Unlock()
@@ -129,6 +133,16 @@ func (k *hook) OnConnect(cl *mqtt.Client, pk packets.Packet) error {
 		_ = h.persist() // the certificate record is informational
 	}
 	return nil
+}
+
+// issuedByIssuer reports whether leaf was signed by one of the issuer's CAs.
+func (h *Hub) issuedByIssuer(leaf *x509.Certificate) bool {
+	for _, ca := range h.cfg.Issuer.IssuingCAs() {
+		if leaf.CheckSignatureFrom(ca) == nil {
+			return true
+		}
+	}
+	return false
 }
 
 func peerChain(cl *mqtt.Client) []*x509.Certificate {

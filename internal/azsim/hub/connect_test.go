@@ -1,6 +1,7 @@
 package hub_test
 
 import (
+	"context"
 	"crypto/sha1"
 	"crypto/sha256"
 	"crypto/tls"
@@ -16,6 +17,7 @@ import (
 
 	"github.com/gwagent/gwagent/internal/azsim/faults"
 	"github.com/gwagent/gwagent/internal/azsim/hub"
+	"github.com/gwagent/gwagent/internal/azsim/identity"
 )
 
 const (
@@ -339,4 +341,36 @@ func TestCredentialsFaults(t *testing.T) {
 	c.sub(t, "$iothub/credentials/res/#")
 	c.pub(t, "$iothub/credentials/POST/issueCertificate/?$rid=abcf", 1, body)
 	c.recv(t, "$iothub/credentials/res/202/")
+}
+
+// TestCredentialSyncLag: right after DPS registers a device, the hub does
+// not know its newly issued certificate yet and answers CONNACK 5; once the
+// lag is over it accepts it. The lag only concerns issued certificates.
+func TestCredentialSyncLag(t *testing.T) {
+	e := newEnv(t, func(c *hub.Config) { c.CredentialSyncLag = 2 * time.Second })
+	d := e.issuedDevice("lag-1")
+	start := time.Now()
+	if err := e.hub.RegisterDevice(context.Background(), identity.Device{ID: "lag-1", Auth: identity.AuthCA, Enabled: true}); err != nil {
+		t.Fatal(err)
+	}
+	if _, code, _ := e.dial(d, dialOpts{}); code != connNotAuthorized {
+		t.Fatalf("CONNACK %d during the sync lag, want 5", code)
+	}
+	eventually(t, "accepted after the lag", func() bool {
+		c, code, _ := e.dial(d, dialOpts{})
+		if code == connAccepted {
+			c.Disconnect(0)
+			return true
+		}
+		return false
+	})
+	if time.Since(start) < 2*time.Second {
+		t.Fatal("accepted before the lag was over")
+	}
+	// Once accepted, a later registration does not lock the known
+	// certificate out.
+	if err := e.hub.RegisterDevice(context.Background(), identity.Device{ID: "lag-1", Auth: identity.AuthCA, Enabled: true}); err != nil {
+		t.Fatal(err)
+	}
+	e.mustDial(d, dialOpts{}).stillUp(t)
 }

@@ -106,6 +106,11 @@ type Config struct {
 	// $iothub/credentials/res/#, and a publish to $iothub/credentials/...
 	// closes the connection like any topic the device may not use.
 	NoCertificateManagement bool
+	// CredentialSyncLag plays Azure pushing a device's new credential to the
+	// hub asynchronously: for this long after DPS registers a device, a
+	// certificate from the issuing CA that the hub has not accepted before
+	// is refused with CONNACK 5. Zero: no lag.
+	CredentialSyncLag time.Duration
 }
 
 const (
@@ -372,6 +377,13 @@ func (h *Hub) RegisterDevice(ctx context.Context, d identity.Device) error {
 	h.mu.Unlock()
 	if _, _, err := h.putDevice(d.ID, spec); err != nil {
 		return fmt.Errorf("hub register device: %w", err)
+	}
+	if h.cfg.CredentialSyncLag > 0 {
+		h.mu.Lock()
+		if dev, ok := h.devices[d.ID]; ok {
+			dev.syncUntil = h.now().Add(h.cfg.CredentialSyncLag)
+		}
+		h.mu.Unlock()
 	}
 	return nil
 }

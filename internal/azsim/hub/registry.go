@@ -46,6 +46,9 @@ type device struct {
 	c2d               []c2dMessage
 	renewal           *renewalOp
 	lastRefusal       *refusal
+	// syncUntil: until then a newly issued certificate is not known to the
+	// hub yet (Config.CredentialSyncLag).
+	syncUntil time.Time
 }
 
 // refusal is why the device's last CONNECT was refused.
