@@ -12,6 +12,7 @@ import (
 
 	"github.com/gwagent/gwagent/agent"
 	"github.com/gwagent/gwagent/internal/azsim"
+	"github.com/gwagent/gwagent/internal/azsim/faults"
 	"github.com/gwagent/gwagent/internal/testenv"
 	"github.com/gwagent/gwagent/internal/tlsconf"
 	"github.com/gwagent/gwagent/keystore"
@@ -187,5 +188,44 @@ func TestCredentialSyncLagE2E(t *testing.T) {
 	}
 	if !sawHeldBack {
 		t.Errorf("status never showed %s while the hub refused the new certificate", agent.CondReprovisionHeldBack)
+	}
+}
+
+// TestUnansweredHubFallsBackToDPS: the hub stays silent on certificate
+// requests (PUBACK, then nothing) or drops the connection on them. gwagent
+// gives the hub two tries, then re-registers with DPS while a good part of
+// the lifetime remains, instead of retrying the hub until expiry.
+func TestUnansweredHubFallsBackToDPS(t *testing.T) {
+	for _, mode := range []faults.CredentialsMode{faults.CredentialsSilent, faults.CredentialsDrop} {
+		t.Run("ok/"+string(mode), func(t *testing.T) {
+			az := testenv.StartAzsim(t, azsim.Config{CertLifetime: 24 * time.Second})
+			d := newDevice(t, az, devOpts{extra: `
+[renewal]
+threshold = 0.5
+jitter = "1s"
+floor = "1s"
+retry_min = "500ms"
+retry_max = "1s"
+issue_timeout = "3s"
+`})
+			az.Server.Faults.SetCredentialsMode(mode)
+			r := d.start()
+			testenv.Eventually(t, 30*time.Second, "connected", func() bool { return d.status().State == "connected" })
+			first := d.current()
+			testenv.Eventually(t, 40*time.Second, "renewed", func() bool {
+				s, err := storeCurrent(d)
+				return err == nil && s.Serial != first.Serial
+			})
+			cur := d.current()
+			if cur.Via != "dps" {
+				t.Fatalf("renewed via %q, want dps", cur.Via)
+			}
+			if !cur.IssuedAt.Before(first.NotAfter) {
+				t.Fatal("renewed only after the old certificate expired")
+			}
+			if !strings.Contains(r.log.String(), "did not answer certificate requests; re-registering with DPS") {
+				t.Error("the log does not say why DPS was used")
+			}
+		})
 	}
 }

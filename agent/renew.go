@@ -131,7 +131,7 @@ func (a *Agent) renewLoop(ctx context.Context, sess *transport.Session, id *prov
 		err := a.renew(ctx, sess, id)
 		if err == nil {
 			a.mu.Lock()
-			a.renewFailures, a.retryAt = 0, time.Time{}
+			a.renewFailures, a.retryAt, a.hubUnanswered = 0, time.Time{}, 0
 			a.mu.Unlock()
 			endSession()
 			return
@@ -165,13 +165,47 @@ func (a *Agent) scheduleRetry(id *provisioning.Identity, err error) {
 	a.log.Error("certificate renewal failed", "err", err, "attempt", n, "retry_in", d.Round(time.Second), "not_after", id.NotAfter)
 }
 
+// hubUnansweredLimit and hubUnansweredFloor are the rule for a hub that
+// does not answer certificate requests at all (no 202: silent, or the
+// connection drops on the request): the hub path is abandoned for DPS
+// re-registration after two such attempts in a row, or after one once less
+// than a quarter of the certificate's lifetime remains, so that DPS still
+// has that quarter (retries included) before the certificate expires. A
+// hub that answered 202 is waited for instead (issuance can take long).
+const (
+	hubUnansweredLimit = 2
+	hubUnansweredFloor = 0.25
+)
+
+// hubGivenUp applies that rule.
+func (a *Agent) hubGivenUp(id *provisioning.Identity) bool {
+	a.mu.Lock()
+	n := a.hubUnanswered
+	a.mu.Unlock()
+	life := id.NotAfter.Sub(id.NotBefore)
+	left := id.NotAfter.Sub(a.opts.Now())
+	return n >= hubUnansweredLimit || (n >= 1 && life > 0 && float64(left) < hubUnansweredFloor*float64(life))
+}
+
 // renew obtains a new certificate and stages it, by the hub path or DPS.
 func (a *Agent) renew(ctx context.Context, sess *transport.Session, id *provisioning.Identity) error {
 	cfg := a.cfg.Load()
-	if cfg.Renewal.Prefer == "hub" && sess != nil && a.opts.Now().Before(id.NotAfter) {
+	if cfg.Renewal.Prefer == "hub" && sess != nil && a.opts.Now().Before(id.NotAfter) && a.hubGivenUp(id) {
+		a.log.Warn("the hub did not answer certificate requests; re-registering with DPS instead", "unanswered", a.hubUnansweredCount())
+	} else if cfg.Renewal.Prefer == "hub" && sess != nil && a.opts.Now().Before(id.NotAfter) {
 		err := a.renewViaHub(ctx, sess, id)
 		if err == nil {
 			return nil
+		}
+		if errors.Is(err, transport.ErrCredentialsUnanswered) {
+			a.mu.Lock()
+			a.hubUnanswered++
+			a.mu.Unlock()
+			if ctx.Err() != nil || !a.hubGivenUp(id) {
+				return err // try the hub once more (next session or retry)
+			}
+			a.log.Warn("the hub did not answer certificate requests; re-registering with DPS instead", "err", err, "unanswered", a.hubUnansweredCount())
+			return a.renewViaDPS(ctx, id)
 		}
 		var ie *transport.IssueError
 		hubBroken := errors.As(err, &ie) && (ie.Permanent() || ie.Status >= 500) ||
@@ -182,6 +216,12 @@ func (a *Agent) renew(ctx context.Context, sess *transport.Session, id *provisio
 		a.log.Warn("the hub's certificate API failed; falling back to re-registering with DPS", "err", err)
 	}
 	return a.renewViaDPS(ctx, id)
+}
+
+func (a *Agent) hubUnansweredCount() int {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.hubUnanswered
 }
 
 // newSlot creates the key for the next generation: in the free slot when
@@ -241,8 +281,12 @@ func (a *Agent) renewViaHub(ctx context.Context, sess *transport.Session, id *pr
 		a.mu.Lock()
 		p.rid = rid
 		a.mu.Unlock()
-		wctx, cancel := context.WithTimeout(ctx, cfg.Renewal.IssueTimeout.Duration)
+		// The SDKs wait 90 s for the 202; never longer than for the
+		// certificate itself, which issue_timeout bounds after the 202.
+		accept := min(90*time.Second, cfg.Renewal.IssueTimeout.Duration)
+		wctx, cancel := context.WithTimeout(ctx, accept+cfg.Renewal.IssueTimeout.Duration)
 		certs, err := sess.IssueCertificate(wctx, transport.IssueRequest{RID: rid, CSR: der, Replace: replace,
+			AcceptTimeout: accept,
 			Accepted: func(rid, corr string) {
 				a.mu.Lock()
 				p.deadline = a.opts.Now().Add(cfg.Renewal.IssueTimeout.Duration)
@@ -272,10 +316,10 @@ func (a *Agent) renewViaHub(ctx context.Context, sess *transport.Session, id *pr
 				continue
 			}
 		}
-		if !errors.As(err, &ie) {
-			// No final answer on this connection (timeout, connection
-			// lost): it may still come later (OnCredentials), so the new
-			// key is kept until then.
+		if !errors.As(err, &ie) && !errors.Is(err, transport.ErrCredentialsUnanswered) {
+			// The hub accepted the request (202) but its answer did not
+			// come on this connection: it may still come later
+			// (OnCredentials), so the new key is kept until then.
 			return fmt.Errorf("hub certificate request %s: %w", rid, err)
 		}
 		a.mu.Lock()

@@ -85,6 +85,7 @@ type Agent struct {
 	renewFailures int
 	retryAt       time.Time
 	pending       *pendingIssue
+	hubUnanswered int // certificate requests in a row the hub never answered
 	swapFailures  int
 
 	// Refusals by the hub (reprovision.go), the lifecycle goroutine's own.

@@ -15,6 +15,11 @@ import (
 // certificate management. Renew through DPS instead.
 var ErrNoCertificateManagement = errors.New("the hub does not offer certificate management (it refused the $iothub/credentials subscription)")
 
+// ErrCredentialsUnanswered: the hub did not acknowledge a certificate
+// request with 202: it stayed silent until the accept timeout or the
+// connection ended first. The hub never committed to the request.
+var ErrCredentialsUnanswered = errors.New("the hub did not answer the certificate request")
+
 // subackErr checks the return codes of a SUBACK against the request.
 func subackErr(result map[string]byte, asked map[string]byte) error {
 	for f := range asked {
@@ -156,8 +161,11 @@ func (s *Session) IssueCertificate(ctx context.Context, req IssueRequest) ([]str
 	for {
 		a, err = s.next(waitCtx, ch)
 		if err != nil {
-			if waitCtx == acceptCtx && ctx.Err() == nil && acceptCtx.Err() != nil {
-				return nil, fmt.Errorf("hub: certificate request %s: no answer within %s; the hub may not offer certificate management", req.RID, req.AcceptTimeout)
+			if waitCtx == acceptCtx && ctx.Err() == nil {
+				if acceptCtx.Err() != nil {
+					return nil, fmt.Errorf("hub: certificate request %s: %w within %s", req.RID, ErrCredentialsUnanswered, req.AcceptTimeout)
+				}
+				return nil, fmt.Errorf("hub: certificate request %s: %w: %w", req.RID, ErrCredentialsUnanswered, err)
 			}
 			return nil, fmt.Errorf("hub: certificate request %s: %w", req.RID, err)
 		}
