@@ -229,3 +229,25 @@ issue_timeout = "3s"
 		})
 	}
 }
+
+// TestSlowIssuanceE2E: the hub takes longer to issue than issue_timeout
+// (real issuance can take hours). gwagent waits until the 202's
+// operationExpires instead of giving up after issue_timeout and sending a
+// new request that would replace, and so cancel, the one being issued.
+func TestSlowIssuanceE2E(t *testing.T) {
+	az := testenv.StartAzsim(t, azsim.Config{CertLifetime: 40 * time.Second, IssueDelay: 6 * time.Second})
+	d := newDevice(t, az, devOpts{extra: strings.Replace(fastRenewal, `issue_timeout = "10s"`, `issue_timeout = "2s"`, 1)})
+	r := d.start()
+	testenv.Eventually(t, 30*time.Second, "connected", func() bool { return d.status().State == "connected" })
+	first := d.current()
+	testenv.Eventually(t, 40*time.Second, "renewed", func() bool {
+		s, err := storeCurrent(d)
+		return err == nil && s.Serial != first.Serial
+	})
+	if via := d.current().Via; via != "hub" {
+		t.Fatalf("renewed via %q, want hub", via)
+	}
+	if strings.Contains(r.log.String(), "replacing it") {
+		t.Fatal("gwagent replaced its own request")
+	}
+}

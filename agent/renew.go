@@ -89,6 +89,12 @@ func (a *Agent) renewLoop(ctx context.Context, sess *transport.Session, id *prov
 	a.mu.Lock()
 	p := a.pending
 	a.mu.Unlock()
+	if p == nil {
+		a.loadPending(ctx, id)
+		a.mu.Lock()
+		p = a.pending
+		a.mu.Unlock()
+	}
 	if p != nil && p.id.Serial == id.Serial {
 		// The answer to a request the hub accepted before the reconnect
 		// comes on the credentials topic, subscribed only while renewing.
@@ -139,6 +145,10 @@ func (a *Agent) renewLoop(ctx context.Context, sess *transport.Session, id *prov
 		if ctx.Err() != nil {
 			return
 		}
+		if errors.Is(err, errOwnRequestPending) {
+			a.log.Info("waiting for the certificate request the hub is working on")
+			continue // the pending deadline paces the loop
+		}
 		a.scheduleRetry(id, err)
 	}
 }
@@ -177,6 +187,16 @@ const (
 	hubUnansweredFloor = 0.25
 )
 
+// hubFloor is when less than hubUnansweredFloor of id's lifetime remains:
+// waits for the hub end there, leaving the rest to DPS.
+func hubFloor(id *provisioning.Identity) time.Time {
+	return id.NotAfter.Add(-time.Duration(hubUnansweredFloor * float64(id.NotAfter.Sub(id.NotBefore))))
+}
+
+func (a *Agent) pastHubFloor(id *provisioning.Identity) bool {
+	return !a.opts.Now().Before(hubFloor(id))
+}
+
 // hubGivenUp applies that rule.
 func (a *Agent) hubGivenUp(id *provisioning.Identity) bool {
 	a.mu.Lock()
@@ -196,6 +216,13 @@ func (a *Agent) renew(ctx context.Context, sess *transport.Session, id *provisio
 		err := a.renewViaHub(ctx, sess, id)
 		if err == nil {
 			return nil
+		}
+		if errors.Is(err, errOwnRequestPending) {
+			if !a.pastHubFloor(id) {
+				return err
+			}
+			a.log.Warn("the hub is still working on our certificate request, but too little lifetime is left to wait; re-registering with DPS", "err", err)
+			return a.renewViaDPS(ctx, id)
 		}
 		if errors.Is(err, transport.ErrCredentialsUnanswered) {
 			a.mu.Lock()
@@ -260,8 +287,19 @@ func (a *Agent) dropSlot(ctx context.Context, slot *keystore.URI, id *provisioni
 }
 
 // renewViaHub runs the hub's certificate-signing API (azure-protocol §2.5).
+// After the 202 it waits until the operationExpires the hub gave (issuance
+// can take hours), but not past hubFloor. It never replaces its own request
+// while the hub still works on it (a 409 naming it): only a request it does
+// not know (lost with a key from before a crash) is replaced.
 func (a *Agent) renewViaHub(ctx context.Context, sess *transport.Session, id *provisioning.Identity) error {
 	cfg := a.cfg.Load()
+	now := a.opts.Now()
+	a.mu.Lock()
+	prev := a.pending
+	a.mu.Unlock()
+	if prev != nil && prev.id.Serial == id.Serial && now.Before(prev.deadline) {
+		return errOwnRequestPending
+	}
 	slot, signer, err := a.newSlot(ctx, id)
 	if err != nil {
 		return err
@@ -272,40 +310,50 @@ func (a *Agent) renewViaHub(ctx context.Context, sess *transport.Session, id *pr
 		return err
 	}
 	p := &pendingIssue{slot: slot, signer: signer, id: id}
-	a.mu.Lock()
-	a.pending = p
-	a.mu.Unlock()
+	a.setPending(p)
 	replace := ""
 	for attempt := 1; ; attempt++ {
 		rid := fmt.Sprintf("gwrenew%dx%d", a.opts.Now().Unix(), attempt)
 		a.mu.Lock()
 		p.rid = rid
 		a.mu.Unlock()
-		// The SDKs wait 90 s for the 202; never longer than for the
-		// certificate itself, which issue_timeout bounds after the 202.
-		accept := min(90*time.Second, cfg.Renewal.IssueTimeout.Duration)
-		wctx, cancel := context.WithTimeout(ctx, accept+cfg.Renewal.IssueTimeout.Duration)
-		certs, err := sess.IssueCertificate(wctx, transport.IssueRequest{RID: rid, CSR: der, Replace: replace,
-			AcceptTimeout: accept,
-			Accepted: func(rid, corr string) {
+		certs, err := sess.IssueCertificate(ctx, transport.IssueRequest{RID: rid, CSR: der, Replace: replace,
+			// The SDKs wait 90 s for the 202; never longer than for the
+			// certificate itself.
+			AcceptTimeout: min(90*time.Second, cfg.Renewal.IssueTimeout.Duration),
+			AnswerWait:    cfg.Renewal.IssueTimeout.Duration,
+			Latest:        hubFloor(id),
+			Accepted: func(rid, corr string, until time.Time) {
 				a.mu.Lock()
-				p.deadline = a.opts.Now().Add(cfg.Renewal.IssueTimeout.Duration)
+				p.deadline = until
 				a.mu.Unlock()
-				a.log.Info("the hub accepted the certificate request", "rid", rid, "correlation_id", corr)
+				a.setPending(p)
+				a.log.Info("the hub accepted the certificate request", "rid", rid, "correlation_id", corr, "wait_until", until)
 			}})
-		cancel()
 		var ie *transport.IssueError
 		switch {
 		case err == nil:
 			return a.finishHubIssue(ctx, p, certs)
+		case errors.As(err, &ie) && ie.Status == 409 && prev != nil && ie.ActiveRID == prev.rid && a.opts.Now().Before(ie.ActiveExpires):
+			// Our own earlier request is still being worked on: wait for
+			// it, never cancel it with "replace".
+			a.clearPending(p)
+			a.dropSlot(ctx, slot, id)
+			prev.deadline = ie.ActiveExpires
+			if f := hubFloor(id); f.Before(prev.deadline) {
+				prev.deadline = f
+			}
+			a.setPending(prev)
+			a.log.Info("the hub is still working on our earlier certificate request; waiting for it", "rid", prev.rid, "until", prev.deadline)
+			return errOwnRequestPending
 		case errors.As(err, &ie) && ie.Status == 409 && replace == "" && attempt < 3:
-			// Another request is in flight (ours, from before a restart):
-			// replace it with this one.
+			// A request we do not know (its key was lost with a crash
+			// before it was recorded): replace it with this one.
 			replace = ie.ActiveRID
 			if replace == "" {
 				replace = "*"
 			}
-			a.log.Info("a certificate request was already in flight; replacing it", "active_rid", ie.ActiveRID)
+			a.log.Info("a certificate request we do not know was in flight; replacing it", "active_rid", ie.ActiveRID)
 			continue
 		case errors.As(err, &ie) && ie.Status == 429 && attempt < 3:
 			d := min(max(ie.RetryAfter, time.Second), 5*time.Minute)
@@ -322,11 +370,7 @@ func (a *Agent) renewViaHub(ctx context.Context, sess *transport.Session, id *pr
 			// (OnCredentials), so the new key is kept until then.
 			return fmt.Errorf("hub certificate request %s: %w", rid, err)
 		}
-		a.mu.Lock()
-		if a.pending == p {
-			a.pending = nil
-		}
-		a.mu.Unlock()
+		a.clearPending(p)
 		a.dropSlot(ctx, slot, id)
 		return err
 	}
@@ -360,6 +404,7 @@ func (a *Agent) onCredentials(status int, rid string, body []byte) {
 	}
 	a.pending = nil
 	a.mu.Unlock()
+	a.removePendingRecord()
 	ctx := a.callbackCtx()
 	certs, err := transport.ParseIssueAnswer(status, body, 0)
 	if err == nil {
@@ -379,11 +424,7 @@ func (a *Agent) onCredentials(status int, rid string, body []byte) {
 
 // finishHubIssue validates and stages a chain from the hub.
 func (a *Agent) finishHubIssue(ctx context.Context, p *pendingIssue, certs []string) error {
-	a.mu.Lock()
-	if a.pending == p {
-		a.pending = nil
-	}
-	a.mu.Unlock()
+	a.clearPending(p)
 	chain, err := provisioning.DecodeChain(certs)
 	if err == nil {
 		err = provisioning.ValidateChain(chain, p.signer.Public(), p.id.DeviceID, a.opts.Now(), nil)

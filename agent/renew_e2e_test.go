@@ -211,6 +211,16 @@ func renewalRollback(t *testing.T, gentle bool) {
 // after the restart its new request gets 409 (one is active), it replaces
 // the old one, and the renewal completes through the hub.
 func TestRenewal409Replace(t *testing.T) {
+	// With the request recorded, gwagent waits for its own request after
+	// the restart (never "replace", which would cancel it); without the
+	// record (lost), the hub's 409 names a request gwagent does not know,
+	// and it replaces it.
+	for name, lost := range map[string]bool{"ok/own-request-recovered": false, "ok/unknown-request-replaced": true} {
+		t.Run(name, func(t *testing.T) { renewal409(t, lost) })
+	}
+}
+
+func renewal409(t *testing.T, lostRecord bool) {
 	az := testenv.StartAzsim(t, azsim.Config{CertLifetime: 40 * time.Second, IssueDelay: 6 * time.Second})
 	d := newDevice(t, az, devOpts{regID: "gw-renew-409", extra: fastRenewal})
 	r := d.start()
@@ -219,13 +229,22 @@ func TestRenewal409Replace(t *testing.T) {
 	})
 	s0 := d.current().Serial
 	r.stop()
+	if lostRecord {
+		if err := os.Remove(filepath.Join(d.cfg.StateDir, "renewal-pending.json")); err != nil {
+			t.Fatal(err)
+		}
+	}
 	r = d.start()
-	testenv.Eventually(t, 30*time.Second, "renewed through the hub after a 409", func() bool {
+	testenv.Eventually(t, 30*time.Second, "renewed through the hub after the restart", func() bool {
 		id, err := storeCurrent(d)
 		return err == nil && id.Serial != s0 && id.Via == "hub"
 	})
-	if !strings.Contains(r.log.String(), "already in flight; replacing it") {
-		t.Fatal("no 409 was handled")
+	replaced := strings.Contains(r.log.String(), "replacing it")
+	if lostRecord != replaced {
+		t.Fatalf("replaced an in-flight request: %v, want %v", replaced, lostRecord)
+	}
+	if !lostRecord && !strings.Contains(r.log.String(), "waiting for the certificate request sent before the restart") {
+		t.Fatal("the recorded request was not recovered")
 	}
 }
 

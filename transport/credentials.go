@@ -83,9 +83,27 @@ type IssueRequest struct {
 	Replace string
 	// AcceptTimeout bounds the wait for the 202 (default 90 s, as the SDKs).
 	AcceptTimeout time.Duration
+	// After the 202 the wait lasts until the operationExpires it carries
+	// (issuance may take hours), or AnswerWait when it carries none, but
+	// never past Latest (if set).
+	AnswerWait time.Duration
+	Latest     time.Time
 	// Accepted, if not nil, is called once the hub committed the request
-	// (202), before the wait for the certificate.
-	Accepted func(rid, correlationID string)
+	// (202), with the end of the wait for the certificate.
+	Accepted func(rid, correlationID string, until time.Time)
+}
+
+// answerDeadline is the end of the wait after a 202 with operationExpires
+// expires (zero if absent), at now.
+func (r IssueRequest) answerDeadline(now, expires time.Time) time.Time {
+	until := expires
+	if until.IsZero() {
+		until = now.Add(r.AnswerWait)
+	}
+	if !r.Latest.IsZero() && r.Latest.Before(until) {
+		until = r.Latest
+	}
+	return until
 }
 
 // IssueError is the hub's error answer to a certificate-signing request.
@@ -94,9 +112,11 @@ type IssueError struct {
 	Code       int    // errorCode, e.g. 409005
 	Message    string // the hub's message
 	Credential string // info.credentialError, e.g. FailedToDecodeCsr
-	// ActiveRID is the request already in flight (409).
-	ActiveRID  string
-	RetryAfter time.Duration
+	// ActiveRID is the request already in flight (409), which lasts until
+	// ActiveExpires (info.operationExpires, zero if not given).
+	ActiveRID     string
+	ActiveExpires time.Time
+	RetryAfter    time.Duration
 }
 
 func (e *IssueError) Error() string {
@@ -173,13 +193,17 @@ func (s *Session) IssueCertificate(ctx context.Context, req IssueRequest) ([]str
 			break
 		}
 		if waitCtx == acceptCtx {
-			waitCtx = ctx
+			var b struct {
+				CorrelationID    string `json:"correlationId"`
+				OperationExpires string `json:"operationExpires"`
+			}
+			_ = json.Unmarshal(a.body, &b)
+			until := req.answerDeadline(time.Now(), parseExpires(b.OperationExpires))
+			var cancelAnswer context.CancelFunc
+			waitCtx, cancelAnswer = context.WithDeadline(ctx, until)
+			defer cancelAnswer()
 			if req.Accepted != nil {
-				var b struct {
-					CorrelationID string `json:"correlationId"`
-				}
-				_ = json.Unmarshal(a.body, &b)
-				req.Accepted(req.RID, b.CorrelationID)
+				req.Accepted(req.RID, b.CorrelationID, until)
 			}
 		}
 	}
@@ -210,15 +234,26 @@ func ParseIssueAnswer(status int, body []byte, retry time.Duration) ([]string, e
 		Message    string `json:"message"`
 		RetryAfter int    `json:"retryAfter"`
 		Info       struct {
-			CredentialError string `json:"credentialError"`
-			RequestID       string `json:"requestId"`
+			CredentialError  string `json:"credentialError"`
+			RequestID        string `json:"requestId"`
+			OperationExpires string `json:"operationExpires"`
 		} `json:"info"`
 	}
 	_ = json.Unmarshal(body, &e)
 	ie := &IssueError{Status: status, Code: e.ErrorCode, Message: e.Message, Credential: e.Info.CredentialError,
-		ActiveRID: e.Info.RequestID, RetryAfter: retry}
+		ActiveRID: e.Info.RequestID, ActiveExpires: parseExpires(e.Info.OperationExpires), RetryAfter: retry}
 	if ie.RetryAfter == 0 && e.RetryAfter > 0 {
 		ie.RetryAfter = time.Duration(e.RetryAfter) * time.Second
 	}
 	return nil, ie
+}
+
+// parseExpires reads operationExpires (RFC 3339, fractional seconds
+// optional); zero when absent or malformed.
+func parseExpires(s string) time.Time {
+	t, err := time.Parse(time.RFC3339Nano, s)
+	if err != nil {
+		return time.Time{}
+	}
+	return t
 }

@@ -163,7 +163,7 @@ func serve(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs.DurationVar(&cfg.CertLifetime, "cert-lifetime", 30*24*time.Hour, "lifetime of issued operational certificates (e.g. 90s for renewal demos)")
 	fs.StringVar(&cfg.TelemetryLog, "telemetry-log", "", "append one JSON line per device-to-cloud message to this file")
 	fs.IntVar(&cfg.RetryAfter, "retry-after", 3, "DPS retry-after seconds while assigning")
-	fs.DurationVar(&cfg.IssueDelay, "issue-delay", time.Second, "hub certificate API delay between 202 and 200")
+	fs.DurationVar(&cfg.IssueDelay, "issue-delay", time.Second, "hub certificate API delay between 202 and 200; up to hours, as real issuance can take (operationExpires follows it)")
 	fs.BoolVar(&cfg.AcceptP256, "accept-p256", false, "let DPS accept P-256 CSRs too (default: P-384 only, as documented)")
 	fs.StringVar(&cfg.ServerKey, "server-key", "rsa", "TLS server chain: rsa (RSA-2048, as Azure's endpoints) or ecdsa")
 	fs.BoolVar(&cfg.NoCertificateManagement, "no-cert-management", false, "play a hub without the certificate-signing API: SUBACK 0x80 for $iothub/credentials/res/#")

@@ -7,6 +7,7 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/base64"
+	"encoding/json"
 	"encoding/hex"
 	"net/http"
 	"strings"
@@ -373,4 +374,35 @@ func TestCredentialSyncLag(t *testing.T) {
 		t.Fatal(err)
 	}
 	e.mustDial(d, dialOpts{}).stillUp(t)
+}
+
+// TestSlowIssuance: with an issuance delay of hours the 202's
+// operationExpires lies beyond it, and a second request without "replace"
+// gets 409 naming the active one and its operationExpires.
+func TestSlowIssuance(t *testing.T) {
+	e := newEnv(t, func(c *hub.Config) { c.IssueDelay = 3 * time.Hour })
+	c := e.mustDial(e.issuedDevice("dev-1"), dialOpts{})
+	c.sub(t, "$iothub/credentials/res/#")
+	body := []byte(`{"id":"dev-1","csr":"` + base64.StdEncoding.EncodeToString(makeCSR(t, newKey(t), "dev-1").Raw) + `"}`)
+	c.pub(t, "$iothub/credentials/POST/issueCertificate/?$rid=req-1", 1, body)
+	m := c.recv(t, "$iothub/credentials/res/202/")
+	var acc struct{ OperationExpires time.Time }
+	if err := json.Unmarshal(m.Payload(), &acc); err != nil {
+		t.Fatal(err)
+	}
+	if acc.OperationExpires.Before(time.Now().Add(3 * time.Hour)) {
+		t.Fatalf("operationExpires %s is before the issuance delay ends", acc.OperationExpires)
+	}
+	c.pub(t, "$iothub/credentials/POST/issueCertificate/?$rid=req-2", 1, body)
+	m = c.recv(t, "$iothub/credentials/res/409/")
+	var conflict struct {
+		Info struct {
+			RequestID        string
+			OperationExpires time.Time
+		}
+	}
+	json.Unmarshal(m.Payload(), &conflict)
+	if conflict.Info.RequestID != "req-1" || !conflict.Info.OperationExpires.Equal(acc.OperationExpires) {
+		t.Fatalf("409 info %+v, want req-1 until %s", conflict.Info, acc.OperationExpires)
+	}
 }

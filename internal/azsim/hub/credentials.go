@@ -195,7 +195,9 @@ func (h *Hub) issueCertificate(cl *mqtt.Client, t deviceTopic, payload []byte) {
 		h.credFail(cl, rid, credError{status: 412, code: 412005, msg: fmt.Sprintf("replace %q names no active request", *req.Replace)})
 		return
 	}
-	op := &renewalOp{rid: rid, correlationID: newUUID(), expires: now.Add(operationTTL)}
+	// The answer waits an hour beyond the issuance delay, which may be
+	// hours, as real issuance can be.
+	op := &renewalOp{rid: rid, correlationID: newUUID(), expires: now.Add(h.issueDelay + operationTTL)}
 	d.renewal = op
 	h.goLocked(func() { h.runRenewal(cl.ID, op, csr) })
 	h.mu.Unlock()
