@@ -69,7 +69,14 @@ type Config struct {
 	// refuses the newly issued certificate (CONNACK 5), as Azure's
 	// asynchronous credential sync can. The CLI's default is 5 s.
 	CredentialSyncLag time.Duration
-	Now               func() time.Time
+	// Throttling like the real services; zero values get Azure's figures
+	// (DPS: 5 status polls per 10 s per registration; hub: 100 connections
+	// and 50 twin operations per second, one S1 unit), negative ones or
+	// Gentle turn the limit off.
+	DPSPollLimit   int
+	HubConnectRate int
+	HubTwinRate    int
+	Now            func() time.Time
 }
 
 // Default enrollment groups created on a fresh state directory.
@@ -137,6 +144,15 @@ func New(cfg Config) (*Server, error) {
 		}
 		s.logFile, tlog = f, f
 	}
+	limit := func(v, azure int) int {
+		switch {
+		case cfg.Gentle || v < 0:
+			return 0
+		case v == 0:
+			return azure
+		}
+		return v
+	}
 	serverTLS, err := p.ServerTLS(cfg.ServerKey, !cfg.Gentle)
 	if err != nil {
 		s.Close()
@@ -145,7 +161,8 @@ func New(cfg Config) (*Server, error) {
 	s.Hub, err = hub.New(hub.Config{Addr: cfg.HubAddr, HostName: cfg.HubHostName, TLS: serverTLS, Issuer: p,
 		CertLifetime: cfg.CertLifetime, StateDir: filepath.Join(cfg.StateDir, "hub"), TelemetryLog: tlog,
 		Faults: s.Faults, Now: cfg.Now, IssueDelay: cfg.IssueDelay, RejectInHandshake: !cfg.Gentle,
-		NoCertificateManagement: cfg.NoCertificateManagement, CredentialSyncLag: cfg.CredentialSyncLag})
+		NoCertificateManagement: cfg.NoCertificateManagement, CredentialSyncLag: cfg.CredentialSyncLag,
+		ConnectRate: limit(cfg.HubConnectRate, 100), TwinRate: limit(cfg.HubTwinRate, 50)})
 	if err != nil {
 		s.Close()
 		return nil, err
@@ -156,7 +173,7 @@ func New(cfg Config) (*Server, error) {
 	}
 	s.DPS, err = dps.New(dps.Config{Addr: cfg.DPSAddr, IDScope: cfg.IDScope, TLS: serverTLS, Registrar: s.Hub,
 		Issuer: p, CertLifetime: cfg.CertLifetime, RetryAfter: cfg.RetryAfter, AcceptP256: cfg.AcceptP256,
-		StateDir: filepath.Join(cfg.StateDir, "dps"), Faults: s.Faults, Now: cfg.Now})
+		StateDir: filepath.Join(cfg.StateDir, "dps"), Faults: s.Faults, Now: cfg.Now, PollLimit: limit(cfg.DPSPollLimit, 5)})
 	if err != nil {
 		s.Close()
 		return nil, err

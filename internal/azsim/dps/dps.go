@@ -59,6 +59,10 @@ type Config struct {
 	StateDir string
 	Faults   *faults.Injector
 	Now      func() time.Time
+	// PollLimit is the number of operation-status polls a registration may
+	// send per 10 s before DPS answers 429 with retry-after, as Azure DPS
+	// does at 5. Zero: no limit.
+	PollLimit int
 }
 
 // Enrollment is an enrollment group.
@@ -112,6 +116,8 @@ type DPS struct {
 	ops     map[string]*operation
 	started bool
 	tpm     *tpmState // TPM enrollments and the REST endpoint (https.go)
+
+	polls *broker.Window // per registration id
 }
 
 // session is what CONNECT established for one client.
@@ -155,6 +161,7 @@ func New(cfg Config) (*DPS, error) {
 	if d.now == nil {
 		d.now = time.Now
 	}
+	d.polls = &broker.Window{N: cfg.PollLimit, Per: 10 * time.Second}
 	if cfg.StateDir != "" {
 		if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
 			return nil, fmt.Errorf("dps: %w", err)
@@ -517,6 +524,10 @@ func (d *DPS) poll(cl *mqtt.Client, s *session, rid, opID string) {
 	d.mu.Unlock()
 	if !ok || !strings.EqualFold(op.regID, s.regID) {
 		d.answer(cl, rid, 404, 0, errorBody(404001, "operation "+opID+" not found"))
+		return
+	}
+	if ok, wait := d.polls.Allow(strings.ToLower(s.regID), d.now()); !ok {
+		d.answer(cl, rid, 429, broker.RetryAfterSeconds(wait), errorBody(429001, fmt.Sprintf("more than %d status polls in 10 s; retry after the retry-after", d.cfg.PollLimit)))
 		return
 	}
 	if op.result == nil && d.now().Before(op.readyAt) {

@@ -361,3 +361,33 @@ func onboardingIssuer(t *testing.T, c *tls.Certificate) []byte {
 	}
 	return leaf.RawIssuer
 }
+
+// TestPollThrottling: DPS allows 5 operation-status polls per 10 s per
+// registration and answers 429 with retry-after beyond that.
+func TestPollThrottling(t *testing.T) {
+	frozen := time.Now()
+	az := testenv.StartAzsim(t, azsim.Config{Now: func() time.Time { return frozen }})
+	az.Server.Faults.SetAssignDelay(time.Hour) // stays "assigning": every poll is a 202
+	c, err := connect(t, az, "dev-poll", dps.MinCertAPIVersion, onboarding(t, az, "dev-poll"), "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := c.request("$dps/registrations/PUT/iotdps-register/?$rid=1", map[string]any{"registrationId": "dev-poll"})
+	if r.status != 202 {
+		t.Fatalf("register: %d", r.status)
+	}
+	op := r.body["operationId"].(string)
+	var got []int
+	for i := range 6 {
+		p := c.request(fmt.Sprintf("$dps/registrations/GET/iotdps-get-operationstatus/?$rid=%d&operationId=%s", i+2, op), nil)
+		got = append(got, p.status)
+		if p.status == 429 {
+			if ra, _ := strconv.Atoi(p.query.Get("retry-after")); ra < 1 || ra > 10 {
+				t.Fatalf("429 with retry-after %q, want 1..10 s", p.query.Get("retry-after"))
+			}
+		}
+	}
+	if want := []int{202, 202, 202, 202, 202, 429}; fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Fatalf("poll statuses %v, want %v", got, want)
+	}
+}

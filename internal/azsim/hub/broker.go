@@ -75,6 +75,9 @@ func (k *hook) OnConnect(cl *mqtt.Client, pk packets.Packet) error {
 	if h.cfg.Faults != nil && h.cfg.Faults.Refusing(faults.Hub, now) {
 		return k.refuse(cl, packets.Err3ServerUnavailable, errors.New("refusing connections (fault injected)"))
 	}
+	if ok, _ := h.connects.Allow("", now); !ok {
+		return k.refuse(cl, packets.Err3ServerUnavailable, fmt.Errorf("connection rate above %d per second (throttled)", h.cfg.ConnectRate))
+	}
 	id := pk.Connect.ClientIdentifier
 	if id == "" {
 		return k.refuse(cl, packets.Err3ClientIdentifierNotValid, errors.New("empty client id; it must be the device id"))

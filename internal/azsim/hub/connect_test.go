@@ -9,6 +9,7 @@ import (
 	"encoding/base64"
 	"encoding/hex"
 	"encoding/json"
+	"fmt"
 	"net/http"
 	"strings"
 	"testing"
@@ -404,5 +405,47 @@ func TestSlowIssuance(t *testing.T) {
 	json.Unmarshal(m.Payload(), &conflict)
 	if conflict.Info.RequestID != "req-1" || !conflict.Info.OperationExpires.Equal(acc.OperationExpires) {
 		t.Fatalf("409 info %+v, want req-1 until %s", conflict.Info, acc.OperationExpires)
+	}
+}
+
+// TestThrottling: beyond the connection rate the hub answers CONNACK 3;
+// beyond the twin rate it answers 429 with retry-after.
+func TestThrottling(t *testing.T) {
+	// A frozen clock: the one-second windows never slide during the test.
+	frozen := time.Now()
+	e := newEnv(t, func(c *hub.Config) {
+		c.ConnectRate, c.TwinRate = 3, 2
+		c.Now = func() time.Time { return frozen }
+	})
+	var devs []*device
+	for i := range 4 {
+		devs = append(devs, e.issuedDevice(fmt.Sprintf("dev-%d", i)))
+	}
+	var codes []byte
+	var first *client
+	for _, d := range devs {
+		c, code, _ := e.dial(d, dialOpts{})
+		codes = append(codes, code)
+		if first == nil && c != nil {
+			first = c
+		}
+	}
+	if codes[0] != connAccepted || codes[1] != connAccepted || codes[2] != connAccepted || codes[3] != connServerUnavailable {
+		t.Fatalf("CONNACK codes %v, want three accepted and the fourth refused with 3", codes)
+	}
+	first.sub(t, "$iothub/twin/res/#")
+	var got []int
+	for i := range 3 {
+		first.pub(t, fmt.Sprintf("$iothub/twin/GET/?$rid=%d", i), 0, nil)
+		m := first.recv(t, "$iothub/twin/res/")
+		got = append(got, status(m.Topic()))
+		if status(m.Topic()) == 429 {
+			if ra := topicParam(m.Topic(), "retry-after"); ra == "" || ra == "0" {
+				t.Fatalf("429 without retry-after: %s", m.Topic())
+			}
+		}
+	}
+	if got[0] != 200 || got[1] != 200 || got[2] != 429 {
+		t.Fatalf("twin GET statuses %v, want 200, 200, 429", got)
 	}
 }

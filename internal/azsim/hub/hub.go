@@ -111,6 +111,13 @@ type Config struct {
 	// certificate from the issuing CA that the hub has not accepted before
 	// is refused with CONNACK 5. Zero: no lag.
 	CredentialSyncLag time.Duration
+	// ConnectRate is how many CONNECTs per second the hub accepts in all
+	// (Azure throttles connection attempts per unit); beyond it CONNACK 3.
+	// Zero: no limit.
+	ConnectRate int
+	// TwinRate is how many twin operations (GET, reported PATCH) per second
+	// the hub serves in all; beyond it 429 with retry-after. Zero: no limit.
+	TwinRate int
 }
 
 const (
@@ -150,6 +157,8 @@ type Hub struct {
 	nextRID  uint64
 
 	logMu sync.Mutex // serializes telemetry log writes
+
+	connects, twinOps *broker.Window // Config.ConnectRate, Config.TwinRate
 }
 
 // New validates cfg, loads the persisted state from cfg.StateDir and returns
@@ -188,6 +197,8 @@ func New(cfg Config) (*Hub, error) {
 	case h.issueDelay < 0:
 		h.issueDelay = 0
 	}
+	h.connects = &broker.Window{N: cfg.ConnectRate, Per: time.Second}
+	h.twinOps = &broker.Window{N: cfg.TwinRate, Per: time.Second}
 	h.ctx, h.cancel = context.WithCancel(context.Background())
 	h.tlsConf = serverTLS(cfg.TLS)
 	h.tlsConf.VerifyPeerCertificate = h.verifyInHandshake
