@@ -251,3 +251,30 @@ func TestSlowIssuanceE2E(t *testing.T) {
 		t.Fatal("gwagent replaced its own request")
 	}
 }
+
+// TestThrottlingE2E: DPS answers 429 beyond 5 status polls per 10 s while
+// it takes its time to assign; the hub answers 429 beyond its twin rate.
+// gwagent waits as asked, says so, and gets through both.
+func TestThrottlingE2E(t *testing.T) {
+	az := testenv.StartAzsim(t, azsim.Config{HubTwinRate: 1})
+	az.Server.Faults.SetAssignDelay(7 * time.Second) // polled every second: the 6th poll is throttled
+	d := newDevice(t, az, devOpts{})
+	r := d.start()
+	testenv.Eventually(t, time.Minute, "connected and reported", func() bool {
+		var tw struct {
+			Reported map[string]any `json:"reported"`
+		}
+		az.Admin("GET", "/hub/devices/"+d.cfg.Identity.RegistrationID+"/twin", nil, &tw)
+		return d.status().State == "connected" && tw.Reported["certificate"] != nil && tw.Reported["telemetryInterval"] != nil
+	})
+	log := r.log.String()
+	if !strings.Contains(log, "condition=throttled") || !strings.Contains(log, "DPS throttled the registration (429)") {
+		t.Error("the DPS 429 did not show as the throttled condition")
+	}
+	if !strings.Contains(log, "the hub throttled a twin operation") {
+		t.Error("no twin operation was throttled; the test did not test anything")
+	}
+	if n := strings.Count(log, "DPS throttled the registration"); n > 3 {
+		t.Errorf("%d throttled DPS attempts: gwagent does not honour retry-after", n)
+	}
+}

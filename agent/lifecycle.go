@@ -102,6 +102,9 @@ func (a *Agent) lifecycle(ctx context.Context) {
 					continue
 				}
 			}
+			if errors.Is(err, transport.ErrUnavailable) {
+				a.status.Raise(CondThrottled, fmt.Sprintf("the hub answered CONNACK 3 (throttled at its connection-rate limit, or the device is disabled); retrying in %s", d.Round(time.Millisecond)))
+			}
 			a.log.Warn("hub connection failed", "err", err, "retry_in", d.Round(time.Millisecond))
 			if !wait(d) {
 				return
@@ -114,6 +117,7 @@ func (a *Agent) lifecycle(ctx context.Context) {
 		a.swapRejectedThenConnected(ctx)
 		a.status.Clear(CondHubUnreachable)
 		a.status.Clear(CondReprovisionHeldBack)
+		a.status.Clear(CondThrottled)
 		a.status.Set(StateConnected)
 		if !a.connected(ctx, sess, id, wdC, wait) {
 			return
@@ -185,7 +189,9 @@ func (a *Agent) provision(ctx context.Context) (*provisioning.Identity, error) {
 		RetryAfterMin: a.opts.RetryAfterMin,
 		ClientVersion: "gwagent/" + a.opts.Version,
 		Progress:      func(s string) { a.log.Info("provisioning", "step", s) },
+		OnStep:        a.onProvisionStep,
 	})
+	a.status.Clear(CondThrottled)
 	switch {
 	case err == nil:
 		a.status.Clear(CondOnboardingRejected)

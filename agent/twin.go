@@ -83,6 +83,7 @@ func (a *Agent) syncTwin(ctx context.Context, sess *transport.Session, id *provi
 			if attempt > 1 {
 				a.log.Info("twin synchronised", "attempts", attempt)
 			}
+			a.status.Clear(CondThrottled)
 			return
 		}
 		if ctx.Err() != nil {
@@ -92,6 +93,9 @@ func (a *Agent) syncTwin(ctx context.Context, sess *transport.Session, id *provi
 		var se *transport.StatusError
 		if errors.As(err, &se) && se.RetryAfter > d {
 			d = se.RetryAfter
+		}
+		if errors.As(err, &se) && se.Status == 429 {
+			a.status.Raise(CondThrottled, fmt.Sprintf("the hub throttled a twin operation (429); retrying in %s", d.Round(time.Millisecond)))
 		}
 		a.log.Warn("twin synchronisation failed; retrying", "err", err, "retry_in", d.Round(time.Millisecond))
 		t := time.NewTimer(d)
