@@ -6,6 +6,7 @@ package agent_test
 import (
 	"context"
 	"maps"
+	"os"
 	"strings"
 	"testing"
 	"time"
@@ -276,5 +277,33 @@ func TestThrottlingE2E(t *testing.T) {
 	}
 	if n := strings.Count(log, "DPS throttled the registration"); n > 3 {
 		t.Errorf("%d throttled DPS attempts: gwagent does not honour retry-after", n)
+	}
+}
+
+// TestIndividualEnrollmentE2E: an individual enrollment assigns a device id
+// other than the registration id. The issued certificate keeps the
+// registration id as CN; gwagent accepts that and connects to the hub as
+// the assigned device id.
+func TestIndividualEnrollmentE2E(t *testing.T) {
+	az := testenv.StartAzsim(t, azsim.Config{})
+	root, err := os.ReadFile(az.Info.OnboardingRoot)
+	if err != nil {
+		t.Fatal(err)
+	}
+	d := newDevice(t, az, devOpts{regID: "gw-ind-1"})
+	if st := az.Admin("PUT", "/dps/enrollments/gw-ind-1", map[string]any{"kind": "x509", "enabled": true, "individual": true,
+		"deviceId": "plant-3-gateway", "ca": string(root)}, nil); st >= 300 {
+		t.Fatalf("put enrollment: %d", st)
+	}
+	d.start()
+	testenv.Eventually(t, time.Minute, "a health message from the assigned device id", func() bool {
+		return len(received(az, "plant-3-gateway", "health")) > 0
+	})
+	id := d.current()
+	if id.DeviceID != "plant-3-gateway" || id.Leaf().Subject.CommonName != "gw-ind-1" {
+		t.Fatalf("device id %q, CN %q; want plant-3-gateway and gw-ind-1", id.DeviceID, id.Leaf().Subject.CommonName)
+	}
+	if st := d.status(); st.DeviceID != "plant-3-gateway" {
+		t.Fatalf("status device id %q", st.DeviceID)
 	}
 }

@@ -23,6 +23,7 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -65,15 +66,25 @@ type Config struct {
 	PollLimit int
 }
 
-// Enrollment is an enrollment group.
+// Enrollment is an enrollment group or, with Individual, an individual
+// enrollment whose ID is the device's registration id. An individual
+// enrollment takes precedence over the groups for its registration id, as
+// in Azure. Other attestation kinds (a TPM's endorsement key) plug in as
+// further Kind values handled by authenticate.
 type Enrollment struct {
-	ID      string `json:"id"`
-	Kind    string `json:"kind"` // "x509" or "symmetricKey"
-	Enabled bool   `json:"enabled"`
+	ID         string `json:"id"`
+	Kind       string `json:"kind"` // "x509" or "symmetricKey"
+	Enabled    bool   `json:"enabled"`
+	Individual bool   `json:"individual,omitempty"`
+	// DeviceID (individual enrollments) is the hub device id to create;
+	// empty: the registration id. Issued certificates keep the
+	// registration id as CN.
+	DeviceID string `json:"deviceId,omitempty"`
 	// CA is the PEM certificate the group trusts (x509): the chain a device
 	// presents must reach it.
 	CA string `json:"ca,omitempty"`
-	// PrimaryKey is the base64 group key (symmetricKey).
+	// PrimaryKey is the base64 group key (symmetricKey); for an individual
+	// enrollment the device's own key.
 	PrimaryKey string `json:"primaryKey,omitempty"`
 
 	ca *x509.Certificate
@@ -550,12 +561,15 @@ func (d *DPS) assign(op *operation) error {
 	defer cancel()
 	now := d.now().UTC()
 	deviceID := op.regID
-	dev := identity.Device{ID: deviceID, Auth: identity.AuthCA, Enabled: true}
+	if op.group.Individual && op.group.DeviceID != "" {
+		deviceID = op.group.DeviceID
+	}
+	dev := identity.Device{ID: deviceID, Auth: identity.AuthCA, Enabled: true, CertificateCN: op.regID}
 	var chain []string
 	var serial string
 	var notAfter time.Time
 	if op.csr != nil {
-		csr, cn := op.csr, deviceID
+		csr, cn := op.csr, op.regID // the CN stays the registration id
 		tamper, tampered := d.cfg.Faults.TakeTamper()
 		switch tamper {
 		case faults.TamperWrongKey:
@@ -577,6 +591,9 @@ func (d *DPS) assign(op *operation) error {
 		serial, notAfter = certs[0].SerialNumber.Text(16), certs[0].NotAfter
 	} else if op.sym {
 		key, _ := DeriveKey(op.group.PrimaryKey, op.regID)
+		if op.group.Individual {
+			key = op.group.PrimaryKey
+		}
 		dev.Auth, dev.PrimaryKey = identity.AuthSAS, key
 	}
 	if err := d.cfg.Registrar.RegisterDevice(ctx, dev); err != nil {
@@ -604,10 +621,14 @@ func (d *DPS) assign(op *operation) error {
 	st := map[string]any{"registrationId": op.regID, "createdDateTimeUtc": created.Format(time.RFC3339Nano),
 		"assignedHub": hub, "deviceId": deviceID, "status": "assigned", "substatus": substatus,
 		"lastUpdatedDateTimeUtc": now.Format(time.RFC3339Nano), "etag": base64.StdEncoding.EncodeToString([]byte(newID()))}
+	enr := map[string]any{"enrollmentGroupId": op.group.ID}
+	if op.group.Individual {
+		enr = map[string]any{}
+	}
 	if op.sym {
-		st["symmetricKey"] = map[string]any{"enrollmentGroupId": op.group.ID}
+		st["symmetricKey"] = enr
 	} else {
-		st["x509"] = map[string]any{"enrollmentGroupId": op.group.ID}
+		st["x509"] = enr
 	}
 	if chain != nil {
 		st["issuedCertificateChain"] = chain
@@ -624,24 +645,42 @@ func (d *DPS) authenticate(s *session) (*Enrollment, bool, error) {
 		groups = append(groups, e)
 	}
 	d.mu.Unlock()
+	// An individual enrollment for this registration id comes first.
+	slices.SortStableFunc(groups, func(a, b *Enrollment) int {
+		ia, ib := a.Individual && strings.EqualFold(a.ID, s.regID), b.Individual && strings.EqualFold(b.ID, s.regID)
+		switch {
+		case ia && !ib:
+			return -1
+		case ib && !ia:
+			return 1
+		}
+		return 0
+	})
+	groups = slices.DeleteFunc(groups, func(e *Enrollment) bool { return e.Individual && !strings.EqualFold(e.ID, s.regID) })
 	now := d.now()
 	if len(s.chain) > 0 {
 		leaf := s.chain[0]
 		if !strings.EqualFold(leaf.Subject.CommonName, s.regID) {
 			return nil, false, fmt.Errorf("certificate CN %q is not the registration id %q", leaf.Subject.CommonName, s.regID)
 		}
+		if !clientAuthLeaf(leaf) {
+			return nil, false, errors.New("Invalid certificate: the leaf's extended key usage does not include clientAuth")
+		}
 		inter := x509.NewCertPool()
 		for _, c := range s.chain[1:] {
 			inter.AddCert(c)
 		}
 		for _, g := range groups {
-			if g.Kind != KindX509 {
+			if g.Kind != KindX509 || g.ca == nil {
 				continue
 			}
 			roots := x509.NewCertPool()
 			roots.AddCert(g.ca)
+			// Like Azure: clientAuth is required of the leaf only, not of
+			// the intermediates (crypto/tls's default would demand it of
+			// every certificate that carries an EKU list).
 			if _, err := leaf.Verify(x509.VerifyOptions{Roots: roots, Intermediates: inter, CurrentTime: now,
-				KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}}); err == nil {
+				KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageAny}}); err == nil {
 				return g, false, nil
 			}
 		}
@@ -666,6 +705,9 @@ func (d *DPS) authenticate(s *session) (*Enrollment, bool, error) {
 			continue
 		}
 		key, err := DeriveKey(g.PrimaryKey, s.regID)
+		if g.Individual {
+			key, err = g.PrimaryKey, nil // the device's own key
+		}
 		if err != nil {
 			continue
 		}
@@ -674,6 +716,17 @@ func (d *DPS) authenticate(s *session) (*Enrollment, bool, error) {
 		}
 	}
 	return nil, false, errors.New("The SAS token's signature does not match any enrollment group's derived key")
+}
+
+// clientAuthLeaf: the leaf allows TLS client authentication (no EKU list
+// means any usage).
+func clientAuthLeaf(c *x509.Certificate) bool {
+	if len(c.ExtKeyUsage) == 0 && len(c.UnknownExtKeyUsage) == 0 {
+		return true
+	}
+	return slices.ContainsFunc(c.ExtKeyUsage, func(u x509.ExtKeyUsage) bool {
+		return u == x509.ExtKeyUsageClientAuth || u == x509.ExtKeyUsageAny
+	})
 }
 
 // parseSAS returns the token's resource decoded (sr) and as it appears in

@@ -391,3 +391,55 @@ func TestPollThrottling(t *testing.T) {
 		t.Fatalf("poll statuses %v, want %v", got, want)
 	}
 }
+
+// TestIndividualEnrollment: an individual enrollment takes precedence over
+// the groups and may set a device id other than the registration id; the
+// issued certificate keeps the registration id as CN, and the hub accepts
+// the device under its device id with it.
+func TestIndividualEnrollment(t *testing.T) {
+	az := testenv.StartAzsim(t, azsim.Config{})
+	root, err := os.ReadFile(az.Info.OnboardingRoot)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st := az.Admin("PUT", "/dps/enrollments/dev-ind", map[string]any{"kind": "x509", "enabled": true, "individual": true,
+		"deviceId": "gateway-7", "ca": string(root)}, nil); st >= 300 {
+		t.Fatalf("put enrollment: %d", st)
+	}
+	key, _ := ecdsa.GenerateKey(elliptic.P384(), rand.Reader)
+	c, err := connect(t, az, "dev-ind", certAPI, onboarding(t, az, "dev-ind"), "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := c.register(map[string]any{"registrationId": "dev-ind", "csr": csrFor(t, key, "dev-ind")})
+	st, _ := r.body["registrationState"].(map[string]any)
+	if r.status != 200 || st["deviceId"] != "gateway-7" {
+		t.Fatalf("reply %d %v; want device id gateway-7", r.status, r.body)
+	}
+	if x, _ := st["x509"].(map[string]any); x["enrollmentGroupId"] != nil {
+		t.Fatalf("an individual enrollment reported as group %v", x["enrollmentGroupId"])
+	}
+	var hubCert tls.Certificate
+	for _, b := range st["issuedCertificateChain"].([]any) {
+		der, _ := base64.StdEncoding.DecodeString(b.(string))
+		hubCert.Certificate = append(hubCert.Certificate, der)
+	}
+	hubCert.PrivateKey = key
+	leaf, _ := x509.ParseCertificate(hubCert.Certificate[0])
+	if leaf.Subject.CommonName != "dev-ind" {
+		t.Fatalf("issued CN %q, want the registration id", leaf.Subject.CommonName)
+	}
+	pool := x509.NewCertPool()
+	b, _ := os.ReadFile(az.Info.TrustBundle)
+	pool.AppendCertsFromPEM(b)
+	host := az.Info.HubHostName
+	opts := paho.NewClientOptions().AddBroker("tls://"+host).SetClientID("gateway-7").
+		SetUsername(host+"/gateway-7/?api-version=2025-08-01-preview").SetProtocolVersion(4).SetAutoReconnect(false).
+		SetConnectTimeout(5*time.Second).SetTLSConfig(&tls.Config{RootCAs: pool, ServerName: "localhost", MinVersion: tls.VersionTLS12,
+		GetClientCertificate: func(*tls.CertificateRequestInfo) (*tls.Certificate, error) { return &hubCert, nil }})
+	hc := paho.NewClient(opts)
+	if tok := hc.Connect(); !tok.WaitTimeout(10*time.Second) || tok.Error() != nil {
+		t.Fatalf("hub connect as gateway-7: %v", tok.Error())
+	}
+	hc.Disconnect(0)
+}

@@ -172,7 +172,9 @@ func (h *Hub) checkCertificate(d *device, chain []*x509.Certificate, roots *x509
 		}
 		return errors.New("certificate thumbprint matches none registered for the device")
 	case identity.AuthCA:
-		if leaf.Subject.CommonName != d.ID {
+		// DPS-issued certificates of a device whose individual enrollment
+		// sets another device id keep the registration id as CN.
+		if cn := leaf.Subject.CommonName; cn != d.ID && (d.CertificateCN == "" || cn != d.CertificateCN) {
 			return fmt.Errorf("certificate CN %q is not the device id %q", leaf.Subject.CommonName, d.ID)
 		}
 		inter := x509.NewCertPool()

@@ -378,7 +378,7 @@ func (h *Hub) RegisterDevice(ctx context.Context, d identity.Device) error {
 	if err := ctx.Err(); err != nil {
 		return fmt.Errorf("hub register device: %w", err)
 	}
-	spec := deviceSpec{Auth: d.Auth, PrimaryKey: d.PrimaryKey, Thumbprints: d.Thumbprints, Enabled: &d.Enabled}
+	spec := deviceSpec{Auth: d.Auth, PrimaryKey: d.PrimaryKey, Thumbprints: d.Thumbprints, Enabled: &d.Enabled, CertificateCN: d.CertificateCN}
 	h.mu.Lock()
 	if _, exists := h.devices[d.ID]; exists {
 		// Like Azure: provisioning again does not re-enable a device an
