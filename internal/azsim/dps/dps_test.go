@@ -433,9 +433,9 @@ func TestIndividualEnrollment(t *testing.T) {
 	b, _ := os.ReadFile(az.Info.TrustBundle)
 	pool.AppendCertsFromPEM(b)
 	host := az.Info.HubHostName
-	opts := paho.NewClientOptions().AddBroker("tls://"+host).SetClientID("gateway-7").
-		SetUsername(host+"/gateway-7/?api-version=2025-08-01-preview").SetProtocolVersion(4).SetAutoReconnect(false).
-		SetConnectTimeout(5*time.Second).SetTLSConfig(&tls.Config{RootCAs: pool, ServerName: "localhost", MinVersion: tls.VersionTLS12,
+	opts := paho.NewClientOptions().AddBroker("tls://" + host).SetClientID("gateway-7").
+		SetUsername(host + "/gateway-7/?api-version=2025-08-01-preview").SetProtocolVersion(4).SetAutoReconnect(false).
+		SetConnectTimeout(5 * time.Second).SetTLSConfig(&tls.Config{RootCAs: pool, ServerName: "localhost", MinVersion: tls.VersionTLS12,
 		GetClientCertificate: func(*tls.CertificateRequestInfo) (*tls.Certificate, error) { return &hubCert, nil }})
 	hc := paho.NewClient(opts)
 	if tok := hc.Connect(); !tok.WaitTimeout(10*time.Second) || tok.Error() != nil {
