@@ -7,6 +7,7 @@ import (
 	"context"
 	"maps"
 	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -305,5 +306,51 @@ func TestIndividualEnrollmentE2E(t *testing.T) {
 	}
 	if st := d.status(); st.DeviceID != "plant-3-gateway" {
 		t.Fatalf("status device id %q", st.DeviceID)
+	}
+}
+
+// TestReprovisionToAnotherHubE2E: an operator moves the device to another
+// hub and removes it from the first. gwagent, refused by the first hub,
+// registers again, follows the new assignedHub, delivers what its outbox
+// held, and its status names the hub it uses.
+func TestReprovisionToAnotherHubE2E(t *testing.T) {
+	az := testenv.StartAzsim(t, azsim.Config{Hub2Addr: "127.0.0.1:0"})
+	d := newDevice(t, az, devOpts{})
+	d.start()
+	testenv.Eventually(t, time.Minute, "connected to the first hub", func() bool {
+		st := d.status()
+		return st.State == "connected" && st.Hub == az.Info.HubHostName
+	})
+	devID := d.current().DeviceID
+	// Disabled at the first hub (CONNACK 3): a local application's message
+	// waits in the outbox.
+	if st := az.Admin("POST", "/hub/devices/"+devID+"/disable", nil, nil); st != 204 {
+		t.Fatalf("disable: %d", st)
+	}
+	testenv.Eventually(t, 30*time.Second, "disconnected", func() bool { return d.status().State != "connected" })
+	tmp := filepath.Join(d.cfg.Telemetry.SpoolDir, ".moved.json")
+	if err := os.WriteFile(tmp, []byte(`{"before-the-move":true}`), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Rename(tmp, filepath.Join(d.cfg.Telemetry.SpoolDir, "moved.json")); err != nil {
+		t.Fatal(err)
+	}
+	testenv.Eventually(t, 30*time.Second, "the message queued", func() bool { return d.status().OutboxDepth > 0 })
+	// The move: DPS now allocates the second hub; the first forgets the device.
+	if st := az.Admin("POST", "/dps/allocate", map[string]any{"registrationId": d.cfg.Identity.RegistrationID, "hub": "hub2"}, nil); st != 204 {
+		t.Fatalf("allocate: %d", st)
+	}
+	if st := az.Admin("DELETE", "/hub/devices/"+devID, nil, nil); st >= 300 {
+		t.Fatalf("delete: %d", st)
+	}
+	testenv.Eventually(t, time.Minute, "connected to the second hub", func() bool {
+		st := d.status()
+		return st.State == "connected" && st.Hub == az.Info.Hub2HostName
+	})
+	testenv.Eventually(t, 30*time.Second, "the queued message delivered through the second hub", func() bool {
+		return countBodies(az, devID, "before-the-move") == 1
+	})
+	if d.current().AssignedHub != az.Info.Hub2HostName {
+		t.Fatalf("identity names hub %q", d.current().AssignedHub)
 	}
 }

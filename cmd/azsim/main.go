@@ -158,6 +158,7 @@ func serve(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs.StringVar(&cfg.DPSHTTPSAddr, "dps-https-addr", "127.0.0.1:8443", "DPS REST (HTTPS) listen address: TPM attestation and dps_transport = \"https\"")
 	fs.StringVar(&cfg.HubAddr, "hub-addr", "127.0.0.1:8884", "IoT Hub MQTT/TLS listen address")
 	fs.StringVar(&cfg.AdminAddr, "admin-addr", "127.0.0.1:8480", "admin HTTP API listen address (loopback only)")
+	fs.StringVar(&cfg.Hub2Addr, "hub2-addr", "", "start a second IoT Hub on this address; move a device to it with POST /dps/allocate")
 	fs.StringVar(&cfg.HubHostName, "hub-hostname", "", "hub name as devices dial it (default localhost:PORT)")
 	fs.StringVar(&cfg.IDScope, "id-scope", "0ne00AZSIM0", "DPS id scope")
 	fs.DurationVar(&cfg.CertLifetime, "cert-lifetime", 30*24*time.Hour, "lifetime of issued operational certificates (e.g. 90s for renewal demos)")

@@ -18,12 +18,14 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/gwagent/gwagent/internal/azsim/broker"
 	"github.com/gwagent/gwagent/internal/azsim/dps"
 	"github.com/gwagent/gwagent/internal/azsim/faults"
 	"github.com/gwagent/gwagent/internal/azsim/hub"
+	"github.com/gwagent/gwagent/internal/azsim/identity"
 	"github.com/gwagent/gwagent/internal/azsim/pki"
 )
 
@@ -76,7 +78,10 @@ type Config struct {
 	DPSPollLimit   int
 	HubConnectRate int
 	HubTwinRate    int
-	Now            func() time.Time
+	// Hub2Addr, if set, starts a second IoT Hub there ("127.0.0.1:0" in
+	// tests); DPS assigns a device to it after POST /dps/allocate.
+	Hub2Addr string
+	Now      func() time.Time
 }
 
 // Default enrollment groups created on a fresh state directory.
@@ -91,7 +96,11 @@ type Server struct {
 	PKI    *pki.PKI
 	DPS    *dps.DPS
 	Hub    *hub.Hub
+	Hub2   *hub.Hub // nil unless Config.Hub2Addr is set
 	Faults *faults.Injector
+
+	allocMu sync.Mutex
+	alloc   map[string]*hub.Hub // by lower-case registration id
 
 	admin   *http.Server
 	adminLn net.Listener
@@ -104,6 +113,7 @@ type Info struct {
 	DPSAddr        string `json:"dpsAddr"`      // host:port for devices
 	DPSHTTPSAddr   string `json:"dpsHttpsAddr"` // host:port of the REST endpoint
 	HubHostName    string `json:"hubHostName"`  // as devices dial it
+	Hub2HostName   string `json:"hub2HostName,omitempty"`
 	AdminURL       string `json:"adminUrl"`
 	TrustBundle    string `json:"trustBundle"`    // PEM file to trust azsim's servers
 	OnboardingRoot string `json:"onboardingRoot"` // PEM file of the company root
@@ -171,8 +181,21 @@ func New(cfg Config) (*Server, error) {
 		s.Close()
 		return nil, err
 	}
+	if cfg.Hub2Addr != "" {
+		hc := s.Hub.Config()
+		hc.Addr, hc.HostName, hc.StateDir = cfg.Hub2Addr, "", filepath.Join(cfg.StateDir, "hub2")
+		if s.Hub2, err = hub.New(hc); err != nil {
+			s.Close()
+			return nil, err
+		}
+		if err := s.Hub2.TrustCA("azsim-onboarding-root", p.OnboardRoot.Cert); err != nil {
+			s.Close()
+			return nil, err
+		}
+	}
 	s.DPS, err = dps.New(dps.Config{Addr: cfg.DPSAddr, IDScope: cfg.IDScope, TLS: serverTLS, Registrar: s.Hub,
-		Issuer: p, CertLifetime: cfg.CertLifetime, RetryAfter: cfg.RetryAfter, AcceptP256: cfg.AcceptP256,
+		Allocate: s.allocate,
+		Issuer:   p, CertLifetime: cfg.CertLifetime, RetryAfter: cfg.RetryAfter, AcceptP256: cfg.AcceptP256,
 		StateDir: filepath.Join(cfg.StateDir, "dps"), Faults: s.Faults, Now: cfg.Now, PollLimit: limit(cfg.DPSPollLimit, 5)})
 	if err != nil {
 		s.Close()
@@ -218,10 +241,45 @@ func (s *Server) defaultEnrollments() error {
 	return nil
 }
 
-// Start serves DPS, the hub and the admin API.
+// allocate is DPS's allocation: the hub an operator moved the device to
+// (POST /dps/allocate), else the first hub.
+func (s *Server) allocate(regID string) identity.Registrar {
+	s.allocMu.Lock()
+	defer s.allocMu.Unlock()
+	if h := s.alloc[strings.ToLower(regID)]; h != nil {
+		return h
+	}
+	return nil
+}
+
+// MoveDevice makes DPS assign regID to the second hub (to2) or the first
+// at its next registration, as an operator changing the allocation does.
+func (s *Server) MoveDevice(regID string, to2 bool) error {
+	h := s.Hub
+	if to2 {
+		if s.Hub2 == nil {
+			return errors.New("azsim: no second hub; start with --hub2-addr")
+		}
+		h = s.Hub2
+	}
+	s.allocMu.Lock()
+	defer s.allocMu.Unlock()
+	if s.alloc == nil {
+		s.alloc = map[string]*hub.Hub{}
+	}
+	s.alloc[strings.ToLower(regID)] = h
+	return nil
+}
+
+// Start serves DPS, the hubs and the admin API.
 func (s *Server) Start() error {
 	if err := s.Hub.Start(); err != nil {
 		return err
+	}
+	if s.Hub2 != nil {
+		if err := s.Hub2.Start(); err != nil {
+			return err
+		}
 	}
 	if err := s.DPS.Start(); err != nil {
 		return err
@@ -251,6 +309,9 @@ func (s *Server) Close() error {
 	if s.Hub != nil {
 		errs = append(errs, s.Hub.Close())
 	}
+	if s.Hub2 != nil {
+		errs = append(errs, s.Hub2.Close())
+	}
 	if s.logFile != nil {
 		errs = append(errs, s.logFile.Close())
 	}
@@ -261,6 +322,9 @@ func (s *Server) Close() error {
 func (s *Server) Info() Info {
 	inf := Info{IDScope: s.DPS.IDScope(), HubHostName: s.Hub.HostName(), TrustBundle: s.PKI.TrustBundle(),
 		OnboardingRoot: filepath.Join(s.PKI.Dir(), pki.OnboardRootFile), X509Group: X509Group, SymmetricGroup: SymmetricKeyGroup}
+	if s.Hub2 != nil {
+		inf.Hub2HostName = s.Hub2.HostName()
+	}
 	if a, ok := s.DPS.Addr().(*net.TCPAddr); ok {
 		inf.DPSAddr = "localhost:" + strconv.Itoa(a.Port)
 	}
@@ -297,6 +361,27 @@ func (s *Server) adminMux() http.Handler {
 	mux := http.NewServeMux()
 	mux.Handle("/hub/", s.Hub.AdminHandler())
 	mux.Handle("/dps/", s.DPS.AdminHandler())
+	if s.Hub2 != nil {
+		mux.Handle("/hub2/", http.StripPrefix("/hub2", rewritePrefix("/hub", s.Hub2.AdminHandler())))
+	}
+	mux.HandleFunc("POST /dps/allocate", func(w http.ResponseWriter, r *http.Request) {
+		var f struct {
+			RegistrationID string `json:"registrationId"`
+			Hub            string `json:"hub"` // "hub" or "hub2"
+		}
+		if !decode(w, r, &f) {
+			return
+		}
+		if f.RegistrationID == "" || (f.Hub != "hub" && f.Hub != "hub2") {
+			broker.WriteJSON(w, 400, map[string]string{"error": `need {"registrationId":"...","hub":"hub"|"hub2"}`})
+			return
+		}
+		if err := s.MoveDevice(f.RegistrationID, f.Hub == "hub2"); err != nil {
+			broker.WriteJSON(w, 400, map[string]string{"error": err.Error()})
+			return
+		}
+		w.WriteHeader(http.StatusNoContent)
+	})
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "ok\n") })
 	mux.HandleFunc("GET /info", func(w http.ResponseWriter, r *http.Request) { broker.WriteJSON(w, 200, s.Info()) })
 	mux.HandleFunc("POST /factory/sign", func(w http.ResponseWriter, r *http.Request) {
@@ -438,4 +523,15 @@ func decode(w http.ResponseWriter, r *http.Request, v any) bool {
 		return false
 	}
 	return true
+}
+
+// rewritePrefix serves h with prefix put back in front of the path, so the
+// second hub's admin API (which routes under /hub/) answers under /hub2/.
+func rewritePrefix(prefix string, h http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		r2 := r.Clone(r.Context())
+		r2.URL.Path = prefix + r.URL.Path
+		r2.URL.RawPath = ""
+		h.ServeHTTP(w, r2)
+	})
 }

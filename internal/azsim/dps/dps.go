@@ -47,6 +47,9 @@ type Config struct {
 	TLS *tls.Config
 	// Registrar is the hub devices are assigned to.
 	Registrar identity.Registrar
+	// Allocate, if set, picks the hub for a registration (an allocation
+	// policy, or an operator moving a device); nil results mean Registrar.
+	Allocate func(registrationID string) identity.Registrar
 	// Issuer signs operational certificates from CSRs.
 	Issuer identity.Issuer
 	// CertLifetime of issued certificates; default 30 days.
@@ -596,10 +599,16 @@ func (d *DPS) assign(op *operation) error {
 		}
 		dev.Auth, dev.PrimaryKey = identity.AuthSAS, key
 	}
-	if err := d.cfg.Registrar.RegisterDevice(ctx, dev); err != nil {
+	registrar := d.cfg.Registrar
+	if d.cfg.Allocate != nil {
+		if r := d.cfg.Allocate(op.regID); r != nil {
+			registrar = r
+		}
+	}
+	if err := registrar.RegisterDevice(ctx, dev); err != nil {
 		return err
 	}
-	hub := d.cfg.Registrar.HostName()
+	hub := registrar.HostName()
 	d.mu.Lock()
 	key := strings.ToLower(op.regID)
 	r, ok := d.regs[key]
@@ -607,6 +616,9 @@ func (d *DPS) assign(op *operation) error {
 	if !ok {
 		r = &Registration{RegistrationID: op.regID, Created: now}
 		d.regs[key] = r
+	} else if r.AssignedHub != hub {
+		// Re-provisioned to another hub; azsim does not copy the twin.
+		substatus = "deviceDataMigrated"
 	} else {
 		substatus = "reprovisionedToInitialAssignment"
 	}

@@ -443,3 +443,37 @@ func TestIndividualEnrollment(t *testing.T) {
 	}
 	hc.Disconnect(0)
 }
+
+// TestReprovisionToAnotherHub: after an operator moves a device, its next
+// registration assigns the second hub with substatus deviceDataMigrated.
+func TestReprovisionToAnotherHub(t *testing.T) {
+	az := testenv.StartAzsim(t, azsim.Config{Hub2Addr: "127.0.0.1:0"})
+	key, _ := ecdsa.GenerateKey(elliptic.P384(), rand.Reader)
+	cert := onboarding(t, az, "dev-move")
+	reg := func() map[string]any {
+		c, err := connect(t, az, "dev-move", certAPI, cert, "")
+		if err != nil {
+			t.Fatal(err)
+		}
+		r := c.register(map[string]any{"registrationId": "dev-move", "csr": csrFor(t, key, "dev-move")})
+		st, _ := r.body["registrationState"].(map[string]any)
+		if r.status != 200 {
+			t.Fatalf("register: %d %v", r.status, r.body)
+		}
+		return st
+	}
+	if st := reg(); st["assignedHub"] != az.Info.HubHostName || st["substatus"] != "initialAssignment" {
+		t.Fatalf("first registration: %v %v", st["assignedHub"], st["substatus"])
+	}
+	if s := az.Admin("POST", "/dps/allocate", map[string]any{"registrationId": "dev-move", "hub": "hub2"}, nil); s != 204 {
+		t.Fatalf("allocate: %d", s)
+	}
+	st := reg()
+	if st["assignedHub"] != az.Info.Hub2HostName || st["substatus"] != "deviceDataMigrated" {
+		t.Fatalf("after the move: %v %v, want %s and deviceDataMigrated", st["assignedHub"], st["substatus"], az.Info.Hub2HostName)
+	}
+	var dev struct{ DeviceID string }
+	if s := az.Admin("GET", "/hub2/devices/dev-move", nil, &dev); s != 200 || dev.DeviceID != "dev-move" {
+		t.Fatalf("second hub registry: %d %q", s, dev.DeviceID)
+	}
+}

@@ -311,6 +311,10 @@ func defaultHostName(a net.Addr) string {
 	return "localhost:" + strconv.Itoa(port)
 }
 
+// Config is the configuration the hub was created with (a second hub can
+// be made like it).
+func (h *Hub) Config() Config { return h.cfg }
+
 // HostName is the hub's address as devices dial it, e.g. "localhost:8884".
 // It implements identity.Registrar. Before Start it returns Config.HostName.
 func (h *Hub) HostName() string {
