@@ -22,6 +22,19 @@ import (
 	"github.com/gwagent/gwagent/transport"
 )
 
+// connectedThenRenewed waits for the device to connect and then for a
+// certificate other than its first; it returns both identities.
+func connectedThenRenewed(t *testing.T, d *device) (first, renewed *provisioning.Identity) {
+	t.Helper()
+	testenv.Eventually(t, 30*time.Second, "connected", func() bool { return d.status().State == "connected" })
+	first = d.current()
+	testenv.Eventually(t, 40*time.Second, "renewed", func() bool {
+		s, err := storeCurrent(d)
+		return err == nil && s.Serial != first.Serial
+	})
+	return first, d.current()
+}
+
 func registrations(az *testenv.Azsim, regID string) int {
 	for _, r := range az.Server.DPS.Registrations() {
 		if strings.EqualFold(r.RegistrationID, regID) {
@@ -212,13 +225,7 @@ issue_timeout = "3s"
 `})
 			az.Server.Faults.SetCredentialsMode(mode)
 			r := d.start()
-			testenv.Eventually(t, 30*time.Second, "connected", func() bool { return d.status().State == "connected" })
-			first := d.current()
-			testenv.Eventually(t, 40*time.Second, "renewed", func() bool {
-				s, err := storeCurrent(d)
-				return err == nil && s.Serial != first.Serial
-			})
-			cur := d.current()
+			first, cur := connectedThenRenewed(t, d)
 			if cur.Via != "dps" {
 				t.Fatalf("renewed via %q, want dps", cur.Via)
 			}
@@ -240,13 +247,8 @@ func TestSlowIssuanceE2E(t *testing.T) {
 	az := testenv.StartAzsim(t, azsim.Config{CertLifetime: 40 * time.Second, IssueDelay: 6 * time.Second})
 	d := newDevice(t, az, devOpts{extra: strings.Replace(fastRenewal, `issue_timeout = "10s"`, `issue_timeout = "2s"`, 1)})
 	r := d.start()
-	testenv.Eventually(t, 30*time.Second, "connected", func() bool { return d.status().State == "connected" })
-	first := d.current()
-	testenv.Eventually(t, 40*time.Second, "renewed", func() bool {
-		s, err := storeCurrent(d)
-		return err == nil && s.Serial != first.Serial
-	})
-	if via := d.current().Via; via != "hub" {
+	if _, cur := connectedThenRenewed(t, d); cur.Via != "hub" {
+		via := cur.Via
 		t.Fatalf("renewed via %q, want hub", via)
 	}
 	if strings.Contains(r.log.String(), "replacing it") {
