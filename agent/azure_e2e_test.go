@@ -356,3 +356,31 @@ func TestReprovisionToAnotherHubE2E(t *testing.T) {
 		t.Fatalf("identity names hub %q", d.current().AssignedHub)
 	}
 }
+
+// TestConnectRefusedThrottledE2E: the hub answers CONNACK 3 for a while (its
+// connection-rate limit; the fault injector plays it). gwagent backs off
+// instead of hammering the hub, shows the throttled condition, and gets
+// back in when the hub accepts again.
+func TestConnectRefusedThrottledE2E(t *testing.T) {
+	az := testenv.StartAzsim(t, azsim.Config{})
+	d := newDevice(t, az, devOpts{})
+	r := d.start()
+	testenv.Eventually(t, time.Minute, "connected", func() bool { return d.status().State == "connected" })
+	before := strings.Count(r.log.String(), "hub connection failed")
+	az.Server.Faults.RefuseUntil(faults.Hub, time.Now().Add(4*time.Second))
+	az.Server.Hub.DropAll()
+	sawThrottled := false
+	testenv.Eventually(t, 10*time.Second, "the throttled condition", func() bool {
+		_, sawThrottled = d.status().Conditions[agent.CondThrottled]
+		return sawThrottled
+	})
+	testenv.Eventually(t, time.Minute, "connected again", func() bool { return d.status().State == "connected" })
+	// start() uses a 100 ms..1 s reconnect backoff: about 8 attempts fit in
+	// 4 s; a tight loop would make hundreds.
+	if n := strings.Count(r.log.String(), "hub connection failed") - before; n > 20 {
+		t.Fatalf("%d connection attempts while refused for 4 s", n)
+	}
+	if _, ok := d.status().Conditions[agent.CondThrottled]; ok {
+		t.Error("the throttled condition stays after the hub accepted the device")
+	}
+}
