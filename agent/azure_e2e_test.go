@@ -384,3 +384,18 @@ func TestConnectRefusedThrottledE2E(t *testing.T) {
 		t.Error("the throttled condition stays after the hub accepted the device")
 	}
 }
+
+// TestServerChainsE2E: gwagent provisions and connects whether the
+// services present Azure's RSA-2048 chain or an ECDSA one.
+func TestServerChainsE2E(t *testing.T) {
+	for _, key := range []string{"rsa", "ecdsa"} {
+		t.Run("ok/"+key, func(t *testing.T) {
+			az := testenv.StartAzsim(t, azsim.Config{ServerKey: key})
+			d := newDevice(t, az, devOpts{})
+			d.start()
+			testenv.Eventually(t, time.Minute, "a health message", func() bool {
+				return len(received(az, d.cfg.Identity.RegistrationID, "health")) > 0
+			})
+		})
+	}
+}
