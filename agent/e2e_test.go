@@ -172,6 +172,7 @@ func (d *device) start(now ...func() time.Time) *running {
 		RetryAfterMin: 100 * time.Millisecond,
 		Backoff:       backoff.Policy{Min: 100 * time.Millisecond, Max: time.Second},
 		ClockPoll:     100 * time.Millisecond,
+		Reprovision:   agent.ReprovisionPolicy{Backoff: backoff.Policy{Min: 2 * time.Second, Max: 8 * time.Second}, PerHour: 4},
 	}
 	if len(now) > 0 {
 		opts.Now = now[0]
@@ -539,7 +540,15 @@ func TestClock1970(t *testing.T) {
 // Static mode: a certificate installed at the factory (signed by a CA the
 // hub trusts) and a known hub, no DPS.
 func TestStaticModeE2E(t *testing.T) {
-	az := testenv.StartAzsim(t, azsim.Config{})
+	// Also against a hub without certificate management, which refuses the
+	// credentials subscription: a static device never needs it.
+	for name, noCM := range map[string]bool{"ok/hub": false, "ok/hub-without-certificate-management": true} {
+		t.Run(name, func(t *testing.T) { staticMode(t, noCM) })
+	}
+}
+
+func staticMode(t *testing.T, noCertManagement bool) {
+	az := testenv.StartAzsim(t, azsim.Config{NoCertificateManagement: noCertManagement})
 	dir := t.TempDir()
 	keyURI, _ := az.FactoryDevice(t, dir, "gw-static-1")
 	d := &device{t: t, az: az, dir: dir, path: filepath.Join(dir, "gwagent.toml")}

@@ -75,6 +75,7 @@ func (a *Agent) lifecycle(ctx context.Context) {
 		if !a.cfg.Load().Static() {
 			if sess, next := a.trySwap(ctx); sess != nil {
 				failures = 0
+				a.reprov.connected()
 				a.status.Clear(CondHubUnreachable)
 				a.status.Set(StateConnected)
 				if !a.connected(ctx, sess, next, wdC, wait) {
@@ -93,13 +94,16 @@ func (a *Agent) lifecycle(ctx context.Context) {
 			failures++
 			d := a.opts.Backoff.Delay(failures, a.rng)
 			a.status.Raise(CondHubUnreachable, err.Error())
-			if errors.Is(err, transport.ErrUnauthorized) && !a.cfg.Load().Static() {
+			if a.identityRefused(err) && !a.cfg.Load().Static() {
 				// The documented recovery: the hub no longer accepts this
-				// identity (disabled, deleted, moved); register again.
-				a.log.Warn("hub refused our identity; re-provisioning through DPS", "err", err)
-				if _, perr := a.provision(ctx); perr == nil {
+				// identity (disabled, deleted, moved); register again,
+				// within the bounds of the re-provisioning policy.
+				if a.reprovisionAfterRefusal(ctx, err) {
 					continue
 				}
+			}
+			if errors.Is(err, transport.ErrUnavailable) {
+				a.status.Raise(CondThrottled, fmt.Sprintf("the hub answered CONNACK 3 (throttled at its connection-rate limit, or the device is disabled); retrying in %s", d.Round(time.Millisecond)))
 			}
 			a.log.Warn("hub connection failed", "err", err, "retry_in", d.Round(time.Millisecond))
 			if !wait(d) {
@@ -108,7 +112,12 @@ func (a *Agent) lifecycle(ctx context.Context) {
 			continue
 		}
 		failures = 0
+		a.reprov.connected()
+		a.hsRejections = 0
+		a.swapRejectedThenConnected(ctx)
 		a.status.Clear(CondHubUnreachable)
+		a.status.Clear(CondReprovisionHeldBack)
+		a.status.Clear(CondThrottled)
 		a.status.Set(StateConnected)
 		if !a.connected(ctx, sess, id, wdC, wait) {
 			return
@@ -170,6 +179,7 @@ func (a *Agent) noteIdentity(id *provisioning.Identity) {
 // provision registers through DPS and commits the new identity.
 func (a *Agent) provision(ctx context.Context) (*provisioning.Identity, error) {
 	a.status.Set(StateProvisioning)
+	a.noteRegistration()
 	cfg := a.cfg.Load()
 	// Provision is bounded by provisioning_timeout, DPS's retry-afters
 	// included: waiting for DPS is progress.
@@ -179,7 +189,9 @@ func (a *Agent) provision(ctx context.Context) (*provisioning.Identity, error) {
 		RetryAfterMin: a.opts.RetryAfterMin,
 		ClientVersion: "gwagent/" + a.opts.Version,
 		Progress:      func(s string) { a.log.Info("provisioning", "step", s) },
+		OnStep:        a.onProvisionStep,
 	})
+	a.status.Clear(CondThrottled)
 	switch {
 	case err == nil:
 		a.status.Clear(CondOnboardingRejected)

@@ -102,8 +102,9 @@ func readSecretFile(path string) ([]byte, error) {
 
 // ProvisionOptions tunes Provision.
 type ProvisionOptions struct {
-	// Progress, if set, receives one line per step.
+	// Progress, if set, receives one line per step; OnStep the step itself.
 	Progress func(string)
+	OnStep   func(provisioning.Step)
 	// Now is the clock (tests); default time.Now.
 	Now func() time.Time
 	// RetryAfterMin lets tests shorten DPS's retry-after clamp; production
@@ -173,7 +174,12 @@ func Provision(ctx context.Context, cfg *Config, keys *Keys, opts ProvisionOptio
 		Timeout:        cfg.Identity.ProvisioningTimeout.Duration,
 		RetryAfterMin:  opts.RetryAfterMin,
 		ClientVersion:  opts.ClientVersion,
-		Progress:       func(s provisioning.Step) { say("%s", s) },
+		Progress: func(s provisioning.Step) {
+			say("%s", s)
+			if opts.OnStep != nil {
+				opts.OnStep(s)
+			}
+		},
 	}
 	issued, err := provisioning.Obtain(ctx, dps, signer, now(), nil)
 	if err != nil {

@@ -15,6 +15,7 @@ import (
 
 	"github.com/gwagent/gwagent/internal/atomicfile"
 	"github.com/gwagent/gwagent/internal/backoff"
+	"github.com/gwagent/gwagent/internal/tlsconf"
 	"github.com/gwagent/gwagent/keystore"
 	"github.com/gwagent/gwagent/provisioning"
 	"github.com/gwagent/gwagent/transport"
@@ -85,6 +86,22 @@ func (a *Agent) renewLoop(ctx context.Context, sess *transport.Session, id *prov
 	}
 	policy := cfg.Renewal.Policy()
 	draw := renewalDraw(a.seed, id.Serial)
+	a.mu.Lock()
+	p := a.pending
+	a.mu.Unlock()
+	if p == nil {
+		a.loadPending(ctx, id)
+		a.mu.Lock()
+		p = a.pending
+		a.mu.Unlock()
+	}
+	if p != nil && p.id.Serial == id.Serial {
+		// The answer to a request the hub accepted before the reconnect
+		// comes on the credentials topic, subscribed only while renewing.
+		if err := sess.WatchCredentials(ctx); err != nil {
+			a.log.Warn("cannot wait for the pending certificate answer on this connection", "err", err)
+		}
+	}
 	for ctx.Err() == nil {
 		now := a.opts.Now()
 		due, why := needsRenewal(now, id.Leaf(), policy, draw)
@@ -120,13 +137,17 @@ func (a *Agent) renewLoop(ctx context.Context, sess *transport.Session, id *prov
 		err := a.renew(ctx, sess, id)
 		if err == nil {
 			a.mu.Lock()
-			a.renewFailures, a.retryAt = 0, time.Time{}
+			a.renewFailures, a.retryAt, a.hubUnanswered = 0, time.Time{}, 0
 			a.mu.Unlock()
 			endSession()
 			return
 		}
 		if ctx.Err() != nil {
 			return
+		}
+		if errors.Is(err, errOwnRequestPending) {
+			a.log.Info("waiting for the certificate request the hub is working on")
+			continue // the pending deadline paces the loop
 		}
 		a.scheduleRetry(id, err)
 	}
@@ -154,22 +175,80 @@ func (a *Agent) scheduleRetry(id *provisioning.Identity, err error) {
 	a.log.Error("certificate renewal failed", "err", err, "attempt", n, "retry_in", d.Round(time.Second), "not_after", id.NotAfter)
 }
 
+// hubUnansweredLimit and hubUnansweredFloor are the rule for a hub that
+// does not answer certificate requests at all (no 202: silent, or the
+// connection drops on the request): the hub path is abandoned for DPS
+// re-registration after two such attempts in a row, or after one once less
+// than a quarter of the certificate's lifetime remains, so that DPS still
+// has that quarter (retries included) before the certificate expires. A
+// hub that answered 202 is waited for instead (issuance can take long).
+const (
+	hubUnansweredLimit = 2
+	hubUnansweredFloor = 0.25
+)
+
+// hubFloor is when less than hubUnansweredFloor of id's lifetime remains:
+// waits for the hub end there, leaving the rest to DPS.
+func hubFloor(id *provisioning.Identity) time.Time {
+	return id.NotAfter.Add(-time.Duration(hubUnansweredFloor * float64(id.NotAfter.Sub(id.NotBefore))))
+}
+
+func (a *Agent) pastHubFloor(id *provisioning.Identity) bool {
+	return !a.opts.Now().Before(hubFloor(id))
+}
+
+// hubGivenUp applies that rule.
+func (a *Agent) hubGivenUp(id *provisioning.Identity) bool {
+	a.mu.Lock()
+	n := a.hubUnanswered
+	a.mu.Unlock()
+	life := id.NotAfter.Sub(id.NotBefore)
+	left := id.NotAfter.Sub(a.opts.Now())
+	return n >= hubUnansweredLimit || (n >= 1 && life > 0 && float64(left) < hubUnansweredFloor*float64(life))
+}
+
 // renew obtains a new certificate and stages it, by the hub path or DPS.
 func (a *Agent) renew(ctx context.Context, sess *transport.Session, id *provisioning.Identity) error {
 	cfg := a.cfg.Load()
-	if cfg.Renewal.Prefer == "hub" && sess != nil && a.opts.Now().Before(id.NotAfter) {
+	if cfg.Renewal.Prefer == "hub" && sess != nil && a.opts.Now().Before(id.NotAfter) && a.hubGivenUp(id) {
+		a.log.Warn("the hub did not answer certificate requests; re-registering with DPS instead", "unanswered", a.hubUnansweredCount())
+	} else if cfg.Renewal.Prefer == "hub" && sess != nil && a.opts.Now().Before(id.NotAfter) {
 		err := a.renewViaHub(ctx, sess, id)
 		if err == nil {
 			return nil
 		}
+		if errors.Is(err, errOwnRequestPending) {
+			if !a.pastHubFloor(id) {
+				return err
+			}
+			a.log.Warn("the hub is still working on our certificate request, but too little lifetime is left to wait; re-registering with DPS", "err", err)
+			return a.renewViaDPS(ctx, id)
+		}
+		if errors.Is(err, transport.ErrCredentialsUnanswered) {
+			a.mu.Lock()
+			a.hubUnanswered++
+			a.mu.Unlock()
+			if ctx.Err() != nil || !a.hubGivenUp(id) {
+				return err // try the hub once more (next session or retry)
+			}
+			a.log.Warn("the hub did not answer certificate requests; re-registering with DPS instead", "err", err, "unanswered", a.hubUnansweredCount())
+			return a.renewViaDPS(ctx, id)
+		}
 		var ie *transport.IssueError
-		hubBroken := errors.As(err, &ie) && (ie.Permanent() || ie.Status >= 500)
+		hubBroken := errors.As(err, &ie) && (ie.Permanent() || ie.Status >= 500) ||
+			errors.Is(err, transport.ErrNoCertificateManagement)
 		if !hubBroken {
 			return err // transient (timeout, throttled, connection lost): retry the hub later
 		}
 		a.log.Warn("the hub's certificate API failed; falling back to re-registering with DPS", "err", err)
 	}
 	return a.renewViaDPS(ctx, id)
+}
+
+func (a *Agent) hubUnansweredCount() int {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.hubUnanswered
 }
 
 // newSlot creates the key for the next generation: in the free slot when
@@ -208,8 +287,19 @@ func (a *Agent) dropSlot(ctx context.Context, slot *keystore.URI, id *provisioni
 }
 
 // renewViaHub runs the hub's certificate-signing API (azure-protocol §2.5).
+// After the 202 it waits until the operationExpires the hub gave (issuance
+// can take hours), but not past hubFloor. It never replaces its own request
+// while the hub still works on it (a 409 naming it): only a request it does
+// not know (lost with a key from before a crash) is replaced.
 func (a *Agent) renewViaHub(ctx context.Context, sess *transport.Session, id *provisioning.Identity) error {
 	cfg := a.cfg.Load()
+	now := a.opts.Now()
+	a.mu.Lock()
+	prev := a.pending
+	a.mu.Unlock()
+	if prev != nil && prev.id.Serial == id.Serial && now.Before(prev.deadline) {
+		return errOwnRequestPending
+	}
 	slot, signer, err := a.newSlot(ctx, id)
 	if err != nil {
 		return err
@@ -220,36 +310,50 @@ func (a *Agent) renewViaHub(ctx context.Context, sess *transport.Session, id *pr
 		return err
 	}
 	p := &pendingIssue{slot: slot, signer: signer, id: id}
-	a.mu.Lock()
-	a.pending = p
-	a.mu.Unlock()
+	a.setPending(p)
 	replace := ""
 	for attempt := 1; ; attempt++ {
 		rid := fmt.Sprintf("gwrenew%dx%d", a.opts.Now().Unix(), attempt)
 		a.mu.Lock()
 		p.rid = rid
 		a.mu.Unlock()
-		wctx, cancel := context.WithTimeout(ctx, cfg.Renewal.IssueTimeout.Duration)
-		certs, err := sess.IssueCertificate(wctx, transport.IssueRequest{RID: rid, CSR: der, Replace: replace,
-			Accepted: func(rid, corr string) {
+		certs, err := sess.IssueCertificate(ctx, transport.IssueRequest{RID: rid, CSR: der, Replace: replace,
+			// The SDKs wait 90 s for the 202; never longer than for the
+			// certificate itself.
+			AcceptTimeout: min(90*time.Second, cfg.Renewal.IssueTimeout.Duration),
+			AnswerWait:    cfg.Renewal.IssueTimeout.Duration,
+			Latest:        hubFloor(id),
+			Accepted: func(rid, corr string, until time.Time) {
 				a.mu.Lock()
-				p.deadline = a.opts.Now().Add(cfg.Renewal.IssueTimeout.Duration)
+				p.deadline = until
 				a.mu.Unlock()
-				a.log.Info("the hub accepted the certificate request", "rid", rid, "correlation_id", corr)
+				a.setPending(p)
+				a.log.Info("the hub accepted the certificate request", "rid", rid, "correlation_id", corr, "wait_until", until)
 			}})
-		cancel()
 		var ie *transport.IssueError
 		switch {
 		case err == nil:
 			return a.finishHubIssue(ctx, p, certs)
+		case errors.As(err, &ie) && ie.Status == 409 && prev != nil && ie.ActiveRID == prev.rid && a.opts.Now().Before(ie.ActiveExpires):
+			// Our own earlier request is still being worked on: wait for
+			// it, never cancel it with "replace".
+			a.clearPending(p)
+			a.dropSlot(ctx, slot, id)
+			prev.deadline = ie.ActiveExpires
+			if f := hubFloor(id); f.Before(prev.deadline) {
+				prev.deadline = f
+			}
+			a.setPending(prev)
+			a.log.Info("the hub is still working on our earlier certificate request; waiting for it", "rid", prev.rid, "until", prev.deadline)
+			return errOwnRequestPending
 		case errors.As(err, &ie) && ie.Status == 409 && replace == "" && attempt < 3:
-			// Another request is in flight (ours, from before a restart):
-			// replace it with this one.
+			// A request we do not know (its key was lost with a crash
+			// before it was recorded): replace it with this one.
 			replace = ie.ActiveRID
 			if replace == "" {
 				replace = "*"
 			}
-			a.log.Info("a certificate request was already in flight; replacing it", "active_rid", ie.ActiveRID)
+			a.log.Info("a certificate request we do not know was in flight; replacing it", "active_rid", ie.ActiveRID)
 			continue
 		case errors.As(err, &ie) && ie.Status == 429 && attempt < 3:
 			d := min(max(ie.RetryAfter, time.Second), 5*time.Minute)
@@ -260,17 +364,13 @@ func (a *Agent) renewViaHub(ctx context.Context, sess *transport.Session, id *pr
 				continue
 			}
 		}
-		if !errors.As(err, &ie) {
-			// No final answer on this connection (timeout, connection
-			// lost): it may still come later (OnCredentials), so the new
-			// key is kept until then.
+		if !errors.As(err, &ie) && !errors.Is(err, transport.ErrCredentialsUnanswered) {
+			// The hub accepted the request (202) but its answer did not
+			// come on this connection: it may still come later
+			// (OnCredentials), so the new key is kept until then.
 			return fmt.Errorf("hub certificate request %s: %w", rid, err)
 		}
-		a.mu.Lock()
-		if a.pending == p {
-			a.pending = nil
-		}
-		a.mu.Unlock()
+		a.clearPending(p)
 		a.dropSlot(ctx, slot, id)
 		return err
 	}
@@ -304,6 +404,7 @@ func (a *Agent) onCredentials(status int, rid string, body []byte) {
 	}
 	a.pending = nil
 	a.mu.Unlock()
+	a.removePendingRecord()
 	ctx := a.callbackCtx()
 	certs, err := transport.ParseIssueAnswer(status, body, 0)
 	if err == nil {
@@ -323,11 +424,7 @@ func (a *Agent) onCredentials(status int, rid string, body []byte) {
 
 // finishHubIssue validates and stages a chain from the hub.
 func (a *Agent) finishHubIssue(ctx context.Context, p *pendingIssue, certs []string) error {
-	a.mu.Lock()
-	if a.pending == p {
-		a.pending = nil
-	}
-	a.mu.Unlock()
+	a.clearPending(p)
 	chain, err := provisioning.DecodeChain(certs)
 	if err == nil {
 		err = provisioning.ValidateChain(chain, p.signer.Public(), p.id.DeviceID, a.opts.Now(), nil)
@@ -383,8 +480,18 @@ func (a *Agent) trySwap(ctx context.Context) (*transport.Session, *provisioning.
 	a.status.Set(StateSwapping)
 	sess, err := a.dial(ctx, next)
 	if err != nil {
+		// A TLS alert about the new certificate is a refusal too, from the
+		// second in a row, or once the current pair got through right
+		// after it (swapRejectedThenConnected): a single alert alone may
+		// come from a middlebox.
+		rejected := tlsconf.RejectedIdentity(err)
 		refused := errors.Is(err, transport.ErrUnauthorized) || errors.Is(err, keystore.ErrKeyNotFound) ||
-			a.opts.Now().After(next.NotAfter)
+			a.opts.Now().After(next.NotAfter) || (rejected && a.swapRejections >= 1)
+		if rejected {
+			a.swapRejections++
+		} else {
+			a.swapRejections = 0
+		}
 		a.swapFailures++
 		if !refused && a.swapFailures < 3 {
 			a.log.Warn("could not try the new certificate yet; keeping it staged", "err", err)
@@ -394,7 +501,7 @@ func (a *Agent) trySwap(ctx context.Context) (*transport.Session, *provisioning.
 		a.rollback(ctx, next)
 		return nil, nil
 	}
-	a.swapFailures = 0
+	a.swapFailures, a.swapRejections = 0, 0
 	a.step("swap-connected")
 	prev, err := a.store.Commit()
 	if err != nil {
@@ -423,6 +530,22 @@ func (a *Agent) trySwap(ctx context.Context) (*transport.Session, *provisioning.
 	return sess, next
 }
 
+// swapRejectedThenConnected is called when the hub accepted the current
+// pair: if the staged one was just rejected in the TLS handshake, on the
+// same path, the alert was about the new certificate, so it is rolled back.
+func (a *Agent) swapRejectedThenConnected(ctx context.Context) {
+	if a.swapRejections == 0 {
+		return
+	}
+	next, err := a.store.Next()
+	if err != nil {
+		a.swapRejections = 0
+		return
+	}
+	a.log.Error("the hub rejected the new certificate in the TLS handshake and accepted the current one; rolling back", "serial", next.Serial)
+	a.rollback(ctx, next)
+}
+
 // rollback drops a staged identity and its key (unless it is the current
 // key), keeping the current identity.
 func (a *Agent) rollback(ctx context.Context, next *provisioning.Identity) {
@@ -431,7 +554,7 @@ func (a *Agent) rollback(ctx context.Context, next *provisioning.Identity) {
 		a.log.Error("rollback", "err", err)
 		return
 	}
-	a.swapFailures = 0
+	a.swapFailures, a.swapRejections = 0, 0
 	if cur == nil || cur.KeyURI != next.KeyURI {
 		if u, err := keystore.Parse(next.KeyURI); err == nil {
 			if err := a.keys.Delete(context.WithoutCancel(ctx), u); err != nil {

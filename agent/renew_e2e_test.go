@@ -152,8 +152,16 @@ func renewRepeatedly(t *testing.T, az *testenv.Azsim, regID, opKey string) {
 // The hub refuses a staged pair (here: a certificate from a CA the hub does
 // not trust): the agent rolls back to the current pair, deletes the new key
 // and keeps the old one.
+// The hub refuses a renewed pair with a TLS alert (azsim's default, as Azure
+// may) or with CONNACK 5 (--gentle): either way it is rolled back.
 func TestRenewalRollback(t *testing.T) {
-	az := testenv.StartAzsim(t, azsim.Config{})
+	for name, gentle := range map[string]bool{"ok/tls-alert": false, "ok/connack-5": true} {
+		t.Run(name, func(t *testing.T) { renewalRollback(t, gentle) })
+	}
+}
+
+func renewalRollback(t *testing.T, gentle bool) {
+	az := testenv.StartAzsim(t, azsim.Config{Gentle: gentle})
 	d := newDevice(t, az, devOpts{regID: "gw-rollback"})
 	cur, err := d.provision()
 	if err != nil {
@@ -203,6 +211,16 @@ func TestRenewalRollback(t *testing.T) {
 // after the restart its new request gets 409 (one is active), it replaces
 // the old one, and the renewal completes through the hub.
 func TestRenewal409Replace(t *testing.T) {
+	// With the request recorded, gwagent waits for its own request after
+	// the restart (never "replace", which would cancel it); without the
+	// record (lost), the hub's 409 names a request gwagent does not know,
+	// and it replaces it.
+	for name, lost := range map[string]bool{"ok/own-request-recovered": false, "ok/unknown-request-replaced": true} {
+		t.Run(name, func(t *testing.T) { renewal409(t, lost) })
+	}
+}
+
+func renewal409(t *testing.T, lostRecord bool) {
 	az := testenv.StartAzsim(t, azsim.Config{CertLifetime: 40 * time.Second, IssueDelay: 6 * time.Second})
 	d := newDevice(t, az, devOpts{regID: "gw-renew-409", extra: fastRenewal})
 	r := d.start()
@@ -211,13 +229,22 @@ func TestRenewal409Replace(t *testing.T) {
 	})
 	s0 := d.current().Serial
 	r.stop()
+	if lostRecord {
+		if err := os.Remove(filepath.Join(d.cfg.StateDir, "renewal-pending.json")); err != nil {
+			t.Fatal(err)
+		}
+	}
 	r = d.start()
-	testenv.Eventually(t, 30*time.Second, "renewed through the hub after a 409", func() bool {
+	testenv.Eventually(t, 30*time.Second, "renewed through the hub after the restart", func() bool {
 		id, err := storeCurrent(d)
 		return err == nil && id.Serial != s0 && id.Via == "hub"
 	})
-	if !strings.Contains(r.log.String(), "already in flight; replacing it") {
-		t.Fatal("no 409 was handled")
+	replaced := strings.Contains(r.log.String(), "replacing it")
+	if lostRecord != replaced {
+		t.Fatalf("replaced an in-flight request: %v, want %v", replaced, lostRecord)
+	}
+	if !lostRecord && !strings.Contains(r.log.String(), "waiting for the certificate request sent before the restart") {
+		t.Fatal("the recorded request was not recovered")
 	}
 }
 

@@ -37,6 +37,9 @@ type Options struct {
 	Backoff backoff.Policy
 	// ClockPoll is how often an unsynchronised clock is checked; default 5 s.
 	ClockPoll time.Duration
+	// Reprovision bounds re-registrations after the hub refused the
+	// identity (reprovision.go); default 1 min to 1 h backoff, 4 per hour.
+	Reprovision ReprovisionPolicy
 
 	// newWatcher stands in for fsnotify.NewWatcher in tests (export_test.go):
 	// inotify that cannot be had is a fault the kernel gives only when its
@@ -82,7 +85,13 @@ type Agent struct {
 	renewFailures int
 	retryAt       time.Time
 	pending       *pendingIssue
+	hubUnanswered int // certificate requests in a row the hub never answered
 	swapFailures  int
+
+	// Refusals by the hub (reprovision.go), the lifecycle goroutine's own.
+	reprov         reprovisionGate
+	hsRejections   int
+	swapRejections int
 }
 
 // New loads the config and prepares an agent; Run starts it.
@@ -117,6 +126,7 @@ func New(cfgPath string, opts Options) (*Agent, error) {
 		crashAt:  os.Getenv(crashEnv),
 		rng:      rand.New(rand.NewPCG(uint64(time.Now().UnixNano()), uint64(os.Getpid()))),
 	}
+	a.reprov.policy = opts.Reprovision.withDefaults()
 	a.cfg.Store(cfg)
 	a.applyLogLevel(cfg)
 	a.interval.Store(int64(cfg.Telemetry.Interval.Duration))

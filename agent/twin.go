@@ -77,12 +77,14 @@ func (a *Agent) reportInterval(ctx context.Context, sess *transport.Session, ver
 // retry-after if it sent one) until it succeeds or the session ends.
 func (a *Agent) syncTwin(ctx context.Context, sess *transport.Session, id *provisioning.Identity) {
 	rng := rand.New(rand.NewPCG(uint64(time.Now().UnixNano()), 0x7769))
+	var done twinSyncDone
 	for attempt := 1; ; attempt++ {
-		err := a.syncTwinOnce(ctx, sess, id)
+		err := a.syncTwinOnce(ctx, sess, id, &done)
 		if err == nil {
 			if attempt > 1 {
 				a.log.Info("twin synchronised", "attempts", attempt)
 			}
+			a.status.Clear(CondThrottled)
 			return
 		}
 		if ctx.Err() != nil {
@@ -92,6 +94,9 @@ func (a *Agent) syncTwin(ctx context.Context, sess *transport.Session, id *provi
 		var se *transport.StatusError
 		if errors.As(err, &se) && se.RetryAfter > d {
 			d = se.RetryAfter
+		}
+		if errors.As(err, &se) && se.Status == 429 {
+			a.status.Raise(CondThrottled, fmt.Sprintf("the hub throttled a twin operation (429); retrying in %s", d.Round(time.Millisecond)))
 		}
 		a.log.Warn("twin synchronisation failed; retrying", "err", err, "retry_in", d.Round(time.Millisecond))
 		t := time.NewTimer(d)
@@ -104,20 +109,34 @@ func (a *Agent) syncTwin(ctx context.Context, sess *transport.Session, id *provi
 	}
 }
 
-func (a *Agent) syncTwinOnce(ctx context.Context, sess *transport.Session, id *provisioning.Identity) error {
-	var tw *transport.Twin
-	err := twinRequest(ctx, "read (GET)", func(ctx context.Context) (err error) {
-		tw, err = sess.GetTwin(ctx)
-		return err
-	})
-	if err != nil {
-		return err
+// twinSyncDone is what a sync has achieved so far: a retry after a throttled
+// (429) step goes on from there instead of repeating the steps that worked,
+// which under a hub-wide rate limit would be throttled in turn, forever.
+type twinSyncDone struct {
+	read, reported bool
+	version        int64
+}
+
+func (a *Agent) syncTwinOnce(ctx context.Context, sess *transport.Session, id *provisioning.Identity, done *twinSyncDone) error {
+	if !done.read {
+		var tw *transport.Twin
+		err := twinRequest(ctx, "read (GET)", func(ctx context.Context) (err error) {
+			tw, err = sess.GetTwin(ctx)
+			return err
+		})
+		if err != nil {
+			return err
+		}
+		a.applyDesired(tw.Desired)
+		var v struct {
+			Version int64 `json:"$version"`
+		}
+		json.Unmarshal(tw.Desired, &v)
+		done.read, done.version = true, v.Version
 	}
-	a.applyDesired(tw.Desired)
-	var v struct {
-		Version int64 `json:"$version"`
+	if done.reported {
+		return a.reportInterval(ctx, sess, done.version)
 	}
-	json.Unmarshal(tw.Desired, &v)
 	report := map[string]any{
 		"agent": map[string]any{"version": a.opts.Version, "state": a.status.Snapshot().State, "startedAt": a.started.UTC()},
 		"certificate": map[string]any{
@@ -125,14 +144,15 @@ func (a *Agent) syncTwinOnce(ctx context.Context, sess *transport.Session, id *p
 			"serial": id.Serial, "via": id.Via,
 		},
 	}
-	err = twinRequest(ctx, "report of agent and certificate (PATCH reported)", func(ctx context.Context) error {
+	err := twinRequest(ctx, "report of agent and certificate (PATCH reported)", func(ctx context.Context) error {
 		_, err := sess.PatchReported(ctx, report)
 		return err
 	})
 	if err != nil {
 		return err
 	}
-	return a.reportInterval(ctx, sess, v.Version)
+	done.reported = true
+	return a.reportInterval(ctx, sess, done.version)
 }
 
 // onMethod answers direct methods.

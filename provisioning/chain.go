@@ -4,6 +4,7 @@ import (
 	"crypto"
 	"crypto/x509"
 	"fmt"
+	"slices"
 	"time"
 )
 
@@ -14,14 +15,18 @@ const clockSkew = 5 * time.Minute
 
 // ValidateChain checks an issued chain before anything is stored:
 //   - the leaf's public key is ours (pub),
-//   - the leaf's subject CN is the device id DPS assigned,
+//   - the leaf's subject CN is cn, the one the CSR asked for: the
+//     registration id from DPS (even when DPS assigns another device id),
+//     the device id from the hub's renewal API,
+//   - the leaf allows TLS client authentication (clientAuth EKU, or no EKU
+//     list); as in Azure, intermediates need not carry that EKU,
 //   - the chain verifies, each certificate signed by the next, up to the
 //     last one, which must be a self-signed root — or, when anchors is
 //     non-nil, up to one of those roots,
 //   - every certificate is valid at now, with a clock error named as such.
 //
 // Errors wrap ErrBadChain and say what is wrong.
-func ValidateChain(chain []*x509.Certificate, pub crypto.PublicKey, deviceID string, now time.Time, anchors *x509.CertPool) error {
+func ValidateChain(chain []*x509.Certificate, pub crypto.PublicKey, cn string, now time.Time, anchors *x509.CertPool) error {
 	if len(chain) == 0 {
 		return fmt.Errorf("%w: empty chain", ErrBadChain)
 	}
@@ -30,8 +35,13 @@ func ValidateChain(chain []*x509.Certificate, pub crypto.PublicKey, deviceID str
 	if k, ok := leaf.PublicKey.(equaler); !ok || !k.Equal(pub) {
 		return fmt.Errorf("%w: the issued certificate (serial %s) is for a different key than the one we sent in the CSR", ErrBadChain, FormatSerial(leaf.SerialNumber))
 	}
-	if leaf.Subject.CommonName != deviceID {
-		return fmt.Errorf("%w: certificate CN %q is not the assigned device id %q", ErrBadChain, leaf.Subject.CommonName, deviceID)
+	if leaf.Subject.CommonName != cn {
+		return fmt.Errorf("%w: certificate CN %q is not %q, the name our CSR asked for", ErrBadChain, leaf.Subject.CommonName, cn)
+	}
+	if len(leaf.ExtKeyUsage)+len(leaf.UnknownExtKeyUsage) > 0 && !slices.ContainsFunc(leaf.ExtKeyUsage, func(u x509.ExtKeyUsage) bool {
+		return u == x509.ExtKeyUsageClientAuth || u == x509.ExtKeyUsageAny
+	}) {
+		return fmt.Errorf("%w: the issued certificate (serial %s) does not allow TLS client authentication (no clientAuth extended key usage)", ErrBadChain, leaf.SerialNumber.Text(16))
 	}
 	if err := checkDates(leaf, now); err != nil {
 		return fmt.Errorf("%w: %w", ErrBadChain, err)
@@ -59,7 +69,10 @@ func ValidateChain(chain []*x509.Certificate, pub crypto.PublicKey, deviceID str
 		Roots:         roots,
 		Intermediates: inter,
 		CurrentTime:   at,
-		KeyUsages:     []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth},
+		// The leaf's EKU is checked above; crypto/x509 would also demand
+		// clientAuth of every intermediate that lists EKUs, which Azure
+		// does not.
+		KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageAny},
 	})
 	if err != nil {
 		return fmt.Errorf("%w: the chain does not verify: %v", ErrBadChain, err)

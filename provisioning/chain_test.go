@@ -66,6 +66,20 @@ func TestValidateChain(t *testing.T) {
 	good := func() []*x509.Certificate {
 		return ca.issue(t, &key.PublicKey, "dev-1", now.Add(-time.Minute), now.Add(time.Hour))
 	}
+	// EKU variants: an intermediate restricted to serverAuth (Azure accepts
+	// it, crypto/x509's default check would not), a leaf without clientAuth,
+	// a leaf without any EKU list.
+	serverOnly := newTestCA(t, "eku")
+	interTmpl := &x509.Certificate{SerialNumber: big.NewInt(3), Subject: pkix.Name{CommonName: "eku issuing"},
+		NotBefore: now.Add(-time.Hour), NotAfter: now.Add(24 * time.Hour), IsCA: true, BasicConstraintsValid: true,
+		KeyUsage: x509.KeyUsageCertSign, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}}
+	serverOnly.issuing = mustCert(t, interTmpl, serverOnly.root, &serverOnly.issuingKey.PublicKey, serverOnly.rootKey)
+	leafWith := func(eku []x509.ExtKeyUsage) []*x509.Certificate {
+		leaf := mustCert(t, &x509.Certificate{SerialNumber: big.NewInt(time.Now().UnixNano()), Subject: pkix.Name{CommonName: "dev-1"},
+			NotBefore: now.Add(-time.Minute), NotAfter: now.Add(time.Hour), KeyUsage: x509.KeyUsageDigitalSignature,
+			ExtKeyUsage: eku}, ca.issuing, &key.PublicKey, ca.issuingKey)
+		return []*x509.Certificate{leaf, ca.issuing, ca.root}
+	}
 	anchors := x509.NewCertPool()
 	anchors.AddCert(ca.root)
 	foreignAnchors := x509.NewCertPool()
@@ -89,6 +103,9 @@ func TestValidateChain(t *testing.T) {
 		{"fail/leaf-only", good()[:1], now, nil, "self-signed root"},
 		{"fail/foreign-root", append(good()[:2], other.root), now, nil, "does not verify"},
 		{"fail/pinned-other-root", good(), now, foreignAnchors, "does not verify"},
+		{"ok/intermediate-without-clientauth-eku", serverOnly.issue(t, &key.PublicKey, "dev-1", now.Add(-time.Minute), now.Add(time.Hour)), now, nil, ""},
+		{"ok/leaf-without-eku-list", leafWith(nil), now, nil, ""},
+		{"fail/leaf-without-clientauth", leafWith([]x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}), now, nil, "client authentication"},
 		{"fail/missing-intermediate", []*x509.Certificate{good()[0], ca.root}, now, nil, "does not verify"},
 	}
 	for _, tc := range tests {

@@ -201,6 +201,23 @@ func pollUntilFinal(ctx context.Context, cfg *DPSConfig, rng *rand.Rand, status 
 		if status, retryAfter, body, err = next(opID); err != nil {
 			return nil, err
 		}
+		for tries := 0; status == 429 && tries < 10; tries++ {
+			// Throttled while polling (DPS allows 5 polls per 10 s per
+			// device): wait as asked and poll the same operation again.
+			// Registering anew would start a new operation and wait all
+			// over.
+			wait := backoff.Clamp(retryAfter, cfg.RetryAfterMin, cfg.RetryAfterMax)
+			if wait == 0 {
+				wait = cfg.Backoff.Delay(polls+tries, rng)
+			}
+			cfg.progress(Step{Kind: StepRetrying, Wait: wait, Err: decodeServiceError(status, body)})
+			if err := sleep(ctx, wait); err != nil {
+				return nil, err
+			}
+			if status, retryAfter, body, err = next(opID); err != nil {
+				return nil, err
+			}
+		}
 	}
 }
 

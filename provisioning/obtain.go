@@ -38,7 +38,9 @@ func Obtain(ctx context.Context, dps DPSConfig, signer crypto.Signer, now time.T
 	if err != nil {
 		return nil, fmt.Errorf("dps: %w", err)
 	}
-	if err := ValidateChain(chain, signer.Public(), st.DeviceID, now, anchors); err != nil {
+	// The CN is the registration id our CSR asked for, also when DPS
+	// assigns another device id (individual enrollments).
+	if err := ValidateChain(chain, signer.Public(), dps.RegistrationID, now, anchors); err != nil {
 		return nil, fmt.Errorf("dps: %w", err)
 	}
 	return &Issued{State: st, Chain: chain}, nil

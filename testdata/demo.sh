@@ -39,7 +39,7 @@ export AZSIM_ADMIN=http://$ADMIN
 say "starting azsim: DPS and IoT Hub emulators with their own PKI (certificates live $LIFETIME so you see a renewal)"
 "$BIN/azsim" serve --state "$DIR/azsim" --dps-addr 127.0.0.1:18883 --dps-https-addr 127.0.0.1:18443 --hub-addr 127.0.0.1:18884 --admin-addr $ADMIN \
 	--dps-ws-addr 127.0.0.1:18445 --hub-ws-addr 127.0.0.1:18444 \
-	--cert-lifetime "$LIFETIME" --telemetry-log "$DIR/telemetry.jsonl" --retry-after 1 >"$DIR/azsim.log" 2>&1 &
+	--cert-lifetime "$LIFETIME" --telemetry-log "$DIR/telemetry.jsonl" --retry-after 1 --gentle >"$DIR/azsim.log" 2>&1 &
 pids+=($!)
 for _ in $(seq 50); do "$BIN/azsim" info >/dev/null 2>&1 && break; sleep 0.1; done
 sed 's/^/    /' "$DIR/azsim.log"

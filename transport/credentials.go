@@ -10,6 +10,67 @@ import (
 	"time"
 )
 
+// ErrNoCertificateManagement: the hub refused the subscription to the
+// certificate-signing API's answers (SUBACK 0x80): it does not offer
+// certificate management. Renew through DPS instead.
+var ErrNoCertificateManagement = errors.New("the hub does not offer certificate management (it refused the $iothub/credentials subscription)")
+
+// ErrCredentialsUnanswered: the hub did not acknowledge a certificate
+// request with 202: it stayed silent until the accept timeout or the
+// connection ended first. The hub never committed to the request.
+var ErrCredentialsUnanswered = errors.New("the hub did not answer the certificate request")
+
+// subackErr checks the return codes of a SUBACK against the request.
+func subackErr(result map[string]byte, asked map[string]byte) error {
+	for f := range asked {
+		code, ok := result[f]
+		switch {
+		case !ok:
+			return fmt.Errorf("hub: subscribe: no SUBACK code for %s", f)
+		case code == 0x80 && f == credentialsResSub:
+			return fmt.Errorf("hub: subscribe %s: %w", f, ErrNoCertificateManagement)
+		case code == 0x80:
+			return fmt.Errorf("hub: subscribe %s: refused by the hub (SUBACK 0x80)", f)
+		case code > 2:
+			return fmt.Errorf("hub: subscribe %s: unexpected SUBACK code %#x", f, code)
+		}
+	}
+	return nil
+}
+
+// WatchCredentials subscribes to the certificate-signing API's answers on
+// this connection, once; IssueCertificate does it itself. Call it after a
+// reconnect while a request the hub accepted is still pending, so that the
+// answer reaches Config.OnCredentials.
+func (s *Session) WatchCredentials(ctx context.Context) error {
+	s.mu.Lock()
+	done := s.credSubscribed
+	s.mu.Unlock()
+	if done {
+		return nil
+	}
+	if err := s.subscribe(ctx, map[string]byte{credentialsResSub: 0}); err != nil {
+		return err
+	}
+	s.mu.Lock()
+	s.credSubscribed = true
+	s.mu.Unlock()
+	return nil
+}
+
+// unwatchCredentials ends the subscription once no answer is awaited.
+func (s *Session) unwatchCredentials() {
+	s.mu.Lock()
+	if !s.credSubscribed {
+		s.mu.Unlock()
+		return
+	}
+	s.credSubscribed = false
+	s.mu.Unlock()
+	t := s.client.Unsubscribe(credentialsResSub)
+	t.WaitTimeout(10 * time.Second)
+}
+
 // IssueRequest is one call of the hub's certificate-signing API
 // (azure-protocol §2.5).
 type IssueRequest struct {
@@ -22,9 +83,27 @@ type IssueRequest struct {
 	Replace string
 	// AcceptTimeout bounds the wait for the 202 (default 90 s, as the SDKs).
 	AcceptTimeout time.Duration
+	// After the 202 the wait lasts until the operationExpires it carries
+	// (issuance may take hours), or AnswerWait when it carries none, but
+	// never past Latest (if set).
+	AnswerWait time.Duration
+	Latest     time.Time
 	// Accepted, if not nil, is called once the hub committed the request
-	// (202), before the wait for the certificate.
-	Accepted func(rid, correlationID string)
+	// (202), with the end of the wait for the certificate.
+	Accepted func(rid, correlationID string, until time.Time)
+}
+
+// answerDeadline is the end of the wait after a 202 with operationExpires
+// expires (zero if absent), at now.
+func (r IssueRequest) answerDeadline(now, expires time.Time) time.Time {
+	until := expires
+	if until.IsZero() {
+		until = now.Add(r.AnswerWait)
+	}
+	if !r.Latest.IsZero() && r.Latest.Before(until) {
+		until = r.Latest
+	}
+	return until
 }
 
 // IssueError is the hub's error answer to a certificate-signing request.
@@ -33,9 +112,11 @@ type IssueError struct {
 	Code       int    // errorCode, e.g. 409005
 	Message    string // the hub's message
 	Credential string // info.credentialError, e.g. FailedToDecodeCsr
-	// ActiveRID is the request already in flight (409).
-	ActiveRID  string
-	RetryAfter time.Duration
+	// ActiveRID is the request already in flight (409), which lasts until
+	// ActiveExpires (info.operationExpires, zero if not given).
+	ActiveRID     string
+	ActiveExpires time.Time
+	RetryAfter    time.Duration
 }
 
 func (e *IssueError) Error() string {
@@ -84,6 +165,9 @@ func (s *Session) IssueCertificate(ctx context.Context, req IssueRequest) ([]str
 	if err != nil {
 		return nil, err
 	}
+	if err := s.WatchCredentials(ctx); err != nil {
+		return nil, err
+	}
 	ch, done := s.expect(req.RID)
 	defer done()
 	if err := s.publishRequest(ctx, credentialsTopic, req.RID, payload); err != nil {
@@ -97,8 +181,11 @@ func (s *Session) IssueCertificate(ctx context.Context, req IssueRequest) ([]str
 	for {
 		a, err = s.next(waitCtx, ch)
 		if err != nil {
-			if waitCtx == acceptCtx && ctx.Err() == nil && acceptCtx.Err() != nil {
-				return nil, fmt.Errorf("hub: certificate request %s: no answer within %s; the hub may not offer certificate management", req.RID, req.AcceptTimeout)
+			if waitCtx == acceptCtx && ctx.Err() == nil {
+				if acceptCtx.Err() != nil {
+					return nil, fmt.Errorf("hub: certificate request %s: %w within %s", req.RID, ErrCredentialsUnanswered, req.AcceptTimeout)
+				}
+				return nil, fmt.Errorf("hub: certificate request %s: %w: %w", req.RID, ErrCredentialsUnanswered, err)
 			}
 			return nil, fmt.Errorf("hub: certificate request %s: %w", req.RID, err)
 		}
@@ -106,16 +193,22 @@ func (s *Session) IssueCertificate(ctx context.Context, req IssueRequest) ([]str
 			break
 		}
 		if waitCtx == acceptCtx {
-			waitCtx = ctx
+			var b struct {
+				CorrelationID    string `json:"correlationId"`
+				OperationExpires string `json:"operationExpires"`
+			}
+			_ = json.Unmarshal(a.body, &b)
+			until := req.answerDeadline(time.Now(), parseExpires(b.OperationExpires))
+			var cancelAnswer context.CancelFunc
+			waitCtx, cancelAnswer = context.WithDeadline(ctx, until)
+			defer cancelAnswer()
 			if req.Accepted != nil {
-				var b struct {
-					CorrelationID string `json:"correlationId"`
-				}
-				_ = json.Unmarshal(a.body, &b)
-				req.Accepted(req.RID, b.CorrelationID)
+				req.Accepted(req.RID, b.CorrelationID, until)
 			}
 		}
 	}
+	// A final answer: nothing more to wait for on this connection.
+	s.unwatchCredentials()
 	return ParseIssueAnswer(a.status, a.body, retryAfter(a))
 }
 
@@ -141,15 +234,26 @@ func ParseIssueAnswer(status int, body []byte, retry time.Duration) ([]string, e
 		Message    string `json:"message"`
 		RetryAfter int    `json:"retryAfter"`
 		Info       struct {
-			CredentialError string `json:"credentialError"`
-			RequestID       string `json:"requestId"`
+			CredentialError  string `json:"credentialError"`
+			RequestID        string `json:"requestId"`
+			OperationExpires string `json:"operationExpires"`
 		} `json:"info"`
 	}
 	_ = json.Unmarshal(body, &e)
 	ie := &IssueError{Status: status, Code: e.ErrorCode, Message: e.Message, Credential: e.Info.CredentialError,
-		ActiveRID: e.Info.RequestID, RetryAfter: retry}
+		ActiveRID: e.Info.RequestID, ActiveExpires: parseExpires(e.Info.OperationExpires), RetryAfter: retry}
 	if ie.RetryAfter == 0 && e.RetryAfter > 0 {
 		ie.RetryAfter = time.Duration(e.RetryAfter) * time.Second
 	}
 	return nil, ie
+}
+
+// parseExpires reads operationExpires (RFC 3339, fractional seconds
+// optional); zero when absent or malformed.
+func parseExpires(s string) time.Time {
+	t, err := time.Parse(time.RFC3339Nano, s)
+	if err != nil {
+		return time.Time{}
+	}
+	return t
 }

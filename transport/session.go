@@ -107,9 +107,10 @@ type Session struct {
 	once   sync.Once
 	err    atomic.Value // error that ended the session
 
-	mu      sync.Mutex
-	pending map[string]chan answer
-	rid     atomic.Uint64
+	mu             sync.Mutex
+	pending        map[string]chan answer
+	credSubscribed bool // $iothub/credentials/res/# (credentials.go)
+	rid            atomic.Uint64
 }
 
 type answer struct {
@@ -180,15 +181,27 @@ func Dial(ctx context.Context, cfg Config) (*Session, error) {
 	if err := tok.Error(); err != nil {
 		return nil, classifyConnect(cfg.Host, err)
 	}
+	// $iothub/credentials/res/# is subscribed only while renewing
+	// (credentials.go), as Microsoft's SDKs do: a hub without certificate
+	// management refuses it, and static-mode devices must still work there.
 	subs := map[string]byte{
-		twinResSub: 0, twinDesiredSub: 0, methodsSub: 0, credentialsResSub: 0, c2dSub(cfg.DeviceID): 1,
+		twinResSub: 0, twinDesiredSub: 0, methodsSub: 0, c2dSub(cfg.DeviceID): 1,
 	}
-	st := s.client.SubscribeMultiple(subs, s.route)
-	if !waitToken(ctx, st, 30*time.Second) || st.Error() != nil {
+	if err := s.subscribe(ctx, subs); err != nil {
 		s.client.Disconnect(0)
-		return nil, fmt.Errorf("hub: subscribe: %v", tokenErr(st))
+		return nil, err
 	}
 	return s, nil
+}
+
+// subscribe subscribes and checks every SUBACK return code: paho v1 records
+// a refused filter (0x80) in the token's Result without an error.
+func (s *Session) subscribe(ctx context.Context, subs map[string]byte) error {
+	st := s.client.SubscribeMultiple(subs, s.route)
+	if !waitToken(ctx, st, 30*time.Second) || st.Error() != nil {
+		return fmt.Errorf("hub: subscribe: %v", tokenErr(st))
+	}
+	return subackErr(st.(*mqtt.SubscribeToken).Result(), subs)
 }
 
 func classifyConnect(host string, err error) error {

@@ -28,8 +28,10 @@ func telemetryTopic(deviceID string) string { return "devices/" + deviceID + "/m
 func c2dSub(deviceID string) string         { return "devices/" + deviceID + "/messages/devicebound/#" }
 
 // EncodeProperties renders a property bag: system properties (keys without
-// the "$." prefix: mid, ct, ce, ...) then application properties, each
-// key=value URL-encoded as in a query string, sorted for stable topics.
+// the "$." prefix: mid, ct, ce, ...) then application properties, sorted for
+// stable topics, each key=value percent-encoded per RFC 3986: a space is
+// %20, never '+', because the hub decodes like .NET's
+// Uri.UnescapeDataString, which keeps '+' as a plus.
 func EncodeProperties(system, app map[string]string) string {
 	var parts []string
 	add := func(m map[string]string, prefix string) {
@@ -39,7 +41,7 @@ func EncodeProperties(system, app map[string]string) string {
 		}
 		sort.Strings(keys)
 		for _, k := range keys {
-			parts = append(parts, url.QueryEscape(prefix+k)+"="+url.QueryEscape(m[k]))
+			parts = append(parts, bagEscape(prefix+k)+"="+bagEscape(m[k]))
 		}
 	}
 	add(system, "$.")
@@ -47,8 +49,16 @@ func EncodeProperties(system, app map[string]string) string {
 	return strings.Join(parts, "&")
 }
 
+// bagEscape percent-encodes everything but RFC 3986 unreserved characters.
+// url.QueryEscape leaves only those and turns a space into '+'; a literal
+// '+' is already %2B, so every '+' it returns was a space.
+func bagEscape(s string) string {
+	return strings.ReplaceAll(url.QueryEscape(s), "+", "%20")
+}
+
 // DecodeProperties splits a property bag into system properties ("$."
 // removed) and application properties. A key without '=' has an empty value.
+// Percent-escapes are decoded per RFC 3986: '+' stays a plus.
 func DecodeProperties(bag string) (system, app map[string]string) {
 	system, app = map[string]string{}, map[string]string{}
 	for _, kv := range strings.Split(bag, "&") {
@@ -56,8 +66,8 @@ func DecodeProperties(bag string) (system, app map[string]string) {
 			continue
 		}
 		k, v, _ := strings.Cut(kv, "=")
-		dk, err1 := url.QueryUnescape(k)
-		dv, err2 := url.QueryUnescape(v)
+		dk, err1 := url.PathUnescape(k)
+		dv, err2 := url.PathUnescape(v)
 		if err1 != nil || err2 != nil {
 			continue
 		}

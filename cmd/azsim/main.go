@@ -160,13 +160,18 @@ func serve(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs.StringVar(&cfg.DPSWSAddr, "dps-ws-addr", "127.0.0.1:8445", "DPS MQTT over WebSockets listen address (Azure's 443; \"off\": none)")
 	fs.StringVar(&cfg.HubWSAddr, "hub-ws-addr", "127.0.0.1:8444", "IoT Hub MQTT over WebSockets listen address (Azure's 443; \"off\": none)")
 	fs.StringVar(&cfg.AdminAddr, "admin-addr", "127.0.0.1:8480", "admin HTTP API listen address (loopback only)")
+	fs.StringVar(&cfg.Hub2Addr, "hub2-addr", "", "start a second IoT Hub on this address; move a device to it with POST /dps/allocate")
 	fs.StringVar(&cfg.HubHostName, "hub-hostname", "", "hub name as devices dial it (default localhost:PORT)")
 	fs.StringVar(&cfg.IDScope, "id-scope", "0ne00AZSIM0", "DPS id scope")
 	fs.DurationVar(&cfg.CertLifetime, "cert-lifetime", 30*24*time.Hour, "lifetime of issued operational certificates (e.g. 90s for renewal demos)")
 	fs.StringVar(&cfg.TelemetryLog, "telemetry-log", "", "append one JSON line per device-to-cloud message to this file")
 	fs.IntVar(&cfg.RetryAfter, "retry-after", 3, "DPS retry-after seconds while assigning")
-	fs.DurationVar(&cfg.IssueDelay, "issue-delay", time.Second, "hub certificate API delay between 202 and 200")
+	fs.DurationVar(&cfg.IssueDelay, "issue-delay", time.Second, "hub certificate API delay between 202 and 200; up to hours, as real issuance can take (operationExpires follows it)")
 	fs.BoolVar(&cfg.AcceptP256, "accept-p256", false, "let DPS accept P-256 CSRs too (default: P-384 only, as documented)")
+	fs.StringVar(&cfg.ServerKey, "server-key", "rsa", "TLS server chain: rsa (RSA-2048, as Azure's endpoints) or ecdsa")
+	fs.BoolVar(&cfg.NoCertificateManagement, "no-cert-management", false, "play a hub without the certificate-signing API: SUBACK 0x80 for $iothub/credentials/res/#")
+	fs.DurationVar(&cfg.CredentialSyncLag, "credential-sync-lag", 5*time.Second, "after a DPS registration the hub refuses the newly issued certificate for this long, as Azure's asynchronous credential sync can (0: none)")
+	fs.BoolVar(&cfg.Gentle, "gentle", false, "kinder than Azure, for demos: no CA list in the TLS CertificateRequest, bad client certificates get CONNACK 5 instead of a TLS alert, no credential sync lag (see docs/azure-fidelity.md)")
 	names := fs.String("server-names", "", "comma-separated extra DNS names/IPs for the TLS server certificate")
 	infoFile := fs.String("info-file", "", "write the info JSON (addresses, id scope, trust bundle) to this file once serving")
 	if err := fs.Parse(args); err != nil {
@@ -174,6 +179,11 @@ func serve(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	}
 	if *names != "" {
 		cfg.ServerNames = strings.Split(*names, ",")
+	}
+	lagSet := false
+	fs.Visit(func(f *flag.Flag) { lagSet = lagSet || f.Name == "credential-sync-lag" })
+	if cfg.Gentle && !lagSet {
+		cfg.CredentialSyncLag = 0
 	}
 	s, err := azsim.New(cfg)
 	if err != nil {

@@ -18,12 +18,14 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/gwagent/gwagent/internal/azsim/broker"
 	"github.com/gwagent/gwagent/internal/azsim/dps"
 	"github.com/gwagent/gwagent/internal/azsim/faults"
 	"github.com/gwagent/gwagent/internal/azsim/hub"
+	"github.com/gwagent/gwagent/internal/azsim/identity"
 	"github.com/gwagent/gwagent/internal/azsim/pki"
 )
 
@@ -59,7 +61,32 @@ type Config struct {
 	IssueDelay time.Duration
 	// AcceptP256 lets DPS accept P-256 CSRs too.
 	AcceptP256 bool
-	Now        func() time.Time
+	// ServerKey is the key type of the TLS server chains: "rsa" (default,
+	// RSA-2048 like Azure's public endpoints) or "ecdsa".
+	ServerKey string
+	// Gentle makes azsim kinder than Azure, for demos: no CA list in the
+	// CertificateRequest, bad client certificates refused with CONNACK 5
+	// rather than in the TLS handshake. By default azsim is at least as hard
+	// as Azure (docs/azure-fidelity.md).
+	Gentle bool
+	// NoCertificateManagement plays a hub without the certificate-signing
+	// API: it refuses the $iothub/credentials subscription (SUBACK 0x80).
+	NoCertificateManagement bool
+	// CredentialSyncLag: for this long after a DPS registration the hub
+	// refuses the newly issued certificate (CONNACK 5), as Azure's
+	// asynchronous credential sync can. The CLI's default is 5 s.
+	CredentialSyncLag time.Duration
+	// Throttling like the real services; zero values get Azure's figures
+	// (DPS: 5 status polls per 10 s per registration; hub: 100 connections
+	// and 50 twin operations per second, one S1 unit), negative ones or
+	// Gentle turn the limit off.
+	DPSPollLimit   int
+	HubConnectRate int
+	HubTwinRate    int
+	// Hub2Addr, if set, starts a second IoT Hub there ("127.0.0.1:0" in
+	// tests); DPS assigns a device to it after POST /dps/allocate.
+	Hub2Addr string
+	Now      func() time.Time
 }
 
 // Default enrollment groups created on a fresh state directory.
@@ -74,7 +101,11 @@ type Server struct {
 	PKI    *pki.PKI
 	DPS    *dps.DPS
 	Hub    *hub.Hub
+	Hub2   *hub.Hub // nil unless Config.Hub2Addr is set
 	Faults *faults.Injector
+
+	allocMu sync.Mutex
+	alloc   map[string]*hub.Hub // by lower-case registration id
 
 	admin   *http.Server
 	adminLn net.Listener
@@ -87,6 +118,7 @@ type Info struct {
 	DPSAddr      string `json:"dpsAddr"`      // host:port for devices
 	DPSHTTPSAddr string `json:"dpsHttpsAddr"` // host:port of the REST endpoint
 	HubHostName  string `json:"hubHostName"`  // as devices dial it
+	Hub2HostName string `json:"hub2HostName,omitempty"`
 	AdminURL     string `json:"adminUrl"`
 	// DPSWebSocketPort and HubWebSocketPort are the WebSocket ports (0: none),
 	// on the same host names as DPSAddr and HubHostName.
@@ -145,9 +177,25 @@ func New(cfg Config) (*Server, error) {
 		}
 		s.logFile, tlog = f, f
 	}
-	s.Hub, err = hub.New(hub.Config{Addr: cfg.HubAddr, WSAddr: wsAddr(cfg.HubWSAddr), HostName: cfg.HubHostName, TLS: p.ServerTLS(), Issuer: p,
+	limit := func(v, azure int) int {
+		switch {
+		case cfg.Gentle || v < 0:
+			return 0
+		case v == 0:
+			return azure
+		}
+		return v
+	}
+	serverTLS, err := p.ServerTLS(cfg.ServerKey, !cfg.Gentle)
+	if err != nil {
+		s.Close()
+		return nil, fmt.Errorf("azsim: %w", err)
+	}
+	s.Hub, err = hub.New(hub.Config{Addr: cfg.HubAddr, WSAddr: wsAddr(cfg.HubWSAddr), HostName: cfg.HubHostName, TLS: serverTLS, Issuer: p,
 		CertLifetime: cfg.CertLifetime, StateDir: filepath.Join(cfg.StateDir, "hub"), TelemetryLog: tlog,
-		Faults: s.Faults, Now: cfg.Now, IssueDelay: cfg.IssueDelay})
+		Faults: s.Faults, Now: cfg.Now, IssueDelay: cfg.IssueDelay, RejectInHandshake: !cfg.Gentle,
+		NoCertificateManagement: cfg.NoCertificateManagement, CredentialSyncLag: cfg.CredentialSyncLag,
+		ConnectRate: limit(cfg.HubConnectRate, 100), TwinRate: limit(cfg.HubTwinRate, 50)})
 	if err != nil {
 		s.Close()
 		return nil, err
@@ -156,9 +204,23 @@ func New(cfg Config) (*Server, error) {
 		s.Close()
 		return nil, err
 	}
-	s.DPS, err = dps.New(dps.Config{Addr: cfg.DPSAddr, WSAddr: wsAddr(cfg.DPSWSAddr), IDScope: cfg.IDScope, TLS: p.ServerTLS(), Registrar: s.Hub,
-		Issuer: p, CertLifetime: cfg.CertLifetime, RetryAfter: cfg.RetryAfter, AcceptP256: cfg.AcceptP256,
-		StateDir: filepath.Join(cfg.StateDir, "dps"), Faults: s.Faults, Now: cfg.Now})
+	if cfg.Hub2Addr != "" {
+		hc := s.Hub.Config()
+		// The second hub serves MQTT only: no WebSocket listener of its own.
+		hc.Addr, hc.WSAddr, hc.HostName, hc.StateDir = cfg.Hub2Addr, "", "", filepath.Join(cfg.StateDir, "hub2")
+		if s.Hub2, err = hub.New(hc); err != nil {
+			s.Close()
+			return nil, err
+		}
+		if err := s.Hub2.TrustCA("azsim-onboarding-root", p.OnboardRoot.Cert); err != nil {
+			s.Close()
+			return nil, err
+		}
+	}
+	s.DPS, err = dps.New(dps.Config{Addr: cfg.DPSAddr, WSAddr: wsAddr(cfg.DPSWSAddr), IDScope: cfg.IDScope, TLS: serverTLS, Registrar: s.Hub,
+		Allocate: s.allocate,
+		Issuer:   p, CertLifetime: cfg.CertLifetime, RetryAfter: cfg.RetryAfter, AcceptP256: cfg.AcceptP256,
+		StateDir: filepath.Join(cfg.StateDir, "dps"), Faults: s.Faults, Now: cfg.Now, PollLimit: limit(cfg.DPSPollLimit, 5)})
 	if err != nil {
 		s.Close()
 		return nil, err
@@ -203,10 +265,45 @@ func (s *Server) defaultEnrollments() error {
 	return nil
 }
 
-// Start serves DPS, the hub and the admin API.
+// allocate is DPS's allocation: the hub an operator moved the device to
+// (POST /dps/allocate), else the first hub.
+func (s *Server) allocate(regID string) identity.Registrar {
+	s.allocMu.Lock()
+	defer s.allocMu.Unlock()
+	if h := s.alloc[strings.ToLower(regID)]; h != nil {
+		return h
+	}
+	return nil
+}
+
+// MoveDevice makes DPS assign regID to the second hub (to2) or the first
+// at its next registration, as an operator changing the allocation does.
+func (s *Server) MoveDevice(regID string, to2 bool) error {
+	h := s.Hub
+	if to2 {
+		if s.Hub2 == nil {
+			return errors.New("azsim: no second hub; start with --hub2-addr")
+		}
+		h = s.Hub2
+	}
+	s.allocMu.Lock()
+	defer s.allocMu.Unlock()
+	if s.alloc == nil {
+		s.alloc = map[string]*hub.Hub{}
+	}
+	s.alloc[strings.ToLower(regID)] = h
+	return nil
+}
+
+// Start serves DPS, the hubs and the admin API.
 func (s *Server) Start() error {
 	if err := s.Hub.Start(); err != nil {
 		return err
+	}
+	if s.Hub2 != nil {
+		if err := s.Hub2.Start(); err != nil {
+			return err
+		}
 	}
 	if err := s.DPS.Start(); err != nil {
 		return err
@@ -236,6 +333,9 @@ func (s *Server) Close() error {
 	if s.Hub != nil {
 		errs = append(errs, s.Hub.Close())
 	}
+	if s.Hub2 != nil {
+		errs = append(errs, s.Hub2.Close())
+	}
 	if s.logFile != nil {
 		errs = append(errs, s.logFile.Close())
 	}
@@ -246,6 +346,9 @@ func (s *Server) Close() error {
 func (s *Server) Info() Info {
 	inf := Info{IDScope: s.DPS.IDScope(), HubHostName: s.Hub.HostName(), TrustBundle: s.PKI.TrustBundle(),
 		OnboardingRoot: filepath.Join(s.PKI.Dir(), pki.OnboardRootFile), X509Group: X509Group, SymmetricGroup: SymmetricKeyGroup}
+	if s.Hub2 != nil {
+		inf.Hub2HostName = s.Hub2.HostName()
+	}
 	if a, ok := s.DPS.Addr().(*net.TCPAddr); ok {
 		inf.DPSAddr = "localhost:" + strconv.Itoa(a.Port)
 	}
@@ -288,6 +391,27 @@ func (s *Server) adminMux() http.Handler {
 	mux := http.NewServeMux()
 	mux.Handle("/hub/", s.Hub.AdminHandler())
 	mux.Handle("/dps/", s.DPS.AdminHandler())
+	if s.Hub2 != nil {
+		mux.Handle("/hub2/", http.StripPrefix("/hub2", rewritePrefix("/hub", s.Hub2.AdminHandler())))
+	}
+	mux.HandleFunc("POST /dps/allocate", func(w http.ResponseWriter, r *http.Request) {
+		var f struct {
+			RegistrationID string `json:"registrationId"`
+			Hub            string `json:"hub"` // "hub" or "hub2"
+		}
+		if !decode(w, r, &f) {
+			return
+		}
+		if f.RegistrationID == "" || (f.Hub != "hub" && f.Hub != "hub2") {
+			broker.WriteJSON(w, 400, map[string]string{"error": `need {"registrationId":"...","hub":"hub"|"hub2"}`})
+			return
+		}
+		if err := s.MoveDevice(f.RegistrationID, f.Hub == "hub2"); err != nil {
+			broker.WriteJSON(w, 400, map[string]string{"error": err.Error()})
+			return
+		}
+		w.WriteHeader(http.StatusNoContent)
+	})
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "ok\n") })
 	mux.HandleFunc("GET /info", func(w http.ResponseWriter, r *http.Request) { broker.WriteJSON(w, 200, s.Info()) })
 	mux.HandleFunc("POST /factory/sign", func(w http.ResponseWriter, r *http.Request) {
@@ -367,6 +491,35 @@ func (s *Server) adminMux() http.Handler {
 			broker.WriteJSON(w, 400, map[string]string{"error": `kind must be "wrong-key", "wrong-cn", or "broken-chain"`})
 		}
 	})
+	mux.HandleFunc("POST /faults/reject-certificate", func(w http.ResponseWriter, r *http.Request) {
+		var f struct {
+			Serial string `json:"serial"` // hex
+		}
+		if !decode(w, r, &f) {
+			return
+		}
+		if f.Serial == "" {
+			broker.WriteJSON(w, 400, map[string]string{"error": `need {"serial":"<certificate serial, hex>"}`})
+			return
+		}
+		s.Faults.RejectCertificate(strings.ToLower(strings.TrimLeft(f.Serial, "0")))
+		w.WriteHeader(http.StatusNoContent)
+	})
+	mux.HandleFunc("POST /faults/credentials", func(w http.ResponseWriter, r *http.Request) {
+		var f struct {
+			Mode faults.CredentialsMode `json:"mode"`
+		}
+		if !decode(w, r, &f) {
+			return
+		}
+		switch f.Mode {
+		case faults.CredentialsNormal, faults.CredentialsSilent, faults.CredentialsDrop:
+			s.Faults.SetCredentialsMode(f.Mode)
+			w.WriteHeader(http.StatusNoContent)
+		default:
+			broker.WriteJSON(w, 400, map[string]string{"error": `mode must be "", "silent" or "drop"`})
+		}
+	})
 	mux.HandleFunc("DELETE /faults", func(w http.ResponseWriter, r *http.Request) {
 		s.Faults.Reset()
 		w.WriteHeader(http.StatusNoContent)
@@ -400,4 +553,15 @@ func decode(w http.ResponseWriter, r *http.Request, v any) bool {
 		return false
 	}
 	return true
+}
+
+// rewritePrefix serves h with prefix put back in front of the path, so the
+// second hub's admin API (which routes under /hub/) answers under /hub2/.
+func rewritePrefix(prefix string, h http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		r2 := r.Clone(r.Context())
+		r2.URL.Path = prefix + r.URL.Path
+		r2.URL.RawPath = ""
+		h.ServeHTTP(w, r2)
+	})
 }

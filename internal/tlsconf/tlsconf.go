@@ -14,6 +14,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"reflect"
 )
 
 // Client returns a TLS client config for server (a host or host:port) that
@@ -55,9 +56,57 @@ func Client(server string, roots *x509.CertPool, signer crypto.Signer, chain []*
 		for _, c := range chain {
 			cert.Certificate = append(cert.Certificate, c.Raw)
 		}
-		cfg.Certificates = []tls.Certificate{cert}
+		// Always present the chain, whatever the server asks for. With a
+		// static Certificates list, crypto/tls sends no certificate at all
+		// when the CertificateRequest's certificate_authorities list does
+		// not name one of the chain's issuers (Azure may send a list of its
+		// own CAs), and the device then fails authentication with no hint
+		// why. The server judges the chain, not the client.
+		cfg.GetClientCertificate = func(*tls.CertificateRequestInfo) (*tls.Certificate, error) { return &cert, nil }
 	}
 	return cfg, nil
+}
+
+// RejectedIdentity reports whether err is a server refusing the client's
+// certificate inside the TLS handshake: a fatal alert about the certificate
+// (bad_certificate, unsupported_certificate, certificate_revoked,
+// certificate_expired, certificate_unknown, unknown_ca, access_denied,
+// certificate_required) instead of an MQTT CONNACK refusal. Azure may close
+// a connection this way. Network failures and alerts about the protocol
+// (handshake_failure, protocol_version) are not rejections. A single one may
+// come from a middlebox; callers act on repeats.
+func RejectedIdentity(err error) bool {
+	code, ok := alertCode(err)
+	if !ok {
+		return false
+	}
+	switch code {
+	case 42, 43, 44, 45, 46, 48, 49, 116:
+		return true
+	}
+	return false
+}
+
+// alertCode digs the TLS alert out of err. crypto/tls reports an alert the
+// peer sent as a net.OpError "remote error" around an unexported uint8 type
+// (AlertError only on QUIC), so the number is read by kind.
+func alertCode(err error) (uint8, bool) {
+	var ae tls.AlertError
+	if errors.As(err, &ae) {
+		return uint8(ae), true
+	}
+	var oe *net.OpError
+	for e := err; errors.As(e, &oe); e = oe.Err {
+		if oe.Op == "remote error" && oe.Err != nil {
+			if v := reflect.ValueOf(oe.Err); v.Kind() == reflect.Uint8 {
+				return uint8(v.Uint()), true
+			}
+		}
+		if oe.Err == nil {
+			break
+		}
+	}
+	return 0, false
 }
 
 // LoadPool reads a PEM trust bundle.

@@ -48,6 +48,7 @@ func Run(t *testing.T, b Backend) {
 		pubA = mustP384(t, s.Public())
 		verify(t, s, crypto.SHA384)
 		verify(t, s, crypto.SHA256)
+		tls12ClientAuth(t, s)
 	})
 	if pubA == nil {
 		t.Fatal("cannot continue without a first key")

@@ -23,6 +23,7 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -42,9 +43,14 @@ type Config struct {
 	Addr    string // listen address; ":0" picks a port
 	WSAddr  string // if set, also serve MQTT over WebSockets there
 	IDScope string // default "0ne00AZSIM0"
-	TLS     *tls.Config
+	// TLS carries the server certificate; DPS requests a client certificate
+	// and speaks TLS 1.2 only unless MaxVersion is set.
+	TLS *tls.Config
 	// Registrar is the hub devices are assigned to.
 	Registrar identity.Registrar
+	// Allocate, if set, picks the hub for a registration (an allocation
+	// policy, or an operator moving a device); nil results mean Registrar.
+	Allocate func(registrationID string) identity.Registrar
 	// Issuer signs operational certificates from CSRs.
 	Issuer identity.Issuer
 	// CertLifetime of issued certificates; default 30 days.
@@ -58,17 +64,31 @@ type Config struct {
 	StateDir string
 	Faults   *faults.Injector
 	Now      func() time.Time
+	// PollLimit is the number of operation-status polls a registration may
+	// send per 10 s before DPS answers 429 with retry-after, as Azure DPS
+	// does at 5. Zero: no limit.
+	PollLimit int
 }
 
-// Enrollment is an enrollment group.
+// Enrollment is an enrollment group or, with Individual, an individual
+// enrollment whose ID is the device's registration id. An individual
+// enrollment takes precedence over the groups for its registration id, as
+// in Azure. Other attestation kinds (a TPM's endorsement key) plug in as
+// further Kind values handled by authenticate.
 type Enrollment struct {
-	ID      string `json:"id"`
-	Kind    string `json:"kind"` // "x509" or "symmetricKey"
-	Enabled bool   `json:"enabled"`
+	ID         string `json:"id"`
+	Kind       string `json:"kind"` // "x509" or "symmetricKey"
+	Enabled    bool   `json:"enabled"`
+	Individual bool   `json:"individual,omitempty"`
+	// DeviceID (individual enrollments) is the hub device id to create;
+	// empty: the registration id. Issued certificates keep the
+	// registration id as CN.
+	DeviceID string `json:"deviceId,omitempty"`
 	// CA is the PEM certificate the group trusts (x509): the chain a device
 	// presents must reach it.
 	CA string `json:"ca,omitempty"`
-	// PrimaryKey is the base64 group key (symmetricKey).
+	// PrimaryKey is the base64 group key (symmetricKey); for an individual
+	// enrollment the device's own key.
 	PrimaryKey string `json:"primaryKey,omitempty"`
 
 	ca *x509.Certificate
@@ -112,6 +132,8 @@ type DPS struct {
 	ops     map[string]*operation
 	started bool
 	tpm     *tpmState // TPM enrollments and the REST endpoint (https.go)
+
+	polls *broker.Window // per registration id
 }
 
 // session is what CONNECT established for one client.
@@ -155,6 +177,7 @@ func New(cfg Config) (*DPS, error) {
 	if d.now == nil {
 		d.now = time.Now
 	}
+	d.polls = &broker.Window{N: cfg.PollLimit, Per: 10 * time.Second}
 	if cfg.StateDir != "" {
 		if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
 			return nil, fmt.Errorf("dps: %w", err)
@@ -182,6 +205,11 @@ func (d *DPS) Start() error {
 	tc := d.cfg.TLS.Clone()
 	tc.ClientAuth = tls.RequestClientCert
 	tc.MinVersion = max(tc.MinVersion, tls.VersionTLS12)
+	if tc.MaxVersion == 0 {
+		// Azure DPS speaks TLS 1.2 only: clients must get TLS 1.2 client
+		// authentication right (signature schemes chosen by the server).
+		tc.MaxVersion = tls.VersionTLS12
+	}
 	caps := mqtt.NewDefaultServerCapabilities()
 	caps.MaximumQos = 1
 	caps.MaximumPacketSize = 96 * 1024 // DPS's message limit
@@ -532,6 +560,10 @@ func (d *DPS) poll(cl *mqtt.Client, s *session, rid, opID string) {
 		d.answer(cl, rid, 404, 0, errorBody(404001, "operation "+opID+" not found"))
 		return
 	}
+	if ok, wait := d.polls.Allow(strings.ToLower(s.regID), d.now()); !ok {
+		d.answer(cl, rid, 429, broker.RetryAfterSeconds(wait), errorBody(429001, fmt.Sprintf("more than %d status polls in 10 s; retry after the retry-after", d.cfg.PollLimit)))
+		return
+	}
 	if op.result == nil && d.now().Before(op.readyAt) {
 		d.answer(cl, rid, 202, d.cfg.RetryAfter, mustJSON(map[string]any{"operationId": op.id, "status": "assigning",
 			"registrationState": map[string]any{"registrationId": op.regID, "status": "assigning"}}))
@@ -552,12 +584,15 @@ func (d *DPS) assign(op *operation) error {
 	defer cancel()
 	now := d.now().UTC()
 	deviceID := op.regID
-	dev := identity.Device{ID: deviceID, Auth: identity.AuthCA, Enabled: true}
+	if op.group.Individual && op.group.DeviceID != "" {
+		deviceID = op.group.DeviceID
+	}
+	dev := identity.Device{ID: deviceID, Auth: identity.AuthCA, Enabled: true, CertificateCN: op.regID}
 	var chain []string
 	var serial string
 	var notAfter time.Time
 	if op.csr != nil {
-		csr, cn := op.csr, deviceID
+		csr, cn := op.csr, op.regID // the CN stays the registration id
 		tamper, tampered := d.cfg.Faults.TakeTamper()
 		switch tamper {
 		case faults.TamperWrongKey:
@@ -579,12 +614,21 @@ func (d *DPS) assign(op *operation) error {
 		serial, notAfter = certs[0].SerialNumber.Text(16), certs[0].NotAfter
 	} else if op.sym {
 		key, _ := DeriveKey(op.group.PrimaryKey, op.regID)
+		if op.group.Individual {
+			key = op.group.PrimaryKey
+		}
 		dev.Auth, dev.PrimaryKey = identity.AuthSAS, key
 	}
-	if err := d.cfg.Registrar.RegisterDevice(ctx, dev); err != nil {
+	registrar := d.cfg.Registrar
+	if d.cfg.Allocate != nil {
+		if r := d.cfg.Allocate(op.regID); r != nil {
+			registrar = r
+		}
+	}
+	if err := registrar.RegisterDevice(ctx, dev); err != nil {
 		return err
 	}
-	hub := d.cfg.Registrar.HostName()
+	hub := registrar.HostName()
 	d.mu.Lock()
 	key := strings.ToLower(op.regID)
 	r, ok := d.regs[key]
@@ -592,6 +636,9 @@ func (d *DPS) assign(op *operation) error {
 	if !ok {
 		r = &Registration{RegistrationID: op.regID, Created: now}
 		d.regs[key] = r
+	} else if r.AssignedHub != hub {
+		// Re-provisioned to another hub; azsim does not copy the twin.
+		substatus = "deviceDataMigrated"
 	} else {
 		substatus = "reprovisionedToInitialAssignment"
 	}
@@ -606,10 +653,14 @@ func (d *DPS) assign(op *operation) error {
 	st := map[string]any{"registrationId": op.regID, "createdDateTimeUtc": created.Format(time.RFC3339Nano),
 		"assignedHub": hub, "deviceId": deviceID, "status": "assigned", "substatus": substatus,
 		"lastUpdatedDateTimeUtc": now.Format(time.RFC3339Nano), "etag": base64.StdEncoding.EncodeToString([]byte(newID()))}
+	enr := map[string]any{"enrollmentGroupId": op.group.ID}
+	if op.group.Individual {
+		enr = map[string]any{}
+	}
 	if op.sym {
-		st["symmetricKey"] = map[string]any{"enrollmentGroupId": op.group.ID}
+		st["symmetricKey"] = enr
 	} else {
-		st["x509"] = map[string]any{"enrollmentGroupId": op.group.ID}
+		st["x509"] = enr
 	}
 	if chain != nil {
 		st["issuedCertificateChain"] = chain
@@ -626,24 +677,42 @@ func (d *DPS) authenticate(s *session) (*Enrollment, bool, error) {
 		groups = append(groups, e)
 	}
 	d.mu.Unlock()
+	// An individual enrollment for this registration id comes first.
+	slices.SortStableFunc(groups, func(a, b *Enrollment) int {
+		ia, ib := a.Individual && strings.EqualFold(a.ID, s.regID), b.Individual && strings.EqualFold(b.ID, s.regID)
+		switch {
+		case ia && !ib:
+			return -1
+		case ib && !ia:
+			return 1
+		}
+		return 0
+	})
+	groups = slices.DeleteFunc(groups, func(e *Enrollment) bool { return e.Individual && !strings.EqualFold(e.ID, s.regID) })
 	now := d.now()
 	if len(s.chain) > 0 {
 		leaf := s.chain[0]
 		if !strings.EqualFold(leaf.Subject.CommonName, s.regID) {
 			return nil, false, fmt.Errorf("certificate CN %q is not the registration id %q", leaf.Subject.CommonName, s.regID)
 		}
+		if !clientAuthLeaf(leaf) {
+			return nil, false, errors.New("Invalid certificate: the leaf's extended key usage does not include clientAuth")
+		}
 		inter := x509.NewCertPool()
 		for _, c := range s.chain[1:] {
 			inter.AddCert(c)
 		}
 		for _, g := range groups {
-			if g.Kind != KindX509 {
+			if g.Kind != KindX509 || g.ca == nil {
 				continue
 			}
 			roots := x509.NewCertPool()
 			roots.AddCert(g.ca)
+			// Like Azure: clientAuth is required of the leaf only, not of
+			// the intermediates (crypto/tls's default would demand it of
+			// every certificate that carries an EKU list).
 			if _, err := leaf.Verify(x509.VerifyOptions{Roots: roots, Intermediates: inter, CurrentTime: now,
-				KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}}); err == nil {
+				KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageAny}}); err == nil {
 				return g, false, nil
 			}
 		}
@@ -668,6 +737,9 @@ func (d *DPS) authenticate(s *session) (*Enrollment, bool, error) {
 			continue
 		}
 		key, err := DeriveKey(g.PrimaryKey, s.regID)
+		if g.Individual {
+			key, err = g.PrimaryKey, nil // the device's own key
+		}
 		if err != nil {
 			continue
 		}
@@ -676,6 +748,17 @@ func (d *DPS) authenticate(s *session) (*Enrollment, bool, error) {
 		}
 	}
 	return nil, false, errors.New("The SAS token's signature does not match any enrollment group's derived key")
+}
+
+// clientAuthLeaf: the leaf allows TLS client authentication (no EKU list
+// means any usage).
+func clientAuthLeaf(c *x509.Certificate) bool {
+	if len(c.ExtKeyUsage) == 0 && len(c.UnknownExtKeyUsage) == 0 {
+		return true
+	}
+	return slices.ContainsFunc(c.ExtKeyUsage, func(u x509.ExtKeyUsage) bool {
+		return u == x509.ExtKeyUsageClientAuth || u == x509.ExtKeyUsageAny
+	})
 }
 
 // parseSAS returns the token's resource decoded (sr) and as it appears in

@@ -53,8 +53,15 @@ func connect(t *testing.T, az *testenv.Azsim, regID, apiVersion string, cert *tl
 	pool.AppendCertsFromPEM(b)
 	tc := &tls.Config{RootCAs: pool, ServerName: "localhost", MinVersion: tls.VersionTLS12}
 	if cert != nil {
-		tc.Certificates = []tls.Certificate{*cert}
+		// DPS names CAs in its CertificateRequest that are not the
+		// device's: a static Certificates list would send nothing.
+		tc.GetClientCertificate = func(*tls.CertificateRequestInfo) (*tls.Certificate, error) { return cert, nil }
 	}
+	return dial(t, az, regID, apiVersion, tc, password)
+}
+
+func dial(t *testing.T, az *testenv.Azsim, regID, apiVersion string, tc *tls.Config, password string) (*client, error) {
+	t.Helper()
 	cl := &client{t: t, got: make(chan reply, 8)}
 	opts := paho.NewClientOptions().AddBroker("tls://" + az.Info.DPSAddr).SetClientID(regID).
 		SetUsername(az.Info.IDScope + "/registrations/" + regID + "/api-version=" + apiVersion + "&ClientVersion=paho-test").
@@ -283,3 +290,190 @@ func TestDPS(t *testing.T) {
 }
 
 func big1() *big.Int { return big.NewInt(time.Now().UnixNano()) }
+
+// TestDPSTLS: the handshake as Azure DPS does it: TLS 1.2 only, an RSA-2048
+// server chain by default (ECDSA as an option), and a CertificateRequest
+// whose certificate_authorities list names none of the device's CAs.
+func TestDPSTLS(t *testing.T) {
+	for _, key := range []string{"rsa", "ecdsa"} {
+		t.Run("ok/"+key, func(t *testing.T) {
+			az := testenv.StartAzsim(t, azsim.Config{ServerKey: key})
+			pool := x509.NewCertPool()
+			b, _ := os.ReadFile(az.Info.TrustBundle)
+			pool.AppendCertsFromPEM(b)
+			var req *tls.CertificateRequestInfo
+			cert := onboarding(t, az, "dev-tls")
+			tc := &tls.Config{RootCAs: pool, ServerName: "localhost", MinVersion: tls.VersionTLS12,
+				GetClientCertificate: func(cri *tls.CertificateRequestInfo) (*tls.Certificate, error) { req = cri; return cert, nil }}
+			conn, err := tls.Dial("tcp", az.Info.DPSAddr, tc)
+			if err != nil {
+				t.Fatal(err)
+			}
+			st := conn.ConnectionState()
+			conn.Close()
+			if st.Version != tls.VersionTLS12 {
+				t.Errorf("negotiated %s, want TLS 1.2 only", tls.VersionName(st.Version))
+			}
+			if len(st.PeerCertificates) != 2 {
+				t.Errorf("server sent %d certificates, want leaf and intermediate", len(st.PeerCertificates))
+			}
+			wantAlgo := map[string]x509.PublicKeyAlgorithm{"rsa": x509.RSA, "ecdsa": x509.ECDSA}[key]
+			if st.PeerCertificates[0].PublicKeyAlgorithm != wantAlgo {
+				t.Errorf("server key %v, want %v", st.PeerCertificates[0].PublicKeyAlgorithm, wantAlgo)
+			}
+			if k, ok := st.PeerCertificates[0].PublicKey.(*rsa.PublicKey); ok && k.N.BitLen() != 2048 {
+				t.Errorf("RSA server key of %d bits, want 2048", k.N.BitLen())
+			}
+			if req == nil || len(req.AcceptableCAs) == 0 {
+				t.Fatal("the CertificateRequest carried no certificate_authorities list")
+			}
+			leafIssuer := onboardingIssuer(t, cert)
+			for _, ca := range req.AcceptableCAs {
+				if string(ca) == string(leafIssuer) {
+					t.Fatal("the CA list names the device's factory CA; it must name none of the device's CAs")
+				}
+			}
+			// A client with a static certificate list sends nothing and
+			// is refused; one that always presents its chain registers.
+			static := &tls.Config{RootCAs: pool, ServerName: "localhost", MinVersion: tls.VersionTLS12, Certificates: []tls.Certificate{*cert}}
+			c, err := dial(t, az, "dev-tls", dps.MinCertAPIVersion, static, "")
+			if err != nil {
+				t.Fatal(err)
+			}
+			if r := c.request("$dps/registrations/PUT/iotdps-register/?$rid=1", map[string]any{"registrationId": "dev-tls"}); r.status != 401 {
+				t.Fatalf("static certificate list: %d, want 401 (no certificate sent)", r.status)
+			}
+			c2, err := connect(t, az, "dev-tls", dps.MinCertAPIVersion, cert, "")
+			if err != nil {
+				t.Fatal(err)
+			}
+			if r := c2.register(map[string]any{"registrationId": "dev-tls"}); r.status != 200 {
+				t.Fatalf("register: %d %v", r.status, r.body)
+			}
+		})
+	}
+}
+
+func onboardingIssuer(t *testing.T, c *tls.Certificate) []byte {
+	leaf, err := x509.ParseCertificate(c.Certificate[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	return leaf.RawIssuer
+}
+
+// TestPollThrottling: DPS allows 5 operation-status polls per 10 s per
+// registration and answers 429 with retry-after beyond that.
+func TestPollThrottling(t *testing.T) {
+	frozen := time.Now()
+	az := testenv.StartAzsim(t, azsim.Config{Now: func() time.Time { return frozen }})
+	az.Server.Faults.SetAssignDelay(time.Hour) // stays "assigning": every poll is a 202
+	c, err := connect(t, az, "dev-poll", dps.MinCertAPIVersion, onboarding(t, az, "dev-poll"), "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := c.request("$dps/registrations/PUT/iotdps-register/?$rid=1", map[string]any{"registrationId": "dev-poll"})
+	if r.status != 202 {
+		t.Fatalf("register: %d", r.status)
+	}
+	op := r.body["operationId"].(string)
+	var got []int
+	for i := range 6 {
+		p := c.request(fmt.Sprintf("$dps/registrations/GET/iotdps-get-operationstatus/?$rid=%d&operationId=%s", i+2, op), nil)
+		got = append(got, p.status)
+		if p.status == 429 {
+			if ra, _ := strconv.Atoi(p.query.Get("retry-after")); ra < 1 || ra > 10 {
+				t.Fatalf("429 with retry-after %q, want 1..10 s", p.query.Get("retry-after"))
+			}
+		}
+	}
+	if want := []int{202, 202, 202, 202, 202, 429}; fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Fatalf("poll statuses %v, want %v", got, want)
+	}
+}
+
+// TestIndividualEnrollment: an individual enrollment takes precedence over
+// the groups and may set a device id other than the registration id; the
+// issued certificate keeps the registration id as CN, and the hub accepts
+// the device under its device id with it.
+func TestIndividualEnrollment(t *testing.T) {
+	az := testenv.StartAzsim(t, azsim.Config{})
+	root, err := os.ReadFile(az.Info.OnboardingRoot)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st := az.Admin("PUT", "/dps/enrollments/dev-ind", map[string]any{"kind": "x509", "enabled": true, "individual": true,
+		"deviceId": "gateway-7", "ca": string(root)}, nil); st >= 300 {
+		t.Fatalf("put enrollment: %d", st)
+	}
+	key, _ := ecdsa.GenerateKey(elliptic.P384(), rand.Reader)
+	c, err := connect(t, az, "dev-ind", certAPI, onboarding(t, az, "dev-ind"), "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := c.register(map[string]any{"registrationId": "dev-ind", "csr": csrFor(t, key, "dev-ind")})
+	st, _ := r.body["registrationState"].(map[string]any)
+	if r.status != 200 || st["deviceId"] != "gateway-7" {
+		t.Fatalf("reply %d %v; want device id gateway-7", r.status, r.body)
+	}
+	if x, _ := st["x509"].(map[string]any); x["enrollmentGroupId"] != nil {
+		t.Fatalf("an individual enrollment reported as group %v", x["enrollmentGroupId"])
+	}
+	var hubCert tls.Certificate
+	for _, b := range st["issuedCertificateChain"].([]any) {
+		der, _ := base64.StdEncoding.DecodeString(b.(string))
+		hubCert.Certificate = append(hubCert.Certificate, der)
+	}
+	hubCert.PrivateKey = key
+	leaf, _ := x509.ParseCertificate(hubCert.Certificate[0])
+	if leaf.Subject.CommonName != "dev-ind" {
+		t.Fatalf("issued CN %q, want the registration id", leaf.Subject.CommonName)
+	}
+	pool := x509.NewCertPool()
+	b, _ := os.ReadFile(az.Info.TrustBundle)
+	pool.AppendCertsFromPEM(b)
+	host := az.Info.HubHostName
+	opts := paho.NewClientOptions().AddBroker("tls://" + host).SetClientID("gateway-7").
+		SetUsername(host + "/gateway-7/?api-version=2025-08-01-preview").SetProtocolVersion(4).SetAutoReconnect(false).
+		SetConnectTimeout(5 * time.Second).SetTLSConfig(&tls.Config{RootCAs: pool, ServerName: "localhost", MinVersion: tls.VersionTLS12,
+		GetClientCertificate: func(*tls.CertificateRequestInfo) (*tls.Certificate, error) { return &hubCert, nil }})
+	hc := paho.NewClient(opts)
+	if tok := hc.Connect(); !tok.WaitTimeout(10*time.Second) || tok.Error() != nil {
+		t.Fatalf("hub connect as gateway-7: %v", tok.Error())
+	}
+	hc.Disconnect(0)
+}
+
+// TestReprovisionToAnotherHub: after an operator moves a device, its next
+// registration assigns the second hub with substatus deviceDataMigrated.
+func TestReprovisionToAnotherHub(t *testing.T) {
+	az := testenv.StartAzsim(t, azsim.Config{Hub2Addr: "127.0.0.1:0"})
+	key, _ := ecdsa.GenerateKey(elliptic.P384(), rand.Reader)
+	cert := onboarding(t, az, "dev-move")
+	reg := func() map[string]any {
+		c, err := connect(t, az, "dev-move", certAPI, cert, "")
+		if err != nil {
+			t.Fatal(err)
+		}
+		r := c.register(map[string]any{"registrationId": "dev-move", "csr": csrFor(t, key, "dev-move")})
+		st, _ := r.body["registrationState"].(map[string]any)
+		if r.status != 200 {
+			t.Fatalf("register: %d %v", r.status, r.body)
+		}
+		return st
+	}
+	if st := reg(); st["assignedHub"] != az.Info.HubHostName || st["substatus"] != "initialAssignment" {
+		t.Fatalf("first registration: %v %v", st["assignedHub"], st["substatus"])
+	}
+	if s := az.Admin("POST", "/dps/allocate", map[string]any{"registrationId": "dev-move", "hub": "hub2"}, nil); s != 204 {
+		t.Fatalf("allocate: %d", s)
+	}
+	st := reg()
+	if st["assignedHub"] != az.Info.Hub2HostName || st["substatus"] != "deviceDataMigrated" {
+		t.Fatalf("after the move: %v %v, want %s and deviceDataMigrated", st["assignedHub"], st["substatus"], az.Info.Hub2HostName)
+	}
+	var dev struct{ DeviceID string }
+	if s := az.Admin("GET", "/hub2/devices/dev-move", nil, &dev); s != 200 || dev.DeviceID != "dev-move" {
+		t.Fatalf("second hub registry: %d %q", s, dev.DeviceID)
+	}
+}

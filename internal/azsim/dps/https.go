@@ -22,6 +22,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/gwagent/gwagent/internal/azsim/broker"
 	"github.com/gwagent/gwagent/internal/azsim/faults"
 )
 
@@ -40,6 +41,9 @@ func (d *DPS) StartHTTPS(addr string) error {
 	tc := d.cfg.TLS.Clone()
 	tc.ClientAuth = tls.RequestClientCert
 	tc.MinVersion = max(tc.MinVersion, tls.VersionTLS12)
+	if tc.MaxVersion == 0 {
+		tc.MaxVersion = tls.VersionTLS12 // as Azure DPS, and as the MQTT endpoint
+	}
 	tc.NextProtos = []string{"http/1.1"}
 	mux := http.NewServeMux()
 	mux.HandleFunc("PUT /{scope}/registrations/{regID}/register", d.httpRegister)
@@ -199,6 +203,10 @@ func (d *DPS) httpPoll(w http.ResponseWriter, r *http.Request) {
 	}
 	if authErr != nil {
 		writeDPS(w, 401, 0, errorBody(401002, authErr.Error()))
+		return
+	}
+	if ok, wait := d.polls.Allow(strings.ToLower(s.regID), d.now()); !ok {
+		writeDPS(w, 429, broker.RetryAfterSeconds(wait), errorBody(429001, fmt.Sprintf("more than %d status polls in 10 s; retry after the Retry-After", d.cfg.PollLimit)))
 		return
 	}
 	d.tpm.mu.Lock() // serializes assignment of one operation between polls

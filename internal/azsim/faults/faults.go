@@ -31,6 +31,34 @@ type Injector struct {
 	refuseUntil map[Target]time.Time
 	assignDelay time.Duration
 	tamper      []Tamper
+	rejectCerts map[string]bool // serials (hex) the hub refuses in the TLS handshake
+	credentials CredentialsMode
+}
+
+// CredentialsMode is how the hub treats certificate-signing requests.
+type CredentialsMode string
+
+const (
+	CredentialsNormal CredentialsMode = ""
+	// CredentialsSilent: PUBACK, then nothing: no 202, no answer.
+	CredentialsSilent CredentialsMode = "silent"
+	// CredentialsDrop: the hub closes the connection on the request.
+	CredentialsDrop CredentialsMode = "drop"
+)
+
+// SetCredentialsMode makes the hub answer certificate-signing requests
+// normally, never, or by dropping the connection, until changed.
+func (i *Injector) SetCredentialsMode(m CredentialsMode) {
+	i.mu.Lock()
+	defer i.mu.Unlock()
+	i.credentials = m
+}
+
+// CredentialsMode is the current mode.
+func (i *Injector) CredentialsMode() CredentialsMode {
+	i.mu.Lock()
+	defer i.mu.Unlock()
+	return i.credentials
 }
 
 // Tamper spoils the next issued certificate chain, to test that devices
@@ -118,6 +146,25 @@ func (i *Injector) AssignDelay() time.Duration {
 	return i.assignDelay
 }
 
+// RejectCertificate makes the hub refuse the certificate with this serial
+// (lower-case hex) inside the TLS handshake, with a bad_certificate alert,
+// as if its CA had been removed from the hub.
+func (i *Injector) RejectCertificate(serialHex string) {
+	i.mu.Lock()
+	defer i.mu.Unlock()
+	if i.rejectCerts == nil {
+		i.rejectCerts = map[string]bool{}
+	}
+	i.rejectCerts[serialHex] = true
+}
+
+// CertificateRejected reports whether RejectCertificate named serialHex.
+func (i *Injector) CertificateRejected(serialHex string) bool {
+	i.mu.Lock()
+	defer i.mu.Unlock()
+	return i.rejectCerts[serialHex]
+}
+
 // Reset disarms everything.
 func (i *Injector) Reset() {
 	i.mu.Lock()
@@ -126,4 +173,6 @@ func (i *Injector) Reset() {
 	i.refuseUntil = map[Target]time.Time{}
 	i.assignDelay = 0
 	i.tamper = nil
+	i.rejectCerts = nil
+	i.credentials = CredentialsNormal
 }

@@ -172,7 +172,9 @@ func (h *Hub) checkCertificate(d *device, chain []*x509.Certificate, roots *x509
 		}
 		return errors.New("certificate thumbprint matches none registered for the device")
 	case identity.AuthCA:
-		if leaf.Subject.CommonName != d.ID {
+		// DPS-issued certificates of a device whose individual enrollment
+		// sets another device id keep the registration id as CN.
+		if cn := leaf.Subject.CommonName; cn != d.ID && (d.CertificateCN == "" || cn != d.CertificateCN) {
 			return fmt.Errorf("certificate CN %q is not the device id %q", leaf.Subject.CommonName, d.ID)
 		}
 		inter := x509.NewCertPool()
@@ -193,6 +195,59 @@ func (h *Hub) checkCertificate(d *device, chain []*x509.Certificate, roots *x509
 	default:
 		return fmt.Errorf("device authenticates with %q, not X.509", d.Auth)
 	}
+}
+
+// verifyInHandshake is the hub's tls.Config.VerifyPeerCertificate: an
+// error makes crypto/tls send a bad_certificate alert and end the handshake.
+// No certificate (SAS devices) is left to CONNECT.
+func (h *Hub) verifyInHandshake(raw [][]byte, _ [][]*x509.Certificate) error {
+	if len(raw) == 0 {
+		return nil
+	}
+	chain := make([]*x509.Certificate, 0, len(raw))
+	for _, r := range raw {
+		c, err := x509.ParseCertificate(r)
+		if err != nil {
+			return fmt.Errorf("client certificate does not parse: %w", err)
+		}
+		chain = append(chain, c)
+	}
+	leaf := chain[0]
+	if h.cfg.Faults != nil && h.cfg.Faults.CertificateRejected(leaf.SerialNumber.Text(16)) {
+		return errors.New("client certificate refused (fault injected)")
+	}
+	if !h.cfg.RejectInHandshake {
+		return nil
+	}
+	now := h.now()
+	if now.Before(leaf.NotBefore) || now.After(leaf.NotAfter) {
+		return errors.New("client certificate is not valid now")
+	}
+	inter := x509.NewCertPool()
+	for _, c := range chain[1:] {
+		inter.AddCert(c)
+	}
+	s256 := sha256.Sum256(leaf.Raw)
+	s1 := sha1.Sum(leaf.Raw)
+	h.mu.Lock()
+	roots := h.trustedRootsLocked()
+	known := false
+	for _, d := range h.devices {
+		for _, t := range d.Thumbprints {
+			if t == hex.EncodeToString(s256[:]) || t == hex.EncodeToString(s1[:]) {
+				known = true
+			}
+		}
+	}
+	h.mu.Unlock()
+	if known {
+		return nil
+	}
+	if _, err := leaf.Verify(x509.VerifyOptions{Roots: roots, Intermediates: inter, CurrentTime: now,
+		KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageAny}}); err != nil {
+		return fmt.Errorf("client certificate chains to no CA the hub trusts: %w", err)
+	}
+	return nil
 }
 
 // trustedRootsLocked is the pool device chains must reach: the issuer's CAs

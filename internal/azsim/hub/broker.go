@@ -74,6 +74,9 @@ func (k *hook) OnConnect(cl *mqtt.Client, pk packets.Packet) error {
 	if h.cfg.Faults != nil && h.cfg.Faults.Refusing(faults.Hub, now) {
 		return k.refuse(cl, packets.Err3ServerUnavailable, errors.New("refusing connections (fault injected)"))
 	}
+	if ok, _ := h.connects.Allow("", now); !ok {
+		return k.refuse(cl, packets.Err3ServerUnavailable, fmt.Errorf("connection rate above %d per second (throttled)", h.cfg.ConnectRate))
+	}
 	id := pk.Connect.ClientIdentifier
 	if id == "" {
 		return k.refuse(cl, packets.Err3ClientIdentifierNotValid, errors.New("empty client id; it must be the device id"))
@@ -99,6 +102,10 @@ func (k *hook) OnConnect(cl *mqtt.Client, pk packets.Packet) error {
 		sasExpiry, err = checkSAS(string(pk.Connect.Password), d, []string{h.hostName, h.cfg.HostName, user.host}, now)
 	default:
 		err = h.checkCertificate(d, chain, h.trustedRootsLocked(), now)
+		if err == nil && now.Before(d.syncUntil) && h.issuedByIssuer(chain[0]) &&
+			(d.Certificate == nil || string(d.Certificate.DER) != string(chain[0].Raw)) {
+			err = fmt.Errorf("certificate not synchronised to the hub yet (credential sync lag until %s)", d.syncUntil.UTC().Format(time.RFC3339))
+		}
 	}
 	if err != nil {
 		h.mu.Unlock()
@@ -128,6 +135,16 @@ func (k *hook) OnConnect(cl *mqtt.Client, pk packets.Packet) error {
 		_ = h.persist() // the certificate record is informational
 	}
 	return nil
+}
+
+// issuedByIssuer reports whether leaf was signed by one of the issuer's CAs.
+func (h *Hub) issuedByIssuer(leaf *x509.Certificate) bool {
+	for _, ca := range h.cfg.Issuer.IssuingCAs() {
+		if leaf.CheckSignatureFrom(ca) == nil {
+			return true
+		}
+	}
+	return false
 }
 
 func peerChain(cl *mqtt.Client) []*x509.Certificate {
@@ -211,8 +228,13 @@ func (k *hook) OnACLCheck(cl *mqtt.Client, topic string, write bool) bool {
 	if write {
 		return true
 	}
-	if classifyFilter(cl.ID, topic) == subNone {
+	switch classifyFilter(cl.ID, topic) {
+	case subNone:
 		return false
+	case subCredentials:
+		if k.h.cfg.NoCertificateManagement {
+			return false // SUBACK 0x80
+		}
 	}
 	if _, ok := cl.State.Subscriptions.Get(topic); ok {
 		return true
@@ -242,8 +264,17 @@ func (k *hook) OnPacketRead(cl *mqtt.Client, pk packets.Packet) (packets.Packet,
 	if len(pk.Payload) > maxD2CPayload {
 		return pk, errClose("message of %d bytes exceeds 256 KiB", len(pk.Payload))
 	}
-	if _, err := parseDeviceTopic(cl.ID, pk.TopicName); err != nil {
+	t, err := parseDeviceTopic(cl.ID, pk.TopicName)
+	if err != nil {
 		return pk, errClose("%v", err)
+	}
+	if t.kind == topicIssueCert {
+		if k.h.cfg.NoCertificateManagement {
+			return pk, errClose("this hub has no certificate management")
+		}
+		if k.h.cfg.Faults != nil && k.h.cfg.Faults.CredentialsMode() == faults.CredentialsDrop {
+			return pk, errClose("credentials request dropped (fault injected)")
+		}
 	}
 	return pk, nil
 }

@@ -1,17 +1,25 @@
 package hub_test
 
 import (
+	"context"
 	"crypto/sha1"
 	"crypto/sha256"
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/base64"
 	"encoding/hex"
+	"encoding/json"
+	"fmt"
 	"net/http"
 	"strings"
 	"testing"
 	"time"
 
+	paho "github.com/eclipse/paho.mqtt.golang"
+
 	"github.com/gwagent/gwagent/internal/azsim/faults"
+	"github.com/gwagent/gwagent/internal/azsim/hub"
+	"github.com/gwagent/gwagent/internal/azsim/identity"
 )
 
 const (
@@ -202,5 +210,242 @@ func TestSASExpiryDisconnects(t *testing.T) {
 		}
 	case <-time.After(6 * time.Second):
 		t.Fatal("connection survived its SAS token")
+	}
+}
+
+// TestConnectRejectInHandshake: with RejectInHandshake (azsim's default),
+// certificates the hub can judge without the CONNECT are refused with a TLS
+// alert, as Azure may do, and a certificate the fault injector names is
+// refused in the handshake in any mode.
+func TestConnectRejectInHandshake(t *testing.T) {
+	e := newEnv(t, func(c *hub.Config) { c.RejectInHandshake = true })
+	foreign := newCA(t, "Foreign Root", nil)
+	key := newKey(t)
+	e.putDevice("foreign-1", map[string]any{"auth": "certificateAuthority"})
+	foreignDev := &device{id: "foreign-1", key: key, chain: []*x509.Certificate{foreign.sign(t, key.Public(), "foreign-1", leafOpts{}), foreign.cert}}
+	selfCA := newCA(t, "thumb-1", nil)
+	s256 := sha256.Sum256(selfCA.cert.Raw)
+	e.putDevice("thumb-1", map[string]any{"auth": "selfSigned", "thumbprints": []string{hex.EncodeToString(s256[:])}})
+	symKey := newSymKey()
+	e.putDevice("sas-1", map[string]any{"auth": "sas", "primaryKey": symKey})
+	good := e.issuedDevice("good-1")
+	revoked := e.issuedDevice("revoked-1")
+	e.faults.RejectCertificate(revoked.chain[0].SerialNumber.Text(16))
+
+	for _, tc := range []struct {
+		name  string
+		dev   *device
+		o     dialOpts
+		alert bool
+	}{
+		{"ok/issued", good, dialOpts{}, false},
+		{"ok/thumbprint", &device{id: "thumb-1"}, dialOpts{cert: certOf(selfCA)}, false},
+		{"ok/sas-without-certificate", &device{id: "sas-1", sas: sasToken(e.hub.HostName(), "sas-1", symKey, time.Now().Add(time.Hour))}, dialOpts{noCert: true}, false},
+		{"fail/foreign-ca", foreignDev, dialOpts{}, true},
+		{"fail/rejected-by-fault", revoked, dialOpts{}, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c, code, err := e.dial(tc.dev, tc.o)
+			if !tc.alert {
+				if err != nil {
+					t.Fatalf("CONNACK %d: %v", code, err)
+				}
+				c.stillUp(t)
+				return
+			}
+			if err == nil || code == connNotAuthorized || !strings.Contains(err.Error(), "remote error: tls: bad certificate") {
+				t.Fatalf("code %d, err %v; want a bad_certificate alert in the handshake, no CONNACK", code, err)
+			}
+		})
+	}
+}
+
+// TestConnectCAList: the hub's CertificateRequest may name CAs that are not
+// the device's; a client with a static certificate list then sends nothing
+// and is refused, a client that always presents its chain gets in.
+func TestConnectCAList(t *testing.T) {
+	other := newCA(t, "Some Server Root", nil)
+	e := newEnv(t, func(c *hub.Config) {
+		c.TLS = c.TLS.Clone()
+		c.TLS.ClientCAs = x509.NewCertPool()
+		c.TLS.ClientCAs.AddCert(other.cert)
+	})
+	d := e.issuedDevice("dev-1")
+	e.mustDial(d, dialOpts{}).stillUp(t)
+
+	tc := &tls.Config{RootCAs: e.roots, ServerName: "localhost", MinVersion: tls.VersionTLS12, Certificates: []tls.Certificate{*d.tlsCert()}}
+	var got [][]byte
+	conn, err := tls.Dial("tcp", e.addr, &tls.Config{RootCAs: e.roots, ServerName: "localhost", MinVersion: tls.VersionTLS12,
+		GetClientCertificate: func(cri *tls.CertificateRequestInfo) (*tls.Certificate, error) {
+			got = cri.AcceptableCAs
+			return d.tlsCert(), nil
+		}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	conn.Close()
+	if len(got) != 1 || string(got[0]) != string(other.cert.RawSubject) {
+		t.Fatalf("certificate_authorities %d names, want the configured one", len(got))
+	}
+	opts := paho.NewClientOptions().AddBroker("ssl://" + e.addr).SetClientID("dev-1").
+		SetUsername(e.hub.HostName() + "/dev-1/?api-version=" + apiVersion).SetTLSConfig(tc).SetProtocolVersion(4).
+		SetAutoReconnect(false).SetConnectTimeout(5 * time.Second)
+	cl := paho.NewClient(opts)
+	tok := cl.Connect()
+	tok.WaitTimeout(10 * time.Second)
+	if tok.Error() == nil || tok.(*paho.ConnectToken).ReturnCode() != connNotAuthorized {
+		t.Fatalf("static certificate list: %v, want CONNACK 5 (no certificate was sent)", tok.Error())
+	}
+}
+
+// TestNoCertificateManagement: a hub without the certificate-signing API
+// refuses the credentials subscription with SUBACK 0x80 (paho records it in
+// the token's result, with no error) and closes the connection on a
+// credentials request; everything else works.
+func TestNoCertificateManagement(t *testing.T) {
+	e := newEnv(t, func(c *hub.Config) { c.NoCertificateManagement = true })
+	c := e.mustDial(e.issuedDevice("dev-1"), dialOpts{})
+	tok := c.SubscribeMultiple(map[string]byte{"$iothub/twin/res/#": 0, "$iothub/credentials/res/#": 0}, nil)
+	if !tok.WaitTimeout(5*time.Second) || tok.Error() != nil {
+		t.Fatalf("subscribe: %v", tok.Error())
+	}
+	res := tok.(*paho.SubscribeToken).Result()
+	if res["$iothub/credentials/res/#"] != 0x80 || res["$iothub/twin/res/#"] != 0 {
+		t.Fatalf("SUBACK codes %v, want 0x80 for credentials and 0 for the twin", res)
+	}
+	c.pub(t, "$iothub/twin/GET/?$rid=1", 0, nil)
+	c.recv(t, "$iothub/twin/res/200/")
+	c.Publish("$iothub/credentials/POST/issueCertificate/?$rid=abcd", 1, false, []byte(`{"id":"dev-1","csr":"x"}`))
+	c.waitLost(t)
+}
+
+// TestCredentialsFaults: a hub that stays silent on a certificate request
+// (PUBACK, then nothing) or drops the connection on it.
+func TestCredentialsFaults(t *testing.T) {
+	e := newEnv(t)
+	d := e.issuedDevice("dev-1")
+	csr := base64.StdEncoding.EncodeToString(makeCSR(t, newKey(t), "dev-1").Raw)
+	body := []byte(`{"id":"dev-1","csr":"` + csr + `"}`)
+
+	e.faults.SetCredentialsMode(faults.CredentialsSilent)
+	c := e.mustDial(d, dialOpts{})
+	c.sub(t, "$iothub/credentials/res/#")
+	c.pub(t, "$iothub/credentials/POST/issueCertificate/?$rid=abcd", 1, body)
+	c.none(t, "$iothub/credentials/res/", 2*time.Second)
+	c.stillUp(t)
+
+	e.faults.SetCredentialsMode(faults.CredentialsDrop)
+	c.Publish("$iothub/credentials/POST/issueCertificate/?$rid=abce", 1, false, body)
+	c.waitLost(t)
+
+	e.faults.SetCredentialsMode(faults.CredentialsNormal)
+	c = e.mustDial(d, dialOpts{})
+	c.sub(t, "$iothub/credentials/res/#")
+	c.pub(t, "$iothub/credentials/POST/issueCertificate/?$rid=abcf", 1, body)
+	c.recv(t, "$iothub/credentials/res/202/")
+}
+
+// TestCredentialSyncLag: right after DPS registers a device, the hub does
+// not know its newly issued certificate yet and answers CONNACK 5; once the
+// lag is over it accepts it. The lag only concerns issued certificates.
+func TestCredentialSyncLag(t *testing.T) {
+	e := newEnv(t, func(c *hub.Config) { c.CredentialSyncLag = 2 * time.Second })
+	d := e.issuedDevice("lag-1")
+	start := time.Now()
+	if err := e.hub.RegisterDevice(context.Background(), identity.Device{ID: "lag-1", Auth: identity.AuthCA, Enabled: true}); err != nil {
+		t.Fatal(err)
+	}
+	if _, code, _ := e.dial(d, dialOpts{}); code != connNotAuthorized {
+		t.Fatalf("CONNACK %d during the sync lag, want 5", code)
+	}
+	eventually(t, "accepted after the lag", func() bool {
+		c, code, _ := e.dial(d, dialOpts{})
+		if code == connAccepted {
+			c.Disconnect(0)
+			return true
+		}
+		return false
+	})
+	if time.Since(start) < 2*time.Second {
+		t.Fatal("accepted before the lag was over")
+	}
+	// Once accepted, a later registration does not lock the known
+	// certificate out.
+	if err := e.hub.RegisterDevice(context.Background(), identity.Device{ID: "lag-1", Auth: identity.AuthCA, Enabled: true}); err != nil {
+		t.Fatal(err)
+	}
+	e.mustDial(d, dialOpts{}).stillUp(t)
+}
+
+// TestSlowIssuance: with an issuance delay of hours the 202's
+// operationExpires lies beyond it, and a second request without "replace"
+// gets 409 naming the active one and its operationExpires.
+func TestSlowIssuance(t *testing.T) {
+	e := newEnv(t, func(c *hub.Config) { c.IssueDelay = 3 * time.Hour })
+	c := e.mustDial(e.issuedDevice("dev-1"), dialOpts{})
+	c.sub(t, "$iothub/credentials/res/#")
+	body := []byte(`{"id":"dev-1","csr":"` + base64.StdEncoding.EncodeToString(makeCSR(t, newKey(t), "dev-1").Raw) + `"}`)
+	c.pub(t, "$iothub/credentials/POST/issueCertificate/?$rid=req-1", 1, body)
+	m := c.recv(t, "$iothub/credentials/res/202/")
+	var acc struct{ OperationExpires time.Time }
+	if err := json.Unmarshal(m.Payload(), &acc); err != nil {
+		t.Fatal(err)
+	}
+	if acc.OperationExpires.Before(time.Now().Add(3 * time.Hour)) {
+		t.Fatalf("operationExpires %s is before the issuance delay ends", acc.OperationExpires)
+	}
+	c.pub(t, "$iothub/credentials/POST/issueCertificate/?$rid=req-2", 1, body)
+	m = c.recv(t, "$iothub/credentials/res/409/")
+	var conflict struct {
+		Info struct {
+			RequestID        string
+			OperationExpires time.Time
+		}
+	}
+	json.Unmarshal(m.Payload(), &conflict)
+	if conflict.Info.RequestID != "req-1" || !conflict.Info.OperationExpires.Equal(acc.OperationExpires) {
+		t.Fatalf("409 info %+v, want req-1 until %s", conflict.Info, acc.OperationExpires)
+	}
+}
+
+// TestThrottling: beyond the connection rate the hub answers CONNACK 3;
+// beyond the twin rate it answers 429 with retry-after.
+func TestThrottling(t *testing.T) {
+	// A frozen clock: the one-second windows never slide during the test.
+	frozen := time.Now()
+	e := newEnv(t, func(c *hub.Config) {
+		c.ConnectRate, c.TwinRate = 3, 2
+		c.Now = func() time.Time { return frozen }
+	})
+	var devs []*device
+	for i := range 4 {
+		devs = append(devs, e.issuedDevice(fmt.Sprintf("dev-%d", i)))
+	}
+	var codes []byte
+	var first *client
+	for _, d := range devs {
+		c, code, _ := e.dial(d, dialOpts{})
+		codes = append(codes, code)
+		if first == nil && c != nil {
+			first = c
+		}
+	}
+	if codes[0] != connAccepted || codes[1] != connAccepted || codes[2] != connAccepted || codes[3] != connServerUnavailable {
+		t.Fatalf("CONNACK codes %v, want three accepted and the fourth refused with 3", codes)
+	}
+	first.sub(t, "$iothub/twin/res/#")
+	var got []int
+	for i := range 3 {
+		first.pub(t, fmt.Sprintf("$iothub/twin/GET/?$rid=%d", i), 0, nil)
+		m := first.recv(t, "$iothub/twin/res/")
+		got = append(got, status(m.Topic()))
+		if status(m.Topic()) == 429 {
+			if ra := topicParam(m.Topic(), "retry-after"); ra == "" || ra == "0" {
+				t.Fatalf("429 without retry-after: %s", m.Topic())
+			}
+		}
+	}
+	if got[0] != 200 || got[1] != 200 || got[2] != 429 {
+		t.Fatalf("twin GET statuses %v, want 200, 200, 429", got)
 	}
 }

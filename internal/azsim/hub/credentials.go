@@ -122,6 +122,9 @@ func (h *Hub) issueCertificate(cl *mqtt.Client, t deviceTopic, payload []byte) {
 		h.credFail(cl, rid, credError{status: 400, code: 400001, msg: fmt.Sprintf("the credentials API needs api-version=%s or later in the CONNECT username; this connection used %s", minCredentialsAPIVersion, c.apiVersion)})
 		return
 	}
+	if h.cfg.Faults != nil && h.cfg.Faults.CredentialsMode() == faults.CredentialsSilent {
+		return // PUBACK went out; no 202, no answer ever
+	}
 	if h.cfg.Faults != nil {
 		if a, ok := h.cfg.Faults.Take(faults.Hub); ok {
 			h.credFail(cl, rid, credError{status: a.Status, code: credFaultCode(a.Status), msg: http.StatusText(a.Status) + " (fault injected by azsim)", retryAfter: a.RetryAfter})
@@ -192,7 +195,9 @@ func (h *Hub) issueCertificate(cl *mqtt.Client, t deviceTopic, payload []byte) {
 		h.credFail(cl, rid, credError{status: 412, code: 412005, msg: fmt.Sprintf("replace %q names no active request", *req.Replace)})
 		return
 	}
-	op := &renewalOp{rid: rid, correlationID: newUUID(), expires: now.Add(operationTTL)}
+	// The answer waits an hour beyond the issuance delay, which may be
+	// hours, as real issuance can be.
+	op := &renewalOp{rid: rid, correlationID: newUUID(), expires: now.Add(h.issueDelay + operationTTL)}
 	d.renewal = op
 	h.goLocked(func() { h.runRenewal(cl.ID, op, csr) })
 	h.mu.Unlock()

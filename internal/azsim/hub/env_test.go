@@ -401,7 +401,8 @@ func (e *env) dial(d *device, o dialOpts) (*client, byte, error) {
 		cert = d.tlsCert()
 	}
 	if cert != nil {
-		tc.Certificates = []tls.Certificate{*cert}
+		// Present the chain whatever CA list the hub names.
+		tc.GetClientCertificate = func(*tls.CertificateRequestInfo) (*tls.Certificate, error) { return cert, nil }
 	}
 	c := &client{msgs: make(chan paho.Message, 200), lost: make(chan error, 1)}
 	opts := paho.NewClientOptions().

@@ -97,6 +97,29 @@ type Config struct {
 	// IssueDelay is how long the renewal API waits between its 202 and the
 	// 200 with the certificate. Zero means 1s; negative means no delay.
 	IssueDelay time.Duration
+	// RejectInHandshake judges client certificates inside the TLS handshake
+	// as far as the hub can without the CONNECT (validity, a chain to a
+	// trusted CA or a registered thumbprint) and refuses bad ones with a
+	// bad_certificate alert instead of CONNACK 5. Certificates named by
+	// Faults.RejectCertificate are refused in the handshake either way.
+	RejectInHandshake bool
+	// NoCertificateManagement plays a hub without the certificate-signing
+	// API (a tier or region without it): SUBACK 0x80 for
+	// $iothub/credentials/res/#, and a publish to $iothub/credentials/...
+	// closes the connection like any topic the device may not use.
+	NoCertificateManagement bool
+	// CredentialSyncLag plays Azure pushing a device's new credential to the
+	// hub asynchronously: for this long after DPS registers a device, a
+	// certificate from the issuing CA that the hub has not accepted before
+	// is refused with CONNACK 5. Zero: no lag.
+	CredentialSyncLag time.Duration
+	// ConnectRate is how many CONNECTs per second the hub accepts in all
+	// (Azure throttles connection attempts per unit); beyond it CONNACK 3.
+	// Zero: no limit.
+	ConnectRate int
+	// TwinRate is how many twin operations (GET, reported PATCH) per second
+	// the hub serves in all; beyond it 429 with retry-after. Zero: no limit.
+	TwinRate int
 }
 
 const (
@@ -137,6 +160,8 @@ type Hub struct {
 	nextRID  uint64
 
 	logMu sync.Mutex // serializes telemetry log writes
+
+	connects, twinOps *broker.Window // Config.ConnectRate, Config.TwinRate
 }
 
 // New validates cfg, loads the persisted state from cfg.StateDir and returns
@@ -175,8 +200,11 @@ func New(cfg Config) (*Hub, error) {
 	case h.issueDelay < 0:
 		h.issueDelay = 0
 	}
+	h.connects = &broker.Window{N: cfg.ConnectRate, Per: time.Second}
+	h.twinOps = &broker.Window{N: cfg.TwinRate, Per: time.Second}
 	h.ctx, h.cancel = context.WithCancel(context.Background())
 	h.tlsConf = serverTLS(cfg.TLS)
+	h.tlsConf.VerifyPeerCertificate = h.verifyInHandshake
 
 	if cfg.StateDir != "" {
 		st, err := openStore(cfg.StateDir)
@@ -292,6 +320,10 @@ func defaultHostName(a net.Addr) string {
 	return "localhost:" + strconv.Itoa(port)
 }
 
+// Config is the configuration the hub was created with (a second hub can
+// be made like it).
+func (h *Hub) Config() Config { return h.cfg }
+
 // HostName is the hub's address as devices dial it, e.g. "localhost:8884".
 // It implements identity.Registrar. Before Start it returns Config.HostName.
 func (h *Hub) HostName() string {
@@ -372,7 +404,7 @@ func (h *Hub) RegisterDevice(ctx context.Context, d identity.Device) error {
 	if err := ctx.Err(); err != nil {
 		return fmt.Errorf("hub register device: %w", err)
 	}
-	spec := deviceSpec{Auth: d.Auth, PrimaryKey: d.PrimaryKey, Thumbprints: d.Thumbprints, Enabled: &d.Enabled}
+	spec := deviceSpec{Auth: d.Auth, PrimaryKey: d.PrimaryKey, Thumbprints: d.Thumbprints, Enabled: &d.Enabled, CertificateCN: d.CertificateCN}
 	h.mu.Lock()
 	if _, exists := h.devices[d.ID]; exists {
 		// Like Azure: provisioning again does not re-enable a device an
@@ -382,6 +414,13 @@ func (h *Hub) RegisterDevice(ctx context.Context, d identity.Device) error {
 	h.mu.Unlock()
 	if _, _, err := h.putDevice(d.ID, spec); err != nil {
 		return fmt.Errorf("hub register device: %w", err)
+	}
+	if h.cfg.CredentialSyncLag > 0 {
+		h.mu.Lock()
+		if dev, ok := h.devices[d.ID]; ok {
+			dev.syncUntil = h.now().Add(h.cfg.CredentialSyncLag)
+		}
+		h.mu.Unlock()
 	}
 	return nil
 }

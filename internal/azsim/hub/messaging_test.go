@@ -54,6 +54,30 @@ func TestTelemetryLog(t *testing.T) {
 	}
 }
 
+// TestPropertyBagPlus: the hub decodes property bags per RFC 3986, like
+// .NET's Uri.UnescapeDataString: %2B is a plus, %20 a space, and a raw '+'
+// (what url.QueryEscape makes of a space) is an MQTT wildcard that no topic
+// name may contain: the connection is closed.
+func TestPropertyBagPlus(t *testing.T) {
+	e := newEnv(t)
+	d := e.issuedDevice("dev-1")
+	raw := e.mustDial(d, dialOpts{})
+	raw.Publish("devices/dev-1/messages/events/text=a+b", 1, false, []byte("{}"))
+	raw.waitLost(t)
+
+	c := e.mustDial(d, dialOpts{})
+	c.pub(t, "devices/dev-1/messages/events/sum=1%2B1&text=a%20b%2Bc%26d%3De%2Ff&%C3%B6l=%E6%9D%B1%E4%BA%AC", 1, []byte("{}"))
+	eventually(t, "the record", func() bool { return len(e.telemetry()) == 1 })
+	app := e.telemetry()[0]["properties"].(map[string]any)["application"]
+	want := map[string]any{"sum": "1+1", "text": "a b+c&d=e/f", "öl": "東京"}
+	if n := len(e.telemetry()); n != 1 {
+		t.Fatalf("%d records, want only the well-formed one", n)
+	}
+	if !reflect.DeepEqual(app, want) {
+		t.Fatalf("application properties %v, want %v", app, want)
+	}
+}
+
 func TestWillIsTelemetry(t *testing.T) {
 	e := newEnv(t)
 	d := e.issuedDevice("dev-1")

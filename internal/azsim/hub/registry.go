@@ -24,9 +24,12 @@ type deviceState struct {
 	Enabled     bool              `json:"enabled"`
 	PrimaryKey  string            `json:"primaryKey,omitempty"`
 	Thumbprints []string          `json:"thumbprints,omitempty"`
-	Twin        twin              `json:"twin"`
-	Certificate *certRecord       `json:"certificate,omitempty"`
-	CreatedAt   time.Time         `json:"createdAt"`
+	// CertificateCN: the CN of the device's DPS-issued certificates when it
+	// is not the device id (identity.Device.CertificateCN).
+	CertificateCN string      `json:"certificateCN,omitempty"`
+	Twin          twin        `json:"twin"`
+	Certificate   *certRecord `json:"certificate,omitempty"`
+	CreatedAt     time.Time   `json:"createdAt"`
 }
 
 // certRecord is the device's current certificate: the one it last
@@ -46,6 +49,9 @@ type device struct {
 	c2d               []c2dMessage
 	renewal           *renewalOp
 	lastRefusal       *refusal
+	// syncUntil: until then a newly issued certificate is not known to the
+	// hub yet (Config.CredentialSyncLag).
+	syncUntil time.Time
 }
 
 // refusal is why the device's last CONNECT was refused.
@@ -70,6 +76,8 @@ type deviceSpec struct {
 	PrimaryKey  string            `json:"primaryKey,omitempty"`
 	Thumbprints []string          `json:"thumbprints,omitempty"`
 	Enabled     *bool             `json:"enabled,omitempty"`
+	// CertificateCN is the CN of certificates accepted besides the device id.
+	CertificateCN string `json:"certificateCN,omitempty"`
 }
 
 // httpError carries an HTTP status for the admin API; the message says what
@@ -161,7 +169,7 @@ func (h *Hub) putDevice(id string, spec deviceSpec) (deviceView, bool, error) {
 		d = &device{deviceState: deviceState{ID: id, Enabled: true, Twin: newTwin(), CreatedAt: h.now().UTC()}}
 		h.devices[id] = d
 	}
-	d.Auth, d.PrimaryKey, d.Thumbprints = spec.Auth, spec.PrimaryKey, spec.Thumbprints
+	d.Auth, d.PrimaryKey, d.Thumbprints, d.CertificateCN = spec.Auth, spec.PrimaryKey, spec.Thumbprints, spec.CertificateCN
 	if spec.Enabled != nil {
 		d.Enabled = *spec.Enabled
 	}

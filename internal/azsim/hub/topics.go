@@ -78,7 +78,9 @@ func parseDeviceTopic(deviceID, topic string) (deviceTopic, error) {
 	return t, nil
 }
 
-// parseBag decodes k1=v1&k2&k3= (URL-encoded as in a query string).
+// parseBag decodes k1=v1&k2&k3=, percent-encoded per RFC 3986. Like the
+// real hub (.NET's Uri.UnescapeDataString), '+' is a literal plus, not a
+// space: a client that encodes a space as '+' sees its plus sign arrive.
 func parseBag(s string) ([]property, error) {
 	var out []property
 	if s == "" {
@@ -89,13 +91,13 @@ func parseBag(s string) ([]property, error) {
 			continue
 		}
 		k, v, hasV := strings.Cut(kv, "=")
-		dk, err := url.QueryUnescape(k)
+		dk, err := url.PathUnescape(k)
 		if err != nil {
 			return nil, fmt.Errorf("property name %q is not URL-encoded correctly", k)
 		}
 		p := property{key: dk}
 		if hasV {
-			dv, err := url.QueryUnescape(v)
+			dv, err := url.PathUnescape(v)
 			if err != nil {
 				return nil, fmt.Errorf("value of %q is not URL-encoded correctly", dk)
 			}

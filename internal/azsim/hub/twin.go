@@ -11,6 +11,7 @@ import (
 
 	mqtt "github.com/mochi-mqtt/server/v2"
 
+	"github.com/gwagent/gwagent/internal/azsim/broker"
 	"github.com/gwagent/gwagent/internal/azsim/faults"
 )
 
@@ -191,6 +192,11 @@ func (h *Hub) twinReply(cl *mqtt.Client, status int, rid string, extra string, b
 
 // twinFault answers with an injected error if one is armed.
 func (h *Hub) twinFault(cl *mqtt.Client, rid string) bool {
+	if ok, wait := h.twinOps.Allow("", h.now()); !ok {
+		ra := broker.RetryAfterSeconds(wait)
+		h.twinReply(cl, 429, rid, "&retry-after="+strconv.Itoa(ra), h.errorBody(429001, fmt.Sprintf("more than %d twin operations per second on this hub (throttled)", h.cfg.TwinRate), ra))
+		return true
+	}
 	if h.cfg.Faults == nil {
 		return false
 	}

@@ -32,6 +32,10 @@ type Device struct {
 	PrimaryKey string `json:",omitempty"`
 	// Thumbprints are hex SHA-256 (or SHA-1) thumbprints for AuthSelfSigned.
 	Thumbprints []string `json:",omitempty"`
+	// CertificateCN, for AuthCA, is the CN of certificates DPS issues for
+	// the device when it is not the device id (an individual enrollment
+	// with its own device id: the CN stays the registration id).
+	CertificateCN string `json:",omitempty"`
 }
 
 // Registrar is the hub's registry as DPS sees it.

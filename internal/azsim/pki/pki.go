@@ -1,12 +1,15 @@
 // Package pki is azsim's certificate authority set, created on first start
 // in the state directory and reused afterwards:
 //
-//   - a server CA and the TLS server certificate of DPS and the hub;
+//   - the TLS server chains of DPS and the hub, shaped like Azure's public
+//     endpoints: root, intermediate, server certificate. The RSA-2048 chain
+//     (like DigiCert Global Root G2 -> Microsoft Azure RSA TLS Issuing CA ->
+//     *.azure-devices.net) is the default; an ECDSA chain is the option;
 //   - the onboarding supply chain: a company root and a factory intermediate
 //     that signs devices' onboarding certificates (FactorySign);
 //   - the ADR-style issuing hierarchy, a root and an issuing CA (ECDSA P-384,
 //     SHA-384), that signs operational certificates (Issue, identity.Issuer);
-//   - trust-bundle.pem, the server CA, for agents and SDKs.
+//   - trust-bundle.pem, both server roots, for agents and SDKs.
 package pki
 
 import (
@@ -15,6 +18,7 @@ import (
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
+	"crypto/rsa"
 	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
@@ -44,12 +48,18 @@ type PKI struct {
 	dir string
 	now func() time.Time
 
-	ServerCA    CA
-	Server      tls.Certificate
-	OnboardRoot CA
-	Factory     CA
-	IssuingRoot CA
-	Issuing     CA
+	// ServerCA is the ECDSA server root (kept under its old name so
+	// existing state directories keep their trust bundle), ServerRSARoot
+	// the RSA one. Server is the chain ServerTLS serves by default (RSA).
+	ServerCA      CA
+	ServerRSARoot CA
+	ServerRSA     tls.Certificate // leaf, intermediate
+	ServerECDSA   tls.Certificate // leaf, intermediate
+	Server        tls.Certificate
+	OnboardRoot   CA
+	Factory       CA
+	IssuingRoot   CA
+	Issuing       CA
 }
 
 // File names under Dir.
@@ -61,9 +71,15 @@ const (
 
 var _ identity.Issuer = (*PKI)(nil)
 
+// Server key types for ServerTLS.
+const (
+	ServerKeyRSA   = "rsa"
+	ServerKeyECDSA = "ecdsa"
+)
+
 // Load opens the PKI in dir, creating what is missing. names are extra DNS
-// names or IPs for the server certificate; localhost, 127.0.0.1 and ::1 are
-// always in it. now may be nil (time.Now).
+// names or IPs for the server certificates; localhost, 127.0.0.1 and ::1 are
+// always in them. now may be nil (time.Now).
 func Load(dir string, names []string, now func() time.Time) (*PKI, error) {
 	if now == nil {
 		now = time.Now
@@ -74,25 +90,40 @@ func Load(dir string, names []string, now func() time.Time) (*PKI, error) {
 	p := &PKI{dir: dir, now: now}
 	ten := 10 * 365 * 24 * time.Hour
 	var err error
-	if p.ServerCA, err = p.ca("server-ca", "azsim Server CA", nil, ten, elliptic.P256()); err != nil {
+	if p.ServerCA, err = p.ca("server-ca", "azsim Server CA", nil, ten, ecKey(elliptic.P256())); err != nil {
 		return nil, err
 	}
-	if p.OnboardRoot, err = p.ca("onboarding-root", "azsim Company Root CA", nil, ten, elliptic.P384()); err != nil {
+	if p.ServerRSARoot, err = p.ca("server-rsa-root", "azsim Global Root G2", nil, ten, rsaKey); err != nil {
 		return nil, err
 	}
-	if p.Factory, err = p.ca("factory-ca", "azsim Factory Intermediate CA", &p.OnboardRoot, ten/2, elliptic.P384()); err != nil {
+	if p.OnboardRoot, err = p.ca("onboarding-root", "azsim Company Root CA", nil, ten, ecKey(elliptic.P384())); err != nil {
 		return nil, err
 	}
-	if p.IssuingRoot, err = p.ca("issuing-root", "azsim ADR Root CA", nil, ten, elliptic.P384()); err != nil {
+	if p.Factory, err = p.ca("factory-ca", "azsim Factory Intermediate CA", &p.OnboardRoot, ten/2, ecKey(elliptic.P384())); err != nil {
 		return nil, err
 	}
-	if p.Issuing, err = p.ca("issuing-ca", "azsim ADR Issuing CA", &p.IssuingRoot, ten/2, elliptic.P384()); err != nil {
+	if p.IssuingRoot, err = p.ca("issuing-root", "azsim ADR Root CA", nil, ten, ecKey(elliptic.P384())); err != nil {
 		return nil, err
 	}
-	if err := p.serverCert(names); err != nil {
+	if p.Issuing, err = p.ca("issuing-ca", "azsim ADR Issuing CA", &p.IssuingRoot, ten/2, ecKey(elliptic.P384())); err != nil {
 		return nil, err
 	}
-	if err := atomicfile.Write(p.TrustBundle(), pemCerts(p.ServerCA.Cert), 0o644); err != nil {
+	rsaCA, err := p.ca("server-rsa-ca", "azsim RSA TLS Issuing CA 01", &p.ServerRSARoot, ten/2, rsaKey)
+	if err != nil {
+		return nil, err
+	}
+	ecCA, err := p.ca("server-ecdsa-ca", "azsim ECC TLS Issuing CA 01", &p.ServerCA, ten/2, ecKey(elliptic.P384()))
+	if err != nil {
+		return nil, err
+	}
+	if p.ServerRSA, err = p.serverCert("server-rsa", rsaCA, rsaKey, names); err != nil {
+		return nil, err
+	}
+	if p.ServerECDSA, err = p.serverCert("server-ecdsa", ecCA, ecKey(elliptic.P256()), names); err != nil {
+		return nil, err
+	}
+	p.Server = p.ServerRSA
+	if err := atomicfile.Write(p.TrustBundle(), pemCerts(p.ServerRSARoot.Cert, p.ServerCA.Cert), 0o644); err != nil {
 		return nil, fmt.Errorf("pki: trust bundle: %w", err)
 	}
 	return p, nil
@@ -104,9 +135,28 @@ func (p *PKI) Dir() string { return p.dir }
 // TrustBundle is the path of the PEM file agents and SDKs trust.
 func (p *PKI) TrustBundle() string { return filepath.Join(p.dir, TrustBundleFile) }
 
-// ServerTLS is a TLS configuration carrying the server certificate.
-func (p *PKI) ServerTLS() *tls.Config {
-	return &tls.Config{Certificates: []tls.Certificate{p.Server}, MinVersion: tls.VersionTLS12}
+// ServerTLS is a TLS configuration carrying the server chain of the given
+// key type (ServerKeyRSA, the default when empty, or ServerKeyECDSA).
+// Its ClientCAs names the server roots, so a CertificateRequest carries a
+// non-empty certificate_authorities list that names none of the devices'
+// CAs, as a real service's may: clients must send their chain anyway.
+// With caList false the list is empty.
+func (p *PKI) ServerTLS(key string, caList bool) (*tls.Config, error) {
+	c := &tls.Config{MinVersion: tls.VersionTLS12}
+	switch key {
+	case "", ServerKeyRSA:
+		c.Certificates = []tls.Certificate{p.ServerRSA}
+	case ServerKeyECDSA:
+		c.Certificates = []tls.Certificate{p.ServerECDSA}
+	default:
+		return nil, fmt.Errorf("pki: server key type %q: use %q (as Azure) or %q", key, ServerKeyRSA, ServerKeyECDSA)
+	}
+	if caList {
+		c.ClientCAs = x509.NewCertPool()
+		c.ClientCAs.AddCert(p.ServerRSARoot.Cert)
+		c.ClientCAs.AddCert(p.ServerCA.Cert)
+	}
+	return c, nil
 }
 
 // OnboardingRoots is the pool DPS verifies onboarding chains against.
@@ -117,14 +167,14 @@ func (p *PKI) OnboardingRoots() *x509.CertPool {
 }
 
 // ca loads name.crt/name.key or creates them, signed by parent (nil: self).
-func (p *PKI) ca(name, cn string, parent *CA, life time.Duration, curve elliptic.Curve) (CA, error) {
+func (p *PKI) ca(name, cn string, parent *CA, life time.Duration, newKey func() (crypto.Signer, error)) (CA, error) {
 	certPath, keyPath := filepath.Join(p.dir, name+".crt"), filepath.Join(p.dir, name+".key")
 	if c, err := loadPair(certPath, keyPath); err == nil {
 		return c, nil
 	} else if !errors.Is(err, os.ErrNotExist) {
 		return CA{}, fmt.Errorf("pki: %s: %w (delete the state directory's pki/ to start over)", name, err)
 	}
-	key, err := ecdsa.GenerateKey(curve, rand.Reader)
+	key, err := newKey()
 	if err != nil {
 		return CA{}, err
 	}
@@ -153,9 +203,10 @@ func (p *PKI) ca(name, cn string, parent *CA, life time.Duration, curve elliptic
 	return CA{Cert: cert, Key: key}, nil
 }
 
-// serverCert loads the server certificate, or issues a new one if it is
-// missing, expires within a day, or lacks one of the names.
-func (p *PKI) serverCert(extra []string) error {
+// serverCert loads the server certificate name.crt, or issues a new one
+// signed by ca if it is missing, expires within a day, or lacks one of the
+// names. The chain served is leaf and intermediate, as Azure serves it.
+func (p *PKI) serverCert(name string, ca CA, newKey func() (crypto.Signer, error), extra []string) (tls.Certificate, error) {
 	dns, ips := []string{"localhost"}, []net.IP{net.IPv4(127, 0, 0, 1), net.IPv6loopback}
 	for _, n := range extra {
 		if ip := net.ParseIP(n); ip != nil {
@@ -164,14 +215,14 @@ func (p *PKI) serverCert(extra []string) error {
 			dns = append(dns, n)
 		}
 	}
-	certPath, keyPath := filepath.Join(p.dir, "server.crt"), filepath.Join(p.dir, "server.key")
-	if c, err := loadPair(certPath, keyPath); err == nil && covers(c.Cert, dns, ips) && p.now().Add(24*time.Hour).Before(c.Cert.NotAfter) {
-		p.Server = tls.Certificate{Certificate: [][]byte{c.Cert.Raw, p.ServerCA.Cert.Raw}, PrivateKey: c.Key, Leaf: c.Cert}
-		return nil
+	certPath, keyPath := filepath.Join(p.dir, name+".crt"), filepath.Join(p.dir, name+".key")
+	if c, err := loadPair(certPath, keyPath); err == nil && covers(c.Cert, dns, ips) && p.now().Add(24*time.Hour).Before(c.Cert.NotAfter) &&
+		bytes.Equal(c.Cert.RawIssuer, ca.Cert.RawSubject) {
+		return tls.Certificate{Certificate: [][]byte{c.Cert.Raw, ca.Cert.Raw}, PrivateKey: c.Key, Leaf: c.Cert}, nil
 	}
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	key, err := newKey()
 	if err != nil {
-		return err
+		return tls.Certificate{}, err
 	}
 	now := p.now()
 	tmpl := &x509.Certificate{
@@ -184,16 +235,24 @@ func (p *PKI) serverCert(extra []string) error {
 		DNSNames:     dns,
 		IPAddresses:  ips,
 	}
-	cert, err := create(tmpl, p.ServerCA.Cert, key.Public(), p.ServerCA.Key)
+	if _, ok := key.(*rsa.PrivateKey); ok {
+		tmpl.KeyUsage |= x509.KeyUsageKeyEncipherment
+	}
+	cert, err := create(tmpl, ca.Cert, key.Public(), ca.Key)
 	if err != nil {
-		return fmt.Errorf("pki: server certificate: %w", err)
+		return tls.Certificate{}, fmt.Errorf("pki: server certificate: %w", err)
 	}
 	if err := savePair(certPath, keyPath, cert, key); err != nil {
-		return fmt.Errorf("pki: server certificate: %w", err)
+		return tls.Certificate{}, fmt.Errorf("pki: server certificate: %w", err)
 	}
-	p.Server = tls.Certificate{Certificate: [][]byte{cert.Raw, p.ServerCA.Cert.Raw}, PrivateKey: key, Leaf: cert}
-	return nil
+	return tls.Certificate{Certificate: [][]byte{cert.Raw, ca.Cert.Raw}, PrivateKey: key, Leaf: cert}, nil
 }
+
+func ecKey(c elliptic.Curve) func() (crypto.Signer, error) {
+	return func() (crypto.Signer, error) { return ecdsa.GenerateKey(c, rand.Reader) }
+}
+
+func rsaKey() (crypto.Signer, error) { return rsa.GenerateKey(rand.Reader, 2048) }
 
 func covers(c *x509.Certificate, dns []string, ips []net.IP) bool {
 	for _, d := range dns {
@@ -293,7 +352,7 @@ func pemCerts(certs ...*x509.Certificate) []byte {
 // PEM encodes certificates as PEM, in order.
 func PEM(certs ...*x509.Certificate) []byte { return pemCerts(certs...) }
 
-func savePair(certPath, keyPath string, cert *x509.Certificate, key *ecdsa.PrivateKey) error {
+func savePair(certPath, keyPath string, cert *x509.Certificate, key crypto.Signer) error {
 	der, err := x509.MarshalPKCS8PrivateKey(key)
 	if err != nil {
 		return err

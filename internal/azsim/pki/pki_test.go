@@ -4,6 +4,7 @@ import (
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
+	"crypto/rsa"
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"os"
@@ -34,7 +35,7 @@ func TestPKI(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if !q.Issuing.Cert.Equal(p.Issuing.Cert) || !q.Server.Leaf.Equal(p.Server.Leaf) || !q.OnboardRoot.Cert.Equal(p.OnboardRoot.Cert) {
+		if !q.Issuing.Cert.Equal(p.Issuing.Cert) || !q.ServerRSA.Leaf.Equal(p.ServerRSA.Leaf) || !q.ServerECDSA.Leaf.Equal(p.ServerECDSA.Leaf) || !q.OnboardRoot.Cert.Equal(p.OnboardRoot.Cert) {
 			t.Fatal("a second Load created new CAs instead of reusing them")
 		}
 	})
@@ -46,17 +47,56 @@ func TestPKI(t *testing.T) {
 				t.Errorf("%s has mode %o", k, st.Mode().Perm())
 			}
 		}
-		if len(m) != 6 {
-			t.Errorf("%d key files, want 6", len(m))
+		if len(m) != 10 {
+			t.Errorf("%d key files, want 10", len(m))
 		}
 	})
-	t.Run("ok/server certificate names", func(t *testing.T) {
+	t.Run("ok/server chains are root, intermediate, leaf like Azure's", func(t *testing.T) {
+		bundle, err := os.ReadFile(p.TrustBundle())
+		if err != nil {
+			t.Fatal(err)
+		}
 		roots := x509.NewCertPool()
-		roots.AddCert(p.ServerCA.Cert)
-		for _, n := range []string{"localhost", "127.0.0.1", "::1", "gw.example", "10.0.0.5"} {
-			if _, err := p.Server.Leaf.Verify(x509.VerifyOptions{DNSName: n, Roots: roots}); err != nil {
-				t.Errorf("%s: %v", n, err)
+		roots.AppendCertsFromPEM(bundle)
+		for _, tc := range []struct {
+			key    string
+			algo   x509.PublicKeyAlgorithm
+			bits   int
+			rootCN string
+		}{{ServerKeyRSA, x509.RSA, 2048, "azsim Global Root G2"}, {ServerKeyECDSA, x509.ECDSA, 256, "azsim Server CA"}} {
+			conf, err := p.ServerTLS(tc.key, true)
+			if err != nil {
+				t.Fatal(err)
 			}
+			sc := conf.Certificates[0]
+			if len(sc.Certificate) != 2 {
+				t.Fatalf("%s: %d certificates served, want leaf and intermediate", tc.key, len(sc.Certificate))
+			}
+			inter, _ := x509.ParseCertificate(sc.Certificate[1])
+			ip := x509.NewCertPool()
+			ip.AddCert(inter)
+			if sc.Leaf.PublicKeyAlgorithm != tc.algo {
+				t.Errorf("%s: leaf key %v", tc.key, sc.Leaf.PublicKeyAlgorithm)
+			}
+			if k, ok := sc.Leaf.PublicKey.(*rsa.PublicKey); ok && k.N.BitLen() != tc.bits {
+				t.Errorf("%s: RSA key of %d bits", tc.key, k.N.BitLen())
+			}
+			for _, n := range []string{"localhost", "127.0.0.1", "::1", "gw.example", "10.0.0.5"} {
+				chains, err := sc.Leaf.Verify(x509.VerifyOptions{DNSName: n, Roots: roots, Intermediates: ip})
+				if err != nil {
+					t.Errorf("%s %s: %v", tc.key, n, err)
+					continue
+				}
+				if len(chains[0]) != 3 || chains[0][2].Subject.CommonName != tc.rootCN {
+					t.Errorf("%s: chain of %d to %q, want 3 to %q", tc.key, len(chains[0]), chains[0][len(chains[0])-1].Subject.CommonName, tc.rootCN)
+				}
+			}
+			if len(conf.ClientCAs.Subjects()) != 2 { //nolint:staticcheck // the list is what a CertificateRequest carries
+				t.Errorf("%s: certificate_authorities has %d names, want the 2 server roots", tc.key, len(conf.ClientCAs.Subjects()))
+			}
+		}
+		if _, err := p.ServerTLS("dsa", true); err == nil {
+			t.Error("unknown server key type accepted")
 		}
 	})
 	t.Run("ok/factory chain reaches the onboarding root", func(t *testing.T) {
