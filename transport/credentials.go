@@ -181,7 +181,10 @@ func (s *Session) IssueCertificate(ctx context.Context, req IssueRequest) ([]str
 	for {
 		a, err = s.next(waitCtx, ch)
 		if err != nil {
-			if waitCtx == acceptCtx && ctx.Err() == nil {
+			// The session's end cancels a caller's session-scoped ctx too:
+			// a connection that dropped before the 202 is an unanswered
+			// request whichever of the two was seen first.
+			if waitCtx == acceptCtx && (ctx.Err() == nil || s.ended()) {
 				if acceptCtx.Err() != nil {
 					return nil, fmt.Errorf("hub: certificate request %s: %w within %s", req.RID, ErrCredentialsUnanswered, req.AcceptTimeout)
 				}

@@ -373,6 +373,16 @@ func (s *Session) publishRequest(ctx context.Context, topic, rid string, payload
 	return nil
 }
 
+// ended reports whether the connection has ended.
+func (s *Session) ended() bool {
+	select {
+	case <-s.done:
+		return true
+	default:
+		return false
+	}
+}
+
 // next waits for one answer on ch.
 func (s *Session) next(ctx context.Context, ch chan answer) (answer, error) {
 	select {
