@@ -61,3 +61,18 @@ bench: deps
 
 clean:
 	rm -rf $(BIN)
+
+# Debian packages (CGO-free static build) for amd64, arm64 and armhf, in
+# bin/deb/, checked by lintian. Reproducible: SOURCE_DATE_EPOCH defaults to
+# the last commit's time.
+DEBDIR ?= $(BIN)/deb
+.PHONY: deb deb-check image-check factory-image
+deb:
+	./testdata/install-deps.sh --deb
+	rm -f $(DEBDIR)/gwagent_*.deb
+	./packaging/deb.sh $(DEBDIR) amd64 arm64 armhf
+
+# The packages' life cycle in a scratch Debian root (root only): offline
+# install, upgrade, remove, purge; lintian; a reproducible second build.
+deb-check: deb
+	./packaging/test-deb.sh $(DEBDIR)
