@@ -76,3 +76,18 @@ deb:
 # install, upgrade, remove, purge; lintian; a reproducible second build.
 deb-check: deb
 	./packaging/test-deb.sh $(DEBDIR)
+
+# An arm64 Debian system under qemu with swtpm, against azsim on loopback
+# only: installs the arm64 package under systemd and checks provisioning
+# with a late TPM, the spool group, renewal, the X.509 factory flow,
+# `gwagent check`, a reboot. Root only; the root file system is built once
+# (10-20 min) and cached in .cache/image/. A release check: see README.
+image-check: deb
+	./testdata/install-deps.sh --image
+	./packaging/image/image-check.sh $(DEBDIR)
+
+# An arm64 image with gwagent installed and enabled, with PRODUCT's settings.
+PRODUCT ?= packaging/image/product-example
+factory-image: deb
+	./testdata/install-deps.sh --image
+	./packaging/image/factory-image.sh $(DEBDIR) $(PRODUCT) $(BIN)/factory
