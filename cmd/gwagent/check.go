@@ -20,7 +20,6 @@ import (
 	"os"
 	"os/exec"
 	"os/user"
-	"path/filepath"
 	"sort"
 	"strconv"
 	"strings"
@@ -423,19 +422,7 @@ func (c *checker) checkOnboarding(ctx context.Context) {
 }
 
 func (c *checker) checkIdentity(ctx context.Context) {
-	dir := filepath.Join(c.cfg.StateDir, "identity")
-	if _, err := os.Stat(dir); errors.Is(err, fs.ErrNotExist) {
-		// Not OpenStore: it would create the directory, owned by whoever
-		// runs the check.
-		c.notProvisioned()
-		return
-	}
-	store, err := provisioning.OpenStore(c.cfg.StateDir)
-	if err != nil {
-		c.add("identity", checkError, err.Error(), "run gwagent check as root or as the service user")
-		return
-	}
-	id, err := store.Current()
+	id, err := currentIdentity(c.cfg.StateDir)
 	if errors.Is(err, provisioning.ErrNotProvisioned) {
 		c.notProvisioned()
 		return

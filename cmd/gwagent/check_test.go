@@ -413,3 +413,30 @@ func writeSelfSigned(t *testing.T, path string) {
 	}
 	os.WriteFile(path, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o644)
 }
+
+// TestStatusAndCheckCreateNothing: root runs status and check before the
+// service's first provisioning; a store directory they made would belong
+// to root and lock the service user out.
+func TestStatusAndCheckCreateNothing(t *testing.T) {
+	state := mkdir0700(t)
+	cfg := filepath.Join(t.TempDir(), "gwagent.toml")
+	os.WriteFile(cfg, []byte(fmt.Sprintf(`state_dir = %q
+trust_bundle = "/nonexistent.pem"
+[identity]
+id_scope = "0ne00000000"
+registration_id = "gw-1"
+dps_endpoint = "127.0.0.1:1"
+[onboarding]
+kind = "symmetric_key"
+symmetric_key_file = "/nonexistent"
+[operational]
+key = "file:%s/k"
+`, state, state)), 0o600)
+	if out, _, err := gw(t, "status", "--config", cfg); err != nil || !strings.Contains(out, "not provisioned") {
+		t.Fatalf("status: %v\n%s", err, out)
+	}
+	results(newChecker(cfg))
+	if entries, _ := os.ReadDir(state); len(entries) != 0 {
+		t.Fatalf("status and check created %v in the state directory", entries)
+	}
+}

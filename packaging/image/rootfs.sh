@@ -58,14 +58,16 @@ cp "$r/usr/bin/busybox" "$ird/bin/busybox"
 moddir=$r/lib/modules/$kver
 deps() { # prints the module paths (relative) for module $1 and its dependencies, dependencies first
   local line
-  line=$(grep -E "(^|/)$1\.ko(\.[a-z]+)?:" "$moddir/modules.dep" || true)
+  line=$(grep -E "(^|/)$(echo "$1" | sed 's/[-_]/[-_]/g')\.ko(\.[a-z]+)?:" "$moddir/modules.dep" || true)
   [ -n "$line" ] || return 0
   local self=${line%%:*} rest=${line#*:}
   for d in $rest; do deps "$(basename "${d%%.ko*}")"; done
   echo "$self"
 }
 : >"$ird/modules"
-for m in virtio_mmio virtio_pci virtio_blk crc32c_generic ext4; do
+# rtc-pl031: the virt machine's clock, read before systemd starts (a module
+# loaded this late misses the kernel's own hctosys).
+for m in virtio_mmio virtio_pci virtio_blk crc32c_generic ext4 rtc-pl031; do
   for p in $(deps "$m"); do
     b=$(basename "${p%%.ko*}").ko
     grep -qx "$b" "$ird/modules" && continue
@@ -83,6 +85,7 @@ cat >"$ird/init" <<'INIT'
 /bin/busybox mount -t sysfs sys /sys
 /bin/busybox mount -t devtmpfs dev /dev
 for m in $(/bin/busybox cat /modules); do /bin/busybox insmod /lib/modules/$m 2>/dev/null; done
+[ -e /dev/rtc0 ] && /bin/busybox hwclock -s -u 2>/dev/null
 root=/dev/vda
 for a in $(/bin/busybox cat /proc/cmdline); do case $a in root=*) root=${a#root=};; esac; done
 i=0

@@ -16,15 +16,14 @@ log() { echo "$(date -u +%H:%M:%S) $*"; }
 pass() { log "PASS $*"; echo "PASS $*" >>"$O/results"; }
 fail() { log "FAIL $*"; echo "FAIL $*" >>"$O/results"; }
 metric() { log "METRIC $*"; echo "METRIC $*" >>"$O/results"; }
-# waitfor SECONDS COMMAND...: poll once a second.
+# waitfor SECONDS COMMAND...: poll once a second until a wall-clock
+# deadline (each gwagent call takes a while on the emulated CPU).
 waitfor() {
-	n=$1
+	end=$(($(date +%s) + $1))
 	shift
-	i=0
-	while [ "$i" -lt "$n" ]; do
+	while [ "$(date +%s)" -lt "$end" ]; do
 		"$@" >/dev/null 2>&1 && return 0
 		sleep 1
-		i=$((i + 1))
 	done
 	return 1
 }
