@@ -134,9 +134,10 @@ boot 1
 boot 2
 
 # Results, read back from the check disk without mounting it.
-out=$work/out
+mkdir -p "$work/guest"
+debugfs -R "rdump /out $work/guest" "$work/check.img" >/dev/null 2>&1 || true
+out=$work/guest/out
 mkdir -p "$out"
-debugfs -R "rdump /out $work" "$work/check.img" >/dev/null 2>&1 || true
 results=$out/results
 touch "$results"
 # What azsim saw: the spool message and telemetry after the reboot.

@@ -37,7 +37,7 @@ security() {
 }
 rss() {
 	pid=$(systemctl show -p MainPID --value gwagent.service)
-	metric "rss-kib-$1 $(sed -n 's/^VmRSS: *\([0-9]*\) kB/\1/p' "/proc/$pid/status")"
+	metric "rss-kib-$1 $(awk '/^VmRSS:/ {print $2}' "/proc/$pid/status")"
 }
 check() {
 	gwagent check --json >"$O/check-$1.json" 2>&1
@@ -130,7 +130,7 @@ check 2
 security 2
 journalctl -b -1 -u gwagent --no-pager >"$O/journal-boot1.txt" 2>&1
 journalctl -b -u gwagent --no-pager >"$O/journal-boot2.txt" 2>&1
-systemd-analyze >"$O/boot-time.txt" 2>&1
+metric "gwagent-started-after-boot-s $(($(systemctl show -p ExecMainStartTimestampMonotonic --value gwagent.service) / 1000000))"
 touch "$O/phase2.done"
 sync
 systemctl poweroff
