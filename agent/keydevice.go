@@ -48,9 +48,17 @@ func (a *Agent) waitKeyDevice(err error, d time.Duration, wait func(time.Duratio
 func (a *Agent) absentTPMs() []string {
 	cfg := a.cfg.Load()
 	var out []string
+	var uris []*keystore.URI
 	for _, raw := range []string{cfg.Onboarding.Key, cfg.Operational.Key} {
-		u, err := keystore.Parse(raw)
-		if err != nil || u.Scheme != keystore.SchemeTPM2 {
+		if u, err := keystore.Parse(raw); err == nil {
+			uris = append(uris, u)
+		}
+	}
+	if u, err := TPMDevice(cfg.Onboarding.TPM); err == nil {
+		uris = append(uris, u)
+	}
+	for _, u := range uris {
+		if u.Scheme != keystore.SchemeTPM2 {
 			continue
 		}
 		p, _ := u.TPMDevice()

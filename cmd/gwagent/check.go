@@ -144,7 +144,11 @@ func (c *checker) run(ctx context.Context) {
 	c.checkOnboarding(ctx)
 	c.checkIdentity(ctx)
 	c.checkTrustBundle()
-	c.checkNetwork(ctx, "dps", c.cfg.Identity.DPSEndpoint)
+	dps := c.cfg.Identity.DPSEndpoint
+	if _, _, err := net.SplitHostPort(dps); err != nil && cfg.Onboarding.Kind == agent.OnboardingTPM {
+		dps = net.JoinHostPort(dps, "443") // TPM attestation speaks HTTPS to DPS
+	}
+	c.checkNetwork(ctx, "dps", dps)
 	switch {
 	case cfg.Static():
 		c.checkNetwork(ctx, "hub", cfg.Hub.Host)
@@ -404,8 +408,14 @@ func (c *checker) checkOnboarding(ctx context.Context) {
 		c.add("onboarding", checkError, err.Error(), hint)
 		return
 	}
-	x, ok := cred.(provisioning.X509Credential)
-	if !ok {
+	var x provisioning.X509Credential
+	switch cr := cred.(type) {
+	case provisioning.X509Credential:
+		x = cr
+	case provisioning.TPMCredential:
+		c.add("onboarding", checkOK, "TPM attestation: the TPM answers (its endorsement key is the credential)", "")
+		return
+	default:
 		c.add("onboarding", checkOK, "symmetric key readable and well-formed", "")
 		return
 	}

@@ -440,3 +440,29 @@ key = "file:%s/k"
 		t.Fatalf("status and check created %v in the state directory", entries)
 	}
 }
+
+// TestCheckTPMAttestation: with the TPM's EK as the onboarding credential
+// the check asks the TPM, and says so when it is gone.
+func TestCheckTPMAttestation(t *testing.T) {
+	sw := testenv.StartSWTPM(t)
+	dir := t.TempDir()
+	cfg := filepath.Join(dir, "gwagent.toml")
+	os.WriteFile(cfg, []byte(fmt.Sprintf(`state_dir = %q
+trust_bundle = "/nonexistent.pem"
+[identity]
+id_scope = "0ne00000000"
+dps_endpoint = "127.0.0.1:1"
+[onboarding]
+kind = "tpm"
+tpm = "tpm2:socket=%s"
+[operational]
+key = "tpm2:socket=%s;blob=%s/op.tpmkey"
+`, mkdir0700(t), sw.Sock, sw.Sock, dir)), 0o600)
+	if r := results(newChecker(cfg))["onboarding"]; r.Status != checkOK || !strings.Contains(r.Message, "TPM attestation") {
+		t.Fatalf("onboarding: %s %q", r.Status, r.Message)
+	}
+	sw.Stop()
+	if r := results(newChecker(cfg))["onboarding"]; r.Status != checkError || !strings.Contains(r.Hint, "TPM") {
+		t.Fatalf("TPM gone: onboarding %s %q (hint %q)", r.Status, r.Message, r.Hint)
+	}
+}
