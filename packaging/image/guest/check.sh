@@ -124,6 +124,15 @@ date -u -d "$start" +%s >"$O/start2"
 if waitfor 300 connected; then pass "connected-after-reboot"; else fail "connected-after-reboot: $(state)"; fi
 [ "$(deviceid)" = "$(cat "$O/device1")" ] && [ "$(serial)" = "$(cat "$O/serial1")" ] &&
 	pass "reboot-keeps-identity $(deviceid) serial $(serial)" || fail "reboot-keeps-identity: $(deviceid) $(serial), was $(cat "$O/device1") $(cat "$O/serial1")"
+# An upgrade (here: the same version again) under a running systemd
+# restarts the running agent on the new files and keeps its identity.
+pid1=$(systemctl show -p MainPID --value gwagent.service)
+if dpkg -i "$C"/gwagent_*_arm64.deb && waitfor 120 sh -c "[ \"\$(systemctl show -p MainPID --value gwagent.service)\" != $pid1 ]" &&
+	waitfor 300 connected && [ "$(serial)" = "$(cat "$O/serial1")" ]; then
+	pass "upgrade-restarts-running-service"
+else
+	fail "upgrade-restarts-running-service: pid $(systemctl show -p MainPID --value gwagent.service) (was $pid1), $(state), serial $(serial)"
+fi
 sleep 20
 rss 2
 check 2
