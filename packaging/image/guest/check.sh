@@ -27,7 +27,7 @@ waitfor() {
 	done
 	return 1
 }
-state() { gwagent status --config /etc/gwagent/gwagent.toml 2>/dev/null | sed -n 's/^state: *//p'; }
+state() { gwagent status --config /etc/gwagent/gwagent.toml 2>/dev/null | sed -n 's/^state: *\([a-z-]*\).*/\1/p'; }
 connected() { [ "$(state)" = connected ]; }
 serial() { gwagent status --config /etc/gwagent/gwagent.toml 2>/dev/null | sed -n 's/^certificate: *serial \([0-9a-f]*\).*/\1/p'; }
 deviceid() { gwagent status --config /etc/gwagent/gwagent.toml 2>/dev/null | sed -n 's/^device id: *//p'; }
