@@ -550,6 +550,15 @@ func (c *checker) checkNetwork(ctx context.Context, name, hostport string) {
 		c.add(name+"-tls", checkError, fmt.Sprintf("TLS to %s: %v", host, err), hint)
 		return
 	}
+	if port != "443" {
+		// Leave politely: an MQTT DISCONNECT before CONNECT makes the broker
+		// close the connection, so no half-opened session is left behind
+		// when the check returns.
+		_ = tconn.SetDeadline(time.Now().Add(min(c.timeout, 5*time.Second)))
+		if _, err := tconn.Write([]byte{0xe0, 0x00}); err == nil {
+			_, _ = io.Copy(io.Discard, tconn)
+		}
+	}
 	cs := tconn.ConnectionState()
 	leaf := cs.PeerCertificates[0]
 	c.add(name+"-tls", checkOK, fmt.Sprintf("%s, server certificate for %s verified, issued by %q", tls.VersionName(cs.Version), host, leaf.Issuer.CommonName), "")
