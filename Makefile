@@ -61,3 +61,33 @@ bench: deps
 
 clean:
 	rm -rf $(BIN)
+
+# Debian packages (CGO-free static build) for amd64, arm64 and armhf, in
+# bin/deb/, checked by lintian. Reproducible: SOURCE_DATE_EPOCH defaults to
+# the last commit's time.
+DEBDIR ?= $(BIN)/deb
+.PHONY: deb deb-check image-check factory-image
+deb:
+	./testdata/install-deps.sh --deb
+	rm -f $(DEBDIR)/gwagent_*.deb
+	./packaging/deb.sh $(DEBDIR) amd64 arm64 armhf
+
+# The packages' life cycle in a scratch Debian root (root only): offline
+# install, upgrade, remove, purge; lintian; a reproducible second build.
+deb-check: deb
+	./packaging/test-deb.sh $(DEBDIR)
+
+# An arm64 Debian system under qemu with swtpm, against azsim on loopback
+# only: installs the arm64 package under systemd and checks provisioning
+# with a late TPM, the spool group, renewal, the X.509 factory flow,
+# `gwagent check`, a reboot. Root only; the root file system is built once
+# (10-20 min) and cached in .cache/image/. A release check: see README.
+image-check: deb
+	./testdata/install-deps.sh --image
+	./packaging/image/image-check.sh $(DEBDIR)
+
+# An arm64 image with gwagent installed and enabled, with PRODUCT's settings.
+PRODUCT ?= packaging/image/product-example
+factory-image: deb
+	./testdata/install-deps.sh --image
+	./packaging/image/factory-image.sh $(DEBDIR) $(PRODUCT) $(BIN)/factory

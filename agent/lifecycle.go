@@ -44,7 +44,7 @@ func (a *Agent) lifecycle(ctx context.Context) {
 			failures++
 			d := a.opts.Backoff.Delay(failures, a.rng)
 			a.log.Error("no usable identity", "err", err, "retry_in", d.Round(time.Second))
-			if !wait(d) {
+			if !a.waitKeyDevice(err, d, wait) {
 				return
 			}
 			continue
@@ -106,7 +106,7 @@ func (a *Agent) lifecycle(ctx context.Context) {
 				a.status.Raise(CondThrottled, fmt.Sprintf("the hub answered CONNACK 3 (throttled at its connection-rate limit, or the device is disabled); retrying in %s", d.Round(time.Millisecond)))
 			}
 			a.log.Warn("hub connection failed", "err", err, "retry_in", d.Round(time.Millisecond))
-			if !wait(d) {
+			if !a.waitKeyDevice(err, d, wait) {
 				return
 			}
 			continue

@@ -13,6 +13,14 @@ want=(swtpm swtpm-tools softhsm2 openssl systemd util-linux tinyproxy-bin)
 if [ "${1:-}" = "--cross" ]; then
 	want+=(gcc-aarch64-linux-gnu gcc-arm-linux-gnueabihf libc6-dev-arm64-cross libc6-dev-armhf-cross)
 fi
+# make deb / deb-check: lintian, Azure's roots from ca-certificates, a scratch root.
+if [ "${1:-}" = "--deb" ]; then
+	want+=(lintian ca-certificates mmdebstrap)
+fi
+# make image-check / factory-image: an arm64 Debian system under qemu with swtpm.
+if [ "${1:-}" = "--image" ]; then
+	want+=(mmdebstrap qemu-user-static binfmt-support arch-test qemu-system-arm qemu-utils swtpm socat e2fsprogs cpio xz-utils ca-certificates)
+fi
 
 missing=()
 for p in "${want[@]}"; do

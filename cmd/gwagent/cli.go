@@ -42,6 +42,7 @@ func commands() []command {
 		{"run", "--config FILE", "run the agent (the systemd service's command)", cmdRun},
 		{"status", "--config FILE", "show state, identity, certificate and outbox, also while the service runs", cmdStatus},
 		{"renew", "--config FILE", "renew the certificate now (asks the running service, or runs alone)", cmdRenew},
+		{"check", "[--config FILE] [--json]", "diagnose config, clock, keys, certificate, trust, network, permissions, service", cmdCheck},
 	}
 }
 

@@ -157,7 +157,17 @@ func statusIdentity(cfg *agent.Config) (*provisioning.Identity, error) {
 			ChainPath: cfg.Hub.Chain, NotBefore: chain[0].NotBefore, NotAfter: chain[0].NotAfter,
 			Serial: provisioning.FormatSerial(chain[0].SerialNumber)}, nil
 	}
-	store, err := provisioning.OpenStore(cfg.StateDir)
+	return currentIdentity(cfg.StateDir)
+}
+
+// currentIdentity reads the committed identity without creating the store:
+// status and check run as root, and a store directory made by root before
+// the service's first provisioning would lock the service user out of it.
+func currentIdentity(stateDir string) (*provisioning.Identity, error) {
+	if _, err := os.Stat(filepath.Join(stateDir, "identity")); errors.Is(err, os.ErrNotExist) {
+		return nil, provisioning.ErrNotProvisioned
+	}
+	store, err := provisioning.OpenStore(stateDir)
 	if err != nil {
 		return nil, err
 	}

@@ -83,6 +83,10 @@ func Open(ctx context.Context, u *keystore.URI) (keystore.KeyStore, error) {
 	switch {
 	case errors.Is(err, syscall.EBUSY):
 		return nil, fmt.Errorf("tpm2: %w: %s is in use by another process; use /dev/tpmrm0 (the resource manager) instead of /dev/tpm0", keystore.ErrDeviceBusy, path)
+	case errors.Is(err, syscall.EPERM):
+		// EACCES is the file mode; EPERM is a device policy (systemd's
+		// DeviceAllow=, resolved when the service started).
+		return nil, fmt.Errorf("tpm2: %w: opening %s is not permitted by the service's device policy; allow it with DeviceAllow=char-tpm rw (a DeviceAllow= path does not cover a TPM that appeared after the service started)", keystore.ErrDeviceAbsent, path)
 	case errors.Is(err, fs.ErrPermission):
 		return nil, fmt.Errorf("tpm2: %w: no permission to open %s; add the service user to group tss", keystore.ErrDeviceAbsent, path)
 	case err != nil:

@@ -1,0 +1,70 @@
+package agent
+
+import (
+	"errors"
+	"os"
+	"time"
+
+	"github.com/gwagent/gwagent/keystore"
+)
+
+// devicePoll is how often a missing TPM device node is looked for.
+const devicePoll = time.Second
+
+// waitKeyDevice waits d before the next attempt, like wait, except when
+// err says a TPM the config names is absent: then it looks for the device
+// node once per devicePoll and returns as soon as one appears. A TPM whose
+// driver loads after the service started (After=tpm2.target does not hold
+// the service back on boards without a firmware TPM record, such as qemu's
+// virt machine) is used at once instead of after a backoff that may have
+// grown to minutes. It returns false if wait was cancelled.
+func (a *Agent) waitKeyDevice(err error, d time.Duration, wait func(time.Duration) bool) bool {
+	if !errors.Is(err, keystore.ErrDeviceAbsent) {
+		return wait(d)
+	}
+	missing := a.absentTPMs()
+	if len(missing) == 0 {
+		return wait(d)
+	}
+	a.log.Info("waiting for the TPM device to appear", "paths", missing, "at_most", d.Round(time.Second))
+	for d > 0 {
+		step := min(d, devicePoll)
+		if !wait(step) {
+			return false
+		}
+		d -= step
+		for _, p := range missing {
+			if _, err := os.Stat(p); err == nil {
+				a.log.Info("TPM device appeared; retrying", "path", p)
+				return true
+			}
+		}
+	}
+	return true
+}
+
+// absentTPMs lists the TPM device nodes (or swtpm sockets) the config's
+// keys name that do not exist.
+func (a *Agent) absentTPMs() []string {
+	cfg := a.cfg.Load()
+	var out []string
+	var uris []*keystore.URI
+	for _, raw := range []string{cfg.Onboarding.Key, cfg.Operational.Key} {
+		if u, err := keystore.Parse(raw); err == nil {
+			uris = append(uris, u)
+		}
+	}
+	if u, err := TPMDevice(cfg.Onboarding.TPM); err == nil {
+		uris = append(uris, u)
+	}
+	for _, u := range uris {
+		if u.Scheme != keystore.SchemeTPM2 {
+			continue
+		}
+		p, _ := u.TPMDevice()
+		if _, err := os.Stat(p); errors.Is(err, os.ErrNotExist) {
+			out = append(out, p)
+		}
+	}
+	return out
+}
