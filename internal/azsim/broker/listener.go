@@ -116,3 +116,25 @@ func (l *Listener) Wait() { l.wg.Wait() }
 
 // Addr is the bound address.
 func (l *Listener) Addr() net.Addr { return l.nl.Addr() }
+
+// Quiesce closes the listeners (nil ones are skipped) and waits until every
+// connection they handed to the broker has ended, before the broker itself
+// is closed: mochi's Server.Close waits on a WaitGroup that each new
+// connection adds to, and an Add racing with that Wait is a data race (seen
+// under -race when a client connected during shutdown). Connections are
+// closed directly, so no broker callback is needed.
+func Quiesce(ln *Listener, ws *WebSocketListener) {
+	noop := func(string) {}
+	if ln != nil {
+		ln.Close(noop)
+	}
+	if ws != nil {
+		ws.Close(noop)
+	}
+	if ln != nil {
+		ln.Wait()
+	}
+	if ws != nil {
+		ws.Wait()
+	}
+}

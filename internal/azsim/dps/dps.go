@@ -270,11 +270,8 @@ func (d *DPS) Close() error {
 	if srv == nil {
 		return herr
 	}
+	broker.Quiesce(ln, wsl)
 	err := srv.Close()
-	ln.Wait()
-	if wsl != nil {
-		wsl.Wait()
-	}
 	return errors.Join(err, herr)
 }
 

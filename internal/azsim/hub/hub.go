@@ -368,14 +368,9 @@ func (h *Hub) Close() error {
 	h.mu.Unlock()
 
 	h.cancel()
+	broker.Quiesce(ln, h.wsl)
 	if srv != nil {
-		_ = srv.Close() // closes the listener and every client, waits for them
-	}
-	if ln != nil {
-		ln.Wait()
-	}
-	if h.wsl != nil {
-		h.wsl.Wait()
+		_ = srv.Close() // closes the listeners (done already) and every client
 	}
 	h.wg.Wait()
 	return nil
