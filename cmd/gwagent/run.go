@@ -157,6 +157,14 @@ func statusIdentity(cfg *agent.Config) (*provisioning.Identity, error) {
 			ChainPath: cfg.Hub.Chain, NotBefore: chain[0].NotBefore, NotAfter: chain[0].NotAfter,
 			Serial: provisioning.FormatSerial(chain[0].SerialNumber)}, nil
 	}
+	// Status only looks: OpenStore creates the store's directory, which,
+	// made by `sudo gwagent status` before the service ever ran, would be
+	// root's and keep the service from storing its identity.
+	if _, err := os.Stat(filepath.Join(cfg.StateDir, "identity")); errors.Is(err, os.ErrNotExist) {
+		return nil, provisioning.ErrNotProvisioned
+	} else if errors.Is(err, os.ErrPermission) {
+		return nil, fmt.Errorf("%w; run gwagent status as root or as the service's user (sudo -u gwagent)", err)
+	}
 	store, err := provisioning.OpenStore(cfg.StateDir)
 	if err != nil {
 		return nil, err
