@@ -47,6 +47,13 @@ func TestHelpDoesNotAct(t *testing.T) {
 				if ents, _ := os.ReadDir(dir); len(ents) != 0 {
 					t.Fatalf("help acted: created %v", ents[0].Name())
 				}
+				// A flag line is "  -name ARG": a back-quoted phrase in a
+				// flag's usage becomes ARG, garbling the help.
+				for _, l := range strings.Split(help, "\n") {
+					if strings.HasPrefix(l, "  -") && len(strings.Fields(l)) > 2 {
+						t.Errorf("garbled flag line %q", l)
+					}
+				}
 			})
 		}
 	}
