@@ -11,6 +11,7 @@ import (
 	"net"
 	"net/http"
 	"net/url"
+	"strconv"
 	"strings"
 	"time"
 )
@@ -27,28 +28,35 @@ type ProxyFunc func(target string) (*url.URL, error)
 // http://[user:password@]host[:port] (port default 80; a bare host:port is
 // taken as http). The error never contains the password.
 func ParseProxy(s string) (*url.URL, error) {
+	s = strings.TrimSpace(s)
 	if s == "" {
 		return nil, nil
 	}
 	if !strings.Contains(s, "://") {
 		s = "http://" + s
 	}
+	const encode = "; percent-encode @ # / ? % : in a user name or password (%40 %23 %2F %3F %25 %3A)"
 	u, err := url.Parse(s)
 	if err != nil {
 		// url's errors quote the whole input, password included.
-		return nil, errors.New("proxy: not a URL; write it as http://[user:password@]host:port")
+		return nil, errors.New("proxy: not a URL; write it as http://[user:password@]host:port" + encode)
 	}
+	if u.Path != "" && u.Path != "/" || u.RawQuery != "" || u.Fragment != "" || u.Opaque != "" {
+		// A password with an unencoded / ? or # lands here, cut in two: its
+		// start in the host, its end in the path. Show none of it.
+		return nil, errors.New("proxy: a proxy URL has no path, query or fragment (write http://[user:password@]host:port)" + encode)
+	}
+	shown := (&url.URL{Scheme: u.Scheme, User: u.User, Host: u.Host}).Redacted()
 	if u.Scheme != "http" {
-		return nil, fmt.Errorf("proxy %s: scheme %q is not supported; use an http:// proxy (the tunnel inside is TLS either way)", u.Redacted(), u.Scheme)
+		return nil, fmt.Errorf("proxy %s: scheme %q is not supported; use an http:// proxy (the tunnel inside is TLS either way)", shown, u.Scheme)
 	}
 	if u.Hostname() == "" {
-		return nil, fmt.Errorf("proxy %s: no host", u.Redacted())
-	}
-	if u.Path != "" && u.Path != "/" || u.RawQuery != "" {
-		return nil, fmt.Errorf("proxy %s: a proxy URL has no path or query", u.Redacted())
+		return nil, fmt.Errorf("proxy %s: no host", shown)
 	}
 	if u.Port() == "" {
 		u.Host = net.JoinHostPort(u.Hostname(), "80")
+	} else if p, err := strconv.Atoi(u.Port()); err != nil || p < 1 || p > 65535 {
+		return nil, fmt.Errorf("proxy %s: port %s is not 1-65535", shown, u.Port())
 	}
 	u.Path = ""
 	return u, nil
