@@ -170,11 +170,20 @@ type ProxyError struct {
 	// (Silent) did not answer in time.
 	Closed bool
 	Silent bool
-	Err    error
+	// Auth are the schemes a 407 offers (Proxy-Authenticate), when none
+	// is Basic, the only one gwagent speaks.
+	Auth []string
+	// TooLong: the answer to CONNECT went on past any sane size.
+	TooLong bool
+	Err     error
 }
 
 func (e *ProxyError) Error() string {
 	switch {
+	case e.authFailed() && len(e.Auth) > 0:
+		return fmt.Sprintf("proxy %s refused CONNECT to %s: %d %s; it asks for %s authentication, and gwagent speaks only Basic: ask for an account with Basic authentication or an exemption for this gateway", e.Proxy, e.Target, e.Status, http.StatusText(e.Status), strings.Join(e.Auth, ", "))
+	case e.TooLong:
+		return fmt.Sprintf("proxy %s answered CONNECT to %s with more than %d bytes of headers; it is not an HTTP proxy, or a broken one", e.Proxy, e.Target, maxConnectResponse)
 	case e.authFailed():
 		return fmt.Sprintf("proxy %s refused CONNECT to %s: %d %s; check the user name and password in the proxy setting", e.Proxy, e.Target, e.Status, http.StatusText(e.Status))
 	case e.Status == 403:
@@ -234,10 +243,12 @@ func tunnel(ctx context.Context, proxy *url.URL, target string, dial func(contex
 	}
 	// A proxy's answer is a few hundred bytes; cap it so a broken or
 	// hostile proxy cannot make us buffer without end.
-	br := bufio.NewReader(io.LimitReader(c, maxConnectResponse))
+	lr := &io.LimitedReader{R: c, N: maxConnectResponse}
+	br := bufio.NewReader(lr)
 	resp, err := http.ReadResponse(br, req)
 	if err != nil {
 		c.Close()
+		pe.TooLong = lr.N == 0
 		var ne net.Error
 		if ctx.Err() != nil || errors.As(err, &ne) && ne.Timeout() {
 			pe.Silent = true
@@ -249,6 +260,9 @@ func tunnel(ctx context.Context, proxy *url.URL, target string, dial func(contex
 	if resp.StatusCode != http.StatusOK {
 		c.Close()
 		pe.Status = resp.StatusCode
+		if pe.authFailed() {
+			pe.Auth = nonBasic(resp.Header.Values("Proxy-Authenticate"))
+		}
 		return nil, pe
 	}
 	if !stop() {
@@ -263,6 +277,28 @@ func tunnel(ctx context.Context, proxy *url.URL, target string, dial func(contex
 		return &bufferedConn{Conn: c, r: io.MultiReader(bytes.NewReader(bytes.Clone(early)), c)}, nil
 	}
 	return c, nil
+}
+
+// nonBasic returns the schemes challenges offer, or nil if Basic is one
+// of them (or none is named).
+func nonBasic(challenges []string) []string {
+	var schemes []string
+	for _, c := range challenges {
+		// "NTLM", "Negotiate", `Basic realm="x"`, `Digest realm="x", qop=...`
+		for _, part := range strings.Split(c, ",") {
+			f := strings.Fields(part)
+			if len(f) == 0 || strings.Contains(f[0], "=") {
+				continue // a parameter of the previous scheme
+			}
+			if strings.EqualFold(f[0], "Basic") {
+				return nil
+			}
+			if len(schemes) < 4 && len(f[0]) <= 32 {
+				schemes = append(schemes, f[0])
+			}
+		}
+	}
+	return schemes
 }
 
 // maxConnectResponse bounds the proxy's answer to CONNECT.
