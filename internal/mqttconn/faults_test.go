@@ -47,6 +47,20 @@ func fakeProxy(t *testing.T, answer func(c net.Conn)) *url.URL {
 	return &url.URL{Scheme: "http", Host: l.Addr().String(), User: url.UserPassword("u", "fake-pw")}
 }
 
+// A proxy that wants credentials when none are configured says how to
+// give them.
+func TestProxyWantsCredentials(t *testing.T) {
+	px := fakeProxy(t, func(c net.Conn) {
+		c.Write([]byte("HTTP/1.1 407 Proxy Authentication Required\r\nProxy-Authenticate: Basic realm=\"plant\"\r\nContent-Length: 0\r\n\r\n"))
+	})
+	px.User = nil
+	_, err := mqttconn.DialTLS(context.Background(), mqttconn.Options{TLS: &tls.Config{ServerName: "hub.example"},
+		Proxy: mqttconn.Proxy(px, ""), Timeout: 5 * time.Second}, "hub.example:443")
+	if err == nil || !strings.Contains(err.Error(), "it needs a user name and password: write the proxy as http://user:password@host:port") {
+		t.Fatalf("%v", err)
+	}
+}
+
 func TestProxyFaults(t *testing.T) {
 	for _, tc := range []struct {
 		name     string

@@ -175,7 +175,9 @@ type ProxyError struct {
 	Auth []string
 	// TooLong: the answer to CONNECT went on past any sane size.
 	TooLong bool
-	Err     error
+	// NoUser: the proxy URL has no user (so no credentials were sent).
+	NoUser bool
+	Err    error
 }
 
 func (e *ProxyError) Error() string {
@@ -184,6 +186,8 @@ func (e *ProxyError) Error() string {
 		return fmt.Sprintf("proxy %s refused CONNECT to %s: %d %s; it asks for %s authentication, and gwagent speaks only Basic: ask for an account with Basic authentication or an exemption for this gateway", e.Proxy, e.Target, e.Status, http.StatusText(e.Status), strings.Join(e.Auth, ", "))
 	case e.TooLong:
 		return fmt.Sprintf("proxy %s answered CONNECT to %s with more than %d bytes of headers; it is not an HTTP proxy, or a broken one", e.Proxy, e.Target, maxConnectResponse)
+	case e.authFailed() && e.NoUser:
+		return fmt.Sprintf("proxy %s refused CONNECT to %s: %d %s; it needs a user name and password: write the proxy as http://user:password@host:port", e.Proxy, e.Target, e.Status, http.StatusText(e.Status))
 	case e.authFailed():
 		return fmt.Sprintf("proxy %s refused CONNECT to %s: %d %s; check the user name and password in the proxy setting", e.Proxy, e.Target, e.Status, http.StatusText(e.Status))
 	case e.Status == 403:
@@ -212,7 +216,7 @@ func (e *ProxyError) Unwrap() []error {
 // tunnel opens a TCP connection to target through the proxy's CONNECT
 // method, with Basic authentication when the proxy URL has a user.
 func tunnel(ctx context.Context, proxy *url.URL, target string, dial func(context.Context, string, string) (net.Conn, error)) (net.Conn, error) {
-	pe := &ProxyError{Proxy: proxy.Redacted(), Target: target}
+	pe := &ProxyError{Proxy: proxy.Redacted(), Target: target, NoUser: proxy.User == nil}
 	c, err := dial(ctx, "tcp", proxy.Host)
 	if err != nil {
 		pe.Err = err
