@@ -2,6 +2,7 @@ package provisioning
 
 import (
 	"context"
+	"crypto/tls"
 	"crypto/x509"
 	"errors"
 	"fmt"
@@ -44,15 +45,7 @@ func TestRestConn(t *testing.T) {
 			conns.Add(1)
 		}
 	}
-	srv.StartTLS()
-	defer srv.Close()
-	roots := x509.NewCertPool()
-	roots.AddCert(srv.Certificate())
-	addr := strings.TrimPrefix(srv.URL, "https://")
-	tc, err := tlsconf.Client(addr, roots, nil, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
+	addr, tc := startTLS(t, srv)
 	c := &restConn{addr: addr, host: addr, tlsCfg: tc}
 	defer c.close()
 	ctx := context.Background()
@@ -178,15 +171,7 @@ func TestRestConnHostileServer(t *testing.T) {
 			serverErr <- fmt.Errorf("%s: %w", r.URL.Path, err)
 		}
 	}))
-	srv.StartTLS()
-	defer srv.Close()
-	roots := x509.NewCertPool()
-	roots.AddCert(srv.Certificate())
-	addr := strings.TrimPrefix(srv.URL, "https://")
-	tc, err := tlsconf.Client(addr, roots, nil, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
+	addr, tc := startTLS(t, srv)
 	ctx := context.Background()
 	newConn := func() *restConn {
 		c := &restConn{addr: addr, host: addr, tlsCfg: tc, timeout: 2 * time.Second}
@@ -233,13 +218,32 @@ func TestRestConnHostileServer(t *testing.T) {
 			t.Errorf("%s: the connection was kept after a broken answer", path)
 		}
 	}
-	srv.CloseClientConnections()
-	close(serverErr)
-	for err := range serverErr {
-		t.Error(err)
+	for {
+		select {
+		case err := <-serverErr:
+			t.Error(err)
+		default:
+			return
+		}
 	}
 }
 
 func isConnGone(err error) bool {
 	return errors.Is(err, net.ErrClosed) || errors.Is(err, syscall.EPIPE) || errors.Is(err, syscall.ECONNRESET)
+}
+
+// startTLS starts srv with TLS (closed at the end of the test) and returns
+// its address and a client TLS config that trusts it.
+func startTLS(t *testing.T, srv *httptest.Server) (string, *tls.Config) {
+	t.Helper()
+	srv.StartTLS()
+	t.Cleanup(srv.Close)
+	roots := x509.NewCertPool()
+	roots.AddCert(srv.Certificate())
+	addr := strings.TrimPrefix(srv.URL, "https://")
+	tc, err := tlsconf.Client(addr, roots, nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return addr, tc
 }
