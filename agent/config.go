@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"reflect"
@@ -222,7 +223,12 @@ const maxConfigBytes = 1 << 20
 // `gwagent status` with it), /dev/zero would never end.
 func readConfigFile(path string) ([]byte, error) {
 	f, err := os.OpenFile(path, os.O_RDONLY|syscall.O_NONBLOCK|syscall.O_CLOEXEC, 0)
-	if err != nil {
+	switch {
+	case errors.Is(err, fs.ErrNotExist):
+		return nil, fmt.Errorf("%w; copy configs/gwagent.toml there and fill in id_scope and the keys, or pass --config FILE", err)
+	case errors.Is(err, fs.ErrPermission):
+		return nil, fmt.Errorf("%w; run as the gwagent user (sudo -u gwagent gwagent ...) or as root", err)
+	case err != nil:
 		return nil, err
 	}
 	defer f.Close()

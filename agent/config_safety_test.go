@@ -32,6 +32,7 @@ func TestConfigReadSafely(t *testing.T) {
 		{dir, "is a directory, not a regular file"},
 		{huge, "a config file may have at most"},
 		{link, ""},
+		{filepath.Join(dir, "missing.toml"), "copy configs/gwagent.toml there"},
 	} {
 		done := make(chan error, 1)
 		go func() { _, err := LoadConfig(c.path); done <- err }()

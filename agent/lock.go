@@ -32,6 +32,9 @@ type StateLock struct {
 // ErrAlreadyRunning and names its pid.
 func LockStateDir(dir string) (*StateLock, error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
+		if errors.Is(err, syscall.EROFS) {
+			return nil, fmt.Errorf("state directory: %w; state_dir must be on writable storage (the packages use /var/lib/gwagent)", err)
+		}
 		return nil, fmt.Errorf("state directory: %w; create it or fix state_dir", err)
 	}
 	p := filepath.Join(dir, lockFile)
@@ -47,7 +50,7 @@ func LockStateDir(dir string) (*StateLock, error) {
 		f, err = os.OpenFile(p, os.O_RDONLY|syscall.O_NOFOLLOW|syscall.O_CLOEXEC, 0)
 	}
 	if err != nil {
-		return nil, fmt.Errorf("state directory lock: %w", err)
+		return nil, lockOpenError(p, err)
 	}
 	giveToDirOwner(f, dir)
 	err = syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB)
@@ -67,6 +70,21 @@ func LockStateDir(dir string) (*StateLock, error) {
 		f.WriteAt([]byte(strconv.Itoa(os.Getpid())+"\n"), 0)
 	}
 	return &StateLock{f: f}, nil
+}
+
+// lockOpenError says why the lock file could not be opened and what to do.
+func lockOpenError(p string, err error) error {
+	switch {
+	case errors.Is(err, syscall.ELOOP):
+		return fmt.Errorf("state directory lock %s is a symbolic link, which gwagent never follows (it could point at any file); remove it", p)
+	case errors.Is(err, syscall.EROFS):
+		return fmt.Errorf("state directory lock: %w; state_dir must be on writable storage (the packages use /var/lib/gwagent)", err)
+	case errors.Is(err, syscall.EISDIR):
+		return fmt.Errorf("state directory lock %s is a directory; remove it", p)
+	case errors.Is(err, os.ErrPermission):
+		return fmt.Errorf("state directory lock: %w; run as the user that owns the state directory (the service's user) or as root", err)
+	}
+	return fmt.Errorf("state directory lock: %w", err)
 }
 
 // Unlock releases the state directory.

@@ -149,7 +149,10 @@ func networkOptions(cfg *Config, now time.Time, wsPort int) (o mqttconn.Options,
 	if t == mqttconn.Auto {
 		m := readMemory(cfg.StateDir)
 		o.Prefer = m.Transport
-		if m.Transport == mqttconn.WebSocket && now.Sub(m.ProbedAt) >= cfg.Network.MQTTReprobe.Duration {
+		// A probe time in the future is a clock that went back (a board
+		// without RTC before NTP) or a damaged file: probe now rather
+		// than stay on WebSockets until the clock catches up.
+		if since := now.Sub(m.ProbedAt); m.Transport == mqttconn.WebSocket && (since >= cfg.Network.MQTTReprobe.Duration || since < 0) {
 			o.Prefer, probe = mqttconn.MQTT, true
 		}
 	}

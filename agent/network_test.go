@@ -66,6 +66,15 @@ func TestAutoMemory(t *testing.T) {
 			t.Fatalf("bad memory file read as %+v", m)
 		}
 	}
+	// The board rebooted without RTC and NTP is not there yet: the clock is
+	// back in 1970, years before the recorded probe. 8883 is tried now,
+	// not once the clock has caught up.
+	if err := writeMemory(cfg.StateDir, transportMemory{Transport: mqttconn.WebSocket, ProbedAt: t0}); err != nil {
+		t.Fatal(err)
+	}
+	if p, probe := step(time.Unix(60, 0), mqttconn.WebSocket); p != mqttconn.MQTT || !probe {
+		t.Fatalf("clock behind the recorded probe: tries %s (probe %v)", p, probe)
+	}
 	os.Remove(memoryPath(cfg.StateDir))
 	// Fixed transports neither read nor write the memory.
 	cfg.Network.Transport = "mqtt"

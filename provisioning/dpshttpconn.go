@@ -1,42 +1,58 @@
 package provisioning
 
-// A minimal HTTP/1.1 client for DPS's REST API: one keep-alive TLS
-// connection per registration, requests with a JSON body, responses with
-// Content-Length or chunked bodies. net/http would do the same but adds
-// about 0.8 MB to the CGO-free arm64 binary (its Transport brings HTTP/2 and
-// more), for the two request shapes DPS needs. It dials through
-// internal/mqttconn, so an HTTP proxy (CONNECT) applies as to DPS over MQTT.
+// The HTTP/1.1 client for DPS's REST API: one keep-alive TLS connection per
+// registration. Requests are written and answers parsed by net/http's
+// (*Request).Write and ReadResponse, which are linked anyway (gorilla/websocket
+// imports net/http); its Transport is not used, so there is no connection
+// pool, HTTP/2 or proxy logic of its own. It dials through internal/mqttconn,
+// so an HTTP proxy (CONNECT) applies as to DPS over MQTT. Every exchange is
+// bounded in time (one deadline for the whole exchange) and in bytes (a budget
+// under the buffered reader), so a hostile or broken server can neither hold
+// a registration forever nor make the agent read without end.
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
+	"net/http"
 	"net/textproto"
-	"strconv"
 	"strings"
 	"time"
 
 	"github.com/gwagent/gwagent/internal/mqttconn"
 )
 
+const (
+	// maxHTTPHeader bounds the status line and headers of one answer
+	// (1xx answers included).
+	maxHTTPHeader = 16 << 10
+	// httpExchangeTimeout bounds one request and its answer.
+	httpExchangeTimeout = time.Minute
+)
+
 // restConn is the connection to DPS's REST endpoint, dialled on first use
 // and again after the server closed it.
 type restConn struct {
-	addr   string // host:port
-	host   string // Host header
-	tlsCfg *tls.Config
-	proxy  mqttconn.ProxyFunc // nil: direct
-	conn   *tls.Conn
-	br     *bufio.Reader
+	addr    string // host:port
+	host    string // Host header
+	tlsCfg  *tls.Config
+	proxy   mqttconn.ProxyFunc // nil: direct
+	timeout time.Duration      // per exchange; 0: httpExchangeTimeout
+	conn    *tls.Conn
+	budget  *budgetReader
+	br      *bufio.Reader
+	// deadline ends the current exchange.
+	deadline time.Time
 }
 
 func (c *restConn) close() {
 	if c.conn != nil {
 		c.conn.Close()
-		c.conn, c.br = nil, nil
+		c.conn, c.br, c.budget = nil, nil, nil
 	}
 }
 
@@ -46,8 +62,31 @@ func (c *restConn) dial(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	c.conn, c.br = conn, bufio.NewReaderSize(conn, 4096)
+	c.conn, c.budget = conn, &budgetReader{r: conn}
+	c.br = bufio.NewReaderSize(c.budget, 4096)
 	return nil
+}
+
+// budgetReader fails reads once the current answer has used its allowance.
+type budgetReader struct {
+	r    io.Reader
+	left int64
+	read int64 // bytes received in the current exchange
+}
+
+var errHTTPTooLarge = errors.New("answer larger than DPS ever sends")
+
+func (b *budgetReader) Read(p []byte) (int, error) {
+	if b.left <= 0 {
+		return 0, fmt.Errorf("%w: %w", errHTTPMalformed, errHTTPTooLarge)
+	}
+	if int64(len(p)) > b.left {
+		p = p[:b.left]
+	}
+	n, err := b.r.Read(p)
+	b.left -= int64(n)
+	b.read += int64(n)
+	return n, err
 }
 
 // restResponse is what DPS answered.
@@ -58,8 +97,9 @@ type restResponse struct {
 }
 
 // roundTrip sends one request and reads its response. A request on a
-// reused connection that fails before any answer is sent again once on a
-// new connection (the server may have closed an idle keep-alive).
+// reused connection that fails before any byte of an answer arrived is sent
+// again once on a new connection (the server may have closed an idle
+// keep-alive).
 func (c *restConn) roundTrip(ctx context.Context, method, path string, header map[string]string, body []byte) (*restResponse, error) {
 	for _, v := range header {
 		if strings.ContainsAny(v, "\r\n") {
@@ -67,6 +107,9 @@ func (c *restConn) roundTrip(ctx context.Context, method, path string, header ma
 		}
 	}
 	for attempt := 0; ; attempt++ {
+		if c.conn != nil && c.br.Buffered() > 0 {
+			c.close() // bytes nobody asked for: the stream is out of step
+		}
 		reused := c.conn != nil
 		if !reused {
 			if err := c.dial(ctx); err != nil {
@@ -77,8 +120,9 @@ func (c *restConn) roundTrip(ctx context.Context, method, path string, header ma
 		if err == nil {
 			return rsp, nil
 		}
+		answered := c.budget.read > 0
 		c.close()
-		if !reused || attempt > 0 || ctx.Err() != nil || errors.Is(err, errHTTPMalformed) {
+		if !reused || answered || attempt > 0 || ctx.Err() != nil || errors.Is(err, errHTTPMalformed) {
 			return nil, err
 		}
 	}
@@ -89,96 +133,97 @@ var errHTTPMalformed = errors.New("malformed HTTP response")
 func (c *restConn) exchange(ctx context.Context, method, path string, header map[string]string, body []byte) (*restResponse, error) {
 	stop := context.AfterFunc(ctx, func() { c.conn.SetDeadline(time.Unix(1, 0)) })
 	defer stop()
-	c.conn.SetDeadline(time.Now().Add(time.Minute))
-
-	var b strings.Builder
-	fmt.Fprintf(&b, "%s %s HTTP/1.1\r\nHost: %s\r\n", method, path, c.host)
-	for k, v := range header {
-		fmt.Fprintf(&b, "%s: %s\r\n", k, v)
+	timeout := c.timeout
+	if timeout <= 0 {
+		timeout = httpExchangeTimeout
 	}
+	c.deadline = time.Now().Add(timeout)
+	c.conn.SetDeadline(c.deadline)
+	c.budget.read, c.budget.left = 0, maxHTTPHeader
+
+	var rd io.Reader
 	if body != nil {
-		fmt.Fprintf(&b, "Content-Length: %d\r\n", len(body))
+		rd = bytes.NewReader(body)
 	}
-	b.WriteString("\r\n")
-	if _, err := io.WriteString(c.conn, b.String()); err != nil {
+	req, err := http.NewRequestWithContext(ctx, method, "https://"+c.host+path, rd)
+	if err != nil {
+		return nil, fmt.Errorf("http: %w", err)
+	}
+	req.Host = c.host
+	for k, v := range header {
+		req.Header.Set(k, v)
+	}
+	bw := bufio.NewWriterSize(c.conn, 4096)
+	if err := req.Write(bw); err != nil {
 		return nil, err
 	}
-	if _, err := c.conn.Write(body); err != nil {
+	if err := bw.Flush(); err != nil {
 		return nil, err
 	}
 
-	tp := textproto.NewReader(c.br)
-	line, err := tp.ReadLine()
-	if err != nil {
-		return nil, err
-	}
-	proto, rest, _ := strings.Cut(line, " ")
-	code, _, _ := strings.Cut(rest, " ")
-	status, err := strconv.Atoi(code)
-	if !strings.HasPrefix(proto, "HTTP/1.") || err != nil || status < 100 || status > 999 {
-		return nil, fmt.Errorf("%w: status line %q", errHTTPMalformed, truncate(line, 80))
-	}
-	h, err := tp.ReadMIMEHeader()
-	if err != nil {
-		return nil, fmt.Errorf("%w: headers: %v", errHTTPMalformed, err)
-	}
-	rsp := &restResponse{status: status, header: h}
-	switch {
-	case strings.EqualFold(h.Get("Transfer-Encoding"), "chunked"):
-		rsp.body, err = readChunked(c.br, maxDPSBody)
-	case h.Get("Content-Length") != "":
-		n, perr := strconv.Atoi(h.Get("Content-Length"))
-		if perr != nil || n < 0 || n > maxDPSBody {
-			return nil, fmt.Errorf("%w: Content-Length %q", errHTTPMalformed, h.Get("Content-Length"))
+	var rsp *http.Response
+	for informational := 0; ; informational++ {
+		rsp, err = http.ReadResponse(c.br, req)
+		if err != nil {
+			return nil, c.explain(ctx, err, timeout)
 		}
-		rsp.body = make([]byte, n)
-		_, err = io.ReadFull(c.br, rsp.body)
-	case status == 204 || status == 304 || status < 200:
-	default: // body until the server closes
-		rsp.body, err = io.ReadAll(io.LimitReader(c.br, maxDPSBody))
-		h.Set("Connection", "close")
+		// 1xx answers (100 Continue, 103 Early Hints) precede the real one.
+		if rsp.StatusCode >= 200 || rsp.StatusCode == 101 || informational >= 5 {
+			break
+		}
+		c.budget.left = maxHTTPHeader // each 1xx has its own header allowance
 	}
+	if rsp.StatusCode < 200 {
+		rsp.Body.Close()
+		return nil, fmt.Errorf("%w: status %d where a final answer belongs", errHTTPMalformed, rsp.StatusCode)
+	}
+	// Chunk framing costs bytes too: allow twice the body.
+	c.budget.left = 2*maxDPSBody + maxHTTPHeader
+	data, err := io.ReadAll(io.LimitReader(rsp.Body, maxDPSBody+1))
+	rsp.Body.Close()
 	if err != nil {
-		return nil, err
+		return nil, c.explain(ctx, err, timeout)
 	}
-	if strings.EqualFold(h.Get("Connection"), "close") {
+	if len(data) > maxDPSBody {
+		return nil, fmt.Errorf("%w: %w (more than %d bytes of body)", errHTTPMalformed, errHTTPTooLarge, maxDPSBody)
+	}
+	if rsp.Close {
 		c.close()
 	}
-	return rsp, nil
+	return &restResponse{status: rsp.StatusCode, header: textproto.MIMEHeader(rsp.Header), body: data}, nil
 }
 
-// readChunked decodes a chunked body of at most max bytes.
-func readChunked(br *bufio.Reader, max int) ([]byte, error) {
-	tp := textproto.NewReader(br)
-	var out []byte
-	for {
-		line, err := tp.ReadLine()
-		if err != nil {
-			return nil, err
-		}
-		sizeStr, _, _ := strings.Cut(line, ";")
-		n, err := strconv.ParseInt(strings.TrimSpace(sizeStr), 16, 32)
-		if err != nil || n < 0 || len(out)+int(n) > max {
-			return nil, fmt.Errorf("%w: chunk size %q", errHTTPMalformed, truncate(line, 20))
-		}
-		if n == 0 {
-			_, err := tp.ReadMIMEHeader() // trailers
-			return out, err
-		}
-		chunk := make([]byte, n+2)
-		if _, err := io.ReadFull(br, chunk); err != nil {
-			return nil, err
-		}
-		if string(chunk[n:]) != "\r\n" {
-			return nil, fmt.Errorf("%w: chunk not followed by CRLF", errHTTPMalformed)
-		}
-		out = append(out, chunk[:n]...)
+// explain turns a read error into one that says what the server did.
+func (c *restConn) explain(ctx context.Context, err error, timeout time.Duration) error {
+	err = shortError{err}
+	switch {
+	case ctx.Err() != nil || errors.Is(err, errHTTPMalformed):
+		return err
+	case c.budget.left <= 0:
+		return fmt.Errorf("%w: %w", errHTTPMalformed, errHTTPTooLarge)
+	case isTimeout(err) || !time.Now().Before(c.deadline):
+		return fmt.Errorf("no complete answer within %v (%w)", timeout, err)
+	case errors.Is(err, io.ErrUnexpectedEOF):
+		return fmt.Errorf("the server closed the connection in the middle of its answer (%w)", err)
+	case c.budget.read > 0:
+		return fmt.Errorf("%w: %w", errHTTPMalformed, err)
 	}
+	return err
 }
 
-func truncate(s string, n int) string {
-	if len(s) > n {
-		return s[:n] + "…"
+// shortError keeps what a server echoed into a parse error from filling a
+// log line.
+type shortError struct{ err error }
+
+func (e shortError) Error() string {
+	if s := e.err.Error(); len(s) > 120 {
+		return s[:120] + "…"
 	}
-	return s
+	return e.err.Error()
+}
+func (e shortError) Unwrap() error { return e.err }
+
+func isTimeout(err error) bool {
+	var ne interface{ Timeout() bool }
+	return errors.As(err, &ne) && ne.Timeout()
 }

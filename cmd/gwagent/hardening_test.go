@@ -47,6 +47,13 @@ func TestHelpDoesNotAct(t *testing.T) {
 				if ents, _ := os.ReadDir(dir); len(ents) != 0 {
 					t.Fatalf("help acted: created %v", ents[0].Name())
 				}
+				// A flag line is "  -name ARG": a back-quoted phrase in a
+				// flag's usage becomes ARG, garbling the help.
+				for _, l := range strings.Split(help, "\n") {
+					if strings.HasPrefix(l, "  -") && len(strings.Fields(l)) > 2 {
+						t.Errorf("garbled flag line %q", l)
+					}
+				}
 			})
 		}
 	}
@@ -212,5 +219,54 @@ func TestStatusOnHostileConfigPath(t *testing.T) {
 		if err == nil || !strings.Contains(out, want) {
 			t.Errorf("status --config %s: %v, want %q:\n%s", filepath.Base(path), err, want, out)
 		}
+	}
+}
+
+// `gwagent status` only looks. Before the service ever ran it creates
+// nothing: `sudo gwagent status` used to create a root-owned 0700
+// STATE_DIR/identity, which left the service (user gwagent) unable to store
+// the identity it then provisioned.
+func TestStatusCreatesNothing(t *testing.T) {
+	dir := t.TempDir()
+	state := filepath.Join(dir, "state")
+	cfg := filepath.Join(dir, "gwagent.toml")
+	conf := fmt.Sprintf(`state_dir = %q
+trust_bundle = "roots.pem"
+[identity]
+id_scope = "0ne00AZSIM"
+registration_id = "gw-1"
+[onboarding]
+kind = "x509"
+key = "file:/s/onb.key"
+chain = "onb.pem"
+[operational]
+key = "file:/s/op.key"
+[telemetry]
+spool_dir = %q
+`, state, filepath.Join(dir, "spool"))
+	if err := os.WriteFile(cfg, []byte(conf), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	out, _, err := gw(t, "status", "--config", cfg)
+	if err != nil || !strings.Contains(out, "never run") || !strings.Contains(out, "not provisioned") {
+		t.Fatalf("status: %v\n%s", err, out)
+	}
+	if ents, _ := os.ReadDir(dir); len(ents) != 1 {
+		names := []string{}
+		for _, e := range ents {
+			names = append(names, e.Name())
+		}
+		t.Fatalf("status created %v", names)
+	}
+	// An existing state directory without an identity yet: still nothing
+	// created inside.
+	if err := os.Mkdir(state, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if out, _, err := gw(t, "status", "--config", cfg); err != nil || !strings.Contains(out, "not provisioned") {
+		t.Fatalf("status: %v\n%s", err, out)
+	}
+	if ents, _ := os.ReadDir(state); len(ents) != 0 {
+		t.Fatalf("status created %s in the state directory", ents[0].Name())
 	}
 }

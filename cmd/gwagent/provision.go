@@ -51,7 +51,7 @@ func cmdOnboardTPM(ctx context.Context, args []string, stdout, stderr io.Writer)
 	fs := flags("onboard tpm", "(--config FILE | --tpm URI) [--ek-out FILE]", stderr)
 	cfgPath := fs.String("config", "", "config file with [onboarding] kind = \"tpm\"")
 	tpmURI := fs.String("tpm", "", "the TPM, tpm2:device=/dev/tpmrm0 or tpm2:socket=PATH (instead of --config)")
-	ekOut := fs.String("ek-out", "", "also write the base64 endorsement key to FILE (for `azsim enroll tpm --ek FILE`)")
+	ekOut := fs.String("ek-out", "", "also write the base64 endorsement key to `FILE` (for azsim enroll tpm --ek FILE)")
 	if err := parse(fs, args); err != nil {
 		return err
 	}

@@ -166,6 +166,8 @@ func statusIdentity(cfg *agent.Config) (*provisioning.Identity, error) {
 func currentIdentity(stateDir string) (*provisioning.Identity, error) {
 	if _, err := os.Stat(filepath.Join(stateDir, "identity")); errors.Is(err, os.ErrNotExist) {
 		return nil, provisioning.ErrNotProvisioned
+	} else if errors.Is(err, os.ErrPermission) {
+		return nil, fmt.Errorf("%w; run gwagent as root or as the service's user (sudo -u gwagent)", err)
 	}
 	store, err := provisioning.OpenStore(stateDir)
 	if err != nil {

@@ -47,6 +47,20 @@ func fakeProxy(t *testing.T, answer func(c net.Conn)) *url.URL {
 	return &url.URL{Scheme: "http", Host: l.Addr().String(), User: url.UserPassword("u", "fake-pw")}
 }
 
+// A proxy that wants credentials when none are configured says how to
+// give them.
+func TestProxyWantsCredentials(t *testing.T) {
+	px := fakeProxy(t, func(c net.Conn) {
+		c.Write([]byte("HTTP/1.1 407 Proxy Authentication Required\r\nProxy-Authenticate: Basic realm=\"plant\"\r\nContent-Length: 0\r\n\r\n"))
+	})
+	px.User = nil
+	_, err := mqttconn.DialTLS(context.Background(), mqttconn.Options{TLS: &tls.Config{ServerName: "hub.example"},
+		Proxy: mqttconn.Proxy(px, ""), Timeout: 5 * time.Second}, "hub.example:443")
+	if err == nil || !strings.Contains(err.Error(), "it needs a user name and password: write the proxy as http://user:password@host:port") {
+		t.Fatalf("%v", err)
+	}
+}
+
 func TestProxyFaults(t *testing.T) {
 	for _, tc := range []struct {
 		name     string
@@ -65,6 +79,12 @@ func TestProxyFaults(t *testing.T) {
 			}
 		}, true, true},
 		{"fail/no answer until the timeout", func(c net.Conn) { time.Sleep(5 * time.Second) }, true, true},
+		{"fail/407 asking for NTLM or Negotiate only", func(c net.Conn) {
+			c.Write([]byte("HTTP/1.1 407 Proxy Authentication Required\r\nProxy-Authenticate: NTLM\r\nProxy-Authenticate: Negotiate\r\nContent-Length: 0\r\n\r\n"))
+		}, false, false},
+		{"fail/407 offering Basic among others", func(c net.Conn) {
+			c.Write([]byte("HTTP/1.1 407 Proxy Authentication Required\r\nProxy-Authenticate: Negotiate, Basic realm=\"plant\"\r\nContent-Length: 0\r\n\r\n"))
+		}, false, false},
 		{"fail/502 from the proxy", func(c net.Conn) { c.Write([]byte("HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\n\r\n")) }, false, true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -95,6 +115,13 @@ func TestProxyFaults(t *testing.T) {
 			}
 			if strings.Contains(tc.name, "timeout") && !strings.Contains(msg, "did not answer") {
 				t.Fatalf("a silent proxy is not reported as such: %s", msg)
+			}
+			if want := map[string]string{
+				"fail/an answer that never ends":             "more than 65536 bytes of headers",
+				"fail/407 asking for NTLM or Negotiate only": "asks for NTLM, Negotiate authentication, and gwagent speaks only Basic",
+				"fail/407 offering Basic among others":       "check the user name and password",
+			}[tc.name]; !strings.Contains(msg, want) {
+				t.Fatalf("error does not say %q: %s", want, msg)
 			}
 			if got := strings.Contains(msg, "WebSockets"); got != tc.fallback {
 				t.Fatalf("fallback to WebSockets = %v, want %v: %s", got, tc.fallback, msg)

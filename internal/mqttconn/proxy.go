@@ -11,6 +11,7 @@ import (
 	"net"
 	"net/http"
 	"net/url"
+	"strconv"
 	"strings"
 	"time"
 )
@@ -27,28 +28,35 @@ type ProxyFunc func(target string) (*url.URL, error)
 // http://[user:password@]host[:port] (port default 80; a bare host:port is
 // taken as http). The error never contains the password.
 func ParseProxy(s string) (*url.URL, error) {
+	s = strings.TrimSpace(s)
 	if s == "" {
 		return nil, nil
 	}
 	if !strings.Contains(s, "://") {
 		s = "http://" + s
 	}
+	const encode = "; percent-encode @ # / ? % : in a user name or password (%40 %23 %2F %3F %25 %3A)"
 	u, err := url.Parse(s)
 	if err != nil {
 		// url's errors quote the whole input, password included.
-		return nil, errors.New("proxy: not a URL; write it as http://[user:password@]host:port")
+		return nil, errors.New("proxy: not a URL; write it as http://[user:password@]host:port" + encode)
 	}
+	if u.Path != "" && u.Path != "/" || u.RawQuery != "" || u.Fragment != "" || u.Opaque != "" {
+		// A password with an unencoded / ? or # lands here, cut in two: its
+		// start in the host, its end in the path. Show none of it.
+		return nil, errors.New("proxy: a proxy URL has no path, query or fragment (write http://[user:password@]host:port)" + encode)
+	}
+	shown := (&url.URL{Scheme: u.Scheme, User: u.User, Host: u.Host}).Redacted()
 	if u.Scheme != "http" {
-		return nil, fmt.Errorf("proxy %s: scheme %q is not supported; use an http:// proxy (the tunnel inside is TLS either way)", u.Redacted(), u.Scheme)
+		return nil, fmt.Errorf("proxy %s: scheme %q is not supported; use an http:// proxy (the tunnel inside is TLS either way)", shown, u.Scheme)
 	}
 	if u.Hostname() == "" {
-		return nil, fmt.Errorf("proxy %s: no host", u.Redacted())
-	}
-	if u.Path != "" && u.Path != "/" || u.RawQuery != "" {
-		return nil, fmt.Errorf("proxy %s: a proxy URL has no path or query", u.Redacted())
+		return nil, fmt.Errorf("proxy %s: no host", shown)
 	}
 	if u.Port() == "" {
 		u.Host = net.JoinHostPort(u.Hostname(), "80")
+	} else if p, err := strconv.Atoi(u.Port()); err != nil || p < 1 || p > 65535 {
+		return nil, fmt.Errorf("proxy %s: port %s is not 1-65535", shown, u.Port())
 	}
 	u.Path = ""
 	return u, nil
@@ -162,11 +170,24 @@ type ProxyError struct {
 	// (Silent) did not answer in time.
 	Closed bool
 	Silent bool
+	// Auth are the schemes a 407 offers (Proxy-Authenticate), when none
+	// is Basic, the only one gwagent speaks.
+	Auth []string
+	// TooLong: the answer to CONNECT went on past any sane size.
+	TooLong bool
+	// NoUser: the proxy URL has no user (so no credentials were sent).
+	NoUser bool
 	Err    error
 }
 
 func (e *ProxyError) Error() string {
 	switch {
+	case e.authFailed() && len(e.Auth) > 0:
+		return fmt.Sprintf("proxy %s refused CONNECT to %s: %d %s; it asks for %s authentication, and gwagent speaks only Basic: ask for an account with Basic authentication or an exemption for this gateway", e.Proxy, e.Target, e.Status, http.StatusText(e.Status), strings.Join(e.Auth, ", "))
+	case e.TooLong:
+		return fmt.Sprintf("proxy %s answered CONNECT to %s with more than %d bytes of headers; it is not an HTTP proxy, or a broken one", e.Proxy, e.Target, maxConnectResponse)
+	case e.authFailed() && e.NoUser:
+		return fmt.Sprintf("proxy %s refused CONNECT to %s: %d %s; it needs a user name and password: write the proxy as http://user:password@host:port", e.Proxy, e.Target, e.Status, http.StatusText(e.Status))
 	case e.authFailed():
 		return fmt.Sprintf("proxy %s refused CONNECT to %s: %d %s; check the user name and password in the proxy setting", e.Proxy, e.Target, e.Status, http.StatusText(e.Status))
 	case e.Status == 403:
@@ -195,7 +216,7 @@ func (e *ProxyError) Unwrap() []error {
 // tunnel opens a TCP connection to target through the proxy's CONNECT
 // method, with Basic authentication when the proxy URL has a user.
 func tunnel(ctx context.Context, proxy *url.URL, target string, dial func(context.Context, string, string) (net.Conn, error)) (net.Conn, error) {
-	pe := &ProxyError{Proxy: proxy.Redacted(), Target: target}
+	pe := &ProxyError{Proxy: proxy.Redacted(), Target: target, NoUser: proxy.User == nil}
 	c, err := dial(ctx, "tcp", proxy.Host)
 	if err != nil {
 		pe.Err = err
@@ -226,10 +247,12 @@ func tunnel(ctx context.Context, proxy *url.URL, target string, dial func(contex
 	}
 	// A proxy's answer is a few hundred bytes; cap it so a broken or
 	// hostile proxy cannot make us buffer without end.
-	br := bufio.NewReader(io.LimitReader(c, maxConnectResponse))
+	lr := &io.LimitedReader{R: c, N: maxConnectResponse}
+	br := bufio.NewReader(lr)
 	resp, err := http.ReadResponse(br, req)
 	if err != nil {
 		c.Close()
+		pe.TooLong = lr.N == 0
 		var ne net.Error
 		if ctx.Err() != nil || errors.As(err, &ne) && ne.Timeout() {
 			pe.Silent = true
@@ -241,6 +264,9 @@ func tunnel(ctx context.Context, proxy *url.URL, target string, dial func(contex
 	if resp.StatusCode != http.StatusOK {
 		c.Close()
 		pe.Status = resp.StatusCode
+		if pe.authFailed() {
+			pe.Auth = nonBasic(resp.Header.Values("Proxy-Authenticate"))
+		}
 		return nil, pe
 	}
 	if !stop() {
@@ -255,6 +281,28 @@ func tunnel(ctx context.Context, proxy *url.URL, target string, dial func(contex
 		return &bufferedConn{Conn: c, r: io.MultiReader(bytes.NewReader(bytes.Clone(early)), c)}, nil
 	}
 	return c, nil
+}
+
+// nonBasic returns the schemes challenges offer, or nil if Basic is one
+// of them (or none is named).
+func nonBasic(challenges []string) []string {
+	var schemes []string
+	for _, c := range challenges {
+		// "NTLM", "Negotiate", `Basic realm="x"`, `Digest realm="x", qop=...`
+		for _, part := range strings.Split(c, ",") {
+			f := strings.Fields(part)
+			if len(f) == 0 || strings.Contains(f[0], "=") {
+				continue // a parameter of the previous scheme
+			}
+			if strings.EqualFold(f[0], "Basic") {
+				return nil
+			}
+			if len(schemes) < 4 && len(f[0]) <= 32 {
+				schemes = append(schemes, f[0])
+			}
+		}
+	}
+	return schemes
 }
 
 // maxConnectResponse bounds the proxy's answer to CONNECT.

@@ -44,6 +44,18 @@ func TestParseProxy(t *testing.T) {
 		{"fail/path", "http://u:secret@proxy.site:3128/x", "", "no path"},
 		{"fail/unparsable keeps the password out", "http://u:sec ret%zz@proxy:1", "", "not a URL"},
 		{"fail/no host", "http://", "", "no host"},
+		{"ok/spaces around", "  http://proxy.site:3128 \n", "http://proxy.site:3128", ""},
+		{"ok/ipv6", "[::1]:3128", "http://[::1]:3128", ""},
+		{"ok/user without password", "u@proxy.site:3128", "http://u@proxy.site:3128", ""},
+		{"ok/percent-encoded password", "http://u:p%40s%23s@proxy.site:3128", "http://u:p%40s%23s@proxy.site:3128", ""},
+		// A password with an unencoded # or / splits the URL: part of it
+		// parses as host:port, the rest as fragment or path. The error
+		// shows neither and says how to write it.
+		{"fail/unencoded # in password", "http://u:12#secret@proxy.site:3128", "", "%23"},
+		{"fail/unencoded / in password", "http://u:12/secret@proxy.site:3128", "", "%2F"},
+		{"fail/unencoded ? in password", "http://u:12?secret@proxy.site:3128", "", "%3F"},
+		{"fail/port out of range", "http://u:secret@proxy.site:99999", "", "port 99999 is not 1-65535"},
+		{"fail/port zero", "http://proxy.site:0", "", "port 0"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			u, err := ParseProxy(tc.in)

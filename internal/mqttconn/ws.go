@@ -5,6 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"strconv"
+	"strings"
 
 	"github.com/gorilla/websocket"
 
@@ -29,7 +31,9 @@ func dialWebSocket(ctx context.Context, wsURL string, tlsDial func(context.Conte
 	}
 	if err != nil {
 		if errors.Is(err, websocket.ErrBadHandshake) && resp != nil {
-			return nil, fmt.Errorf("websocket upgrade refused: %s", resp.Status)
+			// The status text is the server's; keep it short.
+			return nil, fmt.Errorf("websocket upgrade refused: %d %.40s; the server does not offer MQTT over WebSockets at %s on this port: check the host name, or use [network] transport = \"mqtt\"",
+				resp.StatusCode, strings.TrimSpace(strings.TrimPrefix(resp.Status, strconv.Itoa(resp.StatusCode))), WebSocketPath)
 		}
 		return nil, err
 	}
