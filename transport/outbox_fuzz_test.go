@@ -2,7 +2,6 @@ package transport
 
 import (
 	"bytes"
-	"encoding/binary"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -119,10 +118,9 @@ func FuzzAckLog(f *testing.F) {
 					t.Fatalf("id %s reused", m.ID)
 				}
 				ids[m.ID] = true
-				if m.Kind == KindApp || ev == 0 || len(model) == 0 || true {
-					if got, _ := o.Next(m.Seq-1, 1); len(got) == 1 && got[0].ID == m.ID {
-						model = append(model, want{m.ID, string(m.Body)})
-					}
+				// A health message that found no room is dropped at once.
+				if got, _ := o.Next(m.Seq-1, 1); len(got) == 1 && got[0].ID == m.ID {
+					model = append(model, want{m.ID, string(m.Body)})
 				}
 			case 1, 2: // ack the first or second queued message
 				ms, _ := o.Next(0, int(op%6))
@@ -165,6 +163,5 @@ func FuzzAckLog(f *testing.F) {
 				t.Fatalf("corruption reported without damage: %+v", c)
 			}
 		}
-		_ = binary.LittleEndian
 	})
 }
