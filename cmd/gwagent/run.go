@@ -129,6 +129,9 @@ func cmdStatus(ctx context.Context, args []string, stdout, stderr io.Writer) err
 			w("transport", st.Transport+" (last hub connection; [network] transport = "+cfg.Network.Transport+")")
 		}
 		w("outbox", fmt.Sprintf("%d messages, %d bytes", st.OutboxDepth, st.OutboxBytes))
+		if st.OutboxDamaged > 0 {
+			w("outbox damaged", fmt.Sprintf("%d records skipped at start (see the log)", st.OutboxDamaged))
+		}
 		if st.LastAckID != "" {
 			w("last acked", st.LastAckID+" at "+st.LastAckAt.Format(time.RFC3339))
 		} else {
