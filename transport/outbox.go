@@ -70,6 +70,14 @@ type OutboxOptions struct {
 	SegmentBytes int64
 	// Now is the clock (tests).
 	Now func() time.Time
+	// WriteBehind is how long a message that needs no fsync (health, or
+	// with a producer's copy) may stay in memory only: one the hub
+	// acknowledges sooner never touches the flash. Default 5 s; negative:
+	// write every message at once.
+	WriteBehind time.Duration
+	// MaxPendingBytes bounds the messages held in memory (default 256 KiB);
+	// past it the oldest are written out at once.
+	MaxPendingBytes int64
 	// noSync skips every fsync (fuzz tests, which would spend their time
 	// waiting for the disk).
 	noSync bool
@@ -92,9 +100,16 @@ type Corruption struct {
 // uvarint count n acknowledging seq..seq+n-1.
 //
 // What is written when, and what survives what:
-//   - Every Put and every Ack is written to the kernel (one pwrite) before it
-//     returns, never held in a user-space buffer: after a SIGKILL at any moment
-//     nothing acked is sent again except what was in flight.
+//   - Write-behind: a message that needs no fsync (health, or with Local set)
+//     stays in memory for up to WriteBehind (5 s) and is written out only if
+//     the hub has not acknowledged it by then, so while the hub is reachable
+//     the outbox writes nothing at all. A SIGKILL can lose such a message in
+//     those seconds: a health message (the next one says the same) or a
+//     spool message (its spool file is still there and is queued again).
+//   - Every Put that is written and every Ack of a written message is
+//     written to the kernel (one pwrite) before the call returns, never held
+//     in a user-space buffer: after a SIGKILL at any moment nothing acked is
+//     sent again except what was in flight.
 //   - Acks are records appended to the active segment, so at one message a
 //     second messages and acks fill the same 4 KiB pages instead of each
 //     dirtying a page of its own; nothing is rewritten in place.
@@ -136,6 +151,10 @@ type Outbox struct {
 	corrupt  []Corruption
 	wbuf     []byte // record encoding buffer, reused
 
+	pend      []uint64 // seqs of entries held in memory, oldest first
+	pendBytes int64
+	timer     *time.Timer // writes out pending entries when they are due
+
 	syncMu sync.Mutex // serializes fsyncs; held without mu
 	synced uint64     // highest seq known durable
 	fsyncs int        // fsyncs done by Put (syncMu held); for tests and bench
@@ -143,7 +162,9 @@ type Outbox struct {
 
 type entry struct {
 	seq  uint64
-	seg  *segment
+	seg  *segment // nil while held in memory (data set)
+	data []byte   // the sealed record, while held in memory
+	at   time.Time
 	off  int64
 	size int64 // record size on disk
 	kind Kind
@@ -179,6 +200,12 @@ func OpenOutbox(dir string, opts OutboxOptions) (*Outbox, error) {
 	}
 	if opts.Now == nil {
 		opts.Now = time.Now
+	}
+	if opts.WriteBehind == 0 {
+		opts.WriteBehind = 5 * time.Second
+	}
+	if opts.MaxPendingBytes == 0 {
+		opts.MaxPendingBytes = 256 << 10
 	}
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("outbox: %w", err)
@@ -493,20 +520,39 @@ func (o *Outbox) Put(msgs ...*Message) (evicted int, err error) {
 			o.mu.Unlock()
 			return evicted, fmt.Errorf("outbox: %w (%d bytes queued, limit %d): the hub has been unreachable for long; the message stays with its producer", ErrOutboxFull, o.bytes, o.opts.MaxBytes)
 		}
-		off, seg, err := o.appendRecord(o.wbuf)
-		if err != nil {
-			o.mu.Unlock()
-			return evicted, err
+		durable := m.Kind == KindApp && m.Local == ""
+		if durable || o.opts.WriteBehind < 0 {
+			// Written now; anything older held in memory goes first.
+			if err := o.writeOut(len(o.pend)); err != nil {
+				o.mu.Unlock()
+				return evicted, err
+			}
+			off, seg, err := o.appendRecord(o.wbuf)
+			if err != nil {
+				o.mu.Unlock()
+				return evicted, err
+			}
+			o.live = append(o.live, entry{seq: m.Seq, kind: m.Kind, seg: seg, off: off, size: need})
+			seg.live++
+		} else {
+			o.live = append(o.live, entry{seq: m.Seq, kind: m.Kind, data: append([]byte(nil), o.wbuf...), at: time.Now(), size: need})
+			o.pend = append(o.pend, m.Seq)
+			o.pendBytes += need
+			if o.pendBytes > o.opts.MaxPendingBytes {
+				if err := o.writeOut(len(o.pend) - 1); err != nil {
+					o.mu.Unlock()
+					return evicted, err
+				}
+			}
+			o.arm()
 		}
-		o.live = append(o.live, entry{seq: m.Seq, kind: m.Kind, seg: seg, off: off, size: need})
-		seg.live++
 		o.nlive++
 		o.bytes += need
 		o.next = m.Seq + 1
 		if cap(o.wbuf) > 64<<10 {
 			o.wbuf = nil // a rare big message; do not keep its buffer
 		}
-		if m.Kind == KindApp && m.Local == "" {
+		if durable {
 			mustSync = m.Seq
 		}
 	}
@@ -700,6 +746,70 @@ func (o *Outbox) syncTo(seq uint64) error {
 	return nil
 }
 
+// writeOut writes the oldest n entries held in memory to the active
+// segment, in order (mu held).
+func (o *Outbox) writeOut(n int) error {
+	for ; n > 0 && len(o.pend) > 0; n-- {
+		i := o.find(o.pend[0])
+		if i >= 0 {
+			e := &o.live[i]
+			off, seg, err := o.appendRecord(e.data)
+			if err != nil {
+				return err
+			}
+			o.pendBytes -= e.size
+			e.seg, e.off, e.data = seg, off, nil
+			seg.live++
+		}
+		o.pend[0] = 0
+		o.pend = o.pend[1:]
+	}
+	if len(o.pend) == 0 {
+		o.pend = nil
+	}
+	return nil
+}
+
+// arm makes sure the timer will write out the oldest pending entry when it
+// is due (mu held).
+func (o *Outbox) arm() {
+	if o.timer != nil || len(o.pend) == 0 || o.closed {
+		return
+	}
+	o.timer = time.AfterFunc(o.opts.WriteBehind, o.due)
+}
+
+// due writes out what has waited WriteBehind without an ack.
+func (o *Outbox) due() {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	o.timer = nil
+	if !o.closed {
+		o.writeDue(time.Now())
+	}
+}
+
+// writeDue writes out the entries put before now-WriteBehind and arms the
+// timer for the next (mu held).
+func (o *Outbox) writeDue(now time.Time) {
+	cutoff := now.Add(-o.opts.WriteBehind)
+	n := 0
+	var next time.Time
+	for _, seq := range o.pend {
+		if i := o.find(seq); i >= 0 {
+			if o.live[i].at.After(cutoff) {
+				next = o.live[i].at
+				break
+			}
+		}
+		n++
+	}
+	o.writeOut(n) // a failure leaves them in memory; the next Put or Close tries again
+	if !next.IsZero() && o.timer == nil {
+		o.timer = time.AfterFunc(time.Until(next.Add(o.opts.WriteBehind)), o.due)
+	}
+}
+
 // evictHealth drops the oldest live health message; false if there is none.
 func (o *Outbox) evictHealth() bool {
 	for i := o.head; i < len(o.live); i++ {
@@ -716,6 +826,24 @@ func (o *Outbox) evictHealth() bool {
 // this run; a restart sends it again (a duplicate, never a loss).
 func (o *Outbox) kill(i int) error {
 	e := &o.live[i]
+	if e.seg == nil { // never written: nothing to record
+		e.dead, e.data = true, nil
+		o.nlive--
+		o.bytes -= e.size
+		o.pendBytes -= e.size
+		for len(o.pend) > 0 && o.find(o.pend[0]) < 0 {
+			o.pend = o.pend[1:]
+		}
+		if len(o.pend) == 0 {
+			o.pend = nil
+			if o.timer != nil { // nothing left to write: no wakeup
+				o.timer.Stop()
+				o.timer = nil
+			}
+		}
+		o.advanceHead()
+		return nil
+	}
 	var rec [recHeader + minPayload + 1]byte
 	binary.LittleEndian.PutUint64(rec[recHeader:], e.seq)
 	rec[recHeader+8] = kindAck
@@ -819,18 +947,21 @@ func (o *Outbox) Next(after uint64, n int) ([]*Message, error) {
 }
 
 func (o *Outbox) read(e entry) (*Message, error) {
-	buf := make([]byte, e.size)
-	if _, err := e.seg.f.ReadAt(buf, e.off); err != nil {
-		return nil, fmt.Errorf("outbox: read record %d from %s: %w", e.seq, filepath.Base(e.seg.path), err)
+	buf := e.data
+	if buf == nil {
+		buf = make([]byte, e.size)
+		if _, err := e.seg.f.ReadAt(buf, e.off); err != nil {
+			return nil, fmt.Errorf("outbox: read record %d from %s: %w", e.seq, filepath.Base(e.seg.path), err)
+		}
 	}
 	p := buf[recHeader:]
 	if crc32.Checksum(p, castagnoli) != binary.LittleEndian.Uint32(buf[4:]) || len(p) < minPayload {
-		return nil, fmt.Errorf("outbox: record %d in %s changed on disk", e.seq, filepath.Base(e.seg.path))
+		return nil, fmt.Errorf("outbox: record %d changed on disk", e.seq)
 	}
 	m := &Message{Seq: e.seq, Kind: Kind(p[8])}
 	n, err := decodeMeta(p[9:], m)
 	if err != nil {
-		return nil, fmt.Errorf("outbox: corrupt record %d in %s: %w", e.seq, filepath.Base(e.seg.path), err)
+		return nil, fmt.Errorf("outbox: corrupt record %d: %w", e.seq, err)
 	}
 	if m.ID == "" {
 		m.ID = o.defaultID(e.seq)
@@ -854,7 +985,7 @@ func (o *Outbox) LastAcked() (uint64, time.Time) {
 	return o.lastAck, o.lastAckT
 }
 
-// Flush makes everything written so far durable (clean shutdown).
+// Flush writes out what is held in memory and makes everything durable.
 func (o *Outbox) Flush() error {
 	o.mu.Lock()
 	defer o.mu.Unlock()
@@ -862,6 +993,9 @@ func (o *Outbox) Flush() error {
 }
 
 func (o *Outbox) flushLocked() error {
+	if err := o.writeOut(len(o.pend)); err != nil {
+		return err
+	}
 	if o.active != nil && o.dirty {
 		o.dirty = false
 		if err := o.fdatasync(o.active.f); err != nil {
@@ -885,8 +1019,12 @@ func (o *Outbox) Close() error {
 	if o.closed {
 		return nil
 	}
-	o.closed = true
 	err := o.flushLocked()
+	o.closed = true
+	if o.timer != nil {
+		o.timer.Stop()
+		o.timer = nil
+	}
 	o.closeFiles()
 	return err
 }

@@ -79,7 +79,7 @@ func FuzzAckLog(f *testing.F) {
 			ops = ops[:200]
 		}
 		dir := t.TempDir()
-		opts := OutboxOptions{SegmentBytes: 256, MaxBytes: 2048, noSync: true}
+		opts := OutboxOptions{SegmentBytes: 256, MaxBytes: 2048, WriteBehind: -1, noSync: true}
 		o, err := OpenOutbox(dir, opts)
 		if err != nil {
 			t.Fatal(err)

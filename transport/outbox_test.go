@@ -13,6 +13,7 @@ import (
 	"sync"
 	"syscall"
 	"testing"
+	"time"
 )
 
 // TestMain doubles as a child that queues messages and is SIGKILLed.
@@ -415,7 +416,7 @@ func TestOutboxCorruptRecords(t *testing.T) {
 // producer's copy is fsynced.
 func TestOutboxAcksShareSegment(t *testing.T) {
 	dir := t.TempDir()
-	o := openT(t, dir, OutboxOptions{})
+	o := openT(t, dir, OutboxOptions{WriteBehind: -1})
 	for i := 0; i < 50; i++ {
 		m := &Message{Kind: KindHealth, Body: bytes.Repeat([]byte("h"), 300)}
 		o.Put(m)
@@ -434,5 +435,47 @@ func TestOutboxAcksShareSegment(t *testing.T) {
 	defer o.syncMu.Unlock()
 	if o.fsyncs != 0 {
 		t.Fatalf("%d fsyncs for health and spool messages", o.fsyncs)
+	}
+}
+
+// TestOutboxWriteBehind: while the hub acknowledges within WriteBehind, the
+// outbox writes nothing; what is not acknowledged by then is written out
+// (and survives a restart); a message without a producer's copy is written
+// and fsynced at once, after the older ones held in memory.
+func TestOutboxWriteBehind(t *testing.T) {
+	dir := t.TempDir()
+	o := openT(t, dir, OutboxOptions{WriteBehind: time.Hour})
+	segs := func() int { m, _ := filepath.Glob(filepath.Join(dir, "*.seg")); return len(m) }
+	for i := 0; i < 20; i++ {
+		m := &Message{Kind: KindHealth, Body: []byte("h")}
+		o.Put(m)
+		o.Put(&Message{Kind: KindApp, Local: "spool/a.json", Body: []byte("{}")})
+		ms := mustNext(t, o)
+		for _, x := range ms {
+			o.Ack(x.Seq)
+		}
+	}
+	if n := segs(); n != 0 {
+		t.Fatalf("%d segment files written for messages acknowledged at once", n)
+	}
+	o.mu.Lock()
+	timer := o.timer
+	o.mu.Unlock()
+	if timer != nil {
+		t.Fatal("a timer is left armed with nothing to write (an idle wakeup)")
+	}
+	o.Put(&Message{Kind: KindHealth, Body: []byte("late")})
+	o.mu.Lock()
+	o.writeDue(time.Now().Add(2 * time.Hour))
+	o.mu.Unlock()
+	if segs() != 1 {
+		t.Fatal("an unacknowledged message was not written out when due")
+	}
+	o.Put(&Message{Kind: KindHealth, Body: []byte("held")})
+	o.Put(&Message{Kind: KindApp, Body: []byte("durable")})
+	o.closeFiles() // SIGKILL: nothing flushed by Close
+	o2 := openT(t, dir, OutboxOptions{WriteBehind: time.Hour})
+	if got := strings.Join(bodies(t, o2), ","); got != "late,held,durable" {
+		t.Fatalf("after a kill: %s, want late,held,durable (in order)", got)
 	}
 }
