@@ -143,12 +143,44 @@ func (a *Agent) drain(ctx context.Context, sess *transport.Session) {
 	go func() {
 		defer close(acker)
 		defer cancel() // a failed publish ends the sender too
-		for f := range q {
+		polled, stopPoll := context.WithCancel(ctx)
+		stopPoll() // a done context: wait only reports a PUBACK already in
+		batch := make([]inflight, 0, 64)
+		var held *inflight
+		for {
+			f, ok := inflight{}, true
+			if held != nil {
+				f, held = *held, nil
+			} else if f, ok = <-q; !ok {
+				return
+			}
 			if err := f.wait(ctx); err != nil {
 				return // resent from the outbox on the next connection
 			}
-			a.delivered(f.m)
-			pending.Add(-int64(len(f.m.Body)))
+			// Take the PUBACKs already in with it: one ack write for the lot.
+			batch = append(batch[:0], f)
+		more:
+			for len(batch) < cap(batch) {
+				select {
+				case g, ok := <-q:
+					if !ok {
+						break more
+					}
+					if g.wait(polled) != nil {
+						held = &g
+						break more
+					}
+					batch = append(batch, g)
+				default:
+					break more
+				}
+			}
+			a.delivered(batch)
+			var n int64
+			for _, g := range batch {
+				n += int64(len(g.m.Body))
+			}
+			pending.Add(-n)
 			select {
 			case room <- struct{}{}:
 			default:
@@ -197,16 +229,23 @@ func (a *Agent) drain(ctx context.Context, sess *transport.Session) {
 	}
 }
 
-// delivered records a PUBACK: the ack is written to the outbox before the
-// producer's copy (a spool file) is deleted.
-func (a *Agent) delivered(m *transport.Message) {
-	if err := a.outbox.Ack(m.Seq); err != nil {
+// delivered records PUBACKs: the acks are written to the outbox before the
+// producers' copies (spool files) are deleted.
+func (a *Agent) delivered(batch []inflight) {
+	seqs := make([]uint64, len(batch))
+	for i, f := range batch {
+		seqs[i] = f.m.Seq
+	}
+	if err := a.outbox.Ack(seqs...); err != nil {
 		a.log.Error("outbox ack", "err", err)
 	}
-	if m.Local != "" {
-		a.spoolSent(m.Local)
+	for _, f := range batch {
+		if f.m.Local != "" {
+			a.spoolSent(f.m.Local)
+		}
 	}
-	a.status.Update(false, func(s *Status) { s.LastAckID, s.LastAckAt = m.ID, a.opts.Now().UTC() })
+	last := batch[len(batch)-1].m.ID
+	a.status.Update(false, func(s *Status) { s.LastAckID, s.LastAckAt = last, a.opts.Now().UTC() })
 }
 
 func (a *Agent) updateDepth() {

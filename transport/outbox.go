@@ -850,13 +850,20 @@ func (o *Outbox) kill(i int) error {
 	rec[recHeader+9] = 1 // uvarint count 1
 	seal(rec[:])
 	_, _, err := o.appendRecord(rec[:])
+	o.forget(i)
+	o.reclaim()
+	return err
+}
+
+// forget marks a written entry dead in memory (mu held); its ack record is
+// the caller's to write.
+func (o *Outbox) forget(i int) {
+	e := &o.live[i]
 	e.dead = true
 	o.nlive--
 	o.bytes -= e.size
 	e.seg.live--
 	o.advanceHead()
-	o.reclaim()
-	return err
 }
 
 // advanceHead skips dead entries at the front and, now and then, drops
@@ -907,37 +914,104 @@ func (o *Outbox) find(seq uint64) int {
 	return o.head + i
 }
 
-// Ack removes an acknowledged message; when it returns nil the ack is
-// written to the kernel and survives a crash of this process. Unknown
-// (already acked) seqs are ignored.
-func (o *Outbox) Ack(seq uint64) error {
+// Ack removes acknowledged messages; when it returns nil their acks are
+// written to the kernel (one write for the batch) and survive a crash of
+// this process. Unknown (already acked) seqs are ignored.
+func (o *Outbox) Ack(seqs ...uint64) error {
 	o.mu.Lock()
 	defer o.mu.Unlock()
 	if o.closed {
 		return fmt.Errorf("outbox: %w", ErrClosed)
 	}
-	i := o.find(seq)
-	if i < 0 {
-		return nil
+	var buf []byte
+	var run, runLen uint64
+	emit := func() {
+		if runLen == 0 {
+			return
+		}
+		start := len(buf)
+		buf = append(buf, make([]byte, recHeader)...)
+		buf = binary.LittleEndian.AppendUint64(buf, run)
+		buf = append(buf, kindAck)
+		buf = binary.AppendUvarint(buf, runLen)
+		seal(buf[start:])
+		runLen = 0
 	}
-	err := o.kill(i)
-	o.lastAck, o.lastAckT = seq, o.opts.Now()
+	var last uint64
+	for _, seq := range seqs {
+		i := o.find(seq)
+		if i < 0 {
+			continue
+		}
+		last = seq
+		if o.live[i].seg == nil {
+			o.kill(i) // held in memory only: nothing to write
+			continue
+		}
+		if runLen > 0 && seq == run+runLen && runLen < maxAckRun {
+			runLen++
+		} else {
+			emit()
+			run, runLen = seq, 1
+		}
+		o.forget(i)
+	}
+	emit()
+	var err error
+	if len(buf) > 0 {
+		_, _, err = o.appendRecord(buf)
+		o.reclaim()
+	}
+	if last != 0 {
+		o.lastAck, o.lastAckT = last, o.opts.Now()
+	}
 	return err
 }
 
 // Next returns up to n live messages with Seq > after, in order, bodies read
-// from disk.
+// from memory or disk (neighbouring records in one read).
 func (o *Outbox) Next(after uint64, n int) ([]*Message, error) {
 	o.mu.Lock()
 	defer o.mu.Unlock()
 	l := o.live[o.head:]
 	i := sort.Search(len(l), func(i int) bool { return l[i].seq > after })
 	var out []*Message
+	var run []byte // a span of one segment read at once
+	var runSeg *segment
+	var runOff int64
 	for ; i < len(l) && len(out) < n; i++ {
-		if l[i].dead {
+		e := l[i]
+		if e.dead {
 			continue
 		}
-		m, err := o.read(l[i])
+		var rec []byte
+		switch {
+		case e.data != nil:
+			rec = e.data
+		case e.seg == runSeg && e.off >= runOff && e.off+e.size <= runOff+int64(len(run)):
+			rec = run[e.off-runOff : e.off-runOff+e.size]
+		default:
+			// Read from this record to the end of the last wanted record in
+			// the same segment, up to 64 KiB.
+			end := e.off + e.size
+			for j, k := i+1, len(out)+1; j < len(l) && k < n; j++ {
+				x := l[j]
+				if x.dead {
+					continue
+				}
+				if x.seg != e.seg || x.off < end || x.off+x.size-e.off > 64<<10 {
+					break
+				}
+				end = x.off + x.size
+				k++
+			}
+			run, runSeg, runOff = make([]byte, end-e.off), e.seg, e.off
+			if _, err := e.seg.f.ReadAt(run, e.off); err != nil {
+				return out, fmt.Errorf("outbox: read record %d from %s: %w", e.seq, filepath.Base(e.seg.path), err)
+			}
+			rec = run[:e.size]
+		}
+		m, err := o.decode(e.seq, rec)
 		if err != nil {
 			return out, err
 		}
@@ -946,14 +1020,8 @@ func (o *Outbox) Next(after uint64, n int) ([]*Message, error) {
 	return out, nil
 }
 
-func (o *Outbox) read(e entry) (*Message, error) {
-	buf := e.data
-	if buf == nil {
-		buf = make([]byte, e.size)
-		if _, err := e.seg.f.ReadAt(buf, e.off); err != nil {
-			return nil, fmt.Errorf("outbox: read record %d from %s: %w", e.seq, filepath.Base(e.seg.path), err)
-		}
-	}
+func (o *Outbox) decode(seq uint64, buf []byte) (*Message, error) {
+	e := entry{seq: seq}
 	p := buf[recHeader:]
 	if crc32.Checksum(p, castagnoli) != binary.LittleEndian.Uint32(buf[4:]) || len(p) < minPayload {
 		return nil, fmt.Errorf("outbox: record %d changed on disk", e.seq)

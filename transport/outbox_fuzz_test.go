@@ -122,19 +122,20 @@ func FuzzAckLog(f *testing.F) {
 				if got, _ := o.Next(m.Seq-1, 1); len(got) == 1 && got[0].ID == m.ID {
 					model = append(model, want{m.ID, string(m.Body)})
 				}
-			case 1, 2: // ack the first or second queued message
+			case 1, 2: // ack the first one or two queued messages in one call
 				ms, _ := o.Next(0, int(op%6))
-				if len(ms) == int(op%6) {
-					m := ms[len(ms)-1]
-					if err := o.Ack(m.Seq); err != nil {
-						t.Fatal(err)
-					}
+				var seqs []uint64
+				for _, m := range ms {
+					seqs = append(seqs, m.Seq)
 					for i, w := range model {
 						if w.id == m.ID {
 							model = append(model[:i], model[i+1:]...)
 							break
 						}
 					}
+				}
+				if err := o.Ack(seqs...); err != nil {
+					t.Fatal(err)
 				}
 			case 3: // clean restart
 				o.Close()

@@ -35,12 +35,20 @@ func TestPowerCutKeepsApplicationMessages(t *testing.T) {
 	testenv.Eventually(t, 10*time.Second, "30 messages queued in the outbox", func() bool {
 		return outboxDepth(d) >= 30
 	})
+	// Unacknowledged messages are written out after the outbox's
+	// write-behind delay (5 s): wait for that, so the cut has something to take.
+	var segs []string
+	testenv.Eventually(t, 30*time.Second, "queued messages written to an outbox segment", func() bool {
+		segs, _ = filepath.Glob(filepath.Join(d.state, "outbox", "*.seg"))
+		for _, s := range segs {
+			if st, err := os.Stat(s); err == nil && st.Size() > 30*10 {
+				return true
+			}
+		}
+		return false
+	})
 	cmd.Process.Signal(syscall.SIGKILL)
 	cmd.Wait()
-	segs, _ := filepath.Glob(filepath.Join(d.state, "outbox", "*.seg"))
-	if len(segs) == 0 {
-		t.Fatal("no outbox segments to cut")
-	}
 	for _, s := range segs {
 		if err := os.Truncate(s, 0); err != nil {
 			t.Fatal(err)
