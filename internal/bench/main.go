@@ -553,7 +553,14 @@ func sampleMem(pid int) memSample {
 // anonymous figure between, and bytes written to disk per message from
 // /proc/PID/io (the agent's logs go to a pipe, as to journald).
 func (b *bench) steady(window time.Duration) ([]row, error) {
-	d, reg := b.device(b.info, b.az, "1s", "info")
+	// Its own azsim: the drain's outage must not reach this device.
+	az, info, tel, err := startAzsim(filepath.Join(b.dir, "azsim-steady"), 1)
+	if err != nil {
+		return nil, err
+	}
+	defer az.Close()
+	defer tel.close()
+	d, reg := b.device(info, az, "1s", "info")
 	t0 := time.Now()
 	cmd, err := b.start(d)
 	if err != nil {
@@ -561,10 +568,10 @@ func (b *bench) steady(window time.Duration) ([]row, error) {
 	}
 	defer stop(cmd)
 	pid := cmd.Process.Pid
-	if !waitFor(60*time.Second, func() bool { return b.tel.count(reg) >= 1 }) {
+	if !waitFor(60*time.Second, func() bool { return tel.count(reg) >= 1 }) {
 		return nil, fmt.Errorf("steady: no telemetry")
 	}
-	n0, st0 := b.tel.count(reg), b.tel.get(reg)
+	n0, st0 := tel.count(reg), tel.get(reg)
 	w0 := procField(pid, "io", "write_bytes")
 	at2 := min(2*time.Minute, window/5)
 	var m2 memSample
@@ -581,7 +588,7 @@ func (b *bench) steady(window time.Duration) ([]row, error) {
 	}
 	m10 := sampleMem(pid)
 	w1 := procField(pid, "io", "write_bytes")
-	st1 := b.tel.get(reg)
+	st1 := tel.get(reg)
 	n1 := st1.n
 	msgs := max(n1-n0, 1)
 	payload := float64(st1.bodyBytes-st0.bodyBytes) / float64(msgs)
@@ -647,11 +654,14 @@ func (b *bench) drain(n int) ([]row, error) {
 		os.Rename(p+".tmp", p)
 	}
 	logPath := filepath.Join(d, "agent.log")
-	if !waitFor(300*time.Second, func() bool {
+	queued := func() bool {
 		b, _ := os.ReadFile(logPath)
 		return bytes.Count(b, []byte("spool file queued")) >= n
-	}) {
-		return nil, fmt.Errorf("drain: the agent did not queue %d spool files in 300 s", n)
+	}
+	for end := time.Now().Add(300 * time.Second); !queued(); time.Sleep(500 * time.Millisecond) {
+		if time.Now().After(end) {
+			return nil, fmt.Errorf("drain: the agent did not queue %d spool files in 300 s", n)
+		}
 	}
 	// Let the agent's reconnect backoff reach its ceiling, as after a real outage.
 	time.Sleep(20 * time.Second)
