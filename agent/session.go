@@ -136,7 +136,9 @@ type inflight struct {
 func (a *Agent) drain(ctx context.Context, sess *transport.Session) {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	q := make(chan inflight, drainWindow-1) // plus the one the acker holds
+	const batchMax = 64
+	// In flight: what waits in q, plus the batch the acker is taking.
+	q := make(chan inflight, drainWindow-batchMax)
 	room := make(chan struct{}, 1)
 	var pending atomic.Int64 // body bytes in flight
 	acker := make(chan struct{})
@@ -145,7 +147,7 @@ func (a *Agent) drain(ctx context.Context, sess *transport.Session) {
 		defer cancel() // a failed publish ends the sender too
 		polled, stopPoll := context.WithCancel(ctx)
 		stopPoll() // a done context: wait only reports a PUBACK already in
-		batch := make([]inflight, 0, 64)
+		batch := make([]inflight, 0, batchMax)
 		var held *inflight
 		for {
 			f, ok := inflight{}, true
