@@ -29,6 +29,8 @@ test: deps
 	$(GO) vet ./...
 	$(GO) test $(TESTFLAGS) ./...
 	$(GO) test -run=^$$ -fuzz=FuzzDPSReply -fuzztime=10s ./provisioning/
+	$(GO) test -run=^$$ -fuzz=FuzzSegmentReader -fuzztime=10s ./transport/
+	$(GO) test -run=^$$ -fuzz=FuzzAckLog -fuzztime=10s ./transport/
 
 demo: deps build
 	./testdata/demo.sh

@@ -1,10 +1,11 @@
 package agent
 
 import (
+	"bytes"
+	"io"
 	"os"
 	"path/filepath"
 	"strconv"
-	"strings"
 	"syscall"
 	"time"
 )
@@ -31,62 +32,116 @@ type Health struct {
 	ConditionsActive []string  `json:"conditions,omitempty"`
 }
 
+// healthSource reads what the kernel tells about the gateway into one
+// reused buffer: at one message a second, reading /proc with os.ReadFile,
+// strings.Split and strings.Fields cost ~16 KB of garbage per message.
+// Used by the health loop only (not safe for concurrent use).
+type healthSource struct {
+	buf     [4096]byte
+	zones   []string // thermal zone files, found once
+	globbed bool
+}
+
 // readHealth gathers what the kernel tells about the gateway. Missing
 // sources (no thermal zone, a container without /proc/meminfo) leave the
 // field zero or absent rather than failing.
 func readHealth(now time.Time, stateDir string) Health {
+	var src healthSource
+	return src.read(now, stateDir)
+}
+
+// file reads a small /proc or /sys file into the buffer.
+func (s *healthSource) file(path string) []byte {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil
+	}
+	defer f.Close()
+	n, _ := io.ReadFull(f, s.buf[:])
+	return s.buf[:n]
+}
+
+// fields splits b at spaces into at most len(out) fields without allocating.
+func fields(b []byte, out [][]byte) int {
+	n := 0
+	for n < len(out) {
+		b = bytes.TrimLeft(b, " \t\n")
+		if len(b) == 0 {
+			break
+		}
+		i := bytes.IndexAny(b, " \t\n")
+		if i < 0 {
+			i = len(b)
+		}
+		out[n], b = b[:i], b[i:]
+		n++
+	}
+	return n
+}
+
+func parseFloat(b []byte) float64 {
+	// strconv.ParseFloat on a []byte converted in the call does not allocate.
+	v, _ := strconv.ParseFloat(string(b), 64)
+	return v
+}
+
+// meminfoKB finds "key: N kB" in /proc/meminfo's text.
+func meminfoKB(b []byte, key string) int64 {
+	i := bytes.Index(b, []byte("\n"+key))
+	if i < 0 {
+		if !bytes.HasPrefix(b, []byte(key)) {
+			return 0
+		}
+	} else {
+		b = b[i+1:]
+	}
+	var f [2][]byte
+	if fields(b[len(key):], f[:]) < 1 {
+		return 0
+	}
+	v, _ := strconv.ParseInt(string(f[0]), 10, 64)
+	return v
+}
+
+func (s *healthSource) read(now time.Time, stateDir string) Health {
 	h := Health{Time: now.UTC()}
-	if b, err := os.ReadFile("/proc/uptime"); err == nil {
-		if f := strings.Fields(string(b)); len(f) > 0 {
-			h.UptimeSeconds, _ = strconv.ParseFloat(f[0], 64)
-		}
+	var f [3][]byte
+	if fields(s.file("/proc/uptime"), f[:1]) == 1 {
+		h.UptimeSeconds = parseFloat(f[0])
 	}
-	if b, err := os.ReadFile("/proc/loadavg"); err == nil {
-		if f := strings.Fields(string(b)); len(f) >= 3 {
-			h.Load1, _ = strconv.ParseFloat(f[0], 64)
-			h.Load5, _ = strconv.ParseFloat(f[1], 64)
-			h.Load15, _ = strconv.ParseFloat(f[2], 64)
-		}
+	if fields(s.file("/proc/loadavg"), f[:]) == 3 {
+		h.Load1, h.Load5, h.Load15 = parseFloat(f[0]), parseFloat(f[1]), parseFloat(f[2])
 	}
-	if b, err := os.ReadFile("/proc/meminfo"); err == nil {
-		for _, line := range strings.Split(string(b), "\n") {
-			f := strings.Fields(line)
-			if len(f) < 2 {
-				continue
-			}
-			v, _ := strconv.ParseInt(f[1], 10, 64)
-			switch f[0] {
-			case "MemTotal:":
-				h.MemTotalKB = v
-			case "MemAvailable:":
-				h.MemAvailableKB = v
-			}
-		}
+	if b := s.file("/proc/meminfo"); len(b) > 0 {
+		h.MemTotalKB = meminfoKB(b, "MemTotal:")
+		h.MemAvailableKB = meminfoKB(b, "MemAvailable:")
 	}
 	var fs syscall.Statfs_t
 	if syscall.Statfs(stateDir, &fs) == nil {
 		h.DiskTotalBytes = uint64(fs.Blocks) * uint64(fs.Bsize)
 		h.DiskFreeBytes = uint64(fs.Bavail) * uint64(fs.Bsize)
 	}
-	if zones, _ := filepath.Glob("/sys/class/thermal/thermal_zone*/temp"); len(zones) > 0 {
-		var max float64
-		found := false
-		for _, z := range zones {
-			b, err := os.ReadFile(z)
-			if err != nil {
-				continue
-			}
-			v, err := strconv.ParseFloat(strings.TrimSpace(string(b)), 64)
-			if err != nil {
-				continue
-			}
-			if c := v / 1000; !found || c > max {
-				max, found = c, true
-			}
+	if !s.globbed {
+		s.zones, _ = filepath.Glob("/sys/class/thermal/thermal_zone*/temp")
+		s.globbed = true
+	}
+	var max float64
+	found := false
+	for _, z := range s.zones {
+		b := s.file(z)
+		if len(b) == 0 {
+			continue
 		}
-		if found {
-			h.TemperatureC = &max
+		v, err := strconv.ParseFloat(string(bytes.TrimSpace(b)), 64)
+		if err != nil {
+			continue
 		}
+		if c := v / 1000; !found || c > max {
+			max, found = c, true
+		}
+	}
+	if found {
+		h.TemperatureC = &max
 	}
 	return h
 }

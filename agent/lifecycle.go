@@ -92,7 +92,7 @@ func (a *Agent) lifecycle(ctx context.Context) {
 		sess, err := a.dial(ctx, id)
 		if err != nil {
 			failures++
-			d := a.opts.Backoff.Delay(failures, a.rng)
+			d := a.reconnectDelay(failures)
 			a.status.Raise(CondHubUnreachable, err.Error())
 			if a.identityRefused(err) && !a.cfg.Load().Static() {
 				// The documented recovery: the hub no longer accepts this
@@ -124,6 +124,21 @@ func (a *Agent) lifecycle(ctx context.Context) {
 		}
 		failures = 1
 	}
+}
+
+// reconnectCeiling caps the wait between attempts to reach the hub. The
+// rule: exponential backoff from Backoff.Min (1 s), doubling per failure,
+// capped at 8 s, each wait drawn at random between the floor and the cap
+// (full jitter). A hub that is down sees one attempt per gateway every
+// 4.5 s on average, spread out across a fleet; once it accepts connections
+// again, the first message goes out within 8 s plus one connection.
+// Provisioning and identity failures keep the long Backoff (up to 5 min).
+const reconnectCeiling = 8 * time.Second
+
+func (a *Agent) reconnectDelay(failures int) time.Duration {
+	p := a.opts.Backoff
+	p.Max = min(p.Max, reconnectCeiling)
+	return p.Delay(failures, a.rng)
 }
 
 // connected serves a session until it ends; false means the agent stops.

@@ -108,7 +108,7 @@ type ProvisionOptions struct {
 	// Now is the clock (tests); default time.Now.
 	Now func() time.Time
 	// RetryAfterMin lets tests shorten DPS's retry-after clamp; production
-	// leaves it zero (2 s).
+	// leaves it zero (1 s).
 	RetryAfterMin time.Duration
 	// ClientVersion is sent to DPS as the user agent, e.g. "gwagent/1.2.0".
 	ClientVersion string

@@ -65,6 +65,7 @@ type Agent struct {
 	interval atomic.Int64  // current health interval (ns): config or twin
 	kick     chan struct{} // wakes the sender when the outbox got messages
 	retimer  chan struct{} // wakes the health loop when the interval changed
+	health   healthSource  // the health loop's own
 
 	spool         spoolState   // spool files in the outbox (spool.go)
 	spoolRejected atomic.Int64 // spool files refused since start
@@ -162,6 +163,15 @@ func (a *Agent) Run(ctx context.Context) error {
 	a.outbox, err = transport.OpenOutbox(filepath.Join(cfg.StateDir, "outbox"), transport.OutboxOptions{MaxBytes: cfg.Outbox.MaxBytes})
 	if err != nil {
 		return err
+	}
+	if damaged := a.outbox.Corrupted(); len(damaged) > 0 {
+		total := 0
+		for _, c := range damaged {
+			a.log.Error("outbox: damaged records skipped (a power cut or a bad flash block); application messages among them are sent again from the spool",
+				"segment", c.Segment, "records", c.Skipped, "bytes", c.Bytes)
+			total += c.Skipped
+		}
+		a.status.Update(true, func(s *Status) { s.OutboxDamaged = total })
 	}
 	defer a.shutdown()
 	if _, err := os.Stat(cfg.Telemetry.SpoolDir); errors.Is(err, os.ErrNotExist) {

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/gwagent/gwagent/internal/mqttconn"
@@ -115,53 +116,143 @@ func (a *Agent) serve(ctx context.Context, sess *transport.Session, id *provisio
 	}
 }
 
-// drain sends queued messages in order, pipelining up to window publishes,
-// and acks each in the outbox after its PUBACK.
+// The drain keeps up to drainWindow publishes (and drainBytes of bodies)
+// waiting for their PUBACK: a sliding window, so a new message goes out as
+// soon as the oldest is acknowledged and the drain runs at the broker's
+// pace instead of in bursts.
+const (
+	drainWindow = 256
+	drainBytes  = 1 << 20
+)
+
+type inflight struct {
+	m    *transport.Message
+	wait func(context.Context) error
+}
+
+// drain sends queued messages in order and acks each in the outbox after
+// its PUBACK, oldest first, so after a crash at most the window is sent
+// again. A sender publishes ahead while an acker takes the PUBACKs.
 func (a *Agent) drain(ctx context.Context, sess *transport.Session) {
-	const window = 64
-	type inflight struct {
-		m    *transport.Message
-		wait func(context.Context) error
-	}
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	const batchMax = 64
+	// In flight: what waits in q, plus the batch the acker is taking.
+	q := make(chan inflight, drainWindow-batchMax)
+	room := make(chan struct{}, 1)
+	var pending atomic.Int64 // body bytes in flight
+	acker := make(chan struct{})
+	go func() {
+		defer close(acker)
+		defer cancel() // a failed publish ends the sender too
+		polled, stopPoll := context.WithCancel(ctx)
+		stopPoll() // a done context: wait only reports a PUBACK already in
+		batch := make([]inflight, 0, batchMax)
+		var held *inflight
+		for {
+			f, ok := inflight{}, true
+			if held != nil {
+				f, held = *held, nil
+			} else if f, ok = <-q; !ok {
+				return
+			}
+			if err := f.wait(ctx); err != nil {
+				return // resent from the outbox on the next connection
+			}
+			// Take the PUBACKs already in with it: one ack write for the lot.
+			batch = append(batch[:0], f)
+		more:
+			for len(batch) < cap(batch) {
+				select {
+				case g, ok := <-q:
+					if !ok {
+						break more
+					}
+					if g.wait(polled) != nil {
+						held = &g
+						break more
+					}
+					batch = append(batch, g)
+				default:
+					break more
+				}
+			}
+			a.delivered(batch)
+			var n int64
+			for _, g := range batch {
+				n += int64(len(g.m.Body))
+			}
+			pending.Add(-n)
+			select {
+			case room <- struct{}{}:
+			default:
+			}
+		}
+	}()
+	defer func() { close(q); <-acker }()
+	sys := make(map[string]string, 4)
 	var last uint64
 	for ctx.Err() == nil {
-		msgs, err := a.outbox.Next(last, window)
+		msgs, err := a.outbox.Next(last, 64)
 		if err != nil {
 			a.log.Error("outbox read", "err", err)
 			return
 		}
 		if len(msgs) == 0 {
+			a.updateDepth()
 			select {
 			case <-ctx.Done():
-				return
 			case <-a.kick:
 			}
 			continue
 		}
-		q := make([]inflight, 0, len(msgs))
 		for _, m := range msgs {
-			sys := map[string]string{"mid": m.ID}
+			for n := int64(len(m.Body)); pending.Load() > 0 && pending.Load()+n > drainBytes; {
+				select {
+				case <-room:
+				case <-ctx.Done():
+					return
+				}
+			}
+			clear(sys)
 			for k, v := range m.System {
 				sys[k] = v
 			}
-			q = append(q, inflight{m, sess.PublishTelemetry(m.Body, sys, m.App)})
+			sys["mid"] = m.ID
+			pending.Add(int64(len(m.Body)))
+			f := inflight{m, sess.PublishTelemetry(m.Body, sys, m.App)}
+			select {
+			case q <- f:
+			case <-ctx.Done():
+				return
+			}
+			last = m.Seq
 		}
-		for _, f := range q {
-			if err := f.wait(ctx); err != nil {
-				return // resent from the outbox on the next connection
-			}
-			if err := a.outbox.Ack(f.m.Seq); err != nil {
-				a.log.Error("outbox ack", "err", err)
-			}
-			if f.m.Local != "" {
-				a.spoolSent(f.m.Local)
-			}
-			last = f.m.Seq
-			a.status.Update(false, func(s *Status) { s.LastAckID, s.LastAckAt = f.m.ID, a.opts.Now().UTC() })
-		}
-		n, b := a.outbox.Depth()
-		a.status.Update(false, func(s *Status) { s.OutboxDepth, s.OutboxBytes = n, b })
 	}
+}
+
+// delivered records PUBACKs: the acks are written to the outbox before the
+// producers' copies (spool files) are deleted.
+func (a *Agent) delivered(batch []inflight) {
+	seqs := make([]uint64, len(batch))
+	for i, f := range batch {
+		seqs[i] = f.m.Seq
+	}
+	if err := a.outbox.Ack(seqs...); err != nil {
+		a.log.Error("outbox ack", "err", err)
+	}
+	for _, f := range batch {
+		if f.m.Local != "" {
+			a.spoolSent(f.m.Local)
+		}
+	}
+	last := batch[len(batch)-1].m.ID
+	a.status.Update(false, func(s *Status) { s.LastAckID, s.LastAckAt = last, a.opts.Now().UTC() })
+}
+
+func (a *Agent) updateDepth() {
+	n, b := a.outbox.Depth()
+	a.status.Update(false, func(s *Status) { s.OutboxDepth, s.OutboxBytes = n, b })
 }
 
 // wake tells the sender there is something new in the outbox.
@@ -182,8 +273,7 @@ func (a *Agent) enqueue(msgs ...*transport.Message) error {
 	} else if err == nil {
 		a.status.Clear(CondOutboxFull)
 	}
-	n, b := a.outbox.Depth()
-	a.status.Update(false, func(s *Status) { s.OutboxDepth, s.OutboxBytes = n, b })
+	a.updateDepth()
 	a.wake()
 	return err
 }

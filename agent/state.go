@@ -72,7 +72,9 @@ type Status struct {
 	LastAckAt    time.Time            `json:"lastAckAt,omitzero"`
 	// SpoolRejected counts spool files refused (moved to rejected/) since
 	// the agent started.
-	SpoolRejected int64     `json:"spoolRejected,omitempty"`
+	SpoolRejected int64 `json:"spoolRejected,omitempty"`
+	// OutboxDamaged counts damaged outbox records skipped at start.
+	OutboxDamaged int       `json:"outboxDamagedRecords,omitempty"`
 	Version       string    `json:"version,omitempty"`
 	PID           int       `json:"pid"`
 	UpdatedAt     time.Time `json:"updatedAt"`

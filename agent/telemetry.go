@@ -42,7 +42,7 @@ func (a *Agent) healthLoop(ctx context.Context) {
 func (a *Agent) sendHealth() {
 	cfg := a.cfg.Load()
 	now := a.opts.Now()
-	h := readHealth(now, cfg.StateDir)
+	h := a.health.read(now, cfg.StateDir)
 	h.AgentUptime = now.Sub(a.started).Seconds()
 	h.AgentVersion = a.opts.Version
 	st := a.status.Snapshot()

@@ -60,8 +60,8 @@ type DPSConfig struct {
 	Payload json.RawMessage
 	// Timeout bounds the whole registration (default 5 minutes).
 	Timeout time.Duration
-	// RetryAfterMin and RetryAfterMax clamp DPS's retry-after (defaults 2 s
-	// and 300 s, as the SDKs do).
+	// RetryAfterMin and RetryAfterMax clamp DPS's retry-after (defaults 1 s
+	// and 300 s): what DPS asks is honoured, never below one second.
 	RetryAfterMin, RetryAfterMax time.Duration
 	// Backoff is used when DPS sends no retry-after or the connection fails
 	// (default 1 s to 60 s, jittered).
@@ -182,7 +182,7 @@ func (c *DPSConfig) defaults() {
 		c.Timeout = 5 * time.Minute
 	}
 	if c.RetryAfterMin == 0 {
-		c.RetryAfterMin = 2 * time.Second
+		c.RetryAfterMin = time.Second
 	}
 	if c.RetryAfterMax == 0 {
 		c.RetryAfterMax = 300 * time.Second

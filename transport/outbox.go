@@ -1,56 +1,61 @@
 package transport
 
 import (
-	"bufio"
 	"crypto/rand"
 	"encoding/binary"
 	"encoding/hex"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"hash/crc32"
 	"io"
-	"io/fs"
 	"os"
 	"path/filepath"
 	"sort"
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/gwagent/gwagent/internal/atomicfile"
 )
 
 // Kind says what a queued message is, which decides what may be evicted
-// when the outbox is full.
+// when the outbox is full and whether Put must fsync it.
 type Kind uint8
 
 const (
 	// KindHealth: the agent's own periodic health message. The oldest are
-	// evicted first when the outbox is full; a newer one says the same.
+	// evicted first when the outbox is full; a newer one says the same. Never
+	// fsynced: a power cut may lose the last ones (the next one supersedes them).
 	KindHealth Kind = 1
 	// KindApp: a local application's message. Never evicted: when the outbox
 	// is full, Put refuses it with ErrOutboxFull and the caller keeps it
 	// (a spool file stays where it is).
 	KindApp Kind = 2
+
+	// kindAck marks an ack record (never a message's kind).
+	kindAck = 0x80
 )
 
 // Message is one queued device-to-cloud message.
 type Message struct {
 	// Seq orders messages; assigned by Put.
-	Seq uint64 `json:"-"`
+	Seq uint64
 	// ID is the message id ($.mid), stable across resends so the cloud can
-	// de-duplicate; assigned by Put unless set.
-	ID   string `json:"id"`
-	Kind Kind   `json:"k"`
+	// de-duplicate; assigned by Put unless set. Never reused for another
+	// message, across restarts too.
+	ID   string
+	Kind Kind
 	// System and App are the property bag (system without "$.").
-	System map[string]string `json:"s,omitempty"`
-	App    map[string]string `json:"a,omitempty"`
-	// Local is metadata that never leaves the device (e.g. the spool file
-	// to delete once the hub acknowledged the message).
-	Local string `json:"l,omitempty"`
-	Body  []byte `json:"-"`
+	System map[string]string
+	App    map[string]string
+	// Local is metadata that never leaves the device: the producer's own
+	// durable copy (a spool file), deleted once the hub acknowledged the
+	// message. A message with Local set is not fsynced by Put: until the
+	// PUBACK the producer's copy is what survives a power cut.
+	Local string
+	Body  []byte
 }
 
 // ErrOutboxFull: an application message does not fit even after evicting
@@ -65,20 +70,65 @@ type OutboxOptions struct {
 	SegmentBytes int64
 	// Now is the clock (tests).
 	Now func() time.Time
+	// WriteBehind is how long a message that needs no fsync (health, or
+	// with a producer's copy) may stay in memory only: one the hub
+	// acknowledges sooner never touches the flash. Default 5 s; negative:
+	// write every message at once.
+	WriteBehind time.Duration
+	// MaxPendingBytes bounds the messages held in memory (default 256 KiB);
+	// past it the oldest are written out at once.
+	MaxPendingBytes int64
+	// noSync skips every fsync (fuzz tests, which would spend their time
+	// waiting for the disk).
+	noSync bool
+}
+
+// Corruption describes damaged records found in one segment on open.
+type Corruption struct {
+	Segment string // file name
+	Skipped int    // damaged records or damaged regions skipped
+	Bytes   int64  // bytes they covered
 }
 
 // Outbox is a durable FIFO of messages waiting for the hub's PUBACK.
 //
-// Layout under dir: segment files NNNNNNNNNNNNNNNNNNNN.seg (named by their
-// first sequence number) of length-prefixed, CRC-checked records; an ack log
-// acks.log of 8-byte sequence numbers; id, the outbox's random id (message
-// ids are id-seq). A message is on disk (fsynced) before Put returns, so
-// before it can be sent. Concurrent Puts share one fsync (group commit), so a
-// burst costs one flash write, not one per message. Acks are appended without
-// fsync: a crash forgets at most the last acks, and those messages are sent
-// again (at-least-once; the stable id lets the cloud drop the copy). A torn
-// record at the tail (power cut mid-write) is detected by its CRC and cut
-// off on open. A segment whose every record was acked or evicted is deleted.
+// Layout under dir: segment files NNNNNNNNNNNNNNNNNNNN.seg (numbered in
+// the order they were created), id (the outbox's random id) and epoch (a counter
+// raised at every open). A segment is a sequence of records, each a u32
+// length and a CRC-32C of the payload, then the payload: u64 seq, u8 type,
+// and for a message its binary metadata and body, for an ack (type 0x80) a
+// uvarint count n acknowledging seq..seq+n-1.
+//
+// What is written when, and what survives what:
+//   - Write-behind: a message that needs no fsync (health, or with Local set)
+//     stays in memory for up to WriteBehind (5 s) and is written out only if
+//     the hub has not acknowledged it by then, so while the hub is reachable
+//     the outbox writes nothing at all. A SIGKILL can lose such a message in
+//     those seconds: a health message (the next one says the same) or a
+//     spool message (its spool file is still there and is queued again).
+//   - Every Put that is written and every Ack of a written message is
+//     written to the kernel (one pwrite) before the call returns, never held
+//     in a user-space buffer: after a SIGKILL at any moment nothing acked is
+//     sent again except what was in flight.
+//   - Acks are records appended to the active segment, so at one message a
+//     second messages and acks fill the same 4 KiB pages instead of each
+//     dirtying a page of its own; nothing is rewritten in place.
+//   - fsync (fdatasync) runs only for messages that have no other durable
+//     copy: KindApp messages without Local. Concurrent Puts share it (group
+//     commit). A spool message's durable copy is its spool file, deleted only
+//     after the hub's PUBACK, so a power cut can lose it from the outbox but
+//     not from the gateway: the spool is scanned again at start. A power cut
+//     may lose the last ~30 s of health messages and acks (the kernel's
+//     writeback delay); lost acks mean duplicates, never loss.
+//   - Message ids are id-epoch.n; the epoch is raised (and fsynced) at open,
+//     so ids never repeat across restarts.
+//   - A damaged record is skipped and reported (Corrupted), never fatal: a
+//     valid CRC over a malformed payload skips that one record, a bad CRC or
+//     length skips to the next valid record.
+//
+// Segments are deleted oldest first once all their messages are acked or
+// evicted (acks only ever refer to the same or older segments, so deleting
+// a prefix never revives an acked message).
 type Outbox struct {
 	dir  string
 	opts OutboxOptions
@@ -86,46 +136,61 @@ type Outbox struct {
 
 	mu       sync.Mutex
 	next     uint64
-	live     []entry // sorted by seq; acked/evicted entries removed
-	bytes    int64   // payload bytes of live entries
+	live     []entry // sorted by seq from head; dead entries are acked or evicted
+	head     int     // live[:head] are all dead
+	nlive    int
+	bytes    int64 // record bytes of live entries
 	segs     []*segment
+	segNo    uint64 // number of the newest segment file
 	active   *segment
-	acks     *os.File
-	ackBuf   *bufio.Writer
-	dirty    bool // segment data written but not fsynced
+	newSeg   bool // active segment created since the last directory fsync
+	dirty    bool // active segment written since the last fsync
 	lastAck  uint64
 	lastAckT time.Time
 	closed   bool
+	corrupt  []Corruption
+	wbuf     []byte // record encoding buffer, reused
+
+	pend      []uint64 // seqs of entries held in memory, oldest first
+	pendBytes int64
+	timer     *time.Timer // writes out pending entries when they are due
 
 	syncMu sync.Mutex // serializes fsyncs; held without mu
 	synced uint64     // highest seq known durable
-	fsyncs int        // segment fsyncs done by Put (syncMu held); for tests and bench
+	fsyncs int        // fsyncs done by Put (syncMu held); for tests and bench
 }
 
 type entry struct {
 	seq  uint64
-	kind Kind
-	seg  *segment
+	seg  *segment // nil while held in memory (data set)
+	data []byte   // the sealed record, while held in memory
+	at   time.Time
 	off  int64
 	size int64 // record size on disk
+	kind Kind
+	dead bool
 }
 
 type segment struct {
-	first uint64
-	path  string
-	f     *os.File
-	size  int64
-	live  int
+	path string
+	f    *os.File
+	size int64
+	live int
 }
 
 const (
 	recHeader     = 8 // u32 length, u32 crc32c
+	minPayload    = 9 // u64 seq, u8 type
 	maxRecordSize = 512 << 10
+	epochShift    = 40 // seq = epoch<<40 | n
+	maxSeq        = 1 << 62
+	maxAckRun     = 64 // longest run one ack record may cover
 )
 
 var castagnoli = crc32.MakeTable(crc32.Castagnoli)
 
 // OpenOutbox opens (creating) the outbox in dir and recovers its state.
+// Damaged records do not fail the open: see Corrupted.
 func OpenOutbox(dir string, opts OutboxOptions) (*Outbox, error) {
 	if opts.MaxBytes == 0 {
 		opts.MaxBytes = 16 << 20
@@ -136,6 +201,12 @@ func OpenOutbox(dir string, opts OutboxOptions) (*Outbox, error) {
 	if opts.Now == nil {
 		opts.Now = time.Now
 	}
+	if opts.WriteBehind == 0 {
+		opts.WriteBehind = 5 * time.Second
+	}
+	if opts.MaxPendingBytes == 0 {
+		opts.MaxPendingBytes = 256 << 10
+	}
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("outbox: %w", err)
 	}
@@ -143,14 +214,12 @@ func OpenOutbox(dir string, opts OutboxOptions) (*Outbox, error) {
 	if err := o.loadID(); err != nil {
 		return nil, err
 	}
-	acked, err := o.loadAcks()
-	if err != nil {
+	if err := o.loadSegments(); err != nil {
+		o.closeFiles()
 		return nil, err
 	}
-	if err := o.loadSegments(acked); err != nil {
-		return nil, err
-	}
-	if err := o.compactAcks(); err != nil {
+	if err := o.raiseEpoch(); err != nil {
+		o.closeFiles()
 		return nil, err
 	}
 	o.synced = o.next - 1
@@ -159,7 +228,7 @@ func OpenOutbox(dir string, opts OutboxOptions) (*Outbox, error) {
 
 func (o *Outbox) loadID() error {
 	p := filepath.Join(o.dir, "id")
-	b, err := os.ReadFile(p)
+	b, err := readSmall(p)
 	if err == nil && len(strings.TrimSpace(string(b))) > 0 {
 		o.id = strings.TrimSpace(string(b))
 		return nil
@@ -167,157 +236,276 @@ func (o *Outbox) loadID() error {
 	raw := make([]byte, 6)
 	rand.Read(raw)
 	o.id = hex.EncodeToString(raw)
-	if err := atomicfile.Write(p, []byte(o.id+"\n"), 0o600); err != nil {
+	if err := o.writeFile(p, []byte(o.id+"\n")); err != nil {
 		return fmt.Errorf("outbox: %w", err)
 	}
 	return nil
 }
 
-func (o *Outbox) loadAcks() (map[uint64]bool, error) {
-	acked := map[uint64]bool{}
-	b, err := os.ReadFile(filepath.Join(o.dir, "acks.log"))
-	if err != nil && !errors.Is(err, fs.ErrNotExist) {
-		return nil, fmt.Errorf("outbox: %w", err)
+func (o *Outbox) writeFile(p string, b []byte) error {
+	if o.opts.noSync {
+		return os.WriteFile(p, b, 0o600)
 	}
-	for i := 0; i+8 <= len(b); i += 8 { // a torn last entry is ignored
-		acked[binary.LittleEndian.Uint64(b[i:])] = true
-	}
-	return acked, nil
+	return atomicfile.Write(p, b, 0o600)
 }
 
-func (o *Outbox) loadSegments(acked map[uint64]bool) error {
+// readSmall reads a regular file of at most 64 bytes (the id and epoch
+// files), refusing links and FIFOs.
+func readSmall(p string) ([]byte, error) {
+	f, err := os.OpenFile(p, os.O_RDONLY|syscall.O_NOFOLLOW|syscall.O_NONBLOCK, 0)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	if st, err := f.Stat(); err != nil || !st.Mode().IsRegular() {
+		return nil, fmt.Errorf("outbox: %s is not a regular file", p)
+	}
+	b := make([]byte, 64)
+	n, err := io.ReadFull(f, b)
+	if err != nil && !errors.Is(err, io.ErrUnexpectedEOF) && !errors.Is(err, io.EOF) {
+		return nil, err
+	}
+	return b[:n], nil
+}
+
+// raiseEpoch makes every id assigned from now on new: the epoch is one
+// more than any seen before (in the epoch file or in a surviving record),
+// and it is on disk before any id is handed out.
+func (o *Outbox) raiseEpoch() error {
+	p := filepath.Join(o.dir, "epoch")
+	var epoch uint64
+	if b, err := readSmall(p); err == nil {
+		epoch, _ = strconv.ParseUint(strings.TrimSpace(string(b)), 10, 64)
+	}
+	if e := (o.next - 1) >> epochShift; e > epoch {
+		epoch = e
+	}
+	epoch++
+	if epoch >= 1<<(64-epochShift) {
+		return fmt.Errorf("outbox: epoch counter exhausted; remove %s to start a new outbox", o.dir)
+	}
+	if err := o.writeFile(p, []byte(strconv.FormatUint(epoch, 10)+"\n")); err != nil {
+		return fmt.Errorf("outbox: %w", err)
+	}
+	o.next = epoch<<epochShift | 1
+	return nil
+}
+
+func (o *Outbox) loadSegments() error {
 	ents, err := os.ReadDir(o.dir)
 	if err != nil {
 		return fmt.Errorf("outbox: %w", err)
 	}
 	var names []string
 	for _, e := range ents {
-		if strings.HasSuffix(e.Name(), ".seg") {
+		if strings.HasSuffix(e.Name(), ".seg") && e.Type().IsRegular() {
 			names = append(names, e.Name())
 		}
 	}
 	sort.Strings(names)
 	o.next = 1
+	acked := map[uint64]bool{}
 	for _, n := range names {
-		first, err := strconv.ParseUint(strings.TrimSuffix(n, ".seg"), 10, 64)
+		no, err := strconv.ParseUint(strings.TrimSuffix(n, ".seg"), 10, 64)
 		if err != nil {
 			continue
 		}
-		seg := &segment{first: first, path: filepath.Join(o.dir, n)}
-		if err := o.scan(seg, acked); err != nil {
+		o.segNo = max(o.segNo, no)
+		seg := &segment{path: filepath.Join(o.dir, n)}
+		if err := o.load(seg, acked); err != nil {
 			return err
-		}
-		if seg.live == 0 {
-			os.Remove(seg.path)
-			continue
 		}
 		o.segs = append(o.segs, seg)
 	}
+	// Records are written in seq order; a damaged disk may disagree.
+	sort.SliceStable(o.live, func(i, j int) bool { return o.live[i].seq < o.live[j].seq })
+	for i := range o.live {
+		e := &o.live[i]
+		if acked[e.seq] || (i > 0 && o.live[i-1].seq == e.seq) {
+			e.dead = true
+			continue
+		}
+		e.seg.live++
+		o.nlive++
+		o.bytes += e.size
+	}
+	o.advanceHead()
+	o.reclaim()
 	return nil
 }
 
-// scan reads a segment's records, truncating a torn tail.
-func (o *Outbox) scan(seg *segment, acked map[uint64]bool) error {
-	f, err := os.OpenFile(seg.path, os.O_RDWR, 0o600)
+// load reads one segment's records into o.live and acked.
+func (o *Outbox) load(seg *segment, acked map[uint64]bool) error {
+	f, err := os.OpenFile(seg.path, os.O_RDWR|syscall.O_NOFOLLOW, 0o600)
 	if err != nil {
 		return fmt.Errorf("outbox: %w", err)
 	}
-	r := bufio.NewReader(f)
-	var off int64
-	var hdr [recHeader]byte
-	for {
-		if _, err := io.ReadFull(r, hdr[:]); err != nil {
-			break
-		}
-		n := binary.LittleEndian.Uint32(hdr[0:])
-		if n < 8 || n > maxRecordSize {
-			break
-		}
-		payload := make([]byte, n)
-		if _, err := io.ReadFull(r, payload); err != nil {
-			break
-		}
-		if crc32.Checksum(payload, castagnoli) != binary.LittleEndian.Uint32(hdr[4:]) {
-			break
-		}
-		seq := binary.LittleEndian.Uint64(payload)
-		kind := Kind(0)
-		if len(payload) > 8 {
-			kind = Kind(payload[8])
-		}
-		size := int64(recHeader) + int64(n)
+	st, err := f.Stat()
+	if err != nil {
+		f.Close()
+		return fmt.Errorf("outbox: %w", err)
+	}
+	// A segment never grows past SegmentBytes plus one record; read no more
+	// than twice that (a huge file here is not ours).
+	limit := 2*o.opts.SegmentBytes + maxRecordSize
+	size := st.Size()
+	data := make([]byte, min(size, limit))
+	if _, err := f.ReadAt(data, 0); err != nil && !errors.Is(err, io.EOF) {
+		f.Close()
+		return fmt.Errorf("outbox: read %s: %w", seg.path, err)
+	}
+	skipped, bad := ScanSegment(data, func(off int64, p []byte) {
+		seq := binary.LittleEndian.Uint64(p)
 		if seq >= o.next {
 			o.next = seq + 1
 		}
-		if !acked[seq] {
-			o.live = append(o.live, entry{seq: seq, kind: kind, seg: seg, off: off, size: size})
-			o.bytes += size
-			seg.live++
+		if p[8] == kindAck {
+			n, _ := binary.Uvarint(p[9:])
+			for i := uint64(0); i < n; i++ {
+				acked[seq+i] = true
+			}
+			return
 		}
-		off += size
+		o.live = append(o.live, entry{seq: seq, kind: Kind(p[8]), seg: seg, off: off, size: int64(recHeader + len(p))})
+	})
+	if size > limit {
+		skipped++
+		bad += size - limit
 	}
-	if st, err := f.Stat(); err == nil && st.Size() != off {
-		// Torn or corrupt tail: drop it so appends start on a record boundary.
-		if err := f.Truncate(off); err != nil {
-			f.Close()
-			return fmt.Errorf("outbox: truncate torn tail of %s: %w", seg.path, err)
-		}
+	if skipped > 0 {
+		o.corrupt = append(o.corrupt, Corruption{Segment: filepath.Base(seg.path), Skipped: skipped, Bytes: bad})
 	}
-	seg.f, seg.size = f, off
+	// Nothing is appended to a segment that survived a restart: new records
+	// go to a new segment, so a damaged tail is left alone.
+	seg.f, seg.size = f, size
 	return nil
 }
 
-// compactAcks rewrites the ack log with only the acks that still matter,
-// atomically: every seq in the surviving segments that is not live (each seq
-// is written once, in order, so those are exactly the acked or evicted ones).
-func (o *Outbox) compactAcks() error {
-	var buf []byte
-	if len(o.segs) > 0 {
-		li := 0
-		for seq := o.segs[0].first; seq < o.next; seq++ {
-			for li < len(o.live) && o.live[li].seq < seq {
-				li++
+// ScanSegment walks the records in a segment's bytes and calls fn for each
+// valid one with its offset and payload (which fn must not keep). A payload
+// is valid when its CRC matches and it parses: a message's metadata is
+// well formed, an ack's count is at least 1. It returns the number of
+// damaged records or regions skipped and the bytes they covered. After a
+// damaged region it resumes at the next offset where a valid record starts.
+func ScanSegment(data []byte, fn func(off int64, payload []byte)) (skipped int, bad int64) {
+	off := 0
+	badFrom := -1
+	// Looking for the next record after damage checks a CRC at every offset
+	// whose header looks plausible; bound that work so a hostile segment
+	// cannot stall the start (the rest then counts as one damaged region).
+	budget := 64 << 20
+	for off+recHeader <= len(data) && budget > 0 {
+		n := int(binary.LittleEndian.Uint32(data[off:]))
+		ok := n >= minPayload && n <= maxRecordSize && n <= len(data)-off-recHeader
+		var p []byte
+		if ok {
+			p = data[off+recHeader : off+recHeader+n]
+			t := p[8]
+			ok = (t == byte(KindHealth) || t == byte(KindApp) || t == kindAck) && binary.LittleEndian.Uint64(p) < maxSeq
+		}
+		if ok {
+			if badFrom >= 0 {
+				budget -= n
 			}
-			if li < len(o.live) && o.live[li].seq == seq {
-				continue
+			ok = crc32.Checksum(p, castagnoli) == binary.LittleEndian.Uint32(data[off+4:])
+		}
+		if !ok {
+			if badFrom < 0 {
+				badFrom = off
 			}
-			buf = binary.LittleEndian.AppendUint64(buf, seq)
+			off++
+			continue
+		}
+		if badFrom >= 0 {
+			skipped++
+			bad += int64(off - badFrom)
+			badFrom = -1
+		}
+		if validPayload(p) {
+			fn(int64(off), p)
+		} else {
+			skipped++
+			bad += int64(recHeader + n)
+		}
+		off += recHeader + n
+	}
+	if badFrom < 0 {
+		badFrom = off
+	}
+	if tail := len(data) - badFrom; tail > 0 && !allZero(data[badFrom:]) {
+		skipped++
+		bad += int64(tail)
+	}
+	return skipped, bad
+}
+
+func allZero(b []byte) bool {
+	for _, c := range b {
+		if c != 0 {
+			return false
 		}
 	}
-	p := filepath.Join(o.dir, "acks.log")
-	if err := atomicfile.Write(p, buf, 0o600); err != nil {
-		return fmt.Errorf("outbox: %w", err)
+	return true
+}
+
+func validPayload(p []byte) bool {
+	if len(p) < minPayload {
+		return false
 	}
-	f, err := os.OpenFile(p, os.O_WRONLY|os.O_APPEND, 0o600)
-	if err != nil {
-		return fmt.Errorf("outbox: %w", err)
+	switch p[8] {
+	case kindAck:
+		n, k := binary.Uvarint(p[9:])
+		return k > 0 && n >= 1 && n <= maxAckRun && 9+k == len(p) && binary.LittleEndian.Uint64(p) < maxSeq
+	case byte(KindHealth), byte(KindApp):
+		if binary.LittleEndian.Uint64(p) >= maxSeq {
+			return false
+		}
+		_, err := decodeMeta(p[9:], nil)
+		return err == nil
 	}
-	o.acks, o.ackBuf = f, bufio.NewWriter(f)
-	return nil
+	return false
+}
+
+// Corrupted lists the damaged records found when the outbox was opened.
+func (o *Outbox) Corrupted() []Corruption {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	return append([]Corruption(nil), o.corrupt...)
 }
 
 // ID is the outbox's id, the prefix of message ids.
 func (o *Outbox) ID() string { return o.id }
 
-// Put queues messages durably: when it returns nil, every message is on
-// disk with its Seq and ID set. Health messages may evict older health
-// messages to make room; an application message that does not fit fails
-// with ErrOutboxFull and is not queued (nor are the ones after it).
-// evicted counts health messages dropped to make room.
+func (o *Outbox) defaultID(seq uint64) string {
+	return o.id + "-" + strconv.FormatUint(seq>>epochShift, 10) + "." + strconv.FormatUint(seq&(1<<epochShift-1), 10)
+}
+
+// Put queues messages: when it returns nil, every message is written with
+// its Seq and ID set, and those that need it (see Outbox) are fsynced.
+// Health messages may evict older health messages to make room; an
+// application message that does not fit fails with ErrOutboxFull and is
+// not queued (nor are the ones after it). evicted counts health messages
+// dropped to make room.
 func (o *Outbox) Put(msgs ...*Message) (evicted int, err error) {
 	o.mu.Lock()
 	if o.closed {
 		o.mu.Unlock()
 		return 0, fmt.Errorf("outbox: %w", ErrClosed)
 	}
-	var last uint64
+	var mustSync uint64
+	defer func() {
+		if mustSync != 0 {
+			if serr := o.syncTo(mustSync); err == nil {
+				err = serr
+			}
+		}
+	}()
 	for _, m := range msgs {
-		rec, err := o.encode(m)
+		need, err := o.encode(m)
 		if err != nil {
 			o.mu.Unlock()
 			return evicted, err
 		}
-		need := int64(len(rec))
 		for o.bytes+need > o.opts.MaxBytes {
 			if !o.evictHealth() {
 				break
@@ -330,93 +518,203 @@ func (o *Outbox) Put(msgs ...*Message) (evicted int, err error) {
 				continue
 			}
 			o.mu.Unlock()
-			if last != 0 {
-				o.syncTo(last)
-			}
 			return evicted, fmt.Errorf("outbox: %w (%d bytes queued, limit %d): the hub has been unreachable for long; the message stays with its producer", ErrOutboxFull, o.bytes, o.opts.MaxBytes)
 		}
-		if err := o.appendRecord(m, rec); err != nil {
-			o.mu.Unlock()
-			return evicted, err
+		durable := m.Kind == KindApp && m.Local == ""
+		if durable || o.opts.WriteBehind < 0 {
+			// Written now; anything older held in memory goes first.
+			if err := o.writeOut(len(o.pend)); err != nil {
+				o.mu.Unlock()
+				return evicted, err
+			}
+			off, seg, err := o.appendRecord(o.wbuf)
+			if err != nil {
+				o.mu.Unlock()
+				return evicted, err
+			}
+			o.live = append(o.live, entry{seq: m.Seq, kind: m.Kind, seg: seg, off: off, size: need})
+			seg.live++
+		} else {
+			o.live = append(o.live, entry{seq: m.Seq, kind: m.Kind, data: append([]byte(nil), o.wbuf...), at: time.Now(), size: need})
+			o.pend = append(o.pend, m.Seq)
+			o.pendBytes += need
+			if o.pendBytes > o.opts.MaxPendingBytes {
+				if err := o.writeOut(len(o.pend) - 1); err != nil {
+					o.mu.Unlock()
+					return evicted, err
+				}
+			}
+			o.arm()
 		}
-		last = m.Seq
+		o.nlive++
+		o.bytes += need
+		o.next = m.Seq + 1
+		if cap(o.wbuf) > 64<<10 {
+			o.wbuf = nil // a rare big message; do not keep its buffer
+		}
+		if durable {
+			mustSync = m.Seq
+		}
 	}
 	o.mu.Unlock()
-	if last == 0 {
-		return evicted, nil
-	}
-	return evicted, o.syncTo(last)
+	return evicted, nil
 }
 
-// encode assigns Seq and ID and renders the record payload:
-// u64 seq, u8 kind, u32 meta length, meta JSON, body.
-func (o *Outbox) encode(m *Message) ([]byte, error) {
+// encode assigns Seq and ID and renders the record into o.wbuf, returning
+// its size.
+func (o *Outbox) encode(m *Message) (int64, error) {
+	if m.Kind != KindHealth && m.Kind != KindApp {
+		return 0, fmt.Errorf("outbox: message kind %d is neither health nor application", m.Kind)
+	}
 	m.Seq = o.next
+	storedID := m.ID
 	if m.ID == "" {
-		m.ID = o.id + "-" + strconv.FormatUint(m.Seq, 10)
+		m.ID = o.defaultID(m.Seq)
 	}
-	meta, err := json.Marshal(m)
-	if err != nil {
-		return nil, fmt.Errorf("outbox: %w", err)
-	}
-	n := 8 + 1 + 4 + len(meta) + len(m.Body)
+	b := append(o.wbuf[:0], make([]byte, recHeader)...)
+	b = binary.LittleEndian.AppendUint64(b, m.Seq)
+	b = append(b, byte(m.Kind))
+	b = appendMeta(b, storedID, m.Local, m.System, m.App)
+	b = append(b, m.Body...)
+	o.wbuf = b
+	n := len(b) - recHeader
 	if n > maxRecordSize {
-		return nil, fmt.Errorf("outbox: message of %d bytes exceeds %d; IoT Hub accepts at most 256 KB", len(m.Body), maxRecordSize)
+		return 0, fmt.Errorf("outbox: message of %d bytes exceeds %d; IoT Hub accepts at most 256 KB", len(m.Body), maxRecordSize)
 	}
-	rec := make([]byte, recHeader, recHeader+n)
-	rec = binary.LittleEndian.AppendUint64(rec, m.Seq)
-	rec = append(rec, byte(m.Kind))
-	rec = binary.LittleEndian.AppendUint32(rec, uint32(len(meta)))
-	rec = append(rec, meta...)
-	rec = append(rec, m.Body...)
-	binary.LittleEndian.PutUint32(rec[0:], uint32(n))
-	binary.LittleEndian.PutUint32(rec[4:], crc32.Checksum(rec[recHeader:], castagnoli))
-	return rec, nil
+	seal(b)
+	return int64(len(b)), nil
 }
 
-func (o *Outbox) appendRecord(m *Message, rec []byte) error {
+func seal(rec []byte) {
+	binary.LittleEndian.PutUint32(rec[0:], uint32(len(rec)-recHeader))
+	binary.LittleEndian.PutUint32(rec[4:], crc32.Checksum(rec[recHeader:], castagnoli))
+}
+
+// appendMeta renders a message's metadata: uvarint-prefixed id and local,
+// then the system and application properties as a uvarint count of
+// uvarint-prefixed key/value pairs. An empty id means the default one.
+func appendMeta(b []byte, id, local string, sys, app map[string]string) []byte {
+	b = appendString(b, id)
+	b = appendString(b, local)
+	for _, props := range []map[string]string{sys, app} {
+		b = binary.AppendUvarint(b, uint64(len(props)))
+		for k, v := range props {
+			b = appendString(b, k)
+			b = appendString(b, v)
+		}
+	}
+	return b
+}
+
+func appendString(b []byte, s string) []byte {
+	b = binary.AppendUvarint(b, uint64(len(s)))
+	return append(b, s...)
+}
+
+// decodeMeta parses metadata; with m nil it only validates. It returns the
+// length of the metadata (the body follows).
+func decodeMeta(p []byte, m *Message) (int, error) {
+	off := 0
+	str := func() (string, bool) {
+		n, k := binary.Uvarint(p[off:])
+		if k <= 0 || n > uint64(len(p)-off-k) {
+			return "", false
+		}
+		off += k
+		s := p[off : off+int(n)]
+		off += int(n)
+		if m == nil {
+			return "", true
+		}
+		return string(s), true
+	}
+	var ok bool
+	var id, local string
+	if id, ok = str(); !ok {
+		return 0, errors.New("bad id")
+	}
+	if local, ok = str(); !ok {
+		return 0, errors.New("bad local")
+	}
+	var props [2]map[string]string
+	for i := range props {
+		n, k := binary.Uvarint(p[off:])
+		if k <= 0 || n > uint64(len(p)-off) {
+			return 0, errors.New("bad property count")
+		}
+		off += k
+		if m != nil && n > 0 {
+			props[i] = make(map[string]string, n)
+		}
+		for j := uint64(0); j < n; j++ {
+			key, ok1 := str()
+			val, ok2 := str()
+			if !ok1 || !ok2 {
+				return 0, errors.New("bad property")
+			}
+			if m != nil {
+				props[i][key] = val
+			}
+		}
+	}
+	if m != nil {
+		m.ID, m.Local, m.System, m.App = id, local, props[0], props[1]
+	}
+	return off, nil
+}
+
+// appendRecord writes a sealed record at the end of the active segment,
+// starting a new one when it is full (mu held).
+func (o *Outbox) appendRecord(rec []byte) (int64, *segment, error) {
 	if o.active == nil || o.active.size >= o.opts.SegmentBytes {
-		if err := o.newSegment(m.Seq); err != nil {
-			return err
+		if err := o.newSegment(); err != nil {
+			return 0, nil, err
 		}
 	}
 	s := o.active
 	if _, err := s.f.WriteAt(rec, s.size); err != nil {
-		// A partial write is cut off by the next open's CRC check; keep the
-		// in-memory view unchanged so nothing points at it.
-		return fmt.Errorf("outbox: write: %w (is the disk full?)", err)
+		// A partial write is skipped by the next open's CRC check; the
+		// in-memory view stays unchanged and the segment is abandoned so
+		// nothing is appended after the damage.
+		o.active = nil
+		return 0, nil, fmt.Errorf("outbox: write: %w (is the disk full?)", err)
 	}
-	o.live = append(o.live, entry{seq: m.Seq, kind: m.Kind, seg: s, off: s.size, size: int64(len(rec))})
+	off := s.size
 	s.size += int64(len(rec))
-	s.live++
-	o.bytes += int64(len(rec))
-	o.next = m.Seq + 1
 	o.dirty = true
-	return nil
+	return off, s, nil
 }
 
-func (o *Outbox) newSegment(first uint64) error {
-	if o.active != nil && o.dirty {
-		// Records in the old segment must be durable before a later fsync
-		// of only the new one could claim they are.
-		if err := o.active.f.Sync(); err != nil {
+func (o *Outbox) newSegment() error {
+	if o.active != nil && o.dirty && o.synced < o.next-1 {
+		// A later fsync of only the new segment must not claim that
+		// records in this one are durable.
+		if err := o.fdatasync(o.active.f); err != nil {
 			return fmt.Errorf("outbox: fsync: %w", err)
 		}
-		o.dirty = false
 	}
-	p := filepath.Join(o.dir, fmt.Sprintf("%020d.seg", first))
-	f, err := os.OpenFile(p, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
+	o.segNo++
+	p := filepath.Join(o.dir, fmt.Sprintf("%020d.seg", o.segNo))
+	f, err := os.OpenFile(p, os.O_RDWR|os.O_CREATE|os.O_EXCL|syscall.O_NOFOLLOW, 0o600)
 	if err != nil {
 		return fmt.Errorf("outbox: %w", err)
 	}
-	if err := atomicfile.SyncDir(o.dir); err != nil {
-		f.Close()
-		return err
-	}
-	s := &segment{first: first, path: p, f: f}
+	s := &segment{path: p, f: f}
 	o.segs = append(o.segs, s)
-	o.active = s
+	o.active, o.dirty, o.newSeg = s, false, true
 	return nil
+}
+
+func (o *Outbox) fdatasync(f *os.File) error {
+	if o.opts.noSync {
+		return nil
+	}
+	for {
+		err := syscall.Fdatasync(int(f.Fd()))
+		if err != syscall.EINTR {
+			return err
+		}
+	}
 }
 
 // syncTo makes every record up to seq durable with as few fsyncs as
@@ -430,12 +728,17 @@ func (o *Outbox) syncTo(seq uint64) error {
 	}
 	o.mu.Lock()
 	target := o.next - 1
-	s := o.active
-	o.dirty = false
+	s, newSeg := o.active, o.newSeg
+	o.dirty, o.newSeg = false, false
 	o.mu.Unlock()
 	if s != nil {
-		if err := s.f.Sync(); err != nil {
+		if err := o.fdatasync(s.f); err != nil {
 			return fmt.Errorf("outbox: fsync: %w", err)
+		}
+		if newSeg && !o.opts.noSync {
+			if err := atomicfile.SyncDir(o.dir); err != nil {
+				return fmt.Errorf("outbox: %w", err)
+			}
 		}
 		o.fsyncs++
 	}
@@ -443,83 +746,272 @@ func (o *Outbox) syncTo(seq uint64) error {
 	return nil
 }
 
+// writeOut writes the oldest n entries held in memory to the active
+// segment, in order (mu held).
+func (o *Outbox) writeOut(n int) error {
+	for ; n > 0 && len(o.pend) > 0; n-- {
+		i := o.find(o.pend[0])
+		if i >= 0 {
+			e := &o.live[i]
+			off, seg, err := o.appendRecord(e.data)
+			if err != nil {
+				return err
+			}
+			o.pendBytes -= e.size
+			e.seg, e.off, e.data = seg, off, nil
+			seg.live++
+		}
+		o.pend[0] = 0
+		o.pend = o.pend[1:]
+	}
+	if len(o.pend) == 0 {
+		o.pend = nil
+	}
+	return nil
+}
+
+// arm makes sure the timer will write out the oldest pending entry when it
+// is due (mu held).
+func (o *Outbox) arm() {
+	if o.timer != nil || len(o.pend) == 0 || o.closed {
+		return
+	}
+	o.timer = time.AfterFunc(o.opts.WriteBehind, o.due)
+}
+
+// due writes out what has waited WriteBehind without an ack.
+func (o *Outbox) due() {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	o.timer = nil
+	if !o.closed {
+		o.writeDue(time.Now())
+	}
+}
+
+// writeDue writes out the entries put before now-WriteBehind and arms the
+// timer for the next (mu held).
+func (o *Outbox) writeDue(now time.Time) {
+	cutoff := now.Add(-o.opts.WriteBehind)
+	n := 0
+	var next time.Time
+	for _, seq := range o.pend {
+		if i := o.find(seq); i >= 0 {
+			if o.live[i].at.After(cutoff) {
+				next = o.live[i].at
+				break
+			}
+		}
+		n++
+	}
+	o.writeOut(n) // a failure leaves them in memory; the next Put or Close tries again
+	if !next.IsZero() && o.timer == nil {
+		o.timer = time.AfterFunc(time.Until(next.Add(o.opts.WriteBehind)), o.due)
+	}
+}
+
 // evictHealth drops the oldest live health message; false if there is none.
 func (o *Outbox) evictHealth() bool {
-	for i, e := range o.live {
-		if e.kind == KindHealth {
-			o.drop(i)
+	for i := o.head; i < len(o.live); i++ {
+		if e := &o.live[i]; !e.dead && e.kind == KindHealth {
+			o.kill(i)
 			return true
 		}
 	}
 	return false
 }
 
-// drop removes live[i], records it in the ack log and deletes its segment
-// when nothing in it is live any more.
-func (o *Outbox) drop(i int) {
-	e := o.live[i]
-	o.live = append(o.live[:i], o.live[i+1:]...)
-	o.bytes -= e.size
-	o.ackBuf.Write(binary.LittleEndian.AppendUint64(nil, e.seq))
-	e.seg.live--
-	if e.seg.live > 0 {
-		return
-	}
-	// Keep the active segment until it is full: at one message a second,
-	// creating and deleting a file per message would cost flash writes.
-	if e.seg == o.active {
-		if e.seg.size < o.opts.SegmentBytes {
-			return
+// kill records live[i] as gone (acked or evicted) in memory and on disk
+// (mu held). If the ack cannot be written the message is still gone from
+// this run; a restart sends it again (a duplicate, never a loss).
+func (o *Outbox) kill(i int) error {
+	e := &o.live[i]
+	if e.seg == nil { // never written: nothing to record
+		e.dead, e.data = true, nil
+		o.nlive--
+		o.bytes -= e.size
+		o.pendBytes -= e.size
+		for len(o.pend) > 0 && o.find(o.pend[0]) < 0 {
+			o.pend = o.pend[1:]
 		}
-		o.active = nil
-	}
-	o.removeSegment(e.seg)
-	if len(o.segs) == 0 {
-		o.resetAcks()
-	}
-}
-
-func (o *Outbox) removeSegment(s *segment) {
-	s.f.Close()
-	os.Remove(s.path)
-	for i, x := range o.segs {
-		if x == s {
-			o.segs = append(o.segs[:i], o.segs[i+1:]...)
-			break
+		if len(o.pend) == 0 {
+			o.pend = nil
+			if o.timer != nil { // nothing left to write: no wakeup
+				o.timer.Stop()
+				o.timer = nil
+			}
 		}
-	}
-}
-
-// Ack removes an acknowledged message. Unknown (already acked) seqs are
-// ignored.
-func (o *Outbox) Ack(seq uint64) error {
-	o.mu.Lock()
-	defer o.mu.Unlock()
-	i := sort.Search(len(o.live), func(i int) bool { return o.live[i].seq >= seq })
-	if i == len(o.live) || o.live[i].seq != seq {
+		o.advanceHead()
 		return nil
 	}
-	o.drop(i)
-	o.lastAck, o.lastAckT = seq, o.opts.Now()
-	return nil
+	var rec [recHeader + minPayload + 1]byte
+	binary.LittleEndian.PutUint64(rec[recHeader:], e.seq)
+	rec[recHeader+8] = kindAck
+	rec[recHeader+9] = 1 // uvarint count 1
+	seal(rec[:])
+	_, _, err := o.appendRecord(rec[:])
+	o.forget(i)
+	o.reclaim()
+	return err
 }
 
-// resetAcks empties the ack log once no segment is left (mu held): nothing
-// it records can matter any more.
-func (o *Outbox) resetAcks() {
-	o.ackBuf.Reset(o.acks)
-	o.acks.Truncate(0)
+// forget marks a written entry dead in memory (mu held); its ack record is
+// the caller's to write.
+func (o *Outbox) forget(i int) {
+	e := &o.live[i]
+	e.dead = true
+	o.nlive--
+	o.bytes -= e.size
+	e.seg.live--
+	o.advanceHead()
+}
+
+// advanceHead skips dead entries at the front and, now and then, drops
+// them from the slice so acks stay O(1) amortized (mu held).
+func (o *Outbox) advanceHead() {
+	for o.head < len(o.live) && o.live[o.head].dead {
+		o.head++
+	}
+	if o.head == len(o.live) {
+		o.live, o.head = o.live[:0], 0
+		if cap(o.live) > 1024 {
+			o.live = nil
+		}
+		return
+	}
+	if o.head >= 256 && o.head*2 >= len(o.live) {
+		n := copy(o.live, o.live[o.head:])
+		clear(o.live[n:])
+		o.live, o.head = o.live[:n], 0
+	}
+}
+
+// reclaim deletes the oldest segments while nothing in them is live; the
+// active segment stays until it is full (mu held).
+func (o *Outbox) reclaim() {
+	for len(o.segs) > 0 {
+		s := o.segs[0]
+		if s.live > 0 || (s == o.active && s.size < o.opts.SegmentBytes) {
+			return
+		}
+		if s == o.active {
+			o.active = nil
+		}
+		s.f.Close()
+		os.Remove(s.path)
+		o.segs[0] = nil
+		o.segs = o.segs[1:]
+	}
+}
+
+// find returns the index of the live entry with seq, or -1.
+func (o *Outbox) find(seq uint64) int {
+	l := o.live[o.head:]
+	i := sort.Search(len(l), func(i int) bool { return l[i].seq >= seq })
+	if i == len(l) || l[i].seq != seq || l[i].dead {
+		return -1
+	}
+	return o.head + i
+}
+
+// Ack removes acknowledged messages; when it returns nil their acks are
+// written to the kernel (one write for the batch) and survive a crash of
+// this process. Unknown (already acked) seqs are ignored.
+func (o *Outbox) Ack(seqs ...uint64) error {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	if o.closed {
+		return fmt.Errorf("outbox: %w", ErrClosed)
+	}
+	var buf []byte
+	var run, runLen uint64
+	emit := func() {
+		if runLen == 0 {
+			return
+		}
+		start := len(buf)
+		buf = append(buf, make([]byte, recHeader)...)
+		buf = binary.LittleEndian.AppendUint64(buf, run)
+		buf = append(buf, kindAck)
+		buf = binary.AppendUvarint(buf, runLen)
+		seal(buf[start:])
+		runLen = 0
+	}
+	var last uint64
+	for _, seq := range seqs {
+		i := o.find(seq)
+		if i < 0 {
+			continue
+		}
+		last = seq
+		if o.live[i].seg == nil {
+			o.kill(i) // held in memory only: nothing to write
+			continue
+		}
+		if runLen > 0 && seq == run+runLen && runLen < maxAckRun {
+			runLen++
+		} else {
+			emit()
+			run, runLen = seq, 1
+		}
+		o.forget(i)
+	}
+	emit()
+	var err error
+	if len(buf) > 0 {
+		_, _, err = o.appendRecord(buf)
+		o.reclaim()
+	}
+	if last != 0 {
+		o.lastAck, o.lastAckT = last, o.opts.Now()
+	}
+	return err
 }
 
 // Next returns up to n live messages with Seq > after, in order, bodies read
-// from disk.
+// from memory or disk (neighbouring records in one read).
 func (o *Outbox) Next(after uint64, n int) ([]*Message, error) {
 	o.mu.Lock()
 	defer o.mu.Unlock()
-	i := sort.Search(len(o.live), func(i int) bool { return o.live[i].seq > after })
+	l := o.live[o.head:]
+	i := sort.Search(len(l), func(i int) bool { return l[i].seq > after })
 	var out []*Message
-	for ; i < len(o.live) && len(out) < n; i++ {
-		m, err := o.read(o.live[i])
+	var run []byte // a span of one segment read at once
+	var runSeg *segment
+	var runOff int64
+	for ; i < len(l) && len(out) < n; i++ {
+		e := l[i]
+		if e.dead {
+			continue
+		}
+		var rec []byte
+		switch {
+		case e.data != nil:
+			rec = e.data
+		case e.seg == runSeg && e.off >= runOff && e.off+e.size <= runOff+int64(len(run)):
+			rec = run[e.off-runOff : e.off-runOff+e.size]
+		default:
+			// Read from this record to the end of the last wanted record in
+			// the same segment, up to 64 KiB.
+			end := e.off + e.size
+			for j, k := i+1, len(out)+1; j < len(l) && k < n; j++ {
+				x := l[j]
+				if x.dead {
+					continue
+				}
+				if x.seg != e.seg || x.off < end || x.off+x.size-e.off > 64<<10 {
+					break
+				}
+				end = x.off + x.size
+				k++
+			}
+			run, runSeg, runOff = make([]byte, end-e.off), e.seg, e.off
+			if _, err := e.seg.f.ReadAt(run, e.off); err != nil {
+				return out, fmt.Errorf("outbox: read record %d from %s: %w", e.seq, filepath.Base(e.seg.path), err)
+			}
+			rec = run[:e.size]
+		}
+		m, err := o.decode(e.seq, rec)
 		if err != nil {
 			return out, err
 		}
@@ -528,19 +1020,21 @@ func (o *Outbox) Next(after uint64, n int) ([]*Message, error) {
 	return out, nil
 }
 
-func (o *Outbox) read(e entry) (*Message, error) {
-	buf := make([]byte, e.size)
-	if _, err := e.seg.f.ReadAt(buf, e.off); err != nil {
-		return nil, fmt.Errorf("outbox: read: %w", err)
-	}
+func (o *Outbox) decode(seq uint64, buf []byte) (*Message, error) {
+	e := entry{seq: seq}
 	p := buf[recHeader:]
-	metaLen := binary.LittleEndian.Uint32(p[9:])
-	m := &Message{}
-	if err := json.Unmarshal(p[13:13+metaLen], m); err != nil {
+	if crc32.Checksum(p, castagnoli) != binary.LittleEndian.Uint32(buf[4:]) || len(p) < minPayload {
+		return nil, fmt.Errorf("outbox: record %d changed on disk", e.seq)
+	}
+	m := &Message{Seq: e.seq, Kind: Kind(p[8])}
+	n, err := decodeMeta(p[9:], m)
+	if err != nil {
 		return nil, fmt.Errorf("outbox: corrupt record %d: %w", e.seq, err)
 	}
-	m.Seq = e.seq
-	m.Body = p[13+metaLen:]
+	if m.ID == "" {
+		m.ID = o.defaultID(e.seq)
+	}
+	m.Body = p[9+n:]
 	return m, nil
 }
 
@@ -548,7 +1042,7 @@ func (o *Outbox) read(e entry) (*Message, error) {
 func (o *Outbox) Depth() (messages int, bytes int64) {
 	o.mu.Lock()
 	defer o.mu.Unlock()
-	return len(o.live), o.bytes
+	return o.nlive, o.bytes
 }
 
 // LastAcked is the last acknowledged message's seq and time (zero if none
@@ -559,8 +1053,7 @@ func (o *Outbox) LastAcked() (uint64, time.Time) {
 	return o.lastAck, o.lastAckT
 }
 
-// Flush writes buffered acks to the ack log and fsyncs it and the active
-// segment (clean shutdown, or periodically).
+// Flush writes out what is held in memory and makes everything durable.
 func (o *Outbox) Flush() error {
 	o.mu.Lock()
 	defer o.mu.Unlock()
@@ -568,15 +1061,21 @@ func (o *Outbox) Flush() error {
 }
 
 func (o *Outbox) flushLocked() error {
-	if err := o.ackBuf.Flush(); err != nil {
-		return fmt.Errorf("outbox: %w", err)
-	}
-	if err := o.acks.Sync(); err != nil {
-		return fmt.Errorf("outbox: %w", err)
+	if err := o.writeOut(len(o.pend)); err != nil {
+		return err
 	}
 	if o.active != nil && o.dirty {
 		o.dirty = false
-		return o.active.f.Sync()
+		if err := o.fdatasync(o.active.f); err != nil {
+			return fmt.Errorf("outbox: fsync: %w", err)
+		}
+	}
+	if o.newSeg {
+		o.newSeg = false
+		if o.opts.noSync {
+			return nil
+		}
+		return atomicfile.SyncDir(o.dir)
 	}
 	return nil
 }
@@ -588,11 +1087,20 @@ func (o *Outbox) Close() error {
 	if o.closed {
 		return nil
 	}
-	o.closed = true
 	err := o.flushLocked()
-	for _, s := range o.segs {
-		s.f.Close()
+	o.closed = true
+	if o.timer != nil {
+		o.timer.Stop()
+		o.timer = nil
 	}
-	o.acks.Close()
+	o.closeFiles()
 	return err
+}
+
+func (o *Outbox) closeFiles() {
+	for _, s := range o.segs {
+		if s.f != nil {
+			s.f.Close()
+		}
+	}
 }

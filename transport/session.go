@@ -416,7 +416,17 @@ func (s *Session) PublishTelemetry(body []byte, system, app map[string]string) (
 	return func(ctx context.Context) error { return s.waitPuback(ctx, tok) }
 }
 
+// waitPuback waits for tok's PUBACK; with a context that is already done
+// it still reports a PUBACK that has arrived (a non-blocking check).
 func (s *Session) waitPuback(ctx context.Context, tok mqtt.Token) error {
+	select {
+	case <-tok.Done():
+		if err := tok.Error(); err != nil {
+			return fmt.Errorf("hub: telemetry: %w", err)
+		}
+		return nil
+	default:
+	}
 	select {
 	case <-tok.Done():
 		if err := tok.Error(); err != nil {

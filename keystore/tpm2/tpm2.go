@@ -38,8 +38,7 @@ import (
 )
 
 // srkHandle is where a provisioned platform keeps the standard SRK; if it is
-// absent, the SRK is created (deterministically) from the owner hierarchy's
-// seed for each operation.
+// absent, gwagent creates it there once (see srk).
 const srkHandle = tpm.TPMHandle(0x81000001)
 
 // Store is one open TPM.
@@ -167,17 +166,52 @@ func (s *Store) flush(h tpm.TPMHandle) {
 	_, _ = tpm.FlushContext{FlushHandle: h}.Execute(s.tpm)
 }
 
-// srk returns the storage root key and a release function that flushes it
-// when it was created for this operation.
+// srk returns the storage root key and a release function to call when
+// done with it (callers hold s.mu; the TPM-attestation code may call it the
+// same way). The SRK is the standard one (TCG provisioning guidance: the
+// ECC P-256 SRK template at 0x81000001): if that handle holds a storage key
+// it is used as is; if it is empty the SRK is created once and made
+// persistent there, so no later start pays for CreatePrimary (hundreds of
+// milliseconds on real TPM chips). If the handle holds something else, or
+// the TPM refuses to persist (owner password set, no NV space), the SRK is
+// created for each operation and flushed after, as before.
 func (s *Store) srk() (tpm.AuthHandle, func(), error) {
-	if rp, err := (tpm.ReadPublic{ObjectHandle: srkHandle}).Execute(s.tpm); err == nil {
-		return tpm.AuthHandle{Handle: srkHandle, Name: rp.Name, Auth: tpm.PasswordAuth(nil)}, func() {}, nil
+	rp, err := (tpm.ReadPublic{ObjectHandle: srkHandle}).Execute(s.tpm)
+	if err == nil {
+		if isStorageKey(&rp.OutPublic) {
+			return tpm.AuthHandle{Handle: srkHandle, Name: rp.Name, Auth: tpm.PasswordAuth(nil)}, func() {}, nil
+		}
 	}
-	rsp, err := tpm.CreatePrimary{PrimaryHandle: tpm.TPMRHOwner, InPublic: tpm.New2B(tpm.ECCSRKTemplate)}.Execute(s.tpm)
+	rsp, cerr := tpm.CreatePrimary{PrimaryHandle: tpm.TPMRHOwner, InPublic: tpm.New2B(tpm.ECCSRKTemplate)}.Execute(s.tpm)
+	if cerr != nil {
+		return tpm.AuthHandle{}, nil, fmt.Errorf("tpm2: creating the storage root key: %w (is the owner hierarchy password-protected?)", cerr)
+	}
+	transient := tpm.AuthHandle{Handle: rsp.ObjectHandle, Name: rsp.Name, Auth: tpm.PasswordAuth(nil)}
+	release := func() { s.flush(rsp.ObjectHandle) }
+	if err == nil { // the handle is taken by another kind of object: leave it alone
+		return transient, release, nil
+	}
+	_, perr := tpm.EvictControl{
+		Auth:             tpm.TPMRHOwner,
+		ObjectHandle:     &tpm.NamedHandle{Handle: rsp.ObjectHandle, Name: rsp.Name},
+		PersistentHandle: srkHandle,
+	}.Execute(s.tpm)
+	if perr != nil {
+		return transient, release, nil
+	}
+	release()
+	return tpm.AuthHandle{Handle: srkHandle, Name: rsp.Name, Auth: tpm.PasswordAuth(nil)}, func() {}, nil
+}
+
+// isStorageKey: a restricted decryption key that cannot leave the TPM, as
+// an SRK is.
+func isStorageKey(p *tpm.TPM2BPublic) bool {
+	pub, err := p.Contents()
 	if err != nil {
-		return tpm.AuthHandle{}, nil, fmt.Errorf("tpm2: creating the storage root key: %w (is the owner hierarchy password-protected?)", err)
+		return false
 	}
-	return tpm.AuthHandle{Handle: rsp.ObjectHandle, Name: rsp.Name, Auth: tpm.PasswordAuth(nil)}, func() { s.flush(rsp.ObjectHandle) }, nil
+	a := pub.ObjectAttributes
+	return a.Restricted && a.Decrypt && !a.SignEncrypt && a.FixedTPM && a.FixedParent
 }
 
 // persisted returns the name of the object at persistent handle h, or

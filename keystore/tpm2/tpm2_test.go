@@ -202,3 +202,70 @@ func TestForeignHandle(t *testing.T) {
 		t.Fatal("fail/the storage key is gone")
 	}
 }
+
+// countingTPM records the command codes sent to the TPM.
+type countingTPM struct {
+	inner interface {
+		Send([]byte) ([]byte, error)
+		Close() error
+	}
+	cmds []uint32
+}
+
+func (c *countingTPM) Send(cmd []byte) ([]byte, error) {
+	if len(cmd) >= 10 {
+		c.cmds = append(c.cmds, binary.BigEndian.Uint32(cmd[6:10]))
+	}
+	return c.inner.Send(cmd)
+}
+
+func (c *countingTPM) Close() error { return c.inner.Close() }
+
+func (c *countingTPM) count(cc tpm.TPMCC) int {
+	n := 0
+	for _, x := range c.cmds {
+		if x == uint32(cc) {
+			n++
+		}
+	}
+	return n
+}
+
+// TestSRKPersisted: the first key creation makes the standard SRK
+// persistent at 0x81000001; a later start (a new Store) signs with a blob
+// key without any CreatePrimary.
+func TestSRKPersisted(t *testing.T) {
+	ctx := context.Background()
+	sw := testenv.StartSWTPM(t)
+	blob := keystore.MustParse(fmt.Sprintf("tpm2:socket=%s;blob=%s", sw.Sock, filepath.Join(t.TempDir(), "k.tpmkey")))
+	s := openSock(t, sw.Sock).(*Store)
+	k, err := s.CreateKey(ctx, blob)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pub := k.Public().(*ecdsa.PublicKey)
+	s.Close()
+
+	s2 := openSock(t, sw.Sock).(*Store)
+	defer s2.Close()
+	rp, err := (tpm.ReadPublic{ObjectHandle: srkHandle}).Execute(s2.tpm)
+	if err != nil || !isStorageKey(&rp.OutPublic) {
+		t.Fatalf("no storage key persisted at 0x81000001 after the first key: %v", err)
+	}
+	c := &countingTPM{inner: s2.tpm}
+	s2.tpm = c
+	k2, err := s2.Signer(ctx, blob)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !k2.Public().(*ecdsa.PublicKey).Equal(pub) {
+		t.Fatal("key changed across starts")
+	}
+	sign(t, k2)
+	if n := c.count(tpm.TPMCCCreatePrimary); n != 0 {
+		t.Fatalf("%d CreatePrimary on a start with a stored key; want 0", n)
+	}
+	if c.count(tpm.TPMCCSign) != 1 {
+		t.Fatalf("commands sent: %x", c.cmds)
+	}
+}
