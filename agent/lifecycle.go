@@ -78,6 +78,7 @@ func (a *Agent) lifecycle(ctx context.Context) {
 				a.reprov.connected()
 				a.status.Clear(CondHubUnreachable)
 				a.status.Set(StateConnected)
+				a.reachedHub()
 				if !a.connected(ctx, sess, next, wdC, wait) {
 					return
 				}
@@ -119,6 +120,7 @@ func (a *Agent) lifecycle(ctx context.Context) {
 		a.status.Clear(CondReprovisionHeldBack)
 		a.status.Clear(CondThrottled)
 		a.status.Set(StateConnected)
+		a.reachedHub()
 		if !a.connected(ctx, sess, id, wdC, wait) {
 			return
 		}

@@ -64,6 +64,8 @@ type Agent struct {
 
 	interval atomic.Int64  // current health interval (ns): config or twin
 	kick     chan struct{} // wakes the sender when the outbox got messages
+	up       chan struct{} // closed at the first hub connection (reachedHub)
+	upOnce   sync.Once
 	retimer  chan struct{} // wakes the health loop when the interval changed
 	health   healthSource  // the health loop's own
 
@@ -121,6 +123,7 @@ func New(cfgPath string, opts Options) (*Agent, error) {
 		beat:     newHeartbeat(time.Now), // real time, like systemd's watchdog
 		keys:     NewKeys(),
 		kick:     make(chan struct{}, 1),
+		up:       make(chan struct{}),
 		retimer:  make(chan struct{}, 1),
 		renewNow: make(chan string, 1),
 		spool:    spoolState{queued: map[string]fileSig{}},

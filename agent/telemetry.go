@@ -21,7 +21,19 @@ func (a *Agent) setInterval(d time.Duration) (old time.Duration) {
 }
 
 func (a *Agent) healthLoop(ctx context.Context) {
-	// One at start, so the cloud sees a (re)started gateway at once.
+	// The first one as soon as the hub is reached, so the cloud sees a
+	// (re)started gateway at once and the message already names the
+	// certificate and transport in use; after one interval if the hub stays
+	// out of reach.
+	first := time.NewTimer(time.Duration(a.interval.Load()))
+	select {
+	case <-ctx.Done():
+		first.Stop()
+		return
+	case <-a.up:
+	case <-first.C:
+	}
+	first.Stop()
 	a.sendHealth()
 	for {
 		d := time.Duration(a.interval.Load())
@@ -38,6 +50,9 @@ func (a *Agent) healthLoop(ctx context.Context) {
 		a.sendHealth()
 	}
 }
+
+// reachedHub marks the first connection to the hub since start.
+func (a *Agent) reachedHub() { a.upOnce.Do(func() { close(a.up) }) }
 
 func (a *Agent) sendHealth() {
 	cfg := a.cfg.Load()
