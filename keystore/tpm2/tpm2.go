@@ -61,7 +61,7 @@ func Open(ctx context.Context, u *keystore.URI) (keystore.KeyStore, error) {
 	path, socket := u.TPMDevice()
 	st, err := os.Stat(path)
 	if errors.Is(err, fs.ErrNotExist) {
-		hint := "check that the TPM is enabled in firmware and its driver loaded, or use a file: key"
+		hint := "check that the TPM is enabled in firmware and its driver loaded (ls /dev/tpm*); without a TPM, configure PKCS#11 or file: keys, and symmetric-key or X.509 onboarding instead of TPM attestation"
 		if socket {
 			hint = "start swtpm (socket mode) or fix socket="
 		}
