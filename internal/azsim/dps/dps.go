@@ -204,6 +204,7 @@ func (d *DPS) Start() error {
 	}
 	tc := d.cfg.TLS.Clone()
 	tc.ClientAuth = tls.RequestClientCert
+	tc.VerifyPeerCertificate = d.verifyInHandshake
 	tc.MinVersion = max(tc.MinVersion, tls.VersionTLS12)
 	if tc.MaxVersion == 0 {
 		// Azure DPS speaks TLS 1.2 only: clients must get TLS 1.2 client
@@ -745,6 +746,24 @@ func (d *DPS) authenticate(s *session) (*Enrollment, bool, error) {
 		}
 	}
 	return nil, false, errors.New("The SAS token's signature does not match any enrollment group's derived key")
+}
+
+// verifyInHandshake is both endpoints' tls.Config.VerifyPeerCertificate:
+// a certificate named by Faults.RejectCertificate is refused with a
+// bad_certificate alert, as Azure does when no enrollment trusts it. Every
+// other chain is left to the registration, which answers 401.
+func (d *DPS) verifyInHandshake(raw [][]byte, _ [][]*x509.Certificate) error {
+	if len(raw) == 0 {
+		return nil
+	}
+	leaf, err := x509.ParseCertificate(raw[0])
+	if err != nil {
+		return fmt.Errorf("client certificate does not parse: %w", err)
+	}
+	if d.cfg.Faults.CertificateRejected(leaf.SerialNumber.Text(16)) {
+		return errors.New("client certificate refused (fault injected)")
+	}
+	return nil
 }
 
 // clientAuthLeaf: the leaf allows TLS client authentication (no EKU list

@@ -40,6 +40,7 @@ func (d *DPS) StartHTTPS(addr string) error {
 	}
 	tc := d.cfg.TLS.Clone()
 	tc.ClientAuth = tls.RequestClientCert
+	tc.VerifyPeerCertificate = d.verifyInHandshake
 	tc.MinVersion = max(tc.MinVersion, tls.VersionTLS12)
 	if tc.MaxVersion == 0 {
 		tc.MaxVersion = tls.VersionTLS12 // as Azure DPS, and as the MQTT endpoint

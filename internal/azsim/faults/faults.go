@@ -146,9 +146,9 @@ func (i *Injector) AssignDelay() time.Duration {
 	return i.assignDelay
 }
 
-// RejectCertificate makes the hub refuse the certificate with this serial
-// (lower-case hex) inside the TLS handshake, with a bad_certificate alert,
-// as if its CA had been removed from the hub.
+// RejectCertificate makes the hub and DPS refuse the certificate with this
+// serial (lower-case hex) inside the TLS handshake, with a bad_certificate
+// alert, as if its CA had been removed from the hub or the enrollment.
 func (i *Injector) RejectCertificate(serialHex string) {
 	i.mu.Lock()
 	defer i.mu.Unlock()
