@@ -137,6 +137,38 @@ func (d *device) provision() (*provisioning.Identity, error) {
 	return agent.Provision(ctx, d.cfg, keys, agent.ProvisionOptions{RetryAfterMin: 100 * time.Millisecond})
 }
 
+// assertRefusedInHandshake makes azsim's DPS refuse d's onboarding
+// certificate with a TLS alert and checks that provisioning fails at once
+// with ErrCredentialRejected and advice, instead of retrying until the
+// provisioning timeout (which would end in "gave up after").
+func assertRefusedInHandshake(t *testing.T, d *device) {
+	t.Helper()
+	b, err := os.ReadFile(filepath.Join(d.dir, "onboarding-chain.pem"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	blk, _ := pem.Decode(b)
+	if blk == nil {
+		t.Fatal("no certificate in onboarding-chain.pem")
+	}
+	leaf, err := x509.ParseCertificate(blk.Bytes)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st := d.az.Admin("POST", "/faults/reject-certificate", map[string]any{"serial": leaf.SerialNumber.Text(16)}, nil); st >= 300 {
+		t.Fatalf("arm reject-certificate: %d", st)
+	}
+	d.cfg.Identity.ProvisioningTimeout.Duration = 50 * time.Second
+	_, err = d.provision()
+	if !errors.Is(err, provisioning.ErrCredentialRejected) {
+		t.Fatalf("got %v, want ErrCredentialRejected", err)
+	}
+	if strings.Contains(err.Error(), "gave up") || !strings.Contains(err.Error(), "TLS handshake") || !strings.Contains(err.Error(), "enrollment") {
+		t.Fatalf("error %q: want a refusal in the TLS handshake, no retries, and advice about the enrollment", err)
+	}
+	assertNotProvisioned(t, d)
+}
+
 // running is an agent.Run in the background.
 type running struct {
 	a      *agent.Agent
@@ -367,6 +399,10 @@ func TestProvisionE2E(t *testing.T) {
 			t.Fatal("the error leaks the key")
 		}
 		assertNotProvisioned(t, d)
+	})
+	t.Run("fail/onboarding certificate refused in the TLS handshake, no retry", func(t *testing.T) {
+		d := newDevice(t, az, devOpts{regID: "gw-tls-refused"})
+		assertRefusedInHandshake(t, d)
 	})
 	t.Run("fail/500s exhaust the retries with a clear error", func(t *testing.T) {
 		d := newDevice(t, az, devOpts{regID: "gw-5xx"})

@@ -75,6 +75,11 @@ func TestProvisionHTTPSE2E(t *testing.T) {
 		}
 		assertNotProvisioned(t, d)
 	})
+	t.Run("fail/onboarding certificate refused in the TLS handshake over HTTPS, no retry", func(t *testing.T) {
+		d := newDevice(t, az, devOpts{regID: "gw-https-tls-refused"})
+		overHTTPS(d)
+		assertRefusedInHandshake(t, d)
+	})
 	t.Run("fail/disabled enrollment over HTTPS", func(t *testing.T) {
 		d := newDevice(t, az, devOpts{regID: "gw-https-disabled", symmetric: true})
 		overHTTPS(d)

@@ -35,6 +35,8 @@ type Options struct {
 	RetryAfterMin time.Duration
 	// Backoff for reconnects and re-provisioning; default 1 s to 5 min.
 	Backoff backoff.Policy
+	// TwinTimeout bounds each twin request on its own; default 30 s.
+	TwinTimeout time.Duration
 	// ClockPoll is how often an unsynchronised clock is checked; default 5 s.
 	ClockPoll time.Duration
 	// Reprovision bounds re-registrations after the hub refused the
@@ -111,6 +113,9 @@ func New(cfgPath string, opts Options) (*Agent, error) {
 	}
 	if opts.Backoff.Min == 0 {
 		opts.Backoff = backoff.Policy{Min: time.Second, Max: 5 * time.Minute}
+	}
+	if opts.TwinTimeout == 0 {
+		opts.TwinTimeout = twinRequestTimeout
 	}
 	if opts.ClockPoll == 0 {
 		opts.ClockPoll = 5 * time.Second

@@ -12,8 +12,8 @@ import (
 	"github.com/gwagent/gwagent/transport"
 )
 
-// twinRequestTimeout bounds each twin request on its own: a slow read must
-// not eat the budget of the report after it.
+// twinRequestTimeout bounds each twin request on its own (Options.TwinTimeout):
+// a slow read must not eat the budget of the report after it.
 const twinRequestTimeout = 30 * time.Second
 
 // onDesired applies a desired-properties patch.
@@ -52,8 +52,8 @@ func (a *Agent) applyDesired(desired json.RawMessage) {
 
 // twinRequest runs one twin request under its own deadline and names it in
 // its error.
-func twinRequest(ctx context.Context, what string, f func(context.Context) error) error {
-	ctx, cancel := context.WithTimeout(ctx, twinRequestTimeout)
+func (a *Agent) twinRequest(ctx context.Context, what string, f func(context.Context) error) error {
+	ctx, cancel := context.WithTimeout(ctx, a.opts.TwinTimeout)
 	defer cancel()
 	if err := f(ctx); err != nil {
 		return fmt.Errorf("twin %s: %w", what, err)
@@ -65,7 +65,7 @@ func (a *Agent) reportInterval(ctx context.Context, sess *transport.Session, ver
 	patch := map[string]any{"telemetryInterval": map[string]any{
 		"value": time.Duration(a.interval.Load()).Seconds(), "ac": 200, "av": version, "ad": "applied",
 	}}
-	return twinRequest(ctx, "report of telemetryInterval (PATCH reported)", func(ctx context.Context) error {
+	return a.twinRequest(ctx, "report of telemetryInterval (PATCH reported)", func(ctx context.Context) error {
 		_, err := sess.PatchReported(ctx, patch)
 		return err
 	})
@@ -120,7 +120,7 @@ type twinSyncDone struct {
 func (a *Agent) syncTwinOnce(ctx context.Context, sess *transport.Session, id *provisioning.Identity, done *twinSyncDone) error {
 	if !done.read {
 		var tw *transport.Twin
-		err := twinRequest(ctx, "read (GET)", func(ctx context.Context) (err error) {
+		err := a.twinRequest(ctx, "read (GET)", func(ctx context.Context) (err error) {
 			tw, err = sess.GetTwin(ctx)
 			return err
 		})
@@ -144,7 +144,7 @@ func (a *Agent) syncTwinOnce(ctx context.Context, sess *transport.Session, id *p
 			"serial": id.Serial, "via": id.Via,
 		},
 	}
-	err := twinRequest(ctx, "report of agent and certificate (PATCH reported)", func(ctx context.Context) error {
+	err := a.twinRequest(ctx, "report of agent and certificate (PATCH reported)", func(ctx context.Context) error {
 		_, err := sess.PatchReported(ctx, report)
 		return err
 	})

@@ -6,6 +6,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/gwagent/gwagent/agent"
 	"github.com/gwagent/gwagent/internal/azsim"
 	"github.com/gwagent/gwagent/internal/testenv"
 )
@@ -70,4 +71,51 @@ func TestRunLeavesNoGoroutines(t *testing.T) {
 	if after, stacks := agentGoroutines(); after > before {
 		t.Fatalf("%d agent goroutines still running after Run returned (%d before):\n%s", after-before, before, stacks)
 	}
+}
+
+// Each twin request has its own deadline (Options.TwinTimeout), named in
+// the error. azsim's twin-delay fault makes the hub slow.
+func TestTwinRequestDeadlines(t *testing.T) {
+	az := testenv.StartAzsim(t, azsim.Config{})
+	// run provisions regID, holds the hub's next count twin answers for
+	// delay seconds, and runs the agent with each twin request bounded by
+	// timeout until the sync's last request (the telemetryInterval report,
+	// sent once the hub answered the certificate report) is in the twin.
+	run := func(t *testing.T, regID string, delay, count int, timeout time.Duration) string {
+		d := newDevice(t, az, devOpts{regID: regID, symmetric: true})
+		if _, err := d.provision(); err != nil {
+			t.Fatal(err)
+		}
+		if st := az.Admin("POST", "/faults/twin-delay", map[string]any{"seconds": delay, "count": count}, nil); st >= 300 {
+			t.Fatalf("arm twin-delay: %d", st)
+		}
+		d.tweak = func(o *agent.Options) { o.TwinTimeout = timeout }
+		r := d.start()
+		testenv.Eventually(t, 60*time.Second, "the twin sync finished", func() bool {
+			var tw struct {
+				Reported map[string]any `json:"reported"`
+			}
+			az.Admin("GET", "/hub/devices/"+regID+"/twin", nil, &tw)
+			_, ok := tw.Reported["telemetryInterval"]
+			return ok
+		})
+		return r.log.String()
+	}
+	t.Run("a slow read does not eat the report's budget", func(t *testing.T) {
+		// The read and the report after it each take 6 s of a 10 s
+		// deadline: under one deadline for the whole sync the report would
+		// time out after 4 s.
+		if logs := run(t, "gw-twin-slow", 6, 2, 10*time.Second); strings.Contains(logs, "twin synchronisation failed") {
+			t.Fatalf("a twin request timed out although each took less than its deadline:\n%s", logs)
+		}
+	})
+	t.Run("a read past its deadline is named and retried", func(t *testing.T) {
+		logs := run(t, "gw-twin-stuck", 30, 1, time.Second)
+		if !strings.Contains(logs, "twin read (GET)") || !strings.Contains(logs, "deadline exceeded") {
+			t.Fatalf("want the timed-out request named in the log:\n%s", logs)
+		}
+		if strings.Contains(logs, "PATCH reported): context deadline exceeded") {
+			t.Fatalf("the report after the slow read timed out:\n%s", logs)
+		}
+	})
 }

@@ -116,7 +116,8 @@ func (s Step) String() string {
 // Errors a caller branches on.
 var (
 	// ErrCredentialRejected: DPS refused the onboarding credential (CONNACK
-	// refusal, 401, 403). Retrying with the same credential cannot help.
+	// refusal, 401, 403, a TLS alert about its certificate). Retrying with
+	// the same credential cannot help.
 	ErrCredentialRejected = errors.New("onboarding credential rejected by DPS")
 	// ErrRegistrationFailed: DPS finished with status failed.
 	ErrRegistrationFailed = errors.New("DPS registration failed")
@@ -224,6 +225,14 @@ func (c *DPSConfig) progress(s Step) {
 	if c.Progress != nil {
 		c.Progress(s)
 	}
+}
+
+// refusedInHandshake is DPS refusing the onboarding certificate with a TLS
+// alert (tlsconf.RejectedIdentity) instead of a CONNACK or 401: final, like
+// them, since the same certificate will be refused again.
+func refusedInHandshake(endpoint string, err error) error {
+	return fmt.Errorf("dps: %s refused the onboarding certificate in the TLS handshake: %w (%v); check that an enrollment for this device exists and is enabled, and that it trusts the factory certificate chain in [onboarding] (the enrollment group's CA, or the individual enrollment's certificate)",
+		endpoint, ErrCredentialRejected, err)
 }
 
 // transientError marks a failure worth retrying, with DPS's retry-after.
@@ -369,6 +378,9 @@ func connectDPS(ctx context.Context, cfg *DPSConfig) (*dpsSession, error) {
 		var cve *tls.CertificateVerificationError
 		if errors.As(err, &cve) {
 			return nil, fmt.Errorf("dps: %s presented a certificate our trust bundle does not accept (%v); check trust_bundle and the endpoint name", cfg.Endpoint, cve.Err)
+		}
+		if tlsconf.RejectedIdentity(err) {
+			return nil, refusedInHandshake(cfg.Endpoint, err)
 		}
 		return nil, &transientError{err: fmt.Errorf("dps: connect to %s: %w", cfg.Endpoint, err)}
 	}

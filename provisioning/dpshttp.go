@@ -113,6 +113,9 @@ func (h *httpsDPS) do(ctx context.Context, method, path string, body []byte) (in
 		if errors.As(err, &cve) {
 			return 0, nil, 0, fmt.Errorf("dps: %s presented a certificate our trust bundle does not accept (%v); check trust_bundle and the endpoint name", h.cfg.Endpoint, cve.Err)
 		}
+		if tlsconf.RejectedIdentity(err) {
+			return 0, nil, 0, refusedInHandshake(h.cfg.Endpoint, err)
+		}
 		return 0, nil, 0, &transientError{err: fmt.Errorf("dps: %s %s: %w", method, h.cfg.Endpoint, err)}
 	}
 	var ra time.Duration

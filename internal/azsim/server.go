@@ -505,6 +505,21 @@ func (s *Server) adminMux() http.Handler {
 		s.Faults.RejectCertificate(strings.ToLower(strings.TrimLeft(f.Serial, "0")))
 		w.WriteHeader(http.StatusNoContent)
 	})
+	mux.HandleFunc("POST /faults/twin-delay", func(w http.ResponseWriter, r *http.Request) {
+		var f struct {
+			Seconds float64 `json:"seconds"`
+			Count   int     `json:"count"`
+		}
+		if !decode(w, r, &f) {
+			return
+		}
+		if f.Seconds <= 0 || f.Seconds > 3600 || f.Count < 0 {
+			broker.WriteJSON(w, 400, map[string]string{"error": `need {"seconds": 0 < s <= 3600, "count": n (default 1)}`})
+			return
+		}
+		s.Faults.DelayTwin(time.Duration(f.Seconds*float64(time.Second)), max(f.Count, 1))
+		w.WriteHeader(http.StatusNoContent)
+	})
 	mux.HandleFunc("POST /faults/credentials", func(w http.ResponseWriter, r *http.Request) {
 		var f struct {
 			Mode faults.CredentialsMode `json:"mode"`

@@ -145,6 +145,7 @@ type session struct {
 }
 
 type operation struct {
+	mu      sync.Mutex // serializes the assignment between polls; guards result, status
 	id      string
 	regID   string
 	readyAt time.Time
@@ -204,6 +205,7 @@ func (d *DPS) Start() error {
 	}
 	tc := d.cfg.TLS.Clone()
 	tc.ClientAuth = tls.RequestClientCert
+	tc.VerifyPeerCertificate = d.verifyInHandshake
 	tc.MinVersion = max(tc.MinVersion, tls.VersionTLS12)
 	if tc.MaxVersion == 0 {
 		// Azure DPS speaks TLS 1.2 only: clients must get TLS 1.2 client
@@ -510,34 +512,75 @@ func errorBody(code int, msg string) []byte {
 
 // register handles $dps/registrations/PUT/iotdps-register.
 func (d *DPS) register(cl *mqtt.Client, s *session, rid string, payload []byte) {
-	var body struct {
-		RegistrationID string          `json:"registrationId"`
-		CSR            *string         `json:"csr"`
-		Payload        json.RawMessage `json:"payload"`
-	}
-	if len(bytes.TrimSpace(payload)) > 0 {
-		if err := json.Unmarshal(payload, &body); err != nil {
-			d.answer(cl, rid, 400, 0, errorBody(400004, "The request body is not valid JSON: "+err.Error()))
-			return
-		}
-	}
-	if body.RegistrationID != "" && !strings.EqualFold(body.RegistrationID, s.regID) {
-		d.answer(cl, rid, 400, 0, errorBody(400004, "registrationId in the body differs from the one in the username"))
+	reply := func(status, retryAfter int, body []byte) { d.answer(cl, rid, status, retryAfter, body) }
+	body, ok := decodeRegister(payload, s.regID, "username", reply)
+	if !ok {
 		return
 	}
 	group, sym, err := d.authenticate(s)
 	if err != nil {
-		d.answer(cl, rid, 401, 0, errorBody(401002, err.Error()))
+		reply(401, 0, errorBody(401002, err.Error()))
 		return
 	}
+	d.startOperation(s, group, sym, false, body.CSR, reply)
+}
+
+// poll handles iotdps-get-operationstatus.
+func (d *DPS) poll(cl *mqtt.Client, s *session, rid, opID string) {
+	reply := func(status, retryAfter int, body []byte) { d.answer(cl, rid, status, retryAfter, body) }
+	op, ok := d.lookup(s.regID, opID, reply)
+	if !ok {
+		return
+	}
+	d.pollOperation(op, "retry-after", reply, nil)
+}
+
+// replyFunc answers one request over either transport: the MQTT response
+// topic or the HTTP response.
+type replyFunc func(status, retryAfter int, body []byte)
+
+// registerBody is a registration request's body (tpm over HTTPS only).
+type registerBody struct {
+	RegistrationID string          `json:"registrationId"`
+	CSR            *string         `json:"csr"`
+	Payload        json.RawMessage `json:"payload"`
+	TPM            *struct {
+		EndorsementKey string `json:"endorsementKey"`
+		StorageRootKey string `json:"storageRootKey"`
+	} `json:"tpm"`
+}
+
+// decodeRegister decodes a registration body (empty is allowed) and checks
+// its registrationId against the one in idFrom (the username or the
+// path), answering 400 when either is wrong.
+func decodeRegister(raw []byte, regID, idFrom string, reply replyFunc) (*registerBody, bool) {
+	var body registerBody
+	if len(bytes.TrimSpace(raw)) > 0 {
+		if err := json.Unmarshal(raw, &body); err != nil {
+			reply(400, 0, errorBody(400004, "The request body is not valid JSON: "+err.Error()))
+			return nil, false
+		}
+	}
+	if body.RegistrationID != "" && !strings.EqualFold(body.RegistrationID, regID) {
+		reply(400, 0, errorBody(400004, "registrationId in the body differs from the one in the "+idFrom))
+		return nil, false
+	}
+	return &body, true
+}
+
+// startOperation records an authenticated registration's operation and
+// answers 202 assigning: disabled at once when the enrollment is, with its
+// CSR checked (400 if bad) when the api-version carries one. isTPM marks a
+// TPM attestation's operation, whose polls need the TPM's SAS token.
+func (d *DPS) startOperation(s *session, group *Enrollment, sym, isTPM bool, csrB64 *string, reply replyFunc) {
 	op := &operation{id: "4." + newID(), regID: s.regID, readyAt: d.now().Add(d.cfg.Faults.AssignDelay()), group: group, sym: sym}
 	if !group.Enabled {
 		op.status, op.result = 200, mustJSON(map[string]any{"operationId": op.id, "status": "disabled",
 			"registrationState": map[string]any{"registrationId": s.regID, "status": "disabled"}})
-	} else if body.CSR != nil && s.apiVersion >= MinCertAPIVersion {
-		csr, err := d.checkCSR(*body.CSR, s.regID)
+	} else if csrB64 != nil && s.apiVersion >= MinCertAPIVersion {
+		csr, err := d.checkCSR(*csrB64, s.regID)
 		if err != nil {
-			d.answer(cl, rid, 400, 0, errorBody(400004, err.Error()))
+			reply(400, 0, errorBody(400004, err.Error()))
 			return
 		}
 		op.csr = csr
@@ -545,24 +588,39 @@ func (d *DPS) register(cl *mqtt.Client, s *session, rid string, payload []byte) 
 	d.mu.Lock()
 	d.ops[op.id] = op
 	d.mu.Unlock()
-	d.answer(cl, rid, 202, d.cfg.RetryAfter, mustJSON(map[string]any{"operationId": op.id, "status": "assigning"}))
+	if isTPM {
+		d.tpm.mu.Lock()
+		d.tpm.ops[op.id] = true
+		d.tpm.mu.Unlock()
+	}
+	reply(202, d.cfg.RetryAfter, mustJSON(map[string]any{"operationId": op.id, "status": "assigning"}))
 }
 
-// poll handles iotdps-get-operationstatus.
-func (d *DPS) poll(cl *mqtt.Client, s *session, rid, opID string) {
+// lookup finds regID's operation opID, answering 404 when there is none.
+func (d *DPS) lookup(regID, opID string, reply replyFunc) (*operation, bool) {
 	d.mu.Lock()
 	op, ok := d.ops[opID]
 	d.mu.Unlock()
-	if !ok || !strings.EqualFold(op.regID, s.regID) {
-		d.answer(cl, rid, 404, 0, errorBody(404001, "operation "+opID+" not found"))
+	if !ok || !strings.EqualFold(op.regID, regID) {
+		reply(404, 0, errorBody(404001, "operation "+opID+" not found"))
+		return nil, false
+	}
+	return op, true
+}
+
+// pollOperation answers a status poll of op: 429 past the poll limit
+// (retryHint names the transport's retry-after), assigning until it is
+// ready, then the outcome, assigned on the first poll after readyAt.
+// decorate, if set, adjusts a successful outcome when it is made.
+func (d *DPS) pollOperation(op *operation, retryHint string, reply replyFunc, decorate func(*operation)) {
+	if ok, wait := d.polls.Allow(strings.ToLower(op.regID), d.now()); !ok {
+		reply(429, broker.RetryAfterSeconds(wait), errorBody(429001, fmt.Sprintf("more than %d status polls in 10 s; retry after the %s", d.cfg.PollLimit, retryHint)))
 		return
 	}
-	if ok, wait := d.polls.Allow(strings.ToLower(s.regID), d.now()); !ok {
-		d.answer(cl, rid, 429, broker.RetryAfterSeconds(wait), errorBody(429001, fmt.Sprintf("more than %d status polls in 10 s; retry after the retry-after", d.cfg.PollLimit)))
-		return
-	}
+	op.mu.Lock()
+	defer op.mu.Unlock()
 	if op.result == nil && d.now().Before(op.readyAt) {
-		d.answer(cl, rid, 202, d.cfg.RetryAfter, mustJSON(map[string]any{"operationId": op.id, "status": "assigning",
+		reply(202, d.cfg.RetryAfter, mustJSON(map[string]any{"operationId": op.id, "status": "assigning",
 			"registrationState": map[string]any{"registrationId": op.regID, "status": "assigning"}}))
 		return
 	}
@@ -570,9 +628,11 @@ func (d *DPS) poll(cl *mqtt.Client, s *session, rid, opID string) {
 		if err := d.assign(op); err != nil {
 			op.status, op.result = 200, mustJSON(map[string]any{"operationId": op.id, "status": "failed",
 				"registrationState": map[string]any{"registrationId": op.regID, "status": "failed", "errorCode": 500001, "errorMessage": err.Error()}})
+		} else if decorate != nil {
+			decorate(op)
 		}
 	}
-	d.answer(cl, rid, op.status, 0, op.result)
+	reply(op.status, 0, op.result)
 }
 
 // assign registers the device at the hub and issues its certificate.
@@ -745,6 +805,24 @@ func (d *DPS) authenticate(s *session) (*Enrollment, bool, error) {
 		}
 	}
 	return nil, false, errors.New("The SAS token's signature does not match any enrollment group's derived key")
+}
+
+// verifyInHandshake is both endpoints' tls.Config.VerifyPeerCertificate:
+// a certificate named by Faults.RejectCertificate is refused with a
+// bad_certificate alert, as Azure does when no enrollment trusts it. Every
+// other chain is left to the registration, which answers 401.
+func (d *DPS) verifyInHandshake(raw [][]byte, _ [][]*x509.Certificate) error {
+	if len(raw) == 0 {
+		return nil
+	}
+	leaf, err := x509.ParseCertificate(raw[0])
+	if err != nil {
+		return fmt.Errorf("client certificate does not parse: %w", err)
+	}
+	if d.cfg.Faults.CertificateRejected(leaf.SerialNumber.Text(16)) {
+		return errors.New("client certificate refused (fault injected)")
+	}
+	return nil
 }
 
 // clientAuthLeaf: the leaf allows TLS client authentication (no EKU list

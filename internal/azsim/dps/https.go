@@ -8,7 +8,6 @@ package dps
 //	GET /{idScope}/registrations/{registrationId}/operations/{operationId}?api-version=V
 
 import (
-	"bytes"
 	"crypto/tls"
 	"encoding/base64"
 	"encoding/json"
@@ -22,7 +21,6 @@ import (
 	"strings"
 	"time"
 
-	"github.com/gwagent/gwagent/internal/azsim/broker"
 	"github.com/gwagent/gwagent/internal/azsim/faults"
 )
 
@@ -40,6 +38,7 @@ func (d *DPS) StartHTTPS(addr string) error {
 	}
 	tc := d.cfg.TLS.Clone()
 	tc.ClientAuth = tls.RequestClientCert
+	tc.VerifyPeerCertificate = d.verifyInHandshake
 	tc.MinVersion = max(tc.MinVersion, tls.VersionTLS12)
 	if tc.MaxVersion == 0 {
 		tc.MaxVersion = tls.VersionTLS12 // as Azure DPS, and as the MQTT endpoint
@@ -114,25 +113,14 @@ func (d *DPS) httpRegister(w http.ResponseWriter, r *http.Request) {
 	if !ok {
 		return
 	}
-	var body struct {
-		RegistrationID string          `json:"registrationId"`
-		CSR            *string         `json:"csr"`
-		Payload        json.RawMessage `json:"payload"`
-		TPM            *struct {
-			EndorsementKey string `json:"endorsementKey"`
-			StorageRootKey string `json:"storageRootKey"`
-		} `json:"tpm"`
-	}
+	reply := func(status, retryAfter int, body []byte) { writeDPS(w, status, retryAfter, body) }
 	raw, err := io.ReadAll(io.LimitReader(r.Body, 96<<10))
-	if err == nil && len(bytes.TrimSpace(raw)) > 0 {
-		err = json.Unmarshal(raw, &body)
-	}
 	if err != nil {
-		writeDPS(w, 400, 0, errorBody(400004, "The request body is not valid JSON: "+err.Error()))
+		reply(400, 0, errorBody(400004, "The request body is not valid JSON: "+err.Error()))
 		return
 	}
-	if body.RegistrationID != "" && !strings.EqualFold(body.RegistrationID, s.regID) {
-		writeDPS(w, 400, 0, errorBody(400004, "registrationId in the body differs from the one in the path"))
+	body, ok := decodeRegister(raw, s.regID, "path", reply)
+	if !ok {
 		return
 	}
 	var group *Enrollment
@@ -140,38 +128,18 @@ func (d *DPS) httpRegister(w http.ResponseWriter, r *http.Request) {
 	if body.TPM != nil {
 		e, status, errBody := d.tpmAttest(s.regID, body.TPM.EndorsementKey, body.TPM.StorageRootKey, s.password)
 		if e == nil {
-			writeDPS(w, status, 0, errBody)
+			reply(status, 0, errBody)
 			return
 		}
 		group, isTPM = &Enrollment{ID: e.RegistrationID, Kind: KindTPM, Enabled: e.Enabled}, true
 	} else {
 		group, sym, err = d.authenticate(s)
 		if err != nil {
-			writeDPS(w, 401, 0, errorBody(401002, err.Error()))
+			reply(401, 0, errorBody(401002, err.Error()))
 			return
 		}
 	}
-	op := &operation{id: "4." + newID(), regID: s.regID, readyAt: d.now().Add(d.cfg.Faults.AssignDelay()), group: group, sym: sym}
-	if !group.Enabled {
-		op.status, op.result = 200, mustJSON(map[string]any{"operationId": op.id, "status": "disabled",
-			"registrationState": map[string]any{"registrationId": s.regID, "status": "disabled"}})
-	} else if body.CSR != nil && s.apiVersion >= MinCertAPIVersion {
-		csr, err := d.checkCSR(*body.CSR, s.regID)
-		if err != nil {
-			writeDPS(w, 400, 0, errorBody(400004, err.Error()))
-			return
-		}
-		op.csr = csr
-	}
-	d.mu.Lock()
-	d.ops[op.id] = op
-	d.mu.Unlock()
-	if isTPM {
-		d.tpm.mu.Lock()
-		d.tpm.ops[op.id] = true
-		d.tpm.mu.Unlock()
-	}
-	writeDPS(w, 202, d.cfg.RetryAfter, mustJSON(map[string]any{"operationId": op.id, "status": "assigning"}))
+	d.startOperation(s, group, sym, isTPM, body.CSR, reply)
 }
 
 func (d *DPS) httpPoll(w http.ResponseWriter, r *http.Request) {
@@ -179,12 +147,10 @@ func (d *DPS) httpPoll(w http.ResponseWriter, r *http.Request) {
 	if !ok {
 		return
 	}
+	reply := func(status, retryAfter int, body []byte) { writeDPS(w, status, retryAfter, body) }
 	opID := r.PathValue("opID")
-	d.mu.Lock()
-	op, ok := d.ops[opID]
-	d.mu.Unlock()
-	if !ok || !strings.EqualFold(op.regID, s.regID) {
-		writeDPS(w, 404, 0, errorBody(404001, "operation "+opID+" not found"))
+	op, ok := d.lookup(s.regID, opID, reply)
+	if !ok {
 		return
 	}
 	// Every REST request authenticates on its own.
@@ -202,29 +168,18 @@ func (d *DPS) httpPoll(w http.ResponseWriter, r *http.Request) {
 		_, _, authErr = d.authenticate(s)
 	}
 	if authErr != nil {
-		writeDPS(w, 401, 0, errorBody(401002, authErr.Error()))
+		reply(401, 0, errorBody(401002, authErr.Error()))
 		return
 	}
-	if ok, wait := d.polls.Allow(strings.ToLower(s.regID), d.now()); !ok {
-		writeDPS(w, 429, broker.RetryAfterSeconds(wait), errorBody(429001, fmt.Sprintf("more than %d status polls in 10 s; retry after the Retry-After", d.cfg.PollLimit)))
-		return
-	}
-	d.tpm.mu.Lock() // serializes assignment of one operation between polls
-	defer d.tpm.mu.Unlock()
-	if op.result == nil && d.now().Before(op.readyAt) {
-		writeDPS(w, 202, d.cfg.RetryAfter, mustJSON(map[string]any{"operationId": op.id, "status": "assigning",
-			"registrationState": map[string]any{"registrationId": op.regID, "status": "assigning"}}))
-		return
-	}
-	if op.result == nil {
-		if err := d.assign(op); err != nil {
-			op.status, op.result = 200, mustJSON(map[string]any{"operationId": op.id, "status": "failed",
-				"registrationState": map[string]any{"registrationId": op.regID, "status": "failed", "errorCode": 500001, "errorMessage": err.Error()}})
-		} else if isTPM {
+	var decorate func(*operation)
+	if isTPM {
+		decorate = func(op *operation) {
+			d.tpm.mu.Lock()
+			defer d.tpm.mu.Unlock()
 			op.result = tpmResult(op.result, d.tpm.blobs[strings.ToLower(op.regID)])
 		}
 	}
-	writeDPS(w, op.status, 0, op.result)
+	d.pollOperation(op, "Retry-After", reply, decorate)
 }
 
 // tpmResult names the attestation in the registration state as DPS does

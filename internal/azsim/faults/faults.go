@@ -33,6 +33,8 @@ type Injector struct {
 	tamper      []Tamper
 	rejectCerts map[string]bool // serials (hex) the hub refuses in the TLS handshake
 	credentials CredentialsMode
+	twinDelay   time.Duration // how long the hub holds the next twin answers
+	twinDelayN  int           // how many answers are still to be held
 }
 
 // CredentialsMode is how the hub treats certificate-signing requests.
@@ -146,9 +148,29 @@ func (i *Injector) AssignDelay() time.Duration {
 	return i.assignDelay
 }
 
-// RejectCertificate makes the hub refuse the certificate with this serial
-// (lower-case hex) inside the TLS handshake, with a bad_certificate alert,
-// as if its CA had been removed from the hub.
+// DelayTwin makes the hub hold its answers to the next count twin requests
+// (GET or reported PATCH) for d before sending them: a slow hub.
+func (i *Injector) DelayTwin(d time.Duration, count int) {
+	i.mu.Lock()
+	defer i.mu.Unlock()
+	i.twinDelay, i.twinDelayN = d, count
+}
+
+// TakeTwinDelay returns how long to hold the current twin answer, using up
+// one of DelayTwin's count; zero when none is armed.
+func (i *Injector) TakeTwinDelay() time.Duration {
+	i.mu.Lock()
+	defer i.mu.Unlock()
+	if i.twinDelayN <= 0 {
+		return 0
+	}
+	i.twinDelayN--
+	return i.twinDelay
+}
+
+// RejectCertificate makes the hub and DPS refuse the certificate with this
+// serial (lower-case hex) inside the TLS handshake, with a bad_certificate
+// alert, as if its CA had been removed from the hub or the enrollment.
 func (i *Injector) RejectCertificate(serialHex string) {
 	i.mu.Lock()
 	defer i.mu.Unlock()
@@ -175,4 +197,5 @@ func (i *Injector) Reset() {
 	i.tamper = nil
 	i.rejectCerts = nil
 	i.credentials = CredentialsNormal
+	i.twinDelay, i.twinDelayN = 0, 0
 }

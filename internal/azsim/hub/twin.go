@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"strconv"
 	"strings"
+	"time"
 
 	mqtt "github.com/mochi-mqtt/server/v2"
 
@@ -180,13 +181,30 @@ func extendedCode(status int) int {
 	return status*1000 + 1
 }
 
-// twinReply sends a twin response if the device listens for them.
+// twinReply sends a twin response if the device listens for them, late if
+// a twin delay fault is armed.
 func (h *Hub) twinReply(cl *mqtt.Client, status int, rid string, extra string, body []byte) {
 	if ok, _ := subscribed(cl, subTwinRes); !ok {
 		return
 	}
 	// Responses go out at QoS 0 like the hub's.
 	topic := "$iothub/twin/res/" + strconv.Itoa(status) + "/?$rid=" + bagEscape(rid) + extra
+	if h.cfg.Faults != nil {
+		if d := h.cfg.Faults.TakeTwinDelay(); d > 0 {
+			h.mu.Lock()
+			h.goLocked(func() {
+				t := time.NewTimer(d)
+				defer t.Stop()
+				select {
+				case <-h.ctx.Done():
+				case <-t.C:
+					_ = h.send(cl, topic, body, 0)
+				}
+			})
+			h.mu.Unlock()
+			return
+		}
+	}
 	_ = h.send(cl, topic, body, 0)
 }
 
