@@ -25,11 +25,7 @@ type Listener struct {
 
 	ctx    context.Context
 	cancel context.CancelFunc
-	wg     sync.WaitGroup
-
-	mu    sync.Mutex
-	conns map[net.Conn]struct{}
-	done  bool
+	conns  connSet
 }
 
 var _ listeners.Listener = (*Listener)(nil)
@@ -38,7 +34,7 @@ var _ listeners.Listener = (*Listener)(nil)
 // bounded by handshake.
 func New(id string, nl net.Listener, conf *tls.Config, handshake time.Duration) *Listener {
 	ctx, cancel := context.WithCancel(context.Background())
-	return &Listener{handshakeTimeout: handshake, id: id, nl: nl, conf: conf, ctx: ctx, cancel: cancel, conns: map[net.Conn]struct{}{}}
+	return &Listener{handshakeTimeout: handshake, id: id, nl: nl, conf: conf, ctx: ctx, cancel: cancel}
 }
 
 func (l *Listener) Init(*slog.Logger) error { return nil }
@@ -52,14 +48,12 @@ func (l *Listener) Serve(establish listeners.EstablishFn) {
 		if err != nil {
 			return
 		}
-		if !l.track(c) {
+		if !l.conns.add(c) {
 			c.Close()
 			return
 		}
-		l.wg.Add(1)
 		go func() {
-			defer l.wg.Done()
-			defer l.untrack(c)
+			defer l.conns.remove(c)
 			tc := tls.Server(c, l.conf)
 			_ = c.SetDeadline(time.Now().Add(l.handshakeTimeout))
 			hctx, cancel := context.WithTimeout(l.ctx, l.handshakeTimeout)
@@ -77,42 +71,71 @@ func (l *Listener) Serve(establish listeners.EstablishFn) {
 	}
 }
 
-func (l *Listener) track(c net.Conn) bool {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	if l.done {
-		return false
-	}
-	l.conns[c] = struct{}{}
-	return true
-}
-
-func (l *Listener) untrack(c net.Conn) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	delete(l.conns, c)
-}
-
 func (l *Listener) Close(closeClients listeners.CloseFn) {
-	l.mu.Lock()
-	if l.done {
-		l.mu.Unlock()
+	if !l.conns.shut() {
 		return
 	}
-	l.done = true
-	l.mu.Unlock()
 	l.cancel()
 	_ = l.nl.Close()
 	closeClients(l.id)
-	l.mu.Lock()
-	for c := range l.conns {
-		_ = c.Close()
-	}
-	l.mu.Unlock()
+	l.conns.closeAll()
 }
 
 // Wait blocks until every connection goroutine has returned.
-func (l *Listener) Wait() { l.wg.Wait() }
+func (l *Listener) Wait() { l.conns.wg.Wait() }
+
+// connSet is the connections a listener handed out: Close ends them all
+// (mochi knows only clients that sent CONNECT) and Wait waits for their
+// goroutines. After shut, no connection is taken any more.
+type connSet struct {
+	mu   sync.Mutex
+	live map[net.Conn]struct{}
+	done bool
+	wg   sync.WaitGroup
+}
+
+// add takes c, or reports false once the set is shut.
+func (s *connSet) add(c net.Conn) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.done {
+		return false
+	}
+	if s.live == nil {
+		s.live = map[net.Conn]struct{}{}
+	}
+	s.live[c] = struct{}{}
+	s.wg.Add(1)
+	return true
+}
+
+// remove is called when c's goroutine is done with it.
+func (s *connSet) remove(c net.Conn) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	delete(s.live, c)
+	s.wg.Done()
+}
+
+// shut stops taking connections; it reports false if it was shut already.
+func (s *connSet) shut() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.done {
+		return false
+	}
+	s.done = true
+	return true
+}
+
+// closeAll closes every live connection.
+func (s *connSet) closeAll() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for c := range s.live {
+		_ = c.Close()
+	}
+}
 
 // Addr is the bound address.
 func (l *Listener) Addr() net.Addr { return l.nl.Addr() }

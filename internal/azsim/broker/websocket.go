@@ -11,7 +11,6 @@ import (
 	"net"
 	"net/http"
 	"slices"
-	"sync"
 	"time"
 
 	"github.com/gorilla/websocket"
@@ -36,14 +35,11 @@ const (
 // path and upgrades without the subprotocol, and hides the TLS connection the
 // hub reads the client certificate from.
 type WebSocketListener struct {
-	id   string
-	nl   net.Listener
-	srv  *http.Server
-	up   websocket.Upgrader
-	wg   sync.WaitGroup
-	mu   sync.Mutex
-	live map[net.Conn]struct{}
-	done bool
+	id    string
+	nl    net.Listener
+	srv   *http.Server
+	up    websocket.Upgrader
+	conns connSet
 
 	establish listeners.EstablishFn
 }
@@ -53,7 +49,7 @@ var _ listeners.Listener = (*WebSocketListener)(nil)
 // NewWebSocket wraps a bound socket; the TLS and HTTP upgrade handshakes
 // are bounded by handshake.
 func NewWebSocket(id string, nl net.Listener, conf *tls.Config, handshake time.Duration) *WebSocketListener {
-	l := &WebSocketListener{id: id, nl: nl, live: map[net.Conn]struct{}{}}
+	l := &WebSocketListener{id: id, nl: nl}
 	l.up = websocket.Upgrader{
 		HandshakeTimeout: handshake,
 		Subprotocols:     []string{Subprotocol},
@@ -104,11 +100,11 @@ func (l *WebSocketListener) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return // the upgrader answered
 	}
 	c := &peerConn{Conn: wsstream.New(ws), state: *r.TLS}
-	if !l.track(c) {
+	if !l.conns.add(c) {
 		c.Close()
 		return
 	}
-	defer l.untrack(c)
+	defer l.conns.remove(c)
 	// The deadline stays until CONNECT is read, as on the raw listener; the
 	// broker then sets its own from the keep-alive.
 	_ = c.SetDeadline(time.Now().Add(l.up.HandshakeTimeout))
@@ -134,45 +130,19 @@ func PeerCertificates(c net.Conn) []*x509.Certificate {
 	return nil
 }
 
-func (l *WebSocketListener) track(c net.Conn) bool {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	if l.done {
-		return false
-	}
-	l.live[c] = struct{}{}
-	l.wg.Add(1)
-	return true
-}
-
-func (l *WebSocketListener) untrack(c net.Conn) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	delete(l.live, c)
-	l.wg.Done()
-}
-
 func (l *WebSocketListener) Close(closeClients listeners.CloseFn) {
-	l.mu.Lock()
-	if l.done {
-		l.mu.Unlock()
+	if !l.conns.shut() {
 		return
 	}
-	l.done = true
-	l.mu.Unlock()
 	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
 	defer cancel()
 	_ = l.srv.Shutdown(ctx) // upgraded connections are hijacked: closed below
 	closeClients(l.id)
-	l.mu.Lock()
-	for c := range l.live {
-		_ = c.Close()
-	}
-	l.mu.Unlock()
+	l.conns.closeAll()
 }
 
 // Wait blocks until every connection has been handed back.
-func (l *WebSocketListener) Wait() { l.wg.Wait() }
+func (l *WebSocketListener) Wait() { l.conns.wg.Wait() }
 
 // ListenWebSocket binds addr and adds a WebSocket listener for it to srv
 // (before srv.Serve).
