@@ -130,7 +130,11 @@ func cmdStatus(ctx context.Context, args []string, stdout, stderr io.Writer) err
 		if st.Transport != "" {
 			w("transport", st.Transport+" (last hub connection; [network] transport = "+cfg.Network.Transport+")")
 		}
-		w("outbox", fmt.Sprintf("%d messages, %d bytes", st.OutboxDepth, st.OutboxBytes))
+		noun := "messages"
+		if st.OutboxDepth == 1 {
+			noun = "message"
+		}
+		w("outbox", fmt.Sprintf("%d %s, %d bytes", st.OutboxDepth, noun, st.OutboxBytes))
 		if st.OutboxDamaged > 0 {
 			w("outbox damaged", fmt.Sprintf("%d records skipped at start (see the log)", st.OutboxDamaged))
 		}
