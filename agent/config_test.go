@@ -74,11 +74,11 @@ func TestConfig(t *testing.T) {
 }
 
 func TestConfigDefaultsAndPaths(t *testing.T) {
-	c, err := ParseConfig("/etc/gw/cfg.toml", []byte(minimal+"[identity.x]\n"))
+	_, err := ParseConfig("/etc/gw/cfg.toml", []byte(minimal+"[identity.x]\n"))
 	if err == nil {
 		t.Fatal("accepted a sub-table that does not exist")
 	}
-	c, err = ParseConfig("/etc/gw/cfg.toml", []byte(strings.Replace(minimal, "[identity]", "[identity]\nprovisioning_timeout = \"90s\"", 1)))
+	c, err := ParseConfig("/etc/gw/cfg.toml", []byte(strings.Replace(minimal, "[identity]", "[identity]\nprovisioning_timeout = \"90s\"", 1)))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -42,14 +42,6 @@ type healthSource struct {
 	globbed bool
 }
 
-// readHealth gathers what the kernel tells about the gateway. Missing
-// sources (no thermal zone, a container without /proc/meminfo) leave the
-// field zero or absent rather than failing.
-func readHealth(now time.Time, stateDir string) Health {
-	var src healthSource
-	return src.read(now, stateDir)
-}
-
 // file reads a small /proc or /sys file into the buffer.
 func (s *healthSource) file(path string) []byte {
 	f, err := os.Open(path)

@@ -221,13 +221,13 @@ type telemetry struct {
 }
 
 type devStats struct {
-	n            int
-	bodyBytes    int64
-	first, last  time.Time
-	arrivals     []time.Time    // kept only for devices that ask (tracked)
-	keys         map[string]int // value of the body's "k" field -> copies
-	tracked      bool
-	keyed, total int
+	n           int
+	bodyBytes   int64
+	first, last time.Time
+	arrivals    []time.Time    // kept only for devices that ask (tracked)
+	keys        map[string]int // value of the body's "k" field -> copies
+	tracked     bool
+	keyed       int
 }
 
 func (t *telemetry) run() {

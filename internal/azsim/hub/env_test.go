@@ -255,18 +255,6 @@ func (e *env) start() {
 	})
 }
 
-// restart closes the hub and starts a new one on the same state directory
-// and port.
-func (e *env) restart() {
-	e.t.Helper()
-	e.admin.Close()
-	if err := e.hub.Close(); err != nil {
-		e.t.Fatal(err)
-	}
-	e.cfg.Addr = e.addr
-	e.start()
-}
-
 // api calls the admin API and decodes the JSON answer into out (if not nil).
 func (e *env) api(method, path string, body []byte, out any) int {
 	e.t.Helper()
