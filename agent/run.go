@@ -73,6 +73,7 @@ type Agent struct {
 
 	spool         spoolState   // spool files in the outbox (spool.go)
 	spoolRejected atomic.Int64 // spool files refused since start
+	sent          sentFiles    // delivered spool files on their way out (spoolsent.go)
 
 	ctx   context.Context // Run's, for callbacks (set before any session)
 	calls callbacks       // callbacks in progress (calls.go)
@@ -132,6 +133,7 @@ func New(cfgPath string, opts Options) (*Agent, error) {
 		retimer:  make(chan struct{}, 1),
 		renewNow: make(chan string, 1),
 		spool:    spoolState{queued: map[string]fileSig{}},
+		sent:     sentFiles{kick: make(chan struct{}, 1)},
 		crashAt:  os.Getenv(crashEnv),
 		rng:      rand.New(rand.NewPCG(uint64(time.Now().UnixNano()), uint64(os.Getpid()))),
 	}
@@ -206,7 +208,8 @@ func (a *Agent) Run(ctx context.Context) error {
 		wg.Add(1)
 		go func() { defer wg.Done(); a.watchdogLoop(ctx, wd) }()
 	}
-	wg.Add(3)
+	wg.Add(4)
+	go func() { defer wg.Done(); a.sweepSent(ctx) }()
 	go func() { defer wg.Done(); a.watchConfig(ctx) }()
 	go func() { defer wg.Done(); a.healthLoop(ctx) }()
 	go func() { defer wg.Done(); a.spoolLoop(ctx) }()

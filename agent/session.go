@@ -142,8 +142,21 @@ func (a *Agent) drain(ctx context.Context, sess *transport.Session) {
 	room := make(chan struct{}, 1)
 	var pending atomic.Int64 // body bytes in flight
 	acker := make(chan struct{})
+	// Delivered spool files leave the spool on a goroutine of their own,
+	// beside the acker: file-system work must not hold back the PUBACKs.
+	// The small queue bounds what a crash can send again.
+	retireQ, retired := make(chan []string, 2), make(chan struct{})
+	go func() {
+		defer close(retired)
+		for paths := range retireQ {
+			for _, p := range paths {
+				a.spoolSent(p)
+			}
+		}
+	}()
 	go func() {
 		defer close(acker)
+		defer close(retireQ)
 		defer cancel() // a failed publish ends the sender too
 		polled, stopPoll := context.WithCancel(ctx)
 		stopPoll() // a done context: wait only reports a PUBACK already in
@@ -177,7 +190,7 @@ func (a *Agent) drain(ctx context.Context, sess *transport.Session) {
 					break more
 				}
 			}
-			a.delivered(batch)
+			a.delivered(batch, retireQ)
 			var n int64
 			for _, g := range batch {
 				n += int64(len(g.m.Body))
@@ -189,7 +202,7 @@ func (a *Agent) drain(ctx context.Context, sess *transport.Session) {
 			}
 		}
 	}()
-	defer func() { close(q); <-acker }()
+	defer func() { close(q); <-acker; <-retired }()
 	sys := make(map[string]string, 4)
 	var last uint64
 	for ctx.Err() == nil {
@@ -232,19 +245,21 @@ func (a *Agent) drain(ctx context.Context, sess *transport.Session) {
 }
 
 // delivered records PUBACKs: the acks are written to the outbox before the
-// producers' copies (spool files) are deleted.
-func (a *Agent) delivered(batch []inflight) {
+// producers' copies (spool files) are handed to retire for deletion.
+func (a *Agent) delivered(batch []inflight, retire chan<- []string) {
 	seqs := make([]uint64, len(batch))
+	var local []string
 	for i, f := range batch {
 		seqs[i] = f.m.Seq
+		if f.m.Local != "" {
+			local = append(local, f.m.Local)
+		}
 	}
 	if err := a.outbox.Ack(seqs...); err != nil {
 		a.log.Error("outbox ack", "err", err)
 	}
-	for _, f := range batch {
-		if f.m.Local != "" {
-			a.spoolSent(f.m.Local)
-		}
+	if len(local) > 0 {
+		retire <- local
 	}
 	last := batch[len(batch)-1].m.ID
 	a.status.Update(false, func(s *Status) { s.LastAckID, s.LastAckAt = last, a.opts.Now().UTC() })

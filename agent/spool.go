@@ -206,9 +206,7 @@ func (a *Agent) spoolSent(path string) {
 		a.log.Debug("spool file replaced while its message was in flight; the new version is sent too", "file", path)
 		return
 	}
-	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
-		a.log.Warn("cannot delete sent spool file", "file", path, "err", err)
-	}
+	a.retire(path) // spoolsent.go
 }
 
 func (s *spooler) scan() {
