@@ -9,7 +9,9 @@
 // socket (socket=PATH).
 //
 // Every operation takes the store's lock and flushes every transient object
-// it loaded, on success and on error.
+// it loaded, on success and on error. What a killed process left loaded in
+// a TPM without a resource manager (a swtpm socket, /dev/tpm0) is flushed
+// when the next Store opens it.
 package tpm2
 
 import (
@@ -25,6 +27,7 @@ import (
 	"math/big"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"syscall"
 
@@ -49,6 +52,8 @@ type Store struct {
 	noP384 error                           // set when the TPM lacks P-384: keys fail, attestation works
 	saved  map[tpm.TPMHandle]*savedPrimary // attest.go: RSA EK and SRK contexts by hierarchy
 	closed bool
+
+	staleFlushed int // handles a dead process left, flushed by Open
 }
 
 var (
@@ -96,8 +101,81 @@ func Open(ctx context.Context, u *keystore.URI) (keystore.KeyStore, error) {
 		tr.Close()
 		return nil, err
 	}
+	if socket || !managed(path) {
+		s.flushStale()
+	}
 	return s, nil
 }
+
+// managed reports whether path is the kernel's TPM resource manager
+// (/dev/tpmrm*, possibly through a symlink), which flushes a process's
+// transient objects and sessions when it exits.
+func managed(path string) bool {
+	if p, err := filepath.EvalSymlinks(path); err == nil {
+		path = p
+	}
+	return strings.HasPrefix(filepath.Base(path), "tpmrm")
+}
+
+// staleKinds are the handle types a process leaves loaded in a TPM when it
+// dies in the middle of an operation: transient objects, loaded sessions
+// and saved (context-gapped) sessions.
+var staleKinds = []tpm.TPMHT{tpm.TPMHTTransient, tpm.TPMHTHMACSession, tpm.TPMHTPolicySession}
+
+// flushStale flushes every transient object and session in a TPM that has
+// no resource manager (a swtpm socket, /dev/tpm0). Without one, what a
+// killed process had loaded stays in the TPM until its next reset, and a
+// TPM has only a few object slots (libtpms: 3): after a kill or two, every
+// operation would fail with TPM_RC_OBJECT_MEMORY, and the device would
+// never provision again. Every Store operation flushes what it loads before
+// it returns, so nothing of ours is loaded when a Store opens; /dev/tpm0
+// admits one process at a time, so nothing loaded is another live
+// process's either. A swtpm socket is shared by whoever connects (each
+// command is its own connection): it is for tests and demos, one TPM client
+// at a time. It returns the number of handles flushed (best effort: a TPM
+// that cannot list or flush them fails the next operation with its own
+// error).
+func (s *Store) flushStale() int {
+	n := 0
+	for _, ht := range staleKinds {
+		for _, h := range s.handles(ht) {
+			if _, err := (tpm.FlushContext{FlushHandle: h}).Execute(s.tpm); err == nil {
+				n++
+			}
+		}
+	}
+	s.staleFlushed = n
+	return n
+}
+
+// handles lists the handles of one kind the TPM holds (nil on error). A
+// session query answers with HMAC and policy session handles alike
+// (0x02... and 0x03...): TPM_HT_HMAC_SESSION asks for the loaded sessions,
+// TPM_HT_POLICY_SESSION for the saved ones. A TPM holds a few objects and
+// at most a few dozen sessions: one query returns them all.
+func (s *Store) handles(ht tpm.TPMHT) []tpm.TPMHandle {
+	rsp, err := tpm.GetCapability{Capability: tpm.TPMCapHandles, Property: uint32(ht) << 24, PropertyCount: 128}.Execute(s.tpm)
+	if err != nil {
+		return nil
+	}
+	l, err := rsp.CapabilityData.Data.Handles()
+	if err != nil {
+		return nil
+	}
+	var out []tpm.TPMHandle
+	for _, h := range l.Handle {
+		switch k := tpm.TPMHT(uint32(h) >> 24); {
+		case k == ht, ht != tpm.TPMHTTransient && (k == tpm.TPMHTHMACSession || k == tpm.TPMHTPolicySession):
+			out = append(out, h)
+		}
+	}
+	return out
+}
+
+// StaleFlushed is the number of transient objects and sessions left by a
+// process that died in the middle of a TPM operation, flushed when this
+// Store opened a TPM without a resource manager.
+func (s *Store) StaleFlushed() int { return s.staleFlushed }
 
 // New makes a Store over an open TPM transport and probes for P-384. A TPM
 // without P-384 still opens (its endorsement key can be the onboarding
