@@ -315,3 +315,139 @@ func TestManaged(t *testing.T) {
 		}
 	}
 }
+
+// onCommand calls f once, after the TPM answered the first command cc.
+type onCommand struct {
+	transport.TPMCloser
+	cc   tpm.TPMCC
+	f    func()
+	done bool
+}
+
+func (o *onCommand) Send(cmd []byte) ([]byte, error) {
+	rsp, err := o.TPMCloser.Send(cmd)
+	if !o.done && len(cmd) >= 10 && tpm.TPMCC(binary.BigEndian.Uint32(cmd[6:10])) == o.cc {
+		o.done = true
+		o.f()
+	}
+	return rsp, err
+}
+
+// swtpm killed in the middle of the challenge: the error says which TPM
+// is gone and what to do, is keystore.ErrDeviceAbsent (retried by the
+// agent), not a refused challenge or a missing key, and the same Store
+// works again once swtpm is back on its state.
+func TestSWTPMVanishes(t *testing.T) {
+	ctx := context.Background()
+	sw := testenv.StartSWTPM(t)
+	s := openSock(t, sw.Sock).(*Store)
+	defer s.Close()
+	keyURI := keystore.MustParse("tpm2:socket=" + sw.Sock + ";handle=0x81000100")
+	if _, err := s.CreateKey(ctx, keyURI); err != nil {
+		t.Fatal(err)
+	}
+	ek, srk, err := s.DPSPublics(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	inner := s.tpm
+	// Each unclean swtpm stop after DPS's HMAC key was used counts as a
+	// failed authorization (see TestLockoutAfterUncleanResets): three
+	// stops stay below swtpm's limit.
+	for _, cc := range []tpm.TPMCC{tpm.TPMCCStartAuthSession, tpm.TPMCCActivateCredential, tpm.TPMCCImport} {
+		t.Run(fmt.Sprintf("after command 0x%x", uint32(cc)), func(t *testing.T) {
+			s.tpm = &onCommand{TPMCloser: inner, cc: cc, f: sw.Stop}
+			blob, _, err := dps.TPMChallenge(ek, srk)
+			if err != nil {
+				t.Fatal(err)
+			}
+			_, err = s.DPSSign(ctx, blob, []byte("token"))
+			t.Log(err)
+			if !errors.Is(err, keystore.ErrDeviceAbsent) || errors.Is(err, ErrChallenge) {
+				t.Fatalf("got %v, want keystore.ErrDeviceAbsent and not a refused challenge", err)
+			}
+			if msg := err.Error(); !strings.Contains(msg, sw.Sock) || !strings.Contains(msg, "swtpm") {
+				t.Fatalf("the error does not name the TPM and what to do: %v", err)
+			}
+			if _, err := s.Signer(ctx, keyURI); !errors.Is(err, keystore.ErrDeviceAbsent) {
+				t.Fatalf("the key while swtpm is gone: got %v, want ErrDeviceAbsent (not a missing key)", err)
+			}
+			if _, _, err := s.DPSPublics(ctx); !errors.Is(err, keystore.ErrDeviceAbsent) {
+				t.Fatalf("DPSPublics while swtpm is gone: got %v", err)
+			}
+			s.tpm = inner
+			sw.Restart()
+			blob, _, _ = dps.TPMChallenge(ek, srk)
+			if _, err := s.DPSSign(ctx, blob, []byte("token")); err != nil {
+				t.Fatalf("after swtpm is back: %v", err)
+			}
+			k, err := s.Signer(ctx, keyURI)
+			if err != nil {
+				t.Fatal(err)
+			}
+			sign(t, k)
+			noLeaks(t, s)
+		})
+	}
+}
+
+// A TPM counts each reset without TPM2_Shutdown after a DA-protected key
+// was used as a failed authorization (swtpm: 3 allowed, one forgiven per
+// 1000 s). gwagent's own keys have no authorization value and are made
+// with NoDA, so a gateway losing power over and over keeps signing; DPS's
+// HMAC key is DA-protected (its template is DPS's), and its lockout is
+// reported with what to do.
+func TestLockoutAfterUncleanResets(t *testing.T) {
+	ctx := context.Background()
+	sw := testenv.StartSWTPM(t)
+	keyURI := keystore.MustParse("tpm2:socket=" + sw.Sock + ";blob=" + filepath.Join(t.TempDir(), "op.tpmkey"))
+	s := openSock(t, sw.Sock).(*Store)
+	k, err := s.CreateKey(ctx, keyURI)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	for range 5 {
+		sign(t, k)
+		sw.Stop() // power cut
+		sw.Restart()
+	}
+	sign(t, k)
+
+	ek, srk, err := s.DPSPublics(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	attest := func() error {
+		blob, _, err := dps.TPMChallenge(ek, srk)
+		if err != nil {
+			t.Fatal(err)
+		}
+		_, err = s.DPSSign(ctx, blob, []byte("token"))
+		return err
+	}
+	for i := range 3 {
+		if err := attest(); err != nil {
+			t.Fatalf("attestation %d: %v", i, err)
+		}
+		sw.Stop()
+		sw.Restart()
+	}
+	err = attest()
+	t.Log(err)
+	if !errors.Is(err, tpm.TPMRCLockout) || !strings.Contains(err.Error(), "tpm2_dictionarylockout --clear-lockout") ||
+		!strings.Contains(err.Error(), "16m40s") || !strings.Contains(err.Error(), sw.Sock) {
+		t.Fatalf("after three power cuts: got %v, want the lockout explained (which TPM, when it unlocks, how to unlock it)", err)
+	}
+	sign(t, k) // NoDA: the operational key still signs
+	// What tpm2_dictionarylockout --clear-lockout sends (go-tpm has no
+	// TPM2_DictionaryAttackLockReset): lockout hierarchy, empty password.
+	cmd := []byte{0x80, 0x02, 0, 0, 0, 27, 0, 0, 0x01, 0x39, 0x40, 0, 0, 0x0A, 0, 0, 0, 9, 0x40, 0, 0, 0x09, 0, 0, 0, 0, 0}
+	if rsp, err := s.tpm.Send(cmd); err != nil || len(rsp) < 10 || binary.BigEndian.Uint32(rsp[6:10]) != 0 {
+		t.Fatalf("TPM2_DictionaryAttackLockReset: %x %v", rsp, err)
+	}
+	if err := attest(); err != nil {
+		t.Fatalf("after the lockout was cleared: %v", err)
+	}
+	noLeaks(t, s)
+}

@@ -30,6 +30,7 @@ import (
 	"strings"
 	"sync"
 	"syscall"
+	"time"
 
 	tpm "github.com/google/go-tpm/tpm2"
 	"github.com/google/go-tpm/tpm2/transport"
@@ -96,7 +97,11 @@ func Open(ctx context.Context, u *keystore.URI) (keystore.KeyStore, error) {
 	case err != nil:
 		return nil, fmt.Errorf("tpm2: open %s: %w", path, err)
 	}
-	s, err := New(tr, path)
+	hint := "check the TPM driver's messages (dmesg | grep -i tpm)"
+	if socket {
+		hint = "is swtpm running? Start it again on its state directory"
+	}
+	s, err := New(answering{TPMCloser: tr, name: path, hint: hint}, path)
 	if err != nil {
 		tr.Close()
 		return nil, err
@@ -105,6 +110,41 @@ func Open(ctx context.Context, u *keystore.URI) (keystore.KeyStore, error) {
 		s.flushStale()
 	}
 	return s, nil
+}
+
+// answering marks a failure to reach the TPM at all (swtpm gone, the
+// device node's driver unbound: the command got no answer) as
+// keystore.ErrDeviceAbsent, naming the TPM and what to do. A TPM's own
+// refusal (a response code) is not a transport error and stays as it is.
+// The agent retries ErrDeviceAbsent with backoff and reports it as the key
+// store being unavailable, not as a refused credential.
+type answering struct {
+	transport.TPMCloser
+	name, hint string
+}
+
+func (a answering) Send(cmd []byte) ([]byte, error) {
+	rsp, err := a.TPMCloser.Send(cmd)
+	if err != nil {
+		return nil, fmt.Errorf("%w: the TPM at %s stopped answering (%v); %s", keystore.ErrDeviceAbsent, a.name, err, a.hint)
+	}
+	return rsp, nil
+}
+
+// lockout explains TPM_RC_LOCKOUT: keys made before gwagent
+// set NoDA, and DPS's HMAC key, are subject to dictionary-attack
+// protection, which a TPM also triggers after unclean resets.
+func (s *Store) lockout(err error) error {
+	if !errors.Is(err, tpm.TPMRCLockout) {
+		return err
+	}
+	every := "a while"
+	if rsp, cerr := (tpm.GetCapability{Capability: tpm.TPMCapTPMProperties, Property: uint32(tpm.TPMPTLockoutInterval), PropertyCount: 1}).Execute(s.tpm); cerr == nil {
+		if p, perr := rsp.CapabilityData.Data.TPMProperties(); perr == nil && len(p.TPMProperty) == 1 && p.TPMProperty[0].Property == tpm.TPMPTLockoutInterval {
+			every = (time.Duration(p.TPMProperty[0].Value) * time.Second).String()
+		}
+	}
+	return fmt.Errorf("%w: the TPM at %s is in dictionary-attack lockout; it counts every reset without an orderly shutdown (power loss, swtpm killed) as a failed authorization. It forgives one every %s by itself; to unlock it at once, run `tpm2_dictionarylockout --clear-lockout` (with the lockout password, if one is set)", err, s.name, every)
 }
 
 // managed reports whether path is the kernel's TPM resource manager
@@ -183,6 +223,9 @@ func (s *Store) StaleFlushed() int { return s.staleFlushed }
 func New(tr transport.TPMCloser, name string) (*Store, error) {
 	s := &Store{tpm: tr, name: name}
 	rsp, err := tpm.GetCapability{Capability: tpm.TPMCapECCCurves, PropertyCount: 64}.Execute(tr)
+	if errors.Is(err, keystore.ErrDeviceAbsent) {
+		return nil, fmt.Errorf("tpm2: %w", err)
+	}
 	if err != nil {
 		return nil, fmt.Errorf("tpm2: %w: the TPM at %s does not answer (%v); check the device or restart swtpm", keystore.ErrDeviceAbsent, name, err)
 	}
@@ -220,6 +263,13 @@ var keyTemplate = tpm.TPMTPublic{
 		SensitiveDataOrigin: true,
 		UserWithAuth:        true,
 		SignEncrypt:         true,
+		// The key has no authorization value, so dictionary-attack
+		// protection guards nothing; but a TPM counts every reset without
+		// TPM2_Shutdown after a DA-protected key was used (a power cut, a
+		// killed swtpm) as a failed authorization, and after a few (3 on
+		// swtpm, often 32 on chips) refuses every DA-protected key for
+		// hours: a gateway on flaky power would lose its identity.
+		NoDA: true,
 	},
 	Parameters: tpm.NewTPMUPublicParms(tpm.TPMAlgECC, &tpm.TPMSECCParms{
 		CurveID: tpm.TPMECCNistP384,
@@ -261,6 +311,9 @@ func (s *Store) srk() (tpm.AuthHandle, func(), error) {
 		}
 	}
 	rsp, cerr := tpm.CreatePrimary{PrimaryHandle: tpm.TPMRHOwner, InPublic: tpm.New2B(tpm.ECCSRKTemplate)}.Execute(s.tpm)
+	if errors.Is(cerr, keystore.ErrDeviceAbsent) {
+		return tpm.AuthHandle{}, nil, fmt.Errorf("tpm2: creating the storage root key: %w", cerr)
+	}
 	if cerr != nil {
 		return tpm.AuthHandle{}, nil, fmt.Errorf("tpm2: creating the storage root key: %w (is the owner hierarchy password-protected?)", cerr)
 	}
@@ -294,12 +347,17 @@ func isStorageKey(p *tpm.TPM2BPublic) bool {
 
 // persisted returns the name of the object at persistent handle h, or
 // ok=false if there is none.
-func (s *Store) persisted(h uint32) (tpm.TPM2BName, *tpm.TPM2BPublic, bool) {
+// A TPM that does not answer is an error, not an empty handle: a key must
+// not be taken for gone (and replaced) because swtpm was restarting.
+func (s *Store) persisted(h uint32) (tpm.TPM2BName, *tpm.TPM2BPublic, bool, error) {
 	rp, err := (tpm.ReadPublic{ObjectHandle: tpm.TPMHandle(h)}).Execute(s.tpm)
-	if err != nil {
-		return tpm.TPM2BName{}, nil, false
+	if errors.Is(err, keystore.ErrDeviceAbsent) {
+		return tpm.TPM2BName{}, nil, false, fmt.Errorf("tpm2: reading handle 0x%08X: %w", h, err)
 	}
-	return rp.Name, &rp.OutPublic, true
+	if err != nil {
+		return tpm.TPM2BName{}, nil, false, nil
+	}
+	return rp.Name, &rp.OutPublic, true, nil
 }
 
 // checkOurs refuses an object at a persistent handle that is not a P-384
@@ -330,7 +388,11 @@ func (s *Store) CreateKey(ctx context.Context, u *keystore.URI) (crypto.Signer, 
 	var sig *signer
 	err = s.locked(func() error {
 		if handle != 0 {
-			if _, _, ok := s.persisted(handle); ok {
+			_, _, ok, err := s.persisted(handle)
+			if err != nil {
+				return err
+			}
+			if ok {
 				return fmt.Errorf("tpm2 create: %w at handle 0x%08X", keystore.ErrKeyExists, handle)
 			}
 		}
@@ -395,7 +457,11 @@ func (s *Store) Signer(ctx context.Context, u *keystore.URI) (crypto.Signer, err
 	var sig *signer
 	err = s.locked(func() error {
 		if handle != 0 {
-			if _, pub, ok := s.persisted(handle); ok {
+			_, pub, ok, err := s.persisted(handle)
+			if err != nil {
+				return err
+			}
+			if ok {
 				if err := checkOurs(handle, pub); err != nil {
 					return err
 				}
@@ -434,7 +500,11 @@ func (s *Store) DeleteKey(ctx context.Context, u *keystore.URI) error {
 	return s.locked(func() error {
 		found := false
 		if handle != 0 {
-			if name, pub, ok := s.persisted(handle); ok {
+			name, pub, ok, err := s.persisted(handle)
+			if err != nil {
+				return err
+			}
+			if ok {
 				if err := checkOurs(handle, pub); err != nil {
 					return err
 				}
@@ -519,7 +589,7 @@ func (k *signer) Sign(_ io.Reader, digest []byte, opts crypto.SignerOpts) ([]byt
 			Validation: tpm.TPMTTKHashCheck{Tag: tpm.TPMSTHashCheck, Hierarchy: tpm.TPMRHNull},
 		}.Execute(k.s.tpm)
 		if err != nil {
-			return fmt.Errorf("tpm2 sign: %w", err)
+			return fmt.Errorf("tpm2 sign: %w", k.s.lockout(err))
 		}
 		sig, err := rsp.Signature.Signature.ECDSA()
 		if err != nil {
@@ -537,7 +607,10 @@ func (k *signer) Sign(_ io.Reader, digest []byte, opts crypto.SignerOpts) ([]byt
 func (k *signer) load() (tpm.AuthHandle, func(), error) {
 	s := k.s
 	if k.handle != 0 {
-		name, _, ok := s.persisted(k.handle)
+		name, _, ok, err := s.persisted(k.handle)
+		if err != nil {
+			return tpm.AuthHandle{}, nil, err
+		}
 		if !ok {
 			return tpm.AuthHandle{}, nil, fmt.Errorf("tpm2: %w: handle 0x%08X was evicted", keystore.ErrKeyNotFound, k.handle)
 		}
@@ -553,6 +626,9 @@ func (k *signer) load() (tpm.AuthHandle, func(), error) {
 	}
 	ld, err := tpm.Load{ParentHandle: parent, InPrivate: *priv, InPublic: *pub}.Execute(s.tpm)
 	releaseSRK()
+	if errors.Is(err, keystore.ErrDeviceAbsent) {
+		return tpm.AuthHandle{}, nil, fmt.Errorf("tpm2: loading %s: %w", k.blob, err)
+	}
 	if err != nil {
 		return tpm.AuthHandle{}, nil, fmt.Errorf("tpm2: loading %s: %w (was the blob made by another TPM, or was the TPM cleared?)", k.blob, err)
 	}
