@@ -526,4 +526,40 @@ func TestSWTPMVanishesDuringAttestation(t *testing.T) {
 	testenv.Eventually(t, 10*time.Second, "no transient objects or sessions in the TPM", func() bool {
 		return len(tpmLeftovers(t, sw.Sock)) == 0
 	})
+
+	// swtpm gone again while connected, and the hub drops the connection:
+	// the TLS handshake cannot be signed. The agent must wait for the TPM,
+	// not take the failed handshake for the hub refusing the identity (no
+	// re-provisioning, no new key), and reconnect with the same identity.
+	serial := d.current().Serial
+	sw.Stop()
+	relay.down()
+	az.Admin("POST", "/faults/drop", map[string]any{"target": "hub"}, nil)
+	failed := func() int {
+		n := 0
+		for _, l := range strings.Split(r.log.String(), "\n") {
+			if strings.Contains(l, "hub connection failed") && strings.Contains(l, relay.Sock+" stopped answering") {
+				n++
+			}
+		}
+		return n
+	}
+	testenv.Eventually(t, 30*time.Second, "three reconnections failing for want of the TPM, naming it", func() bool {
+		return failed() >= 3
+	})
+	if st, _ := agent.ReadStatus(state); st.State == "connected" {
+		t.Fatal("connected without a TPM")
+	}
+	sw.Restart()
+	relay.up()
+	testenv.Eventually(t, 60*time.Second, "reconnected", func() bool {
+		st, err := agent.ReadStatus(state)
+		return err == nil && st.State == "connected"
+	})
+	if id := d.current(); id.Serial != serial {
+		t.Fatalf("the identity changed (serial %s, was %s): a TPM outage was taken for a refused identity", id.Serial, serial)
+	}
+	if strings.Contains(r.log.String(), "re-provision") {
+		t.Fatalf("the agent re-provisioned because the TPM was gone:\n%s", r.log.String())
+	}
 }

@@ -192,7 +192,11 @@ type loaded struct {
 // ek returns the RSA EK: the persisted one if there is one (checked to be
 // the reference template), else one created from the endorsement seed.
 func (s *Store) ek() (loaded, func(), bool, error) {
-	if rp, err := (tpm.ReadPublic{ObjectHandle: ekPersistent}).Execute(s.tpm); err == nil {
+	rp, err := (tpm.ReadPublic{ObjectHandle: ekPersistent}).Execute(s.tpm)
+	if errors.Is(err, keystore.ErrDeviceAbsent) {
+		return loaded{}, nil, false, fmt.Errorf("tpm2: reading the EK: %w", err)
+	}
+	if err == nil {
 		if err := checkEK(&rp.OutPublic); err != nil {
 			return loaded{}, nil, true, err
 		}
@@ -245,7 +249,11 @@ func checkEK(p *tpm.TPM2BPublic) error {
 // to: the persisted 0x81000001 if it is an RSA storage key, else the TCG
 // reference SRK created from the owner seed.
 func (s *Store) rsaSRK() (loaded, func(), error) {
-	if rp, err := (tpm.ReadPublic{ObjectHandle: srkHandle}).Execute(s.tpm); err == nil {
+	rp, err := (tpm.ReadPublic{ObjectHandle: srkHandle}).Execute(s.tpm)
+	if errors.Is(err, keystore.ErrDeviceAbsent) {
+		return loaded{}, nil, fmt.Errorf("tpm2: reading the storage root key: %w", err)
+	}
+	if err == nil {
 		if pub, err := rp.OutPublic.Contents(); err == nil && pub.Type == tpm.TPMAlgRSA &&
 			pub.ObjectAttributes.Restricted && pub.ObjectAttributes.Decrypt && pub.ObjectAttributes.UserWithAuth {
 			return loaded{handle: srkHandle, name: rp.Name, pub: &rp.OutPublic}, func() {}, nil

@@ -305,6 +305,9 @@ func (s *Store) flush(h tpm.TPMHandle) {
 // created for each operation and flushed after, as before.
 func (s *Store) srk() (tpm.AuthHandle, func(), error) {
 	rp, err := (tpm.ReadPublic{ObjectHandle: srkHandle}).Execute(s.tpm)
+	if errors.Is(err, keystore.ErrDeviceAbsent) {
+		return tpm.AuthHandle{}, nil, fmt.Errorf("tpm2: reading the storage root key: %w", err)
+	}
 	if err == nil {
 		if isStorageKey(&rp.OutPublic) {
 			return tpm.AuthHandle{Handle: srkHandle, Name: rp.Name, Auth: tpm.PasswordAuth(nil)}, func() {}, nil
