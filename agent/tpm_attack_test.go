@@ -336,18 +336,34 @@ func assertStateWhole(t *testing.T, state string) {
 	})
 }
 
+// enrolledSWTPM is a swtpm whose EK is enrolled in azsim, and a relay to it.
+func enrolledSWTPM(t *testing.T) (*testenv.Azsim, *testenv.SWTPM, string, *tpmRelay) {
+	t.Helper()
+	az := testenv.StartAzsim(t, azsim.Config{})
+	sw := testenv.StartSWTPM(t)
+	ek, _ := readEK(t, sw.Sock)
+	regID := provisioning.TPMRegistrationID(ek)
+	enrollTPM(t, az, regID, ek)
+	return az, sw, regID, startTPMRelay(t, sw.Sock)
+}
+
+// waitHealth waits for the agent to be connected and azsim to have more
+// than before health messages from it.
+func waitHealth(t *testing.T, az *testenv.Azsim, state, regID string, before int) {
+	t.Helper()
+	testenv.Eventually(t, 60*time.Second, "connected and a health message", func() bool {
+		st, err := agent.ReadStatus(state)
+		return err == nil && st.State == "connected" && len(received(az, regID, "health")) > before
+	})
+}
+
 // The agent SIGKILLed at each step of a TPM-attested provisioning (and in
 // its first TLS handshake), then started again: it provisions, reaches the
 // hub and sends telemetry every time, with its state whole and nothing of
 // the dead process left in the TPM. All kills hit one swtpm, as a gateway
 // losing power over and over would, with no TPM reset in between.
 func TestSIGKILLDuringTPMProvisioning(t *testing.T) {
-	az := testenv.StartAzsim(t, azsim.Config{})
-	sw := testenv.StartSWTPM(t)
-	ek, _ := readEK(t, sw.Sock)
-	regID := provisioning.TPMRegistrationID(ek)
-	enrollTPM(t, az, regID, ek)
-	relay := startTPMRelay(t, sw.Sock)
+	az, sw, regID, relay := enrolledSWTPM(t)
 
 	// Command numbers are per agent process. The ECC SRK is made and
 	// persisted once per TPM (the first point); later starts find it.
@@ -403,10 +419,7 @@ func TestSIGKILLDuringTPMProvisioning(t *testing.T) {
 
 			before := len(received(az, regID, "health"))
 			a = startAgentProc(t, cfg, log)
-			testenv.Eventually(t, 60*time.Second, "connected and a health message after the restart", func() bool {
-				st, err := agent.ReadStatus(state)
-				return err == nil && st.State == "connected" && len(received(az, regID, "health")) > before
-			})
+			waitHealth(t, az, state, regID, before)
 			st, _ := agent.ReadStatus(state)
 			if st.DeviceID != regID || len(st.Conditions) != 0 {
 				t.Fatalf("after the restart: device %q (want %s), conditions %v", st.DeviceID, regID, st.Conditions)
@@ -439,10 +452,7 @@ func TestSIGKILLDuringTPMProvisioning(t *testing.T) {
 		assertStateWhole(t, state)
 		before := len(received(az, regID, "health"))
 		a = startAgentProc(t, cfg, log)
-		testenv.Eventually(t, 60*time.Second, "connected and a health message after the restart", func() bool {
-			st, err := agent.ReadStatus(state)
-			return err == nil && st.State == "connected" && len(received(az, regID, "health")) > before
-		})
+		waitHealth(t, az, state, regID, before)
 		a.stop()
 	})
 }
@@ -452,12 +462,7 @@ func TestSIGKILLDuringTPMProvisioning(t *testing.T) {
 // nothing, retries with backoff, and provisions and sends telemetry once
 // swtpm is back on its state directory.
 func TestSWTPMVanishesDuringAttestation(t *testing.T) {
-	az := testenv.StartAzsim(t, azsim.Config{})
-	sw := testenv.StartSWTPM(t)
-	ek, _ := readEK(t, sw.Sock)
-	regID := provisioning.TPMRegistrationID(ek)
-	enrollTPM(t, az, regID, ek)
-	relay := startTPMRelay(t, sw.Sock)
+	az, sw, regID, relay := enrolledSWTPM(t)
 	gone := make(chan struct{})
 	relay.arm(func(cc tpm.TPMCC, n int) bool {
 		if cc != tpm.TPMCCActivateCredential || n != 1 {
@@ -515,10 +520,7 @@ func TestSWTPMVanishesDuringAttestation(t *testing.T) {
 	relay.arm(nil)
 	sw.Restart()
 	relay.up()
-	testenv.Eventually(t, 60*time.Second, "provisioned, connected and a health message", func() bool {
-		st, err := agent.ReadStatus(state)
-		return err == nil && st.State == "connected" && len(received(az, regID, "health")) > 0
-	})
+	waitHealth(t, az, state, regID, 0)
 	st, _ = agent.ReadStatus(state)
 	if len(st.Conditions) != 0 {
 		t.Fatalf("conditions left after the TPM came back: %v", st.Conditions)

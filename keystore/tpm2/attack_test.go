@@ -157,7 +157,11 @@ func leftovers(t *testing.T, sock string) []tpm.TPMHandle {
 	s := &Store{tpm: tr, name: sock}
 	var all []tpm.TPMHandle
 	for _, ht := range staleKinds {
-		all = append(all, s.handles(ht)...)
+		hs, err := s.handles(ht)
+		if err != nil {
+			t.Fatal(err)
+		}
+		all = append(all, hs...)
 	}
 	return all
 }

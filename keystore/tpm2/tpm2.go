@@ -178,7 +178,8 @@ var staleKinds = []tpm.TPMHT{tpm.TPMHTTransient, tpm.TPMHTHMACSession, tpm.TPMHT
 func (s *Store) flushStale() int {
 	n := 0
 	for _, ht := range staleKinds {
-		for _, h := range s.handles(ht) {
+		hs, _ := s.handles(ht)
+		for _, h := range hs {
 			if _, err := (tpm.FlushContext{FlushHandle: h}).Execute(s.tpm); err == nil {
 				n++
 			}
@@ -188,19 +189,19 @@ func (s *Store) flushStale() int {
 	return n
 }
 
-// handles lists the handles of one kind the TPM holds (nil on error). A
-// session query answers with HMAC and policy session handles alike
-// (0x02... and 0x03...): TPM_HT_HMAC_SESSION asks for the loaded sessions,
+// handles lists the handles of one kind the TPM holds. A session query
+// answers with HMAC and policy session handles alike (0x02... and
+// 0x03...): TPM_HT_HMAC_SESSION asks for the loaded sessions,
 // TPM_HT_POLICY_SESSION for the saved ones. A TPM holds a few objects and
 // at most a few dozen sessions: one query returns them all.
-func (s *Store) handles(ht tpm.TPMHT) []tpm.TPMHandle {
+func (s *Store) handles(ht tpm.TPMHT) ([]tpm.TPMHandle, error) {
 	rsp, err := tpm.GetCapability{Capability: tpm.TPMCapHandles, Property: uint32(ht) << 24, PropertyCount: 128}.Execute(s.tpm)
 	if err != nil {
-		return nil
+		return nil, fmt.Errorf("tpm2: listing handles: %w", err)
 	}
 	l, err := rsp.CapabilityData.Data.Handles()
 	if err != nil {
-		return nil
+		return nil, fmt.Errorf("tpm2: listing handles: %w", err)
 	}
 	var out []tpm.TPMHandle
 	for _, h := range l.Handle {
@@ -209,7 +210,7 @@ func (s *Store) handles(ht tpm.TPMHT) []tpm.TPMHandle {
 			out = append(out, h)
 		}
 	}
-	return out
+	return out, nil
 }
 
 // StaleFlushed is the number of transient objects and sessions left by a
@@ -541,16 +542,9 @@ func (s *Store) DeleteKey(ctx context.Context, u *keystore.URI) error {
 func (s *Store) transientHandles() ([]tpm.TPMHandle, error) {
 	var hs []tpm.TPMHandle
 	err := s.locked(func() error {
-		rsp, err := tpm.GetCapability{Capability: tpm.TPMCapHandles, Property: uint32(tpm.TPMHTTransient) << 24, PropertyCount: 64}.Execute(s.tpm)
-		if err != nil {
-			return err
-		}
-		l, err := rsp.CapabilityData.Data.Handles()
-		if err != nil {
-			return err
-		}
-		hs = l.Handle
-		return nil
+		var err error
+		hs, err = s.handles(tpm.TPMHTTransient)
+		return err
 	})
 	return hs, err
 }
