@@ -424,8 +424,12 @@ func TestSIGKILLDuringTPMProvisioning(t *testing.T) {
 			if st.DeviceID != regID || len(st.Conditions) != 0 {
 				t.Fatalf("after the restart: device %q (want %s), conditions %v", st.DeviceID, regID, st.Conditions)
 			}
-			if l := a.logText(); !strings.Contains(l, "provisioned") {
+			l := a.logText()
+			if !strings.Contains(l, "provisioned") {
 				t.Fatalf("no provisioning in the log:\n%s", l)
+			}
+			if len(left) > 0 && !strings.Contains(l, fmt.Sprintf("killed process left in the TPM (it has no resource manager)\" tpm=\"tpm2:socket=%s\" count=%d", relay.Sock, len(left))) {
+				t.Errorf("the restarted agent does not say it flushed %d handles:\n%s", len(left), l)
 			}
 			// Idle and connected: the agent holds nothing in the TPM.
 			testenv.Eventually(t, 10*time.Second, "no transient objects or sessions in the TPM", func() bool {
