@@ -5,6 +5,7 @@ import (
 	"crypto"
 	"errors"
 	"fmt"
+	"log/slog"
 
 	"github.com/gwagent/gwagent/keystore"
 	"github.com/gwagent/gwagent/keystore/backends"
@@ -16,10 +17,22 @@ import (
 // the stores themselves serialize device access.
 type Keys struct {
 	stores map[string]keystore.KeyStore
+	log    *slog.Logger // the agent's, or nil (CLI commands)
 }
 
 // NewKeys returns an empty set of open key stores.
 func NewKeys() *Keys { return &Keys{stores: map[string]keystore.KeyStore{}} }
+
+// agentKeys is the agent's set: it logs what opening a store found.
+func agentKeys(log *slog.Logger) *Keys {
+	k := NewKeys()
+	k.log = log
+	return k
+}
+
+// staleFlusher is a TPM store that, on a TPM without a resource manager,
+// flushed what a killed process had left loaded (tpm2.Store).
+type staleFlusher interface{ StaleFlushed() int }
 
 // Store returns the open store for u, opening it on first use.
 func (k *Keys) Store(ctx context.Context, u *keystore.URI) (keystore.KeyStore, error) {
@@ -30,6 +43,9 @@ func (k *Keys) Store(ctx context.Context, u *keystore.URI) (keystore.KeyStore, e
 	ks, err := backends.Open(ctx, u)
 	if err != nil {
 		return nil, err
+	}
+	if f, ok := ks.(staleFlusher); ok && f.StaleFlushed() > 0 && k.log != nil {
+		k.log.Warn("flushed transient objects and sessions a killed process left in the TPM (it has no resource manager)", "tpm", id, "count", f.StaleFlushed())
 	}
 	k.stores[id] = ks
 	return ks, nil

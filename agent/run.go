@@ -127,7 +127,7 @@ func New(cfgPath string, opts Options) (*Agent, error) {
 		log:      opts.Logger,
 		notify:   newNotifier(),
 		beat:     newHeartbeat(time.Now), // real time, like systemd's watchdog
-		keys:     NewKeys(),
+		keys:     agentKeys(opts.Logger),
 		kick:     make(chan struct{}, 1),
 		up:       make(chan struct{}),
 		retimer:  make(chan struct{}, 1),

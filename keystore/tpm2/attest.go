@@ -34,6 +34,8 @@ import (
 	"fmt"
 
 	tpm "github.com/google/go-tpm/tpm2"
+
+	"github.com/gwagent/gwagent/keystore"
 )
 
 // Handles and NV indices of the TCG EK Credential Profile and the TCG
@@ -148,6 +150,9 @@ func (s *Store) DPSSign(ctx context.Context, challenge, data []byte) ([]byte, er
 				Mode:      tpm.NewTPMUSymMode(tpm.TPMAlgAES, tpm.TPMAlgCFB),
 			},
 		}.Execute(s.tpm)
+		if errors.Is(err, keystore.ErrDeviceAbsent) {
+			return fmt.Errorf("tpm2 dps sign: importing the key: %w", err)
+		}
 		if err != nil {
 			return fmt.Errorf("tpm2 dps sign: %w: importing the key under the storage root key failed (%v); the challenge was made for another SRK or is damaged", ErrChallenge, err)
 		}
@@ -156,6 +161,9 @@ func (s *Store) DPSSign(ctx context.Context, challenge, data []byte) ([]byte, er
 			InPrivate:    imp.OutPrivate,
 			InPublic:     ch.public,
 		}.Execute(s.tpm)
+		if errors.Is(err, keystore.ErrDeviceAbsent) {
+			return fmt.Errorf("tpm2 dps sign: loading the imported key: %w", err)
+		}
 		if err != nil {
 			return fmt.Errorf("tpm2 dps sign: %w: loading the imported key failed (%v)", ErrChallenge, err)
 		}
@@ -166,7 +174,7 @@ func (s *Store) DPSSign(ctx context.Context, challenge, data []byte) ([]byte, er
 			HashAlg: tpm.TPMAlgSHA256,
 		}.Execute(s.tpm)
 		if err != nil {
-			return fmt.Errorf("tpm2 dps sign: TPM2_HMAC: %w", err)
+			return fmt.Errorf("tpm2 dps sign: TPM2_HMAC: %w", s.lockout(err))
 		}
 		mac = rsp.OutHMAC.Buffer
 		return nil
@@ -184,7 +192,11 @@ type loaded struct {
 // ek returns the RSA EK: the persisted one if there is one (checked to be
 // the reference template), else one created from the endorsement seed.
 func (s *Store) ek() (loaded, func(), bool, error) {
-	if rp, err := (tpm.ReadPublic{ObjectHandle: ekPersistent}).Execute(s.tpm); err == nil {
+	rp, err := (tpm.ReadPublic{ObjectHandle: ekPersistent}).Execute(s.tpm)
+	if errors.Is(err, keystore.ErrDeviceAbsent) {
+		return loaded{}, nil, false, fmt.Errorf("tpm2: reading the EK: %w", err)
+	}
+	if err == nil {
 		if err := checkEK(&rp.OutPublic); err != nil {
 			return loaded{}, nil, true, err
 		}
@@ -237,7 +249,11 @@ func checkEK(p *tpm.TPM2BPublic) error {
 // to: the persisted 0x81000001 if it is an RSA storage key, else the TCG
 // reference SRK created from the owner seed.
 func (s *Store) rsaSRK() (loaded, func(), error) {
-	if rp, err := (tpm.ReadPublic{ObjectHandle: srkHandle}).Execute(s.tpm); err == nil {
+	rp, err := (tpm.ReadPublic{ObjectHandle: srkHandle}).Execute(s.tpm)
+	if errors.Is(err, keystore.ErrDeviceAbsent) {
+		return loaded{}, nil, fmt.Errorf("tpm2: reading the storage root key: %w", err)
+	}
+	if err == nil {
 		if pub, err := rp.OutPublic.Contents(); err == nil && pub.Type == tpm.TPMAlgRSA &&
 			pub.ObjectAttributes.Restricted && pub.ObjectAttributes.Decrypt && pub.ObjectAttributes.UserWithAuth {
 			return loaded{handle: srkHandle, name: rp.Name, pub: &rp.OutPublic}, func() {}, nil
@@ -247,6 +263,9 @@ func (s *Store) rsaSRK() (loaded, func(), error) {
 		return l, release, nil
 	}
 	rsp, err := tpm.CreatePrimary{PrimaryHandle: tpm.TPMRHOwner, InPublic: tpm.New2B(tpm.RSASRKTemplate)}.Execute(s.tpm)
+	if errors.Is(err, keystore.ErrDeviceAbsent) {
+		return loaded{}, nil, fmt.Errorf("tpm2: creating the RSA storage root key: %w", err)
+	}
 	if err != nil {
 		return loaded{}, nil, fmt.Errorf("tpm2: creating the RSA storage root key: %w (is the owner hierarchy password-protected?)", err)
 	}
@@ -317,6 +336,9 @@ func (s *Store) activate(ek, srk loaded, blob, secret []byte) ([]byte, error) {
 		CredentialBlob: tpm.TPM2BIDObject{Buffer: blob},
 		Secret:         tpm.TPM2BEncryptedSecret{Buffer: secret},
 	}.Execute(s.tpm)
+	if errors.Is(err, keystore.ErrDeviceAbsent) {
+		return nil, fmt.Errorf("tpm2 dps sign: TPM2_ActivateCredential: %w", err)
+	}
 	if err != nil {
 		why := "it was made for another TPM's endorsement key, or it is damaged"
 		if errors.Is(err, tpm.TPMRCIntegrity) {
@@ -374,6 +396,9 @@ func parseChallenge(b []byte) (*challenge, error) {
 // has none. A present but unparsable certificate is an error.
 func (s *Store) ekCert() (*x509.Certificate, error) {
 	rp, err := (tpm.NVReadPublic{NVIndex: ekCertIndex}).Execute(s.tpm)
+	if errors.Is(err, keystore.ErrDeviceAbsent) {
+		return nil, fmt.Errorf("tpm2: reading the EK certificate: %w", err)
+	}
 	if err != nil {
 		return nil, nil // no certificate provisioned: common on boards and swtpm
 	}

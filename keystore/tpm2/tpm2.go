@@ -9,7 +9,9 @@
 // socket (socket=PATH).
 //
 // Every operation takes the store's lock and flushes every transient object
-// it loaded, on success and on error.
+// it loaded, on success and on error. What a killed process left loaded in
+// a TPM without a resource manager (a swtpm socket, /dev/tpm0) is flushed
+// when the next Store opens it.
 package tpm2
 
 import (
@@ -25,8 +27,10 @@ import (
 	"math/big"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"syscall"
+	"time"
 
 	tpm "github.com/google/go-tpm/tpm2"
 	"github.com/google/go-tpm/tpm2/transport"
@@ -49,6 +53,8 @@ type Store struct {
 	noP384 error                           // set when the TPM lacks P-384: keys fail, attestation works
 	saved  map[tpm.TPMHandle]*savedPrimary // attest.go: RSA EK and SRK contexts by hierarchy
 	closed bool
+
+	staleFlushed int // handles a dead process left, flushed by Open
 }
 
 var (
@@ -91,13 +97,126 @@ func Open(ctx context.Context, u *keystore.URI) (keystore.KeyStore, error) {
 	case err != nil:
 		return nil, fmt.Errorf("tpm2: open %s: %w", path, err)
 	}
-	s, err := New(tr, path)
+	hint := "check the TPM driver's messages (dmesg | grep -i tpm)"
+	if socket {
+		hint = "is swtpm running? Start it again on its state directory"
+	}
+	s, err := New(answering{TPMCloser: tr, name: path, hint: hint}, path)
 	if err != nil {
 		tr.Close()
 		return nil, err
 	}
+	if socket || !managed(path) {
+		s.flushStale()
+	}
 	return s, nil
 }
+
+// answering marks a failure to reach the TPM at all (swtpm gone, the
+// device node's driver unbound: the command got no answer) as
+// keystore.ErrDeviceAbsent, naming the TPM and what to do. A TPM's own
+// refusal (a response code) is not a transport error and stays as it is.
+// The agent retries ErrDeviceAbsent with backoff and reports it as the key
+// store being unavailable, not as a refused credential.
+type answering struct {
+	transport.TPMCloser
+	name, hint string
+}
+
+func (a answering) Send(cmd []byte) ([]byte, error) {
+	rsp, err := a.TPMCloser.Send(cmd)
+	if err != nil {
+		return nil, fmt.Errorf("%w: the TPM at %s stopped answering (%v); %s", keystore.ErrDeviceAbsent, a.name, err, a.hint)
+	}
+	return rsp, nil
+}
+
+// lockout explains TPM_RC_LOCKOUT: keys made before gwagent
+// set NoDA, and DPS's HMAC key, are subject to dictionary-attack
+// protection, which a TPM also triggers after unclean resets.
+func (s *Store) lockout(err error) error {
+	if !errors.Is(err, tpm.TPMRCLockout) {
+		return err
+	}
+	every := "a while"
+	if rsp, cerr := (tpm.GetCapability{Capability: tpm.TPMCapTPMProperties, Property: uint32(tpm.TPMPTLockoutInterval), PropertyCount: 1}).Execute(s.tpm); cerr == nil {
+		if p, perr := rsp.CapabilityData.Data.TPMProperties(); perr == nil && len(p.TPMProperty) == 1 && p.TPMProperty[0].Property == tpm.TPMPTLockoutInterval {
+			every = (time.Duration(p.TPMProperty[0].Value) * time.Second).String()
+		}
+	}
+	return fmt.Errorf("%w: the TPM at %s is in dictionary-attack lockout; it counts every reset without an orderly shutdown (power loss, swtpm killed) as a failed authorization. It forgives one every %s by itself; to unlock it at once, run `tpm2_dictionarylockout --clear-lockout` (with the lockout password, if one is set)", err, s.name, every)
+}
+
+// managed reports whether path is the kernel's TPM resource manager
+// (/dev/tpmrm*, possibly through a symlink), which flushes a process's
+// transient objects and sessions when it exits.
+func managed(path string) bool {
+	if p, err := filepath.EvalSymlinks(path); err == nil {
+		path = p
+	}
+	return strings.HasPrefix(filepath.Base(path), "tpmrm")
+}
+
+// staleKinds are the handle types a process leaves loaded in a TPM when it
+// dies in the middle of an operation: transient objects, loaded sessions
+// and saved (context-gapped) sessions.
+var staleKinds = []tpm.TPMHT{tpm.TPMHTTransient, tpm.TPMHTHMACSession, tpm.TPMHTPolicySession}
+
+// flushStale flushes every transient object and session in a TPM that has
+// no resource manager (a swtpm socket, /dev/tpm0). Without one, what a
+// killed process had loaded stays in the TPM until its next reset, and a
+// TPM has only a few object slots (libtpms: 3): after a kill or two, every
+// operation would fail with TPM_RC_OBJECT_MEMORY, and the device would
+// never provision again. Every Store operation flushes what it loads before
+// it returns, so nothing of ours is loaded when a Store opens; /dev/tpm0
+// admits one process at a time, so nothing loaded is another live
+// process's either. A swtpm socket is shared by whoever connects (each
+// command is its own connection): it is for tests and demos, one TPM client
+// at a time. It returns the number of handles flushed (best effort: a TPM
+// that cannot list or flush them fails the next operation with its own
+// error).
+func (s *Store) flushStale() int {
+	n := 0
+	for _, ht := range staleKinds {
+		hs, _ := s.handles(ht)
+		for _, h := range hs {
+			if _, err := (tpm.FlushContext{FlushHandle: h}).Execute(s.tpm); err == nil {
+				n++
+			}
+		}
+	}
+	s.staleFlushed = n
+	return n
+}
+
+// handles lists the handles of one kind the TPM holds. A session query
+// answers with HMAC and policy session handles alike (0x02... and
+// 0x03...): TPM_HT_HMAC_SESSION asks for the loaded sessions,
+// TPM_HT_POLICY_SESSION for the saved ones. A TPM holds a few objects and
+// at most a few dozen sessions: one query returns them all.
+func (s *Store) handles(ht tpm.TPMHT) ([]tpm.TPMHandle, error) {
+	rsp, err := tpm.GetCapability{Capability: tpm.TPMCapHandles, Property: uint32(ht) << 24, PropertyCount: 128}.Execute(s.tpm)
+	if err != nil {
+		return nil, fmt.Errorf("tpm2: listing handles: %w", err)
+	}
+	l, err := rsp.CapabilityData.Data.Handles()
+	if err != nil {
+		return nil, fmt.Errorf("tpm2: listing handles: %w", err)
+	}
+	var out []tpm.TPMHandle
+	for _, h := range l.Handle {
+		switch k := tpm.TPMHT(uint32(h) >> 24); {
+		case k == ht, ht != tpm.TPMHTTransient && (k == tpm.TPMHTHMACSession || k == tpm.TPMHTPolicySession):
+			out = append(out, h)
+		}
+	}
+	return out, nil
+}
+
+// StaleFlushed is the number of transient objects and sessions left by a
+// process that died in the middle of a TPM operation, flushed when this
+// Store opened a TPM without a resource manager.
+func (s *Store) StaleFlushed() int { return s.staleFlushed }
 
 // New makes a Store over an open TPM transport and probes for P-384. A TPM
 // without P-384 still opens (its endorsement key can be the onboarding
@@ -105,6 +224,9 @@ func Open(ctx context.Context, u *keystore.URI) (keystore.KeyStore, error) {
 func New(tr transport.TPMCloser, name string) (*Store, error) {
 	s := &Store{tpm: tr, name: name}
 	rsp, err := tpm.GetCapability{Capability: tpm.TPMCapECCCurves, PropertyCount: 64}.Execute(tr)
+	if errors.Is(err, keystore.ErrDeviceAbsent) {
+		return nil, fmt.Errorf("tpm2: %w", err)
+	}
 	if err != nil {
 		return nil, fmt.Errorf("tpm2: %w: the TPM at %s does not answer (%v); check the device or restart swtpm", keystore.ErrDeviceAbsent, name, err)
 	}
@@ -142,6 +264,13 @@ var keyTemplate = tpm.TPMTPublic{
 		SensitiveDataOrigin: true,
 		UserWithAuth:        true,
 		SignEncrypt:         true,
+		// The key has no authorization value, so dictionary-attack
+		// protection guards nothing; but a TPM counts every reset without
+		// TPM2_Shutdown after a DA-protected key was used (a power cut, a
+		// killed swtpm) as a failed authorization, and after a few (3 on
+		// swtpm, often 32 on chips) refuses every DA-protected key for
+		// hours: a gateway on flaky power would lose its identity.
+		NoDA: true,
 	},
 	Parameters: tpm.NewTPMUPublicParms(tpm.TPMAlgECC, &tpm.TPMSECCParms{
 		CurveID: tpm.TPMECCNistP384,
@@ -177,12 +306,18 @@ func (s *Store) flush(h tpm.TPMHandle) {
 // created for each operation and flushed after, as before.
 func (s *Store) srk() (tpm.AuthHandle, func(), error) {
 	rp, err := (tpm.ReadPublic{ObjectHandle: srkHandle}).Execute(s.tpm)
+	if errors.Is(err, keystore.ErrDeviceAbsent) {
+		return tpm.AuthHandle{}, nil, fmt.Errorf("tpm2: reading the storage root key: %w", err)
+	}
 	if err == nil {
 		if isStorageKey(&rp.OutPublic) {
 			return tpm.AuthHandle{Handle: srkHandle, Name: rp.Name, Auth: tpm.PasswordAuth(nil)}, func() {}, nil
 		}
 	}
 	rsp, cerr := tpm.CreatePrimary{PrimaryHandle: tpm.TPMRHOwner, InPublic: tpm.New2B(tpm.ECCSRKTemplate)}.Execute(s.tpm)
+	if errors.Is(cerr, keystore.ErrDeviceAbsent) {
+		return tpm.AuthHandle{}, nil, fmt.Errorf("tpm2: creating the storage root key: %w", cerr)
+	}
 	if cerr != nil {
 		return tpm.AuthHandle{}, nil, fmt.Errorf("tpm2: creating the storage root key: %w (is the owner hierarchy password-protected?)", cerr)
 	}
@@ -216,12 +351,17 @@ func isStorageKey(p *tpm.TPM2BPublic) bool {
 
 // persisted returns the name of the object at persistent handle h, or
 // ok=false if there is none.
-func (s *Store) persisted(h uint32) (tpm.TPM2BName, *tpm.TPM2BPublic, bool) {
+// A TPM that does not answer is an error, not an empty handle: a key must
+// not be taken for gone (and replaced) because swtpm was restarting.
+func (s *Store) persisted(h uint32) (tpm.TPM2BName, *tpm.TPM2BPublic, bool, error) {
 	rp, err := (tpm.ReadPublic{ObjectHandle: tpm.TPMHandle(h)}).Execute(s.tpm)
-	if err != nil {
-		return tpm.TPM2BName{}, nil, false
+	if errors.Is(err, keystore.ErrDeviceAbsent) {
+		return tpm.TPM2BName{}, nil, false, fmt.Errorf("tpm2: reading handle 0x%08X: %w", h, err)
 	}
-	return rp.Name, &rp.OutPublic, true
+	if err != nil {
+		return tpm.TPM2BName{}, nil, false, nil
+	}
+	return rp.Name, &rp.OutPublic, true, nil
 }
 
 // checkOurs refuses an object at a persistent handle that is not a P-384
@@ -252,7 +392,11 @@ func (s *Store) CreateKey(ctx context.Context, u *keystore.URI) (crypto.Signer, 
 	var sig *signer
 	err = s.locked(func() error {
 		if handle != 0 {
-			if _, _, ok := s.persisted(handle); ok {
+			_, _, ok, err := s.persisted(handle)
+			if err != nil {
+				return err
+			}
+			if ok {
 				return fmt.Errorf("tpm2 create: %w at handle 0x%08X", keystore.ErrKeyExists, handle)
 			}
 		}
@@ -317,7 +461,11 @@ func (s *Store) Signer(ctx context.Context, u *keystore.URI) (crypto.Signer, err
 	var sig *signer
 	err = s.locked(func() error {
 		if handle != 0 {
-			if _, pub, ok := s.persisted(handle); ok {
+			_, pub, ok, err := s.persisted(handle)
+			if err != nil {
+				return err
+			}
+			if ok {
 				if err := checkOurs(handle, pub); err != nil {
 					return err
 				}
@@ -356,7 +504,11 @@ func (s *Store) DeleteKey(ctx context.Context, u *keystore.URI) error {
 	return s.locked(func() error {
 		found := false
 		if handle != 0 {
-			if name, pub, ok := s.persisted(handle); ok {
+			name, pub, ok, err := s.persisted(handle)
+			if err != nil {
+				return err
+			}
+			if ok {
 				if err := checkOurs(handle, pub); err != nil {
 					return err
 				}
@@ -390,16 +542,9 @@ func (s *Store) DeleteKey(ctx context.Context, u *keystore.URI) error {
 func (s *Store) transientHandles() ([]tpm.TPMHandle, error) {
 	var hs []tpm.TPMHandle
 	err := s.locked(func() error {
-		rsp, err := tpm.GetCapability{Capability: tpm.TPMCapHandles, Property: uint32(tpm.TPMHTTransient) << 24, PropertyCount: 64}.Execute(s.tpm)
-		if err != nil {
-			return err
-		}
-		l, err := rsp.CapabilityData.Data.Handles()
-		if err != nil {
-			return err
-		}
-		hs = l.Handle
-		return nil
+		var err error
+		hs, err = s.handles(tpm.TPMHTTransient)
+		return err
 	})
 	return hs, err
 }
@@ -441,7 +586,7 @@ func (k *signer) Sign(_ io.Reader, digest []byte, opts crypto.SignerOpts) ([]byt
 			Validation: tpm.TPMTTKHashCheck{Tag: tpm.TPMSTHashCheck, Hierarchy: tpm.TPMRHNull},
 		}.Execute(k.s.tpm)
 		if err != nil {
-			return fmt.Errorf("tpm2 sign: %w", err)
+			return fmt.Errorf("tpm2 sign: %w", k.s.lockout(err))
 		}
 		sig, err := rsp.Signature.Signature.ECDSA()
 		if err != nil {
@@ -459,7 +604,10 @@ func (k *signer) Sign(_ io.Reader, digest []byte, opts crypto.SignerOpts) ([]byt
 func (k *signer) load() (tpm.AuthHandle, func(), error) {
 	s := k.s
 	if k.handle != 0 {
-		name, _, ok := s.persisted(k.handle)
+		name, _, ok, err := s.persisted(k.handle)
+		if err != nil {
+			return tpm.AuthHandle{}, nil, err
+		}
 		if !ok {
 			return tpm.AuthHandle{}, nil, fmt.Errorf("tpm2: %w: handle 0x%08X was evicted", keystore.ErrKeyNotFound, k.handle)
 		}
@@ -475,6 +623,9 @@ func (k *signer) load() (tpm.AuthHandle, func(), error) {
 	}
 	ld, err := tpm.Load{ParentHandle: parent, InPrivate: *priv, InPublic: *pub}.Execute(s.tpm)
 	releaseSRK()
+	if errors.Is(err, keystore.ErrDeviceAbsent) {
+		return tpm.AuthHandle{}, nil, fmt.Errorf("tpm2: loading %s: %w", k.blob, err)
+	}
 	if err != nil {
 		return tpm.AuthHandle{}, nil, fmt.Errorf("tpm2: loading %s: %w (was the blob made by another TPM, or was the TPM cleared?)", k.blob, err)
 	}

@@ -198,7 +198,7 @@ func TestForeignHandle(t *testing.T) {
 	if err := s.DeleteKey(ctx, u); err == nil {
 		t.Fatal("fail/deleted a storage key")
 	}
-	if _, _, ok := s.persisted(h); !ok {
+	if _, _, ok, _ := s.persisted(h); !ok {
 		t.Fatal("fail/the storage key is gone")
 	}
 }
