@@ -68,6 +68,9 @@ type Config struct {
 	// send per 10 s before DPS answers 429 with retry-after, as Azure DPS
 	// does at 5. Zero: no limit.
 	PollLimit int
+	// HTTPTimeout bounds reading one REST request (headers and body) and,
+	// three times over, an idle keep-alive connection; default 30 s.
+	HTTPTimeout time.Duration
 }
 
 // Enrollment is an enrollment group or, with Individual, an individual
@@ -510,9 +513,53 @@ func errorBody(code int, msg string) []byte {
 	return b
 }
 
+// checkRegistrationID applies DPS's registration id rules (azure-protocol
+// §1.6): 1 to 128 characters of letters, digits and "-._:", the last a
+// letter, a digit or "-". The id becomes a hub device id, a certificate CN
+// and part of MQTT topics, so nothing else may pass.
+func checkRegistrationID(id string) error {
+	if id == "" || len(id) > 128 {
+		return fmt.Errorf("registration id of %d characters: it must have 1 to 128", len(id))
+	}
+	for i := 0; i < len(id); i++ {
+		c := id[i]
+		alnum := c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9'
+		if !alnum && !strings.ContainsRune("-._:", rune(c)) {
+			return fmt.Errorf("registration id %q: character %q at %d is not allowed (letters, digits, '-', '.', '_', ':')", id, c, i)
+		}
+		if i == len(id)-1 && !alnum && c != '-' {
+			return fmt.Errorf("registration id %q must end with a letter, a digit or '-'", id)
+		}
+	}
+	return nil
+}
+
+// checkAPIVersion accepts api-versions shaped like DPS's (2019-03-31,
+// 2025-07-01-preview): a date, optionally "-preview". Which dates the live
+// service accepts is not checked; the shape keeps garbage from comparing
+// as a recent version.
+func checkAPIVersion(v string) error {
+	if v == "" {
+		return errors.New("api-version is required")
+	}
+	date := strings.TrimSuffix(v, "-preview")
+	if _, err := time.Parse(time.DateOnly, date); err != nil || len(date) != len(time.DateOnly) {
+		return fmt.Errorf("api-version %q is not a DPS api-version such as %s", v, MinCertAPIVersion)
+	}
+	return nil
+}
+
 // register handles $dps/registrations/PUT/iotdps-register.
 func (d *DPS) register(cl *mqtt.Client, s *session, rid string, payload []byte) {
 	reply := func(status, retryAfter int, body []byte) { d.answer(cl, rid, status, retryAfter, body) }
+	if err := checkAPIVersion(s.apiVersion); err != nil {
+		reply(400, 0, errorBody(400001, err.Error()))
+		return
+	}
+	if err := checkRegistrationID(s.regID); err != nil {
+		reply(400, 0, errorBody(400004, err.Error()))
+		return
+	}
 	body, ok := decodeRegister(payload, s.regID, "username", reply)
 	if !ok {
 		return
