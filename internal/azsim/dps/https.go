@@ -180,15 +180,19 @@ func (d *DPS) httpRegister(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	var group *Enrollment
-	var sym, isTPM bool
+	var sym bool
+	var tpm *tpmChallengeKey
 	var err error
 	if body.TPM != nil {
-		e, status, errBody := d.tpmAttest(s.regID, body.TPM.EndorsementKey, body.TPM.StorageRootKey, s.password)
+		var e *TPMEnrollment
+		var status int
+		var errBody []byte
+		e, tpm, status, errBody = d.tpmAttest(s.regID, body.TPM.EndorsementKey, body.TPM.StorageRootKey, s.password)
 		if e == nil {
 			reply(status, 0, errBody)
 			return
 		}
-		group, isTPM = &Enrollment{ID: e.RegistrationID, Kind: KindTPM, Enabled: e.Enabled}, true
+		group = &Enrollment{ID: e.RegistrationID, Kind: KindTPM, Enabled: e.Enabled}
 	} else {
 		group, sym, err = d.authenticate(s)
 		if err != nil {
@@ -196,7 +200,7 @@ func (d *DPS) httpRegister(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 	}
-	d.startOperation(s, group, sym, isTPM, body.CSR, reply)
+	d.startOperation(s, group, sym, tpm, body.CSR, reply)
 }
 
 func (d *DPS) httpPoll(w http.ResponseWriter, r *http.Request) {
@@ -210,16 +214,14 @@ func (d *DPS) httpPoll(w http.ResponseWriter, r *http.Request) {
 	if !ok {
 		return
 	}
-	// Every REST request authenticates on its own.
-	d.tpm.mu.Lock()
-	isTPM, hk := d.tpm.ops[opID], d.tpm.keys[strings.ToLower(s.regID)]
-	d.tpm.mu.Unlock()
+	// Every REST request authenticates on its own; a TPM registration's
+	// polls with the key of the challenge it answered.
 	var authErr error
-	if isTPM {
-		if s.password == "" || hk == nil {
+	if op.tpm != nil {
+		if s.password == "" {
 			authErr = errors.New("a TPM registration's status needs the SAS token")
 		} else {
-			authErr = d.checkTPMToken(s.password, s.regID, hk)
+			authErr = d.checkTPMToken(s.password, s.regID, op.tpm.key)
 		}
 	} else {
 		_, _, authErr = d.authenticate(s)
@@ -229,12 +231,8 @@ func (d *DPS) httpPoll(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	var decorate func(*operation)
-	if isTPM {
-		decorate = func(op *operation) {
-			d.tpm.mu.Lock()
-			defer d.tpm.mu.Unlock()
-			op.result = tpmResult(op.result, d.tpm.blobs[strings.ToLower(op.regID)])
-		}
+	if op.tpm != nil {
+		decorate = func(op *operation) { op.result = tpmResult(op.result, op.tpm.blob) }
 	}
 	d.pollOperation(op, "Retry-After", reply, decorate)
 }
