@@ -555,3 +555,24 @@ func TestRESTTPMHostile(t *testing.T) {
 		t.Fatalf("outcome %v does not name the challenge the device answered", body)
 	}
 }
+
+// The same registration id and api-version rules hold over MQTT.
+func TestMQTTRegisterRules(t *testing.T) {
+	az := testenv.StartAzsim(t, azsim.Config{})
+	for _, c := range []struct{ regID, api, msg string }{
+		{"dev.", certAPI, "must end"},
+		{"dev+1", certAPI, "not allowed"},
+		{"mqtt-1", "zzz", "not a DPS api-version"},
+	} {
+		t.Run(c.regID+" "+c.api, func(t *testing.T) {
+			cl, err := connect(t, az, c.regID, c.api, nil, sas(az.Info.IDScope, c.regID, symKey(t, az, c.regID), time.Now().Add(time.Hour)))
+			if err != nil {
+				t.Fatal(err)
+			}
+			r := cl.request("$dps/registrations/PUT/iotdps-register/?$rid=1", map[string]any{})
+			if r.status != 400 || !strings.Contains(fmt.Sprint(r.body["message"]), c.msg) {
+				t.Fatalf("%d %v, want 400 about %q", r.status, r.body, c.msg)
+			}
+		})
+	}
+}
