@@ -341,6 +341,32 @@ func TestRESTSlowClients(t *testing.T) {
 		io.Copy(io.Discard, rsp.Body)
 		closedByServer(t, c, "idle keep-alive connection")
 	})
+	run("answers never read", func(t *testing.T) {
+		// A small receive buffer, and requests pipelined without reading
+		// a byte of the answers: DPS's writes stall, and it must give up.
+		tc, err := net.Dial("tcp", r.addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		tc.(*net.TCPConn).SetReadBuffer(4096)
+		c := tls.Client(tc, r.tc)
+		defer c.Close()
+		if err := c.Handshake(); err != nil {
+			t.Fatal(err)
+		}
+		poll := request("GET", "/"+scope+"/registrations/"+regID+"/operations/4.nope?api-version="+certAPI, nil, "")
+		batch := bytes.Repeat(poll, 100)
+		c.SetWriteDeadline(time.Now().Add(30 * time.Second))
+		for {
+			if _, err := c.Write(batch); err != nil {
+				var ne net.Error
+				if errors.As(err, &ne) && ne.Timeout() {
+					t.Fatal("DPS kept writing to (or waiting on) a client that reads nothing for 30 s")
+				}
+				return // DPS closed the connection
+			}
+		}
+	})
 	// Others are served while the slow clients hang on.
 	for range 5 {
 		served()
@@ -553,6 +579,20 @@ func TestRESTTPMHostile(t *testing.T) {
 	tpmState, _ := rs["tpm"].(map[string]any)
 	if body["status"] != "assigned" || tpmState["authenticationKey"] != b64(blob1) {
 		t.Fatalf("outcome %v does not name the challenge the device answered", body)
+	}
+}
+
+// Enrollments whose id no device could register with are refused.
+func TestEnrollmentIDs(t *testing.T) {
+	az := testenv.StartAzsim(t, azsim.Config{})
+	var tpmErr map[string]string
+	if st := az.Admin("PUT", "/dps/tpm-enrollments/dev.", map[string]string{"endorsementKey": "AAAA"}, &tpmErr); st != 400 || !strings.Contains(tpmErr["error"], "must end") {
+		t.Fatalf("TPM enrollment dev.: %d %v", st, tpmErr)
+	}
+	err := az.Server.DPS.PutEnrollment(dps.Enrollment{ID: "a/b", Kind: dps.KindSymmetricKey, Individual: true, Enabled: true,
+		PrimaryKey: base64.StdEncoding.EncodeToString(make([]byte, 32))})
+	if err == nil || !strings.Contains(err.Error(), "not allowed") {
+		t.Fatalf("individual enrollment a/b: %v", err)
 	}
 }
 

@@ -68,8 +68,9 @@ type Config struct {
 	// send per 10 s before DPS answers 429 with retry-after, as Azure DPS
 	// does at 5. Zero: no limit.
 	PollLimit int
-	// HTTPTimeout bounds reading one REST request (headers and body) and,
-	// three times over, an idle keep-alive connection; default 30 s.
+	// HTTPTimeout bounds reading one REST request (headers and body),
+	// twice over reading and answering it, and three times over an idle
+	// keep-alive connection; default 30 s.
 	HTTPTimeout time.Duration
 }
 
@@ -304,6 +305,12 @@ func (d *DPS) DropAll() {
 func (d *DPS) PutEnrollment(e Enrollment) error {
 	if e.ID == "" {
 		return errors.New("enrollment group id is empty")
+	}
+	if e.Individual {
+		// An individual enrollment's id is the device's registration id.
+		if err := checkRegistrationID(e.ID); err != nil {
+			return fmt.Errorf("individual enrollment: %w", err)
+		}
 	}
 	switch e.Kind {
 	case KindX509:

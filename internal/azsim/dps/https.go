@@ -55,14 +55,15 @@ func (d *DPS) StartHTTPS(addr string) error {
 		writeDPS(w, 404, 0, errorBody(404001, "no such resource; DPS serves PUT /{idScope}/registrations/{registrationId}/register and GET .../operations/{operationId}"))
 	})
 	// Every connection is bounded in time: a client that dribbles its
-	// headers or body, or holds an idle connection, is cut off, so hostile
-	// or broken clients cannot pile up goroutines and buffers.
+	// headers or body, does not read its answers, or holds an idle
+	// connection is cut off, so hostile or broken clients cannot pile up
+	// goroutines and buffers.
 	timeout := d.cfg.HTTPTimeout
 	if timeout <= 0 {
 		timeout = 30 * time.Second
 	}
 	srv := &http.Server{Handler: mux, TLSConfig: tc, ReadHeaderTimeout: min(timeout, 10*time.Second),
-		ReadTimeout: timeout, IdleTimeout: 3 * timeout,
+		ReadTimeout: timeout, WriteTimeout: 2 * timeout, IdleTimeout: 3 * timeout,
 		ErrorLog: log.New(io.Discard, "", 0), MaxHeaderBytes: 16 << 10}
 	go srv.ServeTLS(nl, "", "")
 	d.tpm.mu.Lock()

@@ -111,8 +111,8 @@ func checkEK(b64 string) ([]byte, error) {
 
 // PutTPMEnrollment creates or replaces an individual TPM enrollment.
 func (d *DPS) PutTPMEnrollment(e TPMEnrollment) error {
-	if e.RegistrationID == "" {
-		return errors.New("registration id is empty")
+	if err := checkRegistrationID(e.RegistrationID); err != nil {
+		return fmt.Errorf("TPM enrollment: %w", err)
 	}
 	ek, err := checkEK(e.EndorsementKey)
 	if err != nil {
