@@ -59,9 +59,9 @@ func (r *rawDPS) dial(t *testing.T) *tls.Conn {
 	return c
 }
 
-// roundTrip writes req (the writing may fail once DPS has answered and
-// closed) and reads one answer.
-func (r *rawDPS) roundTrip(t *testing.T, req []byte) (*http.Response, map[string]any) {
+// raw writes req (the writing may fail once DPS has answered and closed)
+// and reads one answer, as net/http itself may give it (not JSON).
+func (r *rawDPS) raw(t *testing.T, req []byte) (*http.Response, []byte) {
 	t.Helper()
 	c := r.dial(t)
 	c.SetDeadline(time.Now().Add(20 * time.Second))
@@ -70,9 +70,15 @@ func (r *rawDPS) roundTrip(t *testing.T, req []byte) (*http.Response, map[string
 	if err != nil {
 		t.Fatalf("no answer: %v", err)
 	}
-	defer rsp.Body.Close()
-	var m map[string]any
 	b, _ := io.ReadAll(rsp.Body)
+	return rsp, b
+}
+
+// roundTrip is raw for DPS's own answers, which are JSON.
+func (r *rawDPS) roundTrip(t *testing.T, req []byte) (*http.Response, map[string]any) {
+	t.Helper()
+	rsp, b := r.raw(t, req)
+	var m map[string]any
 	if err := json.Unmarshal(b, &m); err != nil {
 		t.Fatalf("%d answer is not JSON: %q", rsp.StatusCode, b)
 	}
@@ -211,14 +217,14 @@ func TestRESTHostileRequests(t *testing.T) {
 	}
 
 	t.Run("headers over 16 KB", func(t *testing.T) {
-		rsp, _ := rawAnswer(t, r, request("PUT", reg+"/register"+api, with(js, "X-Pad", strings.Repeat("p", 20<<10)), "{}"))
+		rsp, _ := r.raw(t, request("PUT", reg+"/register"+api, with(js, "X-Pad", strings.Repeat("p", 20<<10)), "{}"))
 		if rsp.StatusCode != 431 {
 			t.Fatalf("status %d, want 431", rsp.StatusCode)
 		}
 	})
 	t.Run("two Content-Lengths", func(t *testing.T) {
 		req := request("PUT", reg+"/register"+api, with(js, "Content-Length", "2\r\nContent-Length: 3"), "{}")
-		if rsp, _ := rawAnswer(t, r, req); rsp.StatusCode != 400 {
+		if rsp, _ := r.raw(t, req); rsp.StatusCode != 400 {
 			t.Fatalf("status %d, want 400", rsp.StatusCode)
 		}
 	})
@@ -228,20 +234,6 @@ func TestRESTHostileRequests(t *testing.T) {
 		st, _, body := rest(t, c, "GET", "https://"+az.Info.DPSHTTPSAddr+reg+"/operations/"+opID+api, tok, nil)
 		return st == 200 && body["status"] == "assigned"
 	})
-}
-
-// rawAnswer is roundTrip for answers net/http itself gives (not JSON).
-func rawAnswer(t *testing.T, r *rawDPS, req []byte) (*http.Response, []byte) {
-	t.Helper()
-	c := r.dial(t)
-	c.SetDeadline(time.Now().Add(20 * time.Second))
-	go c.Write(req)
-	rsp, err := http.ReadResponse(bufio.NewReader(c), nil)
-	if err != nil {
-		t.Fatalf("no answer: %v", err)
-	}
-	b, _ := io.ReadAll(rsp.Body)
-	return rsp, b
 }
 
 // closedByServer waits until DPS closes c: a read ends with EOF or a
