@@ -346,8 +346,10 @@ func TestRESTSlowClients(t *testing.T) {
 		if err := c.Handshake(); err != nil {
 			t.Fatal(err)
 		}
-		poll := request("GET", "/"+scope+"/registrations/"+regID+"/operations/4.nope?api-version="+certAPI, nil, "")
-		batch := bytes.Repeat(poll, 100)
+		// Unknown operations with long ids: every 404 echoes the id, so
+		// DPS's socket buffers fill after a few hundred answers.
+		poll := request("GET", "/"+scope+"/registrations/"+regID+"/operations/"+strings.Repeat("x", 8000)+"?api-version="+certAPI, nil, "")
+		batch := bytes.Repeat(poll, 10)
 		c.SetWriteDeadline(time.Now().Add(30 * time.Second))
 		for {
 			if _, err := c.Write(batch); err != nil {
