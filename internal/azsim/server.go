@@ -80,7 +80,10 @@ type Config struct {
 	// (DPS: 5 status polls per 10 s per registration; hub: 100 connections
 	// and 50 twin operations per second, one S1 unit), negative ones or
 	// Gentle turn the limit off.
-	DPSPollLimit   int
+	DPSPollLimit int
+	// DPSHTTPTimeout bounds one request's headers and body on DPS's REST
+	// endpoint (three times over, an idle connection); default 30 s.
+	DPSHTTPTimeout time.Duration
 	HubConnectRate int
 	HubTwinRate    int
 	// Hub2Addr, if set, starts a second IoT Hub there ("127.0.0.1:0" in
@@ -220,7 +223,8 @@ func New(cfg Config) (*Server, error) {
 	s.DPS, err = dps.New(dps.Config{Addr: cfg.DPSAddr, WSAddr: wsAddr(cfg.DPSWSAddr), IDScope: cfg.IDScope, TLS: serverTLS, Registrar: s.Hub,
 		Allocate: s.allocate,
 		Issuer:   p, CertLifetime: cfg.CertLifetime, RetryAfter: cfg.RetryAfter, AcceptP256: cfg.AcceptP256,
-		StateDir: filepath.Join(cfg.StateDir, "dps"), Faults: s.Faults, Now: cfg.Now, PollLimit: limit(cfg.DPSPollLimit, 5)})
+		StateDir: filepath.Join(cfg.StateDir, "dps"), Faults: s.Faults, Now: cfg.Now, PollLimit: limit(cfg.DPSPollLimit, 5),
+		HTTPTimeout: cfg.DPSHTTPTimeout})
 	if err != nil {
 		s.Close()
 		return nil, err

@@ -68,6 +68,10 @@ type Config struct {
 	// send per 10 s before DPS answers 429 with retry-after, as Azure DPS
 	// does at 5. Zero: no limit.
 	PollLimit int
+	// HTTPTimeout bounds reading one REST request (headers and body),
+	// twice over reading and answering it, and three times over an idle
+	// keep-alive connection; default 30 s.
+	HTTPTimeout time.Duration
 }
 
 // Enrollment is an enrollment group or, with Individual, an individual
@@ -130,8 +134,10 @@ type DPS struct {
 	regs    map[string]*Registration // by lower-case registration id
 	conns   map[*mqtt.Client]*session
 	ops     map[string]*operation
+	opsMax  int // pruneOps keeps at most this many; default maxOps
 	started bool
-	tpm     *tpmState // TPM enrollments and the REST endpoint (https.go)
+	saveMu  sync.Mutex // one save at a time, so the newest state is the one on disk
+	tpm     *tpmState  // TPM enrollments and the REST endpoint (https.go)
 
 	polls *broker.Window // per registration id
 }
@@ -148,12 +154,17 @@ type operation struct {
 	mu      sync.Mutex // serializes the assignment between polls; guards result, status
 	id      string
 	regID   string
+	created time.Time
 	readyAt time.Time
 	result  []byte // final 200 body once assigned
 	status  int
 	csr     *x509.CertificateRequest
 	group   *Enrollment
 	sym     bool
+	// tpm, for a TPM attestation's operation, is the challenge the device
+	// answered: its polls must be signed with that key, and the outcome
+	// names that challenge, whatever challenges were handed out since.
+	tpm *tpmChallengeKey
 }
 
 // New validates cfg and loads the persisted state.
@@ -294,6 +305,12 @@ func (d *DPS) DropAll() {
 func (d *DPS) PutEnrollment(e Enrollment) error {
 	if e.ID == "" {
 		return errors.New("enrollment group id is empty")
+	}
+	if e.Individual {
+		// An individual enrollment's id is the device's registration id.
+		if err := checkRegistrationID(e.ID); err != nil {
+			return fmt.Errorf("individual enrollment: %w", err)
+		}
 	}
 	switch e.Kind {
 	case KindX509:
@@ -510,9 +527,53 @@ func errorBody(code int, msg string) []byte {
 	return b
 }
 
+// checkRegistrationID applies DPS's registration id rules (azure-protocol
+// §1.6): 1 to 128 characters of letters, digits and "-._:", the last a
+// letter, a digit or "-". The id becomes a hub device id, a certificate CN
+// and part of MQTT topics, so nothing else may pass.
+func checkRegistrationID(id string) error {
+	if id == "" || len(id) > 128 {
+		return fmt.Errorf("registration id of %d characters: it must have 1 to 128", len(id))
+	}
+	for i := 0; i < len(id); i++ {
+		c := id[i]
+		alnum := c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9'
+		if !alnum && !strings.ContainsRune("-._:", rune(c)) {
+			return fmt.Errorf("registration id %q: character %q at %d is not allowed (letters, digits, '-', '.', '_', ':')", id, c, i)
+		}
+		if i == len(id)-1 && !alnum && c != '-' {
+			return fmt.Errorf("registration id %q must end with a letter, a digit or '-'", id)
+		}
+	}
+	return nil
+}
+
+// checkAPIVersion accepts api-versions shaped like DPS's (2019-03-31,
+// 2025-07-01-preview): a date, optionally "-preview". Which dates the live
+// service accepts is not checked; the shape keeps garbage from comparing
+// as a recent version.
+func checkAPIVersion(v string) error {
+	if v == "" {
+		return errors.New("api-version is required")
+	}
+	date := strings.TrimSuffix(v, "-preview")
+	if _, err := time.Parse(time.DateOnly, date); err != nil || len(date) != len(time.DateOnly) {
+		return fmt.Errorf("api-version %q is not a DPS api-version such as %s", v, MinCertAPIVersion)
+	}
+	return nil
+}
+
 // register handles $dps/registrations/PUT/iotdps-register.
 func (d *DPS) register(cl *mqtt.Client, s *session, rid string, payload []byte) {
 	reply := func(status, retryAfter int, body []byte) { d.answer(cl, rid, status, retryAfter, body) }
+	if err := checkAPIVersion(s.apiVersion); err != nil {
+		reply(400, 0, errorBody(400001, err.Error()))
+		return
+	}
+	if err := checkRegistrationID(s.regID); err != nil {
+		reply(400, 0, errorBody(400004, err.Error()))
+		return
+	}
 	body, ok := decodeRegister(payload, s.regID, "username", reply)
 	if !ok {
 		return
@@ -522,7 +583,7 @@ func (d *DPS) register(cl *mqtt.Client, s *session, rid string, payload []byte) 
 		reply(401, 0, errorBody(401002, err.Error()))
 		return
 	}
-	d.startOperation(s, group, sym, false, body.CSR, reply)
+	d.startOperation(s, group, sym, nil, body.CSR, reply)
 }
 
 // poll handles iotdps-get-operationstatus.
@@ -570,10 +631,11 @@ func decodeRegister(raw []byte, regID, idFrom string, reply replyFunc) (*registe
 
 // startOperation records an authenticated registration's operation and
 // answers 202 assigning: disabled at once when the enrollment is, with its
-// CSR checked (400 if bad) when the api-version carries one. isTPM marks a
+// CSR checked (400 if bad) when the api-version carries one. tpm marks a
 // TPM attestation's operation, whose polls need the TPM's SAS token.
-func (d *DPS) startOperation(s *session, group *Enrollment, sym, isTPM bool, csrB64 *string, reply replyFunc) {
-	op := &operation{id: "4." + newID(), regID: s.regID, readyAt: d.now().Add(d.cfg.Faults.AssignDelay()), group: group, sym: sym}
+func (d *DPS) startOperation(s *session, group *Enrollment, sym bool, tpm *tpmChallengeKey, csrB64 *string, reply replyFunc) {
+	now := d.now()
+	op := &operation{id: "4." + newID(), regID: s.regID, created: now, readyAt: now.Add(d.cfg.Faults.AssignDelay()), group: group, sym: sym, tpm: tpm}
 	if !group.Enabled {
 		op.status, op.result = 200, mustJSON(map[string]any{"operationId": op.id, "status": "disabled",
 			"registrationState": map[string]any{"registrationId": s.regID, "status": "disabled"}})
@@ -587,13 +649,45 @@ func (d *DPS) startOperation(s *session, group *Enrollment, sym, isTPM bool, csr
 	}
 	d.mu.Lock()
 	d.ops[op.id] = op
+	d.pruneOps(now)
 	d.mu.Unlock()
-	if isTPM {
-		d.tpm.mu.Lock()
-		d.tpm.ops[op.id] = true
-		d.tpm.mu.Unlock()
-	}
 	reply(202, d.cfg.RetryAfter, mustJSON(map[string]any{"operationId": op.id, "status": "assigning"}))
+}
+
+// Operations are kept for polling for opTTL; past maxOps of them the
+// oldest go, so a client registering in a loop cannot grow DPS's memory
+// without bound. A pruned operation's poll gets 404, like an unknown one.
+const (
+	opTTL  = time.Hour
+	maxOps = 10000
+)
+
+// pruneOps drops operations older than opTTL once there are more than
+// opsMax, then the oldest until half of opsMax remain. Called with d.mu
+// held.
+func (d *DPS) pruneOps(now time.Time) {
+	limit := d.opsMax
+	if limit <= 0 {
+		limit = maxOps
+	}
+	if len(d.ops) <= limit {
+		return
+	}
+	for id, op := range d.ops {
+		if now.Sub(op.created) > opTTL {
+			delete(d.ops, id)
+		}
+	}
+	if len(d.ops) > limit {
+		all := make([]*operation, 0, len(d.ops))
+		for _, op := range d.ops {
+			all = append(all, op)
+		}
+		slices.SortFunc(all, func(a, b *operation) int { return a.created.Compare(b.created) })
+		for _, op := range all[:len(all)-limit/2] {
+			delete(d.ops, op.id)
+		}
+	}
 }
 
 // lookup finds regID's operation opID, answering 404 when there is none.
@@ -955,6 +1049,8 @@ func (d *DPS) save() error {
 	if d.cfg.StateDir == "" {
 		return nil
 	}
+	d.saveMu.Lock()
+	defer d.saveMu.Unlock()
 	d.mu.Lock()
 	p := persisted{Registrations: d.regs}
 	for _, e := range d.enroll {

@@ -15,6 +15,7 @@ import (
 	"fmt"
 	"io"
 	"log"
+	"mime"
 	"net"
 	"net/http"
 	"strconv"
@@ -47,7 +48,22 @@ func (d *DPS) StartHTTPS(addr string) error {
 	mux := http.NewServeMux()
 	mux.HandleFunc("PUT /{scope}/registrations/{regID}/register", d.httpRegister)
 	mux.HandleFunc("GET /{scope}/registrations/{regID}/operations/{opID}", d.httpPoll)
-	srv := &http.Server{Handler: mux, TLSConfig: tc, ReadHeaderTimeout: 10 * time.Second,
+	// Everything else answers in DPS's error format, not net/http's text.
+	mux.HandleFunc("/{scope}/registrations/{regID}/register", methodNotAllowed("PUT"))
+	mux.HandleFunc("/{scope}/registrations/{regID}/operations/{opID}", methodNotAllowed("GET"))
+	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
+		writeDPS(w, 404, 0, errorBody(404001, "no such resource; DPS serves PUT /{idScope}/registrations/{registrationId}/register and GET .../operations/{operationId}"))
+	})
+	// Every connection is bounded in time: a client that dribbles its
+	// headers or body, does not read its answers, or holds an idle
+	// connection is cut off, so hostile or broken clients cannot pile up
+	// goroutines and buffers.
+	timeout := d.cfg.HTTPTimeout
+	if timeout <= 0 {
+		timeout = 30 * time.Second
+	}
+	srv := &http.Server{Handler: mux, TLSConfig: tc, ReadHeaderTimeout: min(timeout, 10*time.Second),
+		ReadTimeout: timeout, WriteTimeout: 2 * timeout, IdleTimeout: 3 * timeout,
 		ErrorLog: log.New(io.Discard, "", 0), MaxHeaderBytes: 16 << 10}
 	go srv.ServeTLS(nl, "", "")
 	d.tpm.mu.Lock()
@@ -86,6 +102,44 @@ func writeDPS(w http.ResponseWriter, status, retryAfter int, body []byte) {
 	w.Write(body)
 }
 
+// maxBody is DPS's message limit (azure-protocol §1.1).
+const maxBody = 96 << 10
+
+// readBody reads a registration body of at most maxBody bytes, answering
+// 415 for a body that says it is not JSON and 413 for one over the limit
+// (announced or actual) rather than parsing a truncated prefix.
+func readBody(w http.ResponseWriter, r *http.Request) ([]byte, bool) {
+	if ct := r.Header.Get("Content-Type"); ct != "" {
+		mt, _, err := mime.ParseMediaType(ct)
+		if err != nil || mt != "application/json" {
+			writeDPS(w, 415, 0, errorBody(415001, fmt.Sprintf("Content-Type %q is not supported; send application/json", ct)))
+			return nil, false
+		}
+	}
+	if r.ContentLength > maxBody {
+		writeDPS(w, 413, 0, errorBody(413001, fmt.Sprintf("the request body of %d bytes exceeds DPS's limit of %d", r.ContentLength, maxBody)))
+		return nil, false
+	}
+	raw, err := io.ReadAll(http.MaxBytesReader(w, r.Body, maxBody))
+	if mbe := (*http.MaxBytesError)(nil); errors.As(err, &mbe) {
+		writeDPS(w, 413, 0, errorBody(413001, fmt.Sprintf("the request body exceeds DPS's limit of %d bytes", maxBody)))
+		return nil, false
+	}
+	if err != nil {
+		writeDPS(w, 400, 0, errorBody(400004, "reading the request body: "+err.Error()))
+		return nil, false
+	}
+	return raw, true
+}
+
+// methodNotAllowed answers a known path asked with the wrong method.
+func methodNotAllowed(allow string) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Allow", allow)
+		writeDPS(w, 405, 0, errorBody(405001, r.Method+" is not allowed here; use "+allow))
+	}
+}
+
 // httpSession checks scope and api-version and collects the credential.
 func (d *DPS) httpSession(w http.ResponseWriter, r *http.Request) (*session, bool) {
 	if !strings.EqualFold(r.PathValue("scope"), d.cfg.IDScope) {
@@ -93,8 +147,12 @@ func (d *DPS) httpSession(w http.ResponseWriter, r *http.Request) (*session, boo
 		return nil, false
 	}
 	api := r.URL.Query().Get("api-version")
-	if api == "" {
-		writeDPS(w, 400, 0, errorBody(400001, "api-version is required"))
+	if err := checkAPIVersion(api); err != nil {
+		writeDPS(w, 400, 0, errorBody(400001, err.Error()))
+		return nil, false
+	}
+	if err := checkRegistrationID(r.PathValue("regID")); err != nil {
+		writeDPS(w, 400, 0, errorBody(400004, err.Error()))
 		return nil, false
 	}
 	s := &session{regID: r.PathValue("regID"), apiVersion: api, password: r.Header.Get("Authorization")}
@@ -114,9 +172,8 @@ func (d *DPS) httpRegister(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	reply := func(status, retryAfter int, body []byte) { writeDPS(w, status, retryAfter, body) }
-	raw, err := io.ReadAll(io.LimitReader(r.Body, 96<<10))
-	if err != nil {
-		reply(400, 0, errorBody(400004, "The request body is not valid JSON: "+err.Error()))
+	raw, ok := readBody(w, r)
+	if !ok {
 		return
 	}
 	body, ok := decodeRegister(raw, s.regID, "path", reply)
@@ -124,14 +181,19 @@ func (d *DPS) httpRegister(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	var group *Enrollment
-	var sym, isTPM bool
+	var sym bool
+	var tpm *tpmChallengeKey
+	var err error
 	if body.TPM != nil {
-		e, status, errBody := d.tpmAttest(s.regID, body.TPM.EndorsementKey, body.TPM.StorageRootKey, s.password)
+		var e *TPMEnrollment
+		var status int
+		var errBody []byte
+		e, tpm, status, errBody = d.tpmAttest(s.regID, body.TPM.EndorsementKey, body.TPM.StorageRootKey, s.password)
 		if e == nil {
 			reply(status, 0, errBody)
 			return
 		}
-		group, isTPM = &Enrollment{ID: e.RegistrationID, Kind: KindTPM, Enabled: e.Enabled}, true
+		group = &Enrollment{ID: e.RegistrationID, Kind: KindTPM, Enabled: e.Enabled}
 	} else {
 		group, sym, err = d.authenticate(s)
 		if err != nil {
@@ -139,7 +201,7 @@ func (d *DPS) httpRegister(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 	}
-	d.startOperation(s, group, sym, isTPM, body.CSR, reply)
+	d.startOperation(s, group, sym, tpm, body.CSR, reply)
 }
 
 func (d *DPS) httpPoll(w http.ResponseWriter, r *http.Request) {
@@ -153,16 +215,14 @@ func (d *DPS) httpPoll(w http.ResponseWriter, r *http.Request) {
 	if !ok {
 		return
 	}
-	// Every REST request authenticates on its own.
-	d.tpm.mu.Lock()
-	isTPM, hk := d.tpm.ops[opID], d.tpm.keys[strings.ToLower(s.regID)]
-	d.tpm.mu.Unlock()
+	// Every REST request authenticates on its own; a TPM registration's
+	// polls with the key of the challenge it answered.
 	var authErr error
-	if isTPM {
-		if s.password == "" || hk == nil {
+	if op.tpm != nil {
+		if s.password == "" {
 			authErr = errors.New("a TPM registration's status needs the SAS token")
 		} else {
-			authErr = d.checkTPMToken(s.password, s.regID, hk)
+			authErr = d.checkTPMToken(s.password, s.regID, op.tpm.key)
 		}
 	} else {
 		_, _, authErr = d.authenticate(s)
@@ -172,12 +232,8 @@ func (d *DPS) httpPoll(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	var decorate func(*operation)
-	if isTPM {
-		decorate = func(op *operation) {
-			d.tpm.mu.Lock()
-			defer d.tpm.mu.Unlock()
-			op.result = tpmResult(op.result, d.tpm.blobs[strings.ToLower(op.regID)])
-		}
+	if op.tpm != nil {
+		decorate = func(op *operation) { op.result = tpmResult(op.result, op.tpm.blob) }
 	}
 	d.pollOperation(op, "Retry-After", reply, decorate)
 }

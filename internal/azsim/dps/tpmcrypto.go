@@ -64,7 +64,11 @@ func parseRSAPublic(b []byte) (*tpmRSAKey, error) {
 	}
 	k := &tpmRSAKey{attrs: attrs}
 	if symAlg := p.u16(); symAlg == algAES {
-		k.symBits = int(p.u16())
+		// The key size feeds KDFa and AES directly: anything but an AES
+		// key size would make the challenge fail (or worse) later.
+		if k.symBits = int(p.u16()); k.symBits != 128 && k.symBits != 192 && k.symBits != 256 {
+			return nil, fmt.Errorf("AES-%d: want AES-128, AES-192 or AES-256", k.symBits)
+		}
 		if mode := p.u16(); mode != algCFB {
 			return nil, fmt.Errorf("symmetric mode 0x%04x: want CFB", mode)
 		}
@@ -86,7 +90,15 @@ func parseRSAPublic(b []byte) (*tpmRSAKey, error) {
 		return nil, errors.New("not a restricted decryption key")
 	}
 	if exp == 0 {
-		exp = 65537
+		exp = 65537 // the TPM's default exponent
+	}
+	// What RSA-OAEP needs of the key, checked here so that a bad key is
+	// the client's 400 rather than DPS's 500 when the challenge is made.
+	if exp < 3 || exp%2 == 0 || exp > 1<<31-1 {
+		return nil, fmt.Errorf("RSA exponent %d is not an odd number from 3 to 2^31-1", exp)
+	}
+	if mod[0]&0x80 == 0 || mod[255]&1 == 0 {
+		return nil, errors.New("the RSA modulus is not an odd number of 2048 bits")
 	}
 	k.pub = &rsa.PublicKey{N: new(big.Int).SetBytes(mod), E: int(exp)}
 	h := sha256.Sum256(area)

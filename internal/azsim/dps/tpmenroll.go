@@ -41,18 +41,17 @@ type TPMEnrollment struct {
 type tpmState struct {
 	dir string
 
-	mu     sync.Mutex
-	enroll map[string]*TPMEnrollment // by lower-case registration id
-	keys   map[string][]byte         // challenge HMAC key by lower-case registration id
-	blobs  map[string][]byte         // the challenge that carried it (authenticationKey)
-	ops    map[string]bool           // operation ids of TPM registrations
-	tamper func([]byte) []byte
+	mu      sync.Mutex
+	enroll  map[string]*TPMEnrollment   // by lower-case registration id
+	pending map[string]*tpmChallengeKey // the last challenge by lower-case registration id
+	tamper  func([]byte) []byte
+	saveMu  sync.Mutex // one save at a time, so the newest state is the one on disk
 
 	web *httpsServer
 }
 
 func newTPMState(dir string) (*tpmState, error) {
-	t := &tpmState{dir: dir, enroll: map[string]*TPMEnrollment{}, keys: map[string][]byte{}, blobs: map[string][]byte{}, ops: map[string]bool{}}
+	t := &tpmState{dir: dir, enroll: map[string]*TPMEnrollment{}, pending: map[string]*tpmChallengeKey{}}
 	if dir == "" {
 		return t, nil
 	}
@@ -82,6 +81,8 @@ func (t *tpmState) save() error {
 	if t.dir == "" {
 		return nil
 	}
+	t.saveMu.Lock()
+	defer t.saveMu.Unlock()
 	t.mu.Lock()
 	list := make([]*TPMEnrollment, 0, len(t.enroll))
 	for _, e := range t.enroll {
@@ -110,8 +111,8 @@ func checkEK(b64 string) ([]byte, error) {
 
 // PutTPMEnrollment creates or replaces an individual TPM enrollment.
 func (d *DPS) PutTPMEnrollment(e TPMEnrollment) error {
-	if e.RegistrationID == "" {
-		return errors.New("registration id is empty")
+	if err := checkRegistrationID(e.RegistrationID); err != nil {
+		return fmt.Errorf("TPM enrollment: %w", err)
 	}
 	ek, err := checkEK(e.EndorsementKey)
 	if err != nil {
@@ -121,7 +122,7 @@ func (d *DPS) PutTPMEnrollment(e TPMEnrollment) error {
 	t := d.tpm
 	t.mu.Lock()
 	t.enroll[strings.ToLower(e.RegistrationID)] = &e
-	delete(t.keys, strings.ToLower(e.RegistrationID))
+	delete(t.pending, strings.ToLower(e.RegistrationID))
 	t.mu.Unlock()
 	return t.save()
 }
@@ -162,11 +163,17 @@ func (d *DPS) TamperTPMChallenge(f func([]byte) []byte) {
 	d.tpm.mu.Unlock()
 }
 
+// tpmChallengeKey is a challenge handed to a TPM (the authenticationKey)
+// and the HMAC key it carries.
+type tpmChallengeKey struct {
+	blob, key []byte
+}
+
 // tpmAttest is the TPM half of a registration request. Without a SAS
 // token it answers with a challenge (401 + authenticationKey); with one it
 // checks the token against the key of the last challenge and returns the
-// enrollment.
-func (d *DPS) tpmAttest(regID string, ekB64, srkB64, auth string) (*TPMEnrollment, int, []byte) {
+// enrollment and that challenge.
+func (d *DPS) tpmAttest(regID string, ekB64, srkB64, auth string) (*TPMEnrollment, *tpmChallengeKey, int, []byte) {
 	t := d.tpm
 	key := strings.ToLower(regID)
 	t.mu.Lock()
@@ -175,47 +182,47 @@ func (d *DPS) tpmAttest(regID string, ekB64, srkB64, auth string) (*TPMEnrollmen
 	if ok {
 		enr = *e
 	}
-	hk, tamper := t.keys[key], t.tamper
+	ch, tamper := t.pending[key], t.tamper
 	t.mu.Unlock()
 	if !ok {
-		return nil, 401, errorBody(401002, "no TPM enrollment for registration id "+regID)
+		return nil, nil, 401, errorBody(401002, "no TPM enrollment for registration id "+regID)
 	}
 	ek, err := base64.StdEncoding.DecodeString(ekB64)
 	if err != nil || !bytes.Equal(ek, enr.ek) {
-		return nil, 401, errorBody(401002, "the endorsement key does not match the enrollment of "+regID)
+		return nil, nil, 401, errorBody(401002, "the endorsement key does not match the enrollment of "+regID)
 	}
 	if auth == "" {
 		srkRaw, err := base64.StdEncoding.DecodeString(srkB64)
 		if err != nil {
-			return nil, 400, errorBody(400004, "storageRootKey is not base64")
+			return nil, nil, 400, errorBody(400004, "storageRootKey is not base64")
 		}
 		srk, err := parseRSAPublic(srkRaw)
 		if err != nil {
-			return nil, 400, errorBody(400004, "storageRootKey: "+err.Error())
+			return nil, nil, 400, errorBody(400004, "storageRootKey: "+err.Error())
 		}
 		ekKey, err := parseRSAPublic(enr.ek)
 		if err != nil {
-			return nil, 500, errorBody(500000, err.Error())
+			return nil, nil, 500, errorBody(500000, err.Error())
 		}
 		blob, hmacKey, err := tpmChallenge(ekKey, srk)
 		if err != nil {
-			return nil, 500, errorBody(500000, err.Error())
+			return nil, nil, 500, errorBody(500000, err.Error())
 		}
 		t.mu.Lock()
-		t.keys[key], t.blobs[key] = hmacKey, blob
+		t.pending[key] = &tpmChallengeKey{blob: blob, key: hmacKey}
 		t.mu.Unlock()
 		if tamper != nil {
 			blob = tamper(blob)
 		}
-		return nil, 401, mustJSON(map[string]string{"authenticationKey": base64.StdEncoding.EncodeToString(blob)})
+		return nil, nil, 401, mustJSON(map[string]string{"authenticationKey": base64.StdEncoding.EncodeToString(blob)})
 	}
-	if hk == nil {
-		return nil, 401, errorBody(401002, "no challenge was issued to "+regID+"; register without a SAS token first")
+	if ch == nil {
+		return nil, nil, 401, errorBody(401002, "no challenge was issued to "+regID+"; register without a SAS token first")
 	}
-	if err := d.checkTPMToken(auth, regID, hk); err != nil {
-		return nil, 401, errorBody(401002, err.Error())
+	if err := d.checkTPMToken(auth, regID, ch.key); err != nil {
+		return nil, nil, 401, errorBody(401002, err.Error())
 	}
-	return &enr, 0, nil
+	return &enr, ch, 0, nil
 }
 
 // checkTPMToken verifies a SAS token signed with a challenge's HMAC key.
