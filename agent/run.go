@@ -42,6 +42,10 @@ type Options struct {
 	// Reprovision bounds re-registrations after the hub refused the
 	// identity (reprovision.go); default 1 min to 1 h backoff, 4 per hour.
 	Reprovision ReprovisionPolicy
+	// Backlog, if set, is told when the drain starts sending a backlog
+	// (true) and when the outbox is empty again (false); cmd/gwagent gives
+	// the Go runtime a second processor for the while.
+	Backlog func(bool)
 
 	// newWatcher stands in for fsnotify.NewWatcher in tests (export_test.go):
 	// inotify that cannot be had is a fault the kernel gives only when its

@@ -205,13 +205,25 @@ func (a *Agent) drain(ctx context.Context, sess *transport.Session) {
 	defer func() { close(q); <-acker; <-retired }()
 	sys := make(map[string]string, 4)
 	var last uint64
+	backlog := false
+	setBacklog := func(b bool) {
+		if b != backlog && a.opts.Backlog != nil {
+			a.opts.Backlog(b)
+		}
+		backlog = b
+	}
+	defer setBacklog(false)
 	for ctx.Err() == nil {
 		msgs, err := a.outbox.Next(last, 64)
 		if err != nil {
 			a.log.Error("outbox read", "err", err)
 			return
 		}
+		if len(msgs) == 64 {
+			setBacklog(true)
+		}
 		if len(msgs) == 0 {
+			setBacklog(false)
 			a.updateDepth()
 			select {
 			case <-ctx.Done():
