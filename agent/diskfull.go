@@ -1,0 +1,98 @@
+package agent
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"syscall"
+	"time"
+)
+
+// CondDiskFull: a file system the agent writes to (the state directory's,
+// the spool's) has no space or no inodes left. Nothing is lost meanwhile:
+// application messages wait in the spool directory (a spool file is
+// deleted only after the hub acknowledged its message), and status.json is
+// overwritten in place. The condition clears by itself once there is room
+// for a whole message again, and the waiting files are sent without a
+// restart.
+const CondDiskFull Condition = "disk-full"
+
+// diskCheckEvery is how often the agent looks whether space was freed
+// while CondDiskFull is raised (a statfs, nothing written).
+const diskCheckEvery = 5 * time.Second
+
+// noSpace reports whether err says a file system is full (or the quota used up).
+func noSpace(err error) bool {
+	return errors.Is(err, syscall.ENOSPC) || errors.Is(err, syscall.EDQUOT)
+}
+
+func diskFullReason(dir string) string {
+	return fmt.Sprintf("no space left on the file system of %s; free space there (df -h %s; df -i %s for inodes): "+
+		"application messages wait in the spool directory and are sent once there is room", dir, dir, dir)
+}
+
+// noteNoSpace raises CondDiskFull if err says the file system of dir is
+// full, and reports whether it did.
+func (a *Agent) noteNoSpace(dir string, err error) bool {
+	if !noSpace(err) {
+		return false
+	}
+	if !a.diskFull() { // the first directory found full names it
+		a.status.Raise(CondDiskFull, diskFullReason(dir))
+	}
+	return true
+}
+
+// diskFull reports whether CondDiskFull is raised.
+func (a *Agent) diskFull() bool {
+	return a.status.Has(CondDiskFull)
+}
+
+// roomAgain clears CondDiskFull once the file systems of the state and
+// spool directories each have room for a whole message and a few files,
+// and reports whether it did.
+func (a *Agent) roomAgain() bool {
+	cfg := a.cfg.Load()
+	for _, dir := range []string{cfg.StateDir, cfg.Telemetry.SpoolDir} {
+		var fs syscall.Statfs_t
+		if syscall.Statfs(dir, &fs) != nil {
+			return false
+		}
+		if uint64(fs.Bavail)*uint64(fs.Bsize) < 2*hubMessageLimit || (fs.Files > 0 && fs.Ffree < 16) {
+			return false
+		}
+	}
+	a.status.Clear(CondDiskFull)
+	return true
+}
+
+// overwriteInPlace replaces the content of path with b without allocating
+// space: b, padded with spaces (JSON allows them) to the old length, is
+// written over the blocks the file already has. It is the status file's
+// fallback when the file system is full and no new file can be written;
+// not atomic (a crash in the middle may tear it), so only then.
+func overwriteInPlace(path string, b []byte) error {
+	f, err := os.OpenFile(path, os.O_WRONLY|syscall.O_NOFOLLOW|syscall.O_CLOEXEC, 0)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	var st syscall.Stat_t
+	if err := syscall.Fstat(int(f.Fd()), &st); err != nil {
+		return err
+	}
+	if st.Mode&syscall.S_IFMT != syscall.S_IFREG {
+		return fmt.Errorf("%s is not a regular file", path)
+	}
+	if int64(len(b)) > st.Blocks*512 {
+		return fmt.Errorf("overwrite %s in place: %d bytes do not fit in its %d allocated bytes: %w", path, len(b), st.Blocks*512, syscall.ENOSPC)
+	}
+	if pad := st.Size - int64(len(b)); pad > 0 {
+		b = append(b, make([]byte, pad)...)
+		for i := len(b) - int(pad); i < len(b); i++ {
+			b[i] = ' '
+		}
+	}
+	_, err = f.WriteAt(b, 0)
+	return err
+}
