@@ -58,7 +58,7 @@ func (a *Agent) roomAgain() bool {
 		if syscall.Statfs(dir, &fs) != nil {
 			return false
 		}
-		if uint64(fs.Bavail)*uint64(fs.Bsize) < 2*hubMessageLimit || (fs.Files > 0 && fs.Ffree < 16) {
+		if uint64(fs.Bavail)*uint64(fs.Bsize) < hubMessageLimit || (fs.Files > 0 && fs.Ffree < 16) {
 			return false
 		}
 	}
