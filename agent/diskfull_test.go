@@ -20,11 +20,20 @@ import (
 // is lost: a spool file is deleted only after the hub acknowledged its
 // message. Status (read from the file `gwagent status` reads), the log and
 // the health messages say the disk is full and what to do; the agent keeps
-// running; once the hub is back and space is freed, everything is
-// delivered and the condition clears, without a restart.
+// running, and starts again if restarted meanwhile; once the hub is back
+// and space is freed, everything is delivered and the condition clears,
+// without a restart.
+//
+// The file system runs out of inodes (no new file: outbox segment, status
+// temp file, rejected/) or out of blocks (new files, but no data).
 func TestSpoolDiskFull(t *testing.T) {
+	t.Run("out of inodes", func(t *testing.T) { spoolDiskFull(t, "gw-full-inodes", true) })
+	t.Run("out of blocks", func(t *testing.T) { spoolDiskFull(t, "gw-full-blocks", false) })
+}
+
+func spoolDiskFull(t *testing.T, devID string, inodes bool) {
 	az := testenv.StartAzsim(t, azsim.Config{})
-	d := newDevice(t, az, devOpts{regID: "gw-disk-full", symmetric: true})
+	d := newDevice(t, az, devOpts{regID: devID, symmetric: true})
 	testenv.Tmpfs(t, d.cfg.StateDir, "size=1m,nr_inodes=256,mode=0700")
 	if _, err := d.provision(); err != nil {
 		t.Fatal(err)
@@ -51,7 +60,7 @@ func TestSpoolDiskFull(t *testing.T) {
 		os.WriteFile(filepath.Join(stage, fmt.Sprintf("m%02d.json", i)), []byte(fmt.Sprintf(`{"full":%d,"pad":"%s"}`, i, pad)), 0o640)
 	}
 	os.WriteFile(filepath.Join(stage, "broken.json"), []byte(`{"full":`), 0o640)
-	free := testenv.Fill(t, d.cfg.StateDir, true)
+	free := testenv.Fill(t, d.cfg.StateDir, inodes)
 	ents, _ := os.ReadDir(stage)
 	for _, e := range ents {
 		if err := os.Rename(filepath.Join(stage, e.Name()), filepath.Join(spool, e.Name())); err != nil {
@@ -80,26 +89,48 @@ func TestSpoolDiskFull(t *testing.T) {
 	}
 	select {
 	case err := <-r.done:
+		r.done <- err
 		t.Fatalf("the agent stopped: %v", err)
 	default:
+	}
+	// A restart (say, the gateway rebooted) on the full disk: the agent
+	// starts and says the disk is full.
+	r.stop()
+	r = d.start()
+	testenv.Eventually(t, 30*time.Second, "the restarted agent's status", func() bool {
+		select {
+		case err := <-r.done:
+			r.done <- err
+			t.Fatalf("the agent did not start on the full disk: %v", err)
+		default:
+		}
+		st := d.status()
+		_, full := st.Conditions[agent.CondDiskFull]
+		return st.PID == os.Getpid() && st.State != "stopped" && full
+	})
+	select {
+	case err := <-r.done:
+		r.done <- err
+		t.Fatalf("the agent did not start on the full disk: %v", err)
+	case <-time.After(2 * time.Second):
 	}
 
 	// The hub comes back while the disk is still full: what the outbox
 	// holds in memory is delivered, and each file is deleted only after.
 	az.Admin("DELETE", "/faults", nil, nil)
 	testenv.Eventually(t, 60*time.Second, "messages delivered while the disk is full", func() bool {
-		return len(bodiesWith(az, "gw-disk-full", "full")) > 0
+		return len(bodiesWith(az, devID, "full")) > 0
 	})
 	assertNoLoss := func() map[int]bool {
 		t.Helper()
 		got := map[int]bool{}
-		for _, v := range bodiesWith(az, "gw-disk-full", "full") {
+		for _, v := range bodiesWith(az, devID, "full") {
 			got[int(v.(float64))] = true
 		}
 		for i := 0; i < n; i++ {
 			if _, err := os.Lstat(filepath.Join(spool, fmt.Sprintf("m%02d.json", i))); os.IsNotExist(err) && !got[i] {
 				// The file may have gone just after our read of azsim.
-				if !got2(az, i) {
+				if !got2(az, devID, i) {
 					t.Fatalf("spool file %d deleted but its message never reached the hub", i)
 				}
 			}
@@ -126,15 +157,15 @@ func TestSpoolDiskFull(t *testing.T) {
 		_, full := d.status().Conditions[agent.CondDiskFull]
 		return err == nil && !full
 	})
-	if st := d.status(); st.SpoolRejected != 1 {
-		t.Fatalf("spoolRejected = %d, want 1 (the broken file, counted once)", st.SpoolRejected)
+	if ents, _ := os.ReadDir(filepath.Join(spool, "rejected")); len(ents) != 1 {
+		t.Fatalf("%d files in rejected/, want only broken.json", len(ents))
 	}
 	// And new messages flow as before, in the same run.
 	spoolPut(t, spool, "after.json", []byte(`{"after":1}`))
 	testenv.Eventually(t, 20*time.Second, "a message after the episode", func() bool {
-		return len(bodiesWith(az, "gw-disk-full", "after")) == 1
+		return len(bodiesWith(az, devID, "after")) == 1
 	})
-	for _, b := range bodiesWith(az, "gw-disk-full", "full") {
+	for _, b := range bodiesWith(az, devID, "full") {
 		if b == nil {
 			t.Fatal("a broken body was sent")
 		}
@@ -145,8 +176,8 @@ func TestSpoolDiskFull(t *testing.T) {
 }
 
 // got2 looks again whether message i reached the hub.
-func got2(az *testenv.Azsim, i int) bool {
-	for _, v := range bodiesWith(az, "gw-disk-full", "full") {
+func got2(az *testenv.Azsim, devID string, i int) bool {
+	for _, v := range bodiesWith(az, devID, "full") {
 		if int(v.(float64)) == i {
 			return true
 		}

@@ -3,8 +3,9 @@ package transport
 import (
 	"bytes"
 	"errors"
-	"os"
 	"path/filepath"
+	"strconv"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -19,7 +20,7 @@ import (
 // and everything queued is there once, in order.
 func TestOutboxDiskFull(t *testing.T) {
 	mnt := filepath.Join(t.TempDir(), "fs")
-	testenv.Tmpfs(t, mnt, "size=256k")
+	testenv.Tmpfs(t, mnt, "size=256k,nr_inodes=64")
 	dir := filepath.Join(mnt, "outbox")
 	o := openT(t, dir, OutboxOptions{WriteBehind: time.Hour, MaxPendingBytes: 16 << 10})
 	free := testenv.Fill(t, mnt, false)
@@ -77,10 +78,44 @@ func TestOutboxDiskFull(t *testing.T) {
 		}
 	}
 	check(0)
+	lastID := ms[len(ms)-1].ID
 	if err := o.Close(); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := os.Stat(dir); err != nil {
+
+	// Opened again on a disk without a free block or inode (a gateway
+	// rebooted with its disk full): it opens, and ids stay new.
+	free = testenv.Fill(t, mnt, true)
+	defer free()
+	o2, err := OpenOutbox(dir, OutboxOptions{WriteBehind: time.Hour})
+	if err != nil {
+		t.Fatalf("the outbox does not open on a full disk: %v", err)
+	}
+	defer o2.Close()
+	m := &Message{Kind: KindApp, Local: "/spool/m.json", Body: []byte("{}")}
+	if _, err := o2.Put(m); err != nil {
 		t.Fatal(err)
 	}
+	if epochOf(t, m.ID) <= epochOf(t, lastID) {
+		t.Fatalf("id %s after reopening is not of a newer epoch than %s", m.ID, lastID)
+	}
+	o2.Close()
+	o3 := openT(t, dir, OutboxOptions{})
+	m3 := &Message{Kind: KindHealth, Body: []byte("{}")}
+	o3.Put(m3)
+	if epochOf(t, m3.ID) <= epochOf(t, m.ID) {
+		t.Fatalf("the epoch written in place was not read back: id %s after %s", m3.ID, m.ID)
+	}
+}
+
+// epochOf returns the epoch of a default message id (id-epoch.n).
+func epochOf(t *testing.T, id string) uint64 {
+	t.Helper()
+	_, rest, _ := strings.Cut(id, "-")
+	e, _, _ := strings.Cut(rest, ".")
+	n, err := strconv.ParseUint(e, 10, 64)
+	if err != nil {
+		t.Fatalf("id %q: %v", id, err)
+	}
+	return n
 }
