@@ -49,14 +49,29 @@ func spoolDiskFull(t *testing.T, devID string, inodes bool) {
 	}
 	testenv.Eventually(t, 20*time.Second, "the hub out of reach", func() bool { return d.status().State != "connected" })
 
-	// Applications write their files beside the spool on the same file
-	// system and rename them in; meanwhile the disk fills up. More than
-	// the outbox holds in memory (256 KiB), so the outbox must write.
-	const n = 40
+	// A few messages first, which the outbox writes to disk after its
+	// write-behind time: their acks will have no room.
+	const n, early = 45, 5
+	pad := strings.Repeat("x", 8000)
+	for i := n - early; i < n; i++ {
+		spoolPut(t, spool, fmt.Sprintf("m%02d.json", i), []byte(fmt.Sprintf(`{"full":%d,"pad":"%s"}`, i, pad)))
+	}
+	testenv.Eventually(t, 30*time.Second, "the first messages written to the outbox", func() bool {
+		segs, _ := filepath.Glob(filepath.Join(d.cfg.StateDir, "outbox", "*.seg"))
+		for _, p := range segs {
+			if st, err := os.Stat(p); err == nil && st.Size() > int64(early*len(pad)) {
+				return true
+			}
+		}
+		return false
+	})
+
+	// Then applications write their files beside the spool on the same
+	// file system and rename them in; meanwhile the disk fills up. More
+	// than the outbox holds in memory (256 KiB), so the outbox must write.
 	stage := filepath.Join(d.cfg.StateDir, ".stage")
 	os.Mkdir(stage, 0o700)
-	pad := strings.Repeat("x", 8000)
-	for i := 0; i < n; i++ {
+	for i := 0; i < n-early; i++ {
 		os.WriteFile(filepath.Join(stage, fmt.Sprintf("m%02d.json", i)), []byte(fmt.Sprintf(`{"full":%d,"pad":"%s"}`, i, pad)), 0o640)
 	}
 	os.WriteFile(filepath.Join(stage, "broken.json"), []byte(`{"full":`), 0o640)
