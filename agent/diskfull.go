@@ -3,7 +3,6 @@ package agent
 import (
 	"errors"
 	"fmt"
-	"os"
 	"syscall"
 	"time"
 )
@@ -64,35 +63,4 @@ func (a *Agent) roomAgain() bool {
 	}
 	a.status.Clear(CondDiskFull)
 	return true
-}
-
-// overwriteInPlace replaces the content of path with b without allocating
-// space: b, padded with spaces (JSON allows them) to the old length, is
-// written over the blocks the file already has. It is the status file's
-// fallback when the file system is full and no new file can be written;
-// not atomic (a crash in the middle may tear it), so only then.
-func overwriteInPlace(path string, b []byte) error {
-	f, err := os.OpenFile(path, os.O_WRONLY|syscall.O_NOFOLLOW|syscall.O_CLOEXEC, 0)
-	if err != nil {
-		return err
-	}
-	defer f.Close()
-	var st syscall.Stat_t
-	if err := syscall.Fstat(int(f.Fd()), &st); err != nil {
-		return err
-	}
-	if st.Mode&syscall.S_IFMT != syscall.S_IFREG {
-		return fmt.Errorf("%s is not a regular file", path)
-	}
-	if int64(len(b)) > st.Blocks*512 {
-		return fmt.Errorf("overwrite %s in place: %d bytes do not fit in its %d allocated bytes: %w", path, len(b), st.Blocks*512, syscall.ENOSPC)
-	}
-	if pad := st.Size - int64(len(b)); pad > 0 {
-		b = append(b, make([]byte, pad)...)
-		for i := len(b) - int(pad); i < len(b); i++ {
-			b[i] = ' '
-		}
-	}
-	_, err = f.WriteAt(b, 0)
-	return err
 }

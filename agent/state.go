@@ -219,7 +219,7 @@ func (t *statusTracker) write() Status {
 	if err != nil && noSpace(err) {
 		// No room for a new file: say so in the old one's blocks.
 		s, b = t.render(true)
-		err = overwriteInPlace(t.path, b)
+		err = atomicfile.OverwriteInPlace(t.path, b)
 	}
 	if err != nil {
 		t.log.Warn("cannot write status file", "err", err)

@@ -289,38 +289,12 @@ func (o *Outbox) raiseEpoch() error {
 		// On a full disk no new file fits, but the old one's block can
 		// take the new number: the outbox must open, or the agent does
 		// not start until someone frees space.
-		if !errors.Is(err, syscall.ENOSPC) && !errors.Is(err, syscall.EDQUOT) || o.overwriteSmall(p, b) != nil {
+		if !errors.Is(err, syscall.ENOSPC) && !errors.Is(err, syscall.EDQUOT) || atomicfile.OverwriteInPlace(p, b) != nil {
 			return fmt.Errorf("outbox: %w", err)
 		}
 	}
 	o.next = epoch<<epochShift | 1
 	return nil
-}
-
-// overwriteSmall writes b over the start of the existing regular file p,
-// padded with spaces to its old length, within the blocks it already has,
-// and makes it durable. Not atomic: only for a full disk, and only for the
-// epoch, whose number fits in one sector.
-func (o *Outbox) overwriteSmall(p string, b []byte) error {
-	f, err := os.OpenFile(p, os.O_WRONLY|syscall.O_NOFOLLOW, 0)
-	if err != nil {
-		return err
-	}
-	defer f.Close()
-	var st syscall.Stat_t
-	if err := syscall.Fstat(int(f.Fd()), &st); err != nil {
-		return err
-	}
-	if st.Mode&syscall.S_IFMT != syscall.S_IFREG || int64(len(b)) > st.Blocks*512 {
-		return fmt.Errorf("outbox: cannot overwrite %s in place", p)
-	}
-	for int64(len(b)) < st.Size {
-		b = append(b, ' ')
-	}
-	if _, err := f.WriteAt(b, 0); err != nil {
-		return err
-	}
-	return o.fdatasync(f)
 }
 
 func (o *Outbox) loadSegments() error {
