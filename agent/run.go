@@ -74,6 +74,7 @@ type Agent struct {
 	upOnce   sync.Once
 	retimer  chan struct{} // wakes the health loop when the interval changed
 	health   healthSource  // the health loop's own
+	desired  desiredState  // order of desired-properties updates (twin.go)
 
 	spool         spoolState   // spool files in the outbox (spool.go)
 	spoolRejected atomic.Int64 // spool files refused since start

@@ -122,6 +122,22 @@ func (a *Agent) spoolLoop(ctx context.Context) {
 		settle.Reset(max(time.Until(armed), 10*time.Millisecond))
 	}
 	resetSettle()
+	// While a file system is full, look every diskCheckEvery whether space
+	// was freed, and then queue what waited at once.
+	var diskTick *time.Ticker
+	var diskC <-chan time.Time
+	defer func() {
+		if diskTick != nil {
+			diskTick.Stop()
+		}
+	}()
+	watchDisk := func() {
+		if diskTick == nil && a.diskFull() {
+			diskTick = time.NewTicker(diskCheckEvery)
+			diskC = diskTick.C
+		}
+	}
+	watchDisk()
 	for {
 		select {
 		case <-ctx.Done():
@@ -149,6 +165,14 @@ func (a *Agent) spoolLoop(ctx context.Context) {
 				s.file(p)
 			}
 			resetSettle()
+		case <-diskC:
+			if a.roomAgain() {
+				diskTick.Stop()
+				diskTick, diskC = nil, nil
+				s.moveRefused()
+				s.scan()
+				resetSettle()
+			}
 		case <-retry.C:
 			if nd := a.cfg.Load().Telemetry.SpoolDir; nd != s.dir {
 				if err := w.move(nd); err != nil {
@@ -159,8 +183,25 @@ func (a *Agent) spoolLoop(ctx context.Context) {
 					clear(s.pending)
 				}
 			}
+			s.moveRefused()
 			s.scan()
 			resetSettle()
+		}
+		watchDisk()
+	}
+}
+
+// moveRefused tries again to move aside the refused files that could not
+// be moved (say, the disk was full), without warning or counting again.
+func (s *spooler) moveRefused() {
+	for p, sig := range s.refused {
+		var st syscall.Stat_t
+		if syscall.Lstat(p, &st) != nil || sigOf(&st) != sig {
+			continue // gone or changed: looked at afresh by the scan
+		}
+		if dst, err := moveAside(s.dir, filepath.Base(p), time.Now()); err == nil {
+			delete(s.refused, p)
+			s.a.log.Info("refused spool file moved aside now", "file", p, "moved_to", dst)
 		}
 	}
 }
@@ -353,7 +394,12 @@ func (s *spooler) file(path string) {
 	err = a.enqueue(&transport.Message{Kind: transport.KindApp, Body: body, Local: path, ID: spoolID(name, sig, body),
 		System: map[string]string{spoolSystemProps[0][0]: spoolSystemProps[0][1], spoolSystemProps[1][0]: spoolSystemProps[1][1]}})
 	if err != nil {
-		a.log.Error("application message not queued; it stays in the spool directory", "file", path, "err", err)
+		wasFull := a.diskFull()
+		if a.noteNoSpace(a.cfg.Load().StateDir, err) && wasFull {
+			a.log.Debug("application message not queued (disk full); it stays in the spool directory", "file", path, "err", err)
+		} else {
+			a.log.Error("application message not queued; it stays in the spool directory", "file", path, "err", err)
+		}
 		return
 	}
 	a.spool.mu.Lock()
@@ -407,7 +453,8 @@ func (s *spooler) reject(path string, sig fileSig, reason string) {
 	dst, err := moveAside(s.dir, filepath.Base(path), time.Now())
 	if err != nil {
 		s.refused[path] = sig
-		a.log.Warn("spool file refused and left in place (cannot move it aside)", "file", path, "reason", reason, "err", err)
+		a.noteNoSpace(s.dir, err)
+		a.log.Warn("spool file refused and left in place (cannot move it aside; tried again later)", "file", path, "reason", reason, "err", err)
 	} else {
 		a.log.Warn("spool file refused; moved aside", "file", path, "reason", reason, "moved_to", dst)
 	}

@@ -153,6 +153,14 @@ func (t *statusTracker) Clear(c Condition) {
 	}
 }
 
+// Has reports whether condition c is raised.
+func (t *statusTracker) Has(c Condition) bool {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	_, ok := t.st.Conditions[c]
+	return ok
+}
+
 // Update changes other fields; flushed lazily unless force.
 func (t *statusTracker) Update(force bool, f func(*Status)) {
 	t.mu.Lock()
@@ -206,17 +214,38 @@ func (t *statusTracker) changed() {
 }
 
 func (t *statusTracker) write() Status {
+	s, b := t.render(false)
+	err := atomicfile.Write(t.path, b, 0o644)
+	if err != nil && noSpace(err) {
+		// No room for a new file: say so in the old one's blocks.
+		s, b = t.render(true)
+		err = atomicfile.OverwriteInPlace(t.path, b)
+	}
+	if err != nil {
+		t.log.Warn("cannot write status file", "err", err)
+	}
+	return s
+}
+
+// render stamps and encodes the status; with diskFull it raises
+// CondDiskFull first (logged here: the caller is already writing).
+func (t *statusTracker) render(diskFull bool) (Status, []byte) {
 	t.mu.Lock()
+	var raised string
+	if _, had := t.st.Conditions[CondDiskFull]; diskFull && !had {
+		raised = diskFullReason(filepath.Dir(t.path))
+		t.st.Conditions[CondDiskFull] = raised
+	}
 	t.st.UpdatedAt = t.now().UTC()
 	t.lastWrite = t.now()
 	s := t.st
 	s.Conditions = maps.Clone(t.st.Conditions)
 	t.mu.Unlock()
-	b, _ := json.MarshalIndent(s, "", "  ")
-	if err := atomicfile.Write(t.path, append(b, '\n'), 0o644); err != nil {
-		t.log.Warn("cannot write status file", "err", err)
+	if raised != "" {
+		t.log.Warn("condition raised", "condition", string(CondDiskFull), "reason", raised)
 	}
-	return s
+	b, _ := json.MarshalIndent(s, "", "  ")
+	return s, append(b, '\n')
 }
 
 // ReadStatus reads the status file a running (or stopped) agent wrote.

@@ -76,6 +76,7 @@ func (a *Agent) sendHealth() {
 	if err := a.enqueue(&transport.Message{Kind: transport.KindHealth, Body: body,
 		System: map[string]string{"ct": "application/json", "ce": "utf-8"},
 		App:    map[string]string{"type": "health"}}); err != nil {
+		a.noteNoSpace(cfg.StateDir, err)
 		a.log.Warn("health message not queued", "err", err)
 	}
 }

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"sync"
 	"time"
 
 	"github.com/gwagent/gwagent/provisioning"
@@ -16,38 +17,67 @@ import (
 // a slow read must not eat the budget of the report after it.
 const twinRequestTimeout = 30 * time.Second
 
-// onDesired applies a desired-properties patch.
+// desiredState orders desired-properties updates. The MQTT client runs
+// each message's callback on a goroutine of its own (so a callback waiting
+// for a twin answer blocks neither that answer nor other messages), which
+// means two updates in quick succession, or an update and the sync's full
+// read, may be applied in either order: an older one must not undo a newer.
+type desiredState struct {
+	mu       sync.Mutex
+	latest   int64 // newest desired version seen (reported as "av")
+	interval int64 // version of the telemetryInterval in effect
+}
+
+// onDesired applies a desired-properties patch and reports the result. It
+// runs on the MQTT client's goroutine for this message (tracked by calls,
+// under the agent's context); blocking here on the twin answer is fine.
 func (a *Agent) onDesired(patch json.RawMessage, version int64) {
 	if !a.calls.enter() {
 		return
 	}
 	defer a.calls.leave()
-	a.applyDesired(patch)
+	if !a.applyDesired(patch, version) {
+		return // a newer version is in effect and was reported
+	}
 	a.mu.Lock()
 	sess := a.sess
 	a.mu.Unlock()
 	if sess != nil {
-		if err := a.reportInterval(a.callbackCtx(), sess, version); err != nil {
+		if err := a.reportInterval(a.callbackCtx(), sess); err != nil {
 			a.log.Warn("twin report failed", "err", err)
+			return
 		}
+		a.log.Debug("desired properties applied and reported", "version", version)
 	}
 }
 
-func (a *Agent) applyDesired(desired json.RawMessage) {
+// applyDesired applies desired properties of the given version (a patch
+// or the whole document); false if they are older than what is in effect.
+func (a *Agent) applyDesired(desired json.RawMessage, version int64) bool {
 	var d struct {
 		TelemetryInterval *float64 `json:"telemetryInterval"`
 	}
-	if json.Unmarshal(desired, &d) != nil || d.TelemetryInterval == nil {
-		return
+	json.Unmarshal(desired, &d)
+	a.desired.mu.Lock()
+	defer a.desired.mu.Unlock()
+	if d.TelemetryInterval != nil && version > 0 && version < a.desired.interval {
+		a.log.Debug("ignoring desired properties older than those in effect", "version", version, "in_effect", a.desired.interval)
+		return false
 	}
+	a.desired.latest = max(a.desired.latest, version)
+	if d.TelemetryInterval == nil {
+		return true
+	}
+	a.desired.interval = version
 	iv := time.Duration(*d.TelemetryInterval * float64(time.Second))
 	if iv < time.Second {
 		a.log.Warn("ignoring desired telemetryInterval below 1 s", "seconds", *d.TelemetryInterval)
-		return
+		return true
 	}
 	if old := a.setInterval(iv); old != iv {
-		a.log.Info("telemetry interval changed by the twin", "from", old, "to", iv)
+		a.log.Info("telemetry interval changed by the twin", "from", old, "to", iv, "version", version)
 	}
+	return true
 }
 
 // twinRequest runs one twin request under its own deadline and names it in
@@ -61,7 +91,12 @@ func (a *Agent) twinRequest(ctx context.Context, what string, f func(context.Con
 	return nil
 }
 
-func (a *Agent) reportInterval(ctx context.Context, sess *transport.Session, version int64) error {
+// reportInterval reports the interval in effect and the newest desired
+// version seen.
+func (a *Agent) reportInterval(ctx context.Context, sess *transport.Session) error {
+	a.desired.mu.Lock()
+	version := a.desired.latest
+	a.desired.mu.Unlock()
 	patch := map[string]any{"telemetryInterval": map[string]any{
 		"value": time.Duration(a.interval.Load()).Seconds(), "ac": 200, "av": version, "ad": "applied",
 	}}
@@ -77,12 +112,19 @@ func (a *Agent) reportInterval(ctx context.Context, sess *transport.Session, ver
 // retry-after if it sent one) until it succeeds or the session ends.
 func (a *Agent) syncTwin(ctx context.Context, sess *transport.Session, id *provisioning.Identity) {
 	rng := rand.New(rand.NewPCG(uint64(time.Now().UnixNano()), 0x7769))
+	// Versions are per device identity, which may have changed (another
+	// hub or device id after re-provisioning): start afresh.
+	a.desired.mu.Lock()
+	a.desired.latest, a.desired.interval = 0, 0
+	a.desired.mu.Unlock()
 	var done twinSyncDone
 	for attempt := 1; ; attempt++ {
 		err := a.syncTwinOnce(ctx, sess, id, &done)
 		if err == nil {
 			if attempt > 1 {
 				a.log.Info("twin synchronised", "attempts", attempt)
+			} else {
+				a.log.Debug("twin synchronised")
 			}
 			a.status.Clear(CondThrottled)
 			return
@@ -114,7 +156,6 @@ func (a *Agent) syncTwin(ctx context.Context, sess *transport.Session, id *provi
 // which under a hub-wide rate limit would be throttled in turn, forever.
 type twinSyncDone struct {
 	read, reported bool
-	version        int64
 }
 
 func (a *Agent) syncTwinOnce(ctx context.Context, sess *transport.Session, id *provisioning.Identity, done *twinSyncDone) error {
@@ -127,15 +168,15 @@ func (a *Agent) syncTwinOnce(ctx context.Context, sess *transport.Session, id *p
 		if err != nil {
 			return err
 		}
-		a.applyDesired(tw.Desired)
 		var v struct {
 			Version int64 `json:"$version"`
 		}
 		json.Unmarshal(tw.Desired, &v)
-		done.read, done.version = true, v.Version
+		a.applyDesired(tw.Desired, v.Version)
+		done.read = true
 	}
 	if done.reported {
-		return a.reportInterval(ctx, sess, done.version)
+		return a.reportInterval(ctx, sess)
 	}
 	report := map[string]any{
 		"agent": map[string]any{"version": a.opts.Version, "state": a.status.Snapshot().State, "startedAt": a.started.UTC()},
@@ -152,7 +193,7 @@ func (a *Agent) syncTwinOnce(ctx context.Context, sess *transport.Session, id *p
 		return err
 	}
 	done.reported = true
-	return a.reportInterval(ctx, sess, done.version)
+	return a.reportInterval(ctx, sess)
 }
 
 // onMethod answers direct methods.

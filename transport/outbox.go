@@ -284,8 +284,14 @@ func (o *Outbox) raiseEpoch() error {
 	if epoch >= 1<<(64-epochShift) {
 		return fmt.Errorf("outbox: epoch counter exhausted; remove %s to start a new outbox", o.dir)
 	}
-	if err := o.writeFile(p, []byte(strconv.FormatUint(epoch, 10)+"\n")); err != nil {
-		return fmt.Errorf("outbox: %w", err)
+	b := []byte(strconv.FormatUint(epoch, 10) + "\n")
+	if err := o.writeFile(p, b); err != nil {
+		// On a full disk no new file fits, but the old one's block can
+		// take the new number: the outbox must open, or the agent does
+		// not start until someone frees space.
+		if !errors.Is(err, syscall.ENOSPC) && !errors.Is(err, syscall.EDQUOT) || atomicfile.OverwriteInPlace(p, b) != nil {
+			return fmt.Errorf("outbox: %w", err)
+		}
 	}
 	o.next = epoch<<epochShift | 1
 	return nil
@@ -540,6 +546,16 @@ func (o *Outbox) Put(msgs ...*Message) (evicted int, err error) {
 			o.pendBytes += need
 			if o.pendBytes > o.opts.MaxPendingBytes {
 				if err := o.writeOut(len(o.pend) - 1); err != nil {
+					// Memory stays bounded: this message is not queued
+					// after all (its producer keeps it), and the older
+					// ones wait in memory for the next write.
+					o.live = o.live[:len(o.live)-1]
+					o.pend = o.pend[:len(o.pend)-1]
+					o.pendBytes -= need
+					if len(o.pend) == 0 {
+						o.pend = nil
+					}
+					o.arm()
 					o.mu.Unlock()
 					return evicted, err
 				}
@@ -673,10 +689,14 @@ func (o *Outbox) appendRecord(rec []byte) (int64, *segment, error) {
 	}
 	s := o.active
 	if _, err := s.f.WriteAt(rec, s.size); err != nil {
-		// A partial write is skipped by the next open's CRC check; the
-		// in-memory view stays unchanged and the segment is abandoned so
-		// nothing is appended after the damage.
-		o.active = nil
+		// Cut a partial write off (that needs no space), so the segment
+		// stays in use: abandoning it would open a new segment file at
+		// every failed write while the disk is full. Only if that fails is
+		// it abandoned, so nothing is appended after the damage (which the
+		// next open's CRC check skips).
+		if s.f.Truncate(s.size) != nil {
+			o.active = nil
+		}
 		return 0, nil, fmt.Errorf("outbox: write: %w (is the disk full?)", err)
 	}
 	off := s.size

@@ -1,0 +1,66 @@
+package agent
+
+import (
+	"errors"
+	"fmt"
+	"syscall"
+	"time"
+)
+
+// CondDiskFull: a file system the agent writes to (the state directory's,
+// the spool's) has no space or no inodes left. Nothing is lost meanwhile:
+// application messages wait in the spool directory (a spool file is
+// deleted only after the hub acknowledged its message), and status.json is
+// overwritten in place. The condition clears by itself once there is room
+// for a whole message again, and the waiting files are sent without a
+// restart.
+const CondDiskFull Condition = "disk-full"
+
+// diskCheckEvery is how often the agent looks whether space was freed
+// while CondDiskFull is raised (a statfs, nothing written).
+const diskCheckEvery = 5 * time.Second
+
+// noSpace reports whether err says a file system is full (or the quota used up).
+func noSpace(err error) bool {
+	return errors.Is(err, syscall.ENOSPC) || errors.Is(err, syscall.EDQUOT)
+}
+
+func diskFullReason(dir string) string {
+	return fmt.Sprintf("no space left on the file system of %s; free space there (df -h %s; df -i %s for inodes): "+
+		"application messages wait in the spool directory and are sent once there is room", dir, dir, dir)
+}
+
+// noteNoSpace raises CondDiskFull if err says the file system of dir is
+// full, and reports whether it did.
+func (a *Agent) noteNoSpace(dir string, err error) bool {
+	if !noSpace(err) {
+		return false
+	}
+	if !a.diskFull() { // the first directory found full names it
+		a.status.Raise(CondDiskFull, diskFullReason(dir))
+	}
+	return true
+}
+
+// diskFull reports whether CondDiskFull is raised.
+func (a *Agent) diskFull() bool {
+	return a.status.Has(CondDiskFull)
+}
+
+// roomAgain clears CondDiskFull once the file systems of the state and
+// spool directories each have room for a whole message and a few files,
+// and reports whether it did.
+func (a *Agent) roomAgain() bool {
+	cfg := a.cfg.Load()
+	for _, dir := range []string{cfg.StateDir, cfg.Telemetry.SpoolDir} {
+		var fs syscall.Statfs_t
+		if syscall.Statfs(dir, &fs) != nil {
+			return false
+		}
+		if uint64(fs.Bavail)*uint64(fs.Bsize) < hubMessageLimit || (fs.Files > 0 && fs.Ffree < 16) {
+			return false
+		}
+	}
+	a.status.Clear(CondDiskFull)
+	return true
+}
