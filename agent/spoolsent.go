@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -25,12 +26,17 @@ import (
 const spoolSentDir = "sent"
 
 type sentFiles struct {
-	mu   sync.Mutex
-	dir  string // the spool directory dfd and sfd belong to
-	dfd  int    // the spool directory
-	sfd  int    // its sent/ directory, or -1 when it cannot be used
-	kick chan struct{}
+	mu    sync.Mutex
+	dir   string    // the spool directory dfd and sfd belong to
+	dfd   int       // the spool directory
+	sfd   int       // its sent/ directory, or -1 when it cannot be used
+	tried time.Time // when sent/ was last found unusable
+	kick  chan struct{}
 }
+
+// sentRetry is how often an unusable sent/ is tried again (it may have
+// failed for a full disk, or an administrator removed a stray one).
+const sentRetry = time.Minute
 
 func (s *sentFiles) closeLocked() {
 	if s.dir != "" {
@@ -72,9 +78,10 @@ func openSent(dir string) (int, error) {
 // sfd is -1 when sent/ cannot be used.
 func (a *Agent) sentFor(dir string) (dfd, sfd int, err error) {
 	s := &a.sent
-	if s.dir == dir {
+	if s.dir == dir && (s.sfd >= 0 || time.Since(s.tried) < sentRetry) {
 		return s.dfd, s.sfd, nil
 	}
+	warned := s.dir == dir
 	s.closeLocked()
 	dfd, err = unix.Open(dir, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
 	if err != nil {
@@ -82,7 +89,10 @@ func (a *Agent) sentFor(dir string) (dfd, sfd int, err error) {
 	}
 	sfd, err = openSent(dir)
 	if err != nil {
-		a.log.Warn("sent spool files are deleted in place, which is slower on some disks", "err", err)
+		s.tried = time.Now()
+		if !warned {
+			a.log.Warn("sent spool files are deleted in place, which is slower on some disks", "err", err)
+		}
 	}
 	s.dir, s.dfd, s.sfd = dir, dfd, sfd
 	return dfd, sfd, nil
