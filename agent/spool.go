@@ -155,6 +155,12 @@ func (a *Agent) spoolLoop(ctx context.Context) {
 			resetSettle()
 		case err := <-w.errs():
 			a.log.Warn("spool watcher", "err", err)
+			if errors.Is(err, fsnotify.ErrEventOverflow) {
+				// Events were lost (the kernel's queue was full): look
+				// at the whole directory now, not at the next retry.
+				s.scan()
+				resetSettle()
+			}
 		case <-w.tick():
 			w.ticked()
 			s.scan()
