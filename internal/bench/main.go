@@ -684,6 +684,13 @@ func (b *bench) drain(n int) ([]row, error) {
 		connected = first
 	}
 	rate := float64(n) / last.Sub(connected).Seconds()
+	// The agent deletes the delivered spool files in the background; the
+	// second reference runs once that disk work is done, as the first ran
+	// before the spool was filled.
+	waitFor(120*time.Second, func() bool {
+		ents, _ := os.ReadDir(filepath.Join(spool, "sent"))
+		return len(ents) == 0
+	})
 	ref2, err := b.pahoReference(n, "bench-paho-2")
 	if err != nil {
 		return nil, err
