@@ -553,14 +553,24 @@ func TestSWTPMVanishesDuringAttestation(t *testing.T) {
 	testenv.Eventually(t, 30*time.Second, "three reconnections failing for want of the TPM, naming it", func() bool {
 		return failed() >= 3
 	})
-	if st, _ := agent.ReadStatus(state); st.State == "connected" {
+	// gwagent status must point at the TPM, not at the network: the hub
+	// was reached (the handshake got as far as the client's signature).
+	st, _ = agent.ReadStatus(state)
+	if st.State == "connected" {
 		t.Fatal("connected without a TPM")
+	}
+	msg = st.Conditions[agent.CondKeyStoreUnavailable]
+	if !strings.Contains(msg, relay.Sock+" stopped answering") || !strings.Contains(msg, "swtpm") {
+		t.Errorf("the TPM outage while connected is not reported as %s naming the TPM: %v", agent.CondKeyStoreUnavailable, st.Conditions)
+	}
+	if r, ok := st.Conditions[agent.CondHubUnreachable]; ok {
+		t.Errorf("a TPM outage is reported as %s (%s): the user would look at the network", agent.CondHubUnreachable, r)
 	}
 	sw.Restart()
 	relay.up()
-	testenv.Eventually(t, 60*time.Second, "reconnected", func() bool {
+	testenv.Eventually(t, 60*time.Second, "reconnected, no conditions left", func() bool {
 		st, err := agent.ReadStatus(state)
-		return err == nil && st.State == "connected"
+		return err == nil && st.State == "connected" && len(st.Conditions) == 0
 	})
 	if id := d.current(); id.Serial != serial {
 		t.Fatalf("the identity changed (serial %s, was %s): a TPM outage was taken for a refused identity", id.Serial, serial)
