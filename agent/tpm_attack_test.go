@@ -579,3 +579,62 @@ func TestSWTPMVanishesDuringAttestation(t *testing.T) {
 		t.Fatalf("the agent re-provisioned because the TPM was gone:\n%s", r.log.String())
 	}
 }
+
+// Another program fills the TPM (a swtpm socket: no resource manager) with
+// objects it never flushes, long after the agent flushed the TPM at start.
+// The agent's next signature (the TLS handshake of a reconnection) finds
+// no room, flushes the leftovers, says so, and reconnects with its key:
+// no key-store-unavailable, no restart needed.
+func TestTPMFilledByAnotherProgramWhileConnected(t *testing.T) {
+	az, sw, regID, _ := enrolledSWTPM(t)
+	dir := t.TempDir()
+	d := &device{t: t, az: az, dir: dir, path: filepath.Join(dir, "gwagent.toml")}
+	cfg, state := tpmAgentConfig(t, az, sw.Sock)
+	b, _ := os.ReadFile(cfg)
+	d.write(string(b))
+	r := d.start()
+	waitHealth(t, az, state, regID, 0)
+	serial := d.current().Serial
+
+	tr, err := linuxudstpm.Open(sw.Sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	leaked := 0
+	for ; leaked < 64; leaked++ {
+		_, err := tpm.CreatePrimary{PrimaryHandle: tpm.TPMRHOwner, InPublic: tpm.New2B(tpm.ECCSRKTemplate)}.Execute(tr)
+		if errors.Is(err, tpm.TPMRCObjectMemory) {
+			break
+		}
+		if err != nil {
+			t.Fatalf("leaking objects: %v", err)
+		}
+	}
+	tr.Close()
+	if leaked == 0 || leaked == 64 {
+		t.Fatalf("leaked %d objects: the TPM did not fill up", leaked)
+	}
+	connects := func() int { return strings.Count(r.log.String(), "to=connected") }
+	before := connects()
+	az.Admin("POST", "/faults/drop", map[string]any{"target": "hub"}, nil)
+	testenv.Eventually(t, 60*time.Second, "reconnected with the TPM full of another program's objects", func() bool {
+		st, err := agent.ReadStatus(state)
+		return err == nil && st.State == "connected" && connects() > before
+	})
+	l := r.log.String()
+	if !strings.Contains(l, fmt.Sprintf("the TPM was full: flushed transient objects and sessions another program left in it (it has no resource manager) and retried\" tpm=\"tpm2:socket=%s\" count=%d", sw.Sock, leaked)) {
+		t.Errorf("the agent does not say it flushed the %d leaked objects:\n%s", leaked, l)
+	}
+	if strings.Contains(l, "OBJECT_MEMORY") {
+		t.Errorf("a signature failed for want of TPM memory:\n%s", l)
+	}
+	if st, _ := agent.ReadStatus(state); len(st.Conditions) != 0 {
+		t.Errorf("conditions after the reconnection: %v", st.Conditions)
+	}
+	if id := d.current(); id.Serial != serial {
+		t.Fatalf("the identity changed (serial %s, was %s)", id.Serial, serial)
+	}
+	if left := tpmLeftovers(t, sw.Sock); len(left) != 0 {
+		t.Fatalf("the TPM holds %#x", left)
+	}
+}

@@ -61,8 +61,9 @@ type Store struct {
 	// room for objects or sessions (see locked); nil otherwise.
 	mem *memWatch
 	// leakFlushed counts handles flushed after Open because the TPM was
-	// full of them.
+	// full of them; onLeak, if set, hears of each such flush.
 	leakFlushed int
+	onLeak      func(n int)
 }
 
 var (
@@ -356,9 +357,18 @@ func (s *Store) locked(f func() error) error {
 		return err
 	}
 	s.leakFlushed += n
+	if s.onLeak != nil {
+		s.onLeak(n)
+	}
 	s.mem.full = false
 	return f()
 }
+
+// OnLeakFlushed sets a function told how many handles were flushed each
+// time an operation found the TPM full of another program's leftovers (see
+// locked); it runs with the store's lock held and must not use the store.
+// Set it before the store is shared.
+func (s *Store) OnLeakFlushed(f func(n int)) { s.onLeak = f }
 
 func (s *Store) flush(h tpm.TPMHandle) {
 	_, _ = tpm.FlushContext{FlushHandle: h}.Execute(s.tpm)
