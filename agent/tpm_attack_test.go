@@ -638,3 +638,40 @@ func TestTPMFilledByAnotherProgramWhileConnected(t *testing.T) {
 		t.Fatalf("the TPM holds %#x", left)
 	}
 }
+
+// The same outage with the operational key at a persistent handle: the
+// key cannot even be opened for the handshake (reading the handle fails).
+// Still the TPM's problem, not the network's.
+func TestTPMGoneWhileConnectedPersistentKey(t *testing.T) {
+	az, _, regID, relay := enrolledSWTPM(t)
+	dir := t.TempDir()
+	d := &device{t: t, az: az, dir: dir, path: filepath.Join(dir, "gwagent.toml")}
+	cfg, state := tpmAgentConfig(t, az, relay.Sock)
+	b, _ := os.ReadFile(cfg)
+	toml := strings.Replace(string(b), fmt.Sprintf("blob=%s/op.tpmkey", state), "handle=0x81000100", 1)
+	if toml == string(b) {
+		t.Fatal("no blob= in the config to replace")
+	}
+	d.write(toml)
+	r := d.start()
+	waitHealth(t, az, state, regID, 0)
+
+	relay.down()
+	az.Admin("POST", "/faults/drop", map[string]any{"target": "hub"}, nil)
+	testenv.Eventually(t, 30*time.Second, "a failed reconnection", func() bool {
+		return strings.Contains(r.log.String(), "hub connection failed")
+	})
+	st, _ := agent.ReadStatus(state)
+	msg := st.Conditions[agent.CondKeyStoreUnavailable]
+	if !strings.Contains(msg, "0x81000100") || !strings.Contains(msg, relay.Sock+" stopped answering") {
+		t.Errorf("the TPM outage is not reported as %s naming the key and the TPM: %v", agent.CondKeyStoreUnavailable, st.Conditions)
+	}
+	if r, ok := st.Conditions[agent.CondHubUnreachable]; ok {
+		t.Errorf("a TPM outage is reported as %s: %s", agent.CondHubUnreachable, r)
+	}
+	relay.up()
+	testenv.Eventually(t, 60*time.Second, "reconnected, no conditions left", func() bool {
+		st, err := agent.ReadStatus(state)
+		return err == nil && st.State == "connected" && len(st.Conditions) == 0
+	})
+}
