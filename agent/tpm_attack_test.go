@@ -587,13 +587,7 @@ func TestSWTPMVanishesDuringAttestation(t *testing.T) {
 // no key-store-unavailable, no restart needed.
 func TestTPMFilledByAnotherProgramWhileConnected(t *testing.T) {
 	az, sw, regID, _ := enrolledSWTPM(t)
-	dir := t.TempDir()
-	d := &device{t: t, az: az, dir: dir, path: filepath.Join(dir, "gwagent.toml")}
-	cfg, state := tpmAgentConfig(t, az, sw.Sock)
-	b, _ := os.ReadFile(cfg)
-	d.write(string(b))
-	r := d.start()
-	waitHealth(t, az, state, regID, 0)
+	d, r, state := startTPMDevice(t, az, sw.Sock, regID, nil)
 	serial := d.current().Serial
 
 	tr, err := linuxudstpm.Open(sw.Sock)
@@ -644,17 +638,12 @@ func TestTPMFilledByAnotherProgramWhileConnected(t *testing.T) {
 // Still the TPM's problem, not the network's.
 func TestTPMGoneWhileConnectedPersistentKey(t *testing.T) {
 	az, _, regID, relay := enrolledSWTPM(t)
-	dir := t.TempDir()
-	d := &device{t: t, az: az, dir: dir, path: filepath.Join(dir, "gwagent.toml")}
-	cfg, state := tpmAgentConfig(t, az, relay.Sock)
-	b, _ := os.ReadFile(cfg)
-	toml := strings.Replace(string(b), fmt.Sprintf("blob=%s/op.tpmkey", state), "handle=0x81000100", 1)
-	if toml == string(b) {
-		t.Fatal("no blob= in the config to replace")
+	_, r, state := startTPMDevice(t, az, relay.Sock, regID, func(toml, state string) string {
+		return strings.Replace(toml, fmt.Sprintf("blob=%s/op.tpmkey", state), "handle=0x81000100", 1)
+	})
+	if !strings.Contains(r.log.String(), "0x81000100") {
+		t.Fatalf("the operational key is not at the handle:\n%s", r.log.String())
 	}
-	d.write(toml)
-	r := d.start()
-	waitHealth(t, az, state, regID, 0)
 
 	relay.down()
 	az.Admin("POST", "/faults/drop", map[string]any{"target": "hub"}, nil)
@@ -674,4 +663,23 @@ func TestTPMGoneWhileConnectedPersistentKey(t *testing.T) {
 		st, err := agent.ReadStatus(state)
 		return err == nil && st.State == "connected" && len(st.Conditions) == 0
 	})
+}
+
+// startTPMDevice starts the agent in this process on the TPM config of
+// tpmAgentConfig (changed by edit, if set) and waits until it has
+// provisioned, connected and sent health.
+func startTPMDevice(t *testing.T, az *testenv.Azsim, sock, regID string, edit func(toml, state string) string) (*device, *running, string) {
+	t.Helper()
+	dir := t.TempDir()
+	d := &device{t: t, az: az, dir: dir, path: filepath.Join(dir, "gwagent.toml")}
+	cfg, state := tpmAgentConfig(t, az, sock)
+	b, _ := os.ReadFile(cfg)
+	toml := string(b)
+	if edit != nil {
+		toml = edit(toml, state)
+	}
+	d.write(toml)
+	r := d.start()
+	waitHealth(t, az, state, regID, 0)
+	return d, r, state
 }

@@ -183,14 +183,7 @@ func TestSIGKILLDuringAttestation(t *testing.T) {
 	if len(left) != 3 {
 		t.Fatalf("the TPM holds %#x after a kill with the EK, the SRK and the policy session loaded; the simulation is broken", left)
 	}
-	tr, err := linuxudstpm.Open(sw.Sock)
-	if err != nil {
-		t.Fatal(err)
-	}
-	raw, err := New(tr, sw.Sock)
-	if err != nil {
-		t.Fatal(err)
-	}
+	raw := unflushed(t, sw.Sock)
 	ek, srk, err := raw.DPSPublics(ctx)
 	if err == nil {
 		blob, _, _ := dps.TPMChallenge(ek, srk)
@@ -228,6 +221,21 @@ func TestSIGKILLDuringAttestation(t *testing.T) {
 			attestOK(t, sw.Sock, len(left))
 		})
 	}
+}
+
+// unflushed opens a Store that neither flushes at open nor when the TPM is
+// full (New, as over a resource manager): what gwagent did before.
+func unflushed(t *testing.T, sock string) *Store {
+	t.Helper()
+	tr, err := linuxudstpm.Open(sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, err := New(tr, sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s
 }
 
 // attestOK opens the TPM as the agent does after a restart: it must flush
@@ -458,32 +466,10 @@ func TestLockoutAfterUncleanResets(t *testing.T) {
 	noLeaks(t, s)
 }
 
-// leakObjects loads primaries through its own connection to swtpm and
-// never flushes them, as a buggy or killed program beside the agent would,
-// until the TPM has no object slot left; it returns how many it leaked.
-func leakObjects(t *testing.T, sock string) int {
-	t.Helper()
-	tr, err := linuxudstpm.Open(sock)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer tr.Close()
-	for n := 0; n < 64; n++ {
-		_, err := tpm.CreatePrimary{PrimaryHandle: tpm.TPMRHOwner, InPublic: tpm.New2B(tpm.ECCSRKTemplate)}.Execute(tr)
-		if errors.Is(err, tpm.TPMRCObjectMemory) {
-			return n
-		}
-		if err != nil {
-			t.Fatalf("leaking objects: %v", err)
-		}
-	}
-	t.Fatal("64 objects loaded and the TPM is not full")
-	return 0
-}
-
-// leakSessions starts sessions and never flushes them, until the TPM has
-// no room for another loaded session.
-func leakSessions(t *testing.T, sock string) int {
+// fill runs cmd through its own connection to swtpm and never flushes what
+// it makes, as a buggy or killed program beside the agent would, until the
+// TPM has no room for another; it returns how many it left.
+func fill(t *testing.T, sock, what string, cmd func(transport.TPM) error) int {
 	t.Helper()
 	tr, err := linuxudstpm.Open(sock)
 	if err != nil {
@@ -491,21 +477,37 @@ func leakSessions(t *testing.T, sock string) int {
 	}
 	defer tr.Close()
 	for n := 0; n < 128; n++ {
+		err := cmd(tr)
+		if errors.Is(err, tpm.TPMRCObjectMemory) || errors.Is(err, tpm.TPMRCSessionMemory) || errors.Is(err, tpm.TPMRCSessionHandles) {
+			return n
+		}
+		if err != nil {
+			t.Fatalf("leaking %s: %v", what, err)
+		}
+	}
+	t.Fatalf("128 %s left and the TPM is not full", what)
+	return 0
+}
+
+func leakObjects(t *testing.T, sock string) int {
+	t.Helper()
+	return fill(t, sock, "objects", func(tr transport.TPM) error {
+		_, err := tpm.CreatePrimary{PrimaryHandle: tpm.TPMRHOwner, InPublic: tpm.New2B(tpm.ECCSRKTemplate)}.Execute(tr)
+		return err
+	})
+}
+
+func leakSessions(t *testing.T, sock string) int {
+	t.Helper()
+	return fill(t, sock, "sessions", func(tr transport.TPM) error {
 		_, err := tpm.StartAuthSession{
 			TPMKey: tpm.TPMRHNull, Bind: tpm.TPMRHNull, SessionType: tpm.TPMSEHMAC,
 			NonceCaller: tpm.TPM2BNonce{Buffer: make([]byte, 16)},
 			Symmetric:   tpm.TPMTSymDef{Algorithm: tpm.TPMAlgNull},
 			AuthHash:    tpm.TPMAlgSHA256,
 		}.Execute(tr)
-		if errors.Is(err, tpm.TPMRCSessionMemory) || errors.Is(err, tpm.TPMRCSessionHandles) {
-			return n
-		}
-		if err != nil {
-			t.Fatalf("leaking sessions: %v", err)
-		}
-	}
-	t.Fatal("128 sessions started and the TPM is not full")
-	return 0
+		return err
+	})
 }
 
 // Another program leaks objects and sessions into a TPM without a resource
@@ -529,14 +531,7 @@ func TestLeakAfterOpen(t *testing.T) {
 	// The leak is real and fatal to a store that does not flush.
 	n := leakObjects(t, sw.Sock)
 	t.Logf("leaked %d objects; the TPM is full", n)
-	tr, err := linuxudstpm.Open(sw.Sock)
-	if err != nil {
-		t.Fatal(err)
-	}
-	raw, err := New(tr, sw.Sock)
-	if err != nil {
-		t.Fatal(err)
-	}
+	raw := unflushed(t, sw.Sock)
 	rk, err := raw.Signer(ctx, u)
 	if err == nil {
 		d := sha512.Sum384([]byte("x"))
