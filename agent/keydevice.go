@@ -80,9 +80,11 @@ type keyStoreError struct{ err error }
 func (e *keyStoreError) Error() string { return e.err.Error() }
 func (e *keyStoreError) Unwrap() error { return e.err }
 
-// watchedSigner remembers how its signatures went: crypto/tls reports a
-// signer's failure as text ("tls: failed to sign handshake: ..."), without
-// the error itself, so keystore.ErrDeviceAbsent and the like would be lost.
+// watchedSigner remembers how its signatures went: the error of a signer
+// that failed in a TLS handshake reaches dial only as text (TLS 1.3 in
+// crypto/tls makes it "tls: failed to sign handshake: ...", paho formats
+// connection errors with %s), so keystore.ErrDeviceAbsent and the like
+// would be lost.
 type watchedSigner struct {
 	crypto.Signer
 	mu   sync.Mutex

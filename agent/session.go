@@ -60,9 +60,9 @@ func (a *Agent) dial(ctx context.Context, id *provisioning.Identity) (*transport
 	}
 	if err != nil {
 		if serr := signer.failure(); serr != nil {
-			// crypto/tls flattens the signer's error into text: the cause
-			// is taken from the signer itself. The hub was reached; the key
-			// store could not sign the handshake.
+			// The signer's error arrives here as text (watchedSigner): the
+			// cause is taken from the signer itself. The hub was reached;
+			// the key store could not sign the handshake.
 			return nil, &keyStoreError{fmt.Errorf("hub %s: signing the TLS handshake with the operational key: %w", id.AssignedHub, serr)}
 		}
 		return nil, err
