@@ -647,8 +647,13 @@ func TestTPMGoneWhileConnectedPersistentKey(t *testing.T) {
 
 	relay.down()
 	az.Admin("POST", "/faults/drop", map[string]any{"target": "hub"}, nil)
-	testenv.Eventually(t, 30*time.Second, "a failed reconnection", func() bool {
-		return strings.Contains(r.log.String(), "hub connection failed")
+	testenv.Eventually(t, 30*time.Second, "a reconnection failed for want of the TPM", func() bool {
+		for _, l := range strings.Split(r.log.String(), "\n") {
+			if strings.Contains(l, "hub connection failed") && strings.Contains(l, relay.Sock+" stopped answering") {
+				return true
+			}
+		}
+		return false
 	})
 	st, _ := agent.ReadStatus(state)
 	msg := st.Conditions[agent.CondKeyStoreUnavailable]
