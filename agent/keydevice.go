@@ -1,8 +1,11 @@
 package agent
 
 import (
+	"crypto"
 	"errors"
+	"io"
 	"os"
+	"sync"
 	"time"
 
 	"github.com/gwagent/gwagent/keystore"
@@ -67,4 +70,47 @@ func (a *Agent) absentTPMs() []string {
 		}
 	}
 	return out
+}
+
+// keyStoreError is a hub connection that failed because the operational
+// key could not be opened or could not sign the TLS handshake (TPM gone,
+// token pulled, key missing): the key store's problem, not the network's.
+type keyStoreError struct{ err error }
+
+func (e *keyStoreError) Error() string { return e.err.Error() }
+func (e *keyStoreError) Unwrap() error { return e.err }
+
+// watchedSigner remembers how its signatures went: the error of a signer
+// that failed in a TLS handshake reaches dial only as text (TLS 1.3 in
+// crypto/tls makes it "tls: failed to sign handshake: ...", paho formats
+// connection errors with %s), so keystore.ErrDeviceAbsent and the like
+// would be lost.
+type watchedSigner struct {
+	crypto.Signer
+	mu   sync.Mutex
+	err  error // the last failure, nil once a signature succeeded
+	good bool
+}
+
+func (w *watchedSigner) Sign(r io.Reader, digest []byte, opts crypto.SignerOpts) ([]byte, error) {
+	sig, err := w.Signer.Sign(r, digest, opts)
+	w.mu.Lock()
+	w.err = err
+	w.good = w.good || err == nil
+	w.mu.Unlock()
+	return sig, err
+}
+
+// failure is the error of the last signature, if it failed.
+func (w *watchedSigner) failure() error {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.err
+}
+
+// signed reports whether a signature succeeded.
+func (w *watchedSigner) signed() bool {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.good
 }

@@ -34,6 +34,10 @@ func agentKeys(log *slog.Logger) *Keys {
 // flushed what a killed process had left loaded (tpm2.Store).
 type staleFlusher interface{ StaleFlushed() int }
 
+// leakFlusher is a TPM store that flushes what another program leaked into
+// a TPM without a resource manager when an operation finds it full.
+type leakFlusher interface{ OnLeakFlushed(func(n int)) }
+
 // Store returns the open store for u, opening it on first use.
 func (k *Keys) Store(ctx context.Context, u *keystore.URI) (keystore.KeyStore, error) {
 	id := u.StoreID()
@@ -46,6 +50,12 @@ func (k *Keys) Store(ctx context.Context, u *keystore.URI) (keystore.KeyStore, e
 	}
 	if f, ok := ks.(staleFlusher); ok && f.StaleFlushed() > 0 && k.log != nil {
 		k.log.Warn("flushed transient objects and sessions a killed process left in the TPM (it has no resource manager)", "tpm", id, "count", f.StaleFlushed())
+	}
+	if f, ok := ks.(leakFlusher); ok && k.log != nil {
+		log := k.log
+		f.OnLeakFlushed(func(n int) {
+			log.Warn("the TPM was full: flushed transient objects and sessions another program left in it (it has no resource manager) and retried", "tpm", id, "count", n)
+		})
 	}
 	k.stores[id] = ks
 	return ks, nil

@@ -94,7 +94,14 @@ func (a *Agent) lifecycle(ctx context.Context) {
 		if err != nil {
 			failures++
 			d := a.reconnectDelay(failures)
-			a.status.Raise(CondHubUnreachable, err.Error())
+			if ke := (*keyStoreError)(nil); errors.As(err, &ke) {
+				// The hub is not the problem: `gwagent status` must point
+				// at the TPM or token. Cleared by the next signature.
+				a.status.Raise(CondKeyStoreUnavailable, err.Error())
+				a.status.Clear(CondHubUnreachable)
+			} else {
+				a.status.Raise(CondHubUnreachable, err.Error())
+			}
 			if a.identityRefused(err) && !a.cfg.Load().Static() {
 				// The documented recovery: the hub no longer accepts this
 				// identity (disabled, deleted, moved); register again,

@@ -22,12 +22,11 @@ func (a *Agent) dial(ctx context.Context, id *provisioning.Identity) (*transport
 	if err != nil {
 		return nil, err
 	}
-	signer, err := a.keys.Signer(ctx, u)
+	key, err := a.keys.Signer(ctx, u)
 	if err != nil {
-		a.status.Raise(CondKeyStoreUnavailable, err.Error())
-		return nil, fmt.Errorf("operational key: %w", err)
+		return nil, &keyStoreError{fmt.Errorf("operational key: %w", err)}
 	}
-	a.status.Clear(CondKeyStoreUnavailable)
+	signer := &watchedSigner{Signer: key}
 	roots, err := tlsconf.LoadPool(cfg.TrustBundle)
 	if err != nil {
 		return nil, err
@@ -56,7 +55,16 @@ func (a *Agent) dial(ctx context.Context, id *provisioning.Identity) (*transport
 		},
 		Network: nw,
 	})
+	if err == nil || signer.signed() {
+		a.status.Clear(CondKeyStoreUnavailable)
+	}
 	if err != nil {
+		if serr := signer.failure(); serr != nil {
+			// The signer's error arrives here as text (watchedSigner): the
+			// cause is taken from the signer itself. The hub was reached;
+			// the key store could not sign the handshake.
+			return nil, &keyStoreError{fmt.Errorf("hub %s: signing the TLS handshake with the operational key: %w", id.AssignedHub, serr)}
+		}
 		return nil, err
 	}
 	used := sess.Transport()

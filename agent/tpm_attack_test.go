@@ -553,14 +553,24 @@ func TestSWTPMVanishesDuringAttestation(t *testing.T) {
 	testenv.Eventually(t, 30*time.Second, "three reconnections failing for want of the TPM, naming it", func() bool {
 		return failed() >= 3
 	})
-	if st, _ := agent.ReadStatus(state); st.State == "connected" {
+	// gwagent status must point at the TPM, not at the network: the hub
+	// was reached (the handshake got as far as the client's signature).
+	st, _ = agent.ReadStatus(state)
+	if st.State == "connected" {
 		t.Fatal("connected without a TPM")
+	}
+	msg = st.Conditions[agent.CondKeyStoreUnavailable]
+	if !strings.Contains(msg, relay.Sock+" stopped answering") || !strings.Contains(msg, "swtpm") {
+		t.Errorf("the TPM outage while connected is not reported as %s naming the TPM: %v", agent.CondKeyStoreUnavailable, st.Conditions)
+	}
+	if r, ok := st.Conditions[agent.CondHubUnreachable]; ok {
+		t.Errorf("a TPM outage is reported as %s (%s): the user would look at the network", agent.CondHubUnreachable, r)
 	}
 	sw.Restart()
 	relay.up()
-	testenv.Eventually(t, 60*time.Second, "reconnected", func() bool {
+	testenv.Eventually(t, 60*time.Second, "reconnected, no conditions left", func() bool {
 		st, err := agent.ReadStatus(state)
-		return err == nil && st.State == "connected"
+		return err == nil && st.State == "connected" && len(st.Conditions) == 0
 	})
 	if id := d.current(); id.Serial != serial {
 		t.Fatalf("the identity changed (serial %s, was %s): a TPM outage was taken for a refused identity", id.Serial, serial)
@@ -568,4 +578,113 @@ func TestSWTPMVanishesDuringAttestation(t *testing.T) {
 	if strings.Contains(r.log.String(), "re-provision") {
 		t.Fatalf("the agent re-provisioned because the TPM was gone:\n%s", r.log.String())
 	}
+}
+
+// Another program fills the TPM (a swtpm socket: no resource manager) with
+// objects it never flushes, long after the agent flushed the TPM at start.
+// The agent's next signature (the TLS handshake of a reconnection) finds
+// no room, flushes the leftovers, says so, and reconnects with its key:
+// no key-store-unavailable, no restart needed.
+func TestTPMFilledByAnotherProgramWhileConnected(t *testing.T) {
+	az, sw, regID, _ := enrolledSWTPM(t)
+	d, r, state := startTPMDevice(t, az, sw.Sock, regID, nil)
+	serial := d.current().Serial
+
+	tr, err := linuxudstpm.Open(sw.Sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	leaked := 0
+	for ; leaked < 64; leaked++ {
+		_, err := tpm.CreatePrimary{PrimaryHandle: tpm.TPMRHOwner, InPublic: tpm.New2B(tpm.ECCSRKTemplate)}.Execute(tr)
+		if errors.Is(err, tpm.TPMRCObjectMemory) {
+			break
+		}
+		if err != nil {
+			t.Fatalf("leaking objects: %v", err)
+		}
+	}
+	tr.Close()
+	if leaked == 0 || leaked == 64 {
+		t.Fatalf("leaked %d objects: the TPM did not fill up", leaked)
+	}
+	connects := func() int { return strings.Count(r.log.String(), "to=connected") }
+	before := connects()
+	az.Admin("POST", "/faults/drop", map[string]any{"target": "hub"}, nil)
+	testenv.Eventually(t, 60*time.Second, "reconnected with the TPM full of another program's objects", func() bool {
+		st, err := agent.ReadStatus(state)
+		return err == nil && st.State == "connected" && connects() > before
+	})
+	l := r.log.String()
+	if !strings.Contains(l, fmt.Sprintf("the TPM was full: flushed transient objects and sessions another program left in it (it has no resource manager) and retried\" tpm=\"tpm2:socket=%s\" count=%d", sw.Sock, leaked)) {
+		t.Errorf("the agent does not say it flushed the %d leaked objects:\n%s", leaked, l)
+	}
+	if strings.Contains(l, "OBJECT_MEMORY") {
+		t.Errorf("a signature failed for want of TPM memory:\n%s", l)
+	}
+	if st, _ := agent.ReadStatus(state); len(st.Conditions) != 0 {
+		t.Errorf("conditions after the reconnection: %v", st.Conditions)
+	}
+	if id := d.current(); id.Serial != serial {
+		t.Fatalf("the identity changed (serial %s, was %s)", id.Serial, serial)
+	}
+	if left := tpmLeftovers(t, sw.Sock); len(left) != 0 {
+		t.Fatalf("the TPM holds %#x", left)
+	}
+}
+
+// The same outage with the operational key at a persistent handle: the
+// key cannot even be opened for the handshake (reading the handle fails).
+// Still the TPM's problem, not the network's.
+func TestTPMGoneWhileConnectedPersistentKey(t *testing.T) {
+	az, _, regID, relay := enrolledSWTPM(t)
+	_, r, state := startTPMDevice(t, az, relay.Sock, regID, func(toml, state string) string {
+		return strings.Replace(toml, fmt.Sprintf("blob=%s/op.tpmkey", state), "handle=0x81000100", 1)
+	})
+	if !strings.Contains(r.log.String(), "0x81000100") {
+		t.Fatalf("the operational key is not at the handle:\n%s", r.log.String())
+	}
+
+	relay.down()
+	az.Admin("POST", "/faults/drop", map[string]any{"target": "hub"}, nil)
+	testenv.Eventually(t, 30*time.Second, "a reconnection failed for want of the TPM", func() bool {
+		for _, l := range strings.Split(r.log.String(), "\n") {
+			if strings.Contains(l, "hub connection failed") && strings.Contains(l, relay.Sock+" stopped answering") {
+				return true
+			}
+		}
+		return false
+	})
+	st, _ := agent.ReadStatus(state)
+	msg := st.Conditions[agent.CondKeyStoreUnavailable]
+	if !strings.Contains(msg, "0x81000100") || !strings.Contains(msg, relay.Sock+" stopped answering") {
+		t.Errorf("the TPM outage is not reported as %s naming the key and the TPM: %v", agent.CondKeyStoreUnavailable, st.Conditions)
+	}
+	if r, ok := st.Conditions[agent.CondHubUnreachable]; ok {
+		t.Errorf("a TPM outage is reported as %s: %s", agent.CondHubUnreachable, r)
+	}
+	relay.up()
+	testenv.Eventually(t, 60*time.Second, "reconnected, no conditions left", func() bool {
+		st, err := agent.ReadStatus(state)
+		return err == nil && st.State == "connected" && len(st.Conditions) == 0
+	})
+}
+
+// startTPMDevice starts the agent in this process on the TPM config of
+// tpmAgentConfig (changed by edit, if set) and waits until it has
+// provisioned, connected and sent health.
+func startTPMDevice(t *testing.T, az *testenv.Azsim, sock, regID string, edit func(toml, state string) string) (*device, *running, string) {
+	t.Helper()
+	dir := t.TempDir()
+	d := &device{t: t, az: az, dir: dir, path: filepath.Join(dir, "gwagent.toml")}
+	cfg, state := tpmAgentConfig(t, az, sock)
+	b, _ := os.ReadFile(cfg)
+	toml := string(b)
+	if edit != nil {
+		toml = edit(toml, state)
+	}
+	d.write(toml)
+	r := d.start()
+	waitHealth(t, az, state, regID, 0)
+	return d, r, state
 }

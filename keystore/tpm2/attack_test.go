@@ -10,6 +10,8 @@ package tpm2
 import (
 	"context"
 	"crypto"
+	"crypto/rand"
+	"crypto/sha512"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -181,14 +183,7 @@ func TestSIGKILLDuringAttestation(t *testing.T) {
 	if len(left) != 3 {
 		t.Fatalf("the TPM holds %#x after a kill with the EK, the SRK and the policy session loaded; the simulation is broken", left)
 	}
-	tr, err := linuxudstpm.Open(sw.Sock)
-	if err != nil {
-		t.Fatal(err)
-	}
-	raw, err := New(tr, sw.Sock)
-	if err != nil {
-		t.Fatal(err)
-	}
+	raw := unflushed(t, sw.Sock)
 	ek, srk, err := raw.DPSPublics(ctx)
 	if err == nil {
 		blob, _, _ := dps.TPMChallenge(ek, srk)
@@ -226,6 +221,21 @@ func TestSIGKILLDuringAttestation(t *testing.T) {
 			attestOK(t, sw.Sock, len(left))
 		})
 	}
+}
+
+// unflushed opens a Store that neither flushes at open nor when the TPM is
+// full (New, as over a resource manager): what gwagent did before.
+func unflushed(t *testing.T, sock string) *Store {
+	t.Helper()
+	tr, err := linuxudstpm.Open(sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, err := New(tr, sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s
 }
 
 // attestOK opens the TPM as the agent does after a restart: it must flush
@@ -454,4 +464,118 @@ func TestLockoutAfterUncleanResets(t *testing.T) {
 		t.Fatalf("after the lockout was cleared: %v", err)
 	}
 	noLeaks(t, s)
+}
+
+// fill runs cmd through its own connection to swtpm and never flushes what
+// it makes, as a buggy or killed program beside the agent would, until the
+// TPM has no room for another; it returns how many it left.
+func fill(t *testing.T, sock, what string, cmd func(transport.TPM) error) int {
+	t.Helper()
+	tr, err := linuxudstpm.Open(sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tr.Close()
+	for n := 0; n < 128; n++ {
+		err := cmd(tr)
+		if errors.Is(err, tpm.TPMRCObjectMemory) || errors.Is(err, tpm.TPMRCSessionMemory) || errors.Is(err, tpm.TPMRCSessionHandles) {
+			return n
+		}
+		if err != nil {
+			t.Fatalf("leaking %s: %v", what, err)
+		}
+	}
+	t.Fatalf("128 %s left and the TPM is not full", what)
+	return 0
+}
+
+func leakObjects(t *testing.T, sock string) int {
+	t.Helper()
+	return fill(t, sock, "objects", func(tr transport.TPM) error {
+		_, err := tpm.CreatePrimary{PrimaryHandle: tpm.TPMRHOwner, InPublic: tpm.New2B(tpm.ECCSRKTemplate)}.Execute(tr)
+		return err
+	})
+}
+
+func leakSessions(t *testing.T, sock string) int {
+	t.Helper()
+	return fill(t, sock, "sessions", func(tr transport.TPM) error {
+		_, err := tpm.StartAuthSession{
+			TPMKey: tpm.TPMRHNull, Bind: tpm.TPMRHNull, SessionType: tpm.TPMSEHMAC,
+			NonceCaller: tpm.TPM2BNonce{Buffer: make([]byte, 16)},
+			Symmetric:   tpm.TPMTSymDef{Algorithm: tpm.TPMAlgNull},
+			AuthHash:    tpm.TPMAlgSHA256,
+		}.Execute(tr)
+		return err
+	})
+}
+
+// Another program leaks objects and sessions into a TPM without a resource
+// manager after the store opened (the flush at open is long past): the
+// store's next operation finds the TPM full, flushes what it does not hold
+// and tries once more, so the agent keeps signing and attesting instead of
+// failing with TPM_RC_OBJECT_MEMORY until it is restarted.
+func TestLeakAfterOpen(t *testing.T) {
+	ctx := context.Background()
+	sw := testenv.StartSWTPM(t)
+	dir := t.TempDir()
+	u := keystore.MustParse(fmt.Sprintf("tpm2:socket=%s;blob=%s", sw.Sock, filepath.Join(dir, "k.tpmkey")))
+	s := openSock(t, sw.Sock).(*Store)
+	defer s.Close()
+	k, err := s.CreateKey(ctx, u)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sign(t, k)
+
+	// The leak is real and fatal to a store that does not flush.
+	n := leakObjects(t, sw.Sock)
+	t.Logf("leaked %d objects; the TPM is full", n)
+	raw := unflushed(t, sw.Sock)
+	rk, err := raw.Signer(ctx, u)
+	if err == nil {
+		d := sha512.Sum384([]byte("x"))
+		_, err = rk.Sign(rand.Reader, d[:], crypto.SHA384)
+	}
+	raw.Close()
+	if !errors.Is(err, tpm.TPMRCObjectMemory) {
+		t.Fatalf("signing next to the leak: got %v, want TPM_RC_OBJECT_MEMORY; the simulation is broken", err)
+	}
+
+	t.Run("objects, then sign", func(t *testing.T) {
+		sign(t, k)
+		if left := leftovers(t, sw.Sock); len(left) != 0 {
+			t.Fatalf("the TPM still holds %#x", left)
+		}
+	})
+	t.Run("objects, then create", func(t *testing.T) {
+		leakObjects(t, sw.Sock)
+		u2 := keystore.MustParse(fmt.Sprintf("tpm2:socket=%s;blob=%s;handle=0x81000300", sw.Sock, filepath.Join(dir, "k2.tpmkey")))
+		k2, err := s.CreateKey(ctx, u2)
+		if err != nil {
+			t.Fatal(err)
+		}
+		leakObjects(t, sw.Sock)
+		sign(t, k2)
+	})
+	t.Run("objects and sessions, then attest", func(t *testing.T) {
+		leakObjects(t, sw.Sock)
+		t.Logf("leaked %d sessions", leakSessions(t, sw.Sock))
+		ek, srk, err := s.DPSPublics(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		leakObjects(t, sw.Sock)
+		leakSessions(t, sw.Sock)
+		blob, _, err := dps.TPMChallenge(ek, srk)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := s.DPSSign(ctx, blob, []byte("token")); err != nil {
+			t.Fatalf("attesting after another program filled the TPM: %v", err)
+		}
+		if left := leftovers(t, sw.Sock); len(left) != 0 {
+			t.Fatalf("the TPM still holds %#x", left)
+		}
+	})
 }

@@ -19,6 +19,7 @@ import (
 	"crypto"
 	"crypto/ecdsa"
 	"encoding/asn1"
+	"encoding/binary"
 	"encoding/pem"
 	"errors"
 	"fmt"
@@ -55,6 +56,14 @@ type Store struct {
 	closed bool
 
 	staleFlushed int // handles a dead process left, flushed by Open
+
+	// mem, on a TPM without a resource manager, sees the TPM run out of
+	// room for objects or sessions (see locked); nil otherwise.
+	mem *memWatch
+	// leakFlushed counts handles flushed after Open because the TPM was
+	// full of them; onLeak, if set, hears of each such flush.
+	leakFlushed int
+	onLeak      func(n int)
 }
 
 var (
@@ -101,15 +110,41 @@ func Open(ctx context.Context, u *keystore.URI) (keystore.KeyStore, error) {
 	if socket {
 		hint = "is swtpm running? Start it again on its state directory"
 	}
+	var mem *memWatch
+	if socket || !managed(path) {
+		mem = &memWatch{TPMCloser: tr}
+		tr = mem
+	}
 	s, err := New(answering{TPMCloser: tr, name: path, hint: hint}, path)
 	if err != nil {
 		tr.Close()
 		return nil, err
 	}
-	if socket || !managed(path) {
-		s.flushStale()
+	if mem != nil {
+		s.mem = mem
+		s.staleFlushed = s.flushStale()
 	}
 	return s, nil
+}
+
+// memWatch notes a TPM answering that it has no room left for another
+// object or session. It looks at the response code itself: several
+// callers report a TPM's refusal as text (%v), and the code must not be
+// lost. Used under the Store's lock.
+type memWatch struct {
+	transport.TPMCloser
+	full bool
+}
+
+func (m *memWatch) Send(cmd []byte) ([]byte, error) {
+	rsp, err := m.TPMCloser.Send(cmd)
+	if err == nil && len(rsp) >= 10 {
+		switch tpm.TPMRC(binary.BigEndian.Uint32(rsp[6:10])) {
+		case tpm.TPMRCObjectMemory, tpm.TPMRCSessionMemory, tpm.TPMRCSessionHandles:
+			m.full = true
+		}
+	}
+	return rsp, err
 }
 
 // answering marks a failure to reach the TPM at all (swtpm gone, the
@@ -185,7 +220,6 @@ func (s *Store) flushStale() int {
 			}
 		}
 	}
-	s.staleFlushed = n
 	return n
 }
 
@@ -217,6 +251,15 @@ func (s *Store) handles(ht tpm.TPMHT) ([]tpm.TPMHandle, error) {
 // process that died in the middle of a TPM operation, flushed when this
 // Store opened a TPM without a resource manager.
 func (s *Store) StaleFlushed() int { return s.staleFlushed }
+
+// LeakFlushed is the number of transient objects and sessions flushed
+// since Open because another program left the TPM (one without a resource
+// manager) full of them.
+func (s *Store) LeakFlushed() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.leakFlushed
+}
 
 // New makes a Store over an open TPM transport and probes for P-384. A TPM
 // without P-384 still opens (its endorsement key can be the onboarding
@@ -282,14 +325,50 @@ var keyTemplate = tpm.TPMTPublic{
 }
 
 // locked runs f with the TPM lock held.
+//
+// On a TPM without a resource manager, another program that leaks objects
+// or sessions after Open (a crash, a tpm2-tools command killed half way)
+// fills the TPM's few slots, and every operation would fail with
+// TPM_RC_OBJECT_MEMORY or TPM_RC_SESSION_MEMORY until the agent restarts.
+// So when f failed and the TPM said it was full, the stale handles are
+// flushed and f runs once more. That is safe for the same reasons as the
+// flush at Open: f has returned and flushed everything it loaded (every
+// operation does, on success and on error), the lock keeps any other
+// operation of this Store out, and such a TPM serves one client at a time
+// (/dev/tpm0 is exclusive; a swtpm socket is documented as one client), so
+// nothing loaded in it is in use. Every f is safe to run again: an
+// operation that fails leaves no half-made key behind.
 func (s *Store) locked(f func() error) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.closed {
 		return errors.New("tpm2: key store is closed")
 	}
+	if s.mem == nil {
+		return f()
+	}
+	s.mem.full = false
+	err := f()
+	if err == nil || !s.mem.full {
+		return err
+	}
+	n := s.flushStale()
+	if n == 0 {
+		return err
+	}
+	s.leakFlushed += n
+	if s.onLeak != nil {
+		s.onLeak(n)
+	}
+	s.mem.full = false
 	return f()
 }
+
+// OnLeakFlushed sets a function told how many handles were flushed each
+// time an operation found the TPM full of another program's leftovers (see
+// locked); it runs with the store's lock held and must not use the store.
+// Set it before the store is shared.
+func (s *Store) OnLeakFlushed(f func(n int)) { s.onLeak = f }
 
 func (s *Store) flush(h tpm.TPMHandle) {
 	_, _ = tpm.FlushContext{FlushHandle: h}.Execute(s.tpm)
@@ -306,7 +385,7 @@ func (s *Store) flush(h tpm.TPMHandle) {
 // created for each operation and flushed after, as before.
 func (s *Store) srk() (tpm.AuthHandle, func(), error) {
 	rp, err := (tpm.ReadPublic{ObjectHandle: srkHandle}).Execute(s.tpm)
-	if errors.Is(err, keystore.ErrDeviceAbsent) {
+	if errors.Is(err, keystore.ErrDeviceAbsent) || warning(err) {
 		return tpm.AuthHandle{}, nil, fmt.Errorf("tpm2: reading the storage root key: %w", err)
 	}
 	if err == nil {
@@ -338,6 +417,15 @@ func (s *Store) srk() (tpm.AuthHandle, func(), error) {
 	return tpm.AuthHandle{Handle: srkHandle, Name: rsp.Name, Auth: tpm.PasswordAuth(nil)}, func() {}, nil
 }
 
+// warning reports whether err is a TPM warning: a passing condition (no
+// room for another object or session, busy, self-testing), not an answer
+// about the handle asked for. A key must not be taken for gone (and
+// replaced) because the TPM was full.
+func warning(err error) bool {
+	var rc tpm.TPMRC
+	return errors.As(err, &rc) && rc.IsWarning()
+}
+
 // isStorageKey: a restricted decryption key that cannot leave the TPM, as
 // an SRK is.
 func isStorageKey(p *tpm.TPM2BPublic) bool {
@@ -355,7 +443,7 @@ func isStorageKey(p *tpm.TPM2BPublic) bool {
 // not be taken for gone (and replaced) because swtpm was restarting.
 func (s *Store) persisted(h uint32) (tpm.TPM2BName, *tpm.TPM2BPublic, bool, error) {
 	rp, err := (tpm.ReadPublic{ObjectHandle: tpm.TPMHandle(h)}).Execute(s.tpm)
-	if errors.Is(err, keystore.ErrDeviceAbsent) {
+	if errors.Is(err, keystore.ErrDeviceAbsent) || warning(err) {
 		return tpm.TPM2BName{}, nil, false, fmt.Errorf("tpm2: reading handle 0x%08X: %w", h, err)
 	}
 	if err != nil {
@@ -426,6 +514,9 @@ func (s *Store) CreateKey(ctx context.Context, u *keystore.URI) (crypto.Signer, 
 		if handle != 0 {
 			ld, err := tpm.Load{ParentHandle: parent, InPrivate: cr.OutPrivate, InPublic: cr.OutPublic}.Execute(s.tpm)
 			if err != nil {
+				if blob != "" {
+					os.Remove(blob)
+				}
 				return fmt.Errorf("tpm2 create: load: %w", err)
 			}
 			defer s.flush(ld.ObjectHandle)
