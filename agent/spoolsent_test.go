@@ -95,6 +95,21 @@ func TestSpoolSentHostile(t *testing.T) {
 			if !strings.Contains(r.log.String(), "sent spool files are deleted in place") {
 				t.Fatal("no warning about the unusable sent/ directory")
 			}
+			if kind != "symlink" {
+				return
+			}
+			// Once the link is gone, sent/ is tried again (after a minute;
+			// here at once) and the agent makes its own.
+			os.Remove(sent)
+			r.a.RetrySentNow()
+			for i := 5; i < 8; i++ {
+				spoolPut(t, spool, fmt.Sprintf("h%d.json", i), []byte(fmt.Sprintf(`{"hostile":%d}`, i)))
+			}
+			testenv.Eventually(t, 30*time.Second, "delivered through the agent's own sent/", func() bool {
+				fi, err := os.Lstat(sent)
+				ents, _ := os.ReadDir(sent)
+				return len(bodiesWith(az, reg, "hostile")) == 8 && err == nil && fi.IsDir() && fi.Mode().Perm() == 0o700 && len(ents) == 0
+			})
 		})
 	}
 }
