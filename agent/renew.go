@@ -123,19 +123,39 @@ func (a *Agent) renewLoop(ctx context.Context, sess *transport.Session, id *prov
 		}
 		if !due {
 			timer := time.NewTimer(next.Sub(now))
+			// While a file system is full (a renewal may have failed for
+			// want of space), look every diskCheckEvery whether space was
+			// freed, and then retry at once instead of after the backoff.
+			var diskC <-chan time.Time
+			stop := timer.Stop
+			if a.diskFull() {
+				tick := time.NewTicker(diskCheckEvery)
+				diskC = tick.C
+				stop = func() bool { tick.Stop(); return timer.Stop() }
+			}
 			select {
 			case <-ctx.Done():
-				timer.Stop()
+				stop()
 				return
 			case why = <-a.renewNow:
-				timer.Stop()
+				stop()
 			case <-timer.C:
+				stop()
 				continue // re-evaluate with the clock
+			case <-diskC:
+				stop()
+				if !a.diskFull() || a.roomAgain() {
+					a.mu.Lock()
+					a.retryAt = time.Time{}
+					a.mu.Unlock()
+				}
+				continue
 			}
 		}
 		a.log.Info("renewing the operational certificate", "reason", why, "serial", id.Serial, "not_after", id.NotAfter)
 		err := a.renew(ctx, sess, id)
 		if err == nil {
+			a.wroteAgain()
 			a.mu.Lock()
 			a.renewFailures, a.retryAt, a.hubUnanswered = 0, time.Time{}, 0
 			a.mu.Unlock()
@@ -171,6 +191,8 @@ func (a *Agent) scheduleRetry(id *provisioning.Identity, err error) {
 	a.retryAt = now.Add(d)
 	n := a.renewFailures
 	a.mu.Unlock()
+	err = spaceAdvice(cfg, err)
+	a.noteFullDisk(err) // then renewLoop retries as soon as there is room
 	a.status.Raise(CondRenewalFailed, err.Error())
 	a.log.Error("certificate renewal failed", "err", err, "attempt", n, "retry_in", d.Round(time.Second), "not_after", id.NotAfter)
 }
