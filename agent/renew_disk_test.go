@@ -30,12 +30,18 @@ import (
 //     new certificate is used.
 //
 // The disk is first full to the last block, then (the harder case) has
-// room for the new key but not for the chain the hub then issues.
+// room for the new key but not for the chain the hub then issues. The file
+// system runs out of blocks, or out of inodes (no new file at all: not the
+// key, not a generation directory).
 func TestRenewalDiskFull(t *testing.T) {
 	az := testenv.StartAzsim(t, azsim.Config{CertLifetime: 60 * time.Second})
-	const devID = "gw-renew-diskfull"
+	t.Run("out of blocks", func(t *testing.T) { t.Parallel(); renewalDiskFull(t, az, "gw-renew-full-blocks", false) })
+	t.Run("out of inodes", func(t *testing.T) { t.Parallel(); renewalDiskFull(t, az, "gw-renew-full-inodes", true) })
+}
+
+func renewalDiskFull(t *testing.T, az *testenv.Azsim, devID string, inodes bool) {
 	d := newDevice(t, az, devOpts{regID: devID, extra: fastRenewal})
-	testenv.Tmpfs(t, d.cfg.StateDir, "size=2m,mode=0700")
+	testenv.Tmpfs(t, d.cfg.StateDir, "size=2m,nr_inodes=256,mode=0700")
 	old, err := d.provision()
 	if err != nil {
 		t.Fatal(err)
@@ -64,7 +70,7 @@ func TestRenewalDiskFull(t *testing.T) {
 	}
 	r := d.start()
 	testenv.Eventually(t, 20*time.Second, "connected", func() bool { return d.status().State == "connected" })
-	free := testenv.Fill(t, d.cfg.StateDir, false)
+	free := testenv.Fill(t, d.cfg.StateDir, inodes)
 	send(0)
 	// The renewal is due at half of the 60 s lifetime; it fails for want
 	// of space, and is retried.
@@ -91,15 +97,9 @@ func TestRenewalDiskFull(t *testing.T) {
 	assertDiskFullReported(t, d, r)
 	assertOldIdentityIntact(t, d, old)
 
-	// Room for a key (one page) but not for the chain the hub issues.
-	fill := filepath.Join(d.cfg.StateDir, ".fill", "blocks")
-	fst, err := os.Stat(fill)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := os.Truncate(fill, fst.Size()-4096); err != nil {
-		t.Fatal(err)
-	}
+	// Room for a key (one page, or one inode) but not for the chain the
+	// hub issues.
+	roomForOne(t, d, inodes)
 	failed := strings.Count(r.log.String(), "certificate renewal failed")
 	testenv.Eventually(t, 30*time.Second, "another failed renewal with room for the key only", func() bool {
 		return strings.Count(r.log.String(), "certificate renewal failed") > failed+1
@@ -162,20 +162,13 @@ func TestProvisionDiskFull(t *testing.T) {
 	assertNoHalfWritten(t, d)
 
 	// Room for the key but not for the identity.
-	fill := filepath.Join(d.cfg.StateDir, ".fill", "blocks")
-	fst, err := os.Stat(fill)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := os.Truncate(fill, fst.Size()-4096); err != nil {
-		t.Fatal(err)
-	}
+	roomForOne(t, d, false)
 	if _, err = d.provision(); err == nil || !strings.Contains(err.Error(), "free space") {
 		t.Fatalf("provisioning with room for the key only: %v, want a full-disk error", err)
 	}
 	assertNotProvisioned(t, d)
 	assertNoHalfWritten(t, d)
-	refill(t, fill)
+	refill(t, filepath.Join(d.cfg.StateDir, ".fill", "blocks"))
 
 	// The agent started on the fresh, full state directory cannot even open
 	// its outbox: it stops at once, saying why and what to do (systemd
@@ -317,5 +310,24 @@ func refill(t *testing.T, fill string) {
 			}
 			return
 		}
+	}
+}
+
+// roomForOne frees one page (or one inode) of the filled file system.
+func roomForOne(t *testing.T, d *device, inodes bool) {
+	t.Helper()
+	fill := filepath.Join(d.cfg.StateDir, ".fill")
+	if inodes {
+		if err := os.Remove(filepath.Join(fill, "0")); err != nil {
+			t.Fatal(err)
+		}
+		return
+	}
+	st, err := os.Stat(filepath.Join(fill, "blocks"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Truncate(filepath.Join(fill, "blocks"), st.Size()-4096); err != nil {
+		t.Fatal(err)
 	}
 }
