@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -330,4 +331,51 @@ func roomForOne(t *testing.T, d *device, inodes bool) {
 	if err := os.Truncate(filepath.Join(fill, "blocks"), st.Size()-4096); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// A renewal that failed for want of space is retried as soon as space is
+// freed, not after its backoff (retry_max is an hour by default; ten
+// minutes here). The agent's clock runs ahead so that the two-hour
+// certificate is due for renewal; it is set back once renewed.
+func TestRenewalRetriedOnceSpaceFreed(t *testing.T) {
+	az := testenv.StartAzsim(t, azsim.Config{CertLifetime: 2 * time.Hour})
+	const devID = "gw-renew-space-freed"
+	d := newDevice(t, az, devOpts{regID: devID, extra: `
+[renewal]
+threshold = 0.5
+jitter = "1s"
+floor = "1s"
+retry_min = "10m"
+retry_max = "10m"
+issue_timeout = "10s"
+`})
+	testenv.Tmpfs(t, d.cfg.StateDir, "size=2m,nr_inodes=256,mode=0700")
+	old, err := d.provision()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var ahead atomic.Int64
+	r := d.start(func() time.Time { return time.Now().Add(time.Duration(ahead.Load())) })
+	testenv.Eventually(t, 20*time.Second, "connected", func() bool { return d.status().State == "connected" })
+	free := testenv.Fill(t, d.cfg.StateDir, true)
+	ahead.Store(int64(65 * time.Minute))
+	r.a.RequestRenewal("test: the clock moved past the planned renewal")
+	testenv.Eventually(t, 20*time.Second, "a renewal failing for want of space", func() bool {
+		return strings.Contains(r.log.String(), "certificate renewal failed")
+	})
+	assertDiskFullReported(t, d, r)
+	assertOldIdentityIntact(t, d, old)
+
+	free()
+	testenv.Eventually(t, 30*time.Second, "renewed without waiting out the ten-minute backoff", func() bool {
+		cur, err := storeCurrent(d)
+		return err == nil && cur.Serial != old.Serial
+	})
+	ahead.Store(0)
+	testenv.Eventually(t, 20*time.Second, "connected with the new certificate, disk-full cleared", func() bool {
+		cur, err := storeCurrent(d)
+		st := d.status()
+		_, full := st.Conditions[agent.CondDiskFull]
+		return err == nil && st.State == "connected" && st.CertSerial == cur.Serial && !full
+	})
 }
