@@ -269,7 +269,7 @@ func spaceAdvice(cfg *Config, err error) error {
 	}
 	dir := cfg.StateDir
 	var pe *fs.PathError
-	if errors.As(err, &pe) && !strings.HasPrefix(pe.Path, filepath.Clean(dir)+string(filepath.Separator)) {
+	if errors.As(err, &pe) && pe.Path != filepath.Clean(dir) && !strings.HasPrefix(pe.Path, filepath.Clean(dir)+string(filepath.Separator)) {
 		dir = filepath.Dir(pe.Path)
 	}
 	return &errNoSpace{err: err, dir: dir}

@@ -30,8 +30,10 @@ import (
 //   - once space is freed, the renewal completes without a restart and the
 //     new certificate is used.
 //
-// The disk is first full to the last block, then (the harder case) has
-// room for the new key but not for the chain the hub then issues. The file
+// The disk is first full to the last block, then has room for a new key
+// but not for a whole renewal. While it is full, the agent does not ask the
+// hub for a certificate it could not store (that would spend the issuance
+// quota on every retry). The file
 // system runs out of blocks, or out of inodes (no new file at all: not the
 // key, not a generation directory).
 func TestRenewalDiskFull(t *testing.T) {
@@ -84,6 +86,8 @@ func renewalDiskFull(t *testing.T, az *testenv.Azsim, devID string, inodes bool)
 		t.Fatalf("state %q with serial %s, want connected with the old certificate %s", st.State, st.CertSerial, old.Serial)
 	}
 
+	noCertificateAskedFor(t, r)
+
 	// A restart (say, the gateway rebooted) on the still full disk.
 	r.stop()
 	r = d.start()
@@ -98,8 +102,8 @@ func renewalDiskFull(t *testing.T, az *testenv.Azsim, devID string, inodes bool)
 	assertDiskFullReported(t, d, r)
 	assertOldIdentityIntact(t, d, old)
 
-	// Room for a key (one page, or one inode) but not for the chain the
-	// hub issues.
+	// Room for a key (one page, or one inode) but not for a whole
+	// renewal.
 	roomForOne(t, d, inodes)
 	failed := strings.Count(r.log.String(), "certificate renewal failed")
 	testenv.Eventually(t, 30*time.Second, "another failed renewal with room for the key only", func() bool {
@@ -107,6 +111,7 @@ func renewalDiskFull(t *testing.T, az *testenv.Azsim, devID string, inodes bool)
 	})
 	assertOldIdentityIntact(t, d, old)
 	send(2)
+	noCertificateAskedFor(t, r)
 
 	// Space is freed: the renewal completes without a restart.
 	free()
@@ -196,8 +201,9 @@ func TestProvisionDiskFull(t *testing.T) {
 		t.Fatalf("refuse: %d", st)
 	}
 	r = d.start()
-	testenv.Eventually(t, 30*time.Second, "a failed provisioning with DPS out of reach", func() bool {
-		return strings.Contains(r.log.String(), "provisioning failed")
+	testenv.Eventually(t, 30*time.Second, "the agent set up its state directory, DPS out of reach", func() bool {
+		_, err := os.Stat(filepath.Join(d.cfg.StateDir, "outbox", "id"))
+		return err == nil && d.status().State == "provisioning"
 	})
 	r.stop()
 	az.Admin("DELETE", "/faults", nil, nil)
@@ -365,6 +371,7 @@ issue_timeout = "10s"
 	})
 	assertDiskFullReported(t, d, r)
 	assertOldIdentityIntact(t, d, old)
+	noCertificateAskedFor(t, r)
 
 	free()
 	testenv.Eventually(t, 30*time.Second, "renewed without waiting out the ten-minute backoff", func() bool {
@@ -378,4 +385,13 @@ issue_timeout = "10s"
 		_, full := st.Conditions[agent.CondDiskFull]
 		return err == nil && st.State == "connected" && st.CertSerial == cur.Serial && !full
 	})
+}
+
+// noCertificateAskedFor checks that the agent did not ask the hub for a
+// certificate.
+func noCertificateAskedFor(t *testing.T, r *running) {
+	t.Helper()
+	if strings.Contains(r.log.String(), "the hub accepted the certificate request") {
+		t.Fatal("the agent asked the hub for a certificate while it had no room to store it")
+	}
 }
