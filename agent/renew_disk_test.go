@@ -209,15 +209,17 @@ func TestProvisionDiskFull(t *testing.T) {
 	az.Admin("DELETE", "/faults", nil, nil)
 	free = testenv.Fill(t, d.cfg.StateDir, false)
 	r = d.start()
-	testenv.Eventually(t, 30*time.Second, "disk-full in the status of the unprovisioned agent", func() bool {
+	testenv.Eventually(t, 30*time.Second, "disk-full and provisioning-failed in the status of the unprovisioned agent", func() bool {
 		select {
 		case err := <-r.done:
 			r.done <- err
 			t.Fatalf("the agent did not start on the full disk: %v", err)
 		default:
 		}
-		_, full := d.status().Conditions[agent.CondDiskFull]
-		return full
+		c := d.status().Conditions
+		_, full := c[agent.CondDiskFull]
+		_, failed := c[agent.CondProvisioningFailed]
+		return full && failed
 	})
 	assertDiskFullReported(t, d, r)
 	if reason := d.status().Conditions[agent.CondProvisioningFailed]; !strings.Contains(reason, "free space") {
