@@ -8,7 +8,6 @@ import (
 	"path/filepath"
 	"strings"
 	"sync/atomic"
-	"syscall"
 	"testing"
 	"time"
 
@@ -174,7 +173,8 @@ func TestProvisionDiskFull(t *testing.T) {
 	}
 	assertNotProvisioned(t, d)
 	assertNoHalfWritten(t, d)
-	refill(t, filepath.Join(d.cfg.StateDir, ".fill", "blocks"))
+	free()
+	free = testenv.Fill(t, d.cfg.StateDir, false)
 
 	// The agent started on the fresh, full state directory cannot even open
 	// its outbox: it stops at once, saying why and what to do (systemd
@@ -301,25 +301,6 @@ func assertNoHalfWritten(t *testing.T, d *device) {
 		}
 		return nil
 	})
-}
-
-// refill appends to the fill file until the file system is full again.
-func refill(t *testing.T, fill string) {
-	t.Helper()
-	f, err := os.OpenFile(fill, os.O_WRONLY|os.O_APPEND, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	buf := make([]byte, 4096)
-	for {
-		if _, err := f.Write(buf); err != nil {
-			if !errors.Is(err, syscall.ENOSPC) {
-				t.Fatal(err)
-			}
-			return
-		}
-	}
 }
 
 // roomForOne frees one page (or one inode) of the filled file system.
