@@ -27,7 +27,8 @@ func noSpace(err error) bool {
 
 func diskFullReason(dir string) string {
 	return fmt.Sprintf("no space left on the file system of %s; free space there (df -h %s; df -i %s for inodes): "+
-		"application messages wait in the spool directory and are sent once there is room", dir, dir, dir)
+		"application messages wait in the spool directory and are sent once there is room; "+
+		"a certificate renewal or provisioning that needs room is retried then (the current certificate stays in use)", dir, dir, dir)
 }
 
 // noteNoSpace raises CondDiskFull if err says the file system of dir is

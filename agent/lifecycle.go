@@ -221,6 +221,7 @@ func (a *Agent) provision(ctx context.Context) (*provisioning.Identity, error) {
 		a.status.Clear(CondOnboardingRejected)
 		a.status.Clear(CondProvisioningFailed)
 		a.status.Clear(CondKeyStoreUnavailable)
+		a.wroteAgain()
 		a.log.Info("provisioned", "device_id", id.DeviceID, "hub", id.AssignedHub, "serial", id.Serial, "not_after", id.NotAfter)
 		a.noteIdentity(id)
 		return id, nil
@@ -230,6 +231,7 @@ func (a *Agent) provision(ctx context.Context) (*provisioning.Identity, error) {
 		errors.Is(err, keystore.ErrTokenAbsent), errors.Is(err, keystore.ErrUnsupportedCurve):
 		a.status.Raise(CondKeyStoreUnavailable, err.Error())
 	default:
+		a.noteFullDisk(err)
 		a.status.Raise(CondProvisioningFailed, err.Error())
 	}
 	a.status.Set(StateDegraded)

@@ -4,7 +4,10 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io/fs"
 	"os"
+	"path/filepath"
+	"strings"
 	"time"
 
 	"github.com/gwagent/gwagent/internal/tlsconf"
@@ -122,7 +125,8 @@ type ProvisionOptions struct {
 // identity does not use), a CSR, registration with the onboarding
 // credential, validation of the issued chain, and an atomic store. On any
 // failure the previous identity stays current and untouched.
-func Provision(ctx context.Context, cfg *Config, keys *Keys, opts ProvisionOptions) (*provisioning.Identity, error) {
+func Provision(ctx context.Context, cfg *Config, keys *Keys, opts ProvisionOptions) (_ *provisioning.Identity, err error) {
+	defer func() { err = spaceAdvice(cfg, err) }()
 	say := func(format string, a ...any) {
 		if opts.Progress != nil {
 			opts.Progress(fmt.Sprintf(format, a...))
@@ -203,6 +207,11 @@ func Provision(ctx context.Context, cfg *Config, keys *Keys, opts ProvisionOptio
 		Via:            "dps",
 	}, issued.Chain)
 	if err != nil {
+		// Nothing was stored (a full disk, say): the fresh key belongs to
+		// nothing either.
+		if derr := keys.Delete(context.WithoutCancel(ctx), slot); derr != nil {
+			err = fmt.Errorf("%w (and removing the unused key failed: %v)", err, derr)
+		}
 		return nil, err
 	}
 	if opts.Stage {
@@ -234,4 +243,53 @@ func freeSlot(cfg *Config, store *provisioning.Store) (*keystore.URI, error) {
 		return base.Alternate()
 	}
 	return base, nil
+}
+
+// errNoSpace is a write that failed because a file system is full, with
+// what to do about it.
+type errNoSpace struct {
+	err error
+	dir string
+}
+
+func (e *errNoSpace) Error() string {
+	return fmt.Sprintf("%v; the file system of %s is full: free space there (df -h %s; df -i %s for inodes); "+
+		"the current certificate, if any, stays in use, and gwagent retries once there is room", e.err, e.dir, e.dir, e.dir)
+}
+
+func (e *errNoSpace) Unwrap() error { return e.err }
+
+// spaceAdvice adds to an error that says a file system is full which one
+// (the state directory, or the directory of the file that could not be
+// written) and what to do.
+func spaceAdvice(cfg *Config, err error) error {
+	var already *errNoSpace
+	if err == nil || !noSpace(err) || errors.As(err, &already) {
+		return err
+	}
+	dir := cfg.StateDir
+	var pe *fs.PathError
+	if errors.As(err, &pe) && pe.Path != filepath.Clean(dir) && !strings.HasPrefix(pe.Path, filepath.Clean(dir)+string(filepath.Separator)) {
+		dir = filepath.Dir(pe.Path)
+	}
+	return &errNoSpace{err: err, dir: dir}
+}
+
+// noteFullDisk raises CondDiskFull if err says a file system is full, naming
+// the directory spaceAdvice found, and reports whether it did.
+func (a *Agent) noteFullDisk(err error) bool {
+	dir := a.cfg.Load().StateDir
+	var ns *errNoSpace
+	if errors.As(err, &ns) {
+		dir = ns.dir
+	}
+	return a.noteNoSpace(dir, err)
+}
+
+// wroteAgain is called after writing the identity store or a key succeeded:
+// if CondDiskFull is raised and there is room again, it clears it.
+func (a *Agent) wroteAgain() {
+	if a.diskFull() {
+		a.roomAgain()
+	}
 }

@@ -123,19 +123,39 @@ func (a *Agent) renewLoop(ctx context.Context, sess *transport.Session, id *prov
 		}
 		if !due {
 			timer := time.NewTimer(next.Sub(now))
+			// While a file system is full (a renewal may have failed for
+			// want of space), look every diskCheckEvery whether space was
+			// freed, and then retry at once instead of after the backoff.
+			var diskC <-chan time.Time
+			stop := timer.Stop
+			if a.diskFull() {
+				tick := time.NewTicker(diskCheckEvery)
+				diskC = tick.C
+				stop = func() bool { tick.Stop(); return timer.Stop() }
+			}
 			select {
 			case <-ctx.Done():
-				timer.Stop()
+				stop()
 				return
 			case why = <-a.renewNow:
-				timer.Stop()
+				stop()
 			case <-timer.C:
+				stop()
 				continue // re-evaluate with the clock
+			case <-diskC:
+				stop()
+				if !a.diskFull() || a.roomAgain() {
+					a.mu.Lock()
+					a.retryAt = time.Time{}
+					a.mu.Unlock()
+				}
+				continue
 			}
 		}
 		a.log.Info("renewing the operational certificate", "reason", why, "serial", id.Serial, "not_after", id.NotAfter)
 		err := a.renew(ctx, sess, id)
 		if err == nil {
+			a.wroteAgain()
 			a.mu.Lock()
 			a.renewFailures, a.retryAt, a.hubUnanswered = 0, time.Time{}, 0
 			a.mu.Unlock()
@@ -171,6 +191,8 @@ func (a *Agent) scheduleRetry(id *provisioning.Identity, err error) {
 	a.retryAt = now.Add(d)
 	n := a.renewFailures
 	a.mu.Unlock()
+	err = spaceAdvice(cfg, err)
+	a.noteFullDisk(err) // then renewLoop retries as soon as there is room
 	a.status.Raise(CondRenewalFailed, err.Error())
 	a.log.Error("certificate renewal failed", "err", err, "attempt", n, "retry_in", d.Round(time.Second), "not_after", id.NotAfter)
 }
@@ -207,9 +229,34 @@ func (a *Agent) hubGivenUp(id *provisioning.Identity) bool {
 	return n >= hubUnansweredLimit || (n >= 1 && life > 0 && float64(left) < hubUnansweredFloor*float64(life))
 }
 
+// renewRoom is the free space and inodes a renewal needs in the state
+// directory: a key file, a generation (directory, chain, identity.json),
+// the "next" pointer and renewal-pending.json, with temp files.
+const (
+	renewRoomBytes  = 64 << 10
+	renewRoomInodes = 16
+)
+
+// roomToRenew reports whether the file system of dir has room for a
+// renewal. Asking the hub or DPS for a certificate that cannot be stored
+// would only spend the issuance quota.
+func roomToRenew(dir string) error {
+	var fs syscall.Statfs_t
+	if err := syscall.Statfs(dir, &fs); err != nil {
+		return nil // let the writes themselves say what is wrong
+	}
+	if uint64(fs.Bavail)*uint64(fs.Bsize) < renewRoomBytes || (fs.Files > 0 && fs.Ffree < renewRoomInodes) {
+		return &os.PathError{Op: "renew: no room for a new key and certificate in", Path: dir, Err: syscall.ENOSPC}
+	}
+	return nil
+}
+
 // renew obtains a new certificate and stages it, by the hub path or DPS.
 func (a *Agent) renew(ctx context.Context, sess *transport.Session, id *provisioning.Identity) error {
 	cfg := a.cfg.Load()
+	if err := roomToRenew(cfg.StateDir); err != nil {
+		return err
+	}
 	if cfg.Renewal.Prefer == "hub" && sess != nil && a.opts.Now().Before(id.NotAfter) && a.hubGivenUp(id) {
 		a.log.Warn("the hub did not answer certificate requests; re-registering with DPS instead", "unanswered", a.hubUnansweredCount())
 	} else if cfg.Renewal.Prefer == "hub" && sess != nil && a.opts.Now().Before(id.NotAfter) {
@@ -611,7 +658,7 @@ func (a *Agent) RenewOnce(ctx context.Context) (*provisioning.Identity, error) {
 		sess.Close()
 	}
 	if err != nil {
-		return nil, err
+		return nil, spaceAdvice(cfg, err)
 	}
 	for range 3 {
 		if s, next := a.trySwap(ctx); s != nil {

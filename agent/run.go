@@ -160,8 +160,9 @@ func (a *Agent) applyLogLevel(cfg *Config) {
 
 // Run runs the agent until ctx is cancelled; cancellation is a clean
 // shutdown and returns nil.
-func (a *Agent) Run(ctx context.Context) error {
+func (a *Agent) Run(ctx context.Context) (err error) {
 	cfg := a.cfg.Load()
+	defer func() { err = spaceAdvice(cfg, err) }() // a fresh state directory on a full disk
 	a.started = a.opts.Now()
 	lock, err := LockStateDir(cfg.StateDir)
 	if err != nil {

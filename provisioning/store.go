@@ -13,6 +13,7 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/gwagent/gwagent/internal/atomicfile"
@@ -76,6 +77,9 @@ const (
 func OpenStore(stateDir string) (*Store, error) {
 	dir := filepath.Join(stateDir, "identity")
 	if err := os.MkdirAll(dir, 0o700); err != nil {
+		if errors.Is(err, syscall.ENOSPC) || errors.Is(err, syscall.EDQUOT) {
+			return nil, fmt.Errorf("identity store: %w", err)
+		}
 		return nil, fmt.Errorf("identity store: %w; check that the state directory exists and is writable by this user", err)
 	}
 	return &Store{dir: dir}, nil
@@ -151,8 +155,9 @@ func validGen(g string) bool {
 }
 
 // Stage writes id with its chain as a new generation, complete and durable,
-// and points "next" at it. The current identity is untouched.
-func (s *Store) Stage(id *Identity, chain []*x509.Certificate) (*Identity, error) {
+// and points "next" at it. The current identity is untouched. If it fails
+// (a full disk), the partial generation is removed again.
+func (s *Store) Stage(id *Identity, chain []*x509.Certificate) (staged *Identity, err error) {
 	gen, err := s.newGen()
 	if err != nil {
 		return nil, err
@@ -161,6 +166,13 @@ func (s *Store) Stage(id *Identity, chain []*x509.Certificate) (*Identity, error
 	if err := os.Mkdir(gdir, 0o700); err != nil {
 		return nil, fmt.Errorf("identity store: %w", err)
 	}
+	defer func() {
+		if err != nil {
+			// Nothing names gdir yet ("next" is written last): removing
+			// it needs no space and leaves the store as it was.
+			os.RemoveAll(gdir)
+		}
+	}()
 	var buf bytes.Buffer
 	for _, c := range chain {
 		pem.Encode(&buf, &pem.Block{Type: "CERTIFICATE", Bytes: c.Raw})
@@ -189,18 +201,19 @@ func (s *Store) Stage(id *Identity, chain []*x509.Certificate) (*Identity, error
 // Commit makes the staged generation current (one atomic rename) and
 // clears "next". It returns the identity that was current before, or nil.
 func (s *Store) Commit() (previous *Identity, err error) {
-	next, err := s.Next()
-	if err != nil {
+	if _, err := s.Next(); err != nil {
 		return nil, fmt.Errorf("identity store: commit: nothing staged: %w", err)
 	}
 	prev, _ := s.Current() // a missing or unreadable current identity is what we replace
-	if err := atomicfile.Write(filepath.Join(s.dir, pointerCurrent), []byte(next.Generation+"\n"), 0o600); err != nil {
+	// "next" becomes "current" by renaming it: one atomic step that needs
+	// no free block or inode, so a full disk cannot stop the commit.
+	if err := os.Rename(filepath.Join(s.dir, pointerNext), filepath.Join(s.dir, pointerCurrent)); err != nil {
 		return nil, fmt.Errorf("identity store: commit: %w", err)
 	}
-	s.step("committed")
-	if err := atomicfile.Remove(filepath.Join(s.dir, pointerNext)); err != nil && !errors.Is(err, fs.ErrNotExist) {
+	if err := atomicfile.SyncDir(s.dir); err != nil {
 		return prev, fmt.Errorf("identity store: commit: %w", err)
 	}
+	s.step("committed")
 	return prev, nil
 }
 
@@ -220,6 +233,7 @@ func (s *Store) Save(id *Identity, chain []*x509.Certificate) (*Identity, error)
 		return nil, err
 	}
 	if _, err := s.Commit(); err != nil {
+		s.Discard() // nothing half-stored: the previous identity, if any, stays
 		return nil, err
 	}
 	return staged, nil
