@@ -43,6 +43,15 @@ func (a *Agent) noteNoSpace(dir string, err error) bool {
 	return true
 }
 
+// repeatedNoSpace notes err like noteNoSpace and reports whether it is a
+// no-space error that disk-full already announced: the caller then logs it
+// at debug level instead of repeating, many times a second, what the
+// condition says once.
+func (a *Agent) repeatedNoSpace(dir string, err error) bool {
+	was := a.diskFull()
+	return a.noteNoSpace(dir, err) && was
+}
+
 // diskFull reports whether CondDiskFull is raised.
 func (a *Agent) diskFull() bool {
 	return a.status.Has(CondDiskFull)

@@ -276,11 +276,8 @@ func (a *Agent) delivered(batch []inflight, retire chan<- []string) {
 		}
 	}
 	if err := a.outbox.Ack(seqs...); err != nil {
-		// On a full disk this would be one error per batch, many a
-		// second in a drain: disk-full says it once. The messages are
-		// sent again later, never lost.
-		wasFull := a.diskFull()
-		if a.noteNoSpace(a.cfg.Load().StateDir, err) && wasFull {
+		// Unrecorded acks mean messages sent again later, never lost.
+		if a.repeatedNoSpace(a.cfg.Load().StateDir, err) {
 			a.log.Debug("outbox ack", "err", err)
 		} else {
 			a.log.Error("outbox ack", "err", err)

@@ -400,8 +400,7 @@ func (s *spooler) file(path string) {
 	err = a.enqueue(&transport.Message{Kind: transport.KindApp, Body: body, Local: path, ID: spoolID(name, sig, body),
 		System: map[string]string{spoolSystemProps[0][0]: spoolSystemProps[0][1], spoolSystemProps[1][0]: spoolSystemProps[1][1]}})
 	if err != nil {
-		wasFull := a.diskFull()
-		if a.noteNoSpace(a.cfg.Load().StateDir, err) && wasFull {
+		if a.repeatedNoSpace(a.cfg.Load().StateDir, err) {
 			a.log.Debug("application message not queued (disk full); it stays in the spool directory", "file", path, "err", err)
 		} else {
 			a.log.Error("application message not queued; it stays in the spool directory", "file", path, "err", err)
