@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"os"
 	"path/filepath"
 	"sync"
@@ -74,8 +73,9 @@ func openSent(dir string) (int, error) {
 	return fd, nil
 }
 
-// use returns the descriptors for dir, opening them when dir is new.
-// sfd is -1 when sent/ cannot be used.
+// sentFor returns the descriptors for dir, opening them when dir is new
+// (or, once a sentRetry has passed, when sent/ was unusable). sfd is -1
+// when sent/ cannot be used. The caller holds a.sent.mu.
 func (a *Agent) sentFor(dir string) (dfd, sfd int, err error) {
 	s := &a.sent
 	if s.dir == dir && (s.sfd >= 0 || time.Since(s.tried) < sentRetry) {
@@ -152,6 +152,7 @@ func (a *Agent) sweepOnce(ctx context.Context) {
 	}
 	// A descriptor of its own for reading, so the rename side keeps its.
 	fd, err := unix.Openat(a.sent.sfd, ".", unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	dir := filepath.Join(a.sent.dir, spoolSentDir)
 	a.sent.mu.Unlock()
 	if err != nil {
 		return
@@ -162,13 +163,10 @@ func (a *Agent) sweepOnce(ctx context.Context) {
 		names, err := d.Readdirnames(256)
 		for _, n := range names {
 			if err := unix.Unlinkat(fd, n, 0); err != nil && !errors.Is(err, unix.ENOENT) {
-				a.log.Warn("cannot delete sent spool file", "file", filepath.Join(a.cfg.Load().Telemetry.SpoolDir, spoolSentDir, n), "err", err)
+				a.log.Warn("cannot delete sent spool file", "file", filepath.Join(dir, n), "err", err)
 			}
 		}
-		if err == io.EOF || len(names) == 0 {
-			return
-		}
-		if err != nil {
+		if err != nil || len(names) == 0 { // io.EOF at the end
 			return
 		}
 	}
