@@ -63,14 +63,20 @@ func (a *Agent) diskFull() bool {
 func (a *Agent) roomAgain() bool {
 	cfg := a.cfg.Load()
 	for _, dir := range []string{cfg.StateDir, cfg.Telemetry.SpoolDir} {
-		var fs syscall.Statfs_t
-		if syscall.Statfs(dir, &fs) != nil {
-			return false
-		}
-		if uint64(fs.Bavail)*uint64(fs.Bsize) < hubMessageLimit || (fs.Files > 0 && fs.Ffree < 16) {
+		if ok, err := hasRoom(dir, hubMessageLimit, 16); !ok || err != nil {
 			return false
 		}
 	}
 	a.status.Clear(CondDiskFull)
 	return true
+}
+
+// hasRoom reports whether the file system of dir has at least bytes and
+// inodes free (a file system without an inode count has inodes enough).
+func hasRoom(dir string, bytes, inodes uint64) (bool, error) {
+	var fs syscall.Statfs_t
+	if err := syscall.Statfs(dir, &fs); err != nil {
+		return false, err
+	}
+	return uint64(fs.Bavail)*uint64(fs.Bsize) >= bytes && (fs.Files == 0 || fs.Ffree >= inodes), nil
 }

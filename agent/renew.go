@@ -241,11 +241,11 @@ const (
 // renewal. Asking the hub or DPS for a certificate that cannot be stored
 // would only spend the issuance quota.
 func roomToRenew(dir string) error {
-	var fs syscall.Statfs_t
-	if err := syscall.Statfs(dir, &fs); err != nil {
+	ok, err := hasRoom(dir, renewRoomBytes, renewRoomInodes)
+	if err != nil {
 		return nil // let the writes themselves say what is wrong
 	}
-	if uint64(fs.Bavail)*uint64(fs.Bsize) < renewRoomBytes || (fs.Files > 0 && fs.Ffree < renewRoomInodes) {
+	if !ok {
 		return &os.PathError{Op: "renew: no room for a new key and certificate in", Path: dir, Err: syscall.ENOSPC}
 	}
 	return nil
