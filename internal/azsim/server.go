@@ -506,7 +506,7 @@ func (s *Server) adminMux() http.Handler {
 			broker.WriteJSON(w, 400, map[string]string{"error": `need {"serial":"<certificate serial, hex>"}`})
 			return
 		}
-		s.Faults.RejectCertificate(strings.ToLower(strings.TrimLeft(f.Serial, "0")))
+		s.Faults.RejectCertificate(f.Serial)
 		w.WriteHeader(http.StatusNoContent)
 	})
 	mux.HandleFunc("POST /faults/twin-delay", func(w http.ResponseWriter, r *http.Request) {

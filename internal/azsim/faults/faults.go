@@ -5,6 +5,7 @@
 package faults
 
 import (
+	"strings"
 	"sync"
 	"time"
 )
@@ -169,22 +170,29 @@ func (i *Injector) TakeTwinDelay() time.Duration {
 }
 
 // RejectCertificate makes the hub and DPS refuse the certificate with this
-// serial (lower-case hex) inside the TLS handshake, with a bad_certificate
-// alert, as if its CA had been removed from the hub or the enrollment.
+// serial (hex, any case, leading zeros or not) inside the TLS handshake,
+// with a bad_certificate alert, as if its CA had been removed from the hub
+// or the enrollment.
 func (i *Injector) RejectCertificate(serialHex string) {
 	i.mu.Lock()
 	defer i.mu.Unlock()
 	if i.rejectCerts == nil {
 		i.rejectCerts = map[string]bool{}
 	}
-	i.rejectCerts[serialHex] = true
+	i.rejectCerts[serialKey(serialHex)] = true
 }
 
 // CertificateRejected reports whether RejectCertificate named serialHex.
 func (i *Injector) CertificateRejected(serialHex string) bool {
 	i.mu.Lock()
 	defer i.mu.Unlock()
-	return i.rejectCerts[serialHex]
+	return i.rejectCerts[serialKey(serialHex)]
+}
+
+// serialKey is one spelling of a hex serial: gwagent prints serials with
+// their leading zeros (0df9...), big.Int.Text(16) without.
+func serialKey(serialHex string) string {
+	return strings.ToLower(strings.TrimLeft(serialHex, "0"))
 }
 
 // Reset disarms everything.
