@@ -34,9 +34,9 @@ test: deps
 	$(GO) test -run=^$$ -fuzz=FuzzDPSReply -fuzztime=100000x ./provisioning/
 	$(GO) test -run=^$$ -fuzz=FuzzSegmentReader -fuzztime=8000x ./transport/
 	$(GO) test -run=^$$ -fuzz=FuzzAckLog -fuzztime=5000x ./transport/
-	$(GO) test -run=^$$ -fuzz=FuzzTPMPublic -fuzztime=20000x ./internal/azsim/dps/
-	$(GO) test -run=^$$ -fuzz=FuzzSASToken -fuzztime=40000x ./internal/azsim/dps/
-	$(GO) test -run=^$$ -fuzz=FuzzRegisterBody -fuzztime=20000x ./internal/azsim/dps/
+	$(GO) test -run=^$$ -fuzz=FuzzTPMPublic -fuzztime=20000x ./azsim/dps/
+	$(GO) test -run=^$$ -fuzz=FuzzSASToken -fuzztime=40000x ./azsim/dps/
+	$(GO) test -run=^$$ -fuzz=FuzzRegisterBody -fuzztime=20000x ./azsim/dps/
 
 demo: deps build
 	./testdata/demo.sh

@@ -12,10 +12,12 @@ import (
 	"testing"
 	"time"
 
+	"github.com/gwagent/gwagent/azsim/azsimtest"
+
 	"github.com/gwagent/gwagent/agent"
-	"github.com/gwagent/gwagent/internal/azsim"
-	"github.com/gwagent/gwagent/internal/azsim/faults"
-	"github.com/gwagent/gwagent/internal/testenv"
+	"github.com/gwagent/gwagent/azsim"
+	"github.com/gwagent/gwagent/azsim/faults"
+	"github.com/gwagent/gwagent/devtools/testenv"
 	"github.com/gwagent/gwagent/internal/tlsconf"
 	"github.com/gwagent/gwagent/keystore"
 	"github.com/gwagent/gwagent/provisioning"
@@ -35,7 +37,7 @@ func connectedThenRenewed(t *testing.T, d *device) (first, renewed *provisioning
 	return first, d.current()
 }
 
-func registrations(az *testenv.Azsim, regID string) int {
+func registrations(az *azsimtest.Azsim, regID string) int {
 	for _, r := range az.Server.DPS.Registrations() {
 		if strings.EqualFold(r.RegistrationID, regID) {
 			return r.Count
@@ -49,7 +51,7 @@ func registrations(az *testenv.Azsim, regID string) int {
 // repeated alerts as a refusal of its identity and register again, once,
 // instead of retrying the same certificate forever as if the network failed.
 func TestHandshakeRejectionReprovisions(t *testing.T) {
-	az := testenv.StartAzsim(t, azsim.Config{})
+	az := azsimtest.Start(t, azsim.Config{})
 	d := newDevice(t, az, devOpts{})
 	r := d.start()
 	testenv.Eventually(t, time.Minute, "connected", func() bool { return d.status().State == "connected" })
@@ -100,7 +102,7 @@ func dialAs(t *testing.T, d *device, id *provisioning.Identity, cfg transport.Co
 // the durable outbox. A space encoded as '+' would be an MQTT wildcard in
 // the topic name and cost the connection.
 func TestPropertyBagE2E(t *testing.T) {
-	az := testenv.StartAzsim(t, azsim.Config{})
+	az := azsimtest.Start(t, azsim.Config{})
 	d := newDevice(t, az, devOpts{})
 	id, err := d.provision()
 	if err != nil {
@@ -154,7 +156,7 @@ func TestPropertyBagE2E(t *testing.T) {
 // notices, renews through DPS instead, and the session itself never
 // subscribed to it (it would have failed to connect).
 func TestRenewalWithoutCertificateManagement(t *testing.T) {
-	az := testenv.StartAzsim(t, azsim.Config{NoCertificateManagement: true})
+	az := azsimtest.Start(t, azsim.Config{NoCertificateManagement: true})
 	d := newDevice(t, az, devOpts{})
 	r := d.start()
 	testenv.Eventually(t, time.Minute, "connected", func() bool { return d.status().State == "connected" })
@@ -179,7 +181,7 @@ func TestRenewalWithoutCertificateManagement(t *testing.T) {
 // re-provisioning rule holds it back, says so in the log and status, and
 // the device gets in once the hub caught up.
 func TestCredentialSyncLagE2E(t *testing.T) {
-	az := testenv.StartAzsim(t, azsim.Config{CredentialSyncLag: 2 * time.Second})
+	az := azsimtest.Start(t, azsim.Config{CredentialSyncLag: 2 * time.Second})
 	d := newDevice(t, az, devOpts{})
 	r := d.start()
 	sawHeldBack := false
@@ -213,7 +215,7 @@ func TestCredentialSyncLagE2E(t *testing.T) {
 func TestUnansweredHubFallsBackToDPS(t *testing.T) {
 	for _, mode := range []faults.CredentialsMode{faults.CredentialsSilent, faults.CredentialsDrop} {
 		t.Run("ok/"+string(mode), func(t *testing.T) {
-			az := testenv.StartAzsim(t, azsim.Config{CertLifetime: 24 * time.Second})
+			az := azsimtest.Start(t, azsim.Config{CertLifetime: 24 * time.Second})
 			d := newDevice(t, az, devOpts{extra: `
 [renewal]
 threshold = 0.5
@@ -244,7 +246,7 @@ issue_timeout = "3s"
 // operationExpires instead of giving up after issue_timeout and sending a
 // new request that would replace, and so cancel, the one being issued.
 func TestSlowIssuanceE2E(t *testing.T) {
-	az := testenv.StartAzsim(t, azsim.Config{CertLifetime: 40 * time.Second, IssueDelay: 6 * time.Second})
+	az := azsimtest.Start(t, azsim.Config{CertLifetime: 40 * time.Second, IssueDelay: 6 * time.Second})
 	d := newDevice(t, az, devOpts{extra: strings.Replace(fastRenewal, `issue_timeout = "10s"`, `issue_timeout = "2s"`, 1)})
 	r := d.start()
 	if _, cur := connectedThenRenewed(t, d); cur.Via != "hub" {
@@ -260,7 +262,7 @@ func TestSlowIssuanceE2E(t *testing.T) {
 // it takes its time to assign; the hub answers 429 beyond its twin rate.
 // gwagent waits as asked, says so, and gets through both.
 func TestThrottlingE2E(t *testing.T) {
-	az := testenv.StartAzsim(t, azsim.Config{HubTwinRate: 1})
+	az := azsimtest.Start(t, azsim.Config{HubTwinRate: 1})
 	az.Server.Faults.SetAssignDelay(7 * time.Second) // polled every second: the 6th poll is throttled
 	d := newDevice(t, az, devOpts{})
 	r := d.start()
@@ -288,7 +290,7 @@ func TestThrottlingE2E(t *testing.T) {
 // registration id as CN; gwagent accepts that and connects to the hub as
 // the assigned device id.
 func TestIndividualEnrollmentE2E(t *testing.T) {
-	az := testenv.StartAzsim(t, azsim.Config{})
+	az := azsimtest.Start(t, azsim.Config{})
 	root, err := os.ReadFile(az.Info.OnboardingRoot)
 	if err != nil {
 		t.Fatal(err)
@@ -316,7 +318,7 @@ func TestIndividualEnrollmentE2E(t *testing.T) {
 // registers again, follows the new assignedHub, delivers what its outbox
 // held, and its status names the hub it uses.
 func TestReprovisionToAnotherHubE2E(t *testing.T) {
-	az := testenv.StartAzsim(t, azsim.Config{Hub2Addr: "127.0.0.1:0"})
+	az := azsimtest.Start(t, azsim.Config{Hub2Addr: "127.0.0.1:0"})
 	d := newDevice(t, az, devOpts{})
 	d.start()
 	testenv.Eventually(t, time.Minute, "connected to the first hub", func() bool {
@@ -362,7 +364,7 @@ func TestReprovisionToAnotherHubE2E(t *testing.T) {
 // instead of hammering the hub, shows the throttled condition, and gets
 // back in when the hub accepts again.
 func TestConnectRefusedThrottledE2E(t *testing.T) {
-	az := testenv.StartAzsim(t, azsim.Config{})
+	az := azsimtest.Start(t, azsim.Config{})
 	d := newDevice(t, az, devOpts{})
 	r := d.start()
 	testenv.Eventually(t, time.Minute, "connected", func() bool { return d.status().State == "connected" })
@@ -390,7 +392,7 @@ func TestConnectRefusedThrottledE2E(t *testing.T) {
 func TestServerChainsE2E(t *testing.T) {
 	for _, key := range []string{"rsa", "ecdsa"} {
 		t.Run("ok/"+key, func(t *testing.T) {
-			az := testenv.StartAzsim(t, azsim.Config{ServerKey: key})
+			az := azsimtest.Start(t, azsim.Config{ServerKey: key})
 			d := newDevice(t, az, devOpts{})
 			d.start()
 			testenv.Eventually(t, time.Minute, "a health message", func() bool {

@@ -7,16 +7,18 @@ import (
 	"testing"
 	"time"
 
+	"github.com/gwagent/gwagent/azsim/azsimtest"
+
 	"github.com/gwagent/gwagent/agent"
-	"github.com/gwagent/gwagent/internal/azsim"
-	"github.com/gwagent/gwagent/internal/testenv"
+	"github.com/gwagent/gwagent/azsim"
+	"github.com/gwagent/gwagent/devtools/testenv"
 )
 
 // Options.Backlog (which gives the Go runtime a second processor in
 // cmd/gwagent) is told when the drain starts on a backlog and when the
 // outbox is empty again, so the agent does not keep it while idle.
 func TestBacklogSignalled(t *testing.T) {
-	az := testenv.StartAzsim(t, azsim.Config{})
+	az := azsimtest.Start(t, azsim.Config{})
 	d := newDevice(t, az, devOpts{regID: "gw-backlog", symmetric: true})
 	var mu sync.Mutex
 	var calls []bool

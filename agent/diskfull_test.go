@@ -9,9 +9,11 @@ import (
 	"testing"
 	"time"
 
+	"github.com/gwagent/gwagent/azsim/azsimtest"
+
 	"github.com/gwagent/gwagent/agent"
-	"github.com/gwagent/gwagent/internal/azsim"
-	"github.com/gwagent/gwagent/internal/testenv"
+	"github.com/gwagent/gwagent/azsim"
+	"github.com/gwagent/gwagent/devtools/testenv"
 )
 
 // The file system of the state and spool directories fills up (a real
@@ -32,7 +34,7 @@ func TestSpoolDiskFull(t *testing.T) {
 }
 
 func spoolDiskFull(t *testing.T, devID string, inodes bool) {
-	az := testenv.StartAzsim(t, azsim.Config{})
+	az := azsimtest.Start(t, azsim.Config{})
 	d := newDevice(t, az, devOpts{regID: devID, symmetric: true})
 	testenv.Tmpfs(t, d.cfg.StateDir, "size=1m,nr_inodes=256,mode=0700")
 	if _, err := d.provision(); err != nil {
@@ -191,7 +193,7 @@ func spoolDiskFull(t *testing.T, devID string, inodes bool) {
 }
 
 // got2 looks again whether message i reached the hub.
-func got2(az *testenv.Azsim, devID string, i int) bool {
+func got2(az *azsimtest.Azsim, devID string, i int) bool {
 	for _, v := range bodiesWith(az, devID, "full") {
 		if int(v.(float64)) == i {
 			return true

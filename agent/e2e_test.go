@@ -19,10 +19,12 @@ import (
 	"testing"
 	"time"
 
+	"github.com/gwagent/gwagent/azsim/azsimtest"
+
 	"github.com/gwagent/gwagent/agent"
-	"github.com/gwagent/gwagent/internal/azsim"
+	"github.com/gwagent/gwagent/azsim"
+	"github.com/gwagent/gwagent/devtools/testenv"
 	"github.com/gwagent/gwagent/internal/backoff"
-	"github.com/gwagent/gwagent/internal/testenv"
 	"github.com/gwagent/gwagent/keystore/pkcs11"
 	"github.com/gwagent/gwagent/provisioning"
 )
@@ -30,7 +32,7 @@ import (
 // device is one gateway's config and state directory.
 type device struct {
 	t    *testing.T
-	az   *testenv.Azsim
+	az   *azsimtest.Azsim
 	dir  string
 	path string
 	cfg  *agent.Config
@@ -46,7 +48,7 @@ type devOpts struct {
 	extra     string // appended TOML
 }
 
-func newDevice(t *testing.T, az *testenv.Azsim, o devOpts) *device {
+func newDevice(t *testing.T, az *azsimtest.Azsim, o devOpts) *device {
 	t.Helper()
 	if o.regID == "" {
 		o.regID = "gw-" + strings.ToLower(strings.ReplaceAll(t.Name(), "/", "-"))
@@ -259,7 +261,7 @@ func (d *device) current() *provisioning.Identity {
 
 // received counts the messages azsim got from deviceID with a filter on
 // the application property "type".
-func received(az *testenv.Azsim, deviceID, typ string) []map[string]any {
+func received(az *azsimtest.Azsim, deviceID, typ string) []map[string]any {
 	var out []map[string]any
 	for _, m := range az.Telemetry() {
 		props, _ := m["properties"].(map[string]any)
@@ -272,7 +274,7 @@ func received(az *testenv.Azsim, deviceID, typ string) []map[string]any {
 }
 
 func TestProvisionE2E(t *testing.T) {
-	az := testenv.StartAzsim(t, azsim.Config{})
+	az := azsimtest.Start(t, azsim.Config{})
 	t.Run("ok/x509 onboarding, P-384 chain from the issuing CA", func(t *testing.T) {
 		d := newDevice(t, az, devOpts{regID: "gw-x509-1"})
 		id, err := d.provision()
@@ -429,7 +431,7 @@ func assertNotProvisioned(t *testing.T, d *device) {
 }
 
 func TestRunE2E(t *testing.T) {
-	az := testenv.StartAzsim(t, azsim.Config{})
+	az := azsimtest.Start(t, azsim.Config{})
 	d := newDevice(t, az, devOpts{regID: "gw-run-1"})
 	r := d.start()
 	testenv.Eventually(t, 20*time.Second, "the first health message", func() bool { return len(received(az, "gw-run-1", "health")) > 0 })
@@ -525,7 +527,7 @@ func TestRunE2E(t *testing.T) {
 }
 
 // countBodies counts received messages whose JSON body has key.
-func countBodies(az *testenv.Azsim, deviceID, key string) int {
+func countBodies(az *azsimtest.Azsim, deviceID, key string) int {
 	n := 0
 	for _, m := range received(az, deviceID, "") {
 		if b, ok := m["body"].(map[string]any); ok {
@@ -548,7 +550,7 @@ func storeCurrent(d *device) (*provisioning.Identity, error) {
 // A gateway without RTC boots in 1970: the agent waits for time sync
 // instead of failing TLS, then carries on.
 func TestClock1970(t *testing.T) {
-	az := testenv.StartAzsim(t, azsim.Config{})
+	az := azsimtest.Start(t, azsim.Config{})
 	d := newDevice(t, az, devOpts{regID: "gw-clock-1"})
 	if _, err := d.provision(); err != nil {
 		t.Fatal(err)
@@ -584,7 +586,7 @@ func TestStaticModeE2E(t *testing.T) {
 }
 
 func staticMode(t *testing.T, noCertManagement bool) {
-	az := testenv.StartAzsim(t, azsim.Config{NoCertificateManagement: noCertManagement})
+	az := azsimtest.Start(t, azsim.Config{NoCertificateManagement: noCertManagement})
 	dir := t.TempDir()
 	keyURI, _ := az.FactoryDevice(t, dir, "gw-static-1")
 	d := &device{t: t, az: az, dir: dir, path: filepath.Join(dir, "gwagent.toml")}

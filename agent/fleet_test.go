@@ -15,15 +15,17 @@ import (
 	"testing"
 	"time"
 
+	"github.com/gwagent/gwagent/azsim/azsimtest"
+
 	"github.com/gwagent/gwagent/agent"
-	"github.com/gwagent/gwagent/internal/azsim"
+	"github.com/gwagent/gwagent/azsim"
+	"github.com/gwagent/gwagent/devtools/testenv"
 	"github.com/gwagent/gwagent/internal/backoff"
-	"github.com/gwagent/gwagent/internal/testenv"
 )
 
 func TestFleetRenewalSpread(t *testing.T) {
 	const n = 200
-	az := testenv.StartAzsim(t, azsim.Config{CertLifetime: 80 * time.Second})
+	az := azsimtest.Start(t, azsim.Config{CertLifetime: 80 * time.Second})
 	extra := "\n[renewal]\nthreshold = 0.8\njitter = \"30s\"\nfloor = \"1s\"\nretry_min = \"1s\"\nretry_max = \"5s\"\n"
 	devs := make([]*device, n)
 	for i := range devs {

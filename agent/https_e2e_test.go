@@ -10,8 +10,10 @@ import (
 	"testing"
 	"time"
 
-	"github.com/gwagent/gwagent/internal/azsim"
-	"github.com/gwagent/gwagent/internal/testenv"
+	"github.com/gwagent/gwagent/azsim/azsimtest"
+
+	"github.com/gwagent/gwagent/azsim"
+	"github.com/gwagent/gwagent/devtools/testenv"
 	"github.com/gwagent/gwagent/provisioning"
 )
 
@@ -31,7 +33,7 @@ func overHTTPS(d *device) {
 }
 
 func TestProvisionHTTPSE2E(t *testing.T) {
-	az := testenv.StartAzsim(t, azsim.Config{})
+	az := azsimtest.Start(t, azsim.Config{})
 	for _, sym := range []bool{false, true} {
 		name := map[bool]string{false: "x509", true: "symmetric key"}[sym]
 		t.Run("ok/"+name+" over HTTPS with 429 and slow assignment", func(t *testing.T) {
@@ -104,7 +106,7 @@ func TestProvisionHTTPSE2E(t *testing.T) {
 	t.Run("fail/untrusted server certificate: clear error, no retries", func(t *testing.T) {
 		d := newDevice(t, az, devOpts{regID: "gw-https-untrusted"})
 		overHTTPS(d)
-		other := testenv.StartAzsim(t, azsim.Config{})
+		other := azsimtest.Start(t, azsim.Config{})
 		d.cfg.TrustBundle = other.Info.TrustBundle
 		_, err := d.provision()
 		if err == nil || !strings.Contains(err.Error(), "trust bundle does not accept") || strings.Contains(err.Error(), "gave up") {

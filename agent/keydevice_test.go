@@ -8,10 +8,12 @@ import (
 	"testing"
 	"time"
 
+	"github.com/gwagent/gwagent/azsim/azsimtest"
+
 	"github.com/gwagent/gwagent/agent"
-	"github.com/gwagent/gwagent/internal/azsim"
+	"github.com/gwagent/gwagent/azsim"
+	"github.com/gwagent/gwagent/devtools/testenv"
 	"github.com/gwagent/gwagent/internal/backoff"
-	"github.com/gwagent/gwagent/internal/testenv"
 )
 
 // TestLateTPM: the TPM appears after the agent started, as on a board
@@ -20,7 +22,7 @@ import (
 // once before provisioning and once with an identity (the reboot case).
 func TestLateTPM(t *testing.T) {
 	sw := testenv.StartSWTPM(t)
-	az := testenv.StartAzsim(t, azsim.Config{})
+	az := azsimtest.Start(t, azsim.Config{})
 	dir := t.TempDir()
 	late := filepath.Join(dir, "tpm.sock") // the "device node", absent at start
 	d := newDevice(t, az, devOpts{symmetric: true, opKey: "tpm2:socket=" + late + ";blob=" + filepath.Join(dir, "op.tpmkey")})

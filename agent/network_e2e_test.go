@@ -16,19 +16,21 @@ import (
 	"testing"
 	"time"
 
-	"github.com/gwagent/gwagent/internal/azsim"
-	"github.com/gwagent/gwagent/internal/testenv"
+	"github.com/gwagent/gwagent/azsim/azsimtest"
+
+	"github.com/gwagent/gwagent/azsim"
+	"github.com/gwagent/gwagent/devtools/testenv"
 	"github.com/gwagent/gwagent/keystore/pkcs11"
 )
 
 // onlyWebSockets is a proxy with a password that tunnels only to azsim's
 // WebSocket ports.
-func onlyWebSockets(t *testing.T, az *testenv.Azsim) *testenv.Proxy {
+func onlyWebSockets(t *testing.T, az *azsimtest.Azsim) *testenv.Proxy {
 	return testenv.StartTinyproxy(t, testenv.ProxyOpts{User: "site", Password: "pw-Xy7",
 		ConnectPorts: []int{az.Info.DPSWebSocketPort, az.Info.HubWebSocketPort}})
 }
 
-func networkTOML(az *testenv.Azsim, transport, proxy string) string {
+func networkTOML(az *azsimtest.Azsim, transport, proxy string) string {
 	return fmt.Sprintf("\n[network]\ntransport = %q\nproxy = %q\ndps_websocket_port = %d\nhub_websocket_port = %d\n",
 		transport, proxy, az.Info.DPSWebSocketPort, az.Info.HubWebSocketPort)
 }
@@ -42,7 +44,7 @@ func tunnels(p *testenv.Proxy, port int) int {
 	return strings.Count(p.Log(), ":"+strconv.Itoa(port)+" HTTP/1.1")
 }
 
-func hubPort(t *testing.T, az *testenv.Azsim) int {
+func hubPort(t *testing.T, az *azsimtest.Azsim) int {
 	i := strings.LastIndex(az.Info.HubHostName, ":")
 	p, err := strconv.Atoi(az.Info.HubHostName[i+1:])
 	if err != nil {
@@ -52,7 +54,7 @@ func hubPort(t *testing.T, az *testenv.Azsim) int {
 }
 
 func TestBehindProxyRenewsOverWebSockets(t *testing.T) {
-	az := testenv.StartAzsim(t, azsim.Config{CertLifetime: 12 * time.Second})
+	az := azsimtest.Start(t, azsim.Config{CertLifetime: 12 * time.Second})
 	px := onlyWebSockets(t, az)
 	for _, be := range []string{"file", "tpm", "pkcs11"} {
 		t.Run("ok/"+be, func(t *testing.T) {
@@ -96,7 +98,7 @@ func TestBehindProxyRenewsOverWebSockets(t *testing.T) {
 }
 
 func TestAutoFallsBackAndRemembers(t *testing.T) {
-	az := testenv.StartAzsim(t, azsim.Config{})
+	az := azsimtest.Start(t, azsim.Config{})
 	px := onlyWebSockets(t, az)
 	raw := hubPort(t, az)
 	d := newDevice(t, az, devOpts{regID: "gw-auto", extra: networkTOML(az, "auto", proxyURL(px, "site", "pw-Xy7"))})
@@ -133,7 +135,7 @@ func TestAutoFallsBackAndRemembers(t *testing.T) {
 // notices at its next re-probe, beside the running session (the proxy keeps
 // the open tunnel), and reconnects over MQTT.
 func TestAutoReturnsToMQTT(t *testing.T) {
-	az := testenv.StartAzsim(t, azsim.Config{})
+	az := azsimtest.Start(t, azsim.Config{})
 	px := onlyWebSockets(t, az)
 	d := newDevice(t, az, devOpts{regID: "gw-reprobe", extra: networkTOML(az, "auto", proxyURL(px, "site", "pw-Xy7")) + "mqtt_reprobe = \"10s\"\n"})
 	r := d.start()
@@ -157,7 +159,7 @@ func TestAutoReturnsToMQTT(t *testing.T) {
 func healthOrLine(st interface{ Line() string }) string { return st.Line() }
 
 func TestNetworkReloadAndEnvironment(t *testing.T) {
-	az := testenv.StartAzsim(t, azsim.Config{})
+	az := azsimtest.Start(t, azsim.Config{})
 	t.Run("ok/changing transport in the config reconnects over the new one", func(t *testing.T) {
 		d := newDevice(t, az, devOpts{regID: "gw-reload-net", extra: networkTOML(az, "mqtt", "")})
 		d.start()
@@ -207,7 +209,7 @@ func TestNetworkReloadAndEnvironment(t *testing.T) {
 // Twin, methods, the outbox across an outage and reconnects behave over
 // WebSockets through a proxy as they do over MQTT.
 func TestOverWebSocketsLikeMQTT(t *testing.T) {
-	az := testenv.StartAzsim(t, azsim.Config{})
+	az := azsimtest.Start(t, azsim.Config{})
 	px := onlyWebSockets(t, az)
 	d := newDevice(t, az, devOpts{regID: "gw-ws-all", extra: networkTOML(az, "websocket", proxyURL(px, "site", "pw-Xy7"))})
 	d.start()

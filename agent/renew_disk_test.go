@@ -11,9 +11,11 @@ import (
 	"testing"
 	"time"
 
+	"github.com/gwagent/gwagent/azsim/azsimtest"
+
 	"github.com/gwagent/gwagent/agent"
-	"github.com/gwagent/gwagent/internal/azsim"
-	"github.com/gwagent/gwagent/internal/testenv"
+	"github.com/gwagent/gwagent/azsim"
+	"github.com/gwagent/gwagent/devtools/testenv"
 	"github.com/gwagent/gwagent/provisioning"
 )
 
@@ -36,12 +38,12 @@ import (
 // system runs out of blocks, or out of inodes (no new file at all: not the
 // key, not a generation directory).
 func TestRenewalDiskFull(t *testing.T) {
-	az := testenv.StartAzsim(t, azsim.Config{CertLifetime: 60 * time.Second})
+	az := azsimtest.Start(t, azsim.Config{CertLifetime: 60 * time.Second})
 	t.Run("out of blocks", func(t *testing.T) { t.Parallel(); renewalDiskFull(t, az, "gw-renew-full-blocks", false) })
 	t.Run("out of inodes", func(t *testing.T) { t.Parallel(); renewalDiskFull(t, az, "gw-renew-full-inodes", true) })
 }
 
-func renewalDiskFull(t *testing.T, az *testenv.Azsim, devID string, inodes bool) {
+func renewalDiskFull(t *testing.T, az *azsimtest.Azsim, devID string, inodes bool) {
 	d := newDevice(t, az, devOpts{regID: devID, extra: fastRenewal})
 	testenv.Tmpfs(t, d.cfg.StateDir, "size=2m,nr_inodes=256,mode=0700")
 	old, err := d.provision()
@@ -149,7 +151,7 @@ func renewalDiskFull(t *testing.T, az *testenv.Azsim, devID string, inodes bool)
 // the full disk says so in its status, and provisions and connects without
 // a restart once space is freed.
 func TestProvisionDiskFull(t *testing.T) {
-	az := testenv.StartAzsim(t, azsim.Config{})
+	az := azsimtest.Start(t, azsim.Config{})
 	const devID = "gw-prov-diskfull"
 	d := newDevice(t, az, devOpts{regID: devID})
 	testenv.Tmpfs(t, d.cfg.StateDir, "size=2m,mode=0700")
@@ -327,7 +329,7 @@ func roomForOne(t *testing.T, d *device, inodes bool) {
 // minutes here). The agent's clock runs ahead so that the two-hour
 // certificate is due for renewal; it is set back once renewed.
 func TestRenewalRetriedOnceSpaceFreed(t *testing.T) {
-	az := testenv.StartAzsim(t, azsim.Config{CertLifetime: 2 * time.Hour})
+	az := azsimtest.Start(t, azsim.Config{CertLifetime: 2 * time.Hour})
 	const devID = "gw-renew-space-freed"
 	d := newDevice(t, az, devOpts{regID: devID, extra: `
 [renewal]

@@ -13,9 +13,11 @@ import (
 	"testing"
 	"time"
 
+	"github.com/gwagent/gwagent/azsim/azsimtest"
+
 	"github.com/gwagent/gwagent/agent"
-	"github.com/gwagent/gwagent/internal/azsim"
-	"github.com/gwagent/gwagent/internal/testenv"
+	"github.com/gwagent/gwagent/azsim"
+	"github.com/gwagent/gwagent/devtools/testenv"
 	"github.com/gwagent/gwagent/keystore"
 	"github.com/gwagent/gwagent/keystore/pkcs11"
 	"github.com/gwagent/gwagent/provisioning"
@@ -49,7 +51,7 @@ func keyExists(t *testing.T, uri string) bool {
 }
 
 func TestRenewalE2E(t *testing.T) {
-	az := testenv.StartAzsim(t, azsim.Config{CertLifetime: 12 * time.Second})
+	az := azsimtest.Start(t, azsim.Config{CertLifetime: 12 * time.Second})
 
 	for _, be := range []string{"file", "tpm", "pkcs11"} {
 		t.Run("ok/several renewals through the hub, each with a new key/"+be, func(t *testing.T) {
@@ -108,7 +110,7 @@ func TestRenewalE2E(t *testing.T) {
 	})
 }
 
-func renewRepeatedly(t *testing.T, az *testenv.Azsim, regID, opKey string) {
+func renewRepeatedly(t *testing.T, az *azsimtest.Azsim, regID, opKey string) {
 	d := newDevice(t, az, devOpts{regID: regID, opKey: opKey, extra: fastRenewal})
 	d.start()
 	testenv.Eventually(t, 20*time.Second, "connected", func() bool { return d.status().State == "connected" })
@@ -161,7 +163,7 @@ func TestRenewalRollback(t *testing.T) {
 }
 
 func renewalRollback(t *testing.T, gentle bool) {
-	az := testenv.StartAzsim(t, azsim.Config{Gentle: gentle})
+	az := azsimtest.Start(t, azsim.Config{Gentle: gentle})
 	d := newDevice(t, az, devOpts{regID: "gw-rollback"})
 	cur, err := d.provision()
 	if err != nil {
@@ -221,7 +223,7 @@ func TestRenewal409Replace(t *testing.T) {
 }
 
 func renewal409(t *testing.T, lostRecord bool) {
-	az := testenv.StartAzsim(t, azsim.Config{CertLifetime: 40 * time.Second, IssueDelay: 6 * time.Second})
+	az := azsimtest.Start(t, azsim.Config{CertLifetime: 40 * time.Second, IssueDelay: 6 * time.Second})
 	d := newDevice(t, az, devOpts{regID: "gw-renew-409", extra: fastRenewal})
 	r := d.start()
 	testenv.Eventually(t, 40*time.Second, "the hub accepted a certificate request", func() bool {
@@ -251,7 +253,7 @@ func renewal409(t *testing.T, lostRecord bool) {
 // The 202 arrives, then the connection drops: the 200 comes on the next
 // connection and is used.
 func TestRenewalAnswerAfterReconnect(t *testing.T) {
-	az := testenv.StartAzsim(t, azsim.Config{CertLifetime: 40 * time.Second, IssueDelay: 3 * time.Second})
+	az := azsimtest.Start(t, azsim.Config{CertLifetime: 40 * time.Second, IssueDelay: 3 * time.Second})
 	d := newDevice(t, az, devOpts{regID: "gw-renew-late", extra: strings.Replace(fastRenewal, `issue_timeout = "10s"`, `issue_timeout = "30s"`, 1)})
 	r := d.start()
 	testenv.Eventually(t, 40*time.Second, "the hub accepted a certificate request", func() bool {

@@ -10,8 +10,10 @@ import (
 	"testing"
 	"time"
 
-	"github.com/gwagent/gwagent/internal/azsim"
-	"github.com/gwagent/gwagent/internal/testenv"
+	"github.com/gwagent/gwagent/azsim/azsimtest"
+
+	"github.com/gwagent/gwagent/azsim"
+	"github.com/gwagent/gwagent/devtools/testenv"
 )
 
 // spoolPut writes a spool file the documented way: temporary name, rename.
@@ -27,7 +29,7 @@ func spoolPut(t *testing.T, dir, name string, body []byte) {
 }
 
 // bodiesWith returns the received bodies that are JSON objects with key.
-func bodiesWith(az *testenv.Azsim, deviceID, key string) []any {
+func bodiesWith(az *azsimtest.Azsim, deviceID, key string) []any {
 	var out []any
 	for _, m := range received(az, deviceID, "") {
 		if b, ok := m["body"].(map[string]any); ok {
@@ -43,7 +45,7 @@ func bodiesWith(az *testenv.Azsim, deviceID, key string) []any {
 // followed, moved to rejected/ with one warning, and counted; telemetry
 // behind them keeps flowing.
 func TestSpoolRefusesWhatIsNotAMessage(t *testing.T) {
-	az := testenv.StartAzsim(t, azsim.Config{})
+	az := azsimtest.Start(t, azsim.Config{})
 	d := newDevice(t, az, devOpts{regID: "gw-spool-refuse", symmetric: true})
 	spool := d.cfg.Telemetry.SpoolDir
 	if err := os.MkdirAll(spool, 0o770); err != nil {
@@ -140,7 +142,7 @@ func TestSpoolRefusesWhatIsNotAMessage(t *testing.T) {
 // A file name used again after its message was delivered is a new
 // message.
 func TestSpoolNameReused(t *testing.T) {
-	az := testenv.StartAzsim(t, azsim.Config{})
+	az := azsimtest.Start(t, azsim.Config{})
 	d := newDevice(t, az, devOpts{regID: "gw-spool-reuse", symmetric: true})
 	os.MkdirAll(d.cfg.Telemetry.SpoolDir, 0o770)
 	d.start()
@@ -175,7 +177,7 @@ func TestSpoolNameReused(t *testing.T) {
 // hour, the half-written file cannot be sent during the test; once its
 // modification time is older than that, the whole file is.
 func TestSpoolHalfWrittenFile(t *testing.T) {
-	az := testenv.StartAzsim(t, azsim.Config{})
+	az := azsimtest.Start(t, azsim.Config{})
 	d := newDevice(t, az, devOpts{regID: "gw-spool-half", symmetric: true, extra: "spool_settle = \"1h\"\n"})
 	os.MkdirAll(d.cfg.Telemetry.SpoolDir, 0o770)
 	r := d.start()

@@ -8,15 +8,17 @@ import (
 	"testing"
 	"time"
 
-	"github.com/gwagent/gwagent/internal/azsim"
-	"github.com/gwagent/gwagent/internal/testenv"
+	"github.com/gwagent/gwagent/azsim/azsimtest"
+
+	"github.com/gwagent/gwagent/azsim"
+	"github.com/gwagent/gwagent/devtools/testenv"
 )
 
 // Delivered spool files leave the spool through sent/, which the agent
 // empties; files a crash left in sent/ are removed at start and never sent
 // again.
 func TestSpoolSentSwept(t *testing.T) {
-	az := testenv.StartAzsim(t, azsim.Config{})
+	az := azsimtest.Start(t, azsim.Config{})
 	d := newDevice(t, az, devOpts{regID: "gw-spool-sent", symmetric: true})
 	spool := d.cfg.Telemetry.SpoolDir
 	sent := filepath.Join(spool, "sent")
@@ -52,7 +54,7 @@ func TestSpoolSentSwept(t *testing.T) {
 func TestSpoolSentHostile(t *testing.T) {
 	for _, kind := range []string{"symlink", "open-dir"} {
 		t.Run(kind, func(t *testing.T) {
-			az := testenv.StartAzsim(t, azsim.Config{})
+			az := azsimtest.Start(t, azsim.Config{})
 			reg := "gw-spool-sent-" + kind
 			d := newDevice(t, az, devOpts{regID: reg, symmetric: true})
 			spool := d.cfg.Telemetry.SpoolDir

@@ -29,13 +29,15 @@ import (
 	"testing"
 	"time"
 
+	"github.com/gwagent/gwagent/azsim/azsimtest"
+
 	tpm "github.com/google/go-tpm/tpm2"
 	"github.com/google/go-tpm/tpm2/transport/linuxudstpm"
 
 	"github.com/gwagent/gwagent/agent"
-	"github.com/gwagent/gwagent/internal/azsim"
+	"github.com/gwagent/gwagent/azsim"
+	"github.com/gwagent/gwagent/devtools/testenv"
 	"github.com/gwagent/gwagent/internal/backoff"
-	"github.com/gwagent/gwagent/internal/testenv"
 	"github.com/gwagent/gwagent/provisioning"
 )
 
@@ -288,7 +290,7 @@ func (p *agentProc) logText() string {
 
 // tpmAgentConfig writes the config of a gateway with nothing but a TPM
 // (reached through sock) and the id scope.
-func tpmAgentConfig(t *testing.T, az *testenv.Azsim, sock string) (path, state string) {
+func tpmAgentConfig(t *testing.T, az *azsimtest.Azsim, sock string) (path, state string) {
 	t.Helper()
 	dir := t.TempDir()
 	state = filepath.Join(dir, "state")
@@ -337,9 +339,9 @@ func assertStateWhole(t *testing.T, state string) {
 }
 
 // enrolledSWTPM is a swtpm whose EK is enrolled in azsim, and a relay to it.
-func enrolledSWTPM(t *testing.T) (*testenv.Azsim, *testenv.SWTPM, string, *tpmRelay) {
+func enrolledSWTPM(t *testing.T) (*azsimtest.Azsim, *testenv.SWTPM, string, *tpmRelay) {
 	t.Helper()
-	az := testenv.StartAzsim(t, azsim.Config{})
+	az := azsimtest.Start(t, azsim.Config{})
 	sw := testenv.StartSWTPM(t)
 	ek, _ := readEK(t, sw.Sock)
 	regID := provisioning.TPMRegistrationID(ek)
@@ -349,7 +351,7 @@ func enrolledSWTPM(t *testing.T) (*testenv.Azsim, *testenv.SWTPM, string, *tpmRe
 
 // waitHealth waits for the agent to be connected and azsim to have more
 // than before health messages from it.
-func waitHealth(t *testing.T, az *testenv.Azsim, state, regID string, before int) {
+func waitHealth(t *testing.T, az *azsimtest.Azsim, state, regID string, before int) {
 	t.Helper()
 	testenv.Eventually(t, 60*time.Second, "connected and a health message", func() bool {
 		st, err := agent.ReadStatus(state)
@@ -673,7 +675,7 @@ func TestTPMGoneWhileConnectedPersistentKey(t *testing.T) {
 // startTPMDevice starts the agent in this process on the TPM config of
 // tpmAgentConfig (changed by edit, if set) and waits until it has
 // provisioned, connected and sent health.
-func startTPMDevice(t *testing.T, az *testenv.Azsim, sock, regID string, edit func(toml, state string) string) (*device, *running, string) {
+func startTPMDevice(t *testing.T, az *azsimtest.Azsim, sock, regID string, edit func(toml, state string) string) (*device, *running, string) {
 	t.Helper()
 	dir := t.TempDir()
 	d := &device{t: t, az: az, dir: dir, path: filepath.Join(dir, "gwagent.toml")}

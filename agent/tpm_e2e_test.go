@@ -15,9 +15,11 @@ import (
 	"testing"
 	"time"
 
-	"github.com/gwagent/gwagent/internal/azsim"
-	"github.com/gwagent/gwagent/internal/azsim/dps"
-	"github.com/gwagent/gwagent/internal/testenv"
+	"github.com/gwagent/gwagent/azsim/azsimtest"
+
+	"github.com/gwagent/gwagent/azsim"
+	"github.com/gwagent/gwagent/azsim/dps"
+	"github.com/gwagent/gwagent/devtools/testenv"
 	"github.com/gwagent/gwagent/keystore"
 	"github.com/gwagent/gwagent/keystore/tpm2"
 	"github.com/gwagent/gwagent/provisioning"
@@ -49,7 +51,7 @@ func readEK(t *testing.T, sock string) (ek, srk []byte) {
 
 // newTPMDevice starts a swtpm and, if enroll, records its EK in azsim the
 // way a manufacturer would (admin API). extra is appended to the config.
-func newTPMDevice(t *testing.T, az *testenv.Azsim, enroll bool, extra string) *tpmDevice {
+func newTPMDevice(t *testing.T, az *azsimtest.Azsim, enroll bool, extra string) *tpmDevice {
 	t.Helper()
 	sw := testenv.StartSWTPM(t)
 	ek, _ := readEK(t, sw.Sock)
@@ -76,7 +78,7 @@ interval = "1h"
 	return td
 }
 
-func enrollTPM(t *testing.T, az *testenv.Azsim, regID string, ek []byte) {
+func enrollTPM(t *testing.T, az *azsimtest.Azsim, regID string, ek []byte) {
 	t.Helper()
 	if st := az.Admin("PUT", "/dps/tpm-enrollments/"+regID, map[string]any{"endorsementKey": base64.StdEncoding.EncodeToString(ek)}, nil); st != 200 {
 		t.Fatalf("enroll: %d", st)
@@ -84,7 +86,7 @@ func enrollTPM(t *testing.T, az *testenv.Azsim, regID string, ek []byte) {
 }
 
 func TestTPMAttestationE2E(t *testing.T) {
-	az := testenv.StartAzsim(t, azsim.Config{})
+	az := azsimtest.Start(t, azsim.Config{})
 
 	t.Run("ok/TPM only: HTTPS, challenge, CSR, chain, hub, telemetry", func(t *testing.T) {
 		d := newTPMDevice(t, az, true, "")
@@ -178,7 +180,7 @@ func TestTPMAttestationE2E(t *testing.T) {
 // TPM attestation for renewals: with prefer = "dps" every renewal is a new
 // TPM-attested registration.
 func TestTPMRenewalThroughDPS(t *testing.T) {
-	az := testenv.StartAzsim(t, azsim.Config{CertLifetime: 12 * time.Second})
+	az := azsimtest.Start(t, azsim.Config{CertLifetime: 12 * time.Second})
 	d := newTPMDevice(t, az, true, fastRenewal+"prefer = \"dps\"\n")
 	d.start()
 	testenv.Eventually(t, 30*time.Second, "connected", func() bool { return d.status().State == "connected" })

@@ -7,15 +7,17 @@ import (
 	"testing"
 	"time"
 
+	"github.com/gwagent/gwagent/azsim/azsimtest"
+
 	"github.com/gwagent/gwagent/agent"
-	"github.com/gwagent/gwagent/internal/azsim"
-	"github.com/gwagent/gwagent/internal/testenv"
+	"github.com/gwagent/gwagent/azsim"
+	"github.com/gwagent/gwagent/devtools/testenv"
 )
 
 // A twin synchronisation that fails is retried; the failing request is
 // named in the log.
 func TestTwinSyncRetried(t *testing.T) {
-	az := testenv.StartAzsim(t, azsim.Config{})
+	az := azsimtest.Start(t, azsim.Config{})
 	d := newDevice(t, az, devOpts{regID: "gw-twin-retry", symmetric: true})
 	if _, err := d.provision(); err != nil {
 		t.Fatal(err)
@@ -57,7 +59,7 @@ func agentGoroutines() (int, string) {
 // callbacks) has ended when Run returns, even when stopped in the middle of
 // a twin retry.
 func TestRunLeavesNoGoroutines(t *testing.T) {
-	az := testenv.StartAzsim(t, azsim.Config{})
+	az := azsimtest.Start(t, azsim.Config{})
 	d := newDevice(t, az, devOpts{regID: "gw-goroutines", symmetric: true})
 	if _, err := d.provision(); err != nil {
 		t.Fatal(err)
@@ -77,7 +79,7 @@ func TestRunLeavesNoGoroutines(t *testing.T) {
 // Each twin request has its own deadline (Options.TwinTimeout), named in
 // the error. azsim's twin-delay fault makes the hub slow.
 func TestTwinRequestDeadlines(t *testing.T) {
-	az := testenv.StartAzsim(t, azsim.Config{})
+	az := azsimtest.Start(t, azsim.Config{})
 	// run provisions regID, holds the hub's next count twin answers for
 	// delay seconds, and runs the agent with each twin request bounded by
 	// timeout until the sync's last request (the telemetryInterval report,
@@ -128,7 +130,7 @@ func TestTwinRequestDeadlines(t *testing.T) {
 // goroutine of its own (SetOrderMatters(false)), so the callback blocking
 // on the PATCH does not block the answer it waits for, nor anything else.
 func TestDesiredUpdateWhileTwinSlow(t *testing.T) {
-	az := testenv.StartAzsim(t, azsim.Config{})
+	az := azsimtest.Start(t, azsim.Config{})
 	const id = "gw-twin-desired"
 	d := newDevice(t, az, devOpts{regID: id, symmetric: true})
 	if _, err := d.provision(); err != nil {

@@ -8,9 +8,11 @@ import (
 	"testing"
 	"time"
 
+	"github.com/gwagent/gwagent/azsim/azsimtest"
+
 	"github.com/gwagent/gwagent/agent"
-	"github.com/gwagent/gwagent/internal/azsim"
-	"github.com/gwagent/gwagent/internal/testenv"
+	"github.com/gwagent/gwagent/azsim"
+	"github.com/gwagent/gwagent/devtools/testenv"
 )
 
 // When inotify cannot be had (the kernel's per-user instance limit is used
@@ -19,7 +21,7 @@ import (
 // scanning on a timer; status says so. The failing watcher is injected:
 // exhausting the real limit would break every other test on the machine.
 func TestWithoutInotify(t *testing.T) {
-	az := testenv.StartAzsim(t, azsim.Config{})
+	az := azsimtest.Start(t, azsim.Config{})
 	d := newDevice(t, az, devOpts{regID: "gw-no-inotify", symmetric: true})
 	d.tweak = func(o *agent.Options) {
 		agent.WithoutInotify(o, errors.New("too many open files"))

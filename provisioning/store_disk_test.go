@@ -15,7 +15,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/gwagent/gwagent/internal/testenv"
+	"github.com/gwagent/gwagent/devtools/testenv"
 	"github.com/gwagent/gwagent/provisioning"
 )
 

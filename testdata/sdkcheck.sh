@@ -14,7 +14,7 @@ rm -rf "$DIR" && mkdir -p "$DIR" && cp testdata/sdkcheck/package.json testdata/s
 (cd "$DIR" && npm install --no-audit --no-fund --loglevel=error >/dev/null)
 mkdir -p "$DIR/tpm/state" && cp testdata/sdkcheck/tpm/package.json testdata/sdkcheck/tpmcheck.js "$DIR/tpm/"
 (cd "$DIR/tpm" && npm install --ignore-scripts --no-audit --no-fund --loglevel=error >/dev/null)
-go build -o bin/tpmbridge ./internal/sdkcheck/tpmbridge
+go build -o bin/tpmbridge ./devtools/sdkcheck/tpmbridge
 export AZSIM_ADMIN=http://127.0.0.1:28480
 bin/azsim serve --state "$DIR/azsim" --dps-addr 127.0.0.1:28883 --dps-https-addr 127.0.0.1:28443 --hub-addr 127.0.0.1:28884 \
 	--admin-addr 127.0.0.1:28480 --telemetry-log "$DIR/telemetry.jsonl" --retry-after 1 >"$DIR/azsim.log" 2>&1 &

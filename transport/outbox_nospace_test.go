@@ -10,7 +10,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/gwagent/gwagent/internal/testenv"
+	"github.com/gwagent/gwagent/devtools/testenv"
 )
 
 // A full disk (a real tmpfs filled up) while messages wait in memory for

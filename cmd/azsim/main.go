@@ -19,7 +19,7 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/gwagent/gwagent/internal/azsim"
+	"github.com/gwagent/gwagent/azsim"
 )
 
 const usage = `usage: azsim COMMAND [flags]

@@ -9,9 +9,11 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/gwagent/gwagent/internal/azsim"
-	"github.com/gwagent/gwagent/internal/azsim/dps"
-	"github.com/gwagent/gwagent/internal/testenv"
+	"github.com/gwagent/gwagent/azsim/azsimtest"
+
+	"github.com/gwagent/gwagent/azsim"
+	"github.com/gwagent/gwagent/azsim/dps"
+	"github.com/gwagent/gwagent/devtools/testenv"
 	"github.com/gwagent/gwagent/keystore"
 	"github.com/gwagent/gwagent/keystore/tpm2"
 )
@@ -19,7 +21,7 @@ import (
 // A manufacturer's enrollment: the EK file gwagent onboard tpm writes goes
 // into azsim enroll tpm, and azsim then knows the device.
 func TestEnrollTPM(t *testing.T) {
-	az := testenv.StartAzsim(t, azsim.Config{})
+	az := azsimtest.Start(t, azsim.Config{})
 	sw := testenv.StartSWTPM(t)
 	ks, err := tpm2.Open(context.Background(), keystore.MustParse("tpm2:socket="+sw.Sock+";blob=/unused"))
 	if err != nil {

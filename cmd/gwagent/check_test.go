@@ -19,8 +19,10 @@ import (
 	"testing"
 	"time"
 
-	"github.com/gwagent/gwagent/internal/azsim"
-	"github.com/gwagent/gwagent/internal/testenv"
+	"github.com/gwagent/gwagent/azsim/azsimtest"
+
+	"github.com/gwagent/gwagent/azsim"
+	"github.com/gwagent/gwagent/devtools/testenv"
 	"github.com/gwagent/gwagent/keystore"
 	"github.com/gwagent/gwagent/provisioning"
 )
@@ -44,8 +46,8 @@ func results(c *checker) map[string]checkResult {
 
 // provisionedDevice is a symmetric-key device with a file key, provisioned
 // through azsim with the CLI, with the status a connected agent writes.
-func provisionedDevice(t *testing.T) (*testenv.Azsim, *crashDevice) {
-	az := testenv.StartAzsim(t, azsim.Config{})
+func provisionedDevice(t *testing.T) (*azsimtest.Azsim, *crashDevice) {
+	az := azsimtest.Start(t, azsim.Config{})
 	d := newCrashDevice(t, az, "gw-check-01", "")
 	if _, stderr, err := gw(t, "provision", "--config", d.cfg); err != nil {
 		t.Fatalf("provision: %v\n%s", err, stderr)
@@ -314,7 +316,7 @@ key = "file:/nonexistent/k"
 // checks; with the TPM gone, the key checks say so and point at the TPM.
 func TestCheckTPMX509(t *testing.T) {
 	sw := testenv.StartSWTPM(t)
-	az := testenv.StartAzsim(t, azsim.Config{})
+	az := azsimtest.Start(t, azsim.Config{})
 	dir := t.TempDir()
 	state := filepath.Join(dir, "state")
 	cfg := filepath.Join(dir, "gwagent.toml")

@@ -14,7 +14,7 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/gwagent/gwagent/internal/testenv"
+	"github.com/gwagent/gwagent/devtools/testenv"
 	"github.com/gwagent/gwagent/keystore/pkcs11"
 )
 

@@ -15,9 +15,11 @@ import (
 	"testing"
 	"time"
 
+	"github.com/gwagent/gwagent/azsim/azsimtest"
+
 	"github.com/gwagent/gwagent/agent"
-	"github.com/gwagent/gwagent/internal/azsim"
-	"github.com/gwagent/gwagent/internal/testenv"
+	"github.com/gwagent/gwagent/azsim"
+	"github.com/gwagent/gwagent/devtools/testenv"
 	"github.com/gwagent/gwagent/provisioning"
 )
 
@@ -36,14 +38,14 @@ func TestMain(m *testing.M) {
 
 type crashDevice struct {
 	t     *testing.T
-	az    *testenv.Azsim
+	az    *azsimtest.Azsim
 	dir   string
 	cfg   string
 	spool string
 	state string
 }
 
-func newCrashDevice(t *testing.T, az *testenv.Azsim, regID, extra string) *crashDevice {
+func newCrashDevice(t *testing.T, az *azsimtest.Azsim, regID, extra string) *crashDevice {
 	t.Helper()
 	d := &crashDevice{t: t, az: az, dir: t.TempDir()}
 	var k struct{ DeviceKey string }
@@ -112,7 +114,7 @@ func (d *crashDevice) spoolFiles(prefix string, n int) {
 }
 
 // bodies counts distinct values of key in the device's received messages.
-func bodies(az *testenv.Azsim, deviceID, key string) (distinct, total int) {
+func bodies(az *azsimtest.Azsim, deviceID, key string) (distinct, total int) {
 	seen := map[float64]bool{}
 	for _, m := range az.Telemetry() {
 		if m["deviceId"] != deviceID {
@@ -129,7 +131,7 @@ func bodies(az *testenv.Azsim, deviceID, key string) (distinct, total int) {
 }
 
 func TestSIGKILLWithQueuedMessages(t *testing.T) {
-	az := testenv.StartAzsim(t, azsim.Config{})
+	az := azsimtest.Start(t, azsim.Config{})
 	d := newCrashDevice(t, az, "gw-crash-outbox", "")
 	// The hub refuses connections: messages pile up in the outbox.
 	az.Admin("POST", "/faults/refuse", map[string]any{"target": "hub", "seconds": 120}, nil)
@@ -173,7 +175,7 @@ func outboxDepth(d *crashDevice) int {
 // Kill the agent at each step of a certificate swap, then restart it: it
 // must connect with a valid pair, and no message may be lost.
 func TestKillDuringRenewal(t *testing.T) {
-	az := testenv.StartAzsim(t, azsim.Config{CertLifetime: 10 * time.Second})
+	az := azsimtest.Start(t, azsim.Config{CertLifetime: 10 * time.Second})
 	renewal := `
 [renewal]
 threshold = 0.5

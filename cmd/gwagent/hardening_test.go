@@ -15,9 +15,11 @@ import (
 	"testing"
 	"time"
 
+	"github.com/gwagent/gwagent/azsim/azsimtest"
+
 	"github.com/gwagent/gwagent/agent"
-	"github.com/gwagent/gwagent/internal/azsim"
-	"github.com/gwagent/gwagent/internal/testenv"
+	"github.com/gwagent/gwagent/azsim"
+	"github.com/gwagent/gwagent/devtools/testenv"
 	"github.com/gwagent/gwagent/provisioning"
 )
 
@@ -77,7 +79,7 @@ func gwProc(t *testing.T, timeout time.Duration, args ...string) (string, error)
 // second exits at once naming the first, and so do commands that change
 // state. After a SIGKILL the lock is gone with the process.
 func TestOneAgentPerStateDir(t *testing.T) {
-	az := testenv.StartAzsim(t, azsim.Config{})
+	az := azsimtest.Start(t, azsim.Config{})
 	d := newCrashDevice(t, az, "gw-lock-1", "")
 	first := d.start()
 	testenv.Eventually(t, 30*time.Second, "the first agent connected", func() bool {
@@ -117,7 +119,7 @@ func TestOneAgentPerStateDir(t *testing.T) {
 // A standalone `gwagent renew` (no service running) renews and leaves the
 // state at "stopped", not "swapping-certificate".
 func TestStandaloneRenewLeavesStateStopped(t *testing.T) {
-	az := testenv.StartAzsim(t, azsim.Config{})
+	az := azsimtest.Start(t, azsim.Config{})
 	d := newCrashDevice(t, az, "gw-renew-alone", "")
 	if _, errOut, err := gw(t, "provision", "--config", d.cfg); err != nil {
 		t.Fatalf("provision: %v\n%s", err, errOut)
@@ -145,7 +147,7 @@ func TestStandaloneRenewLeavesStateStopped(t *testing.T) {
 // `gwagent renew` says it cannot renew instead of signalling an agent that
 // ignores it.
 func TestStaticModeStatusAndRenew(t *testing.T) {
-	az := testenv.StartAzsim(t, azsim.Config{})
+	az := azsimtest.Start(t, azsim.Config{})
 	dir := t.TempDir()
 	keyURI, chainPath := az.FactoryDevice(t, dir, "gw-static-cli")
 	d := &crashDevice{t: t, az: az, dir: dir, cfg: filepath.Join(dir, "gwagent.toml"), state: filepath.Join(dir, "state")}

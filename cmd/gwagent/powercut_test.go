@@ -7,8 +7,10 @@ import (
 	"testing"
 	"time"
 
-	"github.com/gwagent/gwagent/internal/azsim"
-	"github.com/gwagent/gwagent/internal/testenv"
+	"github.com/gwagent/gwagent/azsim/azsimtest"
+
+	"github.com/gwagent/gwagent/azsim"
+	"github.com/gwagent/gwagent/devtools/testenv"
 )
 
 // TestPowerCutKeepsApplicationMessages: the outbox does not fsync spool
@@ -20,7 +22,7 @@ import (
 // the hub must still get all 30, and the 10 the hub had acknowledged before
 // (spool files deleted) must not be needed again.
 func TestPowerCutKeepsApplicationMessages(t *testing.T) {
-	az := testenv.StartAzsim(t, azsim.Config{})
+	az := azsimtest.Start(t, azsim.Config{})
 	d := newCrashDevice(t, az, "gw-powercut", "")
 	cmd := d.start()
 	testenv.Eventually(t, 30*time.Second, "provisioned", func() bool { return d.current() != nil })

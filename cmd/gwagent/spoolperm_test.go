@@ -12,8 +12,10 @@ import (
 	"testing"
 	"time"
 
-	"github.com/gwagent/gwagent/internal/azsim"
-	"github.com/gwagent/gwagent/internal/testenv"
+	"github.com/gwagent/gwagent/azsim/azsimtest"
+
+	"github.com/gwagent/gwagent/azsim"
+	"github.com/gwagent/gwagent/devtools/testenv"
 )
 
 // The shipped layout, for real: systemd-sysusers and systemd-tmpfiles apply
@@ -54,7 +56,7 @@ func TestSpoolLayoutWithRealUsers(t *testing.T) {
 	etc := filepath.Join(root, "etc/gwagent")
 
 	// The agent's files, owned as an installer would leave them.
-	az := testenv.StartAzsim(t, azsim.Config{})
+	az := azsimtest.Start(t, azsim.Config{})
 	var k struct{ DeviceKey string }
 	az.Admin("GET", "/dps/derive-key?group="+azsim.SymmetricKeyGroup+"&registrationId=gw-layout", nil, &k)
 	copyFile(t, az.Info.TrustBundle, filepath.Join(etc, "roots.pem"), 0o644)

@@ -8,7 +8,7 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/gwagent/gwagent/internal/testenv"
+	"github.com/gwagent/gwagent/devtools/testenv"
 	"github.com/gwagent/gwagent/keystore"
 	"github.com/gwagent/gwagent/keystore/tpm2"
 	"github.com/gwagent/gwagent/provisioning"

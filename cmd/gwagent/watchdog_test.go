@@ -8,8 +8,10 @@ import (
 	"testing"
 	"time"
 
-	"github.com/gwagent/gwagent/internal/azsim"
-	"github.com/gwagent/gwagent/internal/testenv"
+	"github.com/gwagent/gwagent/azsim/azsimtest"
+
+	"github.com/gwagent/gwagent/azsim"
+	"github.com/gwagent/gwagent/devtools/testenv"
 )
 
 // notifySocket is a systemd-style NOTIFY_SOCKET: it records every datagram
@@ -69,7 +71,7 @@ func (n *notifySocket) first(prefix string) (time.Time, bool) {
 // WATCHDOG_USEC, an azsim assignment delay of three watchdog intervals.
 func TestWatchdogFedWhileDPSKeepsUsWaiting(t *testing.T) {
 	const watchdog = 3 * time.Second
-	az := testenv.StartAzsim(t, azsim.Config{})
+	az := azsimtest.Start(t, azsim.Config{})
 	az.Admin("POST", "/faults/assign-delay", map[string]any{"seconds": 3 * watchdog.Seconds()}, nil)
 	d := newCrashDevice(t, az, "gw-watchdog", "")
 	ns := listenNotify(t)

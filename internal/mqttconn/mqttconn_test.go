@@ -21,9 +21,11 @@ import (
 	"testing"
 	"time"
 
-	"github.com/gwagent/gwagent/internal/azsim"
+	"github.com/gwagent/gwagent/azsim/azsimtest"
+
+	"github.com/gwagent/gwagent/azsim"
+	"github.com/gwagent/gwagent/devtools/testenv"
 	"github.com/gwagent/gwagent/internal/mqttconn"
-	"github.com/gwagent/gwagent/internal/testenv"
 	"github.com/gwagent/gwagent/internal/tlsconf"
 	"github.com/gwagent/gwagent/provisioning"
 	"github.com/gwagent/gwagent/transport"
@@ -32,13 +34,13 @@ import (
 // gateway is one device's onboarding credential against an azsim.
 type gateway struct {
 	t     *testing.T
-	az    *testenv.Azsim
+	az    *azsimtest.Azsim
 	roots *x509.CertPool
 	regID string
 	cred  provisioning.X509Credential
 }
 
-func newGateway(t *testing.T, az *testenv.Azsim, regID string) *gateway {
+func newGateway(t *testing.T, az *azsimtest.Azsim, regID string) *gateway {
 	t.Helper()
 	key, _ := ecdsa.GenerateKey(elliptic.P384(), rand.Reader)
 	der, _ := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{Subject: pkix.Name{CommonName: regID}}, key)
@@ -125,7 +127,7 @@ func portOf(t *testing.T, hostport string) int {
 }
 
 func TestThroughProxy(t *testing.T) {
-	az := testenv.StartAzsim(t, azsim.Config{})
+	az := azsimtest.Start(t, azsim.Config{})
 	t.Run("ok/websocket through an authenticating proxy: X.509 over the WebSocket's TLS", func(t *testing.T) {
 		px := testenv.StartTinyproxy(t, testenv.ProxyOpts{User: "gw", Password: "s3cret-pw"})
 		g := newGateway(t, az, "ws-auth")
@@ -201,7 +203,7 @@ func TestThroughProxy(t *testing.T) {
 }
 
 func TestProxyRefusals(t *testing.T) {
-	az := testenv.StartAzsim(t, azsim.Config{})
+	az := azsimtest.Start(t, azsim.Config{})
 	g := newGateway(t, az, "refused")
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
@@ -282,7 +284,7 @@ func TestProxyRefusals(t *testing.T) {
 // the WebSocket attempt after it must still get its CONNACK: paho's connect
 // timeout covers both attempts.
 func TestAutoAfterSilentMQTT(t *testing.T) {
-	az := testenv.StartAzsim(t, azsim.Config{})
+	az := azsimtest.Start(t, azsim.Config{})
 	g := newGateway(t, az, "silent-8883")
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()

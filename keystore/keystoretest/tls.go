@@ -20,7 +20,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/gwagent/gwagent/internal/testenv"
+	"github.com/gwagent/gwagent/devtools/testenv"
 	"github.com/gwagent/gwagent/internal/tlsconf"
 )
 

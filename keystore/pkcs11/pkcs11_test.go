@@ -12,7 +12,7 @@ import (
 	"github.com/ThalesGroup/crypto11"
 	"github.com/miekg/pkcs11"
 
-	"github.com/gwagent/gwagent/internal/testenv"
+	"github.com/gwagent/gwagent/devtools/testenv"
 	"github.com/gwagent/gwagent/keystore"
 	"github.com/gwagent/gwagent/keystore/keystoretest"
 )

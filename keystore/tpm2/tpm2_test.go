@@ -15,7 +15,7 @@ import (
 
 	tpm "github.com/google/go-tpm/tpm2"
 
-	"github.com/gwagent/gwagent/internal/testenv"
+	"github.com/gwagent/gwagent/devtools/testenv"
 	"github.com/gwagent/gwagent/keystore"
 	"github.com/gwagent/gwagent/keystore/keystoretest"
 )
