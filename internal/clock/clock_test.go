@@ -1,0 +1,165 @@
+package clock
+
+import (
+	"context"
+	"sync/atomic"
+	"testing"
+	"time"
+)
+
+var epoch = time.Date(2026, 12, 6, 0, 0, 0, 0, time.UTC)
+
+func received(ch <-chan time.Time) (time.Time, bool) {
+	select {
+	case v := <-ch:
+		return v, true
+	default:
+		return time.Time{}, false
+	}
+}
+
+func TestFakeTimer(t *testing.T) {
+	f := NewFake(epoch)
+	_, ch := f.NewTimer(10 * time.Second)
+	f.Advance(9 * time.Second)
+	if _, ok := received(ch); ok {
+		t.Fatal("fired before its deadline")
+	}
+	f.Advance(5 * time.Second)
+	v, ok := received(ch)
+	if !ok || !v.Equal(epoch.Add(10*time.Second)) {
+		t.Fatalf("fired %v %v, want the deadline", v, ok)
+	}
+	if got := f.Now(); !got.Equal(epoch.Add(14 * time.Second)) {
+		t.Fatalf("Now = %v after advancing 14 s", got)
+	}
+	if f.Pending() != 0 {
+		t.Fatalf("a fired timer is still armed")
+	}
+}
+
+func TestFakeStopResetDiscardStaleValue(t *testing.T) {
+	f := NewFake(epoch)
+	tm, ch := f.NewTimer(time.Second)
+	f.Advance(time.Second) // fired, value waiting in the channel
+	if tm.Stop() {
+		t.Fatal("Stop of a fired timer reported it armed")
+	}
+	if _, ok := received(ch); ok {
+		t.Fatal("a stale value was received after Stop")
+	}
+	tm.Reset(2 * time.Second)
+	f.Advance(time.Second)
+	if _, ok := received(ch); ok {
+		t.Fatal("reset timer fired early")
+	}
+	f.Advance(time.Second)
+	if _, ok := received(ch); !ok {
+		t.Fatal("reset timer did not fire")
+	}
+}
+
+func TestFakeTickerDropsSkippedTicks(t *testing.T) {
+	f := NewFake(epoch)
+	tk, ch := f.NewTicker(time.Second)
+	f.Advance(10 * time.Second)
+	n := 0
+	for {
+		if _, ok := received(ch); !ok {
+			break
+		}
+		n++
+	}
+	if n != 1 {
+		t.Fatalf("a 10 s jump delivered %d ticks, want 1 (the rest dropped)", n)
+	}
+	f.Advance(time.Second)
+	if _, ok := received(ch); !ok {
+		t.Fatal("no tick one period later")
+	}
+	tk.Stop()
+	f.Advance(5 * time.Second)
+	if _, ok := received(ch); ok {
+		t.Fatal("a stopped ticker ticked")
+	}
+}
+
+func TestFakeAfterFuncOrderAndBlockUntil(t *testing.T) {
+	f := NewFake(epoch)
+	done := make(chan int, 2)
+	f.AfterFunc(2*time.Second, func() { done <- 2 })
+	f.AfterFunc(1*time.Second, func() { done <- 1 })
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if err := f.BlockUntil(ctx, 2); err != nil {
+		t.Fatal(err)
+	}
+	if d, ok := f.AdvanceToNext(); !ok || d != time.Second {
+		t.Fatalf("AdvanceToNext = %v %v, want 1 s", d, ok)
+	}
+	if got := <-done; got != 1 {
+		t.Fatalf("first AfterFunc = %d", got)
+	}
+	f.AdvanceToNext()
+	if got := <-done; got != 2 {
+		t.Fatalf("second AfterFunc = %d", got)
+	}
+	if _, ok := f.AdvanceToNext(); ok {
+		t.Fatal("AdvanceToNext with nothing armed moved the clock")
+	}
+}
+
+func TestBlockUntilWaitsForAGoroutine(t *testing.T) {
+	f := NewFake(epoch)
+	var woke atomic.Bool
+	go func() {
+		Sleep(context.Background(), f, time.Minute)
+		woke.Store(true)
+	}()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if err := f.BlockUntil(ctx, 1); err != nil {
+		t.Fatal("the sleeping goroutine never armed its timer")
+	}
+	f.Advance(time.Minute)
+	for i := 0; i < 500 && !woke.Load(); i++ {
+		time.Sleep(time.Millisecond)
+	}
+	if !woke.Load() {
+		t.Fatal("Sleep did not return after the clock passed its deadline")
+	}
+}
+
+func TestSleepCancelled(t *testing.T) {
+	f := NewFake(epoch)
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	if err := Sleep(ctx, f, time.Hour); err != context.Canceled {
+		t.Fatalf("Sleep on a cancelled context = %v", err)
+	}
+	if f.Pending() != 0 {
+		t.Fatal("a cancelled Sleep left its timer armed")
+	}
+}
+
+func TestSetBackwardFiresNothing(t *testing.T) {
+	f := NewFake(epoch)
+	_, ch := f.NewTimer(time.Second)
+	f.Set(time.Unix(0, 0))
+	if _, ok := received(ch); ok {
+		t.Fatal("a backward step fired a timer")
+	}
+	if !f.Now().Equal(time.Unix(0, 0)) {
+		t.Fatal("Set did not move the clock back")
+	}
+}
+
+func TestOr(t *testing.T) {
+	if _, ok := Or(nil).(Real); !ok {
+		t.Fatal("Or(nil) is not Real")
+	}
+	f := NewFake(epoch)
+	if Or(f) != Clock(f) {
+		t.Fatal("Or(f) is not f")
+	}
+}
