@@ -10,6 +10,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/gwagent/gwagent/internal/diskspace"
 	"github.com/gwagent/gwagent/internal/tlsconf"
 	"github.com/gwagent/gwagent/keystore"
 	"github.com/gwagent/gwagent/provisioning"
@@ -264,7 +265,7 @@ func (e *errNoSpace) Unwrap() error { return e.err }
 // written) and what to do.
 func spaceAdvice(cfg *Config, err error) error {
 	var already *errNoSpace
-	if err == nil || !noSpace(err) || errors.As(err, &already) {
+	if err == nil || !diskspace.NoSpace(err) || errors.As(err, &already) {
 		return err
 	}
 	dir := cfg.StateDir

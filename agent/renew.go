@@ -15,6 +15,7 @@ import (
 
 	"github.com/gwagent/gwagent/internal/atomicfile"
 	"github.com/gwagent/gwagent/internal/backoff"
+	"github.com/gwagent/gwagent/internal/diskspace"
 	"github.com/gwagent/gwagent/internal/tlsconf"
 	"github.com/gwagent/gwagent/keystore"
 	"github.com/gwagent/gwagent/provisioning"
@@ -241,7 +242,7 @@ const (
 // renewal. Asking the hub or DPS for a certificate that cannot be stored
 // would only spend the issuance quota.
 func roomToRenew(dir string) error {
-	ok, err := hasRoom(dir, renewRoomBytes, renewRoomInodes)
+	ok, err := diskspace.HasRoom(dir, renewRoomBytes, renewRoomInodes)
 	if err != nil {
 		return nil // let the writes themselves say what is wrong
 	}

@@ -12,6 +12,8 @@ import (
 	"time"
 
 	"github.com/gwagent/gwagent/internal/atomicfile"
+	"github.com/gwagent/gwagent/internal/condition"
+	"github.com/gwagent/gwagent/internal/diskspace"
 )
 
 // State is where the agent's lifecycle is. One value at a time; problems
@@ -42,7 +44,7 @@ func (s State) String() string {
 
 // Condition is a named health problem (tailscale's Warnable idea): set with
 // a reason, cleared when it is over.
-type Condition string
+type Condition = condition.Name
 
 const (
 	CondClockNotSynced      Condition = "clock-not-synchronised"
@@ -216,7 +218,7 @@ func (t *statusTracker) changed() {
 func (t *statusTracker) write() Status {
 	s, b := t.render(false)
 	err := atomicfile.Write(t.path, b, 0o644)
-	if err != nil && noSpace(err) {
+	if err != nil && diskspace.NoSpace(err) {
 		// No room for a new file: say so in the old one's blocks.
 		s, b = t.render(true)
 		err = atomicfile.OverwriteInPlace(t.path, b)
@@ -233,7 +235,7 @@ func (t *statusTracker) render(diskFull bool) (Status, []byte) {
 	t.mu.Lock()
 	var raised string
 	if _, had := t.st.Conditions[CondDiskFull]; diskFull && !had {
-		raised = diskFullReason(filepath.Dir(t.path))
+		raised = diskspace.Reason(filepath.Dir(t.path))
 		t.st.Conditions[CondDiskFull] = raised
 	}
 	t.st.UpdatedAt = t.now().UTC()
