@@ -17,6 +17,7 @@ import (
 	"github.com/pelletier/go-toml/v2"
 	"github.com/pelletier/go-toml/v2/unstable"
 
+	"github.com/gwagent/gwagent/internal/atomicfile"
 	"github.com/gwagent/gwagent/keystore"
 	"github.com/gwagent/gwagent/provisioning"
 )
@@ -237,7 +238,7 @@ func readConfigFile(path string) ([]byte, error) {
 		return nil, err
 	}
 	if !st.Mode().IsRegular() {
-		return nil, fmt.Errorf("%s is %s, not a regular file; --config must name the TOML file", path, describeMode(st.Mode()))
+		return nil, fmt.Errorf("%s is %s, not a regular file; --config must name the TOML file", path, atomicfile.DescribeMode(st.Mode()))
 	}
 	if st.Size() > maxConfigBytes {
 		return nil, fmt.Errorf("%s has %d bytes; a config file may have at most %d", path, st.Size(), maxConfigBytes)
@@ -250,20 +251,6 @@ func readConfigFile(path string) ([]byte, error) {
 		return nil, fmt.Errorf("%s grew beyond %d bytes while being read", path, maxConfigBytes)
 	}
 	return raw, nil
-}
-
-func describeMode(m os.FileMode) string {
-	switch {
-	case m&os.ModeNamedPipe != 0:
-		return "a FIFO"
-	case m&os.ModeDevice != 0:
-		return "a device"
-	case m.IsDir():
-		return "a directory"
-	case m&os.ModeSocket != 0:
-		return "a socket"
-	}
-	return "not a regular file"
 }
 
 // ParseConfig is LoadConfig on bytes already read from path.

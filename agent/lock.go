@@ -9,6 +9,8 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"github.com/gwagent/gwagent/internal/atomicfile"
 )
 
 // ErrAlreadyRunning says another gwagent process holds the state directory.
@@ -40,14 +42,14 @@ func LockStateDir(dir string) (*StateLock, error) {
 	p := filepath.Join(dir, lockFile)
 	// Readable by all (it holds only a pid), so that whoever runs gwagent
 	// can lock it, even if another user created it.
-	f, err := os.OpenFile(p, os.O_RDWR|os.O_CREATE|syscall.O_NOFOLLOW|syscall.O_CLOEXEC, 0o644)
+	f, err := atomicfile.OpenRegular(p, os.O_RDWR|os.O_CREATE|syscall.O_NOFOLLOW, 0o644)
 	if err == nil {
 		f.Chmod(0o644) // whatever the umask
 	}
 	if errors.Is(err, os.ErrPermission) {
 		// Left by root (say, `gwagent onboard` at the factory): a read-only
 		// descriptor locks just as well; only the pid cannot be written.
-		f, err = os.OpenFile(p, os.O_RDONLY|syscall.O_NOFOLLOW|syscall.O_CLOEXEC, 0)
+		f, err = atomicfile.OpenRegular(p, syscall.O_NOFOLLOW, 0)
 	}
 	if err != nil {
 		return nil, lockOpenError(p, err)
@@ -81,6 +83,8 @@ func lockOpenError(p string, err error) error {
 		return fmt.Errorf("state directory lock: %w; state_dir must be on writable storage (the packages use /var/lib/gwagent)", err)
 	case errors.Is(err, syscall.EISDIR):
 		return fmt.Errorf("state directory lock %s is a directory; remove it", p)
+	case errors.Is(err, atomicfile.ErrNotRegular):
+		return fmt.Errorf("state directory lock: %w", err)
 	case errors.Is(err, os.ErrPermission):
 		return fmt.Errorf("state directory lock: %w; run as the user that owns the state directory (the service's user) or as root", err)
 	}
@@ -99,7 +103,7 @@ func (l *StateLock) Unlock() {
 // 0 if none does, -1 if one does but its pid is not written yet. It only
 // needs read access to the lock file; an error means it could not tell.
 func LockHolder(dir string) (int, error) {
-	f, err := os.OpenFile(filepath.Join(dir, lockFile), os.O_RDONLY|syscall.O_NOFOLLOW|syscall.O_CLOEXEC, 0)
+	f, err := atomicfile.OpenRegular(filepath.Join(dir, lockFile), syscall.O_NOFOLLOW, 0)
 	if errors.Is(err, os.ErrNotExist) {
 		return 0, nil
 	}

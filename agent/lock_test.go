@@ -6,7 +6,9 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
+	"time"
 )
 
 // One agent per state directory, and a lock file nobody can turn against
@@ -72,5 +74,41 @@ func TestLockStateDirReadOnly(t *testing.T) {
 		if err == nil || !strings.Contains(err.Error(), "read-only file system") || !strings.Contains(err.Error(), "writable storage") {
 			t.Errorf("%s: %v", dir, err)
 		}
+	}
+}
+
+// A FIFO, device or socket planted as the lock file or status.json is
+// refused at once: opening a FIFO for reading blocks until a writer comes,
+// which hung `gwagent status` for good, deaf to SIGTERM.
+func TestLockAndStatusNeverBlockOnAFIFO(t *testing.T) {
+	dir := t.TempDir()
+	for _, name := range []string{lockFile, "status.json"} {
+		if err := syscall.Mkfifo(filepath.Join(dir, name), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		if pid, err := LockHolder(dir); err == nil || !strings.Contains(err.Error(), "is a FIFO") {
+			t.Errorf("LockHolder on a FIFO: pid %d, err %v", pid, err)
+		}
+		if _, err := LockStateDir(dir); err == nil || !strings.Contains(err.Error(), "is a FIFO") || !strings.Contains(err.Error(), "remove it") {
+			t.Errorf("LockStateDir on a FIFO: %v", err)
+		}
+		if _, err := ReadStatus(dir); err == nil || !strings.Contains(err.Error(), "is a FIFO") {
+			t.Errorf("ReadStatus on a FIFO: %v", err)
+		}
+	}()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		t.Fatal("blocked on a FIFO")
+	}
+	// status.json as a link to an endless device is refused, not read.
+	os.Remove(filepath.Join(dir, "status.json"))
+	os.Symlink("/dev/zero", filepath.Join(dir, "status.json"))
+	if _, err := ReadStatus(dir); err == nil || !strings.Contains(err.Error(), "is a device") {
+		t.Errorf("ReadStatus on /dev/zero: %v", err)
 	}
 }

@@ -250,9 +250,12 @@ func (t *statusTracker) render(diskFull bool) (Status, []byte) {
 	return s, append(b, '\n')
 }
 
+// maxStatusBytes bounds status.json for readers; the agent writes about 1 KiB.
+const maxStatusBytes = 1 << 20
+
 // ReadStatus reads the status file a running (or stopped) agent wrote.
 func ReadStatus(stateDir string) (*Status, error) {
-	b, err := os.ReadFile(filepath.Join(stateDir, "status.json"))
+	b, err := atomicfile.ReadRegular(filepath.Join(stateDir, "status.json"), maxStatusBytes)
 	if err != nil {
 		return nil, err
 	}

@@ -272,3 +272,42 @@ spool_dir = %q
 		t.Fatalf("status created %s in the state directory", ents[0].Name())
 	}
 }
+
+// `gwagent status` with a FIFO as the lock file or status.json answers at
+// once instead of hanging in open(2), where SIGTERM could not stop it.
+func TestStatusWithFIFOsInTheStateDir(t *testing.T) {
+	dir := t.TempDir()
+	state := filepath.Join(dir, "state")
+	if err := os.Mkdir(state, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	cfg := filepath.Join(dir, "gwagent.toml")
+	conf := fmt.Sprintf("state_dir = %q\ntrust_bundle = \"roots.pem\"\n[identity]\nid_scope = \"0ne00AZSIM\"\nregistration_id = \"gw-1\"\n"+
+		"[onboarding]\nkind = \"x509\"\nkey = \"file:/s/onb.key\"\nchain = \"onb.pem\"\n[operational]\nkey = \"file:/s/op.key\"\n[telemetry]\nspool_dir = %q\n",
+		state, filepath.Join(dir, "spool"))
+	if err := os.WriteFile(cfg, []byte(conf), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	// The lock file a FIFO, status.json a stopped agent's: status reads
+	// the state and cannot tell from the lock, so it falls back on the pid.
+	if err := syscall.Mkfifo(filepath.Join(state, "gwagent.lock"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	st := fmt.Sprintf(`{"state":"connected","pid":%d,"updatedAt":%q}`, 1<<22+1, time.Now().UTC().Format(time.RFC3339))
+	if err := os.WriteFile(filepath.Join(state, "status.json"), []byte(st), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	out, err := gwProc(t, 20*time.Second, "status", "--config", cfg)
+	if !strings.Contains(out, "agent not running") {
+		t.Fatalf("status with a FIFO lock: %v\n%s", err, out)
+	}
+	// status.json a FIFO too: named as such.
+	os.Remove(filepath.Join(state, "status.json"))
+	if err := syscall.Mkfifo(filepath.Join(state, "status.json"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	out, err = gwProc(t, 20*time.Second, "status", "--config", cfg)
+	if !strings.Contains(out, "status.json is a FIFO") {
+		t.Fatalf("status with a FIFO status.json: %v, want it named:\n%s", err, out)
+	}
+}
