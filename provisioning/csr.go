@@ -7,6 +7,7 @@ import (
 	"crypto/x509/pkix"
 	"encoding/base64"
 	"fmt"
+	"unicode/utf8"
 
 	"github.com/gwagent/gwagent/keystore"
 )
@@ -18,15 +19,23 @@ func ValidateRegistrationID(id string) error {
 	if id == "" {
 		return fmt.Errorf("registration id is empty; set it to the device's unique name")
 	}
-	if len(id) > 64 {
-		return fmt.Errorf("registration id %q is %d characters; DPS allows at most 64 for X.509 (it is the certificate CN)", id, len(id))
+	if n := utf8.RuneCountInString(id); n > 64 {
+		return fmt.Errorf("registration id %q is %d characters; DPS allows at most 64 for X.509 (it is the certificate CN)", id, n)
 	}
-	for i := 0; i < len(id); i++ {
-		c := id[i]
-		ok := c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '-' || c == '.' || c == '_' || c == ':'
-		if !ok {
-			return fmt.Errorf("registration id %q has character %q at %d; DPS allows letters, digits and - . _ :", id, c, i)
+	pos := 0
+	for i, r := range id {
+		pos++
+		ok := r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || r == '-' || r == '.' || r == '_' || r == ':'
+		if ok {
+			continue
 		}
+		what := fmt.Sprintf("character %q", r)
+		if _, size := utf8.DecodeRuneInString(id[i:]); r == utf8.RuneError && size == 1 {
+			what = fmt.Sprintf("byte %#x, which is not UTF-8,", id[i])
+		} else if r >= utf8.RuneSelf {
+			what = fmt.Sprintf("character %q (U+%04X, not ASCII)", r, r)
+		}
+		return fmt.Errorf("registration id %q has %s at position %d; DPS allows only the ASCII letters a-z and A-Z, digits and - . _ :", id, what, pos)
 	}
 	if last := id[len(id)-1]; last == '.' || last == '_' || last == ':' {
 		return fmt.Errorf("registration id %q ends with %q; DPS requires a letter, digit or '-' at the end", id, last)

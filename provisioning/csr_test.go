@@ -73,3 +73,37 @@ func TestCSR(t *testing.T) {
 		})
 	}
 }
+
+// A registration id outside DPS's rules is named with the offending
+// character as the user typed it, counted in characters: a non-ASCII letter
+// used to be reported as its first UTF-8 byte ('Ã' for 'é').
+func TestValidateRegistrationID(t *testing.T) {
+	for _, tc := range []struct {
+		name, id, want string
+	}{
+		{"ok/plain", "gw-0042", ""},
+		{"ok/all-classes", "A.b_c:d-9", ""},
+		{"ok/64-characters", strings.Repeat("a", 64), ""},
+		{"fail/empty", "", "is empty"},
+		{"fail/65-characters", strings.Repeat("a", 65), "is 65 characters"},
+		{"fail/non-ascii-letter", "gwé-1", `character 'é' (U+00E9, not ASCII) at position 3`},
+		{"fail/non-ascii-late", "gateway-ünit", `character 'ü' (U+00FC, not ASCII) at position 9`},
+		{"fail/space", "gw 1", `character ' ' at position 3`},
+		{"fail/slash", "a/b", `character '/' at position 2`},
+		{"fail/invalid-utf8", "gw\xff1", "byte 0xff, which is not UTF-8, at position 3"},
+		{"fail/bad-end", "gw.", "ends with '.'"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			err := provisioning.ValidateRegistrationID(tc.id)
+			if tc.want == "" {
+				if err != nil {
+					t.Fatalf("%q: %v", tc.id, err)
+				}
+				return
+			}
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("%q: %v, want %q", tc.id, err, tc.want)
+			}
+		})
+	}
+}
