@@ -35,7 +35,7 @@ func ValidateRegistrationID(id string) error {
 		} else if r >= utf8.RuneSelf {
 			what = fmt.Sprintf("character %q (U+%04X, not ASCII)", r, r)
 		}
-		return fmt.Errorf("registration id %q has %s at position %d; DPS allows only the ASCII letters a-z and A-Z, digits and - . _ :", id, what, pos)
+		return fmt.Errorf("registration id %q has %s at position %d; DPS allows letters (ASCII only: a-z, A-Z), digits and - . _ :", id, what, pos)
 	}
 	if last := id[len(id)-1]; last == '.' || last == '_' || last == ':' {
 		return fmt.Errorf("registration id %q ends with %q; DPS requires a letter, digit or '-' at the end", id, last)
