@@ -20,7 +20,7 @@ import (
 	"github.com/gwagent/gwagent/agent"
 	"github.com/gwagent/gwagent/azsim"
 	"github.com/gwagent/gwagent/devtools/testenv"
-	"github.com/gwagent/gwagent/internal/backoff"
+	"github.com/gwagent/gwagent/internal/retry"
 )
 
 func TestFleetRenewalSpread(t *testing.T) {
@@ -41,7 +41,7 @@ func TestFleetRenewalSpread(t *testing.T) {
 	})
 	for _, d := range devs {
 		a, err := agent.New(d.path, agent.Options{Logger: slog.New(slog.NewTextHandler(io.Discard, nil)), Version: "fleet",
-			RetryAfterMin: 100 * time.Millisecond, Backoff: backoff.Policy{Min: 200 * time.Millisecond, Max: 5 * time.Second}})
+			Backoff: retry.Policy{Min: 200 * time.Millisecond, Max: 5 * time.Second}})
 		if err != nil {
 			t.Fatal(err)
 		}

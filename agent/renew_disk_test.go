@@ -7,7 +7,6 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -326,10 +325,13 @@ func roomForOne(t *testing.T, d *device, inodes bool) {
 
 // A renewal that failed for want of space is retried as soon as space is
 // freed, not after its backoff (retry_max is an hour by default; ten
-// minutes here). The agent's clock runs ahead so that the two-hour
-// certificate is due for renewal; it is set back once renewed.
+// minutes here). The agent and azsim share a fake clock: it jumps past the
+// planned renewal of the two-hour certificate, and then may move only a
+// minute, well short of the ten-minute retry.
 func TestRenewalRetriedOnceSpaceFreed(t *testing.T) {
-	az := azsimtest.Start(t, azsim.Config{CertLifetime: 2 * time.Hour})
+	ft := testenv.StartFakeTime(t, time.Now())
+	ft.Allow(time.Minute) // provisioning and connecting: DPS's retry-after, backoff
+	az := azsimtest.Start(t, azsim.Config{CertLifetime: 2 * time.Hour, Now: ft.Now})
 	const devID = "gw-renew-space-freed"
 	d := newDevice(t, az, devOpts{regID: devID, extra: `
 [renewal]
@@ -340,17 +342,16 @@ retry_min = "10m"
 retry_max = "10m"
 issue_timeout = "10s"
 `})
+	d.clock = ft
 	testenv.Tmpfs(t, d.cfg.StateDir, "size=2m,nr_inodes=256,mode=0700")
 	old, err := d.provision()
 	if err != nil {
 		t.Fatal(err)
 	}
-	var ahead atomic.Int64
-	r := d.start(func() time.Time { return time.Now().Add(time.Duration(ahead.Load())) })
+	r := d.start()
 	testenv.Eventually(t, 20*time.Second, "connected", func() bool { return d.status().State == "connected" })
 	free := testenv.Fill(t, d.cfg.StateDir, true)
-	ahead.Store(int64(65 * time.Minute))
-	r.a.RequestRenewal("test: the clock moved past the planned renewal")
+	ft.Jump(65 * time.Minute) // past the planned renewal
 	testenv.Eventually(t, 20*time.Second, "a renewal failing for want of space", func() bool {
 		return strings.Contains(r.log.String(), "certificate renewal failed")
 	})
@@ -359,12 +360,12 @@ issue_timeout = "10s"
 	noCertificateAskedFor(t, r)
 
 	free()
-	testenv.Eventually(t, 30*time.Second, "renewed without waiting out the ten-minute backoff", func() bool {
+	ft.Allow(time.Minute)
+	testenv.Eventually(t, 10*time.Second, "renewed without waiting out the ten-minute backoff", func() bool {
 		cur, err := storeCurrent(d)
 		return err == nil && cur.Serial != old.Serial
 	})
-	ahead.Store(0)
-	testenv.Eventually(t, 20*time.Second, "connected with the new certificate, disk-full cleared", func() bool {
+	testenv.Eventually(t, 10*time.Second, "connected with the new certificate, disk-full cleared", func() bool {
 		cur, err := storeCurrent(d)
 		st := d.status()
 		_, full := st.Conditions[agent.CondDiskFull]
