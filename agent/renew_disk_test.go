@@ -37,13 +37,18 @@ import (
 // system runs out of blocks, or out of inodes (no new file at all: not the
 // key, not a generation directory).
 func TestRenewalDiskFull(t *testing.T) {
-	az := azsimtest.Start(t, azsim.Config{CertLifetime: 60 * time.Second})
-	t.Run("out of blocks", func(t *testing.T) { t.Parallel(); renewalDiskFull(t, az, "gw-renew-full-blocks", false) })
-	t.Run("out of inodes", func(t *testing.T) { t.Parallel(); renewalDiskFull(t, az, "gw-renew-full-inodes", true) })
+	t.Run("out of blocks", func(t *testing.T) { t.Parallel(); renewalDiskFull(t, "gw-renew-full-blocks", false) })
+	t.Run("out of inodes", func(t *testing.T) { t.Parallel(); renewalDiskFull(t, "gw-renew-full-inodes", true) })
 }
 
-func renewalDiskFull(t *testing.T, az *azsimtest.Azsim, devID string, inodes bool) {
+// renewalDiskFull runs on a fake clock of its own, shared with its azsim:
+// the 60-second certificate is due at 30 s, and each step lets the clock
+// run a few seconds for the retries (retry_min 500ms) and the disk checks
+// (every 5 s), so the certificate stays valid throughout.
+func renewalDiskFull(t *testing.T, devID string, inodes bool) {
+	ft, az := fakeAzsim(t, azsim.Config{CertLifetime: 60 * time.Second})
 	d := newDevice(t, az, devOpts{regID: devID, extra: fastRenewal})
+	d.clock = ft
 	testenv.Tmpfs(t, d.cfg.StateDir, "size=2m,nr_inodes=256,mode=0700")
 	old, err := d.provision()
 	if err != nil {
@@ -77,7 +82,8 @@ func renewalDiskFull(t *testing.T, az *azsimtest.Azsim, devID string, inodes boo
 	send(0)
 	// The renewal is due at half of the 60 s lifetime; it fails for want
 	// of space, and is retried.
-	testenv.Eventually(t, 60*time.Second, "a renewal failing for want of space", func() bool {
+	allowRenewal(ft, old, 0.5)
+	testenv.Eventually(t, 10*time.Second, "a renewal failing for want of space", func() bool {
 		return strings.Count(r.log.String(), "certificate renewal failed") >= 2
 	})
 	assertDiskFullReported(t, d, r)
@@ -106,7 +112,8 @@ func renewalDiskFull(t *testing.T, az *azsimtest.Azsim, devID string, inodes boo
 	// renewal.
 	roomForOne(t, d, inodes)
 	failed := strings.Count(r.log.String(), "certificate renewal failed")
-	testenv.Eventually(t, 30*time.Second, "another failed renewal with room for the key only", func() bool {
+	ft.Allow(3 * time.Second)
+	testenv.Eventually(t, 10*time.Second, "another failed renewal with room for the key only", func() bool {
 		return strings.Count(r.log.String(), "certificate renewal failed") > failed+1
 	})
 	assertOldIdentityIntact(t, d, old)
@@ -115,7 +122,8 @@ func renewalDiskFull(t *testing.T, az *azsimtest.Azsim, devID string, inodes boo
 
 	// Space is freed: the renewal completes without a restart.
 	free()
-	testenv.Eventually(t, 30*time.Second, "renewed and connected with the new certificate", func() bool {
+	ft.Allow(6 * time.Second) // a disk check
+	testenv.Eventually(t, 10*time.Second, "renewed and connected with the new certificate", func() bool {
 		cur, err := storeCurrent(d)
 		st := d.status()
 		return err == nil && cur.Serial != old.Serial && st.State == "connected" && st.CertSerial == cur.Serial

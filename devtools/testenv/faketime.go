@@ -24,6 +24,7 @@ type FakeTime struct {
 	*clock.Fake
 	mu      sync.Mutex
 	horizon time.Time
+	step    time.Duration
 	stop    chan struct{}
 	done    chan struct{}
 }
@@ -49,6 +50,16 @@ func (f *FakeTime) AllowUntil(t time.Time) {
 
 // Allow lets the clock move to deadlines up to d from now.
 func (f *FakeTime) Allow(d time.Duration) { f.AllowUntil(f.Now().Add(d)) }
+
+// MaxStep bounds each move of the clock to d (0: none), so that it runs
+// close to the pace of the code's real I/O (a certificate request the hub
+// answers in milliseconds) instead of leaping past it; for tests that
+// measure when things happened.
+func (f *FakeTime) MaxStep(d time.Duration) {
+	f.mu.Lock()
+	f.step = d
+	f.mu.Unlock()
+}
 
 // Jump moves the clock by d at once (firing what falls due), and the
 // horizon with it if it was behind.
@@ -83,16 +94,16 @@ func (f *FakeTime) run() {
 			continue
 		}
 		f.mu.Lock()
-		h := f.horizon
+		h, step := f.horizon, f.step
 		f.mu.Unlock()
 		if !ok || next.After(h) || time.Since(stableAt) < settle {
 			continue
 		}
-		if d := next.Sub(f.Now()); d > 0 {
-			f.Advance(d)
-		} else {
-			f.Advance(0)
+		d := max(next.Sub(f.Now()), 0)
+		if step > 0 {
+			d = min(d, step)
 		}
+		f.Advance(d)
 		stableAt = time.Now()
 	}
 }
