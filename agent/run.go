@@ -31,9 +31,14 @@ type Options struct {
 	// is taken as unsynchronised.
 	Version   string
 	BuildTime time.Time
-	// Clock times the lifecycle, renewal, retries and DPS; default
-	// clock.Real. Tests give a clock.Fake (and the same to azsim, so that
-	// certificates are issued and checked in the same time).
+	// Clock times the lifecycle, renewal, retries and DPS, and is the
+	// agent's judgement of its own certificates (schedule, expiry, the
+	// validity of an issued chain); default clock.Real. TLS verification
+	// of the servers' certificates keeps Go's clock (tls.Config.Time is not
+	// set): on a device both are the system clock, and a server is never
+	// trusted on a test's fake time. Tests give a clock.Fake, and the same
+	// to azsim (azsim.Config.Now), so that certificates are issued, checked
+	// by the hub and judged by the agent in one time.
 	Clock clock.Clock
 	// Backoff for reconnects and re-provisioning; default 1 s to 5 min.
 	Backoff retry.Policy

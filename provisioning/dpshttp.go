@@ -192,8 +192,7 @@ func registerOnceHTTPS(ctx context.Context, cfg *DPSConfig, reqBody []byte, rng 
 // DPS is final or fails. An answer of 429 to a poll (DPS allows 5 polls per
 // 10 s per device) is waited out and the same operation polled again, up to
 // maxThrottledPolls times in a row: registering anew would start a new
-// operation and wait all over. Waits are retry.Policy.Wait on cfg.Clock:
-// DPS's retry-after, or the backoff when that is longer.
+// operation and wait all over. Waits are retry.Policy.Wait on cfg.Clock.
 func pollUntilFinal(ctx context.Context, cfg *DPSConfig, rng *rand.Rand, status int, retryAfter time.Duration, body []byte,
 	next func(opID string) (int, time.Duration, []byte, error)) (*RegistrationState, error) {
 	for polls := 0; ; polls++ {
@@ -201,7 +200,14 @@ func pollUntilFinal(ctx context.Context, cfg *DPSConfig, rng *rand.Rand, status 
 		if err != nil || st != nil {
 			return st, err
 		}
-		wait := cfg.Backoff.Wait(polls, dpsHint(retryAfter), rng)
+		// An operation still assigning is no failure: the wait is the one
+		// DPS asked for (its pace, not ours); only when it asks for none
+		// does the backoff grow with the polls.
+		n := polls
+		if retryAfter > 0 {
+			n = 0
+		}
+		wait := cfg.Backoff.Wait(n, dpsHint(retryAfter), rng)
 		cfg.progress(Step{Kind: StepWaiting, Wait: wait})
 		if err := clock.Sleep(ctx, cfg.Clock, wait); err != nil {
 			return nil, err
@@ -212,7 +218,7 @@ func pollUntilFinal(ctx context.Context, cfg *DPSConfig, rng *rand.Rand, status 
 		}
 		for tries := 0; status == 429 && tries < maxThrottledPolls; tries++ {
 			throttled := decodeServiceError(status, retryAfter, body)
-			wait := cfg.Backoff.Wait(polls+tries, throttled, rng)
+			wait := cfg.Backoff.Wait(tries, throttled, rng) // the backoff counts the 429s in a row
 			cfg.progress(Step{Kind: StepRetrying, Wait: wait, Err: throttled})
 			if err := clock.Sleep(ctx, cfg.Clock, wait); err != nil {
 				return nil, err
