@@ -20,6 +20,7 @@ import (
 	"github.com/gwagent/gwagent/internal/atomicfile"
 	"github.com/gwagent/gwagent/keystore"
 	"github.com/gwagent/gwagent/provisioning"
+	"github.com/gwagent/gwagent/renewal"
 )
 
 // Config is gwagent's configuration file (TOML). Decoding is strict: an
@@ -167,8 +168,8 @@ type RenewalConfig struct {
 func (r RenewalConfig) Rotate() bool { return r.RotateKey == nil || *r.RotateKey }
 
 // Policy is the renewal schedule the config describes.
-func (r RenewalConfig) Policy() RenewalPolicy {
-	return RenewalPolicy{Threshold: r.Threshold, Jitter: r.Jitter.Duration, Floor: r.Floor.Duration}
+func (r RenewalConfig) Policy() renewal.Policy {
+	return renewal.Policy{Threshold: r.Threshold, Jitter: r.Jitter.Duration, Floor: r.Floor.Duration}
 }
 
 // Duration is a time.Duration written as "90s", "5m", "1h30m" in TOML.
@@ -390,7 +391,7 @@ func (c *Config) defaults() {
 		c.LogLevel = "info"
 	}
 	r := &c.Renewal
-	def := DefaultRenewalPolicy()
+	def := renewal.DefaultPolicy()
 	if r.Threshold == 0 {
 		r.Threshold = def.Threshold
 	}

@@ -15,7 +15,6 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -24,7 +23,8 @@ import (
 	"github.com/gwagent/gwagent/agent"
 	"github.com/gwagent/gwagent/azsim"
 	"github.com/gwagent/gwagent/devtools/testenv"
-	"github.com/gwagent/gwagent/internal/backoff"
+	"github.com/gwagent/gwagent/internal/clock"
+	"github.com/gwagent/gwagent/internal/retry"
 	"github.com/gwagent/gwagent/keystore/pkcs11"
 	"github.com/gwagent/gwagent/provisioning"
 )
@@ -38,6 +38,8 @@ type device struct {
 	cfg  *agent.Config
 	// tweak, if set, adjusts the agent's options before start.
 	tweak func(*agent.Options)
+	// clock, if set, is the agent's clock (nil: the real one).
+	clock clock.Clock
 }
 
 type devOpts struct {
@@ -136,7 +138,7 @@ func (d *device) provision() (*provisioning.Identity, error) {
 	defer keys.Close()
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	return agent.Provision(ctx, d.cfg, keys, agent.ProvisionOptions{RetryAfterMin: 100 * time.Millisecond})
+	return agent.Provision(ctx, d.cfg, keys, agent.ProvisionOptions{Clock: d.clock})
 }
 
 // assertRefusedInHandshake makes azsim's DPS refuse d's onboarding
@@ -197,20 +199,17 @@ func (s *syncBuffer) String() string {
 	return s.b.String()
 }
 
-func (d *device) start(now ...func() time.Time) *running {
+func (d *device) start() *running {
 	d.t.Helper()
 	logs := &syncBuffer{}
 	opts := agent.Options{
-		Logger:        slog.New(slog.NewTextHandler(io.MultiWriter(testWriter{d.t}, logs), &slog.HandlerOptions{Level: slog.LevelDebug})),
-		Version:       "test",
-		RetryAfterMin: 100 * time.Millisecond,
-		Backoff:       backoff.Policy{Min: 100 * time.Millisecond, Max: time.Second},
-		ClockPoll:     100 * time.Millisecond,
-		Reprovision:   agent.ReprovisionPolicy{Backoff: backoff.Policy{Min: 2 * time.Second, Max: 8 * time.Second}, PerHour: 4},
+		Logger:      slog.New(slog.NewTextHandler(io.MultiWriter(testWriter{d.t}, logs), &slog.HandlerOptions{Level: slog.LevelDebug})),
+		Version:     "test",
+		Backoff:     retry.Policy{Min: 100 * time.Millisecond, Max: time.Second},
+		ClockPoll:   100 * time.Millisecond,
+		Reprovision: agent.ReprovisionPolicy{Backoff: retry.Policy{Min: 2 * time.Second, Max: 8 * time.Second}, PerHour: 4},
 	}
-	if len(now) > 0 {
-		opts.Now = now[0]
-	}
+	opts.Clock = d.clock
 	if d.tweak != nil {
 		d.tweak(&opts)
 	}
@@ -555,14 +554,11 @@ func TestClock1970(t *testing.T) {
 	if _, err := d.provision(); err != nil {
 		t.Fatal(err)
 	}
-	var synced atomic.Bool
-	clock := func() time.Time {
-		if synced.Load() {
-			return time.Now()
-		}
-		return time.Date(1970, 1, 1, 0, 0, 42, 0, time.UTC)
-	}
-	d.start(clock)
+	epoch := time.Date(1970, 1, 1, 0, 0, 42, 0, time.UTC)
+	ft := testenv.StartFakeTime(t, epoch)
+	ft.AllowUntil(epoch.Add(time.Hour)) // the agent's polls of the clock
+	d.clock = ft
+	d.start()
 	testenv.Eventually(t, 10*time.Second, "waiting-for-clock with the condition raised", func() bool {
 		st := d.status()
 		_, cond := st.Conditions["clock-not-synchronised"]
@@ -571,7 +567,8 @@ func TestClock1970(t *testing.T) {
 	if n := len(received(az, "gw-clock-1", "")); n != 0 {
 		t.Fatalf("%d messages sent with the clock in 1970", n)
 	}
-	synced.Store(true)
+	ft.Set(time.Now()) // NTP
+	ft.Allow(time.Minute)
 	testenv.Eventually(t, 10*time.Second, "connected once the clock is set", func() bool { return d.status().State == "connected" })
 }
 

@@ -13,7 +13,7 @@ import (
 	"github.com/gwagent/gwagent/agent"
 	"github.com/gwagent/gwagent/azsim"
 	"github.com/gwagent/gwagent/devtools/testenv"
-	"github.com/gwagent/gwagent/internal/backoff"
+	"github.com/gwagent/gwagent/internal/retry"
 )
 
 // TestLateTPM: the TPM appears after the agent started, as on a board
@@ -29,10 +29,9 @@ func TestLateTPM(t *testing.T) {
 
 	start := func() (stop func()) {
 		opts := agent.Options{
-			Logger:        slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelDebug})),
-			Version:       "test",
-			RetryAfterMin: 100 * time.Millisecond,
-			Backoff:       backoff.Policy{Min: time.Hour, Max: time.Hour},
+			Logger:  slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelDebug})),
+			Version: "test",
+			Backoff: retry.Policy{Min: time.Hour, Max: time.Hour},
 		}
 		a, err := agent.New(d.path, opts)
 		if err != nil {

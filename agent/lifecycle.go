@@ -18,21 +18,21 @@ func (a *Agent) lifecycle(ctx context.Context) {
 	wd := watchdogInterval()
 	var wdC <-chan time.Time
 	if wd > 0 {
-		t := time.NewTicker(wd)
+		t, c := a.clock.NewTicker(wd)
 		defer t.Stop()
-		wdC = t.C
+		wdC = c
 	}
 	failures := 0
 	wait := func(d time.Duration) bool {
 		a.beat.alive(d + stepBudget) // a planned wait is progress
-		timer := time.NewTimer(d)
+		timer, timerC := a.clock.NewTimer(d)
 		defer timer.Stop()
 		for {
 			select {
 			case <-ctx.Done():
 				return false
 			case <-wdC:
-			case <-timer.C:
+			case <-timerC:
 				return true
 			}
 		}
@@ -42,7 +42,7 @@ func (a *Agent) lifecycle(ctx context.Context) {
 		id, err := a.identity(ctx)
 		if err != nil {
 			failures++
-			d := a.opts.Backoff.Delay(failures, a.rng)
+			d := a.opts.Backoff.Wait(failures, err, a.rng)
 			a.log.Error("no usable identity", "err", err, "retry_in", d.Round(time.Second))
 			if !a.waitKeyDevice(err, d, wait) {
 				return
@@ -52,7 +52,7 @@ func (a *Agent) lifecycle(ctx context.Context) {
 		if !a.clockSane(ctx, id, wait) {
 			return
 		}
-		if a.opts.Now().After(id.NotAfter) {
+		if a.clock.Now().After(id.NotAfter) {
 			a.status.Raise(CondCertificateExpired, "certificate expired at "+id.NotAfter.Format(time.RFC3339))
 			if a.cfg.Load().Static() {
 				a.status.Set(StateDegraded)
@@ -73,9 +73,9 @@ func (a *Agent) lifecycle(ctx context.Context) {
 		}
 		a.status.Clear(CondCertificateExpired)
 		if !a.cfg.Load().Static() {
-			if sess, next := a.trySwap(ctx); sess != nil {
+			if sess, next := a.renewal.TrySwap(ctx); sess != nil {
 				failures = 0
-				a.reprov.connected()
+				a.renewal.Connected()
 				a.status.Clear(CondHubUnreachable)
 				a.status.Set(StateConnected)
 				a.reachedHub()
@@ -93,7 +93,7 @@ func (a *Agent) lifecycle(ctx context.Context) {
 		sess, err := a.dial(ctx, id)
 		if err != nil {
 			failures++
-			d := a.reconnectDelay(failures)
+			d := a.reconnectDelay(failures, err)
 			if ke := (*keyStoreError)(nil); errors.As(err, &ke) {
 				// The hub is not the problem: `gwagent status` must point
 				// at the TPM or token. Cleared by the next signature.
@@ -102,11 +102,11 @@ func (a *Agent) lifecycle(ctx context.Context) {
 			} else {
 				a.status.Raise(CondHubUnreachable, err.Error())
 			}
-			if a.identityRefused(err) && !a.cfg.Load().Static() {
+			if a.renewal.Refused(err) && !a.cfg.Load().Static() {
 				// The documented recovery: the hub no longer accepts this
 				// identity (disabled, deleted, moved); register again,
 				// within the bounds of the re-provisioning policy.
-				if a.reprovisionAfterRefusal(ctx, err) {
+				if a.renewal.ReprovisionAfterRefusal(ctx, err) {
 					continue
 				}
 			}
@@ -120,9 +120,8 @@ func (a *Agent) lifecycle(ctx context.Context) {
 			continue
 		}
 		failures = 0
-		a.reprov.connected()
-		a.hsRejections = 0
-		a.swapRejectedThenConnected(ctx)
+		a.renewal.Connected()
+		a.renewal.RejectedThenConnected(ctx)
 		a.status.Clear(CondHubUnreachable)
 		a.status.Clear(CondReprovisionHeldBack)
 		a.status.Clear(CondThrottled)
@@ -138,16 +137,17 @@ func (a *Agent) lifecycle(ctx context.Context) {
 // reconnectCeiling caps the wait between attempts to reach the hub. The
 // rule: exponential backoff from Backoff.Min (1 s), doubling per failure,
 // capped at 8 s, each wait drawn at random between the floor and the cap
-// (full jitter). A hub that is down sees one attempt per gateway every
+// (full jitter; retry.Policy.Wait, so a retry-after the hub may send one
+// day is honoured too). A hub that is down sees one attempt per gateway every
 // 4.5 s on average, spread out across a fleet; once it accepts connections
 // again, the first message goes out within 8 s plus one connection.
 // Provisioning and identity failures keep the long Backoff (up to 5 min).
 const reconnectCeiling = 8 * time.Second
 
-func (a *Agent) reconnectDelay(failures int) time.Duration {
+func (a *Agent) reconnectDelay(failures int, err error) time.Duration {
 	p := a.opts.Backoff
 	p.Max = min(p.Max, reconnectCeiling)
-	return p.Delay(failures, a.rng)
+	return p.Wait(failures, err, a.rng)
 }
 
 // connected serves a session until it ends; false means the agent stops.
@@ -203,14 +203,13 @@ func (a *Agent) noteIdentity(id *provisioning.Identity) {
 // provision registers through DPS and commits the new identity.
 func (a *Agent) provision(ctx context.Context) (*provisioning.Identity, error) {
 	a.status.Set(StateProvisioning)
-	a.noteRegistration()
+	a.renewal.NoteRegistration()
 	cfg := a.cfg.Load()
 	// Provision is bounded by provisioning_timeout, DPS's retry-afters
 	// included: waiting for DPS is progress.
 	a.beat.alive(cfg.Identity.ProvisioningTimeout.Duration + stepBudget)
 	id, err := Provision(ctx, cfg, a.keys, ProvisionOptions{
-		Now:           a.opts.Now,
-		RetryAfterMin: a.opts.RetryAfterMin,
+		Clock:         a.clock,
 		ClientVersion: "gwagent/" + a.opts.Version,
 		Progress:      func(s string) { a.log.Info("provisioning", "step", s) },
 		OnStep:        a.onProvisionStep,
@@ -244,7 +243,7 @@ func (a *Agent) provision(ctx context.Context) (*provisioning.Identity, error) {
 // renewal decisions are meaningless until time is synchronised.
 func (a *Agent) clockSane(ctx context.Context, id *provisioning.Identity, wait func(time.Duration) bool) bool {
 	for {
-		now := a.opts.Now()
+		now := a.clock.Now()
 		floor := a.opts.BuildTime
 		if nb := id.NotBefore.Add(-5 * time.Minute); nb.After(floor) {
 			floor = nb

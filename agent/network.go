@@ -222,7 +222,7 @@ func (a *Agent) watchMQTT(ctx context.Context, sess *transport.Session, cfg *Con
 			continue
 		}
 		a.log.Info("port 8883 is reachable again; reconnecting over MQTT")
-		if err := rememberTransport(cfg, a.opts.Now(), mqttconn.MQTT, true); err != nil {
+		if err := rememberTransport(cfg, a.clock.Now(), mqttconn.MQTT, true); err != nil {
 			a.log.Warn("cannot remember the transport", "err", err)
 		}
 		a.mu.Lock()

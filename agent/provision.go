@@ -8,8 +8,8 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"time"
 
+	"github.com/gwagent/gwagent/internal/clock"
 	"github.com/gwagent/gwagent/internal/diskspace"
 	"github.com/gwagent/gwagent/internal/tlsconf"
 	"github.com/gwagent/gwagent/keystore"
@@ -109,11 +109,9 @@ type ProvisionOptions struct {
 	// Progress, if set, receives one line per step; OnStep the step itself.
 	Progress func(string)
 	OnStep   func(provisioning.Step)
-	// Now is the clock (tests); default time.Now.
-	Now func() time.Time
-	// RetryAfterMin lets tests shorten DPS's retry-after clamp; production
-	// leaves it zero (1 s).
-	RetryAfterMin time.Duration
+	// Clock times DPS's waits and judges the issued certificate; default
+	// clock.Real.
+	Clock clock.Clock
 	// ClientVersion is sent to DPS as the user agent, e.g. "gwagent/1.2.0".
 	ClientVersion string
 	// Stage leaves the new identity staged as the next generation instead of
@@ -133,10 +131,7 @@ func Provision(ctx context.Context, cfg *Config, keys *Keys, opts ProvisionOptio
 			opts.Progress(fmt.Sprintf(format, a...))
 		}
 	}
-	now := time.Now
-	if opts.Now != nil {
-		now = opts.Now
-	}
+	now := clock.Or(opts.Clock).Now
 	store, err := provisioning.OpenStore(cfg.StateDir)
 	if err != nil {
 		return nil, err
@@ -177,7 +172,7 @@ func Provision(ctx context.Context, cfg *Config, keys *Keys, opts ProvisionOptio
 		Roots:          roots,
 		Credential:     cred,
 		Timeout:        cfg.Identity.ProvisioningTimeout.Duration,
-		RetryAfterMin:  opts.RetryAfterMin,
+		Clock:          opts.Clock,
 		ClientVersion:  opts.ClientVersion,
 		Progress: func(s provisioning.Step) {
 			say("%s", s)

@@ -7,7 +7,6 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -38,13 +37,18 @@ import (
 // system runs out of blocks, or out of inodes (no new file at all: not the
 // key, not a generation directory).
 func TestRenewalDiskFull(t *testing.T) {
-	az := azsimtest.Start(t, azsim.Config{CertLifetime: 60 * time.Second})
-	t.Run("out of blocks", func(t *testing.T) { t.Parallel(); renewalDiskFull(t, az, "gw-renew-full-blocks", false) })
-	t.Run("out of inodes", func(t *testing.T) { t.Parallel(); renewalDiskFull(t, az, "gw-renew-full-inodes", true) })
+	t.Run("out of blocks", func(t *testing.T) { t.Parallel(); renewalDiskFull(t, "gw-renew-full-blocks", false) })
+	t.Run("out of inodes", func(t *testing.T) { t.Parallel(); renewalDiskFull(t, "gw-renew-full-inodes", true) })
 }
 
-func renewalDiskFull(t *testing.T, az *azsimtest.Azsim, devID string, inodes bool) {
+// renewalDiskFull runs on a fake clock of its own, shared with its azsim:
+// the 60-second certificate is due at 30 s, and each step lets the clock
+// run a few seconds for the retries (retry_min 500ms) and the disk checks
+// (every 5 s), so the certificate stays valid throughout.
+func renewalDiskFull(t *testing.T, devID string, inodes bool) {
+	ft, az := fakeAzsim(t, azsim.Config{CertLifetime: 60 * time.Second})
 	d := newDevice(t, az, devOpts{regID: devID, extra: fastRenewal})
+	d.clock = ft
 	testenv.Tmpfs(t, d.cfg.StateDir, "size=2m,nr_inodes=256,mode=0700")
 	old, err := d.provision()
 	if err != nil {
@@ -78,7 +82,8 @@ func renewalDiskFull(t *testing.T, az *azsimtest.Azsim, devID string, inodes boo
 	send(0)
 	// The renewal is due at half of the 60 s lifetime; it fails for want
 	// of space, and is retried.
-	testenv.Eventually(t, 60*time.Second, "a renewal failing for want of space", func() bool {
+	allowRenewal(ft, old, 0.5)
+	testenv.Eventually(t, 10*time.Second, "a renewal failing for want of space", func() bool {
 		return strings.Count(r.log.String(), "certificate renewal failed") >= 2
 	})
 	assertDiskFullReported(t, d, r)
@@ -107,7 +112,8 @@ func renewalDiskFull(t *testing.T, az *azsimtest.Azsim, devID string, inodes boo
 	// renewal.
 	roomForOne(t, d, inodes)
 	failed := strings.Count(r.log.String(), "certificate renewal failed")
-	testenv.Eventually(t, 30*time.Second, "another failed renewal with room for the key only", func() bool {
+	ft.Allow(6 * time.Second) // retries come every 0.5 to 2 s
+	testenv.Eventually(t, 10*time.Second, "another failed renewal with room for the key only", func() bool {
 		return strings.Count(r.log.String(), "certificate renewal failed") > failed+1
 	})
 	assertOldIdentityIntact(t, d, old)
@@ -116,7 +122,8 @@ func renewalDiskFull(t *testing.T, az *azsimtest.Azsim, devID string, inodes boo
 
 	// Space is freed: the renewal completes without a restart.
 	free()
-	testenv.Eventually(t, 30*time.Second, "renewed and connected with the new certificate", func() bool {
+	ft.Allow(6 * time.Second) // a disk check
+	testenv.Eventually(t, 10*time.Second, "renewed and connected with the new certificate", func() bool {
 		cur, err := storeCurrent(d)
 		st := d.status()
 		return err == nil && cur.Serial != old.Serial && st.State == "connected" && st.CertSerial == cur.Serial
@@ -326,10 +333,13 @@ func roomForOne(t *testing.T, d *device, inodes bool) {
 
 // A renewal that failed for want of space is retried as soon as space is
 // freed, not after its backoff (retry_max is an hour by default; ten
-// minutes here). The agent's clock runs ahead so that the two-hour
-// certificate is due for renewal; it is set back once renewed.
+// minutes here). The agent and azsim share a fake clock: it jumps past the
+// planned renewal of the two-hour certificate, and then may move only a
+// minute, well short of the ten-minute retry.
 func TestRenewalRetriedOnceSpaceFreed(t *testing.T) {
-	az := azsimtest.Start(t, azsim.Config{CertLifetime: 2 * time.Hour})
+	ft := testenv.StartFakeTime(t, time.Now())
+	ft.Allow(time.Minute) // provisioning and connecting: DPS's retry-after, backoff
+	az := azsimtest.Start(t, azsim.Config{CertLifetime: 2 * time.Hour, Now: ft.Now})
 	const devID = "gw-renew-space-freed"
 	d := newDevice(t, az, devOpts{regID: devID, extra: `
 [renewal]
@@ -340,17 +350,16 @@ retry_min = "10m"
 retry_max = "10m"
 issue_timeout = "10s"
 `})
+	d.clock = ft
 	testenv.Tmpfs(t, d.cfg.StateDir, "size=2m,nr_inodes=256,mode=0700")
 	old, err := d.provision()
 	if err != nil {
 		t.Fatal(err)
 	}
-	var ahead atomic.Int64
-	r := d.start(func() time.Time { return time.Now().Add(time.Duration(ahead.Load())) })
+	r := d.start()
 	testenv.Eventually(t, 20*time.Second, "connected", func() bool { return d.status().State == "connected" })
 	free := testenv.Fill(t, d.cfg.StateDir, true)
-	ahead.Store(int64(65 * time.Minute))
-	r.a.RequestRenewal("test: the clock moved past the planned renewal")
+	ft.Jump(65 * time.Minute) // past the planned renewal
 	testenv.Eventually(t, 20*time.Second, "a renewal failing for want of space", func() bool {
 		return strings.Contains(r.log.String(), "certificate renewal failed")
 	})
@@ -359,12 +368,12 @@ issue_timeout = "10s"
 	noCertificateAskedFor(t, r)
 
 	free()
-	testenv.Eventually(t, 30*time.Second, "renewed without waiting out the ten-minute backoff", func() bool {
+	ft.Allow(time.Minute)
+	testenv.Eventually(t, 10*time.Second, "renewed without waiting out the ten-minute backoff", func() bool {
 		cur, err := storeCurrent(d)
 		return err == nil && cur.Serial != old.Serial
 	})
-	ahead.Store(0)
-	testenv.Eventually(t, 20*time.Second, "connected with the new certificate, disk-full cleared", func() bool {
+	testenv.Eventually(t, 10*time.Second, "connected with the new certificate, disk-full cleared", func() bool {
 		cur, err := storeCurrent(d)
 		st := d.status()
 		_, full := st.Conditions[agent.CondDiskFull]

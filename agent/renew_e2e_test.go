@@ -35,6 +35,25 @@ retry_max = "2s"
 issue_timeout = "10s"
 `
 
+// fakeAzsim starts azsim on a fake clock that the devices of the test share
+// (device.clock): certificates are issued, checked and renewed in its time,
+// which the test moves on. It may run a few seconds at first, for
+// provisioning and connecting (DPS's retry-after, backoff).
+func fakeAzsim(t *testing.T, cfg azsim.Config) (*testenv.FakeTime, *azsimtest.Azsim) {
+	ft := testenv.StartFakeTime(t, time.Now())
+	ft.Allow(3 * time.Second)
+	cfg.Now = ft.Now
+	return ft, azsimtest.Start(t, cfg)
+}
+
+// allowRenewal lets the clock run to the planned renewal of id at
+// threshold (jitter only moves it earlier), and three seconds more for
+// its retries and DPS's retry-after, but not to the next one.
+func allowRenewal(ft *testenv.FakeTime, id *provisioning.Identity, threshold float64) {
+	life := id.NotAfter.Sub(id.NotBefore)
+	ft.AllowUntil(id.NotBefore.Add(time.Duration(threshold * float64(life))).Add(3 * time.Second))
+}
+
 // keyExists opens the key through the key store, whatever the backend.
 func keyExists(t *testing.T, uri string) bool {
 	u, err := keystore.Parse(uri)
@@ -51,7 +70,7 @@ func keyExists(t *testing.T, uri string) bool {
 }
 
 func TestRenewalE2E(t *testing.T) {
-	az := azsimtest.Start(t, azsim.Config{CertLifetime: 12 * time.Second})
+	ft, az := fakeAzsim(t, azsim.Config{CertLifetime: 12 * time.Second})
 
 	for _, be := range []string{"file", "tpm", "pkcs11"} {
 		t.Run("ok/several renewals through the hub, each with a new key/"+be, func(t *testing.T) {
@@ -66,12 +85,14 @@ func TestRenewalE2E(t *testing.T) {
 				}
 				opKey = testenv.StartSoftHSM(t, "gw", "1357").URI("operational")
 			}
-			renewRepeatedly(t, az, "gw-renew-hub-"+be, opKey)
+			renewRepeatedly(t, ft, az, "gw-renew-hub-"+be, opKey)
 		})
 	}
 
 	t.Run("ok/DPS fallback when the hub's certificate API fails", func(t *testing.T) {
 		d := newDevice(t, az, devOpts{regID: "gw-renew-fallback", extra: fastRenewal})
+		d.clock = ft
+		ft.Allow(3 * time.Second)
 		d.start()
 		testenv.Eventually(t, 20*time.Second, "connected and reported", func() bool {
 			var tw struct {
@@ -83,7 +104,8 @@ func TestRenewalE2E(t *testing.T) {
 		first := d.current()
 		// The next hub request (the certificate request) gets a 400.
 		az.Admin("POST", "/faults", map[string]any{"target": "hub", "status": 400, "count": 1}, nil)
-		testenv.Eventually(t, 30*time.Second, "a renewed certificate", func() bool {
+		allowRenewal(ft, first, 0.5)
+		testenv.Eventually(t, 10*time.Second, "a renewed certificate", func() bool {
 			s, err := storeCurrent(d)
 			return err == nil && s.Serial != first.Serial
 		})
@@ -94,13 +116,16 @@ func TestRenewalE2E(t *testing.T) {
 
 	t.Run("ok/recovery after the certificate expired while stopped", func(t *testing.T) {
 		d := newDevice(t, az, devOpts{regID: "gw-renew-expired", extra: fastRenewal})
+		d.clock = ft
+		ft.Allow(3 * time.Second)
 		id, err := d.provision()
 		if err != nil {
 			t.Fatal(err)
 		}
-		time.Sleep(time.Until(id.NotAfter) + time.Second)
+		ft.Jump(id.NotAfter.Sub(ft.Now()) + time.Second) // the gateway was off
+		ft.Allow(3 * time.Second)
 		d.start()
-		testenv.Eventually(t, 30*time.Second, "connected with a new certificate", func() bool {
+		testenv.Eventually(t, 10*time.Second, "connected with a new certificate", func() bool {
 			s, err := storeCurrent(d)
 			return err == nil && s.Serial != id.Serial && d.status().State == "connected"
 		})
@@ -110,15 +135,18 @@ func TestRenewalE2E(t *testing.T) {
 	})
 }
 
-func renewRepeatedly(t *testing.T, az *azsimtest.Azsim, regID, opKey string) {
+func renewRepeatedly(t *testing.T, ft *testenv.FakeTime, az *azsimtest.Azsim, regID, opKey string) {
 	d := newDevice(t, az, devOpts{regID: regID, opKey: opKey, extra: fastRenewal})
+	d.clock = ft
+	ft.Allow(3 * time.Second)
 	d.start()
 	testenv.Eventually(t, 20*time.Second, "connected", func() bool { return d.status().State == "connected" })
 	first := d.current()
 	seen := map[string]bool{first.Serial: true}
 	prev := first
 	for len(seen) < 3 {
-		testenv.Eventually(t, 30*time.Second, "a renewed certificate", func() bool {
+		allowRenewal(ft, prev, 0.5) // one renewal at a time
+		testenv.Eventually(t, 10*time.Second, "a renewed certificate", func() bool {
 			s, err := storeCurrent(d)
 			return err == nil && !seen[s.Serial]
 		})
@@ -223,10 +251,16 @@ func TestRenewal409Replace(t *testing.T) {
 }
 
 func renewal409(t *testing.T, lostRecord bool) {
-	az := azsimtest.Start(t, azsim.Config{CertLifetime: 40 * time.Second, IssueDelay: 6 * time.Second})
+	// The clock stays short of the end of the wait for the hub's answer
+	// (three quarters of the lifetime): the answer comes in the hub's
+	// IssueDelay, wall time.
+	ft, az := fakeAzsim(t, azsim.Config{CertLifetime: 40 * time.Second, IssueDelay: 6 * time.Second})
 	d := newDevice(t, az, devOpts{regID: "gw-renew-409", extra: fastRenewal})
+	d.clock = ft
 	r := d.start()
-	testenv.Eventually(t, 40*time.Second, "the hub accepted a certificate request", func() bool {
+	testenv.Eventually(t, 10*time.Second, "connected", func() bool { return d.status().State == "connected" })
+	allowRenewal(ft, d.current(), 0.5)
+	testenv.Eventually(t, 10*time.Second, "the hub accepted a certificate request", func() bool {
 		return strings.Contains(r.log.String(), "the hub accepted the certificate request")
 	})
 	s0 := d.current().Serial
@@ -253,10 +287,13 @@ func renewal409(t *testing.T, lostRecord bool) {
 // The 202 arrives, then the connection drops: the 200 comes on the next
 // connection and is used.
 func TestRenewalAnswerAfterReconnect(t *testing.T) {
-	az := azsimtest.Start(t, azsim.Config{CertLifetime: 40 * time.Second, IssueDelay: 3 * time.Second})
+	ft, az := fakeAzsim(t, azsim.Config{CertLifetime: 40 * time.Second, IssueDelay: 3 * time.Second})
 	d := newDevice(t, az, devOpts{regID: "gw-renew-late", extra: strings.Replace(fastRenewal, `issue_timeout = "10s"`, `issue_timeout = "30s"`, 1)})
+	d.clock = ft
 	r := d.start()
-	testenv.Eventually(t, 40*time.Second, "the hub accepted a certificate request", func() bool {
+	testenv.Eventually(t, 10*time.Second, "connected", func() bool { return d.status().State == "connected" })
+	allowRenewal(ft, d.current(), 0.5)
+	testenv.Eventually(t, 10*time.Second, "the hub accepted a certificate request", func() bool {
 		return strings.Contains(r.log.String(), "the hub accepted the certificate request")
 	})
 	az.Admin("POST", "/faults/drop", map[string]any{"target": "hub"}, nil)

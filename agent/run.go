@@ -14,8 +14,10 @@ import (
 
 	"github.com/fsnotify/fsnotify"
 
-	"github.com/gwagent/gwagent/internal/backoff"
+	"github.com/gwagent/gwagent/internal/clock"
+	"github.com/gwagent/gwagent/internal/retry"
 	"github.com/gwagent/gwagent/provisioning"
+	"github.com/gwagent/gwagent/renewal"
 	"github.com/gwagent/gwagent/transport"
 )
 
@@ -29,18 +31,24 @@ type Options struct {
 	// is taken as unsynchronised.
 	Version   string
 	BuildTime time.Time
-	// Now is the clock; default time.Now.
-	Now func() time.Time
-	// RetryAfterMin shortens DPS's retry-after clamp (tests only).
-	RetryAfterMin time.Duration
+	// Clock times the lifecycle, renewal, retries and DPS, and is the
+	// agent's judgement of its own certificates (schedule, expiry, the
+	// validity of an issued chain); default clock.Real. TLS verification
+	// of the servers' certificates keeps Go's clock (tls.Config.Time is not
+	// set): on a device both are the system clock, and a server is never
+	// trusted on a test's fake time. Tests give a clock.Fake, and the same
+	// to azsim (azsim.Config.Now), so that certificates are issued, checked
+	// by the hub and judged by the agent in one time.
+	Clock clock.Clock
 	// Backoff for reconnects and re-provisioning; default 1 s to 5 min.
-	Backoff backoff.Policy
+	Backoff retry.Policy
 	// TwinTimeout bounds each twin request on its own; default 30 s.
 	TwinTimeout time.Duration
 	// ClockPoll is how often an unsynchronised clock is checked; default 5 s.
 	ClockPoll time.Duration
 	// Reprovision bounds re-registrations after the hub refused the
-	// identity (reprovision.go); default 1 min to 1 h backoff, 4 per hour.
+	// identity (renewal/reprovision.go); default 1 min to 1 h backoff, 4
+	// per hour.
 	Reprovision ReprovisionPolicy
 	// Backlog, if set, is told when the drain starts sending a backlog
 	// (true) and when the outbox is empty again (false); cmd/gwagent gives
@@ -65,6 +73,8 @@ type Agent struct {
 	status  *statusTracker
 	keys    *Keys
 	store   *provisioning.Store
+	renewal *renewal.Renewer
+	clock   clock.Clock
 	outbox  *transport.Outbox
 	rng     *rand.Rand
 
@@ -87,22 +97,6 @@ type Agent struct {
 	sess    *transport.Session
 	endSess func() // ends the current session (renewal swap)
 	started time.Time
-
-	// Renewal (renew.go). renewFailures, retryAt and pending are guarded
-	// by mu; swapFailures is the lifecycle goroutine's own.
-	seed          []byte
-	crashAt       string
-	renewNow      chan string
-	renewFailures int
-	retryAt       time.Time
-	pending       *pendingIssue
-	hubUnanswered int // certificate requests in a row the hub never answered
-	swapFailures  int
-
-	// Refusals by the hub (reprovision.go), the lifecycle goroutine's own.
-	reprov         reprovisionGate
-	hsRejections   int
-	swapRejections int
 }
 
 // New loads the config and prepares an agent; Run starts it.
@@ -111,14 +105,12 @@ func New(cfgPath string, opts Options) (*Agent, error) {
 	if err != nil {
 		return nil, err
 	}
-	if opts.Now == nil {
-		opts.Now = time.Now
-	}
+	opts.Clock = clock.Or(opts.Clock)
 	if opts.Logger == nil {
 		opts.Logger = slog.New(slog.NewTextHandler(os.Stderr, nil))
 	}
 	if opts.Backoff.Min == 0 {
-		opts.Backoff = backoff.Policy{Min: time.Second, Max: 5 * time.Minute}
+		opts.Backoff = retry.Policy{Min: time.Second, Max: 5 * time.Minute}
 	}
 	if opts.TwinTimeout == 0 {
 		opts.TwinTimeout = twinRequestTimeout
@@ -127,22 +119,21 @@ func New(cfgPath string, opts Options) (*Agent, error) {
 		opts.ClockPoll = 5 * time.Second
 	}
 	a := &Agent{
-		cfgPath:  cfgPath,
-		opts:     opts,
-		log:      opts.Logger,
-		notify:   newNotifier(),
-		beat:     newHeartbeat(time.Now), // real time, like systemd's watchdog
-		keys:     agentKeys(opts.Logger),
-		kick:     make(chan struct{}, 1),
-		up:       make(chan struct{}),
-		retimer:  make(chan struct{}, 1),
-		renewNow: make(chan string, 1),
-		spool:    spoolState{queued: map[string]fileSig{}},
-		sent:     sentFiles{kick: make(chan struct{}, 1)},
-		crashAt:  os.Getenv(crashEnv),
-		rng:      rand.New(rand.NewPCG(uint64(time.Now().UnixNano()), uint64(os.Getpid()))),
+		cfgPath: cfgPath,
+		opts:    opts,
+		log:     opts.Logger,
+		notify:  newNotifier(),
+		beat:    newHeartbeat(time.Now), // real time, like systemd's watchdog
+		keys:    agentKeys(opts.Logger),
+		kick:    make(chan struct{}, 1),
+		up:      make(chan struct{}),
+		retimer: make(chan struct{}, 1),
+		spool:   spoolState{queued: map[string]fileSig{}},
+		sent:    sentFiles{kick: make(chan struct{}, 1)},
+		clock:   opts.Clock,
+		rng:     rand.New(rand.NewPCG(uint64(opts.Clock.Now().UnixNano()), uint64(os.Getpid()))),
 	}
-	a.reprov.policy = opts.Reprovision.withDefaults()
+	a.renewal = a.newRenewer(os.Getenv(renewal.CrashEnv))
 	a.cfg.Store(cfg)
 	a.applyLogLevel(cfg)
 	a.interval.Store(int64(cfg.Telemetry.Interval.Duration))
@@ -163,19 +154,19 @@ func (a *Agent) applyLogLevel(cfg *Config) {
 func (a *Agent) Run(ctx context.Context) (err error) {
 	cfg := a.cfg.Load()
 	defer func() { err = spaceAdvice(cfg, err) }() // a fresh state directory on a full disk
-	a.started = a.opts.Now()
+	a.started = a.clock.Now()
 	lock, err := LockStateDir(cfg.StateDir)
 	if err != nil {
 		return err
 	}
 	defer lock.Unlock()
-	a.status = newStatusTracker(cfg.StateDir, a.log, a.notify, a.opts.Now, a.opts.Version)
+	a.status = newStatusTracker(cfg.StateDir, a.log, a.notify, a.clock.Now, a.opts.Version)
 	store, err := provisioning.OpenStore(cfg.StateDir)
 	if err != nil {
 		return err
 	}
 	a.store = store
-	a.seed = a.renewalSeed()
+	a.renewal.Start(store)
 	a.outbox, err = transport.OpenOutbox(filepath.Join(cfg.StateDir, "outbox"), transport.OutboxOptions{MaxBytes: cfg.Outbox.MaxBytes})
 	if err != nil {
 		return err

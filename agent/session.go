@@ -31,7 +31,7 @@ func (a *Agent) dial(ctx context.Context, id *provisioning.Identity) (*transport
 	if err != nil {
 		return nil, err
 	}
-	now := a.opts.Now()
+	now := a.clock.Now()
 	nw, probe, err := networkOptions(cfg, now, cfg.Network.HubWebSocketPort)
 	if err != nil {
 		return nil, fmt.Errorf("hub: %w", err)
@@ -112,7 +112,7 @@ func (a *Agent) serve(ctx context.Context, sess *transport.Session, id *provisio
 		}
 	}()
 	go func() { defer wg.Done(); a.syncTwin(sctx, sess, id) }()
-	go func() { defer wg.Done(); a.renewLoop(sctx, sess, id, cancel) }()
+	go func() { defer wg.Done(); a.renewal.Run(sctx, sess, id) }()
 	go func() { defer wg.Done(); a.drain(sctx, sess) }()
 	for {
 		select {
@@ -287,7 +287,7 @@ func (a *Agent) delivered(batch []inflight, retire chan<- []string) {
 		retire <- local
 	}
 	last := batch[len(batch)-1].m.ID
-	a.status.Update(false, func(s *Status) { s.LastAckID, s.LastAckAt = last, a.opts.Now().UTC() })
+	a.status.Update(false, func(s *Status) { s.LastAckID, s.LastAckAt = last, a.clock.Now().UTC() })
 }
 
 func (a *Agent) updateDepth() {

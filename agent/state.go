@@ -54,7 +54,6 @@ const (
 	CondHubUnreachable      Condition = "hub-unreachable"
 	CondProvisioningFailed  Condition = "provisioning-failed"
 	CondOutboxFull          Condition = "outbox-full"
-	CondRenewalFailed       Condition = "renewal-failed"
 )
 
 // Status is the one place STATUS=, logs, `gwagent status` and the twin's

@@ -56,7 +56,7 @@ func (a *Agent) reachedHub() { a.upOnce.Do(func() { close(a.up) }) }
 
 func (a *Agent) sendHealth() {
 	cfg := a.cfg.Load()
-	now := a.opts.Now()
+	now := a.clock.Now()
 	h := a.health.read(now, cfg.StateDir)
 	h.AgentUptime = now.Sub(a.started).Seconds()
 	h.AgentVersion = a.opts.Version

@@ -37,7 +37,7 @@ import (
 	"github.com/gwagent/gwagent/agent"
 	"github.com/gwagent/gwagent/azsim"
 	"github.com/gwagent/gwagent/devtools/testenv"
-	"github.com/gwagent/gwagent/internal/backoff"
+	"github.com/gwagent/gwagent/internal/retry"
 	"github.com/gwagent/gwagent/provisioning"
 )
 
@@ -54,10 +54,9 @@ func TestMain(m *testing.M) {
 func runAttackAgent(cfg string) int {
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))
 	a, err := agent.New(cfg, agent.Options{
-		Logger:        log,
-		Version:       "test",
-		RetryAfterMin: 100 * time.Millisecond,
-		Backoff:       backoff.Policy{Min: 200 * time.Millisecond, Max: 2 * time.Second},
+		Logger:  log,
+		Version: "test",
+		Backoff: retry.Policy{Min: 200 * time.Millisecond, Max: 2 * time.Second},
 	})
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)

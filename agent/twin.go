@@ -9,6 +9,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/gwagent/gwagent/internal/retry"
 	"github.com/gwagent/gwagent/provisioning"
 	"github.com/gwagent/gwagent/transport"
 )
@@ -108,47 +109,37 @@ func (a *Agent) reportInterval(ctx context.Context, sess *transport.Session) err
 
 // syncTwin reads the desired properties (notifications are not replayed
 // across reconnects) and reports the agent's version, state and
-// certificate validity. A failed sync is retried with backoff (the hub's
-// retry-after if it sent one) until it succeeds or the session ends.
+// certificate validity. A failed sync is retried (retry.Loop: the backoff,
+// or the hub's retry-after if longer) until it succeeds or the session
+// ends.
 func (a *Agent) syncTwin(ctx context.Context, sess *transport.Session, id *provisioning.Identity) {
-	rng := rand.New(rand.NewPCG(uint64(time.Now().UnixNano()), 0x7769))
 	// Versions are per device identity, which may have changed (another
 	// hub or device id after re-provisioning): start afresh.
 	a.desired.mu.Lock()
 	a.desired.latest, a.desired.interval = 0, 0
 	a.desired.mu.Unlock()
 	var done twinSyncDone
-	for attempt := 1; ; attempt++ {
-		err := a.syncTwinOnce(ctx, sess, id, &done)
-		if err == nil {
-			if attempt > 1 {
-				a.log.Info("twin synchronised", "attempts", attempt)
-			} else {
-				a.log.Debug("twin synchronised")
+	attempts := 1
+	err := retry.Loop{Policy: a.opts.Backoff, Clock: a.clock,
+		Rand: rand.New(rand.NewPCG(uint64(a.clock.Now().UnixNano()), 0x7769)),
+		OnRetry: func(err error, failures int, d time.Duration) {
+			attempts = failures + 1
+			var se *transport.StatusError
+			if errors.As(err, &se) && se.Status == 429 {
+				a.status.Raise(CondThrottled, fmt.Sprintf("the hub throttled a twin operation (429); retrying in %s", d.Round(time.Millisecond)))
 			}
-			a.status.Clear(CondThrottled)
-			return
-		}
-		if ctx.Err() != nil {
-			return
-		}
-		d := a.opts.Backoff.Delay(attempt, rng)
-		var se *transport.StatusError
-		if errors.As(err, &se) && se.RetryAfter > d {
-			d = se.RetryAfter
-		}
-		if errors.As(err, &se) && se.Status == 429 {
-			a.status.Raise(CondThrottled, fmt.Sprintf("the hub throttled a twin operation (429); retrying in %s", d.Round(time.Millisecond)))
-		}
-		a.log.Warn("twin synchronisation failed; retrying", "err", err, "retry_in", d.Round(time.Millisecond))
-		t := time.NewTimer(d)
-		select {
-		case <-ctx.Done():
-			t.Stop()
-			return
-		case <-t.C:
-		}
+			a.log.Warn("twin synchronisation failed; retrying", "err", err, "retry_in", d.Round(time.Millisecond))
+		},
+	}.Do(ctx, func(ctx context.Context) error { return a.syncTwinOnce(ctx, sess, id, &done) })
+	if err != nil {
+		return // the session ended
 	}
+	if attempts > 1 {
+		a.log.Info("twin synchronised", "attempts", attempts)
+	} else {
+		a.log.Debug("twin synchronised")
+	}
+	a.status.Clear(CondThrottled)
 }
 
 // twinSyncDone is what a sync has achieved so far: a retry after a throttled
@@ -205,7 +196,7 @@ func (a *Agent) onMethod(name string, payload []byte) (int, []byte) {
 	a.log.Info("direct method", "name", name)
 	switch name {
 	case "ping":
-		b, _ := json.Marshal(map[string]any{"pong": true, "time": a.opts.Now().UTC(), "version": a.opts.Version, "state": a.status.Snapshot().State})
+		b, _ := json.Marshal(map[string]any{"pong": true, "time": a.clock.Now().UTC(), "version": a.opts.Version, "state": a.status.Snapshot().State})
 		return 200, b
 	case "renewCertificate":
 		if a.cfg.Load().Static() {

@@ -17,8 +17,9 @@ import (
 	mqtt "github.com/eclipse/paho.mqtt.golang"
 	"github.com/eclipse/paho.mqtt.golang/packets"
 
-	"github.com/gwagent/gwagent/internal/backoff"
+	"github.com/gwagent/gwagent/internal/clock"
 	"github.com/gwagent/gwagent/internal/mqttconn"
+	"github.com/gwagent/gwagent/internal/retry"
 	"github.com/gwagent/gwagent/internal/tlsconf"
 )
 
@@ -60,12 +61,12 @@ type DPSConfig struct {
 	Payload json.RawMessage
 	// Timeout bounds the whole registration (default 5 minutes).
 	Timeout time.Duration
-	// RetryAfterMin and RetryAfterMax clamp DPS's retry-after (defaults 1 s
-	// and 300 s): what DPS asks is honoured, never below one second.
-	RetryAfterMin, RetryAfterMax time.Duration
-	// Backoff is used when DPS sends no retry-after or the connection fails
-	// (default 1 s to 60 s, jittered).
-	Backoff backoff.Policy
+	// Backoff paces retries and polls (default 1 s to 60 s, jittered); a
+	// retry-after DPS sends is honoured when it is longer (retry.Policy.Wait
+	// says how, and clamps it).
+	Backoff retry.Policy
+	// Clock times the waits and the SAS tokens' expiry; nil: clock.Real.
+	Clock clock.Clock
 	// Progress, if set, is told each step as it happens.
 	Progress func(Step)
 	// ClientVersion goes into the username's ClientVersion (user agent).
@@ -127,9 +128,10 @@ var (
 
 // Register registers the device with DPS over MQTT and returns the final
 // registration state when DPS assigns it. csrDER, if non-nil, is sent as the
-// csr field so DPS issues an operational certificate. Transient failures
-// (network, 429, 5xx) are retried with backoff within cfg.Timeout; a
-// rejected credential, 4xx and final failed/disabled are returned at once.
+// csr field so DPS issues an operational certificate. Failures are retried
+// with backoff within cfg.Timeout (a new connection each time), except the
+// permanent ones (retry.IsPermanent: a rejected credential, 4xx, final
+// failed/disabled, a configuration that cannot work), returned at once.
 func Register(ctx context.Context, cfg DPSConfig, csrDER []byte) (*RegistrationState, error) {
 	cfg.defaults()
 	if err := cfg.check(); err != nil {
@@ -147,32 +149,27 @@ func Register(ctx context.Context, cfg DPSConfig, csrDER []byte) (*RegistrationS
 	}
 	reqBody, _ := json.Marshal(body)
 
-	rng := rand.New(rand.NewPCG(uint64(time.Now().UnixNano()), 0x9e3779b97f4a7c15))
+	rng := rand.New(rand.NewPCG(uint64(cfg.Clock.Now().UnixNano()), 0x9e3779b97f4a7c15))
 	once := registerOnce
 	if cfg.Transport == TransportHTTPS {
 		once = registerOnceHTTPS // dpshttp.go
 	}
-	for attempt := 0; ; attempt++ {
-		st, err := once(ctx, &cfg, reqBody, rng)
-		if err == nil {
-			return st, nil
-		}
-		if ctx.Err() != nil {
-			return nil, fmt.Errorf("dps: gave up after %s: %w (last error: %v)", cfg.Timeout, ctx.Err(), err)
-		}
-		var te *transientError
-		if !errors.As(err, &te) {
-			return nil, err
-		}
-		wait := te.retryAfter
-		if wait == 0 {
-			wait = cfg.Backoff.Delay(attempt, rng)
-		}
-		cfg.progress(Step{Kind: StepRetrying, Wait: wait, Err: te.err})
-		if err := sleep(ctx, wait); err != nil {
-			return nil, fmt.Errorf("dps: gave up after %s: %w (last error: %v)", cfg.Timeout, err, te.err)
-		}
+	var st *RegistrationState
+	err := retry.Loop{Policy: cfg.Backoff, Clock: cfg.Clock, Rand: rng,
+		OnRetry: func(err error, _ int, wait time.Duration) {
+			cfg.progress(Step{Kind: StepRetrying, Wait: wait, Err: err})
+		},
+	}.Do(ctx, func(ctx context.Context) (err error) {
+		st, err = once(ctx, &cfg, reqBody, rng)
+		return err
+	})
+	switch {
+	case err == nil:
+		return st, nil
+	case ctx.Err() != nil && !retry.IsPermanent(err):
+		return nil, fmt.Errorf("dps: gave up after %s: %w", cfg.Timeout, err)
 	}
+	return nil, err
 }
 
 func (c *DPSConfig) defaults() {
@@ -182,15 +179,10 @@ func (c *DPSConfig) defaults() {
 	if c.Timeout == 0 {
 		c.Timeout = 5 * time.Minute
 	}
-	if c.RetryAfterMin == 0 {
-		c.RetryAfterMin = time.Second
-	}
-	if c.RetryAfterMax == 0 {
-		c.RetryAfterMax = 300 * time.Second
-	}
 	if c.Backoff.Min == 0 {
-		c.Backoff = backoff.Policy{Min: time.Second, Max: time.Minute}
+		c.Backoff = retry.Policy{Min: time.Second, Max: time.Minute}
 	}
+	c.Clock = clock.Or(c.Clock)
 	if c.ClientVersion == "" {
 		c.ClientVersion = "gwagent"
 	}
@@ -228,31 +220,17 @@ func (c *DPSConfig) progress(s Step) {
 }
 
 // refusedInHandshake is DPS refusing the onboarding certificate with a TLS
-// alert (tlsconf.RejectedIdentity) instead of a CONNACK or 401: final, like
-// them, since the same certificate will be refused again.
+// alert (tlsconf.RejectedIdentity) instead of a CONNACK or 401: permanent,
+// like them, since the same certificate will be refused again.
 func refusedInHandshake(endpoint string, err error) error {
-	return fmt.Errorf("dps: %s refused the onboarding certificate in the TLS handshake: %w (%v); check that an enrollment for this device exists and is enabled, and that it trusts the factory certificate chain in [onboarding] (the enrollment group's CA, or the individual enrollment's certificate)",
-		endpoint, ErrCredentialRejected, err)
+	return retry.Permanent(fmt.Errorf("dps: %s refused the onboarding certificate in the TLS handshake: %w (%v); check that an enrollment for this device exists and is enabled, and that it trusts the factory certificate chain in [onboarding] (the enrollment group's CA, or the individual enrollment's certificate)",
+		endpoint, ErrCredentialRejected, err))
 }
 
-// transientError marks a failure worth retrying, with DPS's retry-after.
-type transientError struct {
-	err        error
-	retryAfter time.Duration
-}
-
-func (e *transientError) Error() string { return e.err.Error() }
-func (e *transientError) Unwrap() error { return e.err }
-
-func sleep(ctx context.Context, d time.Duration) error {
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-ctx.Done():
-		return ctx.Err()
-	case <-t.C:
-		return nil
-	}
+// untrusted is DPS's server certificate failing verification: permanent,
+// the trust bundle or the endpoint name is wrong.
+func untrusted(endpoint string, cve *tls.CertificateVerificationError) error {
+	return retry.Permanent(fmt.Errorf("dps: %s presented a certificate our trust bundle does not accept (%v); check trust_bundle and the endpoint name", endpoint, cve.Err))
 }
 
 // registerOnce is one connection: register, then poll until final.
@@ -272,17 +250,17 @@ func registerOnce(ctx context.Context, cfg *DPSConfig, reqBody []byte, rng *rand
 		r := strconv.Itoa(rid)
 		tok := sess.client.Publish(topic+r+suffix, 1, false, payload)
 		if !tok.WaitTimeout(30 * time.Second) {
-			return response{}, nil, &transientError{err: errors.New("dps: publish not acknowledged in 30 s")}
+			return response{}, nil, errors.New("dps: publish not acknowledged in 30 s")
 		}
 		if err := tok.Error(); err != nil {
-			return response{}, nil, &transientError{err: fmt.Errorf("dps: publish: %w", err)}
+			return response{}, nil, fmt.Errorf("dps: publish: %w", err)
 		}
 		for {
 			select {
 			case <-ctx.Done():
 				return response{}, nil, ctx.Err()
 			case <-sess.lost:
-				return response{}, nil, &transientError{err: errors.New("dps: connection lost while waiting for the answer")}
+				return response{}, nil, errors.New("dps: connection lost while waiting for the answer")
 			case m := <-sess.replies:
 				if m.resp.rid != r {
 					continue // an answer to an earlier request
@@ -328,7 +306,7 @@ func connectDPS(ctx context.Context, cfg *DPSConfig) (*dpsSession, error) {
 	}
 	var tlsCfg, err = tlsconf.Client(host, cfg.Roots, nil, nil)
 	if err != nil {
-		return nil, fmt.Errorf("dps: %w", err)
+		return nil, retry.Permanent(fmt.Errorf("dps: %w", err))
 	}
 	opts := mqtt.NewClientOptions().
 		SetClientID(cfg.RegistrationID).
@@ -344,18 +322,18 @@ func connectDPS(ctx context.Context, cfg *DPSConfig) (*dpsSession, error) {
 	case X509Credential:
 		tlsCfg, err = tlsconf.Client(host, cfg.Roots, c.Signer, c.Chain)
 		if err != nil {
-			return nil, fmt.Errorf("dps: %w", err)
+			return nil, retry.Permanent(fmt.Errorf("dps: %w", err))
 		}
 	case SymmetricKey:
 		// Short-lived: the token only has to outlive the registration.
-		opts.SetPassword(c.DPSToken(cfg.IDScope, cfg.RegistrationID, time.Now().Add(cfg.Timeout+time.Minute)))
+		opts.SetPassword(c.DPSToken(cfg.IDScope, cfg.RegistrationID, cfg.Clock.Now().Add(cfg.Timeout+time.Minute)))
 	default:
-		return nil, fmt.Errorf("dps: unsupported onboarding credential %T", cfg.Credential)
+		return nil, retry.Permanent(fmt.Errorf("dps: unsupported onboarding credential %T", cfg.Credential))
 	}
 	nw := cfg.Network
 	nw.Host, nw.TLS = cfg.Endpoint, tlsCfg
 	if _, err := mqttconn.Configure(ctx, opts, nw); err != nil {
-		return nil, fmt.Errorf("dps: %w", err)
+		return nil, retry.Permanent(fmt.Errorf("dps: %w", err))
 	}
 
 	replies := make(chan reply, 8)
@@ -373,16 +351,16 @@ func connectDPS(ctx context.Context, cfg *DPSConfig) (*dpsSession, error) {
 		switch {
 		case errors.Is(err, packets.ErrorRefusedNotAuthorised), errors.Is(err, packets.ErrorRefusedBadUsernameOrPassword),
 			errors.Is(err, packets.ErrorRefusedIDRejected):
-			return nil, fmt.Errorf("dps: connect to %s: %w (%v): check the id scope, the registration id and the onboarding certificate or key", cfg.Endpoint, ErrCredentialRejected, err)
+			return nil, retry.Permanent(fmt.Errorf("dps: connect to %s: %w (%v): check the id scope, the registration id and the onboarding certificate or key", cfg.Endpoint, ErrCredentialRejected, err))
 		}
 		var cve *tls.CertificateVerificationError
 		if errors.As(err, &cve) {
-			return nil, fmt.Errorf("dps: %s presented a certificate our trust bundle does not accept (%v); check trust_bundle and the endpoint name", cfg.Endpoint, cve.Err)
+			return nil, untrusted(cfg.Endpoint, cve)
 		}
 		if tlsconf.RejectedIdentity(err) {
 			return nil, refusedInHandshake(cfg.Endpoint, err)
 		}
-		return nil, &transientError{err: fmt.Errorf("dps: connect to %s: %w", cfg.Endpoint, err)}
+		return nil, fmt.Errorf("dps: connect to %s: %w", cfg.Endpoint, err)
 	}
 	// Forward answers without blocking paho past the connection's or the
 	// caller's end.
@@ -400,7 +378,7 @@ func connectDPS(ctx context.Context, cfg *DPSConfig) (*dpsSession, error) {
 	sub := client.Subscribe(dpsSubscribe, 1, handler)
 	if !sub.WaitTimeout(30*time.Second) || sub.Error() != nil {
 		client.Disconnect(0)
-		return nil, &transientError{err: fmt.Errorf("dps: subscribe to %s failed: %v", dpsSubscribe, sub.Error())}
+		return nil, fmt.Errorf("dps: subscribe to %s failed: %v", dpsSubscribe, sub.Error())
 	}
 	return &dpsSession{client: client, replies: replies, lost: lost}, nil
 }

@@ -23,7 +23,8 @@ import (
 	"strings"
 	"time"
 
-	"github.com/gwagent/gwagent/internal/backoff"
+	"github.com/gwagent/gwagent/internal/clock"
+	"github.com/gwagent/gwagent/internal/retry"
 	"github.com/gwagent/gwagent/internal/tlsconf"
 )
 
@@ -81,7 +82,7 @@ func newHTTPSDPS(cfg *DPSConfig) (*httpsDPS, error) {
 		tlsCfg, err = tlsconf.Client(host, cfg.Roots, nil, nil)
 	}
 	if err != nil {
-		return nil, fmt.Errorf("dps: %w", err)
+		return nil, retry.Permanent(fmt.Errorf("dps: %w", err))
 	}
 	tlsCfg.NextProtos = []string{"http/1.1"}
 	hostHdr := host
@@ -111,12 +112,12 @@ func (h *httpsDPS) do(ctx context.Context, method, path string, body []byte) (in
 		}
 		var cve *tls.CertificateVerificationError
 		if errors.As(err, &cve) {
-			return 0, nil, 0, fmt.Errorf("dps: %s presented a certificate our trust bundle does not accept (%v); check trust_bundle and the endpoint name", h.cfg.Endpoint, cve.Err)
+			return 0, nil, 0, untrusted(h.cfg.Endpoint, cve)
 		}
 		if tlsconf.RejectedIdentity(err) {
 			return 0, nil, 0, refusedInHandshake(h.cfg.Endpoint, err)
 		}
-		return 0, nil, 0, &transientError{err: fmt.Errorf("dps: %s %s: %w", method, h.cfg.Endpoint, err)}
+		return 0, nil, 0, fmt.Errorf("dps: %s %s: %w", method, h.cfg.Endpoint, err)
 	}
 	var ra time.Duration
 	if n, err := strconv.Atoi(strings.TrimSpace(rsp.header.Get("Retry-After"))); err == nil && n > 0 {
@@ -134,7 +135,7 @@ func registerOnceHTTPS(ctx context.Context, cfg *DPSConfig, reqBody []byte, rng 
 		return nil, err
 	}
 	defer h.conn.close()
-	expiry := time.Now().Add(cfg.Timeout + time.Minute)
+	expiry := cfg.Clock.Now().Add(cfg.Timeout + time.Minute)
 	tpmCred, isTPM := cfg.Credential.(TPMCredential)
 	switch c := cfg.Credential.(type) {
 	case SymmetricKey:
@@ -142,14 +143,14 @@ func registerOnceHTTPS(ctx context.Context, cfg *DPSConfig, reqBody []byte, rng 
 	case TPMCredential:
 		ek, srk, err := c.TPM.DPSPublics(ctx)
 		if err != nil {
-			return nil, fmt.Errorf("dps: %w", err)
+			return nil, retry.Permanent(fmt.Errorf("dps: %w", err))
 		}
 		if reqBody, err = withTPM(reqBody, ek, srk); err != nil {
-			return nil, err
+			return nil, retry.Permanent(err)
 		}
 	case X509Credential:
 	default:
-		return nil, fmt.Errorf("dps: unsupported onboarding credential %T", cfg.Credential)
+		return nil, retry.Permanent(fmt.Errorf("dps: unsupported onboarding credential %T", cfg.Credential))
 	}
 
 	cfg.progress(Step{Kind: StepRegistering})
@@ -164,16 +165,16 @@ func registerOnceHTTPS(ctx context.Context, cfg *DPSConfig, reqBody []byte, rng 
 			AuthenticationKey string `json:"authenticationKey"`
 		}
 		if json.Unmarshal(body, &ch) != nil || ch.AuthenticationKey == "" {
-			return nil, fmt.Errorf("dps: %w: %w", ErrCredentialRejected, decodeServiceError(status, body))
+			return nil, retry.Permanent(fmt.Errorf("dps: %w: %w", ErrCredentialRejected, decodeServiceError(status, 0, body)))
 		}
 		blob, err := base64.StdEncoding.DecodeString(ch.AuthenticationKey)
 		if err != nil {
-			return nil, fmt.Errorf("dps: %w: the TPM challenge (authenticationKey) is not base64", ErrMalformedReply)
+			return nil, retry.Permanent(fmt.Errorf("dps: %w: the TPM challenge (authenticationKey) is not base64", ErrMalformedReply))
 		}
 		h.auth, err = sasToken(cfg.IDScope+"/registrations/"+cfg.RegistrationID, expiry, "registration",
 			func(msg []byte) ([]byte, error) { return tpmCred.TPM.DPSSign(ctx, blob, msg) })
 		if err != nil {
-			return nil, fmt.Errorf("dps: TPM attestation: %w", err)
+			return nil, retry.Permanent(fmt.Errorf("dps: TPM attestation: %w", err))
 		}
 		status, body, ra, err = h.do(ctx, "PUT", "/register", reqBody)
 		if err != nil {
@@ -188,33 +189,38 @@ func registerOnceHTTPS(ctx context.Context, cfg *DPSConfig, reqBody []byte, rng 
 
 // pollUntilFinal is the polling both transports share: interpret an
 // answer, wait as DPS asked, fetch the operation's status with next, until
-// DPS is final or fails.
+// DPS is final or fails. An answer of 429 to a poll (DPS allows 5 polls per
+// 10 s per device) is waited out and the same operation polled again, up to
+// maxThrottledPolls times in a row: registering anew would start a new
+// operation and wait all over. Waits are retry.Policy.Wait on cfg.Clock.
 func pollUntilFinal(ctx context.Context, cfg *DPSConfig, rng *rand.Rand, status int, retryAfter time.Duration, body []byte,
 	next func(opID string) (int, time.Duration, []byte, error)) (*RegistrationState, error) {
 	for polls := 0; ; polls++ {
-		st, opID, wait, err := outcome(cfg, status, retryAfter, body, polls, rng)
+		st, opID, err := outcome(cfg, status, retryAfter, body)
 		if err != nil || st != nil {
 			return st, err
 		}
+		// An operation still assigning is no failure: the wait is the one
+		// DPS asked for (its pace, not ours); only when it asks for none
+		// does the backoff grow with the polls.
+		n := polls
+		if retryAfter > 0 {
+			n = 0
+		}
+		wait := cfg.Backoff.Wait(n, dpsHint(retryAfter), rng)
 		cfg.progress(Step{Kind: StepWaiting, Wait: wait})
-		if err := sleep(ctx, wait); err != nil {
+		if err := clock.Sleep(ctx, cfg.Clock, wait); err != nil {
 			return nil, err
 		}
 		cfg.progress(Step{Kind: StepPolling})
 		if status, retryAfter, body, err = next(opID); err != nil {
 			return nil, err
 		}
-		for tries := 0; status == 429 && tries < 10; tries++ {
-			// Throttled while polling (DPS allows 5 polls per 10 s per
-			// device): wait as asked and poll the same operation again.
-			// Registering anew would start a new operation and wait all
-			// over.
-			wait := backoff.Clamp(retryAfter, cfg.RetryAfterMin, cfg.RetryAfterMax)
-			if wait == 0 {
-				wait = cfg.Backoff.Delay(polls+tries, rng)
-			}
-			cfg.progress(Step{Kind: StepRetrying, Wait: wait, Err: decodeServiceError(status, body)})
-			if err := sleep(ctx, wait); err != nil {
+		for tries := 0; status == 429 && tries < maxThrottledPolls; tries++ {
+			throttled := decodeServiceError(status, retryAfter, body)
+			wait := cfg.Backoff.Wait(tries, throttled, rng) // the backoff counts the 429s in a row
+			cfg.progress(Step{Kind: StepRetrying, Wait: wait, Err: throttled})
+			if err := clock.Sleep(ctx, cfg.Clock, wait); err != nil {
 				return nil, err
 			}
 			if status, retryAfter, body, err = next(opID); err != nil {
@@ -223,6 +229,17 @@ func pollUntilFinal(ctx context.Context, cfg *DPSConfig, rng *rand.Rand, status 
 		}
 	}
 }
+
+// maxThrottledPolls bounds the re-polls of one operation DPS throttles;
+// then the 429 goes to Register, which registers anew.
+const maxThrottledPolls = 10
+
+// dpsHint is the retry-after of a DPS answer that is not an error (202
+// assigning), as internal/retry reads and clamps retry-afters.
+type dpsHint time.Duration
+
+func (h dpsHint) Error() string             { return "DPS asked to wait " + time.Duration(h).String() }
+func (h dpsHint) RetryAfter() time.Duration { return time.Duration(h) }
 
 // withTPM adds the tpm object (EK and SRK, base64) to the register body.
 func withTPM(reqBody, ek, srk []byte) ([]byte, error) {
@@ -263,44 +280,36 @@ func hmacSHA256(key []byte) func([]byte) ([]byte, error) {
 }
 
 // outcome interprets one DPS answer the same way for both transports: the
-// final registration state, or the operation to poll and how long to wait
-// first, or an error (retryable ones as *transientError).
-func outcome(cfg *DPSConfig, status int, retryAfter time.Duration, body []byte, polls int, rng *rand.Rand) (*RegistrationState, string, time.Duration, error) {
+// final registration state, or the operation to poll, or an error
+// (permanent unless DPS answered 429 or 5xx; retry.IsPermanent).
+func outcome(cfg *DPSConfig, status int, retryAfter time.Duration, body []byte) (*RegistrationState, string, error) {
 	if status != 200 && status != 202 {
-		de := decodeServiceError(status, body)
-		if de.Transient() {
-			return nil, "", 0, &transientError{err: de, retryAfter: clampRetry(cfg, retryAfter)}
+		de := decodeServiceError(status, retryAfter, body)
+		switch {
+		case !de.Permanent():
+			return nil, "", de
+		case status == 401 || status == 403:
+			return nil, "", fmt.Errorf("dps: %w: %w", ErrCredentialRejected, de)
 		}
-		if status == 401 || status == 403 {
-			return nil, "", 0, fmt.Errorf("dps: %w: %w", ErrCredentialRejected, de)
-		}
-		return nil, "", 0, fmt.Errorf("dps: %w", de)
+		return nil, "", fmt.Errorf("dps: %w", de)
 	}
 	op, err := decodeOperation(body)
 	if err != nil {
-		return nil, "", 0, err
+		return nil, "", retry.Permanent(err)
 	}
 	switch op.Status {
 	case StatusAssigned:
 		cfg.progress(Step{Kind: StepAssigned})
-		return op.RegistrationState, "", 0, nil
+		return op.RegistrationState, "", nil
 	case StatusFailed:
 		rs := op.RegistrationState
 		if rs == nil {
 			rs = &RegistrationState{}
 		}
-		return nil, "", 0, fmt.Errorf("dps: %w: error %d: %s; check the enrollment and its allocation policy in DPS", ErrRegistrationFailed, rs.ErrorCode, rs.ErrorMessage)
+		return nil, "", retry.Permanent(fmt.Errorf("dps: %w: error %d: %s; check the enrollment and its allocation policy in DPS", ErrRegistrationFailed, rs.ErrorCode, rs.ErrorMessage))
 	case StatusDisabled:
-		return nil, "", 0, fmt.Errorf("dps: %w for registration id %q; enable the enrollment (or the device's registration) in DPS", ErrEnrollmentDisabled, cfg.RegistrationID)
+		return nil, "", retry.Permanent(fmt.Errorf("dps: %w for registration id %q; enable the enrollment (or the device's registration) in DPS", ErrEnrollmentDisabled, cfg.RegistrationID))
 	}
-	// assigning / unassigned: wait as asked, then poll.
-	wait := clampRetry(cfg, retryAfter)
-	if wait == 0 {
-		wait = cfg.Backoff.Delay(polls, rng)
-	}
-	return nil, op.OperationID, wait, nil
-}
-
-func clampRetry(cfg *DPSConfig, d time.Duration) time.Duration {
-	return backoff.Clamp(d, cfg.RetryAfterMin, cfg.RetryAfterMax)
+	// assigning / unassigned: poll (after the wait DPS asked for).
+	return nil, op.OperationID, nil
 }

@@ -123,9 +123,9 @@ func decodeOperation(body []byte) (*Operation, error) {
 }
 
 // decodeServiceError decodes an error body; an undecodable body still yields
-// an error with the status.
-func decodeServiceError(status int, body []byte) *DPSError {
-	e := &DPSError{Status: status}
+// an error with the status. retryAfter is the answer's (0 if none).
+func decodeServiceError(status int, retryAfter time.Duration, body []byte) *DPSError {
+	e := &DPSError{Status: status, After: retryAfter}
 	var se ServiceError
 	if json.Unmarshal(body, &se) == nil {
 		e.Code, e.Message, e.TrackingID = se.ErrorCode, se.Message, se.TrackingID
@@ -139,6 +139,7 @@ type DPSError struct {
 	Code       int64  // extended code, e.g. 401002
 	Message    string // DPS's message
 	TrackingID string
+	After      time.Duration // DPS's retry-after (0 if it sent none)
 }
 
 func (e *DPSError) Error() string {
@@ -164,8 +165,12 @@ func (e *DPSError) Error() string {
 	return b.String()
 }
 
-// Transient reports whether retrying may help: 429 and 5xx (the C# SDK's rule).
-func (e *DPSError) Transient() bool { return e.Status == 429 || e.Status >= 500 }
+// Permanent reports whether retrying cannot help: every answer but 429 and
+// 5xx (the C# SDK's rule). internal/retry classifies by it.
+func (e *DPSError) Permanent() bool { return e.Status != 429 && e.Status < 500 }
+
+// RetryAfter is DPS's retry-after (internal/retry reads it).
+func (e *DPSError) RetryAfter() time.Duration { return e.After }
 
 // Sentinel errors of the provisioning package.
 var (

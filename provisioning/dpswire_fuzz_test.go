@@ -21,7 +21,7 @@ func FuzzDPSReply(f *testing.F) {
 			if r.status < 100 || r.status > 999 || r.retryAfter < 0 {
 				t.Fatalf("accepted bad topic values %+v", r)
 			}
-			_ = decodeServiceError(r.status, body).Error()
+			_ = decodeServiceError(r.status, r.retryAfter, body).Error()
 		}
 		op, err := decodeOperation(body)
 		if err == nil {

@@ -116,8 +116,12 @@ type IssueError struct {
 	// ActiveExpires (info.operationExpires, zero if not given).
 	ActiveRID     string
 	ActiveExpires time.Time
-	RetryAfter    time.Duration
+	// After is the hub's retry-after (zero if it sent none).
+	After time.Duration
 }
+
+// RetryAfter is the hub's retry-after (internal/retry reads it).
+func (e *IssueError) RetryAfter() time.Duration { return e.After }
 
 func (e *IssueError) Error() string {
 	s := "hub certificate API answered " + strconv.Itoa(e.Status)
@@ -244,9 +248,9 @@ func ParseIssueAnswer(status int, body []byte, retry time.Duration) ([]string, e
 	}
 	_ = json.Unmarshal(body, &e)
 	ie := &IssueError{Status: status, Code: e.ErrorCode, Message: e.Message, Credential: e.Info.CredentialError,
-		ActiveRID: e.Info.RequestID, ActiveExpires: parseExpires(e.Info.OperationExpires), RetryAfter: retry}
-	if ie.RetryAfter == 0 && e.RetryAfter > 0 {
-		ie.RetryAfter = time.Duration(e.RetryAfter) * time.Second
+		ActiveRID: e.Info.RequestID, ActiveExpires: parseExpires(e.Info.OperationExpires), After: retry}
+	if ie.After == 0 && e.RetryAfter > 0 {
+		ie.After = time.Duration(e.RetryAfter) * time.Second
 	}
 	return nil, ie
 }

@@ -77,10 +77,14 @@ var (
 
 // StatusError is a non-success answer to a twin or credentials request.
 type StatusError struct {
-	Status     int
-	Body       []byte
-	RetryAfter time.Duration
+	Status int
+	Body   []byte
+	// After is the hub's retry-after (zero if it sent none).
+	After time.Duration
 }
+
+// RetryAfter is the hub's retry-after (internal/retry reads it).
+func (e *StatusError) RetryAfter() time.Duration { return e.After }
 
 func (e *StatusError) Error() string {
 	if len(e.Body) > 0 {
@@ -453,7 +457,7 @@ func (s *Session) GetTwin(ctx context.Context) (*Twin, error) {
 		return nil, err
 	}
 	if a.status != 200 {
-		return nil, &StatusError{Status: a.status, Body: a.body, RetryAfter: retryAfter(a)}
+		return nil, &StatusError{Status: a.status, Body: a.body, After: retryAfter(a)}
 	}
 	var t Twin
 	if err := json.Unmarshal(a.body, &t); err != nil {
@@ -474,7 +478,7 @@ func (s *Session) PatchReported(ctx context.Context, patch any) (int64, error) {
 		return 0, err
 	}
 	if a.status != 204 && a.status != 200 {
-		return 0, &StatusError{Status: a.status, Body: a.body, RetryAfter: retryAfter(a)}
+		return 0, &StatusError{Status: a.status, Body: a.body, After: retryAfter(a)}
 	}
 	v, _ := strconv.ParseInt(a.query.Get("$version"), 10, 64)
 	return v, nil

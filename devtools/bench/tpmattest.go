@@ -139,7 +139,7 @@ func (b *bench) tpmAttestation() ([]row, error) {
 		return time.Since(t0), err
 	}
 	x509Wall, err := run("op-x509", provisioning.DPSConfig{Endpoint: b.info.DPSAddr, IDScope: b.info.IDScope, RegistrationID: "bench-x509-tpm",
-		Roots: roots, Credential: provisioning.X509Credential{Signer: onKey, Chain: onChain}, RetryAfterMin: time.Second})
+		Roots: roots, Credential: provisioning.X509Credential{Signer: onKey, Chain: onChain}})
 	if err != nil {
 		return nil, fmt.Errorf("x509 onboarding: %w", err)
 	}
@@ -156,7 +156,7 @@ func (b *bench) tpmAttestation() ([]row, error) {
 		return nil, err
 	}
 	tpmWall, err := run("op-tpm", provisioning.DPSConfig{Endpoint: b.info.DPSHTTPSAddr, IDScope: b.info.IDScope, RegistrationID: regID,
-		Roots: roots, Credential: provisioning.TPMCredential{TPM: st}, Transport: provisioning.TransportHTTPS, RetryAfterMin: time.Second})
+		Roots: roots, Credential: provisioning.TPMCredential{TPM: st}, Transport: provisioning.TransportHTTPS})
 	if err != nil {
 		return nil, fmt.Errorf("TPM attestation: %w", err)
 	}

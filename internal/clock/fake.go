@@ -150,6 +150,19 @@ func (f *Fake) AdvanceToNext() (time.Duration, bool) {
 	return d, true
 }
 
+// Next is the earliest armed deadline, and false if nothing is armed.
+func (f *Fake) Next() (time.Time, bool) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	var next time.Time
+	for t := range f.timers {
+		if next.IsZero() || t.deadline.Before(next) {
+			next = t.deadline
+		}
+	}
+	return next, !next.IsZero()
+}
+
 // Set moves the clock to t (forward or back) without firing anything that
 // a backward step makes due later; a forward step fires like Advance. For
 // tests of a wall clock that jumps (NTP after boot, a clock stuck in 1970).

@@ -1,4 +1,4 @@
-package agent
+package renewal
 
 import (
 	"crypto/x509"
@@ -10,7 +10,7 @@ import (
 func TestNeedsRenewal(t *testing.T) {
 	nb := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
 	leaf := &x509.Certificate{NotBefore: nb, NotAfter: nb.Add(100 * time.Hour)} // 100 h lifetime
-	p := RenewalPolicy{Threshold: 0.8, Jitter: 10 * time.Hour, Floor: time.Hour}
+	p := Policy{Threshold: 0.8, Jitter: 10 * time.Hour, Floor: time.Hour}
 	tests := []struct {
 		name string
 		now  time.Time
@@ -37,7 +37,7 @@ func TestNeedsRenewal(t *testing.T) {
 	}
 	// Jitter never pulls renewal before half the lifetime.
 	short := &x509.Certificate{NotBefore: nb, NotAfter: nb.Add(10 * time.Hour)}
-	if at := renewAt(short, RenewalPolicy{Threshold: 0.8, Jitter: 24 * time.Hour}, 0.99); at.Before(nb.Add(5 * time.Hour)) {
+	if at := renewAt(short, Policy{Threshold: 0.8, Jitter: 24 * time.Hour}, 0.99); at.Before(nb.Add(5 * time.Hour)) {
 		t.Fatalf("renewAt %s is before half the lifetime", at)
 	}
 }
@@ -46,16 +46,16 @@ func TestNeedsRenewal(t *testing.T) {
 // not re-roll it) and differs across devices and certificates.
 func TestRenewalDraw(t *testing.T) {
 	seedA, seedB := []byte("device-a-seed-0123456789abcdef!!"), []byte("device-b-seed-0123456789abcdef!!")
-	if renewalDraw(seedA, "1f") != renewalDraw(seedA, "1f") {
+	if draw(seedA, "1f") != draw(seedA, "1f") {
 		t.Fatal("fail/draw changes between calls for the same certificate")
 	}
-	if renewalDraw(seedA, "1f") == renewalDraw(seedB, "1f") || renewalDraw(seedA, "1f") == renewalDraw(seedA, "20") {
+	if draw(seedA, "1f") == draw(seedB, "1f") || draw(seedA, "1f") == draw(seedA, "20") {
 		t.Fatal("fail/draw does not depend on the device and the certificate")
 	}
 	// 1000 devices: the draws fill [0,1) roughly evenly (each tenth has 5–15%).
 	var buckets [10]int
 	for i := range 1000 {
-		d := renewalDraw([]byte{byte(i), byte(i >> 8), 7}, "abc")
+		d := draw([]byte{byte(i), byte(i >> 8), 7}, "abc")
 		if d < 0 || d >= 1 {
 			t.Fatalf("draw %v outside [0,1)", d)
 		}

@@ -1,4 +1,4 @@
-package agent
+package renewal
 
 import (
 	"context"
@@ -6,18 +6,15 @@ import (
 	"fmt"
 	"time"
 
-	"github.com/gwagent/gwagent/internal/backoff"
+	"github.com/gwagent/gwagent/internal/condition"
+	"github.com/gwagent/gwagent/internal/retry"
 	"github.com/gwagent/gwagent/internal/tlsconf"
 	"github.com/gwagent/gwagent/transport"
 )
 
-// Conditions of the re-provisioning rule (kept beside it; state.go holds
-// the others).
-const (
-	// CondReprovisionHeldBack: the hub refused our identity again, but
-	// another DPS registration is not allowed yet (backoff or hourly bound).
-	CondReprovisionHeldBack Condition = "reprovisioning-held-back"
-)
+// CondReprovisionHeldBack: the hub refused our identity again, but another
+// DPS registration is not allowed yet (backoff or hourly bound).
+const CondReprovisionHeldBack condition.Name = "reprovisioning-held-back"
 
 // handshakeRejectionsBeforeRefusal is how many consecutive TLS alerts about
 // our certificate count as the hub refusing the identity. One alert can come
@@ -42,13 +39,13 @@ const handshakeRejectionsBeforeRefusal = 3
 //     backoff;
 //   - at most PerHour registrations in any hour.
 type ReprovisionPolicy struct {
-	Backoff backoff.Policy // default 1 min to 1 h
-	PerHour int            // default 4
+	Backoff retry.Policy // default 1 min to 1 h
+	PerHour int          // default 4
 }
 
 func (p ReprovisionPolicy) withDefaults() ReprovisionPolicy {
 	if p.Backoff.Min <= 0 {
-		p.Backoff = backoff.Policy{Min: time.Minute, Max: time.Hour}
+		p.Backoff = retry.Policy{Min: time.Minute, Max: time.Hour}
 	}
 	if p.PerHour <= 0 {
 		p.PerHour = 4
@@ -56,9 +53,9 @@ func (p ReprovisionPolicy) withDefaults() ReprovisionPolicy {
 	return p
 }
 
-// reprovisionGate applies a ReprovisionPolicy. It is the lifecycle
-// goroutine's own; it takes the clock as a parameter.
-type reprovisionGate struct {
+// gate applies a ReprovisionPolicy. It is the lifecycle goroutine's own;
+// it takes the time as a parameter.
+type gate struct {
 	policy      ReprovisionPolicy
 	recent      []time.Time // re-provisionings within the last hour
 	consecutive int         // since the last accepted hub connection
@@ -67,7 +64,7 @@ type reprovisionGate struct {
 
 // allow reports whether a re-provisioning may start at now, and if not,
 // when the next one may.
-func (g *reprovisionGate) allow(now time.Time) (bool, time.Time) {
+func (g *gate) allow(now time.Time) (bool, time.Time) {
 	g.prune(now)
 	next := g.notBefore
 	if len(g.recent) >= g.policy.PerHour {
@@ -80,7 +77,7 @@ func (g *reprovisionGate) allow(now time.Time) (bool, time.Time) {
 
 // record notes a re-provisioning started at now; delay(n) is the wait
 // after the n-th (0-based) consecutive one.
-func (g *reprovisionGate) record(now time.Time, delay func(n int) time.Duration) {
+func (g *gate) record(now time.Time, delay func(n int) time.Duration) {
 	g.prune(now)
 	g.recent = append(g.recent, now)
 	g.consecutive++
@@ -88,11 +85,11 @@ func (g *reprovisionGate) record(now time.Time, delay func(n int) time.Duration)
 }
 
 // connected resets the backoff: the hub accepted an identity.
-func (g *reprovisionGate) connected() {
+func (g *gate) connected() {
 	g.consecutive, g.notBefore = 0, time.Time{}
 }
 
-func (g *reprovisionGate) prune(now time.Time) {
+func (g *gate) prune(now time.Time) {
 	i := 0
 	for i < len(g.recent) && !now.Before(g.recent[i].Add(time.Hour)) {
 		i++
@@ -100,48 +97,55 @@ func (g *reprovisionGate) prune(now time.Time) {
 	g.recent = g.recent[i:]
 }
 
-// identityRefused reports whether a failed dial means the hub refused our
-// identity: CONNACK 4/5 at once, or repeated handshake-level rejections.
-func (a *Agent) identityRefused(err error) bool {
+// Refused reports whether a failed dial means the hub refused our identity:
+// CONNACK 4/5 at once, or repeated handshake-level rejections. Called by
+// the lifecycle goroutine after each failed dial.
+func (r *Renewer) Refused(err error) bool {
 	switch {
 	case errors.Is(err, transport.ErrUnauthorized):
-		a.hsRejections = 0
+		r.hsRejections = 0
 		return true
 	case tlsconf.RejectedIdentity(err):
-		a.hsRejections++
-		if a.hsRejections >= handshakeRejectionsBeforeRefusal {
-			a.hsRejections = 0
+		r.hsRejections++
+		if r.hsRejections >= handshakeRejectionsBeforeRefusal {
+			r.hsRejections = 0
 			return true
 		}
-		a.log.Warn("the hub rejected our certificate in the TLS handshake", "err", err, "consecutive", a.hsRejections,
+		r.log.Warn("the hub rejected our certificate in the TLS handshake", "err", err, "consecutive", r.hsRejections,
 			"refusal_after", handshakeRejectionsBeforeRefusal)
 		return false
 	}
-	a.hsRejections = 0
+	r.hsRejections = 0
 	return false
 }
 
-// reprovisionAfterRefusal registers again through DPS if the policy allows
-// it now; true means a new identity was committed.
-func (a *Agent) reprovisionAfterRefusal(ctx context.Context, cause error) bool {
-	now := a.opts.Now()
-	g := &a.reprov
+// Connected is told that the hub accepted an identity: the re-provisioning
+// backoff and the count of handshake rejections start afresh.
+func (r *Renewer) Connected() {
+	r.gate.connected()
+	r.hsRejections = 0
+}
+
+// ReprovisionAfterRefusal registers again through DPS (Deps.Reprovision)
+// if the policy allows it now; true means a new identity was committed.
+func (r *Renewer) ReprovisionAfterRefusal(ctx context.Context, cause error) bool {
+	now := r.clock.Now()
+	g := &r.gate
 	if ok, next := g.allow(now); !ok {
 		msg := fmt.Sprintf("the hub refused our identity; %d re-provisioning(s) in the last hour, the next is not before %s (at most %d per hour)",
 			len(g.recent), next.UTC().Format(time.RFC3339), g.policy.PerHour)
-		a.status.Raise(CondReprovisionHeldBack, msg)
-		a.log.Warn("hub refused our identity; re-provisioning held back, retrying the hub with the current identity",
+		r.d.Status.Raise(CondReprovisionHeldBack, msg)
+		r.log.Warn("hub refused our identity; re-provisioning held back, retrying the hub with the current identity",
 			"err", cause, "next_reprovision", next, "reprovisions_last_hour", len(g.recent))
 		return false
 	}
-	a.status.Clear(CondReprovisionHeldBack)
-	a.log.Warn("hub refused our identity; re-provisioning through DPS", "err", cause, "consecutive", g.consecutive+1,
+	r.d.Status.Clear(CondReprovisionHeldBack)
+	r.log.Warn("hub refused our identity; re-provisioning through DPS", "err", cause, "consecutive", g.consecutive+1,
 		"reprovisions_last_hour", len(g.recent)+1)
-	_, err := a.provision(ctx)
-	return err == nil
+	return r.d.Reprovision(ctx) == nil
 }
 
-// noteRegistration counts a DPS registration for the re-provisioning rule.
-func (a *Agent) noteRegistration() {
-	a.reprov.record(a.opts.Now(), func(n int) time.Duration { return a.reprov.policy.Backoff.Delay(n, a.rng) })
+// NoteRegistration counts a DPS registration for the re-provisioning rule.
+func (r *Renewer) NoteRegistration() {
+	r.gate.record(r.clock.Now(), func(n int) time.Duration { return r.gate.policy.Backoff.Delay(n, r.rng) })
 }

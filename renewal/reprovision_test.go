@@ -1,10 +1,10 @@
-package agent
+package renewal
 
 import (
 	"testing"
 	"time"
 
-	"github.com/gwagent/gwagent/internal/backoff"
+	"github.com/gwagent/gwagent/internal/retry"
 )
 
 // TestReprovisionGate walks the rule with a fake clock: a quiet time after
@@ -12,7 +12,7 @@ import (
 // an accepted connection, and at most PerHour registrations in any hour.
 func TestReprovisionGate(t *testing.T) {
 	t0 := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
-	g := &reprovisionGate{policy: ReprovisionPolicy{Backoff: backoff.Policy{Min: time.Minute, Max: 16 * time.Minute}, PerHour: 4}.withDefaults()}
+	g := &gate{policy: ReprovisionPolicy{Backoff: retry.Policy{Min: time.Minute, Max: 16 * time.Minute}, PerHour: 4}.withDefaults()}
 	// No jitter: the upper bound of each step.
 	delay := func(n int) time.Duration {
 		d := time.Minute << n

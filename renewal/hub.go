@@ -1,0 +1,200 @@
+package renewal
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/gwagent/gwagent/internal/clock"
+	"github.com/gwagent/gwagent/internal/retry"
+	"github.com/gwagent/gwagent/provisioning"
+	"github.com/gwagent/gwagent/transport"
+)
+
+// hubUnansweredLimit and hubUnansweredFloor are the rule for a hub that
+// does not answer certificate requests at all (no 202: silent, or the
+// connection drops on the request): the hub path is abandoned for DPS
+// re-registration after two such attempts in a row, or after one once less
+// than a quarter of the certificate's lifetime remains, so that DPS still
+// has that quarter (retries included) before the certificate expires. A
+// hub that answered 202 is waited for instead (issuance can take long).
+const (
+	hubUnansweredLimit = 2
+	hubUnansweredFloor = 0.25
+)
+
+// hubAttempts bounds the requests of one renewal through the hub: a 429
+// or a 409 naming a request we do not know is tried again, up to this.
+const hubAttempts = 3
+
+// hubThrottled paces the hub's certificate requests after a 429: the hub's
+// retry-after when it sent one, else this backoff.
+var hubThrottled = retry.Policy{Min: time.Second, Max: 4 * time.Second}
+
+// hubFloor is when less than hubUnansweredFloor of id's lifetime remains:
+// waits for the hub end there, leaving the rest to DPS.
+func hubFloor(id *provisioning.Identity) time.Time {
+	return id.NotAfter.Add(-time.Duration(hubUnansweredFloor * float64(id.NotAfter.Sub(id.NotBefore))))
+}
+
+func (r *Renewer) pastHubFloor(id *provisioning.Identity) bool {
+	return !r.clock.Now().Before(hubFloor(id))
+}
+
+// hubGivenUp applies that rule.
+func (r *Renewer) hubGivenUp(id *provisioning.Identity) bool {
+	n := r.unanswered()
+	life := id.NotAfter.Sub(id.NotBefore)
+	left := id.NotAfter.Sub(r.clock.Now())
+	return n >= hubUnansweredLimit || (n >= 1 && life > 0 && float64(left) < hubUnansweredFloor*float64(life))
+}
+
+func (r *Renewer) unanswered() int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.hubUnanswered
+}
+
+// viaHub runs the hub's certificate-signing API (azure-protocol §2.5).
+// After the 202 it waits until the operationExpires the hub gave (issuance
+// can take hours), but not past hubFloor. It never replaces its own request
+// while the hub still works on it (a 409 naming it): only a request it does
+// not know (lost with a key from before a crash) is replaced.
+func (r *Renewer) viaHub(ctx context.Context, hub Hub, id *provisioning.Identity) error {
+	set := r.d.Settings()
+	now := r.clock.Now()
+	r.mu.Lock()
+	prev := r.pending
+	r.mu.Unlock()
+	if prev != nil && prev.id.Serial == id.Serial && now.Before(prev.deadline) {
+		return errOwnRequestPending
+	}
+	slot, signer, err := r.newSlot(ctx, id)
+	if err != nil {
+		return err
+	}
+	der, err := provisioning.CSR(signer, id.DeviceID)
+	if err != nil {
+		r.dropSlot(ctx, slot)
+		return err
+	}
+	p := &pendingIssue{slot: slot, signer: signer, id: id}
+	r.setPending(p)
+	replace := ""
+	for attempt := 1; ; attempt++ {
+		rid := fmt.Sprintf("gwrenew%dx%d", r.clock.Now().Unix(), attempt)
+		r.mu.Lock()
+		p.rid = rid
+		r.mu.Unlock()
+		certs, err := hub.IssueCertificate(ctx, transport.IssueRequest{RID: rid, CSR: der, Replace: replace,
+			// The SDKs wait 90 s for the 202; never longer than for the
+			// certificate itself.
+			AcceptTimeout: min(90*time.Second, set.IssueTimeout),
+			AnswerWait:    set.IssueTimeout,
+			Latest:        hubFloor(id),
+			Accepted: func(rid, corr string, until time.Time) {
+				r.mu.Lock()
+				p.deadline = until
+				r.mu.Unlock()
+				r.setPending(p)
+				r.log.Info("the hub accepted the certificate request", "rid", rid, "correlation_id", corr, "wait_until", until)
+			}})
+		var ie *transport.IssueError
+		switch {
+		case err == nil:
+			return r.finishHubIssue(ctx, p, certs)
+		case errors.As(err, &ie) && ie.Status == 409 && prev != nil && ie.ActiveRID == prev.rid && r.clock.Now().Before(ie.ActiveExpires):
+			// Our own earlier request is still being worked on: wait for
+			// it, never cancel it with "replace".
+			r.clearPending(p)
+			r.dropSlot(ctx, slot)
+			r.mu.Lock()
+			prev.deadline = ie.ActiveExpires
+			if f := hubFloor(id); f.Before(prev.deadline) {
+				prev.deadline = f
+			}
+			r.mu.Unlock()
+			r.setPending(prev)
+			r.log.Info("the hub is still working on our earlier certificate request; waiting for it", "rid", prev.rid, "until", prev.deadline)
+			return errOwnRequestPending
+		case errors.As(err, &ie) && ie.Status == 409 && replace == "" && attempt < hubAttempts:
+			// A request we do not know (its key was lost with a crash
+			// before it was recorded): replace it with this one.
+			replace = ie.ActiveRID
+			if replace == "" {
+				replace = "*"
+			}
+			r.log.Info("a certificate request we do not know was in flight; replacing it", "active_rid", ie.ActiveRID)
+			continue
+		case errors.As(err, &ie) && ie.Status == 429 && attempt < hubAttempts:
+			d := hubThrottled.Wait(attempt-1, err, nil)
+			r.log.Info("the hub throttled the certificate request", "retry_in", d)
+			if clock.Sleep(ctx, r.clock, d) == nil {
+				continue
+			}
+		}
+		if !errors.As(err, &ie) && !errors.Is(err, transport.ErrCredentialsUnanswered) {
+			// The hub accepted the request (202) but its answer did not
+			// come on this connection: it may still come later
+			// (OnCredentials), so the new key is kept until then.
+			return fmt.Errorf("hub certificate request %s: %w", rid, err)
+		}
+		r.clearPending(p)
+		r.dropSlot(ctx, slot)
+		return err
+	}
+}
+
+// OnCredentials takes a certificate answer that arrived with nobody waiting
+// (the 200 after a reconnect), under ctx (the running agent's).
+func (r *Renewer) OnCredentials(ctx context.Context, status int, rid string, body []byte) {
+	r.mu.Lock()
+	p := r.pending
+	if p == nil || p.rid != rid {
+		r.mu.Unlock()
+		r.log.Info("ignoring a certificate answer for an unknown request", "rid", rid, "status", status)
+		return
+	}
+	r.pending = nil
+	r.mu.Unlock()
+	r.removePendingRecord()
+	certs, err := transport.ParseIssueAnswer(status, body, 0)
+	if err == nil {
+		err = r.finishHubIssue(ctx, p, certs)
+	}
+	if err != nil {
+		r.dropSlot(ctx, p.slot)
+		r.scheduleRetry(p.id, err)
+		return
+	}
+	r.log.Info("the certificate arrived after a reconnect", "rid", rid)
+	r.mu.Lock()
+	r.failures, r.retryAt = 0, time.Time{}
+	r.mu.Unlock()
+	r.d.EndSession()
+}
+
+// finishHubIssue validates and stages a chain from the hub.
+func (r *Renewer) finishHubIssue(ctx context.Context, p *pendingIssue, certs []string) error {
+	r.clearPending(p)
+	chain, err := provisioning.DecodeChain(certs)
+	if err == nil {
+		err = provisioning.ValidateChain(chain, p.signer.Public(), p.id.DeviceID, r.clock.Now(), nil)
+	}
+	if err != nil {
+		r.dropSlot(ctx, p.slot)
+		return fmt.Errorf("certificate from the hub: %w", err)
+	}
+	next, err := r.d.Store.Stage(&provisioning.Identity{
+		KeyURI: p.slot.Secret(), RegistrationID: p.id.RegistrationID, DeviceID: p.id.DeviceID,
+		AssignedHub: p.id.AssignedHub, IssuedAt: r.clock.Now().UTC(), Via: "hub",
+	}, chain)
+	if err != nil {
+		r.dropSlot(ctx, p.slot)
+		return err
+	}
+	r.step("renew-staged")
+	r.log.Info("new certificate staged", "path", "hub", "serial", next.Serial, "not_after", next.NotAfter)
+	return nil
+}
