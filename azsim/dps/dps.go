@@ -941,8 +941,11 @@ func parseSAS(p string) (sr, rawSR, sig string, se int64, err error) {
 	if err != nil {
 		return "", "", "", 0, fmt.Errorf("malformed SAS token: %w", err)
 	}
-	if q.Get("skn") != "registration" {
-		return "", "", "", 0, errors.New("SAS token skn must be \"registration\"")
+	// The C and Node SDKs send skn=registration; Microsoft's Python SDK
+	// (azure-iot-device 2.x) sends no skn, and its end-to-end tests register
+	// that way against live DPS. Any other policy name is refused.
+	if skn, named := q["skn"]; named && (len(skn) != 1 || skn[0] != "registration") {
+		return "", "", "", 0, errors.New("SAS token skn must be \"registration\" or absent; a device signs with its own key, not a service policy")
 	}
 	se, err = strconv.ParseInt(q.Get("se"), 10, 64)
 	if err != nil || q.Get("sig") == "" || q.Get("sr") == "" {
