@@ -16,6 +16,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -53,7 +54,8 @@ type Config struct {
 	// TelemetryLog is a file that gets one JSON line per device-to-cloud
 	// message. Empty: none.
 	TelemetryLog string
-	// ServerNames are extra DNS names or IPs for the TLS server certificate.
+	// ServerNames are extra DNS names or IPs for the TLS server certificate;
+	// the admin API also accepts them as Host (besides loopback names).
 	ServerNames []string
 	// RetryAfter is DPS's retry-after in seconds; default 3.
 	RetryAfter int
@@ -247,6 +249,51 @@ func loopbackOnly(addr string) error {
 	return nil
 }
 
+// hostCheck refuses requests whose Host header is neither a loopback name
+// or address nor one of names (Config.ServerNames: names the operator gave
+// this azsim, e.g. for a VM that reaches it through a forwarded port). The
+// admin API has no authentication and listens on loopback only, but a web
+// page the developer opens could still reach it through DNS rebinding (a
+// name of the attacker's that resolves to 127.0.0.1): the browser then sends
+// the attacker's name as Host, which is refused here.
+func hostCheck(names []string, h http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if !loopbackHost(r.Host) && !namedHost(r.Host, names) {
+			broker.WriteJSON(w, http.StatusForbidden, map[string]string{"error": fmt.Sprintf(
+				"the admin API answers only requests addressed to localhost, 127.0.0.1, [::1] or a name given with --server-names (Host %q refused, against DNS rebinding); use http://127.0.0.1:PORT", r.Host)})
+			return
+		}
+		h.ServeHTTP(w, r)
+	})
+}
+
+// hostOnly strips the port and IPv6 brackets from a Host header.
+func hostOnly(host string) string {
+	if h, _, err := net.SplitHostPort(host); err == nil {
+		return h
+	}
+	if strings.HasPrefix(host, "[") && strings.HasSuffix(host, "]") {
+		return host[1 : len(host)-1]
+	}
+	return host
+}
+
+func namedHost(host string, names []string) bool {
+	host = hostOnly(host)
+	return host != "" && slices.ContainsFunc(names, func(n string) bool { return strings.EqualFold(strings.TrimSpace(n), host) })
+}
+
+// loopbackHost reports whether a Host header names this machine's loopback:
+// localhost or a loopback IP, with or without a port.
+func loopbackHost(host string) bool {
+	host = hostOnly(host)
+	if strings.EqualFold(host, "localhost") {
+		return true
+	}
+	ip := net.ParseIP(host)
+	return ip != nil && ip.IsLoopback()
+}
+
 func (s *Server) defaultEnrollments() error {
 	have := map[string]bool{}
 	for _, e := range s.DPS.Enrollments() {
@@ -320,7 +367,7 @@ func (s *Server) Start() error {
 		return fmt.Errorf("azsim: admin API: %w (pick another port with --admin-addr)", err)
 	}
 	s.adminLn = ln
-	s.admin = &http.Server{Handler: s.adminMux(), ReadHeaderTimeout: 10 * time.Second}
+	s.admin = &http.Server{Handler: hostCheck(s.cfg.ServerNames, s.adminMux()), ReadHeaderTimeout: 10 * time.Second}
 	go s.admin.Serve(ln)
 	return nil
 }

@@ -172,7 +172,7 @@ func serve(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs.BoolVar(&cfg.NoCertificateManagement, "no-cert-management", false, "play a hub without the certificate-signing API: SUBACK 0x80 for $iothub/credentials/res/#")
 	fs.DurationVar(&cfg.CredentialSyncLag, "credential-sync-lag", 5*time.Second, "after a DPS registration the hub refuses the newly issued certificate for this long, as Azure's asynchronous credential sync can (0: none)")
 	fs.BoolVar(&cfg.Gentle, "gentle", false, "kinder than Azure, for demos: no CA list in the TLS CertificateRequest, bad client certificates get CONNACK 5 instead of a TLS alert, no credential sync lag (see docs/azure-fidelity.md)")
-	names := fs.String("server-names", "", "comma-separated extra DNS names/IPs for the TLS server certificate")
+	names := fs.String("server-names", "", "comma-separated extra DNS names/IPs for the TLS server certificate (the admin API accepts them as Host too)")
 	infoFile := fs.String("info-file", "", "write the info JSON (addresses, id scope, trust bundle) to this file once serving")
 	if err := fs.Parse(args); err != nil {
 		return errUsage
