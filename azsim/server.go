@@ -17,7 +17,6 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
-	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -127,12 +126,26 @@ type Info struct {
 	AdminURL     string `json:"adminUrl"`
 	// DPSWebSocketPort and HubWebSocketPort are the WebSocket ports (0: none),
 	// on the same host names as DPSAddr and HubHostName.
-	DPSWebSocketPort int    `json:"dpsWebSocketPort,omitempty"`
-	HubWebSocketPort int    `json:"hubWebSocketPort,omitempty"`
-	TrustBundle      string `json:"trustBundle"`    // PEM file to trust azsim's servers
-	OnboardingRoot   string `json:"onboardingRoot"` // PEM file of the company root
-	X509Group        string `json:"x509Group"`
-	SymmetricGroup   string `json:"symmetricKeyGroup"`
+	DPSWebSocketPort int `json:"dpsWebSocketPort,omitempty"`
+	HubWebSocketPort int `json:"hubWebSocketPort,omitempty"`
+	// Listen is every address azsim really bound, as host:port (":0" in
+	// the configuration shows here as the port the kernel picked).
+	Listen         Listen `json:"listen"`
+	TrustBundle    string `json:"trustBundle"`    // PEM file to trust azsim's servers
+	OnboardingRoot string `json:"onboardingRoot"` // PEM file of the company root
+	X509Group      string `json:"x509Group"`
+	SymmetricGroup string `json:"symmetricKeyGroup"`
+}
+
+// Listen is the bound address of each listener ("" for one not running).
+type Listen struct {
+	DPS          string `json:"dps"`
+	DPSHTTPS     string `json:"dpsHttps"`
+	DPSWebSocket string `json:"dpsWebSocket,omitempty"`
+	Hub          string `json:"hub"`
+	HubWebSocket string `json:"hubWebSocket,omitempty"`
+	Hub2         string `json:"hub2,omitempty"`
+	Admin        string `json:"admin"`
 }
 
 // New prepares a Server: PKI, state, default enrollments. Start serves.
@@ -401,19 +414,32 @@ func (s *Server) Info() Info {
 		inf.Hub2HostName = s.Hub2.HostName()
 	}
 	if a, ok := s.DPS.Addr().(*net.TCPAddr); ok {
-		inf.DPSAddr = "localhost:" + strconv.Itoa(a.Port)
+		inf.DPSAddr = hub.DialAddr(a)
+		inf.Listen.DPS = a.String()
 	}
 	if a, ok := s.DPS.HTTPSAddr().(*net.TCPAddr); ok {
-		inf.DPSHTTPSAddr = "localhost:" + strconv.Itoa(a.Port)
+		inf.DPSHTTPSAddr = hub.DialAddr(a)
+		inf.Listen.DPSHTTPS = a.String()
 	}
 	if a, ok := s.DPS.WSAddr().(*net.TCPAddr); ok {
 		inf.DPSWebSocketPort = a.Port
+		inf.Listen.DPSWebSocket = a.String()
+	}
+	if a, ok := s.Hub.Addr().(*net.TCPAddr); ok {
+		inf.Listen.Hub = a.String()
 	}
 	if a, ok := s.Hub.WSAddr().(*net.TCPAddr); ok {
 		inf.HubWebSocketPort = a.Port
+		inf.Listen.HubWebSocket = a.String()
+	}
+	if s.Hub2 != nil {
+		if a, ok := s.Hub2.Addr().(*net.TCPAddr); ok {
+			inf.Listen.Hub2 = a.String()
+		}
 	}
 	if s.adminLn != nil {
 		inf.AdminURL = "http://" + s.adminLn.Addr().String()
+		inf.Listen.Admin = s.adminLn.Addr().String()
 	}
 	return inf
 }

@@ -310,14 +310,27 @@ func capabilities() *mqtt.Capabilities {
 }
 
 func defaultHostName(a net.Addr) string {
-	port := 0
-	if ta, ok := a.(*net.TCPAddr); ok {
-		port = ta.Port
-	}
-	if port == 8883 || port == 0 {
+	ta, ok := a.(*net.TCPAddr)
+	if !ok || ta.Port == 0 {
 		return "localhost"
 	}
-	return "localhost:" + strconv.Itoa(port)
+	d := DialAddr(ta)
+	if ta.Port == 8883 {
+		d, _, _ = net.SplitHostPort(d)
+	}
+	return d
+}
+
+// DialAddr is how a client on this machine dials a bound listener:
+// "localhost:PORT" for 127.0.0.1, ::1 or an unspecified address (azsim's
+// TLS certificates name localhost), otherwise the bound IP itself (e.g.
+// 127.0.0.2:PORT, which then has to be in the certificate's server names).
+func DialAddr(a *net.TCPAddr) string {
+	host := "localhost"
+	if !a.IP.IsUnspecified() && !a.IP.Equal(net.IPv4(127, 0, 0, 1)) && !a.IP.Equal(net.IPv6loopback) {
+		host = a.IP.String()
+	}
+	return net.JoinHostPort(host, strconv.Itoa(a.Port))
 }
 
 // Config is the configuration the hub was created with (a second hub can

@@ -200,8 +200,17 @@ func serve(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 			return err
 		}
 	}
-	fmt.Fprintf(stdout, "azsim serving\n  DPS          %s (id scope %s)\n  DPS (HTTPS)  %s\n  IoT Hub      %s\n  WebSockets   DPS port %d, hub port %d (path /$iothub/websocket)\n  admin API    %s\n  trust bundle %s\n",
-		inf.DPSAddr, inf.IDScope, inf.DPSHTTPSAddr, inf.HubHostName, inf.DPSWebSocketPort, inf.HubWebSocketPort, inf.AdminURL, inf.TrustBundle)
+	ws := func(a string) string {
+		if a == "" {
+			return "off"
+		}
+		return a
+	}
+	fmt.Fprintf(stdout, "azsim serving (bound addresses)\n  DPS          %s (id scope %s)\n  DPS (HTTPS)  %s\n  IoT Hub      %s, devices dial %s\n  WebSockets   DPS %s, hub %s (path /$iothub/websocket)\n  admin API    %s\n  trust bundle %s\n",
+		inf.Listen.DPS, inf.IDScope, inf.Listen.DPSHTTPS, inf.Listen.Hub, inf.HubHostName, ws(inf.Listen.DPSWebSocket), ws(inf.Listen.HubWebSocket), inf.AdminURL, inf.TrustBundle)
+	if inf.Listen.Hub2 != "" {
+		fmt.Fprintf(stdout, "  second hub   %s, devices dial %s\n", inf.Listen.Hub2, inf.Hub2HostName)
+	}
 	<-ctx.Done()
 	fmt.Fprintln(stdout, "azsim stopping")
 	return nil
