@@ -9,7 +9,6 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -68,7 +67,7 @@ func TestServeReportsBoundAddresses(t *testing.T) {
 	dir := t.TempDir()
 	infoFile := filepath.Join(dir, "info.json")
 	ctx, cancel := context.WithCancel(context.Background())
-	var out, errb syncBuffer
+	var out, errb testenv.SyncBuffer
 	done := make(chan error, 1)
 	go func() {
 		done <- run(ctx, []string{"serve", "--state", filepath.Join(dir, "state"), "--info-file", infoFile,
@@ -117,22 +116,4 @@ func TestServeReportsBoundAddresses(t *testing.T) {
 	if _, port, _ := net.SplitHostPort(l.DPS); inf.DPSAddr != "localhost:"+port {
 		t.Errorf("dpsAddr %q, want localhost:%s", inf.DPSAddr, port)
 	}
-}
-
-// syncBuffer is a bytes.Buffer safe for a writer and a reader goroutine.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
 }
