@@ -87,6 +87,27 @@ type Config struct {
 	DPSHTTPTimeout time.Duration
 	HubConnectRate int
 	HubTwinRate    int
+	// HubTier and HubUnits are the hub's tier (F1, B1, B2, B3, S1, S2, S3)
+	// and units (default 1). With a tier, the rates above default to the
+	// tier's, and the hub also has the tier's device-to-cloud send
+	// throttle with traffic shaping and its daily message quota (4 KB
+	// chunks, 0.5 KB on F1; 403002 once used up, reset at 00:00 UTC), as
+	// docs/azure-fidelity.md describes. Empty (the library's default): no
+	// device-to-cloud throttle and no quota, unless HubD2CRate or
+	// HubDailyQuota set one. The CLI's default is S1 × 1.
+	HubTier  string
+	HubUnits int
+	// HubD2CRate (sends per second) and HubDailyQuota (messages per UTC
+	// day) override the tier's figures; negative turns them off. Gentle
+	// turns both off.
+	HubD2CRate    int
+	HubDailyQuota int64
+	// HubD2CBurst (messages taken at once above the rate; default one
+	// second's worth) and HubD2CBacklog (the longest a message is held
+	// before the hub closes the connection; default 10 s) shape the
+	// device-to-cloud throttle.
+	HubD2CBurst   int
+	HubD2CBacklog time.Duration
 	// Hub2Addr, if set, starts a second IoT Hub there ("127.0.0.1:0" in
 	// tests); DPS assigns a device to it after POST /dps/allocate.
 	Hub2Addr string
@@ -195,14 +216,18 @@ func New(cfg Config) (*Server, error) {
 		}
 		s.logFile, tlog = f, f
 	}
-	limit := func(v, azure int) int {
-		switch {
-		case cfg.Gentle || v < 0:
-			return 0
-		case v == 0:
-			return azure
+	limit := func(v, azure int) int { return limitOf(cfg.Gentle, v, azure) }
+	// Without a tier: S1's connection and twin rates (as before tiers were
+	// emulated), no send throttle, no quota.
+	tier := hub.Tier{ConnectRate: 100, TwinRate: 50}
+	if cfg.HubTier != "" {
+		if tier, err = hub.TierLimits(cfg.HubTier, max(cfg.HubUnits, 1)); err != nil {
+			s.Close()
+			return nil, fmt.Errorf("azsim: %w", err)
 		}
-		return v
+	} else if cfg.HubUnits != 0 {
+		s.Close()
+		return nil, errors.New("azsim: hub units need a hub tier (--hub-tier S1|S2|S3|F1|B1|B2|B3)")
 	}
 	serverTLS, err := p.ServerTLS(cfg.ServerKey, !cfg.Gentle)
 	if err != nil {
@@ -213,7 +238,9 @@ func New(cfg Config) (*Server, error) {
 		CertLifetime: cfg.CertLifetime, StateDir: filepath.Join(cfg.StateDir, "hub"), TelemetryLog: tlog,
 		Faults: s.Faults, Now: cfg.Now, IssueDelay: cfg.IssueDelay, RejectInHandshake: !cfg.Gentle,
 		NoCertificateManagement: cfg.NoCertificateManagement, CredentialSyncLag: cfg.CredentialSyncLag,
-		ConnectRate: limit(cfg.HubConnectRate, 100), TwinRate: limit(cfg.HubTwinRate, 50)})
+		ConnectRate: limit(cfg.HubConnectRate, tier.ConnectRate), TwinRate: limit(cfg.HubTwinRate, tier.TwinRate),
+		Tier: tier, D2CRate: limit(cfg.HubD2CRate, tier.D2CRate), D2CBurst: cfg.HubD2CBurst, D2CBacklog: cfg.HubD2CBacklog,
+		DailyQuota: limitOf(cfg.Gentle, cfg.HubDailyQuota, tier.DailyQuota), QuotaChunk: tier.ChunkBytes})
 	if err != nil {
 		s.Close()
 		return nil, err
@@ -249,6 +276,18 @@ func New(cfg Config) (*Server, error) {
 		return nil, err
 	}
 	return s, nil
+}
+
+// limitOf is a configured limit: Azure's figure for zero, none (0) for a
+// negative value or a gentle azsim, else the value itself.
+func limitOf[T int | int64](gentle bool, v, azure T) T {
+	switch {
+	case gentle || v < 0:
+		return 0
+	case v == 0:
+		return azure
+	}
+	return v
 }
 
 func loopbackOnly(addr string) error {
@@ -357,6 +396,16 @@ func (s *Server) MoveDevice(regID string, to2 bool) error {
 	}
 	s.alloc[strings.ToLower(regID)] = h
 	return nil
+}
+
+// Warnings lists state that was damaged and dropped so that azsim could
+// start (the hubs' quota and session files); cmd/azsim prints them.
+func (s *Server) Warnings() []string {
+	w := s.Hub.Warnings()
+	if s.Hub2 != nil {
+		w = append(w, s.Hub2.Warnings()...)
+	}
+	return w
 }
 
 // Start serves DPS, the hubs and the admin API.

@@ -268,6 +268,12 @@ func (k *hook) OnPacketRead(cl *mqtt.Client, pk packets.Packet) (packets.Packet,
 	if err != nil {
 		return pk, errClose("%v", err)
 	}
+	if (t.kind == topicTwinGet || t.kind == topicTwinReported) && k.h.quota.exhausted() {
+		// "All requests to IoT Hub fail with 403002" (Learn); on MQTT the
+		// request is not answered and the connection closes.
+		k.h.noteDisconnect(cl.ID, 403002, "IoTHubQuotaExceeded: twin request while the daily quota is used up")
+		return pk, errClose("twin request refused: daily quota used up (403002)")
+	}
 	if t.kind == topicIssueCert {
 		if k.h.cfg.NoCertificateManagement {
 			return pk, errClose("this hub has no certificate management")
@@ -279,12 +285,12 @@ func (k *hook) OnPacketRead(cl *mqtt.Client, pk packets.Packet) (packets.Packet,
 	return pk, nil
 }
 
-// OnPublish records telemetry before the PUBACK and keeps the broker from
-// routing anything.
+// OnPublish takes telemetry (record, charge, shape: see admitTelemetry)
+// before the PUBACK and keeps the broker from routing anything.
 func (k *hook) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, error) {
 	t, err := parseDeviceTopic(cl.ID, pk.TopicName)
 	if err == nil && t.kind == topicTelemetry {
-		k.h.recordTelemetry(cl.ID, pk.TopicName, t.bag, pk.Payload, pk.FixedHeader.Retain, false)
+		return pk, k.h.admitTelemetry(cl, pk, t)
 	}
 	return pk, packets.CodeSuccessIgnore
 }
@@ -320,9 +326,10 @@ func (k *hook) OnWillSent(cl *mqtt.Client, pk packets.Packet) {
 		return
 	}
 	t, err := parseDeviceTopic(cl.ID, pk.TopicName)
-	if err != nil || t.kind != topicTelemetry {
+	if err != nil || t.kind != topicTelemetry || k.h.quota.exhausted() {
 		return
 	}
+	k.h.quota.charge(messageSize(t.bag, pk.Payload))
 	k.h.recordTelemetry(cl.ID, pk.TopicName, t.bag, pk.Payload, pk.FixedHeader.Retain, true)
 }
 

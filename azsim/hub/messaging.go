@@ -51,6 +51,9 @@ func (h *Hub) invokeMethod(ctx context.Context, id, name string, payload []byte,
 	if timeout <= 0 || timeout > maxMethodTimeout {
 		return MethodResult{}, errorf(http.StatusBadRequest, "timeout %v must be more than 0 and at most 300 seconds", timeout)
 	}
+	if h.quota.exhausted() {
+		return MethodResult{}, h.quota.errExhausted()
+	}
 	h.mu.Lock()
 	if _, ok := h.devices[id]; !ok {
 		h.mu.Unlock()
@@ -77,7 +80,9 @@ func (h *Hub) invokeMethod(ctx context.Context, id, name string, payload []byte,
 		h.mu.Unlock()
 	}()
 
-	// The hub sends method requests at QoS 0.
+	// The hub sends method requests at QoS 0. Request and response are
+	// metered as messages each.
+	h.quota.charge(len(payload))
 	if err := h.send(cl, "$iothub/methods/POST/"+name+"/?$rid="+rid, payload, 0); err != nil {
 		return MethodResult{}, errorf(http.StatusNotFound, "device %q went away before the method could be sent; retry when it is connected", id)
 	}
@@ -85,6 +90,7 @@ func (h *Hub) invokeMethod(ctx context.Context, id, name string, payload []byte,
 	defer t.Stop()
 	select {
 	case r := <-ch:
+		h.quota.charge(len(r.payload))
 		out := MethodResult{Status: r.status, Payload: json.RawMessage("null")}
 		if len(r.payload) > 0 {
 			if json.Valid(r.payload) {
@@ -172,8 +178,13 @@ func (h *Hub) sendC2D(id string, body []byte, props []property) (C2DResult, erro
 		h.mu.Unlock()
 		return C2DResult{}, errorf(http.StatusForbidden, "device %q already has %d C2D messages waiting (403004 DeviceMaximumQueueDepthExceeded); let the device connect and receive them first", id, maxC2DQueue)
 	}
+	if h.quota.exhausted() {
+		h.mu.Unlock()
+		return C2DResult{}, h.quota.errExhausted()
+	}
 	d.c2d = append(d.c2d, msg)
 	h.mu.Unlock()
+	h.quota.charge(messageSize(bag, body))
 	res := C2DResult{MessageID: mid, State: "queued"}
 	if cl != nil && h.flush(cl) {
 		res.State = "delivered"

@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/base64"
 	"encoding/json"
+	"errors"
 	"net"
 	"os"
 	"path/filepath"
@@ -115,5 +116,41 @@ func TestServeReportsBoundAddresses(t *testing.T) {
 	}
 	if _, port, _ := net.SplitHostPort(l.DPS); inf.DPSAddr != "localhost:"+port {
 		t.Errorf("dpsAddr %q, want localhost:%s", inf.DPSAddr, port)
+	}
+}
+
+// azsim quota shows the tier's limits and the day's use, and sets both the
+// use and the quota clock.
+func TestQuotaCommand(t *testing.T) {
+	az := azsimtest.Start(t, azsim.Config{HubTier: "F1"})
+	quota := func(args ...string) map[string]any {
+		t.Helper()
+		var out, errb bytes.Buffer
+		if err := run(context.Background(), append([]string{"quota", "--admin", az.Info.AdminURL}, args...), nil, &out, &errb); err != nil {
+			t.Fatalf("azsim quota %v: %v %s", args, err, errb.String())
+		}
+		var v map[string]any
+		if err := json.Unmarshal(out.Bytes(), &v); err != nil {
+			t.Fatalf("azsim quota %v: %v: %s", args, err, out.String())
+		}
+		return v
+	}
+	v := quota()
+	q := v["quota"].(map[string]any)
+	if v["tier"] != "F1" || v["d2cRate"] != 100.0 || q["limit"] != 8000.0 || q["chunkBytes"] != 512.0 || q["used"] != 0.0 || q["resetsAt"] == nil {
+		t.Fatalf("azsim quota: %v", v)
+	}
+	if q := quota("set-used", "8000")["quota"].(map[string]any); q["exhausted"] != true {
+		t.Fatalf("after set-used 8000: %v", q)
+	}
+	if q := quota("clock", "set", "2030-01-01T23:59:00Z")["quota"].(map[string]any); q["day"] != "2030-01-01" || q["used"] != 0.0 {
+		t.Fatalf("after clock set: %v", q)
+	}
+	if q := quota("clock", "advance", "1m")["quota"].(map[string]any); q["day"] != "2030-01-02" {
+		t.Fatalf("after clock advance: %v", q)
+	}
+	var out, errb bytes.Buffer
+	if err := run(context.Background(), []string{"quota", "--admin", az.Info.AdminURL, "set-used", "many"}, nil, &out, &errb); !errors.Is(err, errUsage) {
+		t.Fatalf("set-used many: %v", err)
 	}
 }
