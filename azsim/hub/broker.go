@@ -40,6 +40,9 @@ func (k *hook) Provides(b byte) bool {
 		mqtt.OnPacketRead,
 		mqtt.OnSubscribe,
 		mqtt.OnSubscribed,
+		mqtt.OnUnsubscribed,
+		mqtt.StoredClients,
+		mqtt.StoredSubscriptions,
 		mqtt.OnPublish,
 		mqtt.OnPublished,
 		mqtt.OnWillSent,
@@ -125,14 +128,19 @@ func (k *hook) OnConnect(cl *mqtt.Client, pk packets.Packet) error {
 	if d.Auth != identity.AuthSAS {
 		changed = d.setCertificateLocked(chain[0].Raw, "connect", now)
 	}
+	// A clean session drops what the hub kept for the device; either way
+	// the session file changes if the device had or now gets one.
+	sessionChanged := d.persistentSession || !pk.Connect.Clean
 	if pk.Connect.Clean {
-		// A clean session drops what was queued for the device.
-		d.c2d = nil
+		d.c2d, d.c2dInflight, d.subs = nil, nil, nil
 	}
 	d.persistentSession = !pk.Connect.Clean
 	h.mu.Unlock()
 	if changed {
 		_ = h.persist() // the certificate record is informational
+	}
+	if sessionChanged {
+		_ = h.saveSessions()
 	}
 	return nil
 }
@@ -165,6 +173,11 @@ func (k *hook) OnSessionEstablished(cl *mqtt.Client, pk packets.Packet) {
 }
 
 func (k *hook) OnDisconnect(cl *mqtt.Client, err error, expire bool) {
+	if cl.Net.Conn == nil {
+		// A session restored from sessions.json (StoredClients) while the
+		// broker starts, under Start's lock: it never had a connection.
+		return
+	}
 	h := k.h
 	h.mu.Lock()
 	defer h.mu.Unlock()
@@ -242,8 +255,27 @@ func (k *hook) OnACLCheck(cl *mqtt.Client, topic string, write bool) bool {
 	return cl.State.Subscriptions.Len() < maxSubscriptions
 }
 
+// OnSubscribed keeps a persistent session's new subscriptions and
+// delivers what they let through.
 func (k *hook) OnSubscribed(cl *mqtt.Client, pk packets.Packet, codes []byte) {
-	k.h.flush(cl)
+	h := k.h
+	h.mu.Lock()
+	changed := false
+	if d, ok := h.devices[cl.ID]; ok && d.persistentSession {
+		for i, f := range pk.Filters {
+			if i < len(codes) && codes[i] < 0x80 {
+				if d.subs == nil {
+					d.subs = map[string]byte{}
+				}
+				d.subs[f.Filter], changed = codes[i], true
+			}
+		}
+	}
+	h.mu.Unlock()
+	if changed {
+		_ = h.saveSessions()
+	}
+	h.flush(cl)
 }
 
 // errClose makes the broker drop the connection: a hook error other than
@@ -255,6 +287,9 @@ func errClose(format string, args ...any) error {
 // OnPacketRead enforces what makes IoT Hub close a connection: QoS 2,
 // oversized messages, topics the device may not publish to.
 func (k *hook) OnPacketRead(cl *mqtt.Client, pk packets.Packet) (packets.Packet, error) {
+	if pk.FixedHeader.Type == packets.Puback {
+		k.h.c2dAcked(cl.ID, pk.PacketID)
+	}
 	if pk.FixedHeader.Type != packets.Publish {
 		return pk, nil
 	}
@@ -335,5 +370,6 @@ func (k *hook) OnWillSent(cl *mqtt.Client, pk packets.Packet) {
 
 // send writes one PUBLISH to the client.
 func (h *Hub) send(cl *mqtt.Client, topic string, payload []byte, qos byte) error {
-	return broker.Send(cl, topic, payload, qos)
+	_, err := broker.Send(cl, topic, payload, qos)
+	return err
 }

@@ -377,6 +377,8 @@ type client struct {
 	paho.Client
 	msgs chan paho.Message
 	lost chan error
+	// sessionPresent is the CONNACK's session present flag.
+	sessionPresent bool
 }
 
 type dialOpts struct {
@@ -388,6 +390,7 @@ type dialOpts struct {
 	password   string
 	will       string // Will payload on the device's telemetry topic
 	ws         bool   // MQTT over WebSockets (the env needs cfg.WSAddr)
+	manualAck  bool   // PUBACK only when the test calls Ack
 }
 
 // dial connects d and returns the client, the CONNACK return code and the
@@ -437,6 +440,9 @@ func (e *env) dial(d *device, o dialOpts) (*client, byte, error) {
 			default:
 			}
 		})
+	if o.manualAck {
+		opts.SetAutoAckDisabled(true)
+	}
 	if o.will != "" {
 		opts.SetWill("devices/"+d.id+"/messages/events/", o.will, 1, false)
 	}
@@ -449,6 +455,7 @@ func (e *env) dial(d *device, o dialOpts) (*client, byte, error) {
 	if err := tok.Error(); err != nil {
 		return nil, code, err
 	}
+	c.sessionPresent = tok.(*paho.ConnectToken).SessionPresent()
 	e.t.Cleanup(func() { c.Disconnect(0) })
 	return c, code, nil
 }

@@ -6,7 +6,9 @@
 // telemetry log. It is imported by package azsim (the wiring) and by tests;
 // nothing of the agent's may import it.
 //
-// Wire behaviour follows ../shared/azure-protocol.md, sections 2.5, 4 and 5:
+// Wire behaviour follows Microsoft Learn ("Communicate with an IoT hub using
+// the MQTT protocol", "Transport Layer Security support in IoT Hub") and the
+// SDKs; docs/azure-fidelity.md lists the sources and what is not emulated:
 //
 //   - TLS 1.2 with the ECDHE suites Azure keeps; the client certificate is
 //     requested in the handshake and judged at CONNECT, as the real hub does.
@@ -40,8 +42,12 @@
 // UTF-8.
 //
 // State (registry, twins, registered CAs, current certificates) lives in
-// StateDir/hub.json, written atomically after every change. C2D queues and
-// renewal operations in flight are kept in memory only.
+// StateDir/hub.json, written atomically after every change. Persistent MQTT
+// sessions (CleanSession=0: subscriptions, C2D messages not yet
+// acknowledged) live in StateDir/sessions.json, the day's quota use in
+// StateDir/quota.json; a damaged one of these two is dropped with a warning
+// (Warnings) instead of stopping the hub. Renewal operations in flight are
+// kept in memory only.
 package hub
 
 import (
@@ -193,6 +199,8 @@ type Hub struct {
 
 	connects, twinOps *broker.Window // Config.ConnectRate, Config.TwinRate
 
+	sessions *sessionStore // nil when StateDir is empty
+
 	shaper *d2cShaper // nil without Config.D2CRate
 	d2cQ   *d2cQueue
 	quota  *quota // nil without Config.DailyQuota
@@ -267,6 +275,7 @@ func New(cfg Config) (*Hub, error) {
 		if err := h.load(); err != nil {
 			return nil, fmt.Errorf("hub new: %w", err)
 		}
+		h.loadSessions(cfg.StateDir)
 	}
 	if cfg.DailyQuota > 0 {
 		var warn string

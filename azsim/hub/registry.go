@@ -45,7 +45,9 @@ type device struct {
 	// persistentSession: the device's last CONNECT had CleanSession=0, so
 	// C2D messages wait for it (up to maxC2DQueue).
 	persistentSession bool
-	c2d               []c2dMessage
+	c2d               []c2dMessage    // waiting to be sent
+	c2dInflight       []inflightC2D   // sent at QoS 1, not yet acknowledged
+	subs              map[string]byte // a persistent session's subscriptions
 	renewal           *renewalOp
 	lastRefusal       *refusal
 	lastDisconnect    *disconnect
@@ -196,13 +198,16 @@ func (h *Hub) putDevice(id string, spec deviceSpec) (deviceView, bool, error) {
 
 func (h *Hub) deleteDevice(id string) error {
 	h.mu.Lock()
-	_, ok := h.devices[id]
+	d, ok := h.devices[id]
 	delete(h.devices, id)
 	h.mu.Unlock()
 	if !ok {
 		return errNoDevice(id)
 	}
 	h.dropDevice(id)
+	if d.persistentSession {
+		_ = h.saveSessions()
+	}
 	return h.persist()
 }
 
@@ -326,7 +331,7 @@ func (h *Hub) deviceViewLocked(d *device) deviceView {
 		Connected:      cl != nil,
 		Thumbprints:    d.Thumbprints,
 		Certificate:    newCertView(d.Certificate),
-		C2DQueued:      len(d.c2d),
+		C2DQueued:      len(d.c2d) + len(d.c2dInflight),
 		LastRefusal:    d.lastRefusal,
 		LastDisconnect: d.lastDisconnect,
 	}
