@@ -222,6 +222,8 @@ func serve(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	if l := s.Hub.Limits(); l.Quota.Enabled || l.D2CRate > 0 {
 		fmt.Fprintf(stdout, "  hub tier     %s × %d: %d device-to-cloud sends/s (burst %d, backlog %s), %d messages/day in %d-byte chunks (azsim quota)\n",
 			l.Tier, l.Units, l.D2CRate, l.D2CBurst, l.D2CBacklog, l.Quota.Limit, l.Quota.ChunkSize)
+	} else if l.Tier != "" {
+		fmt.Fprintf(stdout, "  hub tier     %s × %d, gentle: no throttling, no daily quota\n", l.Tier, l.Units)
 	} else {
 		fmt.Fprintf(stdout, "  hub tier     none: no device-to-cloud throttle, no daily quota\n")
 	}
