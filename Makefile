@@ -41,8 +41,9 @@ test: deps
 demo: deps build
 	./testdata/demo.sh
 
-# Microsoft's Node.js device SDKs against azsim (needs node and npm).
+# Microsoft's Node.js and Python device SDKs against azsim.
 sdkcheck: build
+	./testdata/install-deps.sh --sdkcheck
 	./testdata/sdkcheck.sh
 
 # Two flavours per architecture: CGO-free static (TPM + software keys) and the

@@ -16,7 +16,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
-	"strconv"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -53,7 +53,8 @@ type Config struct {
 	// TelemetryLog is a file that gets one JSON line per device-to-cloud
 	// message. Empty: none.
 	TelemetryLog string
-	// ServerNames are extra DNS names or IPs for the TLS server certificate.
+	// ServerNames are extra DNS names or IPs for the TLS server certificate;
+	// the admin API also accepts them as Host (besides loopback names).
 	ServerNames []string
 	// RetryAfter is DPS's retry-after in seconds; default 3.
 	RetryAfter int
@@ -86,6 +87,27 @@ type Config struct {
 	DPSHTTPTimeout time.Duration
 	HubConnectRate int
 	HubTwinRate    int
+	// HubTier and HubUnits are the hub's tier (F1, B1, B2, B3, S1, S2, S3)
+	// and units (default 1). With a tier, the rates above default to the
+	// tier's, and the hub also has the tier's device-to-cloud send
+	// throttle with traffic shaping and its daily message quota (4 KB
+	// chunks, 0.5 KB on F1; 403002 once used up, reset at 00:00 UTC), as
+	// docs/azure-fidelity.md describes. Empty (the library's default): no
+	// device-to-cloud throttle and no quota, unless HubD2CRate or
+	// HubDailyQuota set one. The CLI's default is S1 × 1.
+	HubTier  string
+	HubUnits int
+	// HubD2CRate (sends per second) and HubDailyQuota (messages per UTC
+	// day) override the tier's figures; negative turns them off. Gentle
+	// turns both off.
+	HubD2CRate    int
+	HubDailyQuota int64
+	// HubD2CBurst (messages taken at once above the rate; default one
+	// second's worth) and HubD2CBacklog (the longest a message is held
+	// before the hub closes the connection; default 10 s) shape the
+	// device-to-cloud throttle.
+	HubD2CBurst   int
+	HubD2CBacklog time.Duration
 	// Hub2Addr, if set, starts a second IoT Hub there ("127.0.0.1:0" in
 	// tests); DPS assigns a device to it after POST /dps/allocate.
 	Hub2Addr string
@@ -125,12 +147,26 @@ type Info struct {
 	AdminURL     string `json:"adminUrl"`
 	// DPSWebSocketPort and HubWebSocketPort are the WebSocket ports (0: none),
 	// on the same host names as DPSAddr and HubHostName.
-	DPSWebSocketPort int    `json:"dpsWebSocketPort,omitempty"`
-	HubWebSocketPort int    `json:"hubWebSocketPort,omitempty"`
-	TrustBundle      string `json:"trustBundle"`    // PEM file to trust azsim's servers
-	OnboardingRoot   string `json:"onboardingRoot"` // PEM file of the company root
-	X509Group        string `json:"x509Group"`
-	SymmetricGroup   string `json:"symmetricKeyGroup"`
+	DPSWebSocketPort int `json:"dpsWebSocketPort,omitempty"`
+	HubWebSocketPort int `json:"hubWebSocketPort,omitempty"`
+	// Listen is every address azsim really bound, as host:port (":0" in
+	// the configuration shows here as the port the kernel picked).
+	Listen         Listen `json:"listen"`
+	TrustBundle    string `json:"trustBundle"`    // PEM file to trust azsim's servers
+	OnboardingRoot string `json:"onboardingRoot"` // PEM file of the company root
+	X509Group      string `json:"x509Group"`
+	SymmetricGroup string `json:"symmetricKeyGroup"`
+}
+
+// Listen is the bound address of each listener ("" for one not running).
+type Listen struct {
+	DPS          string `json:"dps"`
+	DPSHTTPS     string `json:"dpsHttps"`
+	DPSWebSocket string `json:"dpsWebSocket,omitempty"`
+	Hub          string `json:"hub"`
+	HubWebSocket string `json:"hubWebSocket,omitempty"`
+	Hub2         string `json:"hub2,omitempty"`
+	Admin        string `json:"admin"`
 }
 
 // New prepares a Server: PKI, state, default enrollments. Start serves.
@@ -180,14 +216,18 @@ func New(cfg Config) (*Server, error) {
 		}
 		s.logFile, tlog = f, f
 	}
-	limit := func(v, azure int) int {
-		switch {
-		case cfg.Gentle || v < 0:
-			return 0
-		case v == 0:
-			return azure
+	limit := func(v, azure int) int { return limitOf(cfg.Gentle, v, azure) }
+	// Without a tier: S1's connection and twin rates (as before tiers were
+	// emulated), no send throttle, no quota.
+	tier := hub.Tier{ConnectRate: 100, TwinRate: 50}
+	if cfg.HubTier != "" {
+		if tier, err = hub.TierLimits(cfg.HubTier, max(cfg.HubUnits, 1)); err != nil {
+			s.Close()
+			return nil, fmt.Errorf("azsim: %w", err)
 		}
-		return v
+	} else if cfg.HubUnits != 0 {
+		s.Close()
+		return nil, errors.New("azsim: hub units need a hub tier (--hub-tier S1|S2|S3|F1|B1|B2|B3)")
 	}
 	serverTLS, err := p.ServerTLS(cfg.ServerKey, !cfg.Gentle)
 	if err != nil {
@@ -198,7 +238,9 @@ func New(cfg Config) (*Server, error) {
 		CertLifetime: cfg.CertLifetime, StateDir: filepath.Join(cfg.StateDir, "hub"), TelemetryLog: tlog,
 		Faults: s.Faults, Now: cfg.Now, IssueDelay: cfg.IssueDelay, RejectInHandshake: !cfg.Gentle,
 		NoCertificateManagement: cfg.NoCertificateManagement, CredentialSyncLag: cfg.CredentialSyncLag,
-		ConnectRate: limit(cfg.HubConnectRate, 100), TwinRate: limit(cfg.HubTwinRate, 50)})
+		ConnectRate: limit(cfg.HubConnectRate, tier.ConnectRate), TwinRate: limit(cfg.HubTwinRate, tier.TwinRate),
+		Tier: tier, D2CRate: limit(cfg.HubD2CRate, tier.D2CRate), D2CBurst: cfg.HubD2CBurst, D2CBacklog: cfg.HubD2CBacklog,
+		DailyQuota: limitOf(cfg.Gentle, cfg.HubDailyQuota, tier.DailyQuota), QuotaChunk: tier.ChunkBytes})
 	if err != nil {
 		s.Close()
 		return nil, err
@@ -236,6 +278,18 @@ func New(cfg Config) (*Server, error) {
 	return s, nil
 }
 
+// limitOf is a configured limit: Azure's figure for zero, none (0) for a
+// negative value or a gentle azsim, else the value itself.
+func limitOf[T int | int64](gentle bool, v, azure T) T {
+	switch {
+	case gentle || v < 0:
+		return 0
+	case v == 0:
+		return azure
+	}
+	return v
+}
+
 func loopbackOnly(addr string) error {
 	host, _, err := net.SplitHostPort(addr)
 	if err != nil {
@@ -245,6 +299,51 @@ func loopbackOnly(addr string) error {
 		return fmt.Errorf("azsim: the admin API has no authentication; its address %q must be loopback (127.0.0.1)", addr)
 	}
 	return nil
+}
+
+// hostCheck refuses requests whose Host header is neither a loopback name
+// or address nor one of names (Config.ServerNames: names the operator gave
+// this azsim, e.g. for a VM that reaches it through a forwarded port). The
+// admin API has no authentication and listens on loopback only, but a web
+// page the developer opens could still reach it through DNS rebinding (a
+// name of the attacker's that resolves to 127.0.0.1): the browser then sends
+// the attacker's name as Host, which is refused here.
+func hostCheck(names []string, h http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if !loopbackHost(r.Host) && !namedHost(r.Host, names) {
+			broker.WriteJSON(w, http.StatusForbidden, map[string]string{"error": fmt.Sprintf(
+				"the admin API answers only requests addressed to localhost, 127.0.0.1, [::1] or a name given with --server-names (Host %q refused, against DNS rebinding); use http://127.0.0.1:PORT", r.Host)})
+			return
+		}
+		h.ServeHTTP(w, r)
+	})
+}
+
+// hostOnly strips the port and IPv6 brackets from a Host header.
+func hostOnly(host string) string {
+	if h, _, err := net.SplitHostPort(host); err == nil {
+		return h
+	}
+	if strings.HasPrefix(host, "[") && strings.HasSuffix(host, "]") {
+		return host[1 : len(host)-1]
+	}
+	return host
+}
+
+func namedHost(host string, names []string) bool {
+	host = hostOnly(host)
+	return host != "" && slices.ContainsFunc(names, func(n string) bool { return strings.EqualFold(strings.TrimSpace(n), host) })
+}
+
+// loopbackHost reports whether a Host header names this machine's loopback:
+// localhost or a loopback IP, with or without a port.
+func loopbackHost(host string) bool {
+	host = hostOnly(host)
+	if strings.EqualFold(host, "localhost") {
+		return true
+	}
+	ip := net.ParseIP(host)
+	return ip != nil && ip.IsLoopback()
 }
 
 func (s *Server) defaultEnrollments() error {
@@ -299,6 +398,16 @@ func (s *Server) MoveDevice(regID string, to2 bool) error {
 	return nil
 }
 
+// Warnings lists state that was damaged and dropped so that azsim could
+// start (the hubs' quota and session files); cmd/azsim prints them.
+func (s *Server) Warnings() []string {
+	w := s.Hub.Warnings()
+	if s.Hub2 != nil {
+		w = append(w, s.Hub2.Warnings()...)
+	}
+	return w
+}
+
 // Start serves DPS, the hubs and the admin API.
 func (s *Server) Start() error {
 	if err := s.Hub.Start(); err != nil {
@@ -320,7 +429,7 @@ func (s *Server) Start() error {
 		return fmt.Errorf("azsim: admin API: %w (pick another port with --admin-addr)", err)
 	}
 	s.adminLn = ln
-	s.admin = &http.Server{Handler: s.adminMux(), ReadHeaderTimeout: 10 * time.Second}
+	s.admin = &http.Server{Handler: hostCheck(s.cfg.ServerNames, s.adminMux()), ReadHeaderTimeout: 10 * time.Second}
 	go s.admin.Serve(ln)
 	return nil
 }
@@ -354,19 +463,32 @@ func (s *Server) Info() Info {
 		inf.Hub2HostName = s.Hub2.HostName()
 	}
 	if a, ok := s.DPS.Addr().(*net.TCPAddr); ok {
-		inf.DPSAddr = "localhost:" + strconv.Itoa(a.Port)
+		inf.DPSAddr = hub.DialAddr(a)
+		inf.Listen.DPS = a.String()
 	}
 	if a, ok := s.DPS.HTTPSAddr().(*net.TCPAddr); ok {
-		inf.DPSHTTPSAddr = "localhost:" + strconv.Itoa(a.Port)
+		inf.DPSHTTPSAddr = hub.DialAddr(a)
+		inf.Listen.DPSHTTPS = a.String()
 	}
 	if a, ok := s.DPS.WSAddr().(*net.TCPAddr); ok {
 		inf.DPSWebSocketPort = a.Port
+		inf.Listen.DPSWebSocket = a.String()
+	}
+	if a, ok := s.Hub.Addr().(*net.TCPAddr); ok {
+		inf.Listen.Hub = a.String()
 	}
 	if a, ok := s.Hub.WSAddr().(*net.TCPAddr); ok {
 		inf.HubWebSocketPort = a.Port
+		inf.Listen.HubWebSocket = a.String()
+	}
+	if s.Hub2 != nil {
+		if a, ok := s.Hub2.Addr().(*net.TCPAddr); ok {
+			inf.Listen.Hub2 = a.String()
+		}
 	}
 	if s.adminLn != nil {
 		inf.AdminURL = "http://" + s.adminLn.Addr().String()
+		inf.Listen.Admin = s.adminLn.Addr().String()
 	}
 	return inf
 }

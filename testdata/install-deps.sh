@@ -4,7 +4,8 @@
 # check CSRs and chains), systemd and util-linux (unit checks, sysusers,
 # tmpfiles, setpriv for the unprivileged-uid spool test), tinyproxy (a real
 # HTTP CONNECT proxy; the -bin package has no system service) and the cross
-# compilers for the cgo (PKCS#11) build.
+# compilers for the cgo (PKCS#11) build; --sdkcheck adds what make sdkcheck
+# runs Microsoft's SDKs with.
 # It installs only what is missing, so it is cheap to call from every make run.
 # Needs root (CI runs as root) or sudo.
 set -euo pipefail
@@ -20,6 +21,17 @@ fi
 # make image-check / factory-image: an arm64 Debian system under qemu with swtpm.
 if [ "${1:-}" = "--image" ]; then
 	want+=(mmdebstrap qemu-user-static binfmt-support arch-test qemu-system-arm qemu-utils swtpm socat e2fsprogs cpio xz-utils ca-certificates)
+fi
+
+# make sdkcheck: Node.js for Microsoft's Node SDKs; Debian's Python with the
+# dependencies of Microsoft's Python SDK (azure-iot-device 2.14.0), for when
+# it runs from its source because the Python package index is out of reach.
+if [ "${1:-}" = "--sdkcheck" ]; then
+	want+=(python3 python3-paho-mqtt python3-requests python3-requests-unixsocket python3-urllib3
+		python3-deprecation python3-janus python3-socks python3-typing-extensions)
+	# A Node.js from elsewhere (nodesource) brings its own npm and
+	# conflicts with Debian's.
+	command -v node >/dev/null && command -v npm >/dev/null || want+=(nodejs npm)
 fi
 
 missing=()

@@ -25,6 +25,8 @@ type Azsim struct {
 	Dir    string
 	// TelemetryLog is the file the hub appends received messages to.
 	TelemetryLog string
+
+	cfg azsim.Config
 }
 
 // Start starts azsim in a temporary state directory; cfg may set
@@ -45,17 +47,49 @@ func Start(t testing.TB, cfg azsim.Config) *Azsim {
 	}
 	a := &Azsim{t: t, Dir: dir, TelemetryLog: filepath.Join(dir, "telemetry.jsonl")}
 	cfg.TelemetryLog = a.TelemetryLog
-	s, err := azsim.New(cfg)
+	a.cfg = cfg
+	a.start()
+	return a
+}
+
+func (a *Azsim) start() {
+	a.t.Helper()
+	s, err := azsim.New(a.cfg)
 	if err != nil {
-		t.Fatal(err)
+		a.t.Fatal(err)
+	}
+	for _, w := range s.Warnings() {
+		a.t.Log("azsim: warning:", w)
 	}
 	if err := s.Start(); err != nil {
 		s.Close()
-		t.Fatal(err)
+		a.t.Fatal(err)
 	}
-	t.Cleanup(func() { s.Close() })
+	a.t.Cleanup(func() { s.Close() })
 	a.Server, a.Info = s, s.Info()
-	return a
+}
+
+// Restart stops azsim as `azsim serve` stops on SIGTERM (every connection
+// dropped) and starts it again on the same ports and state directory, as
+// an operator restarting it would.
+func (a *Azsim) Restart() {
+	a.t.Helper()
+	if err := a.Server.Close(); err != nil {
+		a.t.Fatal(err)
+	}
+	l := a.Info.Listen
+	a.cfg.DPSAddr, a.cfg.DPSHTTPSAddr, a.cfg.HubAddr, a.cfg.AdminAddr = l.DPS, l.DPSHTTPS, l.Hub, l.Admin
+	off := func(addr string) string {
+		if addr == "" {
+			return "off"
+		}
+		return addr
+	}
+	a.cfg.DPSWSAddr, a.cfg.HubWSAddr = off(l.DPSWebSocket), off(l.HubWebSocket)
+	if l.Hub2 != "" {
+		a.cfg.Hub2Addr = l.Hub2
+	}
+	a.start()
 }
 
 // Admin calls the admin API and decodes a JSON answer into out (if not

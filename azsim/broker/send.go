@@ -8,10 +8,10 @@ import (
 	"github.com/mochi-mqtt/server/v2/packets"
 )
 
-// Send writes one PUBLISH to the client. QoS 1 messages go through the
-// broker's inflight store, so they are resent if a persistent session
-// resumes before the PUBACK.
-func Send(cl *mqtt.Client, topic string, payload []byte, qos byte) error {
+// Send writes one PUBLISH to the client and returns its packet id (QoS 1).
+// QoS 1 messages go through the broker's inflight store, so they are resent
+// if a persistent session resumes before the PUBACK.
+func Send(cl *mqtt.Client, topic string, payload []byte, qos byte) (uint16, error) {
 	out := packets.Packet{
 		FixedHeader: packets.FixedHeader{Type: packets.Publish, Qos: qos},
 		TopicName:   topic,
@@ -21,7 +21,7 @@ func Send(cl *mqtt.Client, topic string, payload []byte, qos byte) error {
 	if qos > 0 {
 		id, err := cl.NextPacketID()
 		if err != nil {
-			return fmt.Errorf("send %s: %w", topic, err)
+			return 0, fmt.Errorf("send %s: %w", topic, err)
 		}
 		out.PacketID = uint16(id)
 		if cl.State.Inflight.Set(out) {
@@ -29,7 +29,7 @@ func Send(cl *mqtt.Client, topic string, payload []byte, qos byte) error {
 		}
 	}
 	if err := cl.WritePacket(out); err != nil {
-		return fmt.Errorf("send %s: %w", topic, err)
+		return out.PacketID, fmt.Errorf("send %s: %w", topic, err)
 	}
-	return nil
+	return out.PacketID, nil
 }

@@ -87,7 +87,8 @@ func (r *rawDPS) roundTrip(t *testing.T, req []byte) (*http.Response, map[string
 	return rsp, m
 }
 
-// checkDPSError: DPS's error shape, errorCode/1000 = status (azure-protocol §1.8).
+// checkDPSError: DPS's error shape, errorCode/1000 = status (as
+// azure-sdk-for-c's az_iot_provisioning_client.c reads it).
 func checkDPSError(t *testing.T, rsp *http.Response, m map[string]any, want int, msg string) {
 	t.Helper()
 	code, _ := m["errorCode"].(float64)

@@ -1,5 +1,6 @@
 // Package dps emulates the Azure IoT Hub Device Provisioning Service over
-// MQTT (azure-protocol §1, §2): X.509 and symmetric-key enrollment groups,
+// MQTT (Learn: "Communicate with DPS using the MQTT protocol"; sources in
+// docs/azure-fidelity.md): X.509 and symmetric-key enrollment groups,
 // 202 + retry-after then polling, and certificate issuance from a CSR.
 package dps
 
@@ -518,7 +519,7 @@ func (d *DPS) answer(cl *mqtt.Client, rid string, status, retryAfter int, body [
 	if retryAfter > 0 {
 		topic += "&retry-after=" + strconv.Itoa(retryAfter)
 	}
-	_ = broker.Send(cl, topic, body, 1)
+	_, _ = broker.Send(cl, topic, body, 1)
 }
 
 func errorBody(code int, msg string) []byte {
@@ -527,8 +528,8 @@ func errorBody(code int, msg string) []byte {
 	return b
 }
 
-// checkRegistrationID applies DPS's registration id rules (azure-protocol
-// §1.6): 1 to 128 characters of letters, digits and "-._:", the last a
+// checkRegistrationID applies DPS's registration id rules (the DPS REST
+// spec's DeviceRegistration model; Learn "X.509 certificate attestation"): 1 to 128 characters of letters, digits and "-._:", the last a
 // letter, a digit or "-". The id becomes a hub device id, a certificate CN
 // and part of MQTT topics, so nothing else may pass.
 func checkRegistrationID(id string) error {
@@ -941,8 +942,11 @@ func parseSAS(p string) (sr, rawSR, sig string, se int64, err error) {
 	if err != nil {
 		return "", "", "", 0, fmt.Errorf("malformed SAS token: %w", err)
 	}
-	if q.Get("skn") != "registration" {
-		return "", "", "", 0, errors.New("SAS token skn must be \"registration\"")
+	// The C and Node SDKs send skn=registration; Microsoft's Python SDK
+	// (azure-iot-device 2.x) sends no skn, and its end-to-end tests register
+	// that way against live DPS. Any other policy name is refused.
+	if skn, named := q["skn"]; named && (len(skn) != 1 || skn[0] != "registration") {
+		return "", "", "", 0, errors.New("SAS token skn must be \"registration\" or absent; a device signs with its own key, not a service policy")
 	}
 	se, err = strconv.ParseInt(q.Get("se"), 10, 64)
 	if err != nil || q.Get("sig") == "" || q.Get("sr") == "" {
@@ -975,7 +979,8 @@ func signatureOK(deviceKey, rawSR, encodedSR string, se int64, sig string) bool 
 	return false
 }
 
-// checkCSR validates a registration's csr (azure-protocol §2.2).
+// checkCSR validates a registration's csr (Learn: "Certificate issuance":
+// base64 DER without PEM armour, CN = registration id, EC P-384).
 func (d *DPS) checkCSR(b64, regID string) (*x509.CertificateRequest, error) {
 	if strings.Contains(b64, "-----BEGIN") {
 		return nil, errors.New("csr must be base64 of the DER PKCS#10, without PEM armour")

@@ -137,12 +137,18 @@ func onboarding(t *testing.T, az *azsimtest.Azsim, regID string) *tls.Certificat
 }
 
 func sas(scope, regID, deviceKey string, exp time.Time) string {
+	return sasSkn(scope, regID, deviceKey, exp, "&skn=registration")
+}
+
+// sasSkn builds a DPS SAS token ending in skn (e.g. "&skn=registration", or
+// "" for none, as Microsoft's Python SDK sends it).
+func sasSkn(scope, regID, deviceKey string, exp time.Time, skn string) string {
 	sr := url.QueryEscape(scope + "/registrations/" + regID)
 	k, _ := base64.StdEncoding.DecodeString(deviceKey)
 	m := hmac.New(sha256.New, k)
 	fmt.Fprintf(m, "%s\n%d", sr, exp.Unix())
 	return "SharedAccessSignature sr=" + sr + "&sig=" + url.QueryEscape(base64.StdEncoding.EncodeToString(m.Sum(nil))) +
-		"&se=" + strconv.FormatInt(exp.Unix(), 10) + "&skn=registration"
+		"&se=" + strconv.FormatInt(exp.Unix(), 10) + skn
 }
 
 const certAPI = "2025-07-01-preview"
@@ -188,6 +194,15 @@ func TestDPS(t *testing.T) {
 		}
 	})
 
+	t.Run("ok/symmetric-key SAS without skn, as the Python SDK sends it", func(t *testing.T) {
+		var k struct{ DeviceKey string }
+		az.Admin("GET", "/dps/derive-key?group="+azsim.SymmetricKeyGroup+"&registrationId=dev-s2", nil, &k)
+		c, _ := connect(t, az, "dev-s2", certAPI, nil, sasSkn(az.Info.IDScope, "dev-s2", k.DeviceKey, time.Now().Add(time.Hour), ""))
+		if r := c.register(map[string]any{"registrationId": "dev-s2"}); r.status != 200 || r.body["status"] != "assigned" {
+			t.Fatalf("reply %d %v", r.status, r.body)
+		}
+	})
+
 	bad := []struct {
 		name   string
 		regID  string
@@ -219,6 +234,16 @@ func TestDPS(t *testing.T) {
 			az.Admin("GET", "/dps/derive-key?group="+azsim.SymmetricKeyGroup+"&registrationId=dev-b6", nil, &k)
 			return sas(az.Info.IDScope, "dev-b6", k.DeviceKey, time.Now().Add(-time.Minute))
 		}, func() any { return map[string]any{} }, 401, "expired"},
+		{"fail/SAS naming a service policy", "dev-b7", false, func() string {
+			var k struct{ DeviceKey string }
+			az.Admin("GET", "/dps/derive-key?group="+azsim.SymmetricKeyGroup+"&registrationId=dev-b7", nil, &k)
+			return sasSkn(az.Info.IDScope, "dev-b7", k.DeviceKey, time.Now().Add(time.Hour), "&skn=provisioningserviceowner")
+		}, func() any { return map[string]any{} }, 401, "skn"},
+		{"fail/SAS with two skn", "dev-b8", false, func() string {
+			var k struct{ DeviceKey string }
+			az.Admin("GET", "/dps/derive-key?group="+azsim.SymmetricKeyGroup+"&registrationId=dev-b8", nil, &k)
+			return sasSkn(az.Info.IDScope, "dev-b8", k.DeviceKey, time.Now().Add(time.Hour), "&skn=registration&skn=other")
+		}, func() any { return map[string]any{} }, 401, "skn"},
 	}
 	for _, b := range bad {
 		t.Run(b.name, func(t *testing.T) {

@@ -1,6 +1,7 @@
 package dps
 
-// DPS's REST endpoint (azure-protocol §3): the same registrations as over
+// DPS's REST endpoint (Learn: "Send an HTTPS request to DPS with symmetric
+// keys" and "... with X.509"): the same registrations as over
 // MQTT, for X.509 (client certificate in the TLS handshake), symmetric
 // keys and TPM attestation (SAS token in the Authorization header).
 //
@@ -102,7 +103,7 @@ func writeDPS(w http.ResponseWriter, status, retryAfter int, body []byte) {
 	w.Write(body)
 }
 
-// maxBody is DPS's message limit (azure-protocol §1.1).
+// maxBody is DPS's message limit (Learn: "Azure IoT Hub DPS limits", 96 KB).
 const maxBody = 96 << 10
 
 // readBody reads a registration body of at most maxBody bytes, answering

@@ -32,6 +32,9 @@ const (
 //	POST   /hub/cas/{name}                      PEM CA -> {"name","verificationCode","verified":false,...}
 //	POST   /hub/cas/{name}/verify               PEM proof (CN = code, signed by the CA) -> {"verified":true,...}
 //	DELETE /hub/cas/{name}
+//	GET    /hub/quota                           tier, throttles, the day's quota use and clock
+//	PUT    /hub/quota                           {"used":N} -> the quota view (set today's use)
+//	POST   /hub/quota/clock                     {"set":"RFC 3339 time"} | {"advance":"90m"} | {"reset":true} -> the quota view
 //
 // Errors are {"error":"what is wrong and what to do"} with a fitting status.
 func (h *Hub) adminMux() http.Handler {
@@ -142,6 +145,66 @@ func (h *Hub) adminMux() http.Handler {
 	mux.HandleFunc("DELETE /hub/cas/{name}", func(w http.ResponseWriter, r *http.Request) {
 		replyNoContent(w, h.deleteCA(r.PathValue("name")))
 	})
+	mux.HandleFunc("GET /hub/quota", func(w http.ResponseWriter, r *http.Request) {
+		writeJSON(w, http.StatusOK, h.Limits())
+	})
+	mux.HandleFunc("PUT /hub/quota", func(w http.ResponseWriter, r *http.Request) {
+		var req struct {
+			Used *int64 `json:"used"`
+		}
+		if err := decodeJSONBody(r, &req); err != nil {
+			writeError(w, err)
+			return
+		}
+		if req.Used == nil || *req.Used < 0 {
+			writeError(w, errorf(http.StatusBadRequest, `need {"used":N} with N >= 0 (messages of today's quota already used)`))
+			return
+		}
+		if err := h.quotaOn(); err != nil {
+			writeError(w, err)
+			return
+		}
+		h.quota.setUsed(*req.Used)
+		writeJSON(w, http.StatusOK, h.Limits())
+	})
+	mux.HandleFunc("POST /hub/quota/clock", func(w http.ResponseWriter, r *http.Request) {
+		var req struct {
+			Set     string `json:"set"`
+			Advance string `json:"advance"`
+			Reset   bool   `json:"reset"`
+		}
+		if err := decodeJSONBody(r, &req); err != nil {
+			writeError(w, err)
+			return
+		}
+		if err := h.quotaOn(); err != nil {
+			writeError(w, err)
+			return
+		}
+		switch {
+		case req.Set != "" && req.Advance == "" && !req.Reset:
+			t, err := time.Parse(time.RFC3339Nano, req.Set)
+			if err != nil {
+				writeError(w, errorf(http.StatusBadRequest, "set %q is not an RFC 3339 time such as 2025-01-01T23:59:30Z", req.Set))
+				return
+			}
+			h.quota.setClock(t)
+		case req.Advance != "" && req.Set == "" && !req.Reset:
+			d, err := time.ParseDuration(req.Advance)
+			if err != nil {
+				writeError(w, errorf(http.StatusBadRequest, "advance %q is not a duration such as 90m or 24h", req.Advance))
+				return
+			}
+			h.quota.advanceClock(d)
+		case req.Reset && req.Set == "" && req.Advance == "":
+			h.quota.setClock(h.now())
+		default:
+			writeError(w, errorf(http.StatusBadRequest, `need exactly one of {"set":"2025-01-01T23:59:30Z"}, {"advance":"90m"}, {"reset":true}`))
+			return
+		}
+		_ = h.quota.save()
+		writeJSON(w, http.StatusOK, h.Limits())
+	})
 	mux.HandleFunc("/hub/", func(w http.ResponseWriter, r *http.Request) {
 		writeError(w, errorf(http.StatusNotFound, "no hub admin route %s %s; see `azsim --help` for the admin API", r.Method, r.URL.Path))
 	})
@@ -207,4 +270,37 @@ func replyNoContent(w http.ResponseWriter, err error) {
 		return
 	}
 	w.WriteHeader(http.StatusNoContent)
+}
+
+// LimitsView is the hub's tier, throttles and daily quota (GET /hub/quota).
+type LimitsView struct {
+	Tier  string `json:"tier,omitempty"`
+	Units int    `json:"units,omitempty"`
+	// Rates per second, hub-wide; 0: not throttled.
+	ConnectRate int `json:"connectRate"`
+	TwinRate    int `json:"twinRate"`
+	D2CRate     int `json:"d2cRate"`
+	// D2CBurst messages above the rate are taken at once; after that a
+	// message is held up to D2CBacklog before the connection is closed.
+	D2CBurst   int       `json:"d2cBurst,omitempty"`
+	D2CBacklog string    `json:"d2cBacklog,omitempty"`
+	Quota      QuotaView `json:"quota"`
+}
+
+// Limits is the hub's tier, throttles and quota use, as GET /hub/quota
+// shows them.
+func (h *Hub) Limits() LimitsView {
+	v := LimitsView{Tier: h.cfg.Tier.Name, Units: h.cfg.Tier.Units, ConnectRate: h.cfg.ConnectRate, TwinRate: h.cfg.TwinRate,
+		D2CRate: h.cfg.D2CRate, Quota: h.quota.view()}
+	if h.shaper != nil {
+		v.D2CBurst, v.D2CBacklog = h.cfg.D2CBurst, h.cfg.D2CBacklog.String()
+	}
+	return v
+}
+
+func (h *Hub) quotaOn() error {
+	if h.quota == nil {
+		return errorf(http.StatusConflict, "this hub has no daily quota: start azsim with a hub tier (--hub-tier, the default S1) and without --gentle")
+	}
+	return nil
 }

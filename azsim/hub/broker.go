@@ -40,6 +40,9 @@ func (k *hook) Provides(b byte) bool {
 		mqtt.OnPacketRead,
 		mqtt.OnSubscribe,
 		mqtt.OnSubscribed,
+		mqtt.OnUnsubscribed,
+		mqtt.StoredClients,
+		mqtt.StoredSubscriptions,
 		mqtt.OnPublish,
 		mqtt.OnPublished,
 		mqtt.OnWillSent,
@@ -125,14 +128,19 @@ func (k *hook) OnConnect(cl *mqtt.Client, pk packets.Packet) error {
 	if d.Auth != identity.AuthSAS {
 		changed = d.setCertificateLocked(chain[0].Raw, "connect", now)
 	}
+	// A clean session drops what the hub kept for the device; either way
+	// the session file changes if the device had or now gets one.
+	sessionChanged := d.persistentSession || !pk.Connect.Clean
 	if pk.Connect.Clean {
-		// A clean session drops what was queued for the device.
-		d.c2d = nil
+		d.c2d, d.c2dInflight, d.subs = nil, nil, nil
 	}
 	d.persistentSession = !pk.Connect.Clean
 	h.mu.Unlock()
 	if changed {
 		_ = h.persist() // the certificate record is informational
+	}
+	if sessionChanged {
+		_ = h.saveSessions()
 	}
 	return nil
 }
@@ -165,6 +173,11 @@ func (k *hook) OnSessionEstablished(cl *mqtt.Client, pk packets.Packet) {
 }
 
 func (k *hook) OnDisconnect(cl *mqtt.Client, err error, expire bool) {
+	if cl.Net.Conn == nil {
+		// A session restored from sessions.json (StoredClients) while the
+		// broker starts, under Start's lock: it never had a connection.
+		return
+	}
 	h := k.h
 	h.mu.Lock()
 	defer h.mu.Unlock()
@@ -242,8 +255,27 @@ func (k *hook) OnACLCheck(cl *mqtt.Client, topic string, write bool) bool {
 	return cl.State.Subscriptions.Len() < maxSubscriptions
 }
 
+// OnSubscribed keeps a persistent session's new subscriptions and
+// delivers what they let through.
 func (k *hook) OnSubscribed(cl *mqtt.Client, pk packets.Packet, codes []byte) {
-	k.h.flush(cl)
+	h := k.h
+	h.mu.Lock()
+	changed := false
+	if d, ok := h.devices[cl.ID]; ok && d.persistentSession {
+		for i, f := range pk.Filters {
+			if i < len(codes) && codes[i] < 0x80 {
+				if d.subs == nil {
+					d.subs = map[string]byte{}
+				}
+				d.subs[f.Filter], changed = codes[i], true
+			}
+		}
+	}
+	h.mu.Unlock()
+	if changed {
+		_ = h.saveSessions()
+	}
+	h.flush(cl)
 }
 
 // errClose makes the broker drop the connection: a hook error other than
@@ -255,6 +287,9 @@ func errClose(format string, args ...any) error {
 // OnPacketRead enforces what makes IoT Hub close a connection: QoS 2,
 // oversized messages, topics the device may not publish to.
 func (k *hook) OnPacketRead(cl *mqtt.Client, pk packets.Packet) (packets.Packet, error) {
+	if pk.FixedHeader.Type == packets.Puback {
+		k.h.c2dAcked(cl.ID, pk.PacketID)
+	}
 	if pk.FixedHeader.Type != packets.Publish {
 		return pk, nil
 	}
@@ -268,6 +303,12 @@ func (k *hook) OnPacketRead(cl *mqtt.Client, pk packets.Packet) (packets.Packet,
 	if err != nil {
 		return pk, errClose("%v", err)
 	}
+	if (t.kind == topicTwinGet || t.kind == topicTwinReported) && k.h.quota.exhausted() {
+		// "All requests to IoT Hub fail with 403002" (Learn); on MQTT the
+		// request is not answered and the connection closes.
+		k.h.noteDisconnect(cl.ID, 403002, "IoTHubQuotaExceeded: twin request while the daily quota is used up")
+		return pk, errClose("twin request refused: daily quota used up (403002)")
+	}
 	if t.kind == topicIssueCert {
 		if k.h.cfg.NoCertificateManagement {
 			return pk, errClose("this hub has no certificate management")
@@ -279,12 +320,12 @@ func (k *hook) OnPacketRead(cl *mqtt.Client, pk packets.Packet) (packets.Packet,
 	return pk, nil
 }
 
-// OnPublish records telemetry before the PUBACK and keeps the broker from
-// routing anything.
+// OnPublish takes telemetry (record, charge, shape: see admitTelemetry)
+// before the PUBACK and keeps the broker from routing anything.
 func (k *hook) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, error) {
 	t, err := parseDeviceTopic(cl.ID, pk.TopicName)
 	if err == nil && t.kind == topicTelemetry {
-		k.h.recordTelemetry(cl.ID, pk.TopicName, t.bag, pk.Payload, pk.FixedHeader.Retain, false)
+		return pk, k.h.admitTelemetry(cl, pk, t)
 	}
 	return pk, packets.CodeSuccessIgnore
 }
@@ -320,13 +361,15 @@ func (k *hook) OnWillSent(cl *mqtt.Client, pk packets.Packet) {
 		return
 	}
 	t, err := parseDeviceTopic(cl.ID, pk.TopicName)
-	if err != nil || t.kind != topicTelemetry {
+	if err != nil || t.kind != topicTelemetry || k.h.quota.exhausted() {
 		return
 	}
+	k.h.quota.charge(messageSize(t.bag, pk.Payload))
 	k.h.recordTelemetry(cl.ID, pk.TopicName, t.bag, pk.Payload, pk.FixedHeader.Retain, true)
 }
 
 // send writes one PUBLISH to the client.
 func (h *Hub) send(cl *mqtt.Client, topic string, payload []byte, qos byte) error {
-	return broker.Send(cl, topic, payload, qos)
+	_, err := broker.Send(cl, topic, payload, qos)
+	return err
 }

@@ -196,6 +196,7 @@ type env struct {
 	admin    *httptest.Server
 	faults   *faults.Injector
 	addr     string
+	wsAddr   string // "" unless cfg.WSAddr is set
 }
 
 type envOpt func(*hub.Config)
@@ -245,6 +246,9 @@ func (e *env) start() {
 	}
 	e.hub = h
 	e.addr = h.Addr().String()
+	if a := h.WSAddr(); a != nil {
+		e.wsAddr = a.String()
+	}
 	mux := http.NewServeMux()
 	mux.Handle("/hub/", h.AdminHandler())
 	e.admin = httptest.NewServer(mux)
@@ -253,6 +257,21 @@ func (e *env) start() {
 		admin.Close()
 		h.Close()
 	})
+}
+
+// restart stops the hub as azsim stopping would and starts a new one on
+// the same state directory and ports.
+func (e *env) restart() {
+	e.t.Helper()
+	e.admin.Close()
+	if err := e.hub.Close(); err != nil {
+		e.t.Fatal(err)
+	}
+	e.cfg.Addr = e.addr
+	if e.wsAddr != "" {
+		e.cfg.WSAddr = e.wsAddr
+	}
+	e.start()
 }
 
 // api calls the admin API and decodes the JSON answer into out (if not nil).
@@ -358,6 +377,8 @@ type client struct {
 	paho.Client
 	msgs chan paho.Message
 	lost chan error
+	// sessionPresent is the CONNACK's session present flag.
+	sessionPresent bool
 }
 
 type dialOpts struct {
@@ -368,6 +389,8 @@ type dialOpts struct {
 	noCert     bool
 	password   string
 	will       string // Will payload on the device's telemetry topic
+	ws         bool   // MQTT over WebSockets (the env needs cfg.WSAddr)
+	manualAck  bool   // PUBACK only when the test calls Ack
 }
 
 // dial connects d and returns the client, the CONNACK return code and the
@@ -393,8 +416,12 @@ func (e *env) dial(d *device, o dialOpts) (*client, byte, error) {
 		tc.GetClientCertificate = func(*tls.CertificateRequestInfo) (*tls.Certificate, error) { return cert, nil }
 	}
 	c := &client{msgs: make(chan paho.Message, 200), lost: make(chan error, 1)}
+	broker := "ssl://" + e.addr
+	if o.ws {
+		broker = "wss://" + e.wsAddr + "/$iothub/websocket"
+	}
 	opts := paho.NewClientOptions().
-		AddBroker("ssl://" + e.addr).
+		AddBroker(broker).
 		SetClientID(o.clientID).
 		SetUsername(o.username).
 		SetPassword(o.password).
@@ -413,6 +440,9 @@ func (e *env) dial(d *device, o dialOpts) (*client, byte, error) {
 			default:
 			}
 		})
+	if o.manualAck {
+		opts.SetAutoAckDisabled(true)
+	}
 	if o.will != "" {
 		opts.SetWill("devices/"+d.id+"/messages/events/", o.will, 1, false)
 	}
@@ -425,6 +455,7 @@ func (e *env) dial(d *device, o dialOpts) (*client, byte, error) {
 	if err := tok.Error(); err != nil {
 		return nil, code, err
 	}
+	c.sessionPresent = tok.(*paho.ConnectToken).SessionPresent()
 	e.t.Cleanup(func() { c.Disconnect(0) })
 	return c, code, nil
 }

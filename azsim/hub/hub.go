@@ -6,7 +6,9 @@
 // telemetry log. It is imported by package azsim (the wiring) and by tests;
 // nothing of the agent's may import it.
 //
-// Wire behaviour follows ../shared/azure-protocol.md, sections 2.5, 4 and 5:
+// Wire behaviour follows Microsoft Learn ("Communicate with an IoT hub using
+// the MQTT protocol", "Transport Layer Security support in IoT Hub") and the
+// SDKs; docs/azure-fidelity.md lists the sources and what is not emulated:
 //
 //   - TLS 1.2 with the ECDHE suites Azure keeps; the client certificate is
 //     requested in the handshake and judged at CONNECT, as the real hub does.
@@ -40,8 +42,12 @@
 // UTF-8.
 //
 // State (registry, twins, registered CAs, current certificates) lives in
-// StateDir/hub.json, written atomically after every change. C2D queues and
-// renewal operations in flight are kept in memory only.
+// StateDir/hub.json, written atomically after every change. Persistent MQTT
+// sessions (CleanSession=0: subscriptions, C2D messages not yet
+// acknowledged) live in StateDir/sessions.json, the day's quota use in
+// StateDir/quota.json; a damaged one of these two is dropped with a warning
+// (Warnings) instead of stopping the hub. Renewal operations in flight are
+// kept in memory only.
 package hub
 
 import (
@@ -120,6 +126,31 @@ type Config struct {
 	// TwinRate is how many twin operations (GET, reported PATCH) per second
 	// the hub serves in all; beyond it 429 with retry-after. Zero: no limit.
 	TwinRate int
+	// Tier names the hub's tier and units for the admin API (TierLimits
+	// gives the figures for the fields below); informational.
+	Tier Tier
+	// D2CRate is how many device-to-cloud messages per second the hub
+	// takes in all (Learn's "device-to-cloud sends" throttle), with traffic
+	// shaping: the first D2CBurst above the rate are taken at once, later
+	// ones are held (their PUBACK comes late) and taken at the rate, and a
+	// message that would be held longer than D2CBacklog closes the
+	// connection without PUBACK (429002). Zero: no throttle.
+	D2CRate int
+	// D2CBurst is the burst allowance in messages; zero means D2CRate (one
+	// second's worth).
+	D2CBurst int
+	// D2CBacklog is the longest a message is held; zero means 10 s.
+	D2CBacklog time.Duration
+	// DailyQuota is the hub's daily message quota in QuotaChunk-byte
+	// chunks (device-to-cloud messages, twin reads and updates, C2D and
+	// direct methods are charged). Once used up, a telemetry PUBLISH or a
+	// twin request closes the connection without an answer (403002) and the
+	// admin API refuses C2D and methods, until 00:00 UTC by the quota clock
+	// (the hub's clock plus an offset the admin API moves). The day's use
+	// is kept in StateDir/quota.json. Zero: no quota.
+	DailyQuota int64
+	// QuotaChunk is the metering chunk: 4096 bytes (zero), 512 on Free.
+	QuotaChunk int
 }
 
 const (
@@ -128,6 +159,11 @@ const (
 	// handshakeTimeout bounds the TLS handshake and the wait for CONNECT, so
 	// a silent client cannot hold a connection slot forever.
 	handshakeTimeout = 30 * time.Second
+	// defaultD2CBacklog: Learn documents no size for the shaping queue;
+	// ten seconds of waiting is azsim's (hard) choice.
+	defaultD2CBacklog = 10 * time.Second
+	// quotaSaveEvery is how often the day's quota use is written to disk.
+	quotaSaveEvery = 5 * time.Second
 )
 
 // Hub is one emulated IoT Hub. Create it with New, then Start; Close stops
@@ -162,6 +198,15 @@ type Hub struct {
 	logMu sync.Mutex // serializes telemetry log writes
 
 	connects, twinOps *broker.Window // Config.ConnectRate, Config.TwinRate
+
+	sessions *sessionStore // nil when StateDir is empty
+
+	shaper *d2cShaper // nil without Config.D2CRate
+	d2cQ   *d2cQueue
+	quota  *quota // nil without Config.DailyQuota
+
+	// warnings: state New could not load and dropped (see Warnings).
+	warnings []string
 }
 
 // New validates cfg, loads the persisted state from cfg.StateDir and returns
@@ -181,6 +226,18 @@ func New(cfg Config) (*Hub, error) {
 	}
 	if cfg.CertLifetime < 0 {
 		return nil, fmt.Errorf("hub new: Config.CertLifetime %v is negative; give a positive lifetime", cfg.CertLifetime)
+	}
+	if cfg.D2CRate < 0 || cfg.D2CBurst < 0 || cfg.D2CBacklog < 0 || cfg.DailyQuota < 0 || cfg.QuotaChunk < 0 {
+		return nil, errors.New("hub new: D2CRate, D2CBurst, D2CBacklog, DailyQuota and QuotaChunk must not be negative (zero turns a limit off or picks the default)")
+	}
+	if cfg.D2CBurst == 0 {
+		cfg.D2CBurst = cfg.D2CRate
+	}
+	if cfg.D2CBacklog == 0 {
+		cfg.D2CBacklog = defaultD2CBacklog
+	}
+	if cfg.QuotaChunk == 0 {
+		cfg.QuotaChunk = 4096
 	}
 	h := &Hub{
 		cfg:        cfg,
@@ -206,6 +263,9 @@ func New(cfg Config) (*Hub, error) {
 	h.tlsConf = serverTLS(cfg.TLS)
 	h.tlsConf.VerifyPeerCertificate = h.verifyInHandshake
 
+	if cfg.D2CRate > 0 {
+		h.shaper, h.d2cQ = newShaper(cfg.D2CRate, cfg.D2CBurst, cfg.D2CBacklog), newD2CQueue()
+	}
 	if cfg.StateDir != "" {
 		st, err := openStore(cfg.StateDir)
 		if err != nil {
@@ -215,9 +275,22 @@ func New(cfg Config) (*Hub, error) {
 		if err := h.load(); err != nil {
 			return nil, fmt.Errorf("hub new: %w", err)
 		}
+		h.loadSessions(cfg.StateDir)
+	}
+	if cfg.DailyQuota > 0 {
+		var warn string
+		h.quota, warn = newQuota(cfg.DailyQuota, cfg.QuotaChunk, h.now, cfg.StateDir)
+		if warn != "" {
+			h.warnings = append(h.warnings, warn)
+		}
 	}
 	return h, nil
 }
+
+// Warnings lists the state New found damaged and dropped so that the hub
+// could start anyway (e.g. "quota.json is damaged ..."); the caller shows
+// them to the operator.
+func (h *Hub) Warnings() []string { return append([]string(nil), h.warnings...) }
 
 // serverTLS derives the hub's listener configuration from the caller's.
 func serverTLS(in *tls.Config) *tls.Config {
@@ -289,6 +362,23 @@ func (h *Hub) Start() error {
 		return fmt.Errorf("hub start: %w", err)
 	}
 	h.srv, h.ln = srv, ln
+	if h.d2cQ != nil {
+		h.goLocked(h.runShaped)
+	}
+	if h.quota != nil {
+		h.goLocked(func() {
+			t := time.NewTicker(quotaSaveEvery)
+			defer t.Stop()
+			for {
+				select {
+				case <-h.ctx.Done():
+					return
+				case <-t.C:
+					_ = h.quota.save()
+				}
+			}
+		})
+	}
 	h.hostName = h.cfg.HostName
 	if h.hostName == "" {
 		h.hostName = defaultHostName(nl.Addr())
@@ -310,14 +400,27 @@ func capabilities() *mqtt.Capabilities {
 }
 
 func defaultHostName(a net.Addr) string {
-	port := 0
-	if ta, ok := a.(*net.TCPAddr); ok {
-		port = ta.Port
-	}
-	if port == 8883 || port == 0 {
+	ta, ok := a.(*net.TCPAddr)
+	if !ok || ta.Port == 0 {
 		return "localhost"
 	}
-	return "localhost:" + strconv.Itoa(port)
+	d := DialAddr(ta)
+	if ta.Port == 8883 {
+		d, _, _ = net.SplitHostPort(d)
+	}
+	return d
+}
+
+// DialAddr is how a client on this machine dials a bound listener:
+// "localhost:PORT" for 127.0.0.1, ::1 or an unspecified address (azsim's
+// TLS certificates name localhost), otherwise the bound IP itself (e.g.
+// 127.0.0.2:PORT, which then has to be in the certificate's server names).
+func DialAddr(a *net.TCPAddr) string {
+	host := "localhost"
+	if !a.IP.IsUnspecified() && !a.IP.Equal(net.IPv4(127, 0, 0, 1)) && !a.IP.Equal(net.IPv6loopback) {
+		host = a.IP.String()
+	}
+	return net.JoinHostPort(host, strconv.Itoa(a.Port))
 }
 
 // Config is the configuration the hub was created with (a second hub can
@@ -373,7 +476,7 @@ func (h *Hub) Close() error {
 		_ = srv.Close() // closes the listeners (done already) and every client
 	}
 	h.wg.Wait()
-	return nil
+	return h.quota.save()
 }
 
 // DropAll drops every device connection at once, as a network failure

@@ -10,6 +10,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/gwagent/gwagent/azsim/broker"
 	mqtt "github.com/mochi-mqtt/server/v2"
 )
 
@@ -51,6 +52,9 @@ func (h *Hub) invokeMethod(ctx context.Context, id, name string, payload []byte,
 	if timeout <= 0 || timeout > maxMethodTimeout {
 		return MethodResult{}, errorf(http.StatusBadRequest, "timeout %v must be more than 0 and at most 300 seconds", timeout)
 	}
+	if h.quota.exhausted() {
+		return MethodResult{}, h.quota.errExhausted()
+	}
 	h.mu.Lock()
 	if _, ok := h.devices[id]; !ok {
 		h.mu.Unlock()
@@ -77,7 +81,9 @@ func (h *Hub) invokeMethod(ctx context.Context, id, name string, payload []byte,
 		h.mu.Unlock()
 	}()
 
-	// The hub sends method requests at QoS 0.
+	// The hub sends method requests at QoS 0. Request and response are
+	// metered as messages each.
+	h.quota.charge(len(payload))
 	if err := h.send(cl, "$iothub/methods/POST/"+name+"/?$rid="+rid, payload, 0); err != nil {
 		return MethodResult{}, errorf(http.StatusNotFound, "device %q went away before the method could be sent; retry when it is connected", id)
 	}
@@ -85,6 +91,7 @@ func (h *Hub) invokeMethod(ctx context.Context, id, name string, payload []byte,
 	defer t.Stop()
 	select {
 	case r := <-ch:
+		h.quota.charge(len(r.payload))
 		out := MethodResult{Status: r.status, Payload: json.RawMessage("null")}
 		if len(r.payload) > 0 {
 			if json.Valid(r.payload) {
@@ -168,15 +175,23 @@ func (h *Hub) sendC2D(id string, body []byte, props []property) (C2DResult, erro
 		h.mu.Unlock()
 		return C2DResult{}, errorf(http.StatusConflict, "device %q is offline and its last MQTT session was clean (CleanSession=1), so the hub keeps no queue for it and the message would be lost; connect the device with CleanSession=0, or send while it is connected", id)
 	}
-	if len(d.c2d) >= maxC2DQueue {
+	if len(d.c2d)+len(d.c2dInflight) >= maxC2DQueue {
 		h.mu.Unlock()
 		return C2DResult{}, errorf(http.StatusForbidden, "device %q already has %d C2D messages waiting (403004 DeviceMaximumQueueDepthExceeded); let the device connect and receive them first", id, maxC2DQueue)
 	}
+	if h.quota.exhausted() {
+		h.mu.Unlock()
+		return C2DResult{}, h.quota.errExhausted()
+	}
 	d.c2d = append(d.c2d, msg)
+	persistent := d.persistentSession
 	h.mu.Unlock()
+	h.quota.charge(messageSize(bag, body))
 	res := C2DResult{MessageID: mid, State: "queued"}
 	if cl != nil && h.flush(cl) {
 		res.State = "delivered"
+	} else if persistent {
+		_ = h.saveSessions()
 	}
 	return res, nil
 }
@@ -194,20 +209,52 @@ func (h *Hub) flush(cl *mqtt.Client) bool {
 		}
 		h.mu.Unlock()
 		for i, m := range msgs {
-			if err := h.send(cl, m.topic, m.payload, qos); err != nil {
+			id, err := broker.Send(cl, m.topic, m.payload, qos)
+			h.mu.Lock()
+			d, ok := h.devices[cl.ID]
+			switch {
+			case !ok:
+			case err != nil:
 				// Put back what did not go out, ahead of newer messages.
-				h.mu.Lock()
-				if d, ok := h.devices[cl.ID]; ok {
-					d.c2d = append(append([]c2dMessage(nil), msgs[i:]...), d.c2d...)
-				}
-				h.mu.Unlock()
+				d.c2d = append(append([]c2dMessage(nil), msgs[i:]...), d.c2d...)
+			case qos == 1:
+				// Kept until the PUBACK (c2dAcked), so that an azsim
+				// restart does not lose it.
+				d.c2dInflight = append(d.c2dInflight, inflightC2D{packetID: id, msg: m})
+			}
+			h.mu.Unlock()
+			if err != nil {
 				break
 			}
 			sent = true
 		}
+		if sent {
+			_ = h.saveSessions()
+		}
 	}
 	h.deliverRenewal(cl.ID)
 	return sent
+}
+
+// c2dAcked: the device acknowledged the QoS 1 message with this packet id.
+func (h *Hub) c2dAcked(deviceID string, packetID uint16) {
+	h.mu.Lock()
+	d, ok := h.devices[deviceID]
+	found := false
+	if ok {
+		for i, m := range d.c2dInflight {
+			if m.packetID == packetID {
+				d.c2dInflight = append(d.c2dInflight[:i:i], d.c2dInflight[i+1:]...)
+				found = true
+				break
+			}
+		}
+	}
+	persistent := ok && d.persistentSession
+	h.mu.Unlock()
+	if found && persistent {
+		_ = h.saveSessions()
+	}
 }
 
 // newUUID returns a random (version 4) UUID.

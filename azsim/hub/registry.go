@@ -45,9 +45,12 @@ type device struct {
 	// persistentSession: the device's last CONNECT had CleanSession=0, so
 	// C2D messages wait for it (up to maxC2DQueue).
 	persistentSession bool
-	c2d               []c2dMessage
+	c2d               []c2dMessage    // waiting to be sent
+	c2dInflight       []inflightC2D   // sent at QoS 1, not yet acknowledged
+	subs              map[string]byte // a persistent session's subscriptions
 	renewal           *renewalOp
 	lastRefusal       *refusal
+	lastDisconnect    *disconnect
 	// syncUntil: until then a newly issued certificate is not known to the
 	// hub yet (Config.CredentialSyncLag).
 	syncUntil time.Time
@@ -58,6 +61,15 @@ type refusal struct {
 	At     time.Time `json:"at"`
 	Code   byte      `json:"connackCode"`
 	Reason string    `json:"reason"`
+}
+
+// disconnect is why the hub last closed the device's connection for
+// something it did (quota, throttling): Azure shows such codes in the
+// hub's logs only, the device just sees the connection end.
+type disconnect struct {
+	At        time.Time `json:"at"`
+	ErrorCode int       `json:"errorCode"`
+	Reason    string    `json:"reason"`
 }
 
 // conn is one authenticated MQTT connection.
@@ -186,13 +198,16 @@ func (h *Hub) putDevice(id string, spec deviceSpec) (deviceView, bool, error) {
 
 func (h *Hub) deleteDevice(id string) error {
 	h.mu.Lock()
-	_, ok := h.devices[id]
+	d, ok := h.devices[id]
 	delete(h.devices, id)
 	h.mu.Unlock()
 	if !ok {
 		return errNoDevice(id)
 	}
 	h.dropDevice(id)
+	if d.persistentSession {
+		_ = h.saveSessions()
+	}
 	return h.persist()
 }
 
@@ -268,6 +283,9 @@ type deviceView struct {
 	Renewal     *renewalView      `json:"renewal,omitempty"`
 	// LastRefusal says why the last CONNECT was refused (never secrets).
 	LastRefusal *refusal `json:"lastRefusal,omitempty"`
+	// LastDisconnect says why the hub last closed the device's connection
+	// (403002 quota used up, 429002 throttled).
+	LastDisconnect *disconnect `json:"lastDisconnect,omitempty"`
 }
 
 type certView struct {
@@ -307,14 +325,15 @@ func newCertView(r *certRecord) *certView {
 func (h *Hub) deviceViewLocked(d *device) deviceView {
 	cl, _ := h.liveClientLocked(d.ID)
 	v := deviceView{
-		DeviceID:    d.ID,
-		Auth:        d.Auth,
-		Enabled:     d.Enabled,
-		Connected:   cl != nil,
-		Thumbprints: d.Thumbprints,
-		Certificate: newCertView(d.Certificate),
-		C2DQueued:   len(d.c2d),
-		LastRefusal: d.lastRefusal,
+		DeviceID:       d.ID,
+		Auth:           d.Auth,
+		Enabled:        d.Enabled,
+		Connected:      cl != nil,
+		Thumbprints:    d.Thumbprints,
+		Certificate:    newCertView(d.Certificate),
+		C2DQueued:      len(d.c2d) + len(d.c2dInflight),
+		LastRefusal:    d.lastRefusal,
+		LastDisconnect: d.lastDisconnect,
 	}
 	if op := d.renewal; op != nil {
 		v.Renewal = &renewalView{RequestID: op.rid, CorrelationID: op.correlationID, OperationExpires: op.expires, Issued: op.chain != nil}

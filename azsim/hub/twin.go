@@ -250,6 +250,7 @@ func (h *Hub) twinGet(cl *mqtt.Client, t deviceTopic) {
 		h.twinReply(cl, 404, t.rid, "", h.errorBody(404001, "device not found", 0))
 		return
 	}
+	h.quota.charge(len(body)) // twin reads are metered by the twin's size
 	h.twinReply(cl, 200, t.rid, "", body)
 }
 
@@ -286,6 +287,7 @@ func (h *Hub) twinPatchReported(cl *mqtt.Client, t deviceTopic, payload []byte) 
 		h.twinReply(cl, 500, t.rid, "", h.errorBody(500001, "azsim could not save the twin", 0))
 		return
 	}
+	h.quota.charge(len(payload))
 	h.twinReply(cl, 204, t.rid, "&$version="+strconv.FormatInt(v, 10), nil)
 }
 
@@ -318,6 +320,7 @@ func (h *Hub) patchDesired(id string, body []byte) (int64, error) {
 	if cl != nil {
 		if ok, _ := subscribed(cl, subDesired); ok {
 			b, _ := json.Marshal(withVersion(patch, v))
+			h.quota.charge(len(b))
 			_ = h.send(cl, "$iothub/twin/PATCH/properties/desired/?$version="+strconv.FormatInt(v, 10), b, 0)
 		}
 	}

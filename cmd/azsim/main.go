@@ -15,6 +15,7 @@ import (
 	"net/url"
 	"os"
 	"os/signal"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -42,6 +43,9 @@ commands:
   fault         drop [dps|hub|all] | refuse TARGET SECONDS | answer TARGET STATUS [COUNT] [RETRY_AFTER]
                 | assign-delay SECONDS | tamper wrong-key|wrong-cn|broken-chain | clear
   ca            upload NAME FILE | verify NAME FILE | list   (hub CA registration, proof of possession)
+  quota         [set-used N | clock set TIME | clock advance DURATION | clock reset]
+                the hub's tier, throttles and daily quota: use, limit, chunk size, reset time;
+                set today's use, or move the quota clock (e.g. clock set 2025-01-01T23:59:50Z)
 
 Admin commands use --admin URL (default $AZSIM_ADMIN or http://127.0.0.1:8480).
 `
@@ -145,6 +149,8 @@ func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.
 		return c.fault(a)
 	case "ca":
 		return c.ca(a)
+	case "quota":
+		return c.quota(a)
 	}
 	return fmt.Errorf("unknown command %q: %w", args[0], errUsage)
 }
@@ -171,8 +177,10 @@ func serve(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs.StringVar(&cfg.ServerKey, "server-key", "rsa", "TLS server chain: rsa (RSA-2048, as Azure's endpoints) or ecdsa")
 	fs.BoolVar(&cfg.NoCertificateManagement, "no-cert-management", false, "play a hub without the certificate-signing API: SUBACK 0x80 for $iothub/credentials/res/#")
 	fs.DurationVar(&cfg.CredentialSyncLag, "credential-sync-lag", 5*time.Second, "after a DPS registration the hub refuses the newly issued certificate for this long, as Azure's asynchronous credential sync can (0: none)")
-	fs.BoolVar(&cfg.Gentle, "gentle", false, "kinder than Azure, for demos: no CA list in the TLS CertificateRequest, bad client certificates get CONNACK 5 instead of a TLS alert, no credential sync lag (see docs/azure-fidelity.md)")
-	names := fs.String("server-names", "", "comma-separated extra DNS names/IPs for the TLS server certificate")
+	fs.StringVar(&cfg.HubTier, "hub-tier", "S1", "IoT Hub tier: S1, S2, S3, F1 (free), B1, B2, B3; sets the connection, twin and device-to-cloud throttles and the daily message quota (see azsim quota)")
+	fs.IntVar(&cfg.HubUnits, "hub-units", 1, "IoT Hub units of the tier (F1: 1; B3/S3: up to 10; others up to 200)")
+	fs.BoolVar(&cfg.Gentle, "gentle", false, "kinder than Azure, for demos: no CA list in the TLS CertificateRequest, bad client certificates get CONNACK 5 instead of a TLS alert, no credential sync lag, no throttling, no daily quota (see docs/azure-fidelity.md)")
+	names := fs.String("server-names", "", "comma-separated extra DNS names/IPs for the TLS server certificate (the admin API accepts them as Host too)")
 	infoFile := fs.String("info-file", "", "write the info JSON (addresses, id scope, trust bundle) to this file once serving")
 	if err := fs.Parse(args); err != nil {
 		return errUsage
@@ -190,6 +198,9 @@ func serve(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		return err
 	}
 	defer s.Close()
+	for _, w := range s.Warnings() {
+		fmt.Fprintln(stderr, "azsim: warning:", w)
+	}
 	if err := s.Start(); err != nil {
 		return err
 	}
@@ -200,8 +211,25 @@ func serve(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 			return err
 		}
 	}
-	fmt.Fprintf(stdout, "azsim serving\n  DPS          %s (id scope %s)\n  DPS (HTTPS)  %s\n  IoT Hub      %s\n  WebSockets   DPS port %d, hub port %d (path /$iothub/websocket)\n  admin API    %s\n  trust bundle %s\n",
-		inf.DPSAddr, inf.IDScope, inf.DPSHTTPSAddr, inf.HubHostName, inf.DPSWebSocketPort, inf.HubWebSocketPort, inf.AdminURL, inf.TrustBundle)
+	ws := func(a string) string {
+		if a == "" {
+			return "off"
+		}
+		return a
+	}
+	fmt.Fprintf(stdout, "azsim serving (bound addresses)\n  DPS          %s (id scope %s)\n  DPS (HTTPS)  %s\n  IoT Hub      %s, devices dial %s\n  WebSockets   DPS %s, hub %s (path /$iothub/websocket)\n  admin API    %s\n  trust bundle %s\n",
+		inf.Listen.DPS, inf.IDScope, inf.Listen.DPSHTTPS, inf.Listen.Hub, inf.HubHostName, ws(inf.Listen.DPSWebSocket), ws(inf.Listen.HubWebSocket), inf.AdminURL, inf.TrustBundle)
+	if l := s.Hub.Limits(); l.Quota.Enabled || l.D2CRate > 0 {
+		fmt.Fprintf(stdout, "  hub tier     %s × %d: %d device-to-cloud sends/s (burst %d, backlog %s), %d messages/day in %d-byte chunks (azsim quota)\n",
+			l.Tier, l.Units, l.D2CRate, l.D2CBurst, l.D2CBacklog, l.Quota.Limit, l.Quota.ChunkSize)
+	} else if l.Tier != "" {
+		fmt.Fprintf(stdout, "  hub tier     %s × %d, gentle: no throttling, no daily quota\n", l.Tier, l.Units)
+	} else {
+		fmt.Fprintf(stdout, "  hub tier     none: no device-to-cloud throttle, no daily quota\n")
+	}
+	if inf.Listen.Hub2 != "" {
+		fmt.Fprintf(stdout, "  second hub   %s, devices dial %s\n", inf.Listen.Hub2, inf.Hub2HostName)
+	}
 	<-ctx.Done()
 	fmt.Fprintln(stdout, "azsim stopping")
 	return nil
@@ -276,6 +304,29 @@ func (c client) ca(a []string) error {
 		path += "/verify"
 	}
 	return c.do("POST", path, b)
+}
+
+// quota shows the hub's limits and use, sets the use, or moves the quota
+// clock: `quota`, `quota set-used N`, `quota clock set TIME|advance DUR|reset`.
+func (c client) quota(a []string) error {
+	js := func(v map[string]any) []byte { b, _ := json.Marshal(v); return b }
+	switch {
+	case len(a) == 0:
+		return c.do("GET", "/hub/quota", nil)
+	case a[0] == "set-used" && len(a) == 2:
+		n, err := strconv.ParseInt(a[1], 10, 64)
+		if err != nil || n < 0 {
+			return fmt.Errorf("quota set-used %q: want a number of messages >= 0: %w", a[1], errUsage)
+		}
+		return c.do("PUT", "/hub/quota", js(map[string]any{"used": n}))
+	case a[0] == "clock" && len(a) == 3 && a[1] == "set":
+		return c.do("POST", "/hub/quota/clock", js(map[string]any{"set": a[2]}))
+	case a[0] == "clock" && len(a) == 3 && a[1] == "advance":
+		return c.do("POST", "/hub/quota/clock", js(map[string]any{"advance": a[2]}))
+	case a[0] == "clock" && len(a) == 2 && a[1] == "reset":
+		return c.do("POST", "/hub/quota/clock", js(map[string]any{"reset": true}))
+	}
+	return fmt.Errorf("quota [set-used N | clock set TIME | clock advance DURATION | clock reset]: %w", errUsage)
 }
 
 // enroll creates an individual enrollment: `enroll tpm --registration-id ID --ek FILE`.
