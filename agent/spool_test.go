@@ -17,16 +17,7 @@ import (
 )
 
 // spoolPut writes a spool file the documented way: temporary name, rename.
-func spoolPut(t *testing.T, dir, name string, body []byte) {
-	t.Helper()
-	tmp := filepath.Join(dir, "."+name+".tmp")
-	if err := os.WriteFile(tmp, body, 0o640); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.Rename(tmp, filepath.Join(dir, name)); err != nil {
-		t.Fatal(err)
-	}
-}
+var spoolPut = testenv.SpoolPut
 
 // bodiesWith returns the received bodies that are JSON objects with key.
 func bodiesWith(az *azsimtest.Azsim, deviceID, key string) []any {
