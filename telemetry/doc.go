@@ -12,7 +12,7 @@
 // the settle rule, the checks on every file, rejected/), the outbox, the
 // sliding-window drain with batched acks, the retirement of delivered spool
 // files through sent/, disk-full handling on this path (it raises and
-// clears condition.DiskFull and looks for room again every diskCheckEvery),
+// clears condition.DiskFull and looks for room again every 5 s),
 // the backlog signal, and queueing of the agent's own messages (Enqueue).
 //
 // Its seams are small: a Publisher (what transport.Session offers for
@@ -30,6 +30,12 @@
 //     and starts the acker and the retirer, which end before it returns.
 //   - Enqueue may be called from any goroutine; the outbox serializes, and
 //     its write-behind timer runs on the clock's AfterFunc.
+//
+// Where the next pieces fit: pacing the drain to the hub's send rate, waiting
+// out its quota, or packing small messages into one belongs in the drain's
+// publish step (drain.go), the one place a message leaves; a durable record
+// of delivered spool files, so that their retirement trails behind in
+// batches, belongs in delivered, between the outbox ack and the retirer.
 //
 // Importers: agent (the one that runs a pipeline), and tests. It imports
 // the outbox, gwagent's leaves (clock, condition, diskspace, dirwatch) and

@@ -64,7 +64,7 @@ type Options struct {
 	Outbox outbox.Options
 	// Spool returns the spool settings in effect; it is called whenever
 	// they are needed, so a reload takes effect without a restart (a new
-	// directory at the next rescan, within spoolRescan). Required.
+	// directory at the next rescan, within 30 s). Required.
 	Spool func() Spool
 	// Sink receives the pipeline's conditions. Required.
 	Sink condition.Sink
