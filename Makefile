@@ -32,8 +32,8 @@ test: deps
 	# Go 1.26's fuzz coordinator can fail a clean run with "context deadline
 	# exceeded" when a -fuzztime duration ends (golang/go#75804, fixed in 1.27).
 	$(GO) test -run=^$$ -fuzz=FuzzDPSReply -fuzztime=100000x ./provisioning/
-	$(GO) test -run=^$$ -fuzz=FuzzSegmentReader -fuzztime=8000x ./transport/
-	$(GO) test -run=^$$ -fuzz=FuzzAckLog -fuzztime=5000x ./transport/
+	$(GO) test -run=^$$ -fuzz=FuzzSegmentReader -fuzztime=8000x ./telemetry/outbox/
+	$(GO) test -run=^$$ -fuzz=FuzzAckLog -fuzztime=5000x ./telemetry/outbox/
 	$(GO) test -run=^$$ -fuzz=FuzzTPMPublic -fuzztime=20000x ./azsim/dps/
 	$(GO) test -run=^$$ -fuzz=FuzzSASToken -fuzztime=40000x ./azsim/dps/
 	$(GO) test -run=^$$ -fuzz=FuzzRegisterBody -fuzztime=20000x ./azsim/dps/

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/gwagent/gwagent/azsim/azsimtest"
+	"github.com/gwagent/gwagent/telemetry/outbox"
 
 	"github.com/gwagent/gwagent/agent"
 	"github.com/gwagent/gwagent/azsim"
@@ -116,14 +117,14 @@ func TestPropertyBagE2E(t *testing.T) {
 		t.Fatal(err)
 	}
 	// Through the outbox: the properties survive the disk round trip.
-	ob, err := transport.OpenOutbox(t.TempDir(), transport.OutboxOptions{})
+	ob, err := outbox.Open(t.TempDir(), outbox.Options{})
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer ob.Close()
 	spooled := maps.Clone(app)
 	spooled["kind"] = "outbox"
-	if _, err := ob.Put(&transport.Message{Kind: transport.KindApp, Body: []byte(`{"v":2}`), App: spooled}); err != nil {
+	if _, err := ob.Put(&outbox.Message{Kind: outbox.KindApp, Body: []byte(`{"v":2}`), App: spooled}); err != nil {
 		t.Fatal(err)
 	}
 	ms, err := ob.Next(0, 10)

@@ -5,6 +5,7 @@ import (
 
 	"github.com/gwagent/gwagent/internal/condition"
 	"github.com/gwagent/gwagent/internal/diskspace"
+	"github.com/gwagent/gwagent/telemetry"
 )
 
 // CondDiskFull: a file system the agent writes to (the state directory's,
@@ -16,29 +17,15 @@ import (
 // restart.
 const CondDiskFull = condition.DiskFull
 
-// diskCheckEvery is how often the agent looks whether space was freed
-// while CondDiskFull is raised (a statfs, nothing written).
+// diskCheckEvery is how often a renewal waiting for room looks whether
+// space was freed while CondDiskFull is raised (a statfs, nothing written);
+// the telemetry pipeline looks as often for the spool.
 const diskCheckEvery = 5 * time.Second
 
 // noteNoSpace raises CondDiskFull if err says the file system of dir is
 // full, and reports whether it did.
 func (a *Agent) noteNoSpace(dir string, err error) bool {
-	if !diskspace.NoSpace(err) {
-		return false
-	}
-	if !a.diskFull() { // the first directory found full names it
-		a.status.Raise(CondDiskFull, diskspace.Reason(dir))
-	}
-	return true
-}
-
-// repeatedNoSpace notes err like noteNoSpace and reports whether it is a
-// no-space error that disk-full already announced: the caller then logs it
-// at debug level instead of repeating, many times a second, what the
-// condition says once.
-func (a *Agent) repeatedNoSpace(dir string, err error) bool {
-	was := a.diskFull()
-	return a.noteNoSpace(dir, err) && was
+	return diskspace.Note(a.status, dir, err)
 }
 
 // diskFull reports whether CondDiskFull is raised.
@@ -51,11 +38,5 @@ func (a *Agent) diskFull() bool {
 // and reports whether it did.
 func (a *Agent) roomAgain() bool {
 	cfg := a.cfg.Load()
-	for _, dir := range []string{cfg.StateDir, cfg.Telemetry.SpoolDir} {
-		if ok, err := diskspace.HasRoom(dir, hubMessageLimit, 16); !ok || err != nil {
-			return false
-		}
-	}
-	a.status.Clear(CondDiskFull)
-	return true
+	return diskspace.ClearWhenRoom(a.status, telemetry.MaxMessageBytes, 16, cfg.StateDir, cfg.Telemetry.SpoolDir)
 }

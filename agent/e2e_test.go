@@ -14,7 +14,6 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -178,30 +177,12 @@ type running struct {
 	a      *agent.Agent
 	cancel context.CancelFunc
 	done   chan error
-	log    *syncBuffer
-}
-
-// syncBuffer keeps the agent's log for assertions.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  strings.Builder
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
+	log    *testenv.Buffer // the agent's log, for assertions
 }
 
 func (d *device) start() *running {
 	d.t.Helper()
-	logs := &syncBuffer{}
+	logs := &testenv.Buffer{}
 	opts := agent.Options{
 		Logger:      slog.New(slog.NewTextHandler(io.MultiWriter(testWriter{d.t}, logs), &slog.HandlerOptions{Level: slog.LevelDebug})),
 		Version:     "test",

@@ -7,11 +7,3 @@ import "github.com/fsnotify/fsnotify"
 func WithoutInotify(opts *Options, err error) {
 	opts.newWatcher = func() (*fsnotify.Watcher, error) { return nil, err }
 }
-
-// RetrySentNow lets the next delivered spool file try sent/ again at once
-// instead of after sentRetry.
-func (a *Agent) RetrySentNow() {
-	a.sent.mu.Lock()
-	a.sent.tried = a.sent.tried.Add(-sentRetry)
-	a.sent.mu.Unlock()
-}

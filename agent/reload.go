@@ -5,6 +5,8 @@ import (
 	"path/filepath"
 	"syscall"
 	"time"
+
+	"github.com/gwagent/gwagent/internal/dirwatch"
 )
 
 // watchConfig reloads the config when its file changes (directory watch,
@@ -13,24 +15,24 @@ import (
 func (a *Agent) watchConfig(ctx context.Context) {
 	dir, file := filepath.Dir(a.cfgPath), filepath.Base(a.cfgPath)
 	w := a.watchDir("config", CondConfigPolled, dir)
-	defer w.close()
+	defer w.Close()
 	last := configSig(a.cfgPath) // what polling compares with
 	var debounce <-chan time.Time
 	for {
 		select {
 		case <-ctx.Done():
 			return
-		case ev, ok := <-w.events():
+		case ev, ok := <-w.Events():
 			if !ok {
 				return
 			}
 			if filepath.Base(ev.Name) == file {
 				debounce = time.After(300 * time.Millisecond)
 			}
-		case err := <-w.errs():
+		case err := <-w.Errors():
 			a.log.Warn("config watcher", "err", err)
-		case <-w.tick():
-			w.ticked()
+		case <-w.Tick():
+			w.Ticked()
 			if sig := configSig(a.cfgPath); sig != last {
 				last = sig
 				a.reload()
@@ -45,12 +47,12 @@ func (a *Agent) watchConfig(ctx context.Context) {
 
 // configSig tells one version of the config file from another without
 // reading it (an atomic replace changes the inode, an edit the time or size).
-func configSig(path string) fileSig {
+func configSig(path string) dirwatch.Sig {
 	var st syscall.Stat_t
 	if syscall.Stat(path, &st) != nil {
-		return fileSig{}
+		return dirwatch.Sig{}
 	}
-	return sigOf(&st)
+	return dirwatch.SigOf(&st)
 }
 
 // reload applies a changed config: telemetry interval, spool directory, log

@@ -2,12 +2,9 @@ package agent
 
 import (
 	"context"
-	"errors"
-	"fmt"
 	"log/slog"
 	"math/rand/v2"
 	"os"
-	"path/filepath"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -18,6 +15,7 @@ import (
 	"github.com/gwagent/gwagent/internal/retry"
 	"github.com/gwagent/gwagent/provisioning"
 	"github.com/gwagent/gwagent/renewal"
+	"github.com/gwagent/gwagent/telemetry"
 	"github.com/gwagent/gwagent/transport"
 )
 
@@ -75,20 +73,15 @@ type Agent struct {
 	store   *provisioning.Store
 	renewal *renewal.Renewer
 	clock   clock.Clock
-	outbox  *transport.Outbox
+	pipe    *telemetry.Pipeline // spool, outbox, drain (set by Run)
 	rng     *rand.Rand
 
 	interval atomic.Int64  // current health interval (ns): config or twin
-	kick     chan struct{} // wakes the sender when the outbox got messages
 	up       chan struct{} // closed at the first hub connection (reachedHub)
 	upOnce   sync.Once
 	retimer  chan struct{} // wakes the health loop when the interval changed
 	health   healthSource  // the health loop's own
 	desired  desiredState  // order of desired-properties updates (twin.go)
-
-	spool         spoolState   // spool files in the outbox (spool.go)
-	spoolRejected atomic.Int64 // spool files refused since start
-	sent          sentFiles    // delivered spool files on their way out (spoolsent.go)
 
 	ctx   context.Context // Run's, for callbacks (set before any session)
 	calls callbacks       // callbacks in progress (calls.go)
@@ -125,11 +118,8 @@ func New(cfgPath string, opts Options) (*Agent, error) {
 		notify:  newNotifier(),
 		beat:    newHeartbeat(time.Now), // real time, like systemd's watchdog
 		keys:    agentKeys(opts.Logger),
-		kick:    make(chan struct{}, 1),
 		up:      make(chan struct{}),
 		retimer: make(chan struct{}, 1),
-		spool:   spoolState{queued: map[string]fileSig{}},
-		sent:    sentFiles{kick: make(chan struct{}, 1)},
 		clock:   opts.Clock,
 		rng:     rand.New(rand.NewPCG(uint64(opts.Clock.Now().UnixNano()), uint64(os.Getpid()))),
 	}
@@ -167,28 +157,10 @@ func (a *Agent) Run(ctx context.Context) (err error) {
 	}
 	a.store = store
 	a.renewal.Start(store)
-	a.outbox, err = transport.OpenOutbox(filepath.Join(cfg.StateDir, "outbox"), transport.OutboxOptions{MaxBytes: cfg.Outbox.MaxBytes})
-	if err != nil {
+	if err := a.openPipeline(cfg); err != nil {
 		return err
 	}
-	if damaged := a.outbox.Corrupted(); len(damaged) > 0 {
-		total := 0
-		for _, c := range damaged {
-			a.log.Error("outbox: damaged records skipped (a power cut or a bad flash block); application messages among them are sent again from the spool",
-				"segment", c.Segment, "records", c.Skipped, "bytes", c.Bytes)
-			total += c.Skipped
-		}
-		a.status.Update(true, func(s *Status) { s.OutboxDamaged = total })
-	}
 	defer a.shutdown()
-	if _, err := os.Stat(cfg.Telemetry.SpoolDir); errors.Is(err, os.ErrNotExist) {
-		// Normally made by tmpfiles.d; here for a private setup, with the
-		// same mode whatever the umask.
-		if err := os.MkdirAll(cfg.Telemetry.SpoolDir, 0o2770); err != nil {
-			return fmt.Errorf("spool directory: %w", err)
-		}
-		os.Chmod(cfg.Telemetry.SpoolDir, 0o2770)
-	}
 
 	var wg sync.WaitGroup
 	defer wg.Wait()
@@ -205,11 +177,10 @@ func (a *Agent) Run(ctx context.Context) (err error) {
 		wg.Add(1)
 		go func() { defer wg.Done(); a.watchdogLoop(ctx, wd) }()
 	}
-	wg.Add(4)
-	go func() { defer wg.Done(); a.sweepSent(ctx) }()
+	wg.Add(3)
+	go func() { defer wg.Done(); a.pipe.Run(ctx) }()
 	go func() { defer wg.Done(); a.watchConfig(ctx) }()
 	go func() { defer wg.Done(); a.healthLoop(ctx) }()
-	go func() { defer wg.Done(); a.spoolLoop(ctx) }()
 
 	a.lifecycle(ctx)
 	return nil
@@ -221,8 +192,8 @@ func (a *Agent) shutdown() {
 		a.status.Set(StateStopped)
 	}
 	a.calls.closeAndWait() // before the key stores and the outbox close
-	if a.outbox != nil {
-		if err := a.outbox.Close(); err != nil {
+	if a.pipe != nil {
+		if err := a.pipe.Close(); err != nil {
 			a.log.Error("outbox close", "err", err)
 		}
 	}

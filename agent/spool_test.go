@@ -17,16 +17,7 @@ import (
 )
 
 // spoolPut writes a spool file the documented way: temporary name, rename.
-func spoolPut(t *testing.T, dir, name string, body []byte) {
-	t.Helper()
-	tmp := filepath.Join(dir, "."+name+".tmp")
-	if err := os.WriteFile(tmp, body, 0o640); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.Rename(tmp, filepath.Join(dir, name)); err != nil {
-		t.Fatal(err)
-	}
-}
+var spoolPut = testenv.SpoolPut
 
 // bodiesWith returns the received bodies that are JSON objects with key.
 func bodiesWith(az *azsimtest.Azsim, deviceID, key string) []any {
@@ -137,83 +128,4 @@ func TestSpoolRefusesWhatIsNotAMessage(t *testing.T) {
 		return false
 	})
 	r.stop() // a FIFO must not block the shutdown either
-}
-
-// A file name used again after its message was delivered is a new
-// message.
-func TestSpoolNameReused(t *testing.T) {
-	az := azsimtest.Start(t, azsim.Config{})
-	d := newDevice(t, az, devOpts{regID: "gw-spool-reuse", symmetric: true})
-	os.MkdirAll(d.cfg.Telemetry.SpoolDir, 0o770)
-	d.start()
-	p := filepath.Join(d.cfg.Telemetry.SpoolDir, "m.json")
-	for i := 1; i <= 3; i++ {
-		spoolPut(t, d.cfg.Telemetry.SpoolDir, "m.json", []byte(fmt.Sprintf(`{"reused":%d}`, i)))
-		testenv.Eventually(t, 20*time.Second, fmt.Sprintf("message %d delivered and its file deleted", i), func() bool {
-			_, err := os.Lstat(p)
-			return len(bodiesWith(az, "gw-spool-reuse", "reused")) == i && os.IsNotExist(err)
-		})
-	}
-	// The same content again is a new message too, with a new id.
-	spoolPut(t, d.cfg.Telemetry.SpoolDir, "m.json", []byte(`{"reused":3}`))
-	testenv.Eventually(t, 20*time.Second, "the repeated content delivered again", func() bool {
-		return len(bodiesWith(az, "gw-spool-reuse", "reused")) == 4
-	})
-	ids := map[any]bool{}
-	for _, m := range received(az, "gw-spool-reuse", "") {
-		props, _ := m["properties"].(map[string]any)
-		sys, _ := props["system"].(map[string]any)
-		if b, ok := m["body"].(map[string]any); ok && b["reused"] != nil {
-			if sys["$.mid"] == nil || ids[sys["$.mid"]] {
-				t.Fatalf("message id %v used twice", sys["$.mid"])
-			}
-			ids[sys["$.mid"]] = true
-		}
-	}
-}
-
-// A file written in place in two chunks is sent whole: the agent waits
-// until it has been unchanged for spool_settle. With a settle time of an
-// hour, the half-written file cannot be sent during the test; once its
-// modification time is older than that, the whole file is.
-func TestSpoolHalfWrittenFile(t *testing.T) {
-	az := azsimtest.Start(t, azsim.Config{})
-	d := newDevice(t, az, devOpts{regID: "gw-spool-half", symmetric: true, extra: "spool_settle = \"1h\"\n"})
-	os.MkdirAll(d.cfg.Telemetry.SpoolDir, 0o770)
-	r := d.start()
-	testenv.Eventually(t, 20*time.Second, "connected", func() bool { return d.status().State == "connected" })
-	p := filepath.Join(d.cfg.Telemetry.SpoolDir, "counter.json")
-	f, err := os.OpenFile(p, os.O_CREATE|os.O_WRONLY, 0o640)
-	if err != nil {
-		t.Fatal(err)
-	}
-	f.WriteString("12")
-	f.Sync()
-	// A renamed file written long ago is sent at once, so the agent has
-	// certainly looked at the spool after the first chunk.
-	old := filepath.Join(d.cfg.Telemetry.SpoolDir, ".old.tmp")
-	os.WriteFile(old, []byte(`{"old":1}`), 0o640)
-	past := time.Now().Add(-2 * time.Hour)
-	os.Chtimes(old, past, past)
-	os.Rename(old, filepath.Join(d.cfg.Telemetry.SpoolDir, "old.json"))
-	testenv.Eventually(t, 20*time.Second, "the settled file", func() bool { return len(bodiesWith(az, "gw-spool-half", "old")) == 1 })
-	f.WriteString("34")
-	f.Close()
-	os.Chtimes(p, past, past) // as if an hour had passed
-	testenv.Eventually(t, 20*time.Second, "the whole file", func() bool {
-		for _, m := range received(az, "gw-spool-half", "") {
-			if m["body"] == float64(1234) {
-				return true
-			}
-		}
-		return false
-	})
-	for _, m := range received(az, "gw-spool-half", "") {
-		if m["body"] == float64(12) {
-			t.Fatalf("the half-written file was sent")
-		}
-	}
-	if !strings.Contains(r.log.String(), "spool file queued") {
-		t.Fatal("no spool log")
-	}
 }

@@ -14,6 +14,7 @@ import (
 	"github.com/gwagent/gwagent/internal/atomicfile"
 	"github.com/gwagent/gwagent/internal/condition"
 	"github.com/gwagent/gwagent/internal/diskspace"
+	"github.com/gwagent/gwagent/telemetry"
 )
 
 // State is where the agent's lifecycle is. One value at a time; problems
@@ -53,7 +54,7 @@ const (
 	CondCertificateExpired  Condition = "certificate-expired"
 	CondHubUnreachable      Condition = "hub-unreachable"
 	CondProvisioningFailed  Condition = "provisioning-failed"
-	CondOutboxFull          Condition = "outbox-full"
+	CondOutboxFull          Condition = telemetry.CondOutboxFull
 )
 
 // Status is the one place STATUS=, logs, `gwagent status` and the twin's
@@ -95,6 +96,9 @@ type statusTracker struct {
 	lastWrite  time.Time
 	flushEvery time.Duration
 	onChange   func(Status)
+	// counters fills in the telemetry pipeline's counters whenever the
+	// status is written (set by Run before anything else runs).
+	counters func(*Status)
 }
 
 func newStatusTracker(stateDir string, log *slog.Logger, n *notifier, now func() time.Time, version string) *statusTracker {
@@ -236,6 +240,9 @@ func (t *statusTracker) render(diskFull bool) (Status, []byte) {
 	if _, had := t.st.Conditions[CondDiskFull]; diskFull && !had {
 		raised = diskspace.Reason(filepath.Dir(t.path))
 		t.st.Conditions[CondDiskFull] = raised
+	}
+	if t.counters != nil {
+		t.counters(&t.st)
 	}
 	t.st.UpdatedAt = t.now().UTC()
 	t.lastWrite = t.now()

@@ -5,7 +5,8 @@ import (
 	"encoding/json"
 	"time"
 
-	"github.com/gwagent/gwagent/transport"
+	"github.com/gwagent/gwagent/telemetry"
+	"github.com/gwagent/gwagent/telemetry/outbox"
 )
 
 // healthLoop queues a health message every interval.
@@ -70,13 +71,41 @@ func (a *Agent) sendHealth() {
 		days := st.CertNotAfter.Sub(now).Hours() / 24
 		h.CertDaysLeft = &days
 	}
-	h.OutboxDepth, _ = a.outbox.Depth()
-	h.SpoolRejected = a.spoolRejected.Load()
+	ps := a.pipe.Stats()
+	h.OutboxDepth, h.SpoolRejected = ps.OutboxDepth, ps.SpoolRejected
 	body, _ := json.Marshal(h)
-	if err := a.enqueue(&transport.Message{Kind: transport.KindHealth, Body: body,
+	if err := a.pipe.Enqueue(&outbox.Message{Kind: outbox.KindHealth, Body: body,
 		System: map[string]string{"ct": "application/json", "ce": "utf-8"},
 		App:    map[string]string{"type": "health"}}); err != nil {
-		a.noteNoSpace(cfg.StateDir, err)
 		a.log.Warn("health message not queued", "err", err)
 	}
+}
+
+// openPipeline opens the telemetry pipeline on the config's state and spool
+// directories; the status file reads its counters when it is written.
+func (a *Agent) openPipeline(cfg *Config) error {
+	p, err := telemetry.Open(telemetry.Options{
+		StateDir: cfg.StateDir,
+		Outbox:   outbox.Options{MaxBytes: cfg.Outbox.MaxBytes},
+		Spool: func() telemetry.Spool {
+			c := a.cfg.Load()
+			return telemetry.Spool{Dir: c.Telemetry.SpoolDir, Settle: c.Telemetry.SpoolSettle.Duration}
+		},
+		Sink:       a.status,
+		Clock:      a.clock,
+		Logger:     a.log,
+		Backlog:    a.opts.Backlog,
+		Changed:    func(urgent bool) { a.status.Update(urgent, func(*Status) {}) },
+		NewWatcher: a.opts.newWatcher,
+	})
+	if err != nil {
+		return err
+	}
+	a.pipe = p
+	a.status.counters = func(s *Status) {
+		st := p.Stats()
+		s.OutboxDepth, s.OutboxBytes, s.OutboxDamaged = st.OutboxDepth, st.OutboxBytes, st.OutboxDamaged
+		s.LastAckID, s.LastAckAt, s.SpoolRejected = st.LastAckID, st.LastAckAt, st.SpoolRejected
+	}
+	return nil
 }

@@ -68,7 +68,7 @@ func TestServeReportsBoundAddresses(t *testing.T) {
 	dir := t.TempDir()
 	infoFile := filepath.Join(dir, "info.json")
 	ctx, cancel := context.WithCancel(context.Background())
-	var out, errb testenv.SyncBuffer
+	var out, errb testenv.Buffer
 	done := make(chan error, 1)
 	go func() {
 		done <- run(ctx, []string{"serve", "--state", filepath.Join(dir, "state"), "--info-file", infoFile,

@@ -36,7 +36,7 @@ type Proxy struct {
 	URL  *url.URL
 	cmd  *exec.Cmd
 	done chan struct{}
-	log  SyncBuffer
+	log  Buffer
 }
 
 // StartTinyproxy starts tinyproxy with o; it is stopped when the test ends.

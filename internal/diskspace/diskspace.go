@@ -1,6 +1,7 @@
 // Package diskspace tells a full file system from other write errors and
 // measures the room left, for the parts of the agent that must keep working
-// (and say so) on a full disk. A leaf: no state, nothing of gwagent's imported.
+// (and say so) on a full disk, and raises and clears condition.DiskFull for
+// them. A leaf: no state; of gwagent's it imports only the condition leaf.
 package diskspace
 
 import (

@@ -1,4 +1,4 @@
-package transport
+package outbox
 
 import (
 	"bytes"
@@ -22,7 +22,7 @@ func TestOutboxDiskFull(t *testing.T) {
 	mnt := filepath.Join(t.TempDir(), "fs")
 	testenv.Tmpfs(t, mnt, "size=256k,nr_inodes=64")
 	dir := filepath.Join(mnt, "outbox")
-	o := openT(t, dir, OutboxOptions{WriteBehind: time.Hour, MaxPendingBytes: 16 << 10})
+	o := openT(t, dir, Options{WriteBehind: time.Hour, MaxPendingBytes: 16 << 10})
 	free := testenv.Fill(t, mnt, false)
 
 	body := bytes.Repeat([]byte("x"), 4000)
@@ -87,7 +87,7 @@ func TestOutboxDiskFull(t *testing.T) {
 	// rebooted with its disk full): it opens, and ids stay new.
 	free = testenv.Fill(t, mnt, true)
 	defer free()
-	o2, err := OpenOutbox(dir, OutboxOptions{WriteBehind: time.Hour})
+	o2, err := Open(dir, Options{WriteBehind: time.Hour})
 	if err != nil {
 		t.Fatalf("the outbox does not open on a full disk: %v", err)
 	}
@@ -100,7 +100,7 @@ func TestOutboxDiskFull(t *testing.T) {
 		t.Fatalf("id %s after reopening is not of a newer epoch than %s", m.ID, lastID)
 	}
 	o2.Close()
-	o3 := openT(t, dir, OutboxOptions{})
+	o3 := openT(t, dir, Options{})
 	m3 := &Message{Kind: KindHealth, Body: []byte("{}")}
 	o3.Put(m3)
 	if epochOf(t, m3.ID) <= epochOf(t, m.ID) {

@@ -1,4 +1,13 @@
-package transport
+// Package outbox is the telemetry pipeline's durable queue: a FIFO of
+// device-to-cloud messages on disk that keeps each until the hub
+// acknowledged it (see Outbox for what is written when and what survives
+// a SIGKILL or a power cut). It knows nothing of MQTT or of the spool; the
+// pipeline (package telemetry) feeds it and drains it.
+//
+// It imports only gwagent's atomic-file and clock leaves, never logs and
+// keeps no package state. Importers: telemetry, and agent for the Options
+// and Message it hands the pipeline.
+package outbox
 
 import (
 	"crypto/rand"
@@ -18,6 +27,7 @@ import (
 	"time"
 
 	"github.com/gwagent/gwagent/internal/atomicfile"
+	"github.com/gwagent/gwagent/internal/clock"
 )
 
 // Kind says what a queued message is, which decides what may be evicted
@@ -30,7 +40,7 @@ const (
 	// fsynced: a power cut may lose the last ones (the next one supersedes them).
 	KindHealth Kind = 1
 	// KindApp: a local application's message. Never evicted: when the outbox
-	// is full, Put refuses it with ErrOutboxFull and the caller keeps it
+	// is full, Put refuses it with ErrFull and the caller keeps it
 	// (a spool file stays where it is).
 	KindApp Kind = 2
 
@@ -58,18 +68,22 @@ type Message struct {
 	Body  []byte
 }
 
-// ErrOutboxFull: an application message does not fit even after evicting
-// every health message.
-var ErrOutboxFull = errors.New("outbox full")
+var (
+	// ErrFull: an application message does not fit even after evicting
+	// every health message.
+	ErrFull = errors.New("outbox full")
+	// ErrClosed: the outbox was closed.
+	ErrClosed = errors.New("closed")
+)
 
-// OutboxOptions bound the outbox.
-type OutboxOptions struct {
+// Options bound the outbox.
+type Options struct {
 	// MaxBytes bounds the queued messages (default 16 MiB).
 	MaxBytes int64
 	// SegmentBytes is the size at which a new segment file starts (default 1 MiB).
 	SegmentBytes int64
-	// Now is the clock (tests).
-	Now func() time.Time
+	// Clock times the write-behind and stamps acks; default clock.Real.
+	Clock clock.Clock
 	// WriteBehind is how long a message that needs no fsync (health, or
 	// with a producer's copy) may stay in memory only: one the hub
 	// acknowledges sooner never touches the flash. Default 5 s; negative:
@@ -131,7 +145,7 @@ type Corruption struct {
 // a prefix never revives an acked message).
 type Outbox struct {
 	dir  string
-	opts OutboxOptions
+	opts Options
 	id   string
 
 	mu       sync.Mutex
@@ -153,7 +167,7 @@ type Outbox struct {
 
 	pend      []uint64 // seqs of entries held in memory, oldest first
 	pendBytes int64
-	timer     *time.Timer // writes out pending entries when they are due
+	timer     clock.Timer // writes out pending entries when they are due
 
 	syncMu sync.Mutex // serializes fsyncs; held without mu
 	synced uint64     // highest seq known durable
@@ -189,18 +203,16 @@ const (
 
 var castagnoli = crc32.MakeTable(crc32.Castagnoli)
 
-// OpenOutbox opens (creating) the outbox in dir and recovers its state.
+// Open opens (creating) the outbox in dir and recovers its state.
 // Damaged records do not fail the open: see Corrupted.
-func OpenOutbox(dir string, opts OutboxOptions) (*Outbox, error) {
+func Open(dir string, opts Options) (*Outbox, error) {
 	if opts.MaxBytes == 0 {
 		opts.MaxBytes = 16 << 20
 	}
 	if opts.SegmentBytes == 0 {
 		opts.SegmentBytes = 1 << 20
 	}
-	if opts.Now == nil {
-		opts.Now = time.Now
-	}
+	opts.Clock = clock.Or(opts.Clock)
 	if opts.WriteBehind == 0 {
 		opts.WriteBehind = 5 * time.Second
 	}
@@ -489,7 +501,7 @@ func (o *Outbox) defaultID(seq uint64) string {
 // Put queues messages: when it returns nil, every message is written with
 // its Seq and ID set, and those that need it (see Outbox) are fsynced.
 // Health messages may evict older health messages to make room; an
-// application message that does not fit fails with ErrOutboxFull and is
+// application message that does not fit fails with ErrFull and is
 // not queued (nor are the ones after it). evicted counts health messages
 // dropped to make room.
 func (o *Outbox) Put(msgs ...*Message) (evicted int, err error) {
@@ -524,7 +536,7 @@ func (o *Outbox) Put(msgs ...*Message) (evicted int, err error) {
 				continue
 			}
 			o.mu.Unlock()
-			return evicted, fmt.Errorf("outbox: %w (%d bytes queued, limit %d): the hub has been unreachable for long; the message stays with its producer", ErrOutboxFull, o.bytes, o.opts.MaxBytes)
+			return evicted, fmt.Errorf("outbox: %w (%d bytes queued, limit %d): the hub has been unreachable for long; the message stays with its producer", ErrFull, o.bytes, o.opts.MaxBytes)
 		}
 		durable := m.Kind == KindApp && m.Local == ""
 		if durable || o.opts.WriteBehind < 0 {
@@ -541,7 +553,7 @@ func (o *Outbox) Put(msgs ...*Message) (evicted int, err error) {
 			o.live = append(o.live, entry{seq: m.Seq, kind: m.Kind, seg: seg, off: off, size: need})
 			seg.live++
 		} else {
-			o.live = append(o.live, entry{seq: m.Seq, kind: m.Kind, data: append([]byte(nil), o.wbuf...), at: time.Now(), size: need})
+			o.live = append(o.live, entry{seq: m.Seq, kind: m.Kind, data: append([]byte(nil), o.wbuf...), at: o.opts.Clock.Now(), size: need})
 			o.pend = append(o.pend, m.Seq)
 			o.pendBytes += need
 			if o.pendBytes > o.opts.MaxPendingBytes {
@@ -796,7 +808,7 @@ func (o *Outbox) arm() {
 	if o.timer != nil || len(o.pend) == 0 || o.closed {
 		return
 	}
-	o.timer = time.AfterFunc(o.opts.WriteBehind, o.due)
+	o.timer = o.opts.Clock.AfterFunc(o.opts.WriteBehind, o.due)
 }
 
 // due writes out what has waited WriteBehind without an ack.
@@ -805,7 +817,7 @@ func (o *Outbox) due() {
 	defer o.mu.Unlock()
 	o.timer = nil
 	if !o.closed {
-		o.writeDue(time.Now())
+		o.writeDue(o.opts.Clock.Now())
 	}
 }
 
@@ -826,7 +838,7 @@ func (o *Outbox) writeDue(now time.Time) {
 	}
 	o.writeOut(n) // a failure leaves them in memory; the next Put or Close tries again
 	if !next.IsZero() && o.timer == nil {
-		o.timer = time.AfterFunc(time.Until(next.Add(o.opts.WriteBehind)), o.due)
+		o.timer = o.opts.Clock.AfterFunc(clock.Until(o.opts.Clock, next.Add(o.opts.WriteBehind)), o.due)
 	}
 }
 
@@ -983,7 +995,7 @@ func (o *Outbox) Ack(seqs ...uint64) error {
 		o.reclaim()
 	}
 	if last != 0 {
-		o.lastAck, o.lastAckT = last, o.opts.Now()
+		o.lastAck, o.lastAckT = last, o.opts.Clock.Now()
 	}
 	return err
 }

@@ -1,4 +1,4 @@
-package agent
+package telemetry
 
 import (
 	"context"
@@ -18,9 +18,10 @@ import (
 	"unicode/utf8"
 
 	"github.com/fsnotify/fsnotify"
+	"github.com/gwagent/gwagent/internal/clock"
+	"github.com/gwagent/gwagent/internal/dirwatch"
+	"github.com/gwagent/gwagent/telemetry/outbox"
 	"golang.org/x/sys/unix"
-
-	"github.com/gwagent/gwagent/transport"
 )
 
 // The spool directory is local applications' inbox. Its rules (README,
@@ -43,10 +44,6 @@ import (
 // A file is deleted after the hub acknowledged it; a later file with the
 // same name is a new message.
 
-// hubMessageLimit is IoT Hub's limit for one device-to-cloud message: body
-// plus the names and values of its properties.
-const hubMessageLimit = 256 << 10
-
 // spoolRejectedDir is where refused files go, inside the spool directory.
 const spoolRejectedDir = "rejected"
 
@@ -62,69 +59,63 @@ func maxSpoolBody() int64 {
 	for _, p := range spoolSystemProps {
 		n += len("$.") + len(p[0]) + len(p[1])
 	}
-	return hubMessageLimit - int64(n)
+	return MaxMessageBytes - int64(n)
 }
 
-// fileSig identifies one version of one file: a new file under a reused
-// name, or a file rewritten in place, has another signature.
-type fileSig struct {
-	dev, ino uint64
-	size     int64
-	mtime    int64 // ns
+// queuedFiles is shared by the spool loop (which queues files) and the
+// drain's retirement (which takes them out after the hub's PUBACK).
+type queuedFiles struct {
+	mu   sync.Mutex
+	sigs map[string]dirwatch.Sig // path → the version in the outbox
 }
 
-func sigOf(st *syscall.Stat_t) fileSig {
-	return fileSig{dev: uint64(st.Dev), ino: st.Ino, size: st.Size, mtime: st.Mtim.Nano()}
-}
-
-// spoolState is shared by the spool loop (which queues files) and the
-// drain (which deletes them after the hub's PUBACK).
-type spoolState struct {
-	mu     sync.Mutex
-	queued map[string]fileSig // path → the version in the outbox
-}
+// spoolRescan is how often the whole spool directory is looked at again
+// besides the watcher's events: it picks up files refused while the outbox
+// was full, files a refusal could not move aside, and a new spool_dir.
+const spoolRescan = 30 * time.Second
 
 // pendingFile is a spool file that has not settled yet.
 type pendingFile struct {
-	sig  fileSig
+	sig  dirwatch.Sig
 	seen time.Time // when this signature was first seen
 }
 
 // spooler is the spool loop's own state.
 type spooler struct {
-	a       *Agent
+	p       *Pipeline
 	dir     string
 	pending map[string]pendingFile
-	soonest time.Time          // when the earliest pending file may have settled
-	refused map[string]fileSig // could not be moved aside: warned once
+	soonest time.Time               // when the earliest pending file may have settled
+	refused map[string]dirwatch.Sig // could not be moved aside: warned once
 }
 
 // spoolLoop watches the spool directory for *.json files from local
-// applications and queues each as one message; the file is deleted after
-// the hub's PUBACK (drain).
-func (a *Agent) spoolLoop(ctx context.Context) {
-	s := &spooler{a: a, dir: a.cfg.Load().Telemetry.SpoolDir, pending: map[string]pendingFile{}, refused: map[string]fileSig{}}
-	w := a.watchDir("spool", CondSpoolPolled, s.dir)
-	defer w.close()
-	a.loadQueuedSpoolFiles()
+// applications and queues each as one message; the file leaves the spool
+// after the hub's PUBACK (drain.go, sent.go).
+func (p *Pipeline) spoolLoop(ctx context.Context) {
+	s := &spooler{p: p, dir: p.o.Spool().Dir, pending: map[string]pendingFile{}, refused: map[string]dirwatch.Sig{}}
+	w := dirwatch.Watch(s.dir, dirwatch.Options{What: "spool", Cond: CondSpoolPolled, Sink: p.sink, Log: p.log, Clock: p.clock, NewWatcher: p.o.NewWatcher})
+	defer w.Close()
+	p.loadQueued()
 	s.scan()
-	retry := time.NewTicker(30 * time.Second) // picks up files refused while the outbox was full
+	retry, retryC := p.clock.NewTicker(spoolRescan)
 	defer retry.Stop()
 	// One timer for all pending files, armed for the soonest.
-	settle := time.NewTimer(time.Hour)
+	settle, settleC := p.clock.NewTimer(time.Hour)
 	settle.Stop()
+	defer settle.Stop()
 	var armed time.Time
 	resetSettle := func() {
 		if len(s.pending) == 0 || s.soonest.IsZero() || s.soonest.Equal(armed) {
 			return
 		}
 		armed = s.soonest
-		settle.Reset(max(time.Until(armed), 10*time.Millisecond))
+		settle.Reset(max(clock.Until(p.clock, armed), 10*time.Millisecond))
 	}
 	resetSettle()
 	// While a file system is full, look every diskCheckEvery whether space
 	// was freed, and then queue what waited at once.
-	var diskTick *time.Ticker
+	var diskTick clock.Ticker
 	var diskC <-chan time.Time
 	defer func() {
 		if diskTick != nil {
@@ -132,9 +123,8 @@ func (a *Agent) spoolLoop(ctx context.Context) {
 		}
 	}()
 	watchDisk := func() {
-		if diskTick == nil && a.diskFull() {
-			diskTick = time.NewTicker(diskCheckEvery)
-			diskC = diskTick.C
+		if diskTick == nil && p.diskFull() {
+			diskTick, diskC = p.clock.NewTicker(diskCheckEvery)
 		}
 	}
 	watchDisk()
@@ -142,7 +132,7 @@ func (a *Agent) spoolLoop(ctx context.Context) {
 		select {
 		case <-ctx.Done():
 			return
-		case ev, ok := <-w.events():
+		case ev, ok := <-w.Events():
 			if !ok {
 				return
 			}
@@ -153,38 +143,38 @@ func (a *Agent) spoolLoop(ctx context.Context) {
 				s.file(ev.Name)
 			}
 			resetSettle()
-		case err := <-w.errs():
-			a.log.Warn("spool watcher", "err", err)
+		case err := <-w.Errors():
+			p.log.Warn("spool watcher", "err", err)
 			if errors.Is(err, fsnotify.ErrEventOverflow) {
 				// Events were lost (the kernel's queue was full): look
-				// at the whole directory now, not at the next retry.
+				// at the whole directory now, not at the next rescan.
 				s.scan()
 				resetSettle()
 			}
-		case <-w.tick():
-			w.ticked()
+		case <-w.Tick():
+			w.Ticked()
 			s.scan()
 			resetSettle()
-		case <-settle.C:
+		case <-settleC:
 			armed, s.soonest = time.Time{}, time.Time{}
-			for p := range s.pending {
-				s.file(p)
+			for f := range s.pending {
+				s.file(f)
 			}
 			resetSettle()
 		case <-diskC:
-			if a.roomAgain() {
+			if p.roomAgain() {
 				diskTick.Stop()
 				diskTick, diskC = nil, nil
 				s.moveRefused()
 				s.scan()
 				resetSettle()
 			}
-		case <-retry.C:
-			if nd := a.cfg.Load().Telemetry.SpoolDir; nd != s.dir {
-				if err := w.move(nd); err != nil {
-					a.log.Error("cannot watch new spool directory", "dir", nd, "err", err)
+		case <-retryC:
+			if nd := p.o.Spool().Dir; nd != s.dir {
+				if err := w.Move(nd); err != nil {
+					p.log.Error("cannot watch new spool directory", "dir", nd, "err", err)
 				} else {
-					a.log.Info("spool directory changed", "from", s.dir, "to", nd)
+					p.log.Info("spool directory changed", "from", s.dir, "to", nd)
 					s.dir = nd
 					clear(s.pending)
 				}
@@ -202,25 +192,25 @@ func (a *Agent) spoolLoop(ctx context.Context) {
 func (s *spooler) moveRefused() {
 	for p, sig := range s.refused {
 		var st syscall.Stat_t
-		if syscall.Lstat(p, &st) != nil || sigOf(&st) != sig {
+		if syscall.Lstat(p, &st) != nil || dirwatch.SigOf(&st) != sig {
 			continue // gone or changed: looked at afresh by the scan
 		}
-		if dst, err := moveAside(s.dir, filepath.Base(p), time.Now()); err == nil {
+		if dst, err := moveAside(s.dir, filepath.Base(p), s.p.clock.Now()); err == nil {
 			delete(s.refused, p)
-			s.a.log.Info("refused spool file moved aside now", "file", p, "moved_to", dst)
+			s.p.log.Info("refused spool file moved aside now", "file", p, "moved_to", dst)
 		}
 	}
 }
 
-// loadQueuedSpoolFiles notes the spool files already in the outbox (queued
-// before a restart), so they are not queued twice.
-func (a *Agent) loadQueuedSpoolFiles() {
-	a.spool.mu.Lock()
-	defer a.spool.mu.Unlock()
-	a.spool.queued = map[string]fileSig{}
+// loadQueued notes the spool files already in the outbox (queued before a
+// restart), so they are not queued twice.
+func (p *Pipeline) loadQueued() {
+	p.queued.mu.Lock()
+	defer p.queued.mu.Unlock()
+	p.queued.sigs = map[string]dirwatch.Sig{}
 	var last uint64
 	for {
-		ms, err := a.outbox.Next(last, 256)
+		ms, err := p.outbox.Next(last, 256)
 		if err != nil || len(ms) == 0 {
 			return
 		}
@@ -231,35 +221,35 @@ func (a *Agent) loadQueuedSpoolFiles() {
 			}
 			var st syscall.Stat_t
 			if syscall.Lstat(m.Local, &st) == nil {
-				a.spool.queued[m.Local] = sigOf(&st)
+				p.queued.sigs[m.Local] = dirwatch.SigOf(&st)
 			}
 		}
 	}
 }
 
 // spoolSent is called after the hub acknowledged a spool message: the file
-// is deleted unless it was replaced meanwhile (then the new version is a
-// new message and stays).
-func (a *Agent) spoolSent(path string) {
-	a.spool.mu.Lock()
-	defer a.spool.mu.Unlock()
-	sig, ok := a.spool.queued[path]
-	delete(a.spool.queued, path)
+// leaves the spool unless it was replaced meanwhile (then the new version
+// is a new message and stays).
+func (p *Pipeline) spoolSent(path string) {
+	p.queued.mu.Lock()
+	defer p.queued.mu.Unlock()
+	sig, ok := p.queued.sigs[path]
+	delete(p.queued.sigs, path)
 	var st syscall.Stat_t
 	if err := syscall.Lstat(path, &st); err != nil {
 		return // gone already
 	}
-	if ok && sigOf(&st) != sig {
-		a.log.Debug("spool file replaced while its message was in flight; the new version is sent too", "file", path)
+	if ok && dirwatch.SigOf(&st) != sig {
+		p.log.Debug("spool file replaced while its message was in flight; the new version is sent too", "file", path)
 		return
 	}
-	a.retire(path) // spoolsent.go
+	p.retire(path) // sent.go
 }
 
 func (s *spooler) scan() {
 	ents, err := os.ReadDir(s.dir)
 	if err != nil {
-		s.a.log.Warn("spool directory", "err", err)
+		s.p.log.Warn("spool directory", "err", err)
 		return
 	}
 	present := make(map[string]bool, len(ents))
@@ -279,21 +269,23 @@ func (s *spooler) scan() {
 			delete(s.pending, p)
 		}
 	}
-	s.a.spool.mu.Lock()
-	for p := range s.a.spool.queued {
+	s.p.queued.mu.Lock()
+	for p := range s.p.queued.sigs {
 		if filepath.Dir(p) == s.dir && !present[p] {
-			delete(s.a.spool.queued, p)
+			delete(s.p.queued.sigs, p)
 		}
 	}
-	s.a.spool.mu.Unlock()
+	s.p.queued.mu.Unlock()
 }
 
 // settled decides whether the file with signature sig may be read now. If
 // not, it is pending, and s.soonest says when to look at pending files again.
-func (s *spooler) settled(path string, sig fileSig) bool {
-	settle := s.a.cfg.Load().Telemetry.SpoolSettle.Duration
-	now := time.Now() // not opts.Now: compared with file times the kernel sets
-	mt := time.Unix(0, sig.mtime)
+func (s *spooler) settled(path string, sig dirwatch.Sig) bool {
+	settle := s.p.o.Spool().Settle
+	// Compared with file times the kernel sets: the clock must be the
+	// system's (tests that fake it set the files' times to match).
+	now := s.p.clock.Now()
+	mt := time.Unix(0, sig.Mtime)
 	if !mt.After(now.Add(-settle)) {
 		delete(s.pending, path)
 		return true
@@ -318,7 +310,7 @@ func (s *spooler) settled(path string, sig fileSig) bool {
 
 // file looks at one spool entry and queues, defers or refuses it.
 func (s *spooler) file(path string) {
-	a := s.a
+	p := s.p
 	name := filepath.Base(path)
 	if filepath.Dir(path) != s.dir || strings.HasPrefix(name, ".") || !strings.HasSuffix(name, ".json") {
 		return
@@ -328,17 +320,17 @@ func (s *spooler) file(path string) {
 		delete(s.pending, path)
 		return // gone already
 	}
-	a.spool.mu.Lock()
-	q, isQueued := a.spool.queued[path]
-	a.spool.mu.Unlock()
-	if isQueued && q == sigOf(&lst) {
+	p.queued.mu.Lock()
+	q, isQueued := p.queued.sigs[path]
+	p.queued.mu.Unlock()
+	if isQueued && q == dirwatch.SigOf(&lst) {
 		return
 	}
-	if sig, ok := s.refused[path]; ok && sig == sigOf(&lst) {
+	if sig, ok := s.refused[path]; ok && sig == dirwatch.SigOf(&lst) {
 		return
 	}
 	if kind := fileKind(lst.Mode); kind != "" {
-		s.reject(path, sigOf(&lst), kind+", not a regular file; only regular files are sent")
+		s.reject(path, dirwatch.SigOf(&lst), kind+", not a regular file; only regular files are sent")
 		return
 	}
 	// Open without following a link swapped in since the Lstat and
@@ -348,13 +340,13 @@ func (s *spooler) file(path string) {
 	case errors.Is(err, syscall.ENOENT):
 		return
 	case errors.Is(err, syscall.ELOOP):
-		s.reject(path, sigOf(&lst), "a symbolic link; only regular files are sent")
+		s.reject(path, dirwatch.SigOf(&lst), "a symbolic link; only regular files are sent")
 		return
 	case errors.Is(err, syscall.EACCES):
-		s.reject(path, sigOf(&lst), fmt.Sprintf("not readable by the agent (mode %04o); make spool files readable by group gwagent-spool (0640)", lst.Mode&0o7777))
+		s.reject(path, dirwatch.SigOf(&lst), fmt.Sprintf("not readable by the agent (mode %04o); make spool files readable by group gwagent-spool (0640)", lst.Mode&0o7777))
 		return
 	case err != nil:
-		a.log.Warn("cannot open spool file; will try again", "file", path, "err", err)
+		p.log.Warn("cannot open spool file; will try again", "file", path, "err", err)
 		return
 	}
 	f := os.NewFile(uintptr(fd), path)
@@ -363,7 +355,7 @@ func (s *spooler) file(path string) {
 	if err := syscall.Fstat(fd, &st); err != nil {
 		return
 	}
-	sig := sigOf(&st)
+	sig := dirwatch.SigOf(&st)
 	if kind := fileKind(st.Mode); kind != "" {
 		s.reject(path, sig, kind+", not a regular file; only regular files are sent")
 		return
@@ -381,12 +373,12 @@ func (s *spooler) file(path string) {
 	}
 	body, err := io.ReadAll(io.LimitReader(f, limit+1))
 	if err != nil {
-		a.log.Warn("cannot read spool file; will try again", "file", path, "err", err)
+		p.log.Warn("cannot read spool file; will try again", "file", path, "err", err)
 		return
 	}
 	var after syscall.Stat_t
-	if syscall.Fstat(fd, &after) != nil || sigOf(&after) != sig || int64(len(body)) != st.Size {
-		s.pending[path] = pendingFile{sig: sigOf(&after), seen: time.Now()}
+	if syscall.Fstat(fd, &after) != nil || dirwatch.SigOf(&after) != sig || int64(len(body)) != st.Size {
+		s.pending[path] = pendingFile{sig: dirwatch.SigOf(&after), seen: p.clock.Now()}
 		return // still being written
 	}
 	if !utf8.Valid(body) {
@@ -397,34 +389,34 @@ func (s *spooler) file(path string) {
 		s.reject(path, sig, "not valid JSON")
 		return
 	}
-	err = a.enqueue(&transport.Message{Kind: transport.KindApp, Body: body, Local: path, ID: spoolID(name, sig, body),
+	err = p.enqueue(&outbox.Message{Kind: outbox.KindApp, Body: body, Local: path, ID: spoolID(name, sig, body),
 		System: map[string]string{spoolSystemProps[0][0]: spoolSystemProps[0][1], spoolSystemProps[1][0]: spoolSystemProps[1][1]}})
 	if err != nil {
-		if a.repeatedNoSpace(a.cfg.Load().StateDir, err) {
-			a.log.Debug("application message not queued (disk full); it stays in the spool directory", "file", path, "err", err)
+		if p.repeatedNoSpace(p.o.StateDir, err) {
+			p.log.Debug("application message not queued (disk full); it stays in the spool directory", "file", path, "err", err)
 		} else {
-			a.log.Error("application message not queued; it stays in the spool directory", "file", path, "err", err)
+			p.log.Error("application message not queued; it stays in the spool directory", "file", path, "err", err)
 		}
 		return
 	}
-	a.spool.mu.Lock()
-	a.spool.queued[path] = sig
-	a.spool.mu.Unlock()
-	a.log.Debug("spool file queued", "file", path)
+	p.queued.mu.Lock()
+	p.queued.sigs[path] = sig
+	p.queued.mu.Unlock()
+	p.log.Debug("spool file queued", "file", path)
 }
 
 // spoolID is the message id of one version of a spool file. If the agent
 // dies after the PUBACK but before deleting the file, the copy sent again
 // carries the same id and the cloud can drop it; a new file under the same
 // name gets a new id.
-func spoolID(name string, sig fileSig, body []byte) string {
+func spoolID(name string, sig dirwatch.Sig, body []byte) string {
 	h := sha256.New()
 	h.Write([]byte(name + "\x00"))
 	var b [32]byte
-	binary.LittleEndian.PutUint64(b[0:], sig.dev)
-	binary.LittleEndian.PutUint64(b[8:], sig.ino)
-	binary.LittleEndian.PutUint64(b[16:], uint64(sig.size))
-	binary.LittleEndian.PutUint64(b[24:], uint64(sig.mtime))
+	binary.LittleEndian.PutUint64(b[0:], sig.Dev)
+	binary.LittleEndian.PutUint64(b[8:], sig.Ino)
+	binary.LittleEndian.PutUint64(b[16:], uint64(sig.Size))
+	binary.LittleEndian.PutUint64(b[24:], uint64(sig.Mtime))
 	h.Write(b[:])
 	h.Write(body)
 	return "spool-" + hex.EncodeToString(h.Sum(nil)[:12])
@@ -452,19 +444,19 @@ func fileKind(mode uint32) string {
 
 // reject moves a refused spool file to rejected/ (never following links,
 // never replacing a file there), warns once and counts it.
-func (s *spooler) reject(path string, sig fileSig, reason string) {
-	a := s.a
+func (s *spooler) reject(path string, sig dirwatch.Sig, reason string) {
+	p := s.p
 	delete(s.pending, path)
-	dst, err := moveAside(s.dir, filepath.Base(path), time.Now())
+	dst, err := moveAside(s.dir, filepath.Base(path), p.clock.Now())
 	if err != nil {
 		s.refused[path] = sig
-		a.noteNoSpace(s.dir, err)
-		a.log.Warn("spool file refused and left in place (cannot move it aside; tried again later)", "file", path, "reason", reason, "err", err)
+		p.noteNoSpace(s.dir, err)
+		p.log.Warn("spool file refused and left in place (cannot move it aside; tried again later)", "file", path, "reason", reason, "err", err)
 	} else {
-		a.log.Warn("spool file refused; moved aside", "file", path, "reason", reason, "moved_to", dst)
+		p.log.Warn("spool file refused; moved aside", "file", path, "reason", reason, "moved_to", dst)
 	}
-	n := a.spoolRejected.Add(1)
-	a.status.Update(true, func(st *Status) { st.SpoolRejected = n })
+	p.rejected.Add(1)
+	p.o.Changed(true)
 }
 
 // moveAside renames dir/name into dir/rejected/. The rejected directory is

@@ -1,4 +1,4 @@
-package agent
+package telemetry
 
 import (
 	"context"
@@ -9,6 +9,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/gwagent/gwagent/internal/clock"
 	"golang.org/x/sys/unix"
 )
 
@@ -24,6 +25,8 @@ import (
 // sent/ are removed at start, never sent again.
 const spoolSentDir = "sent"
 
+// sentFiles is shared by the drain's retirement (which renames into sent/)
+// and the sweeper (which empties it).
 type sentFiles struct {
 	mu    sync.Mutex
 	dir   string    // the spool directory dfd and sfd belong to
@@ -75,10 +78,10 @@ func openSent(dir string) (int, error) {
 
 // sentFor returns the descriptors for dir, opening them when dir is new
 // (or, once a sentRetry has passed, when sent/ was unusable). sfd is -1
-// when sent/ cannot be used. The caller holds a.sent.mu.
-func (a *Agent) sentFor(dir string) (dfd, sfd int, err error) {
-	s := &a.sent
-	if s.dir == dir && (s.sfd >= 0 || time.Since(s.tried) < sentRetry) {
+// when sent/ cannot be used. The caller holds p.sent.mu.
+func (p *Pipeline) sentFor(dir string) (dfd, sfd int, err error) {
+	s := &p.sent
+	if s.dir == dir && (s.sfd >= 0 || clock.Since(p.clock, s.tried) < sentRetry) {
 		return s.dfd, s.sfd, nil
 	}
 	warned := s.dir == dir
@@ -89,9 +92,9 @@ func (a *Agent) sentFor(dir string) (dfd, sfd int, err error) {
 	}
 	sfd, err = openSent(dir)
 	if err != nil {
-		s.tried = time.Now()
+		s.tried = p.clock.Now()
 		if !warned {
-			a.log.Warn("sent spool files are deleted in place, which is slower on some disks", "err", err)
+			p.log.Warn("sent spool files are deleted in place, which is slower on some disks", "err", err)
 		}
 	}
 	s.dir, s.dfd, s.sfd = dir, dfd, sfd
@@ -101,59 +104,59 @@ func (a *Agent) sentFor(dir string) (dfd, sfd int, err error) {
 // retire takes a sent spool file out of the spool: a rename into sent/
 // for the sweeper, or an unlink when that is not possible (sent/ unusable,
 // or no room for a directory entry on a full disk).
-func (a *Agent) retire(path string) {
+func (p *Pipeline) retire(path string) {
 	dir, name := filepath.Split(path)
 	dir = filepath.Clean(dir)
-	a.sent.mu.Lock()
-	dfd, sfd, err := a.sentFor(dir)
+	p.sent.mu.Lock()
+	dfd, sfd, err := p.sentFor(dir)
 	if err == nil && sfd >= 0 {
 		err = unix.Renameat(dfd, name, sfd, name)
 		if err == nil {
-			a.sent.mu.Unlock()
+			p.sent.mu.Unlock()
 			select {
-			case a.sent.kick <- struct{}{}:
+			case p.sent.kick <- struct{}{}:
 			default:
 			}
 			return
 		}
 	}
-	a.sent.mu.Unlock()
+	p.sent.mu.Unlock()
 	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
-		a.log.Warn("cannot delete sent spool file", "file", path, "err", err)
+		p.log.Warn("cannot delete sent spool file", "file", path, "err", err)
 	}
 }
 
 // sweepSent empties sent/ whenever files are moved there, and once at
 // start for what a crash left behind.
-func (a *Agent) sweepSent(ctx context.Context) {
+func (p *Pipeline) sweepSent(ctx context.Context) {
 	defer func() {
-		a.sent.mu.Lock()
-		a.sent.closeLocked()
-		a.sent.mu.Unlock()
+		p.sent.mu.Lock()
+		p.sent.closeLocked()
+		p.sent.mu.Unlock()
 	}()
-	a.sent.mu.Lock()
-	a.sentFor(a.cfg.Load().Telemetry.SpoolDir)
-	a.sent.mu.Unlock()
+	p.sent.mu.Lock()
+	p.sentFor(p.o.Spool().Dir)
+	p.sent.mu.Unlock()
 	for {
-		a.sweepOnce(ctx)
+		p.sweepOnce(ctx)
 		select {
 		case <-ctx.Done():
 			return
-		case <-a.sent.kick:
+		case <-p.sent.kick:
 		}
 	}
 }
 
-func (a *Agent) sweepOnce(ctx context.Context) {
-	a.sent.mu.Lock()
-	if a.sent.dir == "" || a.sent.sfd < 0 {
-		a.sent.mu.Unlock()
+func (p *Pipeline) sweepOnce(ctx context.Context) {
+	p.sent.mu.Lock()
+	if p.sent.dir == "" || p.sent.sfd < 0 {
+		p.sent.mu.Unlock()
 		return
 	}
 	// A descriptor of its own for reading, so the rename side keeps its.
-	fd, err := unix.Openat(a.sent.sfd, ".", unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
-	dir := filepath.Join(a.sent.dir, spoolSentDir)
-	a.sent.mu.Unlock()
+	fd, err := unix.Openat(p.sent.sfd, ".", unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	dir := filepath.Join(p.sent.dir, spoolSentDir)
+	p.sent.mu.Unlock()
 	if err != nil {
 		return
 	}
@@ -163,7 +166,7 @@ func (a *Agent) sweepOnce(ctx context.Context) {
 		names, err := d.Readdirnames(256)
 		for _, n := range names {
 			if err := unix.Unlinkat(fd, n, 0); err != nil && !errors.Is(err, unix.ENOENT) {
-				a.log.Warn("cannot delete sent spool file", "file", filepath.Join(dir, n), "err", err)
+				p.log.Warn("cannot delete sent spool file", "file", filepath.Join(dir, n), "err", err)
 			}
 		}
 		if err != nil || len(names) == 0 { // io.EOF at the end

@@ -1,4 +1,4 @@
-package transport
+package outbox
 
 import (
 	"bytes"
@@ -14,12 +14,15 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/gwagent/gwagent/devtools/testenv"
+	"github.com/gwagent/gwagent/internal/clock"
 )
 
 // TestMain doubles as a child that queues messages and is SIGKILLed.
 func TestMain(m *testing.M) {
 	if dir := os.Getenv("GWAGENT_TEST_OUTBOX_CHILD"); dir != "" {
-		o, err := OpenOutbox(dir, OutboxOptions{SegmentBytes: 4096})
+		o, err := Open(dir, Options{SegmentBytes: 4096})
 		if err != nil {
 			panic(err)
 		}
@@ -43,9 +46,9 @@ func TestMain(m *testing.M) {
 	os.Exit(m.Run())
 }
 
-func openT(t *testing.T, dir string, opts OutboxOptions) *Outbox {
+func openT(t *testing.T, dir string, opts Options) *Outbox {
 	t.Helper()
-	o, err := OpenOutbox(dir, opts)
+	o, err := Open(dir, opts)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -68,7 +71,7 @@ func bodies(t *testing.T, o *Outbox) []string {
 
 func TestOutboxPutNextAck(t *testing.T) {
 	dir := t.TempDir()
-	o := openT(t, dir, OutboxOptions{})
+	o := openT(t, dir, Options{})
 	for i := 0; i < 3; i++ {
 		if _, err := o.Put(&Message{Kind: KindApp, System: map[string]string{"ct": "application/json"}, App: map[string]string{"i": strconv.Itoa(i)}, Local: "spool/" + strconv.Itoa(i), Body: []byte{'a' + byte(i)}}); err != nil {
 			t.Fatal(err)
@@ -95,7 +98,7 @@ func TestOutboxPutNextAck(t *testing.T) {
 	}
 	id := o.ID()
 	o.Close()
-	o2 := openT(t, dir, OutboxOptions{})
+	o2 := openT(t, dir, Options{})
 	if got := bodies(t, o2); len(got) != 1 || got[0] != "c" {
 		t.Fatalf("after reopen: %v", got)
 	}
@@ -119,7 +122,7 @@ func TestOutboxSurvivesKill(t *testing.T) {
 	if err := cmd.Run(); !errors.As(err, &ee) {
 		t.Fatalf("child: %v", err)
 	}
-	o := openT(t, dir, OutboxOptions{SegmentBytes: 4096})
+	o := openT(t, dir, Options{SegmentBytes: 4096})
 	got := bodies(t, o)
 	if len(got) != 500 {
 		t.Fatalf("%d messages after SIGKILL, want 500", len(got))
@@ -135,27 +138,27 @@ func TestOutboxSurvivesKill(t *testing.T) {
 // cut off and everything before it survives.
 func TestOutboxTornTail(t *testing.T) {
 	dir := t.TempDir()
-	o, _ := OpenOutbox(dir, OutboxOptions{})
+	o, _ := Open(dir, Options{})
 	o.Put(&Message{Kind: KindApp, Body: []byte("one")}, &Message{Kind: KindApp, Body: []byte("two")})
 	o.Close()
 	segs, _ := filepath.Glob(filepath.Join(dir, "*.seg"))
 	f, _ := os.OpenFile(segs[0], os.O_WRONLY|os.O_APPEND, 0)
 	f.Write([]byte{200, 0, 0, 0, 1, 2, 3}) // a header promising 200 bytes, then nothing
 	f.Close()
-	o2 := openT(t, dir, OutboxOptions{})
+	o2 := openT(t, dir, Options{})
 	if got := bodies(t, o2); len(got) != 2 || got[1] != "two" {
 		t.Fatalf("after torn tail: %v", got)
 	}
 	o2.Put(&Message{Kind: KindApp, Body: []byte("three")})
 	o2.Close()
-	o3 := openT(t, dir, OutboxOptions{})
+	o3 := openT(t, dir, Options{})
 	if got := bodies(t, o3); len(got) != 3 || got[2] != "three" {
 		t.Fatalf("append after torn tail: %v", got)
 	}
 }
 
 func TestOutboxEviction(t *testing.T) {
-	o := openT(t, t.TempDir(), OutboxOptions{MaxBytes: 800})
+	o := openT(t, t.TempDir(), Options{MaxBytes: 800})
 	body := bytes.Repeat([]byte("x"), 100)
 	put := func(k Kind, tag string) (int, error) {
 		return o.Put(&Message{Kind: k, App: map[string]string{"tag": tag}, Body: body})
@@ -178,8 +181,8 @@ func TestOutboxEviction(t *testing.T) {
 			break
 		}
 	}
-	if !errors.Is(err, ErrOutboxFull) {
-		t.Fatalf("got %v, want ErrOutboxFull", err)
+	if !errors.Is(err, ErrFull) {
+		t.Fatalf("got %v, want ErrFull", err)
 	}
 	ms, _ = o.Next(0, 100)
 	seen := map[string]bool{}
@@ -202,7 +205,7 @@ func TestOutboxEviction(t *testing.T) {
 
 func TestOutboxReclaimsSpace(t *testing.T) {
 	dir := t.TempDir()
-	o := openT(t, dir, OutboxOptions{SegmentBytes: 2048})
+	o := openT(t, dir, Options{SegmentBytes: 2048})
 	for i := 0; i < 200; i++ {
 		o.Put(&Message{Kind: KindApp, Body: bytes.Repeat([]byte("y"), 50)})
 	}
@@ -231,7 +234,7 @@ func TestOutboxReclaimsSpace(t *testing.T) {
 
 // TestOutboxGroupCommit: concurrent producers share fsyncs.
 func TestOutboxGroupCommit(t *testing.T) {
-	o := openT(t, t.TempDir(), OutboxOptions{})
+	o := openT(t, t.TempDir(), Options{})
 	var wg sync.WaitGroup
 	for g := 0; g < 16; g++ {
 		wg.Add(1)
@@ -279,7 +282,7 @@ func killChild(t *testing.T, dir string, n, acks int) {
 func TestOutboxAckSurvivesKill(t *testing.T) {
 	dir := t.TempDir()
 	killChild(t, dir, 300, 250)
-	o := openT(t, dir, OutboxOptions{SegmentBytes: 4096})
+	o := openT(t, dir, Options{SegmentBytes: 4096})
 	got := bodies(t, o)
 	if len(got) != 50 {
 		t.Fatalf("%d messages after SIGKILL with 250 of 300 acked, want 50", len(got))
@@ -312,7 +315,7 @@ func TestOutboxIDsNeverReused(t *testing.T) {
 		}
 	}
 	for round := 0; round < 3; round++ {
-		o, err := OpenOutbox(dir, OutboxOptions{})
+		o, err := Open(dir, Options{})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -321,13 +324,13 @@ func TestOutboxIDsNeverReused(t *testing.T) {
 	}
 	// A killed run (no Close) and a lost epoch file do not rewind either.
 	killChild(t, dir, 5, 0)
-	o := openT(t, dir, OutboxOptions{})
+	o := openT(t, dir, Options{})
 	for _, m := range mustNext(t, o) {
 		seen[m.ID] = true
 	}
 	o.Close()
 	os.Remove(filepath.Join(dir, "epoch"))
-	o = openT(t, dir, OutboxOptions{})
+	o = openT(t, dir, Options{})
 	take(o)
 }
 
@@ -379,13 +382,13 @@ func TestOutboxCorruptRecords(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			dir := t.TempDir()
-			o, _ := OpenOutbox(dir, OutboxOptions{})
+			o, _ := Open(dir, Options{})
 			o.Put(&Message{Kind: KindApp, Body: []byte("one")}, &Message{Kind: KindApp, Body: []byte("two")})
 			o.Close()
 			segs, _ := filepath.Glob(filepath.Join(dir, "*.seg"))
 			tc.damage(t, segs[0])
 			// A good record after the damage is still found.
-			o, _ = OpenOutbox(dir, OutboxOptions{})
+			o, _ = Open(dir, Options{})
 			ms := mustNext(t, o)
 			o.Close()
 			rec := append(make([]byte, recHeader), binary.LittleEndian.AppendUint64(nil, ms[1].Seq+1)...)
@@ -394,7 +397,7 @@ func TestOutboxCorruptRecords(t *testing.T) {
 			rec = append(rec, "three"...)
 			writeRecord(t, segs[0], rec[recHeader:])
 
-			o2, err := OpenOutbox(dir, OutboxOptions{})
+			o2, err := Open(dir, Options{})
 			if err != nil {
 				t.Fatalf("open after damage: %v", err)
 			}
@@ -416,7 +419,7 @@ func TestOutboxCorruptRecords(t *testing.T) {
 // producer's copy is fsynced.
 func TestOutboxAcksShareSegment(t *testing.T) {
 	dir := t.TempDir()
-	o := openT(t, dir, OutboxOptions{WriteBehind: -1})
+	o := openT(t, dir, Options{WriteBehind: -1})
 	for i := 0; i < 50; i++ {
 		m := &Message{Kind: KindHealth, Body: bytes.Repeat([]byte("h"), 300)}
 		o.Put(m)
@@ -444,7 +447,8 @@ func TestOutboxAcksShareSegment(t *testing.T) {
 // and fsynced at once, after the older ones held in memory.
 func TestOutboxWriteBehind(t *testing.T) {
 	dir := t.TempDir()
-	o := openT(t, dir, OutboxOptions{WriteBehind: time.Hour})
+	clk := clock.NewFake(time.Now())
+	o := openT(t, dir, Options{WriteBehind: time.Hour, Clock: clk})
 	segs := func() int { m, _ := filepath.Glob(filepath.Join(dir, "*.seg")); return len(m) }
 	for i := 0; i < 20; i++ {
 		m := &Message{Kind: KindHealth, Body: []byte("h")}
@@ -458,23 +462,20 @@ func TestOutboxWriteBehind(t *testing.T) {
 	if n := segs(); n != 0 {
 		t.Fatalf("%d segment files written for messages acknowledged at once", n)
 	}
-	o.mu.Lock()
-	timer := o.timer
-	o.mu.Unlock()
-	if timer != nil {
+	if clk.Pending() != 0 {
 		t.Fatal("a timer is left armed with nothing to write (an idle wakeup)")
 	}
 	o.Put(&Message{Kind: KindHealth, Body: []byte("late")})
-	o.mu.Lock()
-	o.writeDue(time.Now().Add(2 * time.Hour))
-	o.mu.Unlock()
-	if segs() != 1 {
-		t.Fatal("an unacknowledged message was not written out when due")
+	clk.Advance(time.Hour - time.Millisecond)
+	if segs() != 0 {
+		t.Fatal("a message was written out before its write-behind time")
 	}
+	clk.Advance(time.Millisecond) // the write-out runs on a goroutine of its own
+	testenv.Eventually(t, 10*time.Second, "the unacknowledged message written out when due", func() bool { return segs() == 1 })
 	o.Put(&Message{Kind: KindHealth, Body: []byte("held")})
 	o.Put(&Message{Kind: KindApp, Body: []byte("durable")})
 	o.closeFiles() // SIGKILL: nothing flushed by Close
-	o2 := openT(t, dir, OutboxOptions{WriteBehind: time.Hour})
+	o2 := openT(t, dir, Options{WriteBehind: time.Hour, Clock: clk})
 	if got := strings.Join(bodies(t, o2), ","); got != "late,held,durable" {
 		t.Fatalf("after a kill: %s, want late,held,durable (in order)", got)
 	}

@@ -1,4 +1,4 @@
-package transport
+package outbox
 
 import (
 	"bytes"
@@ -13,7 +13,7 @@ import (
 // nor stop the outbox from opening; what it reads back must be readable.
 func FuzzSegmentReader(f *testing.F) {
 	dir := f.TempDir()
-	o, _ := OpenOutbox(dir, OutboxOptions{})
+	o, _ := Open(dir, Options{})
 	o.Put(&Message{Kind: KindApp, System: map[string]string{"ct": "application/json"}, App: map[string]string{"a": "b"}, Local: "x", Body: []byte("{}")},
 		&Message{Kind: KindHealth, Body: []byte("health")})
 	ms, _ := o.Next(0, 1)
@@ -42,7 +42,7 @@ func FuzzSegmentReader(f *testing.F) {
 		if err := os.WriteFile(filepath.Join(d, fmt.Sprintf("%020d.seg", 1)), data, 0o600); err != nil {
 			t.Fatal(err)
 		}
-		o, err := OpenOutbox(d, OutboxOptions{noSync: true})
+		o, err := Open(d, Options{noSync: true})
 		if err != nil {
 			t.Fatalf("open: %v", err)
 		}
@@ -79,8 +79,8 @@ func FuzzAckLog(f *testing.F) {
 			ops = ops[:200]
 		}
 		dir := t.TempDir()
-		opts := OutboxOptions{SegmentBytes: 256, MaxBytes: 2048, WriteBehind: -1, noSync: true}
-		o, err := OpenOutbox(dir, opts)
+		opts := Options{SegmentBytes: 256, MaxBytes: 2048, WriteBehind: -1, noSync: true}
+		o, err := Open(dir, opts)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -139,12 +139,12 @@ func FuzzAckLog(f *testing.F) {
 				}
 			case 3: // clean restart
 				o.Close()
-				if o, err = OpenOutbox(dir, opts); err != nil {
+				if o, err = Open(dir, opts); err != nil {
 					t.Fatal(err)
 				}
 			case 4: // SIGKILL: files closed, nothing flushed
 				o.closeFiles()
-				if o, err = OpenOutbox(dir, opts); err != nil {
+				if o, err = Open(dir, opts); err != nil {
 					t.Fatal(err)
 				}
 			}

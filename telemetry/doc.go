@@ -1,0 +1,43 @@
+// Package telemetry is gwagent's telemetry pipeline: everything between a
+// local application's spool file (or a message the agent makes) and the
+// hub's PUBACK.
+//
+//	spool dir ──► intake (spool.go) ──┐
+//	                                  ├─► outbox (durable, outbox/) ──► drain (drain.go) ──► Publisher (the hub session)
+//	Enqueue (health) ─────────────────┘                                   │ PUBACKs, in order
+//	                                        outbox acks ◄── delivered ◄───┘
+//	                                                           └─► spool file → sent/ → swept (sent.go)
+//
+// It owns: spool intake (the directory watch with its polling fallback,
+// the settle rule, the checks on every file, rejected/), the outbox, the
+// sliding-window drain with batched acks, the retirement of delivered spool
+// files through sent/, disk-full handling on this path (it raises and
+// clears condition.DiskFull and looks for room again every 5 s),
+// the backlog signal, and queueing of the agent's own messages (Enqueue).
+//
+// Its seams are small: a Publisher (what transport.Session offers for
+// telemetry), a condition.Sink for its conditions, a clock.Clock for every
+// timer, and the agent's *slog.Logger: as a part of the agent it logs, like
+// agent does; it keeps no package state.
+//
+// Goroutines and what they own:
+//   - Run's spool loop owns the watcher, the files waiting to settle or to
+//     be moved aside, and the settle, rescan and disk-full timers. It shares
+//     the set of queued spool files with the retirer (a mutex).
+//   - Run's sweeper unlinks what is in sent/; it shares the sent/ directory
+//     handles with the retirer (a mutex).
+//   - Drain, one per hub session, runs the sender on the caller's goroutine
+//     and starts the acker and the retirer, which end before it returns.
+//   - Enqueue may be called from any goroutine; the outbox serializes, and
+//     its write-behind timer runs on the clock's AfterFunc.
+//
+// Where the next pieces fit: pacing the drain to the hub's send rate, waiting
+// out its quota, or packing small messages into one belongs in the drain's
+// publish step (drain.go), the one place a message leaves; a durable record
+// of delivered spool files, so that their retirement trails behind in
+// batches, belongs in delivered, between the outbox ack and the retirer.
+//
+// Importers: agent (the one that runs a pipeline), and tests. It imports
+// the outbox, gwagent's leaves (clock, condition, diskspace, dirwatch) and
+// nothing of transport: the session reaches it only as a Publisher.
+package telemetry

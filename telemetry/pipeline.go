@@ -1,0 +1,236 @@
+package telemetry
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/fsnotify/fsnotify"
+
+	"github.com/gwagent/gwagent/internal/clock"
+	"github.com/gwagent/gwagent/internal/condition"
+	"github.com/gwagent/gwagent/internal/dirwatch"
+	"github.com/gwagent/gwagent/internal/diskspace"
+	"github.com/gwagent/gwagent/telemetry/outbox"
+)
+
+// MaxMessageBytes is IoT Hub's limit for one device-to-cloud message: body
+// plus the names and values of its properties.
+const MaxMessageBytes = 256 << 10
+
+// Conditions the pipeline raises and clears through its Sink (besides
+// condition.DiskFull).
+const (
+	// CondOutboxFull: an application message does not fit in the outbox
+	// even after evicting every health message; it waits in the spool.
+	CondOutboxFull condition.Name = "outbox-full"
+	// CondSpoolPolled: the spool directory could not be watched with
+	// inotify, so it is scanned every dirwatch.PollEvery instead.
+	CondSpoolPolled condition.Name = "spool-polled"
+)
+
+// Publisher is the hub session as the drain needs it; *transport.Session
+// is one. PublishTelemetry starts a QoS 1 publish of a device-to-cloud
+// message (system properties without "$.") and returns a function that
+// waits for its PUBACK. Publishes started before waiting are pipelined and
+// acknowledged in order. With a context that is already done, wait still
+// reports a PUBACK that has arrived (a non-blocking check). Once the
+// connection is gone every wait fails, and the drain ends.
+type Publisher interface {
+	PublishTelemetry(body []byte, system, app map[string]string) (wait func(context.Context) error)
+}
+
+// Spool is the spool directory's settings, which a config reload may change.
+type Spool struct {
+	// Dir is watched for *.json files from local applications.
+	Dir string
+	// Settle is how long a file must be unchanged before it is read.
+	Settle time.Duration
+}
+
+// Options set up a Pipeline. Nothing here is global: several pipelines
+// (agents) may run in one process.
+type Options struct {
+	// StateDir is the agent's state directory: the outbox is
+	// StateDir/outbox, and its file system is watched for disk-full.
+	StateDir string
+	// Outbox bounds the outbox; its Clock defaults to the pipeline's.
+	Outbox outbox.Options
+	// Spool returns the spool settings in effect; it is called whenever
+	// they are needed, so a reload takes effect without a restart (a new
+	// directory at the next rescan, within 30 s). Required.
+	Spool func() Spool
+	// Sink receives the pipeline's conditions. Required.
+	Sink condition.Sink
+	// Clock runs every timer of the pipeline; default clock.Real.
+	Clock clock.Clock
+	// Logger is the agent's; default: discard.
+	Logger *slog.Logger
+	// Backlog, if set, is told when the drain starts sending a backlog
+	// (true) and when the outbox is empty again (false).
+	Backlog func(bool)
+	// Changed, if set, is told that Stats changed: urgent when a user is
+	// waiting to see it (a refused spool file), else it may be batched.
+	Changed func(urgent bool)
+	// NewWatcher stands in for fsnotify.NewWatcher (tests).
+	NewWatcher func() (*fsnotify.Watcher, error)
+}
+
+// Stats are the pipeline's counters, for status and health.
+type Stats struct {
+	OutboxDepth   int   // messages queued
+	OutboxBytes   int64 // their size
+	LastAckID     string
+	LastAckAt     time.Time
+	SpoolRejected int64 // spool files refused since Open
+	OutboxDamaged int   // damaged outbox records skipped at Open
+}
+
+// Pipeline is one agent's telemetry path: spool intake, the outbox, the
+// drain to the hub and the retirement of delivered spool files.
+type Pipeline struct {
+	o      Options
+	log    *slog.Logger
+	clock  clock.Clock
+	sink   condition.Sink
+	outbox *outbox.Outbox
+	kick   chan struct{} // wakes the drain: the outbox got messages
+
+	queued   queuedFiles // spool files in the outbox (spool.go)
+	sent     sentFiles   // delivered spool files on their way out (sent.go)
+	rejected atomic.Int64
+	damaged  int
+
+	ackMu     sync.Mutex
+	lastAckID string
+	lastAckAt time.Time
+}
+
+// Open opens the outbox (reporting damaged records in the log and in
+// Stats) and makes the spool directory if it is missing. Run starts the
+// spool intake; Drain sends, one session at a time; Close closes.
+func Open(o Options) (*Pipeline, error) {
+	o.Clock = clock.Or(o.Clock)
+	if o.Outbox.Clock == nil {
+		o.Outbox.Clock = o.Clock
+	}
+	if o.Logger == nil {
+		o.Logger = slog.New(slog.DiscardHandler)
+	}
+	if o.Changed == nil {
+		o.Changed = func(bool) {}
+	}
+	if o.Spool == nil || o.Sink == nil {
+		return nil, errors.New("telemetry: Options.Spool and Options.Sink are required")
+	}
+	p := &Pipeline{o: o, log: o.Logger, clock: o.Clock, sink: o.Sink, kick: make(chan struct{}, 1),
+		queued: queuedFiles{sigs: map[string]dirwatch.Sig{}}, sent: sentFiles{kick: make(chan struct{}, 1)}}
+	var err error
+	if p.outbox, err = outbox.Open(filepath.Join(o.StateDir, "outbox"), o.Outbox); err != nil {
+		return nil, err
+	}
+	for _, c := range p.outbox.Corrupted() {
+		p.log.Error("outbox: damaged records skipped (a power cut or a bad flash block); application messages among them are sent again from the spool",
+			"segment", c.Segment, "records", c.Skipped, "bytes", c.Bytes)
+		p.damaged += c.Skipped
+	}
+	dir := o.Spool().Dir
+	if _, err := os.Stat(dir); errors.Is(err, os.ErrNotExist) {
+		// Normally made by tmpfiles.d; here for a private setup, with the
+		// same mode whatever the umask.
+		if err := os.MkdirAll(dir, 0o2770); err != nil {
+			p.outbox.Close()
+			return nil, fmt.Errorf("spool directory: %w", err)
+		}
+		os.Chmod(dir, 0o2770)
+	}
+	return p, nil
+}
+
+// Run runs the spool intake and the sent/ sweeper until ctx ends.
+func (p *Pipeline) Run(ctx context.Context) {
+	var wg sync.WaitGroup
+	wg.Go(func() { p.sweepSent(ctx) })
+	wg.Go(func() { p.spoolLoop(ctx) })
+	wg.Wait()
+}
+
+// Close closes the outbox, writing out what it holds in memory. Call it
+// after Run and every Drain have returned.
+func (p *Pipeline) Close() error { return p.outbox.Close() }
+
+// Stats reads the counters.
+func (p *Pipeline) Stats() Stats {
+	n, b := p.outbox.Depth()
+	p.ackMu.Lock()
+	id, at := p.lastAckID, p.lastAckAt
+	p.ackMu.Unlock()
+	return Stats{OutboxDepth: n, OutboxBytes: b, LastAckID: id, LastAckAt: at, SpoolRejected: p.rejected.Load(), OutboxDamaged: p.damaged}
+}
+
+// Enqueue queues messages the agent makes (health): see outbox.Outbox.Put
+// for what may be evicted. A full disk raises condition.DiskFull.
+func (p *Pipeline) Enqueue(msgs ...*outbox.Message) error {
+	err := p.enqueue(msgs...)
+	if err != nil {
+		p.noteNoSpace(p.o.StateDir, err)
+	}
+	return err
+}
+
+func (p *Pipeline) enqueue(msgs ...*outbox.Message) error {
+	evicted, err := p.outbox.Put(msgs...)
+	if evicted > 0 {
+		p.log.Warn("outbox full: dropped oldest health messages", "dropped", evicted)
+	}
+	if errors.Is(err, outbox.ErrFull) {
+		p.sink.Raise(CondOutboxFull, err.Error())
+	} else if err == nil {
+		p.sink.Clear(CondOutboxFull)
+	}
+	p.o.Changed(false)
+	p.wake()
+	return err
+}
+
+// wake tells the drain there is something new in the outbox.
+func (p *Pipeline) wake() {
+	select {
+	case p.kick <- struct{}{}:
+	default:
+	}
+}
+
+// diskCheckEvery is how often the spool intake looks whether space was
+// freed while condition.DiskFull is raised (a statfs, nothing written).
+const diskCheckEvery = 5 * time.Second
+
+// noteNoSpace raises condition.DiskFull if err says the file system of dir
+// is full, and reports whether it did.
+func (p *Pipeline) noteNoSpace(dir string, err error) bool {
+	return diskspace.Note(p.sink, dir, err)
+}
+
+// repeatedNoSpace notes err like noteNoSpace and reports whether it is a
+// no-space error that disk-full already announced: the caller then logs it
+// at debug level instead of repeating, many times a second, what the
+// condition says once.
+func (p *Pipeline) repeatedNoSpace(dir string, err error) bool {
+	was := p.diskFull()
+	return p.noteNoSpace(dir, err) && was
+}
+
+func (p *Pipeline) diskFull() bool { return p.sink.Has(condition.DiskFull) }
+
+// roomAgain clears condition.DiskFull once the file systems of the state
+// and spool directories each have room for a whole message and a few
+// files, and reports whether it did.
+func (p *Pipeline) roomAgain() bool {
+	return diskspace.ClearWhenRoom(p.sink, MaxMessageBytes, 16, p.o.StateDir, p.o.Spool().Dir)
+}

@@ -1,0 +1,208 @@
+package telemetry_test
+
+import (
+	"context"
+	"crypto/x509"
+	"encoding/pem"
+	"io"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/fsnotify/fsnotify"
+
+	"github.com/gwagent/gwagent/azsim/azsimtest"
+	"github.com/gwagent/gwagent/devtools/testenv"
+	"github.com/gwagent/gwagent/internal/clock"
+	"github.com/gwagent/gwagent/internal/condition"
+	"github.com/gwagent/gwagent/keystore"
+	"github.com/gwagent/gwagent/keystore/softkey"
+	"github.com/gwagent/gwagent/telemetry"
+	"github.com/gwagent/gwagent/telemetry/outbox"
+	"github.com/gwagent/gwagent/transport"
+)
+
+// sink records conditions as the agent's status tracker would: it stands in
+// for the agent, not for a component a user has.
+type sink struct {
+	mu    sync.Mutex
+	conds map[condition.Name]string
+}
+
+func (s *sink) Raise(c condition.Name, reason string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.conds[c] = reason
+}
+
+func (s *sink) Clear(c condition.Name) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	delete(s.conds, c)
+}
+
+func (s *sink) Has(c condition.Name) bool {
+	_, ok := s.reason(c)
+	return ok
+}
+
+func (s *sink) reason(c condition.Name) (string, bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	r, ok := s.conds[c]
+	return r, ok
+}
+
+// rigOpts adjust a pipeline under test.
+type rigOpts struct {
+	clock      clock.Clock   // default clock.Real
+	settle     time.Duration // default 1 s, the config's default
+	stateDir   string        // default a temporary directory
+	spoolDir   string        // default a temporary directory's spool/
+	outbox     outbox.Options
+	backlog    func(bool)
+	newWatcher func() (*fsnotify.Watcher, error)
+}
+
+// rig is one pipeline, with Run going, on temporary state and spool
+// directories.
+type rig struct {
+	t      *testing.T
+	p      *telemetry.Pipeline
+	sink   *sink
+	log    *testenv.Buffer
+	state  string
+	spool  string
+	urgent atomic.Int64 // Changed(true) calls
+	cancel context.CancelFunc
+	done   chan struct{}
+}
+
+func newRig(t *testing.T, o rigOpts) *rig {
+	t.Helper()
+	if o.settle == 0 {
+		o.settle = time.Second
+	}
+	if o.stateDir == "" {
+		o.stateDir = t.TempDir()
+	}
+	if o.spoolDir == "" {
+		o.spoolDir = filepath.Join(t.TempDir(), "spool")
+	}
+	r := &rig{t: t, sink: &sink{conds: map[condition.Name]string{}}, log: &testenv.Buffer{}, state: o.stateDir,
+		spool: o.spoolDir, done: make(chan struct{})}
+	p, err := telemetry.Open(telemetry.Options{
+		StateDir: r.state,
+		Outbox:   o.outbox,
+		Spool:    func() telemetry.Spool { return telemetry.Spool{Dir: r.spool, Settle: o.settle} },
+		Sink:     r.sink,
+		Clock:    o.clock,
+		Logger:   slog.New(slog.NewTextHandler(io.MultiWriter(testWriter{t}, r.log), &slog.HandlerOptions{Level: slog.LevelDebug})),
+		Backlog:  o.backlog,
+		Changed: func(urgent bool) {
+			if urgent {
+				r.urgent.Add(1)
+			}
+		},
+		NewWatcher: o.newWatcher,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	r.p = p
+	ctx, cancel := context.WithCancel(context.Background())
+	r.cancel = cancel
+	go func() { defer close(r.done); p.Run(ctx) }()
+	t.Cleanup(r.stop)
+	return r
+}
+
+// stop ends Run and closes the pipeline (Drains must have ended).
+func (r *rig) stop() {
+	r.cancel()
+	<-r.done
+	r.p.Close()
+}
+
+// drain runs a Drain over pub until the returned stop is called.
+func (r *rig) drain(pub telemetry.Publisher) (stop func()) {
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { defer close(done); r.p.Drain(ctx, pub) }()
+	stop = func() { cancel(); <-done }
+	r.t.Cleanup(stop)
+	return stop
+}
+
+// depth is the number of messages in the outbox.
+func (r *rig) depth() int { return r.p.Stats().OutboxDepth }
+
+type testWriter struct{ t *testing.T }
+
+func (w testWriter) Write(p []byte) (int, error) {
+	w.t.Log(strings.TrimRight(string(p), "\n"))
+	return len(p), nil
+}
+
+// hubSession connects to azsim's hub as a new static device (a factory
+// certificate): the real session the pipeline drains into.
+func hubSession(t *testing.T, az *azsimtest.Azsim, deviceID string) *transport.Session {
+	t.Helper()
+	keyURI, chainPath := az.FactoryDevice(t, t.TempDir(), deviceID)
+	signer, err := softkey.New().Signer(context.Background(), keystore.MustParse(keyURI))
+	if err != nil {
+		t.Fatal(err)
+	}
+	pemChain, err := os.ReadFile(chainPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var chain []*x509.Certificate
+	for b, rest := pem.Decode(pemChain); b != nil; b, rest = pem.Decode(rest) {
+		c, err := x509.ParseCertificate(b.Bytes)
+		if err != nil {
+			t.Fatal(err)
+		}
+		chain = append(chain, c)
+	}
+	roots := x509.NewCertPool()
+	bundle, _ := os.ReadFile(az.Info.TrustBundle)
+	roots.AppendCertsFromPEM(bundle)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	s, err := transport.Dial(ctx, transport.Config{Host: az.Info.HubHostName, DeviceID: deviceID, Roots: roots, Signer: signer, Chain: chain})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(s.Close)
+	return s
+}
+
+// received returns the messages the hub got from deviceID.
+func received(az *azsimtest.Azsim, deviceID string) []map[string]any {
+	var out []map[string]any
+	for _, m := range az.Telemetry() {
+		if m["deviceId"] == deviceID {
+			out = append(out, m)
+		}
+	}
+	return out
+}
+
+// bodiesWith returns the received bodies that are JSON objects with key.
+func bodiesWith(az *azsimtest.Azsim, deviceID, key string) []any {
+	var out []any
+	for _, m := range received(az, deviceID) {
+		if b, ok := m["body"].(map[string]any); ok {
+			if v, ok := b[key]; ok {
+				out = append(out, v)
+			}
+		}
+	}
+	return out
+}
