@@ -213,7 +213,12 @@ func (a *Agent) provision(ctx context.Context) (*provisioning.Identity, error) {
 		RetryAfterMin: a.opts.RetryAfterMin,
 		ClientVersion: "gwagent/" + a.opts.Version,
 		Progress:      func(s string) { a.log.Info("provisioning", "step", s) },
-		OnStep:        a.onProvisionStep,
+		OnStep: func(s provisioning.Step) {
+			if s.Kind == provisioning.StepConnecting {
+				a.keyStoreWorks()
+			}
+			a.onProvisionStep(s)
+		},
 	})
 	a.status.Clear(CondThrottled)
 	switch {
