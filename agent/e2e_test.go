@@ -25,6 +25,7 @@ import (
 	"github.com/gwagent/gwagent/azsim"
 	"github.com/gwagent/gwagent/devtools/testenv"
 	"github.com/gwagent/gwagent/internal/backoff"
+	"github.com/gwagent/gwagent/internal/clocksync"
 	"github.com/gwagent/gwagent/keystore/pkcs11"
 	"github.com/gwagent/gwagent/provisioning"
 )
@@ -207,6 +208,8 @@ func (d *device) start(now ...func() time.Time) *running {
 		Backoff:       backoff.Policy{Min: 100 * time.Millisecond, Max: time.Second},
 		ClockPoll:     100 * time.Millisecond,
 		Reprovision:   agent.ReprovisionPolicy{Backoff: backoff.Policy{Min: 2 * time.Second, Max: 8 * time.Second}, PerHour: 4},
+		// Not this machine's NTP state: tests of the clock set their own.
+		ClockSync: func(time.Time) clocksync.Reading { return clocksync.Reading{Source: clocksync.NTP, Detail: "test"} },
 	}
 	if len(now) > 0 {
 		opts.Now = now[0]

@@ -27,6 +27,7 @@ import (
 	"time"
 
 	"github.com/gwagent/gwagent/agent"
+	"github.com/gwagent/gwagent/internal/clocksync"
 	"github.com/gwagent/gwagent/internal/tlsconf"
 	"github.com/gwagent/gwagent/keystore"
 	"github.com/gwagent/gwagent/provisioning"
@@ -56,8 +57,8 @@ type checker struct {
 	now       time.Time
 	buildTime time.Time
 	timeout   time.Duration
-	// clockSynced reports the kernel's NTP synchronisation flag; nil skips.
-	clockSynced func() (bool, error)
+	// clockSync says what vouches for the clock (NTP, an RTC); nil skips.
+	clockSync func(now time.Time) clocksync.Reading
 	// systemctl runs systemctl with args and returns its trimmed stdout; nil
 	// when the host does not run systemd.
 	systemctl func(ctx context.Context, args ...string) (string, error)
@@ -84,7 +85,7 @@ func cmdCheck(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	}
 	bt, _ := time.Parse(time.RFC3339, buildTime)
 	c := &checker{cfgPath: *cfgPath, now: time.Now(), buildTime: bt, timeout: *timeout,
-		clockSynced: kernelClockSynced, serviceUser: "gwagent", spoolGroup: "gwagent-spool"}
+		clockSync: clocksync.System().Read, serviceUser: "gwagent", spoolGroup: "gwagent-spool"}
 	if st, err := os.Stat("/run/systemd/system"); err == nil && st.IsDir() {
 		c.systemctl = runSystemctl
 	}
@@ -173,26 +174,20 @@ func (c *checker) checkClock() {
 		c.add("clock", checkError, fmt.Sprintf("clock says %s, before %s (this build); the clock is wrong", c.now.UTC().Format(time.RFC3339), floor.Format(time.RFC3339)), hint)
 		return
 	}
-	if c.clockSynced != nil {
-		ok, err := c.clockSynced()
-		if err == nil && !ok {
-			c.add("clock", checkWarning, fmt.Sprintf("%s is plausible, but the kernel says the clock is not synchronised", c.now.UTC().Format(time.RFC3339)), hint)
+	if c.clockSync != nil {
+		r := c.clockSync(c.now)
+		if r.Source == clocksync.None {
+			msg := fmt.Sprintf("%s is plausible, but %s", c.now.UTC().Format(time.RFC3339), r.Detail)
+			if r.Client == "" {
+				msg += " (no NTP client runs)"
+			}
+			c.add("clock", checkWarning, msg, hint)
 			return
 		}
+		c.add("clock", checkOK, fmt.Sprintf("%s (%s)", c.now.UTC().Format(time.RFC3339), r.Detail), "")
+		return
 	}
 	c.add("clock", checkOK, c.now.UTC().Format(time.RFC3339), "")
-}
-
-// kernelClockSynced reads the kernel's NTP state (what timedatectl shows as
-// "System clock synchronized").
-func kernelClockSynced() (bool, error) {
-	var tx syscall.Timex
-	state, err := syscall.Adjtimex(&tx)
-	if err != nil {
-		return false, err
-	}
-	const timeError, staUnsync = 5, 0x40
-	return state != timeError && tx.Status&staUnsync == 0, nil
 }
 
 func (c *checker) checkStateDir() {
