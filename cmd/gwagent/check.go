@@ -20,6 +20,7 @@ import (
 	"os"
 	"os/exec"
 	"os/user"
+	"path/filepath"
 	"sort"
 	"strconv"
 	"strings"
@@ -215,7 +216,54 @@ func (c *checker) checkStateDir() {
 		c.add("state-dir", checkError, dir+": "+msg, fmt.Sprintf("chown -R %s: %s", c.serviceUser, dir))
 		return
 	}
+	if msg := c.foreignState(dir); msg != "" {
+		c.add("state-dir", checkError, msg, fmt.Sprintf("chown -R %s: %s (a gwagent command run as root by an older version, or a file copied in by hand)", c.serviceUser, dir))
+		return
+	}
 	c.add("state-dir", checkOK, fmt.Sprintf("%s mode %04o", dir, st.Mode().Perm()), "")
+}
+
+// foreignState says which files and directories in the state directory
+// belong to someone other than the service user (who then cannot read or
+// replace them: keys, chains, identity), "" if none or if the user does not
+// exist on this host. It looks at 10000 entries at most.
+func (c *checker) foreignState(dir string) string {
+	u, err := user.Lookup(c.serviceUser)
+	if err != nil {
+		return ""
+	}
+	var bad []string
+	n, seen := 0, 0
+	filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
+		if seen++; seen > 10000 {
+			return filepath.SkipAll
+		}
+		if err != nil {
+			n++
+			bad = append(bad, fmt.Sprintf("%s (unreadable: %v)", p, err))
+			return nil
+		}
+		info, err := d.Info()
+		if err != nil {
+			return nil
+		}
+		if sys, ok := info.Sys().(*syscall.Stat_t); ok && strconv.Itoa(int(sys.Uid)) != u.Uid {
+			n++
+			owner := strconv.Itoa(int(sys.Uid))
+			if o, err := user.LookupId(owner); err == nil {
+				owner = o.Username
+			}
+			bad = append(bad, fmt.Sprintf("%s (owner %s)", p, owner))
+		}
+		return nil
+	})
+	if n == 0 {
+		return ""
+	}
+	if len(bad) > 3 {
+		bad = append(bad[:3], "...")
+	}
+	return fmt.Sprintf("%d file(s) in %s are not the service user %s's, so the service cannot read or replace them: %s", n, dir, c.serviceUser, strings.Join(bad, ", "))
 }
 
 // ownedBy says what is wrong when st is not owned by user (and group, if

@@ -357,16 +357,7 @@ key = "tpm2:socket=%s;blob=%s/operational.tpmkey"
 		t.Fatalf("before the factory step: onboarding %s %q (hint %q)", r.Status, r.Message, r.Hint)
 	}
 
-	csr, _, err := gw(t, "onboard", "csr", "--config", cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	chain, err := az.Server.FactorySign([]byte(csr))
-	if err != nil {
-		t.Fatal(err)
-	}
-	chainFile := filepath.Join(dir, "signed.pem")
-	os.WriteFile(chainFile, chain, 0o644)
+	chainFile := factoryCSR(t, az, cfg, dir)
 	if _, _, err := gw(t, "onboard", "install", "--config", cfg, "--chain", chainFile); err != nil {
 		t.Fatal(err)
 	}
