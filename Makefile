@@ -70,15 +70,16 @@ bench: deps
 clean:
 	rm -rf $(BIN)
 
-# Debian packages (CGO-free static build) for amd64, arm64 and armhf, in
-# bin/deb/, checked by lintian. Reproducible: SOURCE_DATE_EPOCH defaults to
+# Debian packages in bin/deb/, checked by lintian: gwagent (CGO-free
+# static build) for amd64, arm64 and armhf, and gwagent-pkcs11 (cgo, with
+# PKCS#11) for amd64 and arm64. Reproducible: SOURCE_DATE_EPOCH defaults to
 # the last commit's time.
 DEBDIR ?= $(BIN)/deb
-.PHONY: deb deb-check image-check factory-image
+.PHONY: deb deb-check image-check factory-image factory-image-check
 deb:
 	./testdata/install-deps.sh --deb
-	rm -f $(DEBDIR)/gwagent_*.deb
-	./packaging/deb.sh $(DEBDIR) amd64 arm64 armhf
+	rm -f $(DEBDIR)/gwagent_*.deb $(DEBDIR)/gwagent-pkcs11_*.deb
+	./packaging/deb.sh $(DEBDIR) amd64 arm64 armhf amd64-pkcs11 arm64-pkcs11
 
 # The packages' life cycle in a scratch Debian root (root only): offline
 # install, upgrade, remove, purge; lintian; a reproducible second build.
