@@ -87,16 +87,27 @@ deb-check: deb
 	./packaging/test-deb.sh $(DEBDIR)
 
 # An arm64 Debian system under qemu with swtpm, against azsim on loopback
-# only: installs the arm64 package under systemd and checks provisioning
-# with a late TPM, the spool group, renewal, the X.509 factory flow,
-# `gwagent check`, a reboot. Root only; the root file system is built once
-# (10-20 min) and cached in .cache/image/. A release check: see README.
+# only: the arm64 package under systemd, upgraded from the previous
+# release, then provisioning with a late TPM, the spool group, renewal, the
+# X.509 factory flow, the PKCS#11 package with its key in SoftHSM2, the
+# watchdog, `gwagent check`, a reboot, a network down at boot (see README).
+# Root only; the base system is built once (5-20 min) and cached in
+# .cache/image/. A release check, not CI.
 image-check: deb
 	./testdata/install-deps.sh --image
-	./packaging/image/image-check.sh $(DEBDIR)
+	nice -n 10 ./packaging/image/image-check.sh $(DEBDIR)
 
-# An arm64 image with gwagent installed and enabled, with PRODUCT's settings.
+# The arm64 image a manufacturer ships, with PRODUCT's settings (README,
+# the factory flow).
 PRODUCT ?= packaging/image/product-example
 factory-image: deb
 	./testdata/install-deps.sh --image
 	./packaging/image/factory-image.sh $(DEBDIR) $(PRODUCT) $(BIN)/factory
+
+# The factory flow end to end: factory-image for the example product
+# pointed at azsim, booted under qemu with swtpm, the README's station
+# block over the station login, then in the field: provisioning,
+# telemetry, a power cut. Root only; a release check.
+factory-image-check: deb
+	./testdata/install-deps.sh --image
+	nice -n 10 ./packaging/image/factory-image-check.sh $(DEBDIR)
