@@ -23,6 +23,17 @@ mkimage() {
 	mkfs.ext4 -q -F -L "$4" -E root_owner=0:0 -d "$1" "$2" "$3"
 }
 
+# stop_all DEST: ends what the check started (pids) and makes DEST, empty,
+# for the logs, which must outlive the work directory also when the check
+# failed.
+stop_all() {
+	local p
+	for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+	wait 2>/dev/null || true
+	rm -rf "$1"
+	mkdir -p "$1"
+}
+
 # free_port: a TCP port on 127.0.0.1 that nothing listens on.
 free_port() {
 	local p
@@ -74,15 +85,16 @@ start_swtpm() {
 	for _ in $(seq 100); do [ -S "$1/swtpm.sock" ] && break; sleep 0.1; done
 }
 
-# qemu_virt KERNEL INITRD TPMDIR CONSOLE ARGS...: the arm64 virt machine
+# qemu_virt KERNEL INITRD TPMDIR CONSOLE ARGS... &: the arm64 virt machine
 # with a TPM (tpm-tis-device on TPMDIR's swtpm), the serial console to
 # the file CONSOLE, qemu's own messages to CONSOLE.qemu; ARGS add disks and
 # the network. The virtio-net option ROM is not loaded (romfile=): the
-# kernel is booted directly, no firmware needs it.
+# kernel is booted directly, no firmware needs it. Run it in the background:
+# it execs qemu, so $! is qemu's pid.
 qemu_virt() {
 	local kernel=$1 initrd=$2 tpm=$3 console=$4
 	shift 4
-	qemu-system-aarch64 -M virt -cpu cortex-a57 -smp 2 -m 1024 -nographic -no-reboot \
+	exec qemu-system-aarch64 -M virt -cpu cortex-a57 -smp 2 -m 1024 -nographic -no-reboot \
 		-kernel "$kernel" -initrd "$initrd" -append "root=/dev/vda rw console=ttyAMA0 panic=-1" \
 		-chardev "socket,id=chrtpm,path=$tpm/swtpm.sock" -tpmdev emulator,id=tpm0,chardev=chrtpm \
 		-device tpm-tis-device,tpmdev=tpm0 \

@@ -30,11 +30,7 @@ results=$work/results
 : >"$results"
 pids=()
 cleanup() {
-	for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-	wait 2>/dev/null || true
-	# The logs outlive the work directory, also when the check failed.
-	rm -rf "$dest"
-	mkdir -p "$dest"
+	stop_all "$dest"
 	cp "$results" "$work"/*.log "$work"/*.qemu "$work"/station.txt "$work"/telemetry.jsonl "$work"/check-*.txt "$work"/*.json "$dest/" 2>/dev/null || true
 	[ -n "${KEEP:-}" ] || rm -rf "$work"
 	echo "factory-image-check: results and logs in $dest" >&2

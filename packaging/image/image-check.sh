@@ -34,11 +34,7 @@ work=$(mktemp -d /var/tmp/gwagent-imagecheck.XXXXXX)
 dest=${IMAGE_CHECK_OUT:-bin/image-check}
 pids=()
 cleanup() {
-	for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-	wait 2>/dev/null || true
-	# The logs outlive the work directory, also when the check failed.
-	rm -rf "$dest"
-	mkdir -p "$dest"
+	stop_all "$dest"
 	[ -d "$work/guest/out" ] && cp -r "$work/guest/out/." "$dest/"
 	cp "$work"/console*.log* "$work"/azsim.log "$work"/telemetry.jsonl "$work"/previous.log "$work"/results "$dest/" 2>/dev/null || true
 	[ -n "${KEEP:-}" ] || rm -rf "$work"

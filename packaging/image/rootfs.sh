@@ -25,8 +25,9 @@
 #   no apt lists, no random seed, no resolv.conf or hostname of the builder.
 # - busybox-static: wget and ip for field diagnosis and the image checks.
 #
-# Also fetched (not installed) into CACHEDIR/extra-debs: SoftHSM2 for arm64,
-# the PKCS#11 token the image checks install to test the PKCS#11 package.
+# Also fetched (not installed) into CACHEDIR/extra-debs: SoftHSM2 for arm64
+# and what it needs beyond the base, the PKCS#11 token the image check
+# installs to test the PKCS#11 package.
 #
 # Usage: rootfs.sh CACHEDIR     (CACHEDIR/{rootfs/,vmlinuz,initrd.img,kver,extra-debs/} on success)
 # The caller keys CACHEDIR by a hash of this script, so any change rebuilds.
@@ -61,7 +62,7 @@ mmdebstrap --arch=arm64 --variant=minbase --mode=root --format=directory \
   --dpkgopt='path-exclude=/usr/share/doc/*' --dpkgopt='path-include=/usr/share/doc/*/copyright' \
   --dpkgopt='path-exclude=/usr/share/man/*' --dpkgopt='path-exclude=/usr/share/locale/*' \
   --essential-hook="mkdir -p \"\$1/etc/tiny-initramfs\" && printf 'AUTO_MODULES=no\nINCLUDE_MODULES=\"$initrd_modules\"\n' >\"\$1/etc/tiny-initramfs/tiny-initramfs.conf\"" \
-  --customize-hook="mkdir -p \"\$1/tmp/extra\" && chroot \"\$1\" sh -c 'cd /tmp/extra && apt-get -q download softhsm2 libsofthsm2 softhsm2-common libsqlite3-0' && mv \"\$1\"/tmp/extra/*.deb '$tmp/extra-debs/' && rmdir \"\$1/tmp/extra\"" \
+  --customize-hook="chroot \"\$1\" apt-get clean && chroot \"\$1\" apt-get -q -y --no-install-recommends install --download-only softhsm2 && mv \"\$1\"/var/cache/apt/archives/*.deb '$tmp/extra-debs/'" \
   --customize-hook='rm -rf "$1"/var/lib/apt/lists/* "$1"/var/cache/apt/*.bin "$1"/var/cache/apt/archives/*.deb' \
   "$suite" "$tmp/rootfs" \
   "deb $mirror $suite main" "deb $mirror $suite-updates main" "deb $security $suite-security main"

@@ -185,15 +185,15 @@ if [ ! -e "$O/phase1.done" ]; then
 	systemctl stop gwagent.service
 	find /var/lib/gwagent -mindepth 1 -delete
 	install -d -m 0700 -o gwagent -g gwagent /var/lib/gwagent/softhsm /var/lib/gwagent/softhsm/tokens
-	printf 'directories.tokendir = /var/lib/gwagent/softhsm/tokens\nobjectstore.backend = file\nlog.level = INFO\n' >/etc/gwagent/softhsm2.conf
-	chmod 0644 /etc/gwagent/softhsm2.conf
+	# SoftHSM2's own config (root:softhsm 0640) names the token directory,
+	# so the service, gwagent check and softhsm2-util all find the token
+	# (README); the service user reads it as a member of group softhsm.
+	usermod -aG softhsm gwagent
+	sed -i 's|^directories.tokendir = .*|directories.tokendir = /var/lib/gwagent/softhsm/tokens|' /etc/softhsm/softhsm2.conf
 	printf '1234\n' >/etc/gwagent/pkcs11-pin
 	chown gwagent:gwagent /etc/gwagent/pkcs11-pin
 	chmod 0600 /etc/gwagent/pkcs11-pin
-	mkdir -p /etc/systemd/system/gwagent.service.d
-	printf '[Service]\nEnvironment=SOFTHSM2_CONF=/etc/gwagent/softhsm2.conf\n' >/etc/systemd/system/gwagent.service.d/softhsm.conf
-	systemctl daemon-reload
-	runuser -u gwagent -- env SOFTHSM2_CONF=/etc/gwagent/softhsm2.conf softhsm2-util --init-token --free --label gw --so-pin 5678 --pin 1234 >"$O/softhsm-init.log" 2>&1 ||
+	runuser -u gwagent -- softhsm2-util --init-token --free --label gw --so-pin 5678 --pin 1234 >"$O/softhsm-init.log" 2>&1 ||
 		fail "softhsm2-util --init-token (softhsm-init.log)"
 	configure pkcs11.toml gw-image-p11.key
 	systemctl start gwagent.service
