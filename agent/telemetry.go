@@ -91,12 +91,12 @@ func (a *Agent) openPipeline(cfg *Config) error {
 			c := a.cfg.Load()
 			return telemetry.Spool{Dir: c.Telemetry.SpoolDir, Settle: c.Telemetry.SpoolSettle.Duration}
 		},
-		Sink:       a.status,
-		Clock:      a.clock,
-		Logger:     a.log,
-		Backlog:    a.opts.Backlog,
-		Changed:    func(urgent bool) { a.status.Update(urgent, func(*Status) {}) },
-		NewWatcher: a.opts.newWatcher,
+		Sink:    a.status,
+		Clock:   a.clock,
+		Logger:  a.log,
+		Backlog: a.opts.Backlog,
+		Changed: func(urgent bool) { a.status.Update(urgent, func(*Status) {}) },
+		Inotify: a.opts.newInotify,
 	})
 	if err != nil {
 		return err

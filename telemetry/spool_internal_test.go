@@ -1,8 +1,11 @@
 package telemetry
 
 import (
+	"bytes"
+	"encoding/json"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 )
@@ -42,5 +45,29 @@ func TestMoveAside(t *testing.T) {
 	}
 	if _, err := os.Stat(filepath.Join(evil, "status.json")); err != nil {
 		t.Fatalf("the refused file is gone: %v", err)
+	}
+}
+
+// maxJSONDepth is the nesting encoding/json takes, so the reason a refused
+// file gets names the limit it really hit.
+func TestJSONDepthLimit(t *testing.T) {
+	nest := func(n int) []byte {
+		return append(bytes.Repeat([]byte("["), n), bytes.Repeat([]byte("]"), n)...)
+	}
+	if !json.Valid(nest(maxJSONDepth)) || json.Valid(nest(maxJSONDepth+1)) {
+		t.Fatalf("encoding/json no longer takes exactly %d levels: change maxJSONDepth", maxJSONDepth)
+	}
+	for _, c := range []struct {
+		doc  string
+		deep bool
+	}{
+		{string(nest(maxJSONDepth)), false},
+		{string(nest(maxJSONDepth + 1)), true},
+		{`{"a":"` + strings.Repeat("[", maxJSONDepth+5) + `"}`, false}, // brackets in a string
+		{`["\"` + strings.Repeat("{", maxJSONDepth+5) + `"]`, false},   // after an escaped quote
+	} {
+		if got := jsonDeeperThan([]byte(c.doc), maxJSONDepth); got != c.deep {
+			t.Errorf("jsonDeeperThan(%.20q...) = %v, want %v", c.doc, got, c.deep)
+		}
 	}
 }
