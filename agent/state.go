@@ -75,6 +75,10 @@ type Status struct {
 	// SpoolRejected counts spool files refused (moved to rejected/) since
 	// the agent started.
 	SpoolRejected int64 `json:"spoolRejected,omitempty"`
+	// SpoolRejectedRemoved counts refused files deleted from rejected/
+	// since the agent started, which keeps the newest
+	// telemetry.RejectedKeep.
+	SpoolRejectedRemoved int64 `json:"spoolRejectedRemoved,omitempty"`
 	// OutboxDamaged counts damaged outbox records skipped at start.
 	OutboxDamaged int       `json:"outboxDamagedRecords,omitempty"`
 	Version       string    `json:"version,omitempty"`

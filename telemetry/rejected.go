@@ -45,7 +45,7 @@ func (p *Pipeline) pruneRejected(dir string) {
 		p.log.Info("rejected/ keeps the newest refused spool files; removed the oldest",
 			"dir", filepath.Join(dir, spoolRejectedDir), "removed", removed, "kept", kept,
 			"keep_files", RejectedKeep, "keep_bytes", RejectedKeepBytes)
-		p.o.Changed(false)
+		p.o.Changed(true) // as often as refusals, which are urgent too
 	}
 	if err != nil && !errors.Is(err, os.ErrNotExist) {
 		p.log.Warn("cannot bound rejected/", "dir", filepath.Join(dir, spoolRejectedDir), "err", err)

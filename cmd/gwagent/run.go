@@ -21,6 +21,7 @@ import (
 	"github.com/gwagent/gwagent/internal/tlsconf"
 	"github.com/gwagent/gwagent/keystore"
 	"github.com/gwagent/gwagent/provisioning"
+	"github.com/gwagent/gwagent/telemetry"
 )
 
 func cmdRun(ctx context.Context, args []string, stdout, stderr io.Writer) error {
@@ -147,11 +148,15 @@ func cmdStatus(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	}
 	spool := cfg.Telemetry.SpoolDir
 	ents, _ := os.ReadDir(filepath.Join(spool, "rejected"))
-	refused := int64(0)
+	refused, removed := int64(0), int64(0)
 	if serr == nil {
-		refused = st.SpoolRejected
+		refused, removed = st.SpoolRejected, st.SpoolRejectedRemoved
 	}
-	w("spool", fmt.Sprintf("%s; %d files refused since the agent started, %d in %s", spool, refused, len(ents), filepath.Join(spool, "rejected")))
+	line := fmt.Sprintf("%s; %d files refused since the agent started, %d in %s (the newest %d are kept", spool, refused, len(ents), filepath.Join(spool, "rejected"), telemetry.RejectedKeep)
+	if removed > 0 {
+		line += fmt.Sprintf("; %d older ones removed", removed)
+	}
+	w("spool", line+")")
 	return nil
 }
 
