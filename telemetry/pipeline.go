@@ -141,6 +141,14 @@ func Open(o Options) (*Pipeline, error) {
 	if p.outbox, err = outbox.Open(filepath.Join(o.StateDir, "outbox"), o.Outbox); err != nil {
 		return nil, err
 	}
+	if why := p.outbox.IDRenewed(); why != "" {
+		p.log.Warn("outbox: message ids now start with a new outbox id, so none is ever used twice", "id", p.outbox.ID(), "reason", why)
+	}
+	if err := p.outbox.Unsaved(); err != nil {
+		// A new state directory on a full disk: the agent runs, and
+		// says so; the outbox saves its id before it writes anything.
+		p.noteNoSpace(o.StateDir, err)
+	}
 	for _, c := range p.outbox.Corrupted() {
 		p.log.Error("outbox: damaged records skipped (a power cut or a bad flash block); application messages among them are sent again from the spool",
 			"segment", c.Segment, "records", c.Skipped, "bytes", c.Bytes)
