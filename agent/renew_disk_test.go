@@ -185,21 +185,42 @@ func TestProvisionDiskFull(t *testing.T) {
 	free()
 	free = testenv.Fill(t, d.cfg.StateDir, false)
 
-	// The agent started on the fresh, full state directory cannot even open
-	// its outbox: it stops at once, saying why and what to do (systemd
-	// starts it again).
+	// The agent started on the fresh, full state directory starts: degraded,
+	// saying the disk is full (in the log and to systemd: no status file
+	// fits; `gwagent status` says so from the lock and the file system),
+	// and provisions and connects without a restart once space is freed.
 	r := d.start()
-	select {
-	case err := <-r.done:
-		r.done <- err
-		if err == nil || !strings.Contains(err.Error(), "free space") {
-			t.Fatalf("the agent on a fresh full state directory: %v, want a full-disk error", err)
+	testenv.Eventually(t, 30*time.Second, "the agent on a fresh full state directory running degraded, saying disk-full", func() bool {
+		select {
+		case err := <-r.done:
+			r.done <- err
+			t.Fatalf("the agent on a fresh full state directory stopped: %v", err)
+		default:
 		}
-	case <-time.After(30 * time.Second):
-		t.Fatal("the agent on a fresh full state directory neither stopped nor said why")
+		l := r.log.String()
+		return strings.Contains(l, "condition=disk-full") && strings.Contains(l, "to=degraded")
+	})
+	if !strings.Contains(r.log.String(), d.cfg.StateDir) {
+		t.Fatalf("the log does not name the full file system:\n%s", r.log.String())
 	}
 	assertNotProvisioned(t, d)
 	assertNoHalfWritten(t, d)
+	free()
+	testenv.Eventually(t, 30*time.Second, "provisioned and connected once space was freed, without a restart", func() bool {
+		st := d.status()
+		_, full := st.Conditions[agent.CondDiskFull]
+		return st.State == "connected" && !full
+	})
+	testenv.Eventually(t, 10*time.Second, "the outbox id saved once there was room", func() bool {
+		_, err := os.Stat(filepath.Join(d.cfg.StateDir, "outbox", "id"))
+		return err == nil
+	})
+	r.stop()
+	os.RemoveAll(filepath.Join(d.cfg.StateDir, "identity"))
+	os.RemoveAll(d.cfg.StateDir + "/device.key")
+	for _, f := range []string{"status.json", "transport.json", "renewal-seed"} {
+		os.Remove(filepath.Join(d.cfg.StateDir, f))
+	}
 
 	// The agent ran before (DPS was out of reach), so its state directory
 	// is set up; now provisioning fails for want of space: status and log

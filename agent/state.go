@@ -103,6 +103,7 @@ type statusTracker struct {
 	// counters fills in the telemetry pipeline's counters whenever the
 	// status is written (set by Run before anything else runs).
 	counters func(*Status)
+	writeErr string // the last write's error, logged once
 }
 
 func newStatusTracker(stateDir string, log *slog.Logger, n *notifier, now func() time.Time, version string) *statusTracker {
@@ -230,7 +231,15 @@ func (t *statusTracker) write() Status {
 		s, b = t.render(true)
 		err = atomicfile.OverwriteInPlace(t.path, b)
 	}
+	t.mu.Lock()
+	repeated := err != nil && err.Error() == t.writeErr
+	t.writeErr = ""
 	if err != nil {
+		t.writeErr = err.Error()
+	}
+	t.mu.Unlock()
+	if err != nil && !repeated {
+		// Once per problem: on a full disk every change would say it.
 		t.log.Warn("cannot write status file", "err", err)
 	}
 	return s

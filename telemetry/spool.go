@@ -176,6 +176,7 @@ func (p *Pipeline) spoolLoop(ctx context.Context) {
 				diskTick.Stop()
 				diskTick, diskC = nil, nil
 				p.makeSpool(s.dir)
+				p.outbox.Save()
 				s.moveRefused()
 				s.scan()
 				resetSettle()
@@ -190,6 +191,9 @@ func (p *Pipeline) spoolLoop(ctx context.Context) {
 					clear(s.pending)
 					p.checkSpoolMode(nd)
 				}
+			}
+			if p.outbox.Unsaved() != nil && !p.diskFull() {
+				p.outbox.Save() // room came without disk-full noticing
 			}
 			s.moveRefused()
 			s.scan()

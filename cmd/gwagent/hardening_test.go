@@ -311,3 +311,36 @@ func TestStatusWithFIFOsInTheStateDir(t *testing.T) {
 		t.Fatalf("status with a FIFO status.json: %v, want it named:\n%s", err, out)
 	}
 }
+
+// A brand-new state directory on a full disk (a real tmpfs without a free
+// block): `gwagent run` starts instead of failing, and `gwagent status`,
+// with no status file to read, says the agent is running and the disk is
+// full; once space is freed the agent provisions and status says so,
+// without a restart.
+func TestStatusFreshStateDirOnFullDisk(t *testing.T) {
+	az := azsimtest.Start(t, azsim.Config{})
+	d := newCrashDevice(t, az, "gw-fresh-full", "")
+	os.RemoveAll(d.state)
+	testenv.Tmpfs(t, d.state, "size=1m,mode=0700")
+	free := testenv.Fill(t, d.state, false)
+	d.start()
+	var out string
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("status:\n%s\nagent log:\n%s", out, d.log())
+		}
+	})
+	testenv.Eventually(t, 30*time.Second, "status: running, disk full", func() bool {
+		out, _, _ = gw(t, "status", "--config", d.cfg)
+		// Not even the pid fits in the lock file.
+		return strings.Contains(out, "state:           running, no status file written yet") && strings.Contains(out, "disk-full: no space left on the file system of "+d.state)
+	})
+	if !strings.Contains(d.log(), "condition=disk-full") {
+		t.Fatalf("the log does not say the disk is full:\n%s", d.log())
+	}
+	free()
+	testenv.Eventually(t, 30*time.Second, "connected once space was freed", func() bool {
+		out, _, _ = gw(t, "status", "--config", d.cfg)
+		return strings.Contains(out, "state:           connected") && !strings.Contains(out, "disk-full")
+	})
+}

@@ -387,6 +387,18 @@ func (o *Outbox) Unsaved() error {
 	return o.unsaved
 }
 
+// Save saves the id and epoch if Unsaved, so a state directory that had no
+// room at open looks as usual once it has (the first record would save
+// them anyway).
+func (o *Outbox) Save() error {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	if o.unsaved == nil || o.closed {
+		return nil
+	}
+	return o.save()
+}
+
 // IDRenewed says why the outbox took a new id at open, or "" if it did
 // not (or was new).
 func (o *Outbox) IDRenewed() string { return o.renewed }
