@@ -224,6 +224,13 @@ func (r *Renewer) OnCredentials(ctx context.Context, status int, rid string, bod
 		r.log.Info("ignoring a certificate answer for an unknown request", "rid", rid, "status", status)
 		return
 	}
+	if status != 200 && rid != p.rid {
+		// An error about a request this one took over from says nothing
+		// about this one, which the hub accepted later.
+		r.mu.Unlock()
+		r.log.Info("ignoring an error answer to an earlier certificate request; waiting for the later one", "rid", rid, "status", status, "waiting_for", p.rid)
+		return
+	}
 	r.pending = nil
 	r.mu.Unlock()
 	r.removePendingRecord()

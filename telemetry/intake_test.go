@@ -25,11 +25,7 @@ func TestSpoolRenamedInTakenAtOnce(t *testing.T) {
 	r := newRig(t, rigOpts{settle: time.Hour, outbox: outbox.Options{WriteBehind: -1}})
 	// A file that has long settled, queued by the first scan or by the
 	// watcher: either way, the watcher is watching once it is queued.
-	old := filepath.Join(r.spool, ".old.tmp")
-	os.WriteFile(old, []byte(`{"old":1}`), 0o640)
-	past := time.Now().Add(-2 * time.Hour)
-	os.Chtimes(old, past, past)
-	os.Rename(old, filepath.Join(r.spool, "old.json"))
+	putSettled(t, r.spool, "old.json", []byte(`{"old":1}`))
 	testenv.Eventually(t, 5*time.Second, "the settled file queued", func() bool { return r.depth() == 1 })
 
 	inPlace := filepath.Join(r.spool, "inplace.json")
@@ -186,5 +182,46 @@ func TestRejectedNotOurs(t *testing.T) {
 	}
 	if _, err := os.Stat(planted); err != nil {
 		t.Fatal("a file in a directory the agent does not own was deleted")
+	}
+}
+
+// The spool directory is removed and made again while the agent runs (an
+// administrator's slip, tmpfiles.d applied again). The kernel does not say
+// so while the agent holds the old directory open (sent/), so the rescan
+// notices: files in the new directory are queued then, and the watch
+// follows, so later files are seen at once again.
+func TestSpoolDirMadeAgain(t *testing.T) {
+	clk := clock.NewFake(time.Now())
+	r := newRig(t, rigOpts{clock: clk, outbox: outbox.Options{WriteBehind: -1}})
+	putSettled(t, r.spool, "before.json", []byte(`{"before":1}`))
+	testenv.Eventually(t, 5*time.Second, "queued", func() bool { return r.depth() == 1 })
+	if err := os.RemoveAll(r.spool); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Mkdir(r.spool, 0o770); err != nil {
+		t.Fatal(err)
+	}
+	testenv.SpoolPut(t, r.spool, "after.json", []byte(`{"after":1}`))
+	clk.Advance(30 * time.Second) // the rescan
+	testenv.Eventually(t, 10*time.Second, "a file in the new directory queued", func() bool { return r.depth() == 2 })
+	testenv.SpoolPut(t, r.spool, "later.json", []byte(`{"later":1}`))
+	testenv.Eventually(t, 5*time.Second, "a later file seen at once", func() bool { return r.depth() == 3 })
+	if !strings.Contains(r.log.String(), "made anew") {
+		t.Fatal("the new directory is not logged")
+	}
+}
+
+// putSettled puts a spool file written long ago (its modification time two
+// hours back), which any look at the directory takes at once.
+func putSettled(t *testing.T, dir, name string, body []byte) {
+	t.Helper()
+	tmp := filepath.Join(dir, "."+name+".tmp")
+	if err := os.WriteFile(tmp, body, 0o640); err != nil {
+		t.Fatal(err)
+	}
+	past := time.Now().Add(-2 * time.Hour)
+	os.Chtimes(tmp, past, past)
+	if err := os.Rename(tmp, filepath.Join(dir, name)); err != nil {
+		t.Fatal(err)
 	}
 }

@@ -153,14 +153,21 @@ func removeAt(dfd int, name string, isDir bool, depth int) error {
 		return err
 	}
 	d := os.NewFile(uintptr(rd), name)
-	names, _ := d.Readdirnames(-1)
-	d.Close()
-	for _, n := range names {
-		var st unix.Stat_t
-		if unix.Fstatat(sub, n, &st, unix.AT_SYMLINK_NOFOLLOW) == nil {
-			removeAt(sub, n, st.Mode&unix.S_IFMT == unix.S_IFDIR, depth-1)
+	// In batches: an application may have put any number of entries in a
+	// directory of its own, and the agent's memory is bounded.
+	for {
+		names, err := d.Readdirnames(256)
+		for _, n := range names {
+			var st unix.Stat_t
+			if unix.Fstatat(sub, n, &st, unix.AT_SYMLINK_NOFOLLOW) == nil {
+				removeAt(sub, n, st.Mode&unix.S_IFMT == unix.S_IFDIR, depth-1)
+			}
+		}
+		if err != nil || len(names) == 0 {
+			break
 		}
 	}
+	d.Close()
 	unix.Close(sub)
 	return unix.Unlinkat(dfd, name, unix.AT_REMOVEDIR)
 }

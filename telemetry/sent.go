@@ -36,6 +36,17 @@ type sentFiles struct {
 	kick  chan struct{}
 }
 
+// replaced reports whether the spool directory dfd was opened on has been
+// removed and made again under its path: renames through the old
+// descriptors would fail (and files be deleted in place) from then on.
+func (s *sentFiles) replaced() bool {
+	var a, b unix.Stat_t
+	if unix.Fstat(s.dfd, &a) != nil || unix.Stat(s.dir, &b) != nil {
+		return false
+	}
+	return a.Dev != b.Dev || a.Ino != b.Ino
+}
+
 // sentRetry is how often an unusable sent/ is tried again (it may have
 // failed for a full disk, or an administrator removed a stray one).
 const sentRetry = time.Minute
@@ -97,7 +108,7 @@ func openOwnDir(p string, mode os.FileMode) (int, unix.Stat_t, error) {
 // when sent/ cannot be used. The caller holds p.sent.mu.
 func (p *Pipeline) sentFor(dir string) (dfd, sfd int, err error) {
 	s := &p.sent
-	if s.dir == dir && (s.sfd >= 0 || clock.Since(p.clock, s.tried) < sentRetry) {
+	if s.dir == dir && (s.sfd >= 0 || clock.Since(p.clock, s.tried) < sentRetry) && !s.replaced() {
 		return s.dfd, s.sfd, nil
 	}
 	warned := s.dir == dir

@@ -182,6 +182,10 @@ func (p *Pipeline) spoolLoop(ctx context.Context) {
 				resetSettle()
 			}
 		case <-retryC:
+			if w.Stale() {
+				p.log.Warn("the spool directory was made anew; watching the new one", "dir", s.dir)
+				w.Rewatch()
+			}
 			if nd := p.o.Spool().Dir; nd != s.dir {
 				if err := w.Move(nd); err != nil {
 					p.log.Error("cannot watch new spool directory", "dir", nd, "err", err)

@@ -58,8 +58,9 @@ type spoolWatch struct {
 	p     *Pipeline
 	init  func() (int, error)
 	dir   string
-	fd    int      // the inotify instance (kept: os.File.Fd would make f blocking)
-	f     *os.File // the same, for reading; nil while polling
+	ino   [2]uint64 // device and inode of the directory watched
+	fd    int       // the inotify instance (kept: os.File.Fd would make f blocking)
+	f     *os.File  // the same, for reading; nil while polling
 	wd    atomic.Int32
 	ev    chan spoolEvent
 	wg    sync.WaitGroup
@@ -97,6 +98,7 @@ func (w *spoolWatch) watch() error {
 		unix.Close(fd)
 		return fmt.Errorf("inotify watch %s: %w", w.dir, err)
 	}
+	w.ino = dirID(w.dir)
 	// A non-blocking descriptor goes to the runtime's poller, so Close
 	// wakes a pending Read.
 	w.fd, w.f = fd, os.NewFile(uintptr(fd), "inotify")
@@ -177,6 +179,27 @@ func (w *spoolWatch) Rewatch() {
 	}
 }
 
+// Stale reports whether the directory at the watched path is no longer
+// the one watched: it was removed (or moved away) and made again. The
+// kernel says so (IN_DELETE_SELF) only once nothing holds the old one open,
+// and the agent itself holds it (sent/), so the rescan asks.
+func (w *spoolWatch) Stale() bool {
+	if w.f == nil {
+		return false
+	}
+	id := dirID(w.dir)
+	return id != [2]uint64{} && id != w.ino
+}
+
+// dirID is the device and inode of dir, zero if it cannot be read.
+func dirID(dir string) [2]uint64 {
+	var st unix.Stat_t
+	if unix.Stat(dir, &st) != nil {
+		return [2]uint64{}
+	}
+	return [2]uint64{st.Dev, st.Ino}
+}
+
 // Move watches dir instead of the current directory.
 func (w *spoolWatch) Move(dir string) error {
 	if w.f != nil {
@@ -189,6 +212,7 @@ func (w *spoolWatch) Move(dir string) error {
 		}
 	}
 	w.dir = dir
+	w.ino = dirID(dir)
 	return nil
 }
 
