@@ -32,6 +32,18 @@ func TestMoveAside(t *testing.T) {
 	if len(ents) != 2 {
 		t.Fatalf("rejected/ holds %d files, want both refused files", len(ents))
 	}
+	// A rejected/ of an older version, writable by the spool group, is
+	// brought to the agent's own mode.
+	legacy := t.TempDir()
+	os.Mkdir(filepath.Join(legacy, "rejected"), 0o770)
+	os.Chmod(filepath.Join(legacy, "rejected"), os.ModeSetgid|0o770)
+	os.WriteFile(filepath.Join(legacy, "y.json"), []byte("{"), 0o640)
+	if _, err := moveAside(legacy, "y.json", now); err != nil {
+		t.Fatal(err)
+	}
+	if st, _ := os.Stat(filepath.Join(legacy, "rejected")); st.Mode()&(os.ModePerm|os.ModeSetgid|os.ModeSticky) != rejectedMode {
+		t.Fatalf("an older rejected/ kept mode %v, want %04o", st.Mode(), rejectedMode)
+	}
 
 	evil := t.TempDir()
 	outside := t.TempDir() // e.g. the state directory
