@@ -164,8 +164,10 @@ func renewRepeatedly(t *testing.T, ft *testenv.FakeTime, az *azsimtest.Azsim, re
 		}
 		prev = cur
 	}
-	// Telemetry flows over the renewed identity.
-	os.WriteFile(filepath.Join(d.cfg.Telemetry.SpoolDir, "after.json"), []byte(`{"afterRenewal":1}`), 0o644)
+	// Telemetry flows over the renewed identity. Renamed into place: the
+	// fake clock is hours ahead of the file times the kernel gives, so a
+	// file written in place would count as settled while still empty.
+	spoolPut(t, d.cfg.Telemetry.SpoolDir, "after.json", []byte(`{"afterRenewal":1}`))
 	testenv.Eventually(t, 10*time.Second, "a message sent with the renewed certificate", func() bool {
 		return countBodies(az, regID, "afterRenewal") == 1
 	})
