@@ -237,7 +237,8 @@ func (a *Agent) provision(ctx context.Context) (*provisioning.Identity, error) {
 		return id, nil
 	case errors.Is(err, provisioning.ErrCredentialRejected):
 		a.status.Raise(CondOnboardingRejected, err.Error())
-	case errors.Is(err, keystore.ErrDeviceAbsent), errors.Is(err, keystore.ErrDeviceBusy), errors.Is(err, keystore.ErrBadPIN),
+	case errors.As(err, new(*keyStoreError)),
+		errors.Is(err, keystore.ErrDeviceAbsent), errors.Is(err, keystore.ErrDeviceBusy), errors.Is(err, keystore.ErrBadPIN),
 		errors.Is(err, keystore.ErrTokenAbsent), errors.Is(err, keystore.ErrUnsupportedCurve):
 		a.status.Raise(CondKeyStoreUnavailable, err.Error())
 	default:

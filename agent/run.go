@@ -63,6 +63,8 @@ type Options struct {
 	// inotify that cannot be had is a fault the kernel gives only when its
 	// per-user instance limit is used up, which would break other tests.
 	newWatcher func() (*fsnotify.Watcher, error)
+	// newInotify does the same for the spool's raw inotify watch.
+	newInotify func() (int, error)
 }
 
 // Agent is one running gwagent: one device identity, one hub session at a

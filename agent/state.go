@@ -75,6 +75,10 @@ type Status struct {
 	// SpoolRejected counts spool files refused (moved to rejected/) since
 	// the agent started.
 	SpoolRejected int64 `json:"spoolRejected,omitempty"`
+	// SpoolRejectedRemoved counts refused files deleted from rejected/
+	// since the agent started, which keeps the newest
+	// telemetry.RejectedKeep.
+	SpoolRejectedRemoved int64 `json:"spoolRejectedRemoved,omitempty"`
 	// OutboxDamaged counts damaged outbox records skipped at start.
 	OutboxDamaged int       `json:"outboxDamagedRecords,omitempty"`
 	Version       string    `json:"version,omitempty"`
@@ -99,6 +103,7 @@ type statusTracker struct {
 	// counters fills in the telemetry pipeline's counters whenever the
 	// status is written (set by Run before anything else runs).
 	counters func(*Status)
+	writeErr string // the last write's error, logged once
 }
 
 func newStatusTracker(stateDir string, log *slog.Logger, n *notifier, now func() time.Time, version string) *statusTracker {
@@ -226,7 +231,15 @@ func (t *statusTracker) write() Status {
 		s, b = t.render(true)
 		err = atomicfile.OverwriteInPlace(t.path, b)
 	}
+	t.mu.Lock()
+	repeated := err != nil && err.Error() == t.writeErr
+	t.writeErr = ""
 	if err != nil {
+		t.writeErr = err.Error()
+	}
+	t.mu.Unlock()
+	if err != nil && !repeated {
+		// Once per problem: on a full disk every change would say it.
 		t.log.Warn("cannot write status file", "err", err)
 	}
 	return s

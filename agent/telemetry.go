@@ -72,7 +72,7 @@ func (a *Agent) sendHealth() {
 		h.CertDaysLeft = &days
 	}
 	ps := a.pipe.Stats()
-	h.OutboxDepth, h.SpoolRejected = ps.OutboxDepth, ps.SpoolRejected
+	h.OutboxDepth, h.SpoolRejected, h.SpoolRejectedRemoved = ps.OutboxDepth, ps.SpoolRejected, ps.SpoolRejectedRemoved
 	body, _ := json.Marshal(h)
 	if err := a.pipe.Enqueue(&outbox.Message{Kind: outbox.KindHealth, Body: body,
 		System: map[string]string{"ct": "application/json", "ce": "utf-8"},
@@ -91,12 +91,12 @@ func (a *Agent) openPipeline(cfg *Config) error {
 			c := a.cfg.Load()
 			return telemetry.Spool{Dir: c.Telemetry.SpoolDir, Settle: c.Telemetry.SpoolSettle.Duration}
 		},
-		Sink:       a.status,
-		Clock:      a.clock,
-		Logger:     a.log,
-		Backlog:    a.opts.Backlog,
-		Changed:    func(urgent bool) { a.status.Update(urgent, func(*Status) {}) },
-		NewWatcher: a.opts.newWatcher,
+		Sink:    a.status,
+		Clock:   a.clock,
+		Logger:  a.log,
+		Backlog: a.opts.Backlog,
+		Changed: func(urgent bool) { a.status.Update(urgent, func(*Status) {}) },
+		Inotify: a.opts.newInotify,
 	})
 	if err != nil {
 		return err
@@ -106,6 +106,7 @@ func (a *Agent) openPipeline(cfg *Config) error {
 		st := p.Stats()
 		s.OutboxDepth, s.OutboxBytes, s.OutboxDamaged = st.OutboxDepth, st.OutboxBytes, st.OutboxDamaged
 		s.LastAckID, s.LastAckAt, s.SpoolRejected = st.LastAckID, st.LastAckAt, st.SpoolRejected
+		s.SpoolRejectedRemoved = st.SpoolRejectedRemoved
 	}
 	return nil
 }

@@ -8,8 +8,9 @@
 //	                                        outbox acks ◄── delivered ◄───┘
 //	                                                           └─► spool file → sent/ → swept (sent.go)
 //
-// It owns: spool intake (the directory watch with its polling fallback,
-// the settle rule, the checks on every file, rejected/), the outbox, the
+// It owns: spool intake (the directory watch, raw inotify so renamed-in
+// files are taken at once, with its polling fallback; the settle rule, the
+// checks on every file, rejected/ and its bounds), the outbox, the
 // sliding-window drain with batched acks, the retirement of delivered spool
 // files through sent/, disk-full handling on this path (it raises and
 // clears condition.DiskFull and looks for room again every 5 s),
@@ -24,8 +25,11 @@
 //   - Run's spool loop owns the watcher, the files waiting to settle or to
 //     be moved aside, and the settle, rescan and disk-full timers. It shares
 //     the set of queued spool files with the retirer (a mutex).
-//   - Run's sweeper unlinks what is in sent/; it shares the sent/ directory
-//     handles with the retirer (a mutex).
+//   - Run's spool loop also owns the spool watch; its inotify reader
+//     goroutine ends when the watch is closed or replaced.
+//   - Run's sweeper unlinks what is in sent/ and keeps rejected/ to its
+//     bounds; it shares the sent/ directory handles with the retirer (a
+//     mutex).
 //   - Drain, one per hub session, runs the sender on the caller's goroutine
 //     and starts the acker and the retirer, which end before it returns.
 //   - Enqueue may be called from any goroutine; the outbox serializes, and

@@ -11,8 +11,6 @@ import (
 	"sync/atomic"
 	"time"
 
-	"github.com/fsnotify/fsnotify"
-
 	"github.com/gwagent/gwagent/internal/clock"
 	"github.com/gwagent/gwagent/internal/condition"
 	"github.com/gwagent/gwagent/internal/dirwatch"
@@ -78,8 +76,10 @@ type Options struct {
 	// Changed, if set, is told that Stats changed: urgent when a user is
 	// waiting to see it (a refused spool file), else it may be batched.
 	Changed func(urgent bool)
-	// NewWatcher stands in for fsnotify.NewWatcher (tests).
-	NewWatcher func() (*fsnotify.Watcher, error)
+	// Inotify stands in for inotify_init1 (tests: inotify that cannot be
+	// had is a fault the kernel gives only when its per-user instance
+	// limit is used up, which would break other tests).
+	Inotify func() (fd int, err error)
 }
 
 // Stats are the pipeline's counters, for status and health.
@@ -89,7 +89,11 @@ type Stats struct {
 	LastAckID     string
 	LastAckAt     time.Time
 	SpoolRejected int64 // spool files refused since Open
-	OutboxDamaged int   // damaged outbox records skipped at Open
+	// SpoolRejectedRemoved counts refused files deleted from rejected/
+	// since Open to keep it within RejectedKeep files and
+	// RejectedKeepBytes.
+	SpoolRejectedRemoved int64
+	OutboxDamaged        int // damaged outbox records skipped at Open
 }
 
 // Pipeline is one agent's telemetry path: spool intake, the outbox, the
@@ -102,10 +106,12 @@ type Pipeline struct {
 	outbox *outbox.Outbox
 	kick   chan struct{} // wakes the drain: the outbox got messages
 
-	queued   queuedFiles // spool files in the outbox (spool.go)
-	sent     sentFiles   // delivered spool files on their way out (sent.go)
-	rejected atomic.Int64
-	damaged  int
+	queued          queuedFiles // spool files in the outbox (spool.go)
+	sent            sentFiles   // delivered spool files on their way out (sent.go)
+	rejected        atomic.Int64
+	rejectedRemoved atomic.Int64
+	prune           chan struct{} // wakes the sweeper to bound rejected/
+	damaged         int
 
 	ackMu     sync.Mutex
 	lastAckID string
@@ -129,11 +135,19 @@ func Open(o Options) (*Pipeline, error) {
 	if o.Spool == nil || o.Sink == nil {
 		return nil, errors.New("telemetry: Options.Spool and Options.Sink are required")
 	}
-	p := &Pipeline{o: o, log: o.Logger, clock: o.Clock, sink: o.Sink, kick: make(chan struct{}, 1),
+	p := &Pipeline{o: o, log: o.Logger, clock: o.Clock, sink: o.Sink, kick: make(chan struct{}, 1), prune: make(chan struct{}, 1),
 		queued: queuedFiles{sigs: map[string]dirwatch.Sig{}}, sent: sentFiles{kick: make(chan struct{}, 1)}}
 	var err error
 	if p.outbox, err = outbox.Open(filepath.Join(o.StateDir, "outbox"), o.Outbox); err != nil {
 		return nil, err
+	}
+	if why := p.outbox.IDRenewed(); why != "" {
+		p.log.Warn("outbox: message ids now start with a new outbox id, so none is ever used twice", "id", p.outbox.ID(), "reason", why)
+	}
+	if err := p.outbox.Unsaved(); err != nil {
+		// A new state directory on a full disk: the agent runs, and
+		// says so; the outbox saves its id before it writes anything.
+		p.noteNoSpace(o.StateDir, err)
 	}
 	for _, c := range p.outbox.Corrupted() {
 		p.log.Error("outbox: damaged records skipped (a power cut or a bad flash block); application messages among them are sent again from the spool",
@@ -141,16 +155,73 @@ func Open(o Options) (*Pipeline, error) {
 		p.damaged += c.Skipped
 	}
 	dir := o.Spool().Dir
-	if _, err := os.Stat(dir); errors.Is(err, os.ErrNotExist) {
-		// Normally made by tmpfiles.d; here for a private setup, with the
-		// same mode whatever the umask.
-		if err := os.MkdirAll(dir, 0o2770); err != nil {
-			p.outbox.Close()
-			return nil, fmt.Errorf("spool directory: %w", err)
-		}
-		os.Chmod(dir, 0o2770)
+	if err := p.makeSpool(dir); err != nil {
+		p.outbox.Close()
+		return nil, err
 	}
+	p.checkSpoolMode(dir)
 	return p, nil
+}
+
+// makeSpool makes the spool directory if it is missing. It is normally
+// made by tmpfiles.d; this is for a private setup, with the same mode
+// whatever the umask. On a full disk it is left for later (disk-full says
+// so; the spool loop tries again once there is room).
+func (p *Pipeline) makeSpool(dir string) error {
+	if _, err := os.Stat(dir); !errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err := os.MkdirAll(dir, 0o770); err != nil {
+		if diskspace.NoSpace(err) {
+			p.noteNoSpace(filepath.Dir(dir), err)
+			return nil
+		}
+		return fmt.Errorf("spool directory: %w", err)
+	}
+	if err := os.Chmod(dir, spoolMode); err != nil {
+		// Under the unit's RestrictSUIDSGID no set-group-id bit can be
+		// set: files then keep their writers' groups, which a private
+		// setup without the spool group does not need.
+		os.Chmod(dir, spoolMode&^os.ModeSetgid)
+	}
+	return nil
+}
+
+// spoolMode is the spool directory's mode (3770, as systemd/gwagent.tmpfiles
+// makes it): the group gwagent-spool may add files; setgid gives them that
+// group, so the agent can read them; sticky lets only a file's owner (and
+// the agent, which owns the directory) delete or replace it, so one
+// application cannot delete or forge another's messages.
+const spoolMode = os.ModeSticky | os.ModeSetgid | 0o770
+
+// checkSpoolMode warns when the spool directory lets applications delete
+// or replace each other's files (no sticky bit), as the spool of an
+// install older than that rule does until tmpfiles.d is applied again.
+func (p *Pipeline) checkSpoolMode(dir string) {
+	st, err := os.Stat(dir)
+	if err != nil || !st.IsDir() {
+		return
+	}
+	if st.Mode().Perm()&0o022 != 0 && st.Mode()&os.ModeSticky == 0 {
+		p.log.Warn("the spool directory lacks the sticky bit: applications that may write it can delete or replace each other's messages",
+			"dir", dir, "mode", fmt.Sprintf("%04o", st.Mode().Perm()|fileModeBits(st.Mode())),
+			"hint", "chmod 3770 "+dir+" (systemd-tmpfiles --create applies the package's gwagent.conf)")
+	}
+}
+
+// fileModeBits renders the set-id and sticky bits of m as in chmod.
+func fileModeBits(m os.FileMode) os.FileMode {
+	var b os.FileMode
+	if m&os.ModeSetuid != 0 {
+		b |= 0o4000
+	}
+	if m&os.ModeSetgid != 0 {
+		b |= 0o2000
+	}
+	if m&os.ModeSticky != 0 {
+		b |= 0o1000
+	}
+	return b
 }
 
 // Run runs the spool intake and the sent/ sweeper until ctx ends.
@@ -171,7 +242,8 @@ func (p *Pipeline) Stats() Stats {
 	p.ackMu.Lock()
 	id, at := p.lastAckID, p.lastAckAt
 	p.ackMu.Unlock()
-	return Stats{OutboxDepth: n, OutboxBytes: b, LastAckID: id, LastAckAt: at, SpoolRejected: p.rejected.Load(), OutboxDamaged: p.damaged}
+	return Stats{OutboxDepth: n, OutboxBytes: b, LastAckID: id, LastAckAt: at, SpoolRejected: p.rejected.Load(),
+		SpoolRejectedRemoved: p.rejectedRemoved.Load(), OutboxDamaged: p.damaged}
 }
 
 // Enqueue queues messages the agent makes (health): see outbox.Outbox.Put

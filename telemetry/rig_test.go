@@ -14,8 +14,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/fsnotify/fsnotify"
-
 	"github.com/gwagent/gwagent/azsim/azsimtest"
 	"github.com/gwagent/gwagent/devtools/testenv"
 	"github.com/gwagent/gwagent/internal/clock"
@@ -60,19 +58,20 @@ func (s *sink) reason(c condition.Name) (string, bool) {
 
 // rigOpts adjust a pipeline under test.
 type rigOpts struct {
-	clock      clock.Clock   // default clock.Real
-	settle     time.Duration // default 1 s, the config's default
-	stateDir   string        // default a temporary directory
-	spoolDir   string        // default a temporary directory's spool/
-	outbox     outbox.Options
-	backlog    func(bool)
-	newWatcher func() (*fsnotify.Watcher, error)
+	clock    clock.Clock   // default clock.Real
+	settle   time.Duration // default 1 s, the config's default
+	stateDir string        // default a temporary directory
+	spoolDir string        // default a temporary directory's spool/
+	outbox   outbox.Options
+	backlog  func(bool)
+	inotify  func() (int, error)
+	quiet    bool // log to the buffer only (benchmarks print every b.Log)
 }
 
 // rig is one pipeline, with Run going, on temporary state and spool
 // directories.
 type rig struct {
-	t      *testing.T
+	t      testing.TB
 	p      *telemetry.Pipeline
 	sink   *sink
 	log    *testenv.Buffer
@@ -83,7 +82,7 @@ type rig struct {
 	done   chan struct{}
 }
 
-func newRig(t *testing.T, o rigOpts) *rig {
+func newRig(t testing.TB, o rigOpts) *rig {
 	t.Helper()
 	if o.settle == 0 {
 		o.settle = time.Second
@@ -96,20 +95,24 @@ func newRig(t *testing.T, o rigOpts) *rig {
 	}
 	r := &rig{t: t, sink: &sink{conds: map[condition.Name]string{}}, log: &testenv.Buffer{}, state: o.stateDir,
 		spool: o.spoolDir, done: make(chan struct{})}
+	var logTo io.Writer = io.MultiWriter(testWriter{t}, r.log)
+	if o.quiet {
+		logTo = r.log
+	}
 	p, err := telemetry.Open(telemetry.Options{
 		StateDir: r.state,
 		Outbox:   o.outbox,
 		Spool:    func() telemetry.Spool { return telemetry.Spool{Dir: r.spool, Settle: o.settle} },
 		Sink:     r.sink,
 		Clock:    o.clock,
-		Logger:   slog.New(slog.NewTextHandler(io.MultiWriter(testWriter{t}, r.log), &slog.HandlerOptions{Level: slog.LevelDebug})),
+		Logger:   slog.New(slog.NewTextHandler(logTo, &slog.HandlerOptions{Level: slog.LevelDebug})),
 		Backlog:  o.backlog,
 		Changed: func(urgent bool) {
 			if urgent {
 				r.urgent.Add(1)
 			}
 		},
-		NewWatcher: o.newWatcher,
+		Inotify: o.inotify,
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -142,7 +145,7 @@ func (r *rig) drain(pub telemetry.Publisher) (stop func()) {
 // depth is the number of messages in the outbox.
 func (r *rig) depth() int { return r.p.Stats().OutboxDepth }
 
-type testWriter struct{ t *testing.T }
+type testWriter struct{ t testing.TB }
 
 func (w testWriter) Write(p []byte) (int, error) {
 	w.t.Log(strings.TrimRight(string(p), "\n"))
@@ -151,7 +154,7 @@ func (w testWriter) Write(p []byte) (int, error) {
 
 // hubSession connects to azsim's hub as a new static device (a factory
 // certificate): the real session the pipeline drains into.
-func hubSession(t *testing.T, az *azsimtest.Azsim, deviceID string) *transport.Session {
+func hubSession(t testing.TB, az *azsimtest.Azsim, deviceID string) *transport.Session {
 	t.Helper()
 	keyURI, chainPath := az.FactoryDevice(t, t.TempDir(), deviceID)
 	signer, err := softkey.New().Signer(context.Background(), keystore.MustParse(keyURI))

@@ -296,12 +296,12 @@ func (c *checker) checkSpoolDir() {
 		c.add("spool-dir", checkError, err.Error(), "run gwagent check as root or as the service user")
 		return
 	case st.Mode()&fs.ModeSymlink != 0 || !st.IsDir():
-		c.add("spool-dir", checkError, dir+" is not a directory (a symbolic link or a file)", "make it a real directory: mode 2770, owner "+c.serviceUser+", group "+c.spoolGroup)
+		c.add("spool-dir", checkError, dir+" is not a directory (a symbolic link or a file)", "make it a real directory: mode 3770, owner "+c.serviceUser+", group "+c.spoolGroup)
 		return
 	}
 	p := st.Mode().Perm()
 	if p&0o002 != 0 {
-		c.add("spool-dir", checkError, fmt.Sprintf("%s has mode %04o: any local user can send messages as this device", dir, p), fmt.Sprintf("chmod 2770 %s; add applications to group %s", dir, c.spoolGroup))
+		c.add("spool-dir", checkError, fmt.Sprintf("%s has mode %04o: any local user can send messages as this device", dir, p), fmt.Sprintf("chmod 3770 %s; add applications to group %s", dir, c.spoolGroup))
 		return
 	}
 	if msg := c.ownedBy(st, c.serviceUser, c.spoolGroup); msg != "" {
@@ -309,13 +309,22 @@ func (c *checker) checkSpoolDir() {
 		return
 	}
 	if p&0o070 != 0o070 {
-		c.add("spool-dir", checkWarning, fmt.Sprintf("%s has mode %04o: applications in the spool group cannot drop messages", dir, p), "chmod 2770 "+dir)
+		c.add("spool-dir", checkWarning, fmt.Sprintf("%s has mode %04o: applications in the spool group cannot drop messages", dir, p), "chmod 3770 "+dir)
 		return
 	}
 	mode := uint32(p)
 	if st.Mode()&fs.ModeSetgid != 0 {
 		mode |= 0o2000
 	}
+	if st.Mode()&fs.ModeSticky == 0 {
+		// Without it any member of the group can delete another
+		// application's pending file, or replace it with its own content
+		// that then arrives as the other's.
+		c.add("spool-dir", checkWarning, fmt.Sprintf("%s has mode %04o without the sticky bit: applications in the spool group can delete or replace each other's messages", dir, mode),
+			"chmod 3770 "+dir+" (or systemd-tmpfiles --create gwagent.conf)")
+		return
+	}
+	mode |= 0o1000
 	c.add("spool-dir", checkOK, fmt.Sprintf("%s mode %04o", dir, mode), "")
 }
 

@@ -56,7 +56,7 @@ func provisionedDevice(t *testing.T) (*azsimtest.Azsim, *crashDevice) {
 		t.Fatalf("provision: %v\n%s", err, stderr)
 	}
 	os.Chmod(d.state, 0o700)
-	os.Chmod(d.spool, 0o2770)
+	os.Chmod(d.spool, os.ModeSticky|os.ModeSetgid|0o770)
 	st, _ := json.Marshal(map[string]any{"state": "connected", "pid": os.Getpid(), "updatedAt": time.Now()})
 	if err := os.WriteFile(filepath.Join(d.state, "status.json"), st, 0o600); err != nil {
 		t.Fatal(err)
@@ -160,12 +160,16 @@ func TestCheckFailures(t *testing.T) {
 		}, "state-dir", checkError, "does not exist"},
 		{"fail/spool-world-writable", func(t *testing.T, c *checker) {
 			os.Chmod(d.spool, 0o777)
-			t.Cleanup(func() { os.Chmod(d.spool, 0o2770) })
+			t.Cleanup(func() { os.Chmod(d.spool, os.ModeSticky|os.ModeSetgid|0o770) })
 		}, "spool-dir", checkError, "any local user"},
 		{"fail/spool-not-group-writable", func(t *testing.T, c *checker) {
 			os.Chmod(d.spool, 0o700)
-			t.Cleanup(func() { os.Chmod(d.spool, 0o2770) })
-		}, "spool-dir", checkWarning, "chmod 2770"},
+			t.Cleanup(func() { os.Chmod(d.spool, os.ModeSticky|os.ModeSetgid|0o770) })
+		}, "spool-dir", checkWarning, "chmod 3770"},
+		{"fail/spool-not-sticky", func(t *testing.T, c *checker) {
+			os.Chmod(d.spool, os.ModeSetgid|0o770)
+			t.Cleanup(func() { os.Chmod(d.spool, os.ModeSticky|os.ModeSetgid|0o770) })
+		}, "spool-dir", checkWarning, "delete or replace each other's messages"},
 		{"fail/spool-missing", func(t *testing.T, c *checker) {
 			c.cfgPath = variant(t, "[telemetry]", fmt.Sprintf("[telemetry]\nspool_dir = %q", filepath.Join(t.TempDir(), "nope")))
 		}, "spool-dir", checkWarning, "does not exist"},

@@ -18,9 +18,11 @@ import (
 	"time"
 
 	"github.com/gwagent/gwagent/agent"
+	"github.com/gwagent/gwagent/internal/diskspace"
 	"github.com/gwagent/gwagent/internal/tlsconf"
 	"github.com/gwagent/gwagent/keystore"
 	"github.com/gwagent/gwagent/provisioning"
+	"github.com/gwagent/gwagent/telemetry"
 )
 
 func cmdRun(ctx context.Context, args []string, stdout, stderr io.Writer) error {
@@ -96,7 +98,21 @@ func cmdStatus(ctx context.Context, args []string, stdout, stderr io.Writer) err
 			w("condition", string(c)+": "+st.Conditions[c])
 		}
 	case errors.Is(serr, os.ErrNotExist):
-		w("state", "never run")
+		// A running agent that found no room for its status file (a new
+		// state directory on a full disk) is still running: say so, and
+		// why there is no status.
+		pid, _ := agent.LockHolder(cfg.StateDir)
+		switch {
+		case pid == 0:
+			w("state", "never run")
+		case pid > 0:
+			w("state", fmt.Sprintf("running (pid %d), no status file written yet", pid))
+		default:
+			w("state", "running, no status file written yet")
+		}
+		if room, err := diskspace.HasRoom(cfg.StateDir, 64<<10, 4); err == nil && !room {
+			w("condition", string(agent.CondDiskFull)+": "+diskspace.Reason(cfg.StateDir))
+		}
 	default:
 		w("state", "unreadable: "+serr.Error())
 	}
@@ -147,11 +163,15 @@ func cmdStatus(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	}
 	spool := cfg.Telemetry.SpoolDir
 	ents, _ := os.ReadDir(filepath.Join(spool, "rejected"))
-	refused := int64(0)
+	refused, removed := int64(0), int64(0)
 	if serr == nil {
-		refused = st.SpoolRejected
+		refused, removed = st.SpoolRejected, st.SpoolRejectedRemoved
 	}
-	w("spool", fmt.Sprintf("%s; %d files refused since the agent started, %d in %s", spool, refused, len(ents), filepath.Join(spool, "rejected")))
+	line := fmt.Sprintf("%s; %d files refused since the agent started, %d in %s (the newest %d are kept", spool, refused, len(ents), filepath.Join(spool, "rejected"), telemetry.RejectedKeep)
+	if removed > 0 {
+		line += fmt.Sprintf("; %d older ones removed", removed)
+	}
+	w("spool", line+")")
 	return nil
 }
 
