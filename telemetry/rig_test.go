@@ -67,6 +67,7 @@ type rigOpts struct {
 	outbox     outbox.Options
 	backlog    func(bool)
 	newWatcher func() (*fsnotify.Watcher, error)
+	sending    func() telemetry.Sending // default: unpaced, unpacked
 }
 
 // rig is one pipeline, with Run going, on temporary state and spool
@@ -104,6 +105,7 @@ func newRig(t *testing.T, o rigOpts) *rig {
 		Clock:    o.clock,
 		Logger:   slog.New(slog.NewTextHandler(io.MultiWriter(testWriter{t}, r.log), &slog.HandlerOptions{Level: slog.LevelDebug})),
 		Backlog:  o.backlog,
+		Sending:  o.sending,
 		Changed: func(urgent bool) {
 			if urgent {
 				r.urgent.Add(1)
