@@ -9,14 +9,15 @@ import (
 	"github.com/gwagent/gwagent/telemetry/outbox"
 )
 
-// The drain keeps up to drainWindow publishes (and drainBytes of bodies)
+// The drain keeps up to drainWindow messages (and drainBytes of bodies)
 // waiting for their PUBACK: a sliding window, so a new message goes out as
 // soon as the oldest is acknowledged and the drain runs at the broker's
-// pace instead of in bursts.
+// pace instead of in bursts. The members of a packed message count one
+// each: what a SIGKILL may send again is the same with packing or without.
 const (
 	drainWindow = 256
 	drainBytes  = 1 << 20
-	// ackBatch is the most PUBACKs recorded with one outbox write; it is
+	// ackBatch is the most messages recorded with one outbox write; it is
 	// also the most messages read from the outbox at once, and a full read
 	// means a backlog.
 	ackBatch = 64
@@ -54,8 +55,9 @@ type drain struct {
 	pub Publisher
 	// q holds what is in flight, besides the batch the acker is taking.
 	q       chan inflight
-	room    chan struct{} // the acker freed bytes of the window
+	room    chan struct{} // the acker freed room in the window
 	pending atomic.Int64  // body bytes in flight
+	members atomic.Int64  // messages in flight (a packed one counts its members)
 	retireQ chan []string // delivered spool files, acker → retirer
 	sys     map[string]string
 	backlog bool
@@ -279,7 +281,7 @@ func (d *drain) publish(ctx context.Context, msgs []*outbox.Message) bool {
 	for _, m := range msgs {
 		n += int64(len(m.Body))
 	}
-	for d.pending.Load() > 0 && d.pending.Load()+n > drainBytes {
+	for d.members.Load() > 0 && (d.pending.Load()+n > drainBytes || d.members.Load()+int64(len(msgs)) > drainWindow) {
 		select {
 		case <-d.room:
 		case <-ctx.Done():
@@ -323,6 +325,7 @@ func (d *drain) start1(ctx context.Context, msgs []*outbox.Message, n int64) boo
 		body, system, app = packed(msgs)
 	}
 	d.pending.Add(n)
+	d.members.Add(int64(len(msgs)))
 	f := inflight{msgs: msgs, wait: d.pub.PublishTelemetry(body, system, app), at: d.p.clock.Now(), bytes: n}
 	first := d.published.Add(1) == 1
 	select {
@@ -360,20 +363,23 @@ func (d *drain) ack(ctx context.Context) {
 			}
 			return // sent again from the outbox on the next connection
 		}
-		// Take the PUBACKs already in with it: one ack write for the lot.
+		// Take the PUBACKs already in with it: one ack write for up to
+		// ackBatch messages.
 		batch = append(batch[:0], f)
+		members := len(f.msgs)
 	more:
-		for len(batch) < cap(batch) {
+		for members < ackBatch {
 			select {
 			case g, ok := <-d.q:
 				if !ok {
 					break more
 				}
-				if g.wait(polled) != nil {
+				if members+len(g.msgs) > ackBatch || g.wait(polled) != nil {
 					held = &g
 					break more
 				}
 				batch = append(batch, g)
+				members += len(g.msgs)
 			default:
 				break more
 			}
@@ -385,6 +391,7 @@ func (d *drain) ack(ctx context.Context) {
 			n += g.bytes
 		}
 		d.pending.Add(-n)
+		d.members.Add(-int64(members))
 		select {
 		case d.room <- struct{}{}:
 		default:
