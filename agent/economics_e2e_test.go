@@ -533,3 +533,23 @@ func quotaUsed(t *testing.T, az *azsimtest.Azsim) int64 {
 	}
 	return v.Quota.Used
 }
+
+// max_rate is reloadable: a drain paced at 5 messages/s speeds up as soon
+// as the config says 0, without a restart.
+func TestMaxRateReloadE2E(t *testing.T) {
+	const n = 300
+	az := azsimtest.Start(t, azsim.Config{})
+	d := newDevice(t, az, devOpts{regID: "gw-rate-reload", symmetric: true, extra: "max_rate = 5\n"})
+	spoolReadings(t, d, n, 60)
+	d.start()
+	testenv.Eventually(t, 30*time.Second, "the paced drain under way", func() bool { return logLines(az, "gw-rate-reload") >= 10 })
+	time.Sleep(2 * time.Second)
+	if got := len(readings(t, az, "gw-rate-reload")); got > 5+5*8 {
+		t.Fatalf("%d readings within seconds at max_rate = 5", got)
+	}
+	d.write(strings.Replace(mustRead(t, d.path), "max_rate = 5", "max_rate = 0", 1))
+	testenv.Eventually(t, 15*time.Second, "the rest at once after the reload (at 5/s it would take a minute)", func() bool {
+		l, _, _ := tally(readings(t, az, "gw-rate-reload"), n)
+		return l == 0
+	})
+}
