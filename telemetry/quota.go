@@ -24,7 +24,7 @@ import (
 //     fleet spreads out), and one more comes midnightDelay plus a random
 //     part of midnightJitter after the next 00:00 UTC by the gateway's
 //     clock, when the quota resets;
-//   - a probe session sends one message (the oldest queued one, so nothing
+//   - a probe session sends one message (the next queued one, so nothing
 //     is spent on a message that would not be sent anyway; a refused
 //     message is not charged) and waits for its PUBACK before anything
 //     else: the twin synchronisation and certificate renewal wait for it
