@@ -5,6 +5,7 @@ import (
 	"errors"
 	"io"
 	"os"
+	"strings"
 	"sync"
 	"time"
 
@@ -70,6 +71,28 @@ func (a *Agent) absentTPMs() []string {
 		}
 	}
 	return out
+}
+
+// signingFailed is how a key-store-unavailable raised because the key
+// opened but could not sign a handshake says so: only a signature that
+// succeeds clears that one.
+const signingFailed = "signing the TLS handshake with the operational key"
+
+// keyStoreWorks clears key-store-unavailable once the key store did what it
+// was failing to do: provisioning reached DPS, so the onboarding key opened
+// and the new operational key was made and signed the CSR. Without it the
+// condition (say "no TPM at /dev/tpmrm0") stayed up until DPS had answered,
+// seconds to minutes after the TPM appeared.
+func (a *Agent) keyStoreWorks() { a.status.Clear(CondKeyStoreUnavailable) }
+
+// keyOpened is called when the operational key opened for a hub connection:
+// a condition raised because a key could not be opened is over, even if the
+// hub cannot be reached now (no signature then proves anything). One raised
+// because a signature failed stays until a signature succeeds.
+func (a *Agent) keyOpened() {
+	if r, ok := a.status.Snapshot().Conditions[CondKeyStoreUnavailable]; ok && !strings.Contains(r, signingFailed) {
+		a.status.Clear(CondKeyStoreUnavailable)
+	}
 }
 
 // keyStoreError is a hub connection that failed because the operational

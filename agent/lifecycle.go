@@ -39,6 +39,12 @@ func (a *Agent) lifecycle(ctx context.Context) {
 	}
 	for ctx.Err() == nil {
 		a.beat.alive(stepBudget)
+		// Provisioning judges DPS's certificate and the issued chain: not
+		// before the clock can be trusted (the floor is the build time here,
+		// the certificate's notBefore below).
+		if !a.clockSane(ctx, &provisioning.Identity{}, wait) {
+			return
+		}
 		id, err := a.identity(ctx)
 		if err != nil {
 			failures++
@@ -218,7 +224,12 @@ func (a *Agent) provision(ctx context.Context) (*provisioning.Identity, error) {
 		Clock:         a.clock,
 		ClientVersion: "gwagent/" + a.opts.Version,
 		Progress:      func(s string) { a.log.Info("provisioning", "step", s) },
-		OnStep:        a.onProvisionStep,
+		OnStep: func(s provisioning.Step) {
+			if s.Kind == provisioning.StepConnecting {
+				a.keyStoreWorks()
+			}
+			a.onProvisionStep(s)
+		},
 	})
 	a.status.Clear(CondThrottled)
 	switch {
@@ -246,7 +257,9 @@ func (a *Agent) provision(ctx context.Context) (*provisioning.Identity, error) {
 
 // clockSane waits while the clock is before the build time or before the
 // certificate's notBefore (a gateway without RTC boots in 1970): TLS and
-// renewal decisions are meaningless until time is synchronised.
+// renewal decisions are meaningless until time is synchronised. Past that
+// floor it also waits, for a while after boot, for NTP to vouch for the
+// clock when no real-time clock does (clockTrusted).
 func (a *Agent) clockSane(ctx context.Context, id *provisioning.Identity, wait func(time.Duration) bool) bool {
 	for {
 		now := a.clock.Now()
@@ -255,8 +268,17 @@ func (a *Agent) clockSane(ctx context.Context, id *provisioning.Identity, wait f
 			floor = nb
 		}
 		if !now.Before(floor) {
-			a.status.Clear(CondClockNotSynced)
-			return true
+			why, ok := a.clockTrusted(now)
+			if ok {
+				a.status.Clear(CondClockNotSynced)
+				return true
+			}
+			a.status.Raise(CondClockNotSynced, why)
+			a.status.Set(StateWaitingForClock)
+			if !wait(a.opts.ClockPoll) {
+				return false
+			}
+			continue
 		}
 		a.status.Raise(CondClockNotSynced, fmt.Sprintf("clock says %s, before %s; waiting for time synchronisation (NTP)", now.UTC().Format(time.RFC3339), floor.UTC().Format(time.RFC3339)))
 		a.status.Set(StateWaitingForClock)

@@ -12,6 +12,7 @@ import (
 	"github.com/fsnotify/fsnotify"
 
 	"github.com/gwagent/gwagent/internal/clock"
+	"github.com/gwagent/gwagent/internal/clocksync"
 	"github.com/gwagent/gwagent/internal/retry"
 	"github.com/gwagent/gwagent/provisioning"
 	"github.com/gwagent/gwagent/renewal"
@@ -44,6 +45,11 @@ type Options struct {
 	TwinTimeout time.Duration
 	// ClockPoll is how often an unsynchronised clock is checked; default 5 s.
 	ClockPoll time.Duration
+	// ClockSync says what vouches for the system clock (clocktrust.go);
+	// default clocksync.System().Read. ClockSyncWait is how long after
+	// boot a clock nothing vouches for is waited on; default 2 min.
+	ClockSync     func(now time.Time) clocksync.Reading
+	ClockSyncWait time.Duration
 	// Reprovision bounds re-registrations after the hub refused the
 	// identity (renewal/reprovision.go); default 1 min to 1 h backoff, 4
 	// per hour.
@@ -90,6 +96,8 @@ type Agent struct {
 	sess    *transport.Session
 	endSess func() // ends the current session (renewal swap)
 	started time.Time
+
+	trust clockTrust // the lifecycle goroutine's own
 }
 
 // New loads the config and prepares an agent; Run starts it.
@@ -110,6 +118,12 @@ func New(cfgPath string, opts Options) (*Agent, error) {
 	}
 	if opts.ClockPoll == 0 {
 		opts.ClockPoll = 5 * time.Second
+	}
+	if opts.ClockSync == nil {
+		opts.ClockSync = clocksync.System().Read
+	}
+	if opts.ClockSyncWait == 0 {
+		opts.ClockSyncWait = defaultClockSyncWait
 	}
 	a := &Agent{
 		cfgPath: cfgPath,

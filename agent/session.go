@@ -24,6 +24,7 @@ func (a *Agent) dial(ctx context.Context, id *provisioning.Identity) (*transport
 	if err != nil {
 		return nil, &keyStoreError{fmt.Errorf("operational key: %w", err)}
 	}
+	a.keyOpened()
 	signer := &watchedSigner{Signer: key}
 	roots, err := tlsconf.LoadPool(cfg.TrustBundle)
 	if err != nil {
@@ -61,7 +62,7 @@ func (a *Agent) dial(ctx context.Context, id *provisioning.Identity) (*transport
 			// The signer's error arrives here as text (watchedSigner): the
 			// cause is taken from the signer itself. The hub was reached;
 			// the key store could not sign the handshake.
-			return nil, &keyStoreError{fmt.Errorf("hub %s: signing the TLS handshake with the operational key: %w", id.AssignedHub, serr)}
+			return nil, &keyStoreError{fmt.Errorf("hub %s: %s: %w", id.AssignedHub, signingFailed, serr)}
 		}
 		return nil, err
 	}

@@ -20,6 +20,7 @@ import (
 	"os"
 	"os/exec"
 	"os/user"
+	"path/filepath"
 	"sort"
 	"strconv"
 	"strings"
@@ -27,6 +28,7 @@ import (
 	"time"
 
 	"github.com/gwagent/gwagent/agent"
+	"github.com/gwagent/gwagent/internal/clocksync"
 	"github.com/gwagent/gwagent/internal/tlsconf"
 	"github.com/gwagent/gwagent/keystore"
 	"github.com/gwagent/gwagent/provisioning"
@@ -57,8 +59,8 @@ type checker struct {
 	now       time.Time
 	buildTime time.Time
 	timeout   time.Duration
-	// clockSynced reports the kernel's NTP synchronisation flag; nil skips.
-	clockSynced func() (bool, error)
+	// clockSync says what vouches for the clock (NTP, an RTC); nil skips.
+	clockSync func(now time.Time) clocksync.Reading
 	// systemctl runs systemctl with args and returns its trimmed stdout; nil
 	// when the host does not run systemd.
 	systemctl func(ctx context.Context, args ...string) (string, error)
@@ -85,7 +87,7 @@ func cmdCheck(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	}
 	bt, _ := time.Parse(time.RFC3339, buildTime)
 	c := &checker{cfgPath: *cfgPath, now: time.Now(), buildTime: bt, timeout: *timeout,
-		clockSynced: kernelClockSynced, serviceUser: "gwagent", spoolGroup: "gwagent-spool"}
+		clockSync: clocksync.System().Read, serviceUser: "gwagent", spoolGroup: "gwagent-spool"}
 	if st, err := os.Stat("/run/systemd/system"); err == nil && st.IsDir() {
 		c.systemctl = runSystemctl
 	}
@@ -218,26 +220,20 @@ func (c *checker) checkClock() {
 		c.add("clock", checkError, fmt.Sprintf("clock says %s, before %s (this build); the clock is wrong", c.now.UTC().Format(time.RFC3339), floor.Format(time.RFC3339)), hint)
 		return
 	}
-	if c.clockSynced != nil {
-		ok, err := c.clockSynced()
-		if err == nil && !ok {
-			c.add("clock", checkWarning, fmt.Sprintf("%s is plausible, but the kernel says the clock is not synchronised", c.now.UTC().Format(time.RFC3339)), hint)
+	if c.clockSync != nil {
+		r := c.clockSync(c.now)
+		if r.Source == clocksync.None {
+			msg := fmt.Sprintf("%s is plausible, but %s", c.now.UTC().Format(time.RFC3339), r.Detail)
+			if r.Client == "" {
+				msg += " (no NTP client runs)"
+			}
+			c.add("clock", checkWarning, msg, hint)
 			return
 		}
+		c.add("clock", checkOK, fmt.Sprintf("%s (%s)", c.now.UTC().Format(time.RFC3339), r.Detail), "")
+		return
 	}
 	c.add("clock", checkOK, c.now.UTC().Format(time.RFC3339), "")
-}
-
-// kernelClockSynced reads the kernel's NTP state (what timedatectl shows as
-// "System clock synchronized").
-func kernelClockSynced() (bool, error) {
-	var tx syscall.Timex
-	state, err := syscall.Adjtimex(&tx)
-	if err != nil {
-		return false, err
-	}
-	const timeError, staUnsync = 5, 0x40
-	return state != timeError && tx.Status&staUnsync == 0, nil
 }
 
 func (c *checker) checkStateDir() {
@@ -265,7 +261,54 @@ func (c *checker) checkStateDir() {
 		c.add("state-dir", checkError, dir+": "+msg, fmt.Sprintf("chown -R %s: %s", c.serviceUser, dir))
 		return
 	}
+	if msg := c.foreignState(dir); msg != "" {
+		c.add("state-dir", checkError, msg, fmt.Sprintf("chown -R %s: %s (a gwagent command run as root by an older version, or a file copied in by hand)", c.serviceUser, dir))
+		return
+	}
 	c.add("state-dir", checkOK, fmt.Sprintf("%s mode %04o", dir, st.Mode().Perm()), "")
+}
+
+// foreignState says which files and directories in the state directory
+// belong to someone other than the service user (who then cannot read or
+// replace them: keys, chains, identity), "" if none or if the user does not
+// exist on this host. It looks at 10000 entries at most.
+func (c *checker) foreignState(dir string) string {
+	u, err := user.Lookup(c.serviceUser)
+	if err != nil {
+		return ""
+	}
+	var bad []string
+	n, seen := 0, 0
+	filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
+		if seen++; seen > 10000 {
+			return filepath.SkipAll
+		}
+		if err != nil {
+			n++
+			bad = append(bad, fmt.Sprintf("%s (unreadable: %v)", p, err))
+			return nil
+		}
+		info, err := d.Info()
+		if err != nil {
+			return nil
+		}
+		if sys, ok := info.Sys().(*syscall.Stat_t); ok && strconv.Itoa(int(sys.Uid)) != u.Uid {
+			n++
+			owner := strconv.Itoa(int(sys.Uid))
+			if o, err := user.LookupId(owner); err == nil {
+				owner = o.Username
+			}
+			bad = append(bad, fmt.Sprintf("%s (owner %s)", p, owner))
+		}
+		return nil
+	})
+	if n == 0 {
+		return ""
+	}
+	if len(bad) > 3 {
+		bad = append(bad[:3], "...")
+	}
+	return fmt.Sprintf("%d file(s) in %s are not the service user %s's, so the service cannot read or replace them: %s", n, dir, c.serviceUser, strings.Join(bad, ", "))
 }
 
 // ownedBy says what is wrong when st is not owned by user (and group, if

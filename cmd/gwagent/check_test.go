@@ -20,6 +20,7 @@ import (
 	"time"
 
 	"github.com/gwagent/gwagent/azsim/azsimtest"
+	"github.com/gwagent/gwagent/internal/clocksync"
 
 	"github.com/gwagent/gwagent/azsim"
 	"github.com/gwagent/gwagent/devtools/testenv"
@@ -31,7 +32,9 @@ import (
 // no systemd, so the results do not depend on the machine running the test.
 func newChecker(cfgPath string) *checker {
 	return &checker{cfgPath: cfgPath, now: time.Now(), timeout: 5 * time.Second,
-		clockSynced: func() (bool, error) { return true, nil },
+		clockSync: func(time.Time) clocksync.Reading {
+			return clocksync.Reading{Source: clocksync.NTP, Detail: "synchronised"}
+		},
 		serviceUser: "gwagent-check-test-nonexistent", spoolGroup: "gwagent-check-test-nonexistent"}
 }
 
@@ -140,7 +143,9 @@ func TestCheckFailures(t *testing.T) {
 		{"fail/clock-before-build", func(t *testing.T, c *checker) {
 			c.buildTime = time.Now().Add(48 * time.Hour)
 		}, "clock", checkError, "before"},
-		{"fail/clock-unsynchronised", func(t *testing.T, c *checker) { c.clockSynced = func() (bool, error) { return false, nil } }, "clock", checkWarning, "not synchronised"},
+		{"fail/clock-unsynchronised", func(t *testing.T, c *checker) {
+			c.clockSync = func(time.Time) clocksync.Reading { return clocksync.Reading{Detail: "not synchronised by NTP"} }
+		}, "clock", checkWarning, "not synchronised"},
 		{"fail/state-dir-readable", func(t *testing.T, c *checker) {
 			os.Chmod(d.state, 0o755)
 			t.Cleanup(func() { os.Chmod(d.state, 0o700) })
@@ -266,6 +271,19 @@ func TestCheckFailures(t *testing.T) {
 	}
 }
 
+// TestCheckClockRTC: a clock that NTP did not synchronise but a real-time
+// clock agrees with is what the agent trusts too: ok, saying why.
+func TestCheckClockRTC(t *testing.T) {
+	c := newChecker(filepath.Join(t.TempDir(), "missing.toml"))
+	c.clockSync = func(time.Time) clocksync.Reading {
+		return clocksync.Reading{Source: clocksync.RTC, Detail: "the real-time clock rtc0 agrees with it"}
+	}
+	c.checkClock()
+	if r := c.results[0]; r.Status != checkOK || !strings.Contains(r.Message, "rtc0 agrees") {
+		t.Fatalf("clock %s %q; want ok saying the RTC agrees", r.Status, r.Message)
+	}
+}
+
 // TestCheckTrustBundleAzure: Azure endpoints need Azure's roots; the ones
 // from Debian's ca-certificates (what the package ships) are recognised.
 func TestCheckTrustBundleAzure(t *testing.T) {
@@ -345,16 +363,7 @@ key = "tpm2:socket=%s;blob=%s/operational.tpmkey"
 		t.Fatalf("before the factory step: onboarding %s %q (hint %q)", r.Status, r.Message, r.Hint)
 	}
 
-	csr, _, err := gw(t, "onboard", "csr", "--config", cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	chain, err := az.Server.FactorySign([]byte(csr))
-	if err != nil {
-		t.Fatal(err)
-	}
-	chainFile := filepath.Join(dir, "signed.pem")
-	os.WriteFile(chainFile, chain, 0o644)
+	chainFile := factoryCSR(t, az, cfg, dir)
 	if _, _, err := gw(t, "onboard", "install", "--config", cfg, "--chain", chainFile); err != nil {
 		t.Fatal(err)
 	}

@@ -106,11 +106,11 @@ func cmdOnboardCSR(ctx context.Context, args []string, stdout, stderr io.Writer)
 	if err != nil {
 		return err
 	}
-	lock, err := agent.LockStateDir(cfg.StateDir)
+	hold, err := holdState(ctx, cfg.StateDir, stderr, realHost)
 	if err != nil {
 		return err
 	}
-	defer lock.Unlock()
+	defer hold.release(ctx, cfg.Onboarding.Key)
 	keys := agent.NewKeys()
 	defer keys.Close()
 	der, created, err := agent.OnboardCSR(ctx, cfg, keys)
@@ -146,11 +146,11 @@ func cmdOnboardInstall(ctx context.Context, args []string, stdout, stderr io.Wri
 	if err != nil {
 		return err
 	}
-	lock, err := agent.LockStateDir(cfg.StateDir)
+	hold, err := holdState(ctx, cfg.StateDir, stderr, realHost)
 	if err != nil {
 		return err
 	}
-	defer lock.Unlock()
+	defer hold.release(ctx, cfg.Onboarding.Key)
 	keys := agent.NewKeys()
 	defer keys.Close()
 	chain, err := agent.OnboardInstall(ctx, cfg, keys, *chainFile, time.Now())
@@ -173,11 +173,11 @@ func cmdProvision(ctx context.Context, args []string, stdout, stderr io.Writer) 
 	if err != nil {
 		return err
 	}
-	lock, err := agent.LockStateDir(cfg.StateDir)
+	hold, err := holdState(ctx, cfg.StateDir, stderr, realHost)
 	if err != nil {
 		return err
 	}
-	defer lock.Unlock()
+	defer hold.release(ctx, cfg.Operational.Key)
 	keys := agent.NewKeys()
 	defer keys.Close()
 	opts := agent.ProvisionOptions{ClientVersion: "gwagent/" + version}

@@ -246,11 +246,11 @@ func cmdRenew(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		fmt.Fprintf(stdout, "asked the running agent (pid %d) to renew its certificate; follow it with `gwagent status` or its log\n", pid)
 		return nil
 	}
-	lock, err := agent.LockStateDir(cfg.StateDir)
+	hold, err := holdState(ctx, cfg.StateDir, stderr, realHost)
 	if err != nil {
 		return fmt.Errorf("renew: %w", err)
 	}
-	defer lock.Unlock()
+	defer hold.release(ctx, cfg.Operational.Key)
 	level := new(slog.LevelVar)
 	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: level}))
 	bt, _ := time.Parse(time.RFC3339, buildTime)
