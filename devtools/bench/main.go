@@ -101,6 +101,12 @@ func main() {
 		fail(err)
 	}
 	defer b.close()
+	// A failed part stops the bench, but not before its swtpm and
+	// temporary directory are gone (os.Exit skips the deferred close).
+	abort := func(err error) {
+		b.close()
+		fail(err)
+	}
 	// The long window runs beside the shorter measurements.
 	type result struct {
 		rows []row
@@ -122,7 +128,7 @@ func main() {
 		}
 		r, err := p.f()
 		if err != nil {
-			fail(err)
+			abort(err)
 		}
 		rows = append(rows, r...)
 	}
@@ -130,7 +136,7 @@ func main() {
 		fmt.Fprintf(os.Stderr, "bench: waiting for the %s memory and flash window\n", *window)
 		sr := <-steadyC
 		if sr.err != nil {
-			fail(sr.err)
+			abort(sr.err)
 		}
 		rows = append(rows, sr.rows...)
 	}
