@@ -300,17 +300,17 @@ func (d *drain) publish(ctx context.Context, msgs []*outbox.Message) bool {
 		if u == nil {
 			break
 		}
-		if !d.start1(ctx, []*outbox.Message{u}, int64(len(u.Body))) || !d.p.pace.take(ctx, budget) {
+		if !d.launch(ctx, []*outbox.Message{u}, int64(len(u.Body))) || !d.p.pace.take(ctx, budget) {
 			return false
 		}
 	}
-	return d.start1(ctx, msgs, n)
+	return d.launch(ctx, msgs, n)
 }
 
-// start1 starts one publish that has its token and room in the window,
+// launch starts one publish that has its token and room in the window,
 // and hands it to the acker; in a probe session the first one then waits
 // for its PUBACK. false once ctx has ended.
-func (d *drain) start1(ctx context.Context, msgs []*outbox.Message, n int64) bool {
+func (d *drain) launch(ctx context.Context, msgs []*outbox.Message, n int64) bool {
 	var body []byte
 	var system, app map[string]string
 	if len(msgs) == 1 {
@@ -419,8 +419,9 @@ func (d *drain) noteAcked(batch []inflight) {
 	}
 	switch ev {
 	case paceCut:
-		p.sink.Raise(CondSendSlowed, "the hub is holding messages (a PUBACK came "+lat.Round(time.Millisecond).String()+
-			" after its message: traffic shaping, the step before throttling); "+p.pace.describe())
+		p.sink.Raise(CondSendSlowed, "the hub is holding messages (PUBACKs come late: traffic shaping, the step before throttling); "+p.pace.describe())
+		rate, _ := p.pace.current()
+		p.log.Info("the hub is holding messages; sending slower", "puback_after", lat.Round(time.Millisecond), "rate", rate)
 	case paceFull:
 		p.sink.Clear(CondSendSlowed)
 	}
@@ -450,7 +451,7 @@ func (d *drain) ended() {
 		if p.pace.throttled(now) {
 			p.sink.Raise(CondSendSlowed, "the hub closed the connection at the first message, right after slowing PUBACKs (throttling, 429002 on the hub's side); "+p.pace.describe())
 		}
-		p.log.Warn("the hub refused the first message right after slowing PUBACKs (throttling); reconnecting", "rate", p.pace.describe())
+		p.log.Warn("the hub refused the first message right after slowing PUBACKs (throttling); reconnecting, sending slower")
 	case sent > 0 && answered == 0:
 		what := "the hub closed the connection right after the first telemetry message, without a PUBACK"
 		if d.published.Load() == 0 {
@@ -464,7 +465,8 @@ func (d *drain) ended() {
 	case d.acked.Load() > 0 && !d.slowAt.IsZero():
 		if p.pace.throttled(now) {
 			p.sink.Raise(CondSendSlowed, "the hub closed the connection after slowing PUBACKs (throttling, 429002 on the hub's side); "+p.pace.describe())
-			p.log.Warn("the hub closed the connection after slowing PUBACKs (throttling); sending slower", "rate", p.pace.describe())
+			rate, _ := p.pace.current()
+			p.log.Warn("the hub closed the connection after slowing PUBACKs (throttling); sending slower", "rate", rate)
 		}
 	}
 }

@@ -216,12 +216,15 @@ func (p *pacer) cut(now time.Time) {
 	p.cutAt, p.upAt = now, now
 }
 
-// describe says what the rate is, for the condition's reason.
+// describe says what the pacer does, for the condition's reason. It
+// names no figure that changes from one cut to the next: a reason that
+// stays the same is not written to status.json again (the flash), and
+// status and health carry the rate in effect (sendRate).
 func (p *pacer) describe() string {
-	rate, budget := p.current()
+	_, budget := p.current()
 	if budget == 0 {
 		return "not pacing ([telemetry] max_rate = 0)"
 	}
-	return fmt.Sprintf("sending at %.3g messages/s of the %.3g/s budget ([telemetry] max_rate), back up by %.3g/s every second while PUBACKs come quickly",
-		rate, budget, budget/paceRamp.Seconds())
+	return fmt.Sprintf("sending below the %.3g messages/s budget ([telemetry] max_rate; the rate in effect is sendRate in status and health), "+
+		"back up by %.3g/s every second while PUBACKs come quickly", budget, budget/paceRamp.Seconds())
 }
