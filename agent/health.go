@@ -8,6 +8,8 @@ import (
 	"strconv"
 	"syscall"
 	"time"
+
+	"github.com/gwagent/gwagent/telemetry"
 )
 
 // Health is the gateway health message the agent sends every interval.
@@ -28,11 +30,14 @@ type Health struct {
 	SpoolRejected  int64     `json:"spoolRejected"`
 	// SpoolRejectedRemoved: refused files removed from rejected/ to keep it
 	// within its bounds, since the agent started.
-	SpoolRejectedRemoved int64    `json:"spoolRejectedRemoved,omitempty"`
-	AgentVersion         string   `json:"agentVersion"`
-	AgentState           string   `json:"agentState"`
-	Transport            string   `json:"transport,omitempty"`
-	ConditionsActive     []string `json:"conditions,omitempty"`
+	SpoolRejectedRemoved int64 `json:"spoolRejectedRemoved,omitempty"`
+	// SendRate and HubQuota: as in Status.
+	SendRate         float64               `json:"sendRate,omitempty"`
+	HubQuota         *telemetry.QuotaStats `json:"hubQuota,omitempty"`
+	AgentVersion     string                `json:"agentVersion"`
+	AgentState       string                `json:"agentState"`
+	Transport        string                `json:"transport,omitempty"`
+	ConditionsActive []string              `json:"conditions,omitempty"`
 }
 
 // healthSource reads what the kernel tells about the gateway into one

@@ -78,6 +78,12 @@ func (a *Agent) lifecycle(ctx context.Context) {
 			continue
 		}
 		a.status.Clear(CondCertificateExpired)
+		if d := a.quotaHold(); d > 0 {
+			if !wait(d) {
+				return
+			}
+			continue
+		}
 		if !a.cfg.Load().Static() {
 			if sess, next := a.renewal.TrySwap(ctx); sess != nil {
 				failures = 0

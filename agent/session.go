@@ -110,8 +110,21 @@ func (a *Agent) serve(ctx context.Context, sess *transport.Session, id *provisio
 		case <-sctx.Done():
 		}
 	}()
-	go func() { defer wg.Done(); a.syncTwin(sctx, sess, id) }()
-	go func() { defer wg.Done(); a.renewal.Run(sctx, sess, id) }()
+	// While the hub refuses messages as over its daily quota, a twin or
+	// certificate request would close the connection too: they wait for
+	// the first acknowledged message (telemetry/quota.go).
+	go func() {
+		defer wg.Done()
+		if a.pipe.HubTakes(sctx) {
+			a.syncTwin(sctx, sess, id)
+		}
+	}()
+	go func() {
+		defer wg.Done()
+		if a.pipe.HubTakes(sctx) {
+			a.renewal.Run(sctx, sess, id)
+		}
+	}()
 	go func() { defer wg.Done(); a.pipe.Drain(sctx, sess) }()
 	for {
 		select {

@@ -80,10 +80,17 @@ type Status struct {
 	// telemetry.RejectedKeep.
 	SpoolRejectedRemoved int64 `json:"spoolRejectedRemoved,omitempty"`
 	// OutboxDamaged counts damaged outbox records skipped at start.
-	OutboxDamaged int       `json:"outboxDamagedRecords,omitempty"`
-	Version       string    `json:"version,omitempty"`
-	PID           int       `json:"pid"`
-	UpdatedAt     time.Time `json:"updatedAt"`
+	OutboxDamaged int `json:"outboxDamagedRecords,omitempty"`
+	// SendRate is the drain's send rate in effect (messages per second;
+	// below [telemetry] max_rate while the hub shapes or throttles); 0
+	// when unpaced.
+	SendRate float64 `json:"sendRate,omitempty"`
+	// HubQuota is what the agent saw while the hub refused messages as it
+	// does over its daily quota (condition hub-quota-exceeded).
+	HubQuota  *telemetry.QuotaStats `json:"hubQuota,omitempty"`
+	Version   string                `json:"version,omitempty"`
+	PID       int                   `json:"pid"`
+	UpdatedAt time.Time             `json:"updatedAt"`
 }
 
 // statusTracker owns Status. Changes of state or conditions are logged,

@@ -73,12 +73,32 @@ func (a *Agent) sendHealth() {
 	}
 	ps := a.pipe.Stats()
 	h.OutboxDepth, h.SpoolRejected, h.SpoolRejectedRemoved = ps.OutboxDepth, ps.SpoolRejected, ps.SpoolRejectedRemoved
+	h.SendRate = ps.SendRate
+	if !ps.Quota.Since.IsZero() {
+		h.HubQuota = &ps.Quota
+	}
 	body, _ := json.Marshal(h)
 	if err := a.pipe.Enqueue(&outbox.Message{Kind: outbox.KindHealth, Body: body,
 		System: map[string]string{"ct": "application/json", "ce": "utf-8"},
 		App:    map[string]string{"type": "health"}}); err != nil {
 		a.log.Warn("health message not queued", "err", err)
 	}
+}
+
+// quotaHold is how long to wait before the next hub connection: while the
+// hub refuses messages as over its daily quota, until the pipeline's next
+// probe (at most one connection per 10 minutes, telemetry/quota.go),
+// instead of the reconnect backoff's seconds.
+func (a *Agent) quotaHold() time.Duration {
+	at := a.pipe.ConnectAfter()
+	if at.IsZero() {
+		return 0
+	}
+	d := at.Sub(a.clock.Now())
+	if d > 0 {
+		a.log.Info("holding the hub connection back until the next probe", "at", at.UTC().Format(time.RFC3339), "in", d.Round(time.Second))
+	}
+	return d
 }
 
 // openPipeline opens the telemetry pipeline on the config's state and spool
@@ -90,6 +110,10 @@ func (a *Agent) openPipeline(cfg *Config) error {
 		Spool: func() telemetry.Spool {
 			c := a.cfg.Load()
 			return telemetry.Spool{Dir: c.Telemetry.SpoolDir, Settle: c.Telemetry.SpoolSettle.Duration}
+		},
+		Sending: func() telemetry.Sending {
+			t := a.cfg.Load().Telemetry
+			return telemetry.Sending{MaxRate: t.Rate(), Pack: t.Pack, PackBytes: t.PackBytes, PackWait: t.PackWait.Duration}
 		},
 		Sink:    a.status,
 		Clock:   a.clock,
@@ -107,6 +131,10 @@ func (a *Agent) openPipeline(cfg *Config) error {
 		s.OutboxDepth, s.OutboxBytes, s.OutboxDamaged = st.OutboxDepth, st.OutboxBytes, st.OutboxDamaged
 		s.LastAckID, s.LastAckAt, s.SpoolRejected = st.LastAckID, st.LastAckAt, st.SpoolRejected
 		s.SpoolRejectedRemoved = st.SpoolRejectedRemoved
+		s.SendRate, s.HubQuota = st.SendRate, nil
+		if !st.Quota.Since.IsZero() {
+			s.HubQuota = &st.Quota
+		}
 	}
 	return nil
 }

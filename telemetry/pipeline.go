@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math/rand/v2"
 	"os"
 	"path/filepath"
 	"sync"
@@ -31,6 +32,14 @@ const (
 	// CondSpoolPolled: the spool directory could not be watched with
 	// inotify, so it is scanned every dirwatch.PollEvery instead.
 	CondSpoolPolled condition.Name = "spool-polled"
+	// CondHubQuota: the hub keeps closing the connection at the first
+	// message while accepting the connection itself: what it does once its
+	// daily quota is used up (quota.go).
+	CondHubQuota condition.Name = "hub-quota-exceeded"
+	// CondSendSlowed: the hub slowed PUBACKs (traffic shaping) or closed
+	// the connection after slowing them (throttling), and the drain sends
+	// below its budget until PUBACKs come quickly again (pacer.go).
+	CondSendSlowed condition.Name = "telemetry-throttled"
 )
 
 // Publisher is the hub session as the drain needs it; *transport.Session
@@ -42,6 +51,21 @@ const (
 // connection is gone every wait fails, and the drain ends.
 type Publisher interface {
 	PublishTelemetry(body []byte, system, app map[string]string) (wait func(context.Context) error)
+}
+
+// Sending is how the drain sends, which a config reload may change.
+type Sending struct {
+	// MaxRate is the send budget in messages per second (a packed message
+	// counts as one); 0: unlimited, and no adaptation to the hub's
+	// shaping either (pacer.go).
+	MaxRate float64
+	// Pack packs consecutive small JSON application messages with the
+	// same properties into one message of at most PackBytes as the hub
+	// meters it (default DefaultPackBytes), waiting at most PackWait for
+	// more to join a pack that is not full (pack.go).
+	Pack      bool
+	PackBytes int
+	PackWait  time.Duration
 }
 
 // Spool is the spool directory's settings, which a config reload may change.
@@ -64,6 +88,9 @@ type Options struct {
 	// they are needed, so a reload takes effect without a restart (a new
 	// directory at the next rescan, within 30 s). Required.
 	Spool func() Spool
+	// Sending returns the send settings in effect; it is called for every
+	// publish, so a reload takes effect at once. Default: unpaced, unpacked.
+	Sending func() Sending
 	// Sink receives the pipeline's conditions. Required.
 	Sink condition.Sink
 	// Clock runs every timer of the pipeline; default clock.Real.
@@ -94,6 +121,12 @@ type Stats struct {
 	// RejectedKeepBytes.
 	SpoolRejectedRemoved int64
 	OutboxDamaged        int // damaged outbox records skipped at Open
+	// SendRate is the drain's rate in effect (messages per second) and
+	// SendBudget the configured one; both 0 when unpaced.
+	SendRate, SendBudget float64
+	// Quota is what the pipeline saw of the hub's daily quota (zero while
+	// the hub takes messages).
+	Quota QuotaStats
 }
 
 // Pipeline is one agent's telemetry path: spool intake, the outbox, the
@@ -105,6 +138,13 @@ type Pipeline struct {
 	sink   condition.Sink
 	outbox *outbox.Outbox
 	kick   chan struct{} // wakes the drain: the outbox got messages
+
+	pace  pacer      // the send budget (pacer.go)
+	quota quotaWatch // the hub's quota as seen (quota.go)
+	// urgent holds the seqs of queued health messages, oldest first, until
+	// acknowledged: the drain sends them ahead of a backlog.
+	urgentMu sync.Mutex
+	urgent   []uint64
 
 	queued          queuedFiles // spool files in the outbox (spool.go)
 	sent            sentFiles   // delivered spool files on their way out (sent.go)
@@ -132,11 +172,17 @@ func Open(o Options) (*Pipeline, error) {
 	if o.Changed == nil {
 		o.Changed = func(bool) {}
 	}
+	if o.Sending == nil {
+		o.Sending = func() Sending { return Sending{} }
+	}
 	if o.Spool == nil || o.Sink == nil {
 		return nil, errors.New("telemetry: Options.Spool and Options.Sink are required")
 	}
 	p := &Pipeline{o: o, log: o.Logger, clock: o.Clock, sink: o.Sink, kick: make(chan struct{}, 1), prune: make(chan struct{}, 1),
 		queued: queuedFiles{sigs: map[string]dirwatch.Sig{}}, sent: sentFiles{kick: make(chan struct{}, 1)}}
+	p.pace.clock = o.Clock
+	// Each device draws its own probe times (quota.go): seeded per process.
+	p.quota.rng = rand.New(rand.NewPCG(uint64(o.Clock.Now().UnixNano()), uint64(os.Getpid())))
 	var err error
 	if p.outbox, err = outbox.Open(filepath.Join(o.StateDir, "outbox"), o.Outbox); err != nil {
 		return nil, err
@@ -242,9 +288,24 @@ func (p *Pipeline) Stats() Stats {
 	p.ackMu.Lock()
 	id, at := p.lastAckID, p.lastAckAt
 	p.ackMu.Unlock()
+	rate, budget := p.pace.current()
 	return Stats{OutboxDepth: n, OutboxBytes: b, LastAckID: id, LastAckAt: at, SpoolRejected: p.rejected.Load(),
-		SpoolRejectedRemoved: p.rejectedRemoved.Load(), OutboxDamaged: p.damaged}
+		SpoolRejectedRemoved: p.rejectedRemoved.Load(), OutboxDamaged: p.damaged,
+		SendRate: rate, SendBudget: budget, Quota: p.quota.stats()}
 }
+
+// ConnectAfter is the earliest time the next hub connection should be
+// attempted; zero when nothing holds it back. While the hub refuses
+// messages as it does over its daily quota, that is the next probe
+// (quota.go): the agent waits for it instead of reconnecting at once.
+func (p *Pipeline) ConnectAfter() time.Time { return p.quota.connectAfter() }
+
+// HubTakes waits, while the hub was last seen refusing messages, until a
+// telemetry message is acknowledged on the current session, and returns
+// false if ctx ends first; otherwise it returns true at once. The twin
+// synchronisation and certificate renewal wait on it: over the quota, a
+// twin request closes the connection just as a message does.
+func (p *Pipeline) HubTakes(ctx context.Context) bool { return p.quota.waitCleared(ctx) }
 
 // Enqueue queues messages the agent makes (health): see outbox.Outbox.Put
 // for what may be evicted. A full disk raises condition.DiskFull.
@@ -258,6 +319,9 @@ func (p *Pipeline) Enqueue(msgs ...*outbox.Message) error {
 
 func (p *Pipeline) enqueue(msgs ...*outbox.Message) error {
 	evicted, err := p.outbox.Put(msgs...)
+	if err == nil {
+		p.noteUrgent(msgs)
+	}
 	if evicted > 0 {
 		p.log.Warn("outbox full: dropped oldest health messages", "dropped", evicted)
 	}

@@ -2,11 +2,8 @@ package telemetry_test
 
 import (
 	"context"
-	"crypto/x509"
-	"encoding/pem"
 	"io"
 	"log/slog"
-	"os"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -18,8 +15,6 @@ import (
 	"github.com/gwagent/gwagent/devtools/testenv"
 	"github.com/gwagent/gwagent/internal/clock"
 	"github.com/gwagent/gwagent/internal/condition"
-	"github.com/gwagent/gwagent/keystore"
-	"github.com/gwagent/gwagent/keystore/softkey"
 	"github.com/gwagent/gwagent/telemetry"
 	"github.com/gwagent/gwagent/telemetry/outbox"
 	"github.com/gwagent/gwagent/transport"
@@ -65,7 +60,8 @@ type rigOpts struct {
 	outbox   outbox.Options
 	backlog  func(bool)
 	inotify  func() (int, error)
-	quiet    bool // log to the buffer only (benchmarks print every b.Log)
+	quiet    bool                     // log to the buffer only (benchmarks print every b.Log)
+	sending  func() telemetry.Sending // default: unpaced, unpacked
 }
 
 // rig is one pipeline, with Run going, on temporary state and spool
@@ -107,6 +103,7 @@ func newRig(t testing.TB, o rigOpts) *rig {
 		Clock:    o.clock,
 		Logger:   slog.New(slog.NewTextHandler(logTo, &slog.HandlerOptions{Level: slog.LevelDebug})),
 		Backlog:  o.backlog,
+		Sending:  o.sending,
 		Changed: func(urgent bool) {
 			if urgent {
 				r.urgent.Add(1)
@@ -155,35 +152,7 @@ func (w testWriter) Write(p []byte) (int, error) {
 // hubSession connects to azsim's hub as a new static device (a factory
 // certificate): the real session the pipeline drains into.
 func hubSession(t testing.TB, az *azsimtest.Azsim, deviceID string) *transport.Session {
-	t.Helper()
-	keyURI, chainPath := az.FactoryDevice(t, t.TempDir(), deviceID)
-	signer, err := softkey.New().Signer(context.Background(), keystore.MustParse(keyURI))
-	if err != nil {
-		t.Fatal(err)
-	}
-	pemChain, err := os.ReadFile(chainPath)
-	if err != nil {
-		t.Fatal(err)
-	}
-	var chain []*x509.Certificate
-	for b, rest := pem.Decode(pemChain); b != nil; b, rest = pem.Decode(rest) {
-		c, err := x509.ParseCertificate(b.Bytes)
-		if err != nil {
-			t.Fatal(err)
-		}
-		chain = append(chain, c)
-	}
-	roots := x509.NewCertPool()
-	bundle, _ := os.ReadFile(az.Info.TrustBundle)
-	roots.AppendCertsFromPEM(bundle)
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	s, err := transport.Dial(ctx, transport.Config{Host: az.Info.HubHostName, DeviceID: deviceID, Roots: roots, Signer: signer, Chain: chain})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(s.Close)
-	return s
+	return az.FactorySession(t, deviceID)
 }
 
 // received returns the messages the hub got from deviceID.

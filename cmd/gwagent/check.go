@@ -32,6 +32,7 @@ import (
 	"github.com/gwagent/gwagent/internal/tlsconf"
 	"github.com/gwagent/gwagent/keystore"
 	"github.com/gwagent/gwagent/provisioning"
+	"github.com/gwagent/gwagent/telemetry"
 )
 
 // Check outcomes, as `gwagent check --json` reports them.
@@ -160,6 +161,50 @@ func (c *checker) run(ctx context.Context) {
 		c.add("hub", checkSkipped, "no hub assigned yet (not provisioned)", "")
 	}
 	c.checkService(ctx)
+	c.checkHubLimits()
+}
+
+// Hints for the hub's limits: what an operator can do when the hub's daily
+// quota is used up, or when its send throttle slows the gateway down.
+const (
+	quotaHint = "the hub's daily message quota (shared by all its devices) is used up: it takes no telemetry until 00:00 UTC, " +
+		"and the agent tries one message every 10-15 min and just after 00:00 UTC; nothing is lost meanwhile. To get more: " +
+		"raise the hub's units or tier (Azure portal: the IoT hub, Pricing and scale; or Set-AzIotHub -SkuName S1 -Units 2), or wait for 00:00 UTC; " +
+		"spend less: set [telemetry] pack = true on gateways with small readings (one 4 KB quota chunk then carries about 30 readings of 100 bytes instead of one), " +
+		"lower the rates (how often applications write spool files, [telemetry] interval or the twin's telemetryInterval for health messages); " +
+		"the hub's metric \"Total number of messages used\" shows the day's use"
+	throttleHint = "the hub's device-to-cloud rate (S1: 100 messages/s per hub, whatever the number of devices) is shared by the fleet: " +
+		"the agent slows down by itself and speeds up again; to drain faster, lower [telemetry] max_rate on the other gateways, set pack = true, " +
+		"or raise the hub's units or tier"
+)
+
+// checkHubLimits reads what the running agent saw of the hub's daily quota
+// and send throttle (status conditions) and says what can be done.
+func (c *checker) checkHubLimits() {
+	st, err := agent.ReadStatus(c.cfg.StateDir)
+	if err != nil {
+		c.add("hub-limits", checkSkipped, "no status from the agent yet", "")
+		return
+	}
+	t := c.cfg.Telemetry
+	sending := fmt.Sprintf("send budget %.3g messages/s", t.Rate())
+	if t.Rate() == 0 {
+		sending = "no send budget (max_rate = 0)"
+	}
+	if t.Pack {
+		sending += fmt.Sprintf(", packing up to %d bytes", t.PackBytes)
+	} else {
+		sending += ", packing off"
+	}
+	if reason, ok := st.Conditions[telemetry.CondHubQuota]; ok {
+		c.add("hub-limits", checkWarning, string(telemetry.CondHubQuota)+": "+reason, quotaHint)
+		return
+	}
+	if reason, ok := st.Conditions[telemetry.CondSendSlowed]; ok {
+		c.add("hub-limits", checkWarning, string(telemetry.CondSendSlowed)+": "+reason, throttleHint)
+		return
+	}
+	c.add("hub-limits", checkOK, "the hub takes the gateway's messages as they come ("+sending+")", "")
 }
 
 // clockFloor is a date before which no gateway running this build can be.

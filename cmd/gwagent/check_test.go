@@ -73,7 +73,7 @@ func TestCheckHealthyDevice(t *testing.T) {
 		t.Fatalf("check failed on a healthy device: %v\n%s", err, &out)
 	}
 	want := []string{"config", "clock", "state-dir", "spool-dir", "onboarding", "identity", "certificate", "trust-bundle",
-		"dps-dns", "dps-tcp", "dps-tls", "hub-dns", "hub-tcp", "hub-tls", "service"}
+		"dps-dns", "dps-tcp", "dps-tls", "hub-dns", "hub-tcp", "hub-tls", "service", "hub-limits"}
 	got := map[string]string{}
 	for _, r := range c.results {
 		got[r.Name] = r.Status
@@ -233,6 +233,12 @@ func TestCheckFailures(t *testing.T) {
 		{"fail/agent-condition", func(t *testing.T, c *checker) {
 			setStatus(t, d.state, "reconnecting", os.Getpid(), map[string]string{"hub-unreachable": "dial tcp: connection refused"})
 		}, "service", checkWarning, "hub-unreachable"},
+		{"fail/hub-quota-exceeded", func(t *testing.T, c *checker) {
+			setStatus(t, d.state, "reconnecting", os.Getpid(), map[string]string{"hub-quota-exceeded": "the hub closed the connection right after the first telemetry message"})
+		}, "hub-limits", checkWarning, "pack = true"},
+		{"fail/hub-throttling", func(t *testing.T, c *checker) {
+			setStatus(t, d.state, "connected", os.Getpid(), map[string]string{"telemetry-throttled": "the hub is holding messages"})
+		}, "hub-limits", checkWarning, "max_rate on the other gateways"},
 		{"fail/agent-never-ran", func(t *testing.T, c *checker) {
 			p := filepath.Join(d.state, "status.json")
 			b, _ := os.ReadFile(p)

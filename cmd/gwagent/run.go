@@ -152,6 +152,17 @@ func cmdStatus(ctx context.Context, args []string, stdout, stderr io.Writer) err
 			noun = "message"
 		}
 		w("outbox", fmt.Sprintf("%d %s, %d bytes", st.OutboxDepth, noun, st.OutboxBytes))
+		switch budget := cfg.Telemetry.Rate(); {
+		case budget == 0:
+			w("sending", "unpaced ([telemetry] max_rate = 0)")
+		case st.SendRate > 0 && st.SendRate < budget:
+			w("sending", fmt.Sprintf("%.3g messages/s, slowed by the hub from the %.3g/s budget ([telemetry] max_rate)", st.SendRate, budget))
+		default:
+			w("sending", fmt.Sprintf("up to %.3g messages/s ([telemetry] max_rate)", budget))
+		}
+		if q := st.HubQuota; q != nil {
+			w("hub quota", fmt.Sprintf("the hub refused messages %d time(s) since %s; next probe %s", q.Refusals, q.Since.Format(time.RFC3339), q.NextProbe.Format(time.RFC3339)))
+		}
 		if st.OutboxDamaged > 0 {
 			w("outbox damaged", fmt.Sprintf("%d records skipped at start (see the log)", st.OutboxDamaged))
 		}
