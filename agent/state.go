@@ -97,6 +97,10 @@ type Status struct {
 // sent to systemd and written to disk at once; counters (outbox depth,
 // last ack) are written at most once per flushEvery to spare the flash.
 type statusTracker struct {
+	// writeMu orders writes: each renders and stores the status whole, so
+	// that two goroutines writing at once cannot leave the older rendering
+	// on disk (a count one behind until the next change).
+	writeMu    sync.Mutex
 	mu         sync.Mutex
 	st         Status
 	state      State
@@ -231,6 +235,8 @@ func (t *statusTracker) changed() {
 }
 
 func (t *statusTracker) write() Status {
+	t.writeMu.Lock()
+	defer t.writeMu.Unlock()
 	s, b := t.render(false)
 	err := atomicfile.Write(t.path, b, 0o644)
 	if err != nil && diskspace.NoSpace(err) {

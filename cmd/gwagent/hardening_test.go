@@ -361,7 +361,7 @@ func TestSpoolWatchOverflow(t *testing.T) {
 	}
 	n := limit + 4000
 	az := azsimtest.Start(t, azsim.Config{})
-	d := newCrashDevice(t, az, "gw-overflow", "")
+	d := newCrashDevice(t, az, "gw-overflow", "max_rate = 0\n") // the agent unpaced: what is tested is the watch
 	cmd := d.start()
 	testenv.Eventually(t, 30*time.Second, "connected", func() bool { return strings.Contains(d.log(), "to=connected") })
 	stage := filepath.Join(d.dir, "stage")
