@@ -67,7 +67,10 @@ configure() { # configure TOML KEYFILE: the service's settings and credential
 if [ ! -e "$O/phase1.done" ]; then
 	log "phase 1: $(uname -a)"
 
-	# The previous release, configured and connected, then upgraded.
+	# The previous release, configured and connected, then upgraded as a
+	# fleet upgrades: unattended, keeping the edited config (the shipped
+	# gwagent.toml changes between releases, and dpkg would otherwise ask,
+	# with nobody at the console to answer).
 	if dpkg -i "$C"/previous/gwagent_*_arm64.deb; then pass "install-previous-release $(dpkg-query -W -f='${Version}' gwagent)"; else fail install-previous-release; fi
 	[ "$(systemctl is-enabled gwagent.service)" = enabled ] && pass "unit-enabled" || fail "unit-enabled: $(systemctl is-enabled gwagent.service)"
 	[ "$(systemctl is-active gwagent.service)" != active ] && pass "not-started-unconfigured" || fail "not-started-unconfigured"
@@ -75,7 +78,7 @@ if [ ! -e "$O/phase1.done" ]; then
 	systemctl start gwagent.service
 	if waitfor 300 connected; then pass "previous-release-connected"; else fail "previous-release-connected: $(state)"; fi
 	s0=$(serial) d0=$(deviceid) pid0=$(mainpid)
-	if dpkg -i "$C"/gwagent_*_arm64.deb && waitfor 120 sh -c "[ \"\$(systemctl show -p MainPID --value gwagent.service)\" != $pid0 ]" &&
+	if dpkg --force-confdef --force-confold -i "$C"/gwagent_*_arm64.deb && waitfor 120 sh -c "[ \"\$(systemctl show -p MainPID --value gwagent.service)\" != $pid0 ]" &&
 		waitfor 300 connected && [ "$(serial)" = "$s0" ] && [ "$(deviceid)" = "$d0" ]; then
 		pass "upgrade-from-previous-release to $(dpkg-query -W -f='${Version}' gwagent), restarted, same identity $d0 serial $s0"
 	else
@@ -176,7 +179,7 @@ if [ ! -e "$O/phase1.done" ]; then
 	# which then provisions with its operational key in SoftHSM2.
 	dpkg -i "$C"/extra/*.deb >"$O/softhsm-install.log" 2>&1 || fail "softhsm2 install (softhsm-install.log)"
 	pid0=$(mainpid)
-	if dpkg -i "$C"/gwagent-pkcs11_*_arm64.deb && gwagent version | grep -q 'pkcs11: yes' &&
+	if dpkg --force-confdef --force-confold -i "$C"/gwagent-pkcs11_*_arm64.deb && gwagent version | grep -q 'pkcs11: yes' &&
 		waitfor 120 sh -c "[ \"\$(systemctl show -p MainPID --value gwagent.service)\" != $pid0 ]" && waitfor 300 connected; then
 		pass "switch-to-pkcs11-package: restarted on the new build, connected"
 	else
