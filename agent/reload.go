@@ -74,7 +74,7 @@ func (a *Agent) reload() {
 	a.cfg.Store(next)
 	a.applyLogLevel(next)
 	if next.Telemetry.Interval != old.Telemetry.Interval {
-		a.setInterval(next.Telemetry.Interval.Duration)
+		a.health.SetInterval(next.Telemetry.Interval.Duration)
 	}
 	if next.Network != old.Network {
 		// Reconnect so the next session uses the new transport or proxy.

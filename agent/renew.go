@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"time"
 
+	"github.com/gwagent/gwagent/agent/status"
 	"github.com/gwagent/gwagent/internal/condition"
 	"github.com/gwagent/gwagent/internal/retry"
 	"github.com/gwagent/gwagent/keystore"
@@ -67,7 +68,7 @@ type renewalStatus struct{ a *Agent }
 func (s renewalStatus) Raise(c condition.Name, reason string) { s.a.status.Raise(c, reason) }
 func (s renewalStatus) Clear(c condition.Name)                { s.a.status.Clear(c) }
 func (s renewalStatus) Has(c condition.Name) bool             { return s.a.status.Has(c) }
-func (s renewalStatus) Swapping()                             { s.a.status.Set(StateSwapping) }
+func (s renewalStatus) Swapping()                             { s.a.status.Set(status.Swapping) }
 func (s renewalStatus) InUse(id *provisioning.Identity)       { s.a.noteIdentity(id) }
 func (s renewalStatus) NextRenewal(at time.Time) {
 	s.a.status.Update(true, func(st *Status) { st.NextRenewal = at })
@@ -118,9 +119,7 @@ func (a *Agent) RenewOnce(ctx context.Context) (*provisioning.Identity, error) {
 	if cfg.Static() {
 		return nil, errors.New("renew: this device uses a factory certificate ([hub] static mode); renew it with the factory's process")
 	}
-	a.started = a.clock.Now()
-	a.status = newStatusTracker(cfg.StateDir, a.log, a.notify, a.clock.Now, a.opts.Version)
-	defer a.status.Set(StateStopped) // not "swapping-certificate" for ever: no agent runs
+	defer a.status.Set(status.Stopped) // not "swapping-certificate" for ever: no agent runs
 	defer a.keys.Close()
 	store, err := provisioning.OpenStore(cfg.StateDir)
 	if err != nil {

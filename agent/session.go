@@ -6,6 +6,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/gwagent/gwagent/agent/sdnotify"
 	"github.com/gwagent/gwagent/internal/mqttconn"
 	"github.com/gwagent/gwagent/internal/tlsconf"
 	"github.com/gwagent/gwagent/keystore"
@@ -117,7 +118,7 @@ func (a *Agent) serve(ctx context.Context, sess *transport.Session, id *provisio
 		case <-sctx.Done():
 			return
 		case <-wdC:
-			a.beat.alive(stepBudget)
+			a.sd.Alive(sdnotify.StepBudget)
 		}
 	}
 }

@@ -1,85 +1,9 @@
 package agent
 
 import (
-	"context"
-	"encoding/json"
-	"time"
-
 	"github.com/gwagent/gwagent/telemetry"
 	"github.com/gwagent/gwagent/telemetry/outbox"
 )
-
-// healthLoop queues a health message every interval.
-// setInterval changes the health interval and restarts the wait for the
-// next message with it.
-func (a *Agent) setInterval(d time.Duration) (old time.Duration) {
-	old = time.Duration(a.interval.Swap(int64(d)))
-	select {
-	case a.retimer <- struct{}{}:
-	default:
-	}
-	return old
-}
-
-func (a *Agent) healthLoop(ctx context.Context) {
-	// The first one as soon as the hub is reached, so the cloud sees a
-	// (re)started gateway at once and the message already names the
-	// certificate and transport in use; after one interval if the hub stays
-	// out of reach.
-	first := time.NewTimer(time.Duration(a.interval.Load()))
-	select {
-	case <-ctx.Done():
-		first.Stop()
-		return
-	case <-a.up:
-	case <-first.C:
-	}
-	first.Stop()
-	a.sendHealth()
-	for {
-		d := time.Duration(a.interval.Load())
-		t := time.NewTimer(d)
-		select {
-		case <-ctx.Done():
-			t.Stop()
-			return
-		case <-a.retimer:
-			t.Stop()
-			continue
-		case <-t.C:
-		}
-		a.sendHealth()
-	}
-}
-
-// reachedHub marks the first connection to the hub since start.
-func (a *Agent) reachedHub() { a.upOnce.Do(func() { close(a.up) }) }
-
-func (a *Agent) sendHealth() {
-	cfg := a.cfg.Load()
-	now := a.clock.Now()
-	h := a.health.read(now, cfg.StateDir)
-	h.AgentUptime = now.Sub(a.started).Seconds()
-	h.AgentVersion = a.opts.Version
-	st := a.status.Snapshot()
-	h.AgentState = st.State
-	h.Transport = st.Transport
-	for c := range st.Conditions {
-		h.ConditionsActive = append(h.ConditionsActive, string(c))
-	}
-	if !st.CertNotAfter.IsZero() {
-		days := st.CertNotAfter.Sub(now).Hours() / 24
-		h.CertDaysLeft = &days
-	}
-	ps := a.pipe.Stats()
-	h.OutboxDepth, h.SpoolRejected = ps.OutboxDepth, ps.SpoolRejected
-	body, _ := json.Marshal(h)
-	if err := a.pipe.Enqueue(&outbox.Message{Kind: outbox.KindHealth, Body: body,
-		System: map[string]string{"ct": "application/json", "ce": "utf-8"},
-		App:    map[string]string{"type": "health"}}); err != nil {
-		a.log.Warn("health message not queued", "err", err)
-	}
-}
 
 // openPipeline opens the telemetry pipeline on the config's state and spool
 // directories; the status file reads its counters when it is written.
@@ -102,10 +26,10 @@ func (a *Agent) openPipeline(cfg *Config) error {
 		return err
 	}
 	a.pipe = p
-	a.status.counters = func(s *Status) {
+	a.status.Counters(func(s *Status) {
 		st := p.Stats()
 		s.OutboxDepth, s.OutboxBytes, s.OutboxDamaged = st.OutboxDepth, st.OutboxBytes, st.OutboxDamaged
 		s.LastAckID, s.LastAckAt, s.SpoolRejected = st.LastAckID, st.LastAckAt, st.SpoolRejected
-	}
+	})
 	return nil
 }

@@ -75,7 +75,7 @@ func (a *Agent) applyDesired(desired json.RawMessage, version int64) bool {
 		a.log.Warn("ignoring desired telemetryInterval below 1 s", "seconds", *d.TelemetryInterval)
 		return true
 	}
-	if old := a.setInterval(iv); old != iv {
+	if old := a.health.SetInterval(iv); old != iv {
 		a.log.Info("telemetry interval changed by the twin", "from", old, "to", iv, "version", version)
 	}
 	return true
@@ -99,7 +99,7 @@ func (a *Agent) reportInterval(ctx context.Context, sess *transport.Session) err
 	version := a.desired.latest
 	a.desired.mu.Unlock()
 	patch := map[string]any{"telemetryInterval": map[string]any{
-		"value": time.Duration(a.interval.Load()).Seconds(), "ac": 200, "av": version, "ad": "applied",
+		"value": a.health.Interval().Seconds(), "ac": 200, "av": version, "ad": "applied",
 	}}
 	return a.twinRequest(ctx, "report of telemetryInterval (PATCH reported)", func(ctx context.Context) error {
 		_, err := sess.PatchReported(ctx, patch)
@@ -170,7 +170,7 @@ func (a *Agent) syncTwinOnce(ctx context.Context, sess *transport.Session, id *p
 		return a.reportInterval(ctx, sess)
 	}
 	report := map[string]any{
-		"agent": map[string]any{"version": a.opts.Version, "state": a.status.Snapshot().State, "startedAt": a.started.UTC()},
+		"agent": map[string]any{"version": a.opts.Version, "state": a.status.Snapshot().State, "startedAt": a.status.Started().UTC()},
 		"certificate": map[string]any{
 			"validFrom": id.NotBefore.UTC().Format(time.RFC3339), "validUntil": id.NotAfter.UTC().Format(time.RFC3339),
 			"serial": id.Serial, "via": id.Via,

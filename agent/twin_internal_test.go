@@ -6,6 +6,8 @@ import (
 	"log/slog"
 	"testing"
 	"time"
+
+	"github.com/gwagent/gwagent/agent/health"
 )
 
 // The MQTT client runs each desired-properties notification on a
@@ -14,9 +16,8 @@ import (
 // notification). Here they are fed in the bad order directly, as the race
 // would: an older version never undoes a newer one.
 func TestDesiredAppliedInVersionOrder(t *testing.T) {
-	a := &Agent{log: slog.New(slog.NewTextHandler(io.Discard, nil))}
-	a.interval.Store(int64(time.Hour))
-	iv := func() time.Duration { return time.Duration(a.interval.Load()) }
+	a := &Agent{log: slog.New(slog.NewTextHandler(io.Discard, nil)), health: health.New(time.Hour, health.Deps{})}
+	iv := a.health.Interval
 
 	a.onDesired(json.RawMessage(`{"telemetryInterval":9,"$version":3}`), 3)
 	a.onDesired(json.RawMessage(`{"telemetryInterval":7,"$version":2}`), 2)
