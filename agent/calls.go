@@ -45,3 +45,13 @@ func (a *Agent) callbackCtx() context.Context {
 	}
 	return context.Background() // RenewOnce: no running agent
 }
+
+// onMethod answers a direct method (agent/twin), as one of the hub's
+// callbacks.
+func (a *Agent) onMethod(name string, payload []byte) (int, []byte) {
+	if !a.calls.enter() {
+		return 503, []byte(`{"error":"the agent is stopping"}`)
+	}
+	defer a.calls.leave()
+	return a.twin.OnMethod(name, payload)
+}

@@ -14,6 +14,7 @@ import (
 	"github.com/gwagent/gwagent/agent/health"
 	"github.com/gwagent/gwagent/agent/sdnotify"
 	"github.com/gwagent/gwagent/agent/status"
+	"github.com/gwagent/gwagent/agent/twin"
 	"github.com/gwagent/gwagent/internal/clock"
 	"github.com/gwagent/gwagent/internal/retry"
 	"github.com/gwagent/gwagent/provisioning"
@@ -78,8 +79,8 @@ type Agent struct {
 	pipe    *telemetry.Pipeline // spool, outbox, drain (set by Run)
 	rng     *rand.Rand
 
-	health  *health.Loop // the health messages and their interval
-	desired desiredState // order of desired-properties updates (twin.go)
+	health *health.Loop // the health messages and their interval
+	twin   *twin.Twin   // the twin and direct methods
 
 	ctx   context.Context // Run's, for callbacks (set before any session)
 	calls callbacks       // callbacks in progress (calls.go)
@@ -103,7 +104,7 @@ func New(cfgPath string, opts Options) (*Agent, error) {
 		opts.Backoff = retry.Policy{Min: time.Second, Max: 5 * time.Minute}
 	}
 	if opts.TwinTimeout == 0 {
-		opts.TwinTimeout = twinRequestTimeout
+		opts.TwinTimeout = twin.RequestTimeout
 	}
 	if opts.ClockPoll == 0 {
 		opts.ClockPoll = 5 * time.Second
@@ -123,6 +124,9 @@ func New(cfgPath string, opts Options) (*Agent, error) {
 	a.status = status.New(cfg.StateDir, a.log, a.sd.Status, a.clock, opts.Version)
 	a.health = health.New(cfg.Telemetry.Interval.Duration, health.Deps{Clock: a.clock, Log: a.log, Version: opts.Version,
 		Status: a.status, StateDir: func() string { return a.cfg.Load().StateDir }})
+	a.twin = twin.New(twin.Deps{Clock: a.clock, Log: a.log, Version: opts.Version, Interval: a.health, Status: a.status,
+		Backoff: opts.Backoff, Timeout: opts.TwinTimeout, Static: func() bool { return a.cfg.Load().Static() },
+		RequestRenewal: a.RequestRenewal})
 	return a, nil
 }
 

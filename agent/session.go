@@ -46,7 +46,7 @@ func (a *Agent) dial(ctx context.Context, id *provisioning.Identity) (*transport
 		Chain:         id.Chain,
 		KeepAlive:     cfg.Hub.KeepAlive.Duration,
 		ClientVersion: "gwagent/" + a.opts.Version,
-		OnDesired:     a.onDesired,
+		OnDesired:     a.twin.OnDesired,
 		OnMethod:      a.onMethod,
 		OnCredentials: a.onCredentials,
 		OnC2D: func(sys, app map[string]string, body []byte) {
@@ -110,7 +110,7 @@ func (a *Agent) serve(ctx context.Context, sess *transport.Session, id *provisio
 		case <-sctx.Done():
 		}
 	}()
-	go func() { defer wg.Done(); a.syncTwin(sctx, sess, id) }()
+	go func() { defer wg.Done(); a.twin.Serve(sctx, sess, id) }()
 	go func() { defer wg.Done(); a.renewal.Run(sctx, sess, id) }()
 	go func() { defer wg.Done(); a.pipe.Drain(sctx, sess) }()
 	for {
