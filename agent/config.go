@@ -17,7 +17,9 @@ import (
 	"github.com/pelletier/go-toml/v2"
 	"github.com/pelletier/go-toml/v2/unstable"
 
+	"github.com/gwagent/gwagent/agent/network"
 	"github.com/gwagent/gwagent/internal/atomicfile"
+	"github.com/gwagent/gwagent/internal/duration"
 	"github.com/gwagent/gwagent/keystore"
 	"github.com/gwagent/gwagent/provisioning"
 	"github.com/gwagent/gwagent/renewal"
@@ -43,7 +45,7 @@ type Config struct {
 	Telemetry   TelemetryConfig   `toml:"telemetry"`
 	Outbox      OutboxConfig      `toml:"outbox"`
 	Renewal     RenewalConfig     `toml:"renewal"`
-	Network     NetworkConfig     `toml:"network"`
+	Network     NetworkConfig     `toml:"network"` // agent/network
 
 	// path is the file the config was loaded from.
 	path string
@@ -167,26 +169,16 @@ type RenewalConfig struct {
 // Rotate reports whether renewals use a new key.
 func (r RenewalConfig) Rotate() bool { return r.RotateKey == nil || *r.RotateKey }
 
+// NetworkConfig is how the agent reaches DPS and IoT Hub (agent/network).
+type NetworkConfig = network.Config
+
 // Policy is the renewal schedule the config describes.
 func (r RenewalConfig) Policy() renewal.Policy {
 	return renewal.Policy{Threshold: r.Threshold, Jitter: r.Jitter.Duration, Floor: r.Floor.Duration}
 }
 
 // Duration is a time.Duration written as "90s", "5m", "1h30m" in TOML.
-type Duration struct{ time.Duration }
-
-// UnmarshalText implements encoding.TextUnmarshaler.
-func (d *Duration) UnmarshalText(b []byte) error {
-	v, err := time.ParseDuration(string(b))
-	if err != nil {
-		return fmt.Errorf("%q is not a duration (examples: 90s, 5m, 1h30m)", b)
-	}
-	d.Duration = v
-	return nil
-}
-
-// MarshalText implements encoding.TextMarshaler.
-func (d Duration) MarshalText() ([]byte, error) { return []byte(d.String()), nil }
+type Duration = duration.Duration
 
 // DefaultStateDir is the state directory when the config names none
 // (systemd's StateDirectory=gwagent).
@@ -413,7 +405,7 @@ func (c *Config) defaults() {
 	if r.IssueTimeout.Duration == 0 {
 		r.IssueTimeout.Duration = 3 * time.Minute
 	}
-	c.Network.defaults()
+	c.Network.Defaults()
 	if c.Identity.DPSEndpoint == "" {
 		c.Identity.DPSEndpoint = "global.azure-devices-provisioning.net"
 	}
@@ -478,7 +470,7 @@ func absKeyURI(base, raw string) string {
 func (c *Config) validate() error {
 	var errs []error
 	add := func(format string, a ...any) { errs = append(errs, fmt.Errorf(format, a...)) }
-	errs = append(errs, c.Network.validate()...)
+	errs = append(errs, c.Network.Validate()...)
 	if c.TrustBundle == "" {
 		add("trust_bundle is required: the PEM file of CAs that sign DPS's and IoT Hub's server certificates")
 	}

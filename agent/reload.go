@@ -13,10 +13,11 @@ import (
 // so atomic replaces are seen), debounced; an invalid file is logged and
 // the old config stays.
 func (a *Agent) watchConfig(ctx context.Context) {
-	dir, file := filepath.Dir(a.cfgPath), filepath.Base(a.cfgPath)
+	path := a.cfg.Load().Path() // a reload never moves the file
+	dir, file := filepath.Dir(path), filepath.Base(path)
 	w := a.watchDir("config", CondConfigPolled, dir)
 	defer w.Close()
-	last := configSig(a.cfgPath) // what polling compares with
+	last := configSig(path) // what polling compares with
 	var debounce <-chan time.Time
 	for {
 		select {
@@ -33,13 +34,13 @@ func (a *Agent) watchConfig(ctx context.Context) {
 			a.log.Warn("config watcher", "err", err)
 		case <-w.Tick():
 			w.Ticked()
-			if sig := configSig(a.cfgPath); sig != last {
+			if sig := configSig(path); sig != last {
 				last = sig
 				a.reload()
 			}
 		case <-debounce:
 			debounce = nil
-			last = configSig(a.cfgPath)
+			last = configSig(path)
 			a.reload()
 		}
 	}
@@ -58,7 +59,7 @@ func configSig(path string) dirwatch.Sig {
 // reload applies a changed config: telemetry interval, spool directory, log
 // level take effect now; identity changes and the outbox bound need a restart.
 func (a *Agent) reload() {
-	next, err := LoadConfig(a.cfgPath)
+	next, err := LoadConfig(a.cfg.Load().Path())
 	if err != nil {
 		a.log.Error("config change rejected; keeping the running config", "err", err)
 		return
@@ -79,7 +80,7 @@ func (a *Agent) reload() {
 	if next.Network != old.Network {
 		// Reconnect so the next session uses the new transport or proxy.
 		a.log.Info("network settings changed; reconnecting", "transport", next.Network.Transport)
-		a.endSession()
+		a.hub.endSession()
 	}
 	a.log.Info("config reloaded", "telemetry_interval", next.Telemetry.Interval.Duration, "spool_dir", next.Telemetry.SpoolDir, "log_level", next.LogLevel)
 }

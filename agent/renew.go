@@ -46,7 +46,7 @@ func (a *Agent) newRenewer(crashAt string) *renewal.Renewer {
 		},
 		Reprovision:    func(ctx context.Context) error { _, err := a.provision(ctx); return err },
 		Dial:           a.dial,
-		EndSession:     a.endSession,
+		EndSession:     a.hub.endSession,
 		Reprovisioning: a.opts.Reprovision,
 		CrashAt:        crashAt,
 	})
@@ -89,27 +89,6 @@ func (d renewalDisk) Advise(err error) error {
 // RequestRenewal asks the running agent to renew now (direct method,
 // SIGHUP, `gwagent renew`). It does not wait.
 func (a *Agent) RequestRenewal(why string) { a.renewal.Request(why) }
-
-// onCredentials takes a certificate answer that arrived with nobody waiting
-// (the 200 after a reconnect), as one of the hub's callbacks.
-func (a *Agent) onCredentials(status int, rid string, body []byte) {
-	if !a.calls.enter() {
-		return
-	}
-	defer a.calls.leave()
-	a.renewal.OnCredentials(a.callbackCtx(), status, rid, body)
-}
-
-// endSession ends the current hub session so the lifecycle swaps to the
-// staged identity.
-func (a *Agent) endSession() {
-	a.mu.Lock()
-	end := a.endSess
-	a.mu.Unlock()
-	if end != nil {
-		end()
-	}
-}
 
 // RenewOnce renews the certificate without the service running (`gwagent
 // renew`): connect with the current identity, renew (hub path or DPS as

@@ -17,10 +17,10 @@ import (
 	"github.com/gwagent/gwagent/agent/twin"
 	"github.com/gwagent/gwagent/internal/clock"
 	"github.com/gwagent/gwagent/internal/retry"
+	"github.com/gwagent/gwagent/internal/statelock"
 	"github.com/gwagent/gwagent/provisioning"
 	"github.com/gwagent/gwagent/renewal"
 	"github.com/gwagent/gwagent/telemetry"
-	"github.com/gwagent/gwagent/transport"
 )
 
 // Options are how the caller (cmd/gwagent, tests, a fleet simulation) sets
@@ -66,7 +66,6 @@ type Options struct {
 // Agent is one running gwagent: one device identity, one hub session at a
 // time, one outbox.
 type Agent struct {
-	cfgPath string
 	cfg     atomic.Pointer[Config]
 	opts    Options
 	log     *slog.Logger
@@ -82,12 +81,7 @@ type Agent struct {
 	health *health.Loop // the health messages and their interval
 	twin   *twin.Twin   // the twin and direct methods
 
-	ctx   context.Context // Run's, for callbacks (set before any session)
-	calls callbacks       // callbacks in progress (calls.go)
-
-	mu      sync.Mutex
-	sess    *transport.Session
-	endSess func() // ends the current session (renewal swap)
+	hub hubLink // the session being served, the hub's callbacks
 }
 
 // New loads the config and prepares an agent; Run starts it.
@@ -110,13 +104,12 @@ func New(cfgPath string, opts Options) (*Agent, error) {
 		opts.ClockPoll = 5 * time.Second
 	}
 	a := &Agent{
-		cfgPath: cfgPath,
-		opts:    opts,
-		log:     opts.Logger,
-		sd:      sdnotify.New(opts.Clock),
-		keys:    agentKeys(opts.Logger),
-		clock:   opts.Clock,
-		rng:     rand.New(rand.NewPCG(uint64(opts.Clock.Now().UnixNano()), uint64(os.Getpid()))),
+		opts:  opts,
+		log:   opts.Logger,
+		sd:    sdnotify.New(opts.Clock),
+		keys:  agentKeys(opts.Logger),
+		clock: opts.Clock,
+		rng:   rand.New(rand.NewPCG(uint64(opts.Clock.Now().UnixNano()), uint64(os.Getpid()))),
 	}
 	a.renewal = a.newRenewer(os.Getenv(renewal.CrashEnv))
 	a.cfg.Store(cfg)
@@ -144,7 +137,7 @@ func (a *Agent) applyLogLevel(cfg *Config) {
 func (a *Agent) Run(ctx context.Context) (err error) {
 	cfg := a.cfg.Load()
 	defer func() { err = spaceAdvice(cfg, err) }() // a fresh state directory on a full disk
-	lock, err := LockStateDir(cfg.StateDir)
+	lock, err := statelock.Take(cfg.StateDir)
 	if err != nil {
 		return err
 	}
@@ -164,7 +157,7 @@ func (a *Agent) Run(ctx context.Context) (err error) {
 	defer wg.Wait()
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	a.ctx = ctx
+	a.hub.ctx = ctx
 
 	// READY once the agent works: state loaded, queue open. Not gated on
 	// the hub: an outage must not fail the boot.
@@ -186,7 +179,7 @@ func (a *Agent) shutdown() {
 	if a.status != nil {
 		a.status.Set(status.Stopped)
 	}
-	a.calls.closeAndWait() // before the key stores and the outbox close
+	a.hub.closeAndWait() // before the key stores and the outbox close
 	if a.pipe != nil {
 		if err := a.pipe.Close(); err != nil {
 			a.log.Error("outbox close", "err", err)

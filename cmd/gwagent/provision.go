@@ -11,6 +11,7 @@ import (
 
 	"github.com/gwagent/gwagent/agent"
 	"github.com/gwagent/gwagent/internal/atomicfile"
+	"github.com/gwagent/gwagent/internal/statelock"
 	"github.com/gwagent/gwagent/keystore"
 	"github.com/gwagent/gwagent/provisioning"
 )
@@ -106,7 +107,7 @@ func cmdOnboardCSR(ctx context.Context, args []string, stdout, stderr io.Writer)
 	if err != nil {
 		return err
 	}
-	lock, err := agent.LockStateDir(cfg.StateDir)
+	lock, err := statelock.Take(cfg.StateDir)
 	if err != nil {
 		return err
 	}
@@ -146,7 +147,7 @@ func cmdOnboardInstall(ctx context.Context, args []string, stdout, stderr io.Wri
 	if err != nil {
 		return err
 	}
-	lock, err := agent.LockStateDir(cfg.StateDir)
+	lock, err := statelock.Take(cfg.StateDir)
 	if err != nil {
 		return err
 	}
@@ -173,7 +174,7 @@ func cmdProvision(ctx context.Context, args []string, stdout, stderr io.Writer) 
 	if err != nil {
 		return err
 	}
-	lock, err := agent.LockStateDir(cfg.StateDir)
+	lock, err := statelock.Take(cfg.StateDir)
 	if err != nil {
 		return err
 	}

@@ -18,6 +18,7 @@ import (
 	"time"
 
 	"github.com/gwagent/gwagent/agent"
+	"github.com/gwagent/gwagent/internal/statelock"
 	"github.com/gwagent/gwagent/internal/tlsconf"
 	"github.com/gwagent/gwagent/keystore"
 	"github.com/gwagent/gwagent/provisioning"
@@ -79,7 +80,7 @@ func cmdStatus(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	switch {
 	case serr == nil:
 		age := now.Sub(st.UpdatedAt).Round(time.Second)
-		pid, lerr := agent.LockHolder(cfg.StateDir)
+		pid, lerr := statelock.Holder(cfg.StateDir)
 		running := pid != 0
 		if lerr != nil { // cannot tell from the lock: fall back on the pid
 			running = st.State != "stopped" && processAlive(st.PID)
@@ -215,7 +216,7 @@ func cmdRenew(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	if cfg.Static() {
 		return fmt.Errorf("renew: this device is in static mode ([hub] host, device_id and chain): its factory certificate cannot be renewed by gwagent; install a new chain at %s and restart the service", cfg.Hub.Chain)
 	}
-	if pid, err := agent.LockHolder(cfg.StateDir); err != nil {
+	if pid, err := statelock.Holder(cfg.StateDir); err != nil {
 		return fmt.Errorf("renew: %w; run as the service user (gwagent) or root", err)
 	} else if pid == -1 {
 		return errors.New("renew: the agent is starting; try again in a moment")
@@ -235,7 +236,7 @@ func cmdRenew(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		fmt.Fprintf(stdout, "asked the running agent (pid %d) to renew its certificate; follow it with `gwagent status` or its log\n", pid)
 		return nil
 	}
-	lock, err := agent.LockStateDir(cfg.StateDir)
+	lock, err := statelock.Take(cfg.StateDir)
 	if err != nil {
 		return fmt.Errorf("renew: %w", err)
 	}
