@@ -26,3 +26,11 @@ type Status = status.Status
 
 // ReadStatus reads the status file a running (or stopped) agent wrote.
 func ReadStatus(stateDir string) (*Status, error) { return status.Read(stateDir) }
+
+// CondSpoolPolled and CondConfigPolled: a directory the agent must notice
+// changes in could not be watched with inotify, so it is scanned on a timer
+// instead. Spool files and config changes are still picked up, a little later.
+const (
+	CondSpoolPolled  Condition = telemetry.CondSpoolPolled
+	CondConfigPolled Condition = "config-polled"
+)

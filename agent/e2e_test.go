@@ -475,7 +475,7 @@ func TestRunE2E(t *testing.T) {
 		})
 		os.WriteFile(d.path, good, 0o600)
 		// Still working with the old config.
-		os.WriteFile(filepath.Join(d.cfg.Telemetry.SpoolDir, "still.json"), []byte(`{"stillUp":1}`), 0o644)
+		spoolPut(t, d.cfg.Telemetry.SpoolDir, "still.json", []byte(`{"stillUp":1}`))
 		testenv.Eventually(t, 10*time.Second, "a message after the rejected change", func() bool { return countBodies(az, "gw-run-1", "stillUp") == 1 })
 	})
 	t.Run("ok/telemetry interval reloaded without restart", func(t *testing.T) {
@@ -497,7 +497,7 @@ func TestRunE2E(t *testing.T) {
 			id, err := storeCurrent(d)
 			return err == nil && id.Serial != old && d.status().State == "connected"
 		})
-		os.WriteFile(filepath.Join(d.cfg.Telemetry.SpoolDir, "again.json"), []byte(`{"again":1}`), 0o644)
+		spoolPut(t, d.cfg.Telemetry.SpoolDir, "again.json", []byte(`{"again":1}`))
 		testenv.Eventually(t, 10*time.Second, "a message with the new identity", func() bool { return countBodies(az, "gw-run-1", "again") == 1 })
 	})
 	r.stop()

@@ -86,7 +86,7 @@ func TestBehindProxyRenewsOverWebSockets(t *testing.T) {
 			if via := d.current().Via; via != "hub" {
 				t.Fatalf("renewed via %q, want hub", via)
 			}
-			os.WriteFile(filepath.Join(d.cfg.Telemetry.SpoolDir, "ws.json"), []byte(`{"overWebSockets":1}`), 0o644)
+			spoolPut(t, d.cfg.Telemetry.SpoolDir, "ws.json", []byte(`{"overWebSockets":1}`))
 			testenv.Eventually(t, 15*time.Second, "a message after the renewal", func() bool {
 				return countBodies(az, o.regID, "overWebSockets") == 1
 			})

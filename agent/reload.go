@@ -9,16 +9,23 @@ import (
 	"github.com/gwagent/gwagent/internal/dirwatch"
 )
 
+// reloadDebounce is how long the config file must stay quiet after a
+// change before it is read: an editor's save is several writes.
+const reloadDebounce = 300 * time.Millisecond
+
 // watchConfig reloads the config when its file changes (directory watch,
-// so atomic replaces are seen), debounced; an invalid file is logged and
-// the old config stays.
+// so atomic replaces are seen; scanned on a timer without inotify),
+// debounced; an invalid file is logged and the old config stays.
 func (a *Agent) watchConfig(ctx context.Context) {
 	path := a.cfg.Load().Path() // a reload never moves the file
 	dir, file := filepath.Dir(path), filepath.Base(path)
-	w := a.watchDir("config", CondConfigPolled, dir)
+	w := dirwatch.Watch(dir, dirwatch.Options{What: "config", Cond: CondConfigPolled, Sink: a.status, Log: a.log,
+		Clock: a.clock, NewWatcher: a.opts.newWatcher})
 	defer w.Close()
 	last := configSig(path) // what polling compares with
-	var debounce <-chan time.Time
+	debounce, debounceC := a.clock.NewTimer(reloadDebounce)
+	debounce.Stop()
+	defer debounce.Stop()
 	for {
 		select {
 		case <-ctx.Done():
@@ -28,7 +35,7 @@ func (a *Agent) watchConfig(ctx context.Context) {
 				return
 			}
 			if filepath.Base(ev.Name) == file {
-				debounce = time.After(300 * time.Millisecond)
+				debounce.Reset(reloadDebounce)
 			}
 		case err := <-w.Errors():
 			a.log.Warn("config watcher", "err", err)
@@ -38,8 +45,7 @@ func (a *Agent) watchConfig(ctx context.Context) {
 				last = sig
 				a.reload()
 			}
-		case <-debounce:
-			debounce = nil
+		case <-debounceC:
 			last = configSig(path)
 			a.reload()
 		}

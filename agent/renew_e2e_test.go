@@ -165,7 +165,7 @@ func renewRepeatedly(t *testing.T, ft *testenv.FakeTime, az *azsimtest.Azsim, re
 		prev = cur
 	}
 	// Telemetry flows over the renewed identity.
-	os.WriteFile(filepath.Join(d.cfg.Telemetry.SpoolDir, "after.json"), []byte(`{"afterRenewal":1}`), 0o644)
+	spoolPut(t, d.cfg.Telemetry.SpoolDir, "after.json", []byte(`{"afterRenewal":1}`))
 	testenv.Eventually(t, 10*time.Second, "a message sent with the renewed certificate", func() bool {
 		return countBodies(az, regID, "afterRenewal") == 1
 	})

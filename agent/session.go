@@ -52,6 +52,7 @@ func (a *Agent) dial(ctx context.Context, id *provisioning.Identity) (*transport
 			a.log.Info("cloud-to-device message", "id", sys["mid"], "bytes", len(body))
 		},
 		Network: nw.Options,
+		Clock:   a.clock,
 	})
 	if err == nil || signer.signed() {
 		a.status.Clear(CondKeyStoreUnavailable)

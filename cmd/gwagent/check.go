@@ -27,6 +27,7 @@ import (
 	"time"
 
 	"github.com/gwagent/gwagent/agent"
+	"github.com/gwagent/gwagent/internal/clock"
 	"github.com/gwagent/gwagent/internal/tlsconf"
 	"github.com/gwagent/gwagent/keystore"
 	"github.com/gwagent/gwagent/provisioning"
@@ -83,7 +84,7 @@ func cmdCheck(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		return err
 	}
 	bt, _ := time.Parse(time.RFC3339, buildTime)
-	c := &checker{cfgPath: *cfgPath, now: time.Now(), buildTime: bt, timeout: *timeout,
+	c := &checker{cfgPath: *cfgPath, now: clock.Real{}.Now(), buildTime: bt, timeout: *timeout,
 		clockSynced: kernelClockSynced, serviceUser: "gwagent", spoolGroup: "gwagent-spool"}
 	if st, err := os.Stat("/run/systemd/system"); err == nil && st.IsDir() {
 		c.systemctl = runSystemctl

@@ -11,6 +11,7 @@ import (
 
 	"github.com/gwagent/gwagent/agent"
 	"github.com/gwagent/gwagent/internal/atomicfile"
+	"github.com/gwagent/gwagent/internal/clock"
 	"github.com/gwagent/gwagent/internal/statelock"
 	"github.com/gwagent/gwagent/keystore"
 	"github.com/gwagent/gwagent/provisioning"
@@ -154,7 +155,7 @@ func cmdOnboardInstall(ctx context.Context, args []string, stdout, stderr io.Wri
 	defer lock.Unlock()
 	keys := agent.NewKeys()
 	defer keys.Close()
-	chain, err := agent.OnboardInstall(ctx, cfg, keys, *chainFile, time.Now())
+	chain, err := agent.OnboardInstall(ctx, cfg, keys, *chainFile, clock.Real{}.Now())
 	if err != nil {
 		return err
 	}
@@ -183,9 +184,10 @@ func cmdProvision(ctx context.Context, args []string, stdout, stderr io.Writer) 
 	defer keys.Close()
 	opts := agent.ProvisionOptions{ClientVersion: "gwagent/" + version}
 	if *progress {
-		start := time.Now()
+		c := clock.Real{}
+		start := c.Now()
 		opts.Progress = func(s string) {
-			fmt.Fprintf(stderr, "[%5.1fs] %s\n", time.Since(start).Seconds(), s)
+			fmt.Fprintf(stderr, "[%5.1fs] %s\n", clock.Since(c, start).Seconds(), s)
 		}
 	}
 	id, err := agent.Provision(ctx, cfg, keys, opts)

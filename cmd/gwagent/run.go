@@ -18,6 +18,7 @@ import (
 	"time"
 
 	"github.com/gwagent/gwagent/agent"
+	"github.com/gwagent/gwagent/internal/clock"
 	"github.com/gwagent/gwagent/internal/statelock"
 	"github.com/gwagent/gwagent/internal/tlsconf"
 	"github.com/gwagent/gwagent/keystore"
@@ -74,7 +75,7 @@ func cmdStatus(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	if err != nil {
 		return err
 	}
-	now := time.Now()
+	now := clock.Real{}.Now() // status.json's times are the system clock's
 	st, serr := agent.ReadStatus(cfg.StateDir)
 	w := func(k, v string) { fmt.Fprintf(stdout, "%-16s %s\n", k+":", v) }
 	switch {
@@ -287,13 +288,13 @@ func gatewayRuntime(ctx context.Context) (backlog func(bool)) {
 	}
 	debug.SetGCPercent(50)
 	go func() {
-		t := time.NewTicker(time.Minute)
+		t, tick := clock.Real{}.NewTicker(time.Minute)
 		defer t.Stop()
 		for {
 			select {
 			case <-ctx.Done():
 				return
-			case <-t.C:
+			case <-tick:
 				debug.FreeOSMemory()
 			}
 		}

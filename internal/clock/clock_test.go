@@ -163,3 +163,47 @@ func TestOr(t *testing.T) {
 		t.Fatal("Or(f) is not f")
 	}
 }
+
+// A deadline on a Fake ends the context when the fake clock passes it, as
+// context.DeadlineExceeded; cancelling first, or the parent ending, is
+// context.Canceled; on Real it is context.WithDeadline.
+func TestWithDeadline(t *testing.T) {
+	f := NewFake(epoch)
+	ctx, cancel := WithDeadline(context.Background(), f, epoch.Add(time.Hour))
+	defer cancel()
+	f.Advance(59 * time.Minute)
+	if ctx.Err() != nil {
+		t.Fatal("ended before its deadline")
+	}
+	f.Advance(time.Minute)
+	select {
+	case <-ctx.Done():
+	case <-time.After(5 * time.Second):
+		t.Fatal("not ended at its deadline")
+	}
+	if ctx.Err() != context.DeadlineExceeded {
+		t.Fatalf("Err %v, want context.DeadlineExceeded", ctx.Err())
+	}
+
+	parent, stop := context.WithCancel(context.Background())
+	ctx, cancel = WithDeadline(parent, f, f.Now().Add(time.Hour))
+	defer cancel()
+	stop()
+	<-ctx.Done()
+	if ctx.Err() != context.Canceled {
+		t.Fatalf("Err %v after the parent ended, want context.Canceled", ctx.Err())
+	}
+	before := f.Pending()
+	ctx, cancel = WithDeadline(context.Background(), f, f.Now().Add(time.Hour))
+	cancel()
+	if ctx.Err() != context.Canceled || f.Pending() != before {
+		t.Fatalf("Err %v after cancel (timers %d, %d before)", ctx.Err(), f.Pending(), before)
+	}
+
+	at := time.Now().Add(time.Hour)
+	ctx, cancel = WithDeadline(context.Background(), Real{}, at)
+	defer cancel()
+	if d, ok := ctx.Deadline(); !ok || !d.Equal(at) {
+		t.Fatalf("a Real deadline is not the context's: %v %v", d, ok)
+	}
+}
