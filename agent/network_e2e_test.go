@@ -137,14 +137,22 @@ func TestAutoFallsBackAndRemembers(t *testing.T) {
 func TestAutoReturnsToMQTT(t *testing.T) {
 	az := azsimtest.Start(t, azsim.Config{})
 	px := onlyWebSockets(t, az)
-	d := newDevice(t, az, devOpts{regID: "gw-reprobe", extra: networkTOML(az, "auto", proxyURL(px, "site", "pw-Xy7")) + "mqtt_reprobe = \"10s\"\n"})
+	d := newDevice(t, az, devOpts{regID: "gw-reprobe", extra: networkTOML(az, "auto", proxyURL(px, "site", "pw-Xy7")) + "mqtt_reprobe = \"10m\"\n"})
+	// The re-probe runs on the agent's clock, which the test moves.
+	ft := testenv.StartFakeTime(t, time.Now())
+	ft.Allow(5 * time.Second)
+	d.clock = ft
 	r := d.start()
 	testenv.Eventually(t, 30*time.Second, "connected over WebSockets", func() bool {
 		st := d.status()
 		return st.State == "connected" && st.Transport == "websocket"
 	})
 	px.Reload(testenv.ProxyOpts{User: "site", Password: "pw-Xy7"}) // every port
-	testenv.Eventually(t, 90*time.Second, "back on MQTT", func() bool {
+	if strings.Contains(r.log.String(), "port 8883 is reachable again") {
+		t.Fatal("re-probed before mqtt_reprobe had passed")
+	}
+	ft.Allow(11 * time.Minute)
+	testenv.Eventually(t, 30*time.Second, "back on MQTT", func() bool {
 		st := d.status()
 		return st.State == "connected" && st.Transport == "mqtt"
 	})
@@ -192,6 +200,9 @@ func TestNetworkReloadAndEnvironment(t *testing.T) {
 		t.Setenv("https_proxy", "http://u:env-pw@"+dead.Addr)
 		t.Setenv("no_proxy", "")
 		d := newDevice(t, az, devOpts{regID: "gw-deadproxy", extra: networkTOML(az, "auto", "")})
+		// Registration retries until its timeout (30 s in the device's
+		// config): 3 s are enough to see how a dead proxy fails.
+		d.cfg.Identity.ProvisioningTimeout.Duration = 3 * time.Second
 		if _, err := d.provision(); err == nil || !strings.Contains(err.Error(), dead.Addr) || strings.Contains(err.Error(), "env-pw") {
 			t.Fatalf("provisioning through a dead proxy: %v", err)
 		}

@@ -108,10 +108,10 @@ func TestTwinRequestDeadlines(t *testing.T) {
 		return r.log.String()
 	}
 	t.Run("a slow read does not eat the report's budget", func(t *testing.T) {
-		// The read and the report after it each take 6 s of a 10 s
+		// The read and the report after it each take 2 s of a 3.5 s
 		// deadline: under one deadline for the whole sync the report would
-		// time out after 4 s.
-		if logs := run(t, "gw-twin-slow", 6, 2, 10*time.Second); strings.Contains(logs, "twin synchronisation failed") {
+		// time out after 1.5 s.
+		if logs := run(t, "gw-twin-slow", 2, 2, 3500*time.Millisecond); strings.Contains(logs, "twin synchronisation failed") {
 			t.Fatalf("a twin request timed out although each took less than its deadline:\n%s", logs)
 		}
 	})
@@ -156,8 +156,8 @@ func TestDesiredUpdateWhileTwinSlow(t *testing.T) {
 	})
 
 	// The hub holds its answer to the next twin request (the report of
-	// the new interval) for 8 s, well inside the 40 s deadline.
-	if st := az.Admin("POST", "/faults/twin-delay", map[string]any{"seconds": 8, "count": 1}, nil); st >= 300 {
+	// the new interval) for 3 s, well inside the 40 s deadline.
+	if st := az.Admin("POST", "/faults/twin-delay", map[string]any{"seconds": 3, "count": 1}, nil); st >= 300 {
 		t.Fatalf("arm twin-delay: %d", st)
 	}
 	var ver struct {
@@ -247,8 +247,8 @@ func TestDesiredBurstWhileHubSlow(t *testing.T) {
 	before, _, _ := reported()
 
 	// The hub holds its answer to the next twin request (the report of the
-	// new interval) for 6 s.
-	if st := az.Admin("POST", "/faults/twin-delay", map[string]any{"seconds": 6, "count": 1}, nil); st >= 300 {
+	// new interval) for 4 s.
+	if st := az.Admin("POST", "/faults/twin-delay", map[string]any{"seconds": 4, "count": 1}, nil); st >= 300 {
 		t.Fatalf("arm twin-delay: %d", st)
 	}
 	first := desired(2)

@@ -84,6 +84,32 @@ func TestFakeTickerDropsSkippedTicks(t *testing.T) {
 	}
 }
 
+// A jump of years (a clock set by NTP after booting in 1970) over a ticker
+// fires it once and keeps its grid, at once.
+func TestFakeTickerLongJump(t *testing.T) {
+	f := NewFake(time.Unix(42, 0))
+	_, ch := f.NewTicker(time.Second)
+	began := time.Now()
+	f.Set(epoch)
+	if took := time.Since(began); took > time.Second {
+		t.Fatalf("a 56-year jump over a 1 s ticker took %v", took)
+	}
+	n := 0
+	for {
+		if _, ok := received(ch); !ok {
+			break
+		}
+		n++
+	}
+	if n != 1 {
+		t.Fatalf("%d ticks after the jump, want 1", n)
+	}
+	next, _ := f.Next()
+	if want := epoch.Add(time.Second); !next.Equal(want) {
+		t.Fatalf("next tick at %v, want %v (the grid from 42 s, after the jump)", next, want)
+	}
+}
+
 func TestFakeAfterFuncOrderAndBlockUntil(t *testing.T) {
 	f := NewFake(epoch)
 	done := make(chan int, 2)
