@@ -63,7 +63,7 @@ func spoolDiskFull(t *testing.T, devID string, inodes bool) {
 	for i := n - early; i < n; i++ {
 		spoolPut(t, spool, fmt.Sprintf("m%02d.json", i), []byte(fmt.Sprintf(`{"full":%d,"pad":"%s"}`, i, pad)))
 	}
-	ft.Pass(t, 10 * time.Second) // settle, queue, write behind
+	ft.Pass(t, 10*time.Second) // settle, queue, write behind
 	testenv.Eventually(t, 30*time.Second, "the first messages written to the outbox", func() bool {
 		segs, _ := filepath.Glob(filepath.Join(d.cfg.StateDir, "outbox", "*.seg"))
 		for _, p := range segs {
@@ -91,7 +91,7 @@ func spoolDiskFull(t *testing.T, devID string, inodes bool) {
 		}
 	}
 
-	ft.Pass(t, 2 * time.Second) // the renamed files settle
+	ft.Pass(t, 2*time.Second) // the renamed files settle
 	testenv.Eventually(t, 30*time.Second, "disk-full in the status file", func() bool {
 		_, ok := d.status().Conditions[agent.CondDiskFull]
 		return ok
@@ -105,7 +105,7 @@ func spoolDiskFull(t *testing.T, devID string, inodes bool) {
 	}
 	// Give the agent time to try (write-behind, spool retries), then check
 	// that nothing was deleted while nothing could be delivered.
-	ft.Pass(t, 12 * time.Second)
+	ft.Pass(t, 12*time.Second)
 	for i := 0; i < n; i++ {
 		if _, err := os.Lstat(filepath.Join(spool, fmt.Sprintf("m%02d.json", i))); err != nil {
 			t.Fatalf("spool file %d gone before the hub acknowledged it: %v", i, err)
@@ -132,7 +132,7 @@ func spoolDiskFull(t *testing.T, devID string, inodes bool) {
 		_, full := st.Conditions[agent.CondDiskFull]
 		return st.PID == os.Getpid() && st.State != "stopped" && full
 	})
-	ft.Pass(t, 5 * time.Second)
+	ft.Pass(t, 5*time.Second)
 	select {
 	case err := <-r.done:
 		r.done <- err
