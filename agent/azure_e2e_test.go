@@ -25,13 +25,17 @@ import (
 	"github.com/gwagent/gwagent/transport"
 )
 
-// connectedThenRenewed waits for the device to connect and then for a
-// certificate other than its first; it returns both identities.
-func connectedThenRenewed(t *testing.T, d *device) (first, renewed *provisioning.Identity) {
+// connectedThenRenewed waits for the device (on ft, shared with azsim) to
+// connect, lets the clock run to the fraction until of the first
+// certificate's lifetime, and waits for a certificate other than the first;
+// it returns both identities.
+func connectedThenRenewed(t *testing.T, d *device, ft *testenv.FakeTime, until float64) (first, renewed *provisioning.Identity) {
 	t.Helper()
 	testenv.Eventually(t, 30*time.Second, "connected", func() bool { return d.status().State == "connected" })
 	first = d.current()
-	testenv.Eventually(t, 40*time.Second, "renewed", func() bool {
+	life := first.NotAfter.Sub(first.NotBefore)
+	ft.AllowUntil(first.NotBefore.Add(time.Duration(until * float64(life))))
+	testenv.Eventually(t, 30*time.Second, "renewed", func() bool {
 		s, err := storeCurrent(d)
 		return err == nil && s.Serial != first.Serial
 	})
@@ -182,17 +186,19 @@ func TestRenewalWithoutCertificateManagement(t *testing.T) {
 // re-provisioning rule holds it back, says so in the log and status, and
 // the device gets in once the hub caught up.
 func TestCredentialSyncLagE2E(t *testing.T) {
-	az := azsimtest.Start(t, azsim.Config{CredentialSyncLag: 2 * time.Second})
-	d := newDevice(t, az, devOpts{})
+	// The lag and the re-provisioning gate's waits run in the time the
+	// device shares with azsim: the test holds it while it looks at the
+	// status, then lets it run.
+	ft, az := fakeAzsim(t, azsim.Config{CredentialSyncLag: 2 * time.Second})
+	d := newDevice(t, az, devOpts{clock: ft})
 	r := d.start()
 	sawHeldBack := false
-	testenv.Eventually(t, time.Minute, "connected", func() bool {
-		st := d.status()
-		if _, ok := st.Conditions[agent.CondReprovisionHeldBack]; ok {
-			sawHeldBack = true
-		}
-		return st.State == "connected"
+	testenv.Eventually(t, 20*time.Second, "held back while the hub refuses the new certificate", func() bool {
+		_, sawHeldBack = d.status().Conditions[agent.CondReprovisionHeldBack]
+		return sawHeldBack
 	})
+	ft.Allow(time.Hour)
+	testenv.Eventually(t, time.Minute, "connected", func() bool { return d.status().State == "connected" })
 	if !strings.Contains(r.log.String(), "re-provisioning held back") {
 		t.Error("the log does not say that re-provisioning was held back")
 	}
@@ -216,7 +222,7 @@ func TestCredentialSyncLagE2E(t *testing.T) {
 func TestUnansweredHubFallsBackToDPS(t *testing.T) {
 	for _, mode := range []faults.CredentialsMode{faults.CredentialsSilent, faults.CredentialsDrop} {
 		t.Run("ok/"+string(mode), func(t *testing.T) {
-			az := azsimtest.Start(t, azsim.Config{CertLifetime: 24 * time.Second})
+			ft, az := fakeAzsim(t, azsim.Config{CertLifetime: 24 * time.Second})
 			d := newDevice(t, az, devOpts{extra: `
 [renewal]
 threshold = 0.5
@@ -224,11 +230,15 @@ jitter = "1s"
 floor = "1s"
 retry_min = "500ms"
 retry_max = "1s"
-issue_timeout = "3s"
+issue_timeout = "1s"
 `})
+			d.clock = ft
 			az.Server.Faults.SetCredentialsMode(mode)
 			r := d.start()
-			first, cur := connectedThenRenewed(t, d)
+			// Two unanswered requests (each given 1 s of wall time for the
+			// hub's 202), or one past three quarters of the lifetime, send
+			// the agent to DPS.
+			first, cur := connectedThenRenewed(t, d, ft, 0.9)
 			if cur.Via != "dps" {
 				t.Fatalf("renewed via %q, want dps", cur.Via)
 			}
@@ -247,10 +257,14 @@ issue_timeout = "3s"
 // operationExpires instead of giving up after issue_timeout and sending a
 // new request that would replace, and so cancel, the one being issued.
 func TestSlowIssuanceE2E(t *testing.T) {
-	az := azsimtest.Start(t, azsim.Config{CertLifetime: 40 * time.Second, IssueDelay: 6 * time.Second})
-	d := newDevice(t, az, devOpts{extra: strings.Replace(fastRenewal, `issue_timeout = "10s"`, `issue_timeout = "2s"`, 1)})
+	// The hub issues in 3 s of wall time; the clock runs on only to just
+	// after the renewal (the end of the wait, three quarters of the
+	// lifetime, stays ahead), but well past issue_timeout.
+	ft, az := fakeAzsim(t, azsim.Config{CertLifetime: 40 * time.Second, IssueDelay: 3 * time.Second})
+	d := newDevice(t, az, devOpts{extra: strings.Replace(fastRenewal, `issue_timeout = "10s"`, `issue_timeout = "1s"`, 1)})
+	d.clock = ft
 	r := d.start()
-	if _, cur := connectedThenRenewed(t, d); cur.Via != "hub" {
+	if _, cur := connectedThenRenewed(t, d, ft, 0.6); cur.Via != "hub" {
 		via := cur.Via
 		t.Fatalf("renewed via %q, want hub", via)
 	}
@@ -263,9 +277,12 @@ func TestSlowIssuanceE2E(t *testing.T) {
 // it takes its time to assign; the hub answers 429 beyond its twin rate.
 // gwagent waits as asked, says so, and gets through both.
 func TestThrottlingE2E(t *testing.T) {
-	az := azsimtest.Start(t, azsim.Config{HubTwinRate: 1})
+	// DPS and the hub count and throttle in the time the device keeps
+	// (shared with azsim), which the test lets run for the waits they ask.
+	ft, az := fakeAzsim(t, azsim.Config{HubTwinRate: 1})
+	ft.Allow(time.Hour)
 	az.Server.Faults.SetAssignDelay(7 * time.Second) // polled every second: the 6th poll is throttled
-	d := newDevice(t, az, devOpts{})
+	d := newDevice(t, az, devOpts{clock: ft})
 	r := d.start()
 	testenv.Eventually(t, time.Minute, "connected and reported", func() bool {
 		var tw struct {
@@ -370,7 +387,7 @@ func TestConnectRefusedThrottledE2E(t *testing.T) {
 	r := d.start()
 	testenv.Eventually(t, time.Minute, "connected", func() bool { return d.status().State == "connected" })
 	before := strings.Count(r.log.String(), "hub connection failed")
-	az.Server.Faults.RefuseUntil(faults.Hub, time.Now().Add(4*time.Second))
+	az.Server.Faults.RefuseUntil(faults.Hub, time.Now().Add(2*time.Second))
 	az.Server.Hub.DropAll()
 	sawThrottled := false
 	testenv.Eventually(t, 10*time.Second, "the throttled condition", func() bool {
@@ -378,10 +395,10 @@ func TestConnectRefusedThrottledE2E(t *testing.T) {
 		return sawThrottled
 	})
 	testenv.Eventually(t, time.Minute, "connected again", func() bool { return d.status().State == "connected" })
-	// start() uses a 100 ms..1 s reconnect backoff: about 8 attempts fit in
-	// 4 s; a tight loop would make hundreds.
-	if n := strings.Count(r.log.String(), "hub connection failed") - before; n > 20 {
-		t.Fatalf("%d connection attempts while refused for 4 s", n)
+	// start() uses a 100 ms..1 s reconnect backoff: about 4 attempts fit in
+	// 2 s; a tight loop would make hundreds.
+	if n := strings.Count(r.log.String(), "hub connection failed") - before; n > 12 {
+		t.Fatalf("%d connection attempts while refused for 2 s", n)
 	}
 	if _, ok := d.status().Conditions[agent.CondThrottled]; ok {
 		t.Error("the throttled condition stays after the hub accepted the device")

@@ -254,7 +254,7 @@ func renewal409(t *testing.T, lostRecord bool) {
 	// The clock stays short of the end of the wait for the hub's answer
 	// (three quarters of the lifetime): the answer comes in the hub's
 	// IssueDelay, wall time.
-	ft, az := fakeAzsim(t, azsim.Config{CertLifetime: 40 * time.Second, IssueDelay: 6 * time.Second})
+	ft, az := fakeAzsim(t, azsim.Config{CertLifetime: 40 * time.Second, IssueDelay: 3 * time.Second})
 	d := newDevice(t, az, devOpts{regID: "gw-renew-409", extra: fastRenewal})
 	d.clock = ft
 	r := d.start()
