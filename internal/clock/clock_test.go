@@ -18,6 +18,17 @@ func received(ch <-chan time.Time) (time.Time, bool) {
 	}
 }
 
+// drain counts the values waiting in ch.
+func drain(ch <-chan time.Time) int {
+	n := 0
+	for {
+		if _, ok := received(ch); !ok {
+			return n
+		}
+		n++
+	}
+}
+
 func TestFakeTimer(t *testing.T) {
 	f := NewFake(epoch)
 	_, ch := f.NewTimer(10 * time.Second)
@@ -63,13 +74,7 @@ func TestFakeTickerDropsSkippedTicks(t *testing.T) {
 	f := NewFake(epoch)
 	tk, ch := f.NewTicker(time.Second)
 	f.Advance(10 * time.Second)
-	n := 0
-	for {
-		if _, ok := received(ch); !ok {
-			break
-		}
-		n++
-	}
+	n := drain(ch)
 	if n != 1 {
 		t.Fatalf("a 10 s jump delivered %d ticks, want 1 (the rest dropped)", n)
 	}
@@ -94,13 +99,7 @@ func TestFakeTickerLongJump(t *testing.T) {
 	if took := time.Since(began); took > time.Second {
 		t.Fatalf("a 56-year jump over a 1 s ticker took %v", took)
 	}
-	n := 0
-	for {
-		if _, ok := received(ch); !ok {
-			break
-		}
-		n++
-	}
+	n := drain(ch)
 	if n != 1 {
 		t.Fatalf("%d ticks after the jump, want 1", n)
 	}
