@@ -56,6 +56,7 @@ func registrations(az *azsimtest.Azsim, regID string) int {
 // repeated alerts as a refusal of its identity and register again, once,
 // instead of retrying the same certificate forever as if the network failed.
 func TestHandshakeRejectionReprovisions(t *testing.T) {
+	t.Parallel()
 	az := azsimtest.Start(t, azsim.Config{})
 	d := newDevice(t, az, devOpts{})
 	r := d.start()
@@ -107,6 +108,7 @@ func dialAs(t *testing.T, d *device, id *provisioning.Identity, cfg transport.Co
 // the durable outbox. A space encoded as '+' would be an MQTT wildcard in
 // the topic name and cost the connection.
 func TestPropertyBagE2E(t *testing.T) {
+	t.Parallel()
 	az := azsimtest.Start(t, azsim.Config{})
 	d := newDevice(t, az, devOpts{})
 	id, err := d.provision()
@@ -161,6 +163,7 @@ func TestPropertyBagE2E(t *testing.T) {
 // notices, renews through DPS instead, and the session itself never
 // subscribed to it (it would have failed to connect).
 func TestRenewalWithoutCertificateManagement(t *testing.T) {
+	t.Parallel()
 	az := azsimtest.Start(t, azsim.Config{NoCertificateManagement: true})
 	d := newDevice(t, az, devOpts{})
 	r := d.start()
@@ -186,6 +189,7 @@ func TestRenewalWithoutCertificateManagement(t *testing.T) {
 // re-provisioning rule holds it back, says so in the log and status, and
 // the device gets in once the hub caught up.
 func TestCredentialSyncLagE2E(t *testing.T) {
+	t.Parallel()
 	// The lag and the re-provisioning gate's waits run in the time the
 	// device shares with azsim: the test holds it while it looks at the
 	// status, then lets it run.
@@ -220,6 +224,7 @@ func TestCredentialSyncLagE2E(t *testing.T) {
 // gives the hub two tries, then re-registers with DPS while a good part of
 // the lifetime remains, instead of retrying the hub until expiry.
 func TestUnansweredHubFallsBackToDPS(t *testing.T) {
+	t.Parallel()
 	for _, mode := range []faults.CredentialsMode{faults.CredentialsSilent, faults.CredentialsDrop} {
 		t.Run("ok/"+string(mode), func(t *testing.T) {
 			ft, az := fakeAzsim(t, azsim.Config{CertLifetime: 24 * time.Second})
@@ -257,6 +262,7 @@ issue_timeout = "1s"
 // operationExpires instead of giving up after issue_timeout and sending a
 // new request that would replace, and so cancel, the one being issued.
 func TestSlowIssuanceE2E(t *testing.T) {
+	t.Parallel()
 	// The hub issues in 3 s of wall time; the clock runs on only to just
 	// after the renewal (the end of the wait, three quarters of the
 	// lifetime, stays ahead), but well past issue_timeout.
@@ -277,6 +283,7 @@ func TestSlowIssuanceE2E(t *testing.T) {
 // it takes its time to assign; the hub answers 429 beyond its twin rate.
 // gwagent waits as asked, says so, and gets through both.
 func TestThrottlingE2E(t *testing.T) {
+	t.Parallel()
 	// DPS and the hub count and throttle in the time the device keeps
 	// (shared with azsim), which the test lets run for the waits they ask.
 	ft, az := fakeAzsim(t, azsim.Config{HubTwinRate: 1})
@@ -308,6 +315,7 @@ func TestThrottlingE2E(t *testing.T) {
 // registration id as CN; gwagent accepts that and connects to the hub as
 // the assigned device id.
 func TestIndividualEnrollmentE2E(t *testing.T) {
+	t.Parallel()
 	az := azsimtest.Start(t, azsim.Config{})
 	root, err := os.ReadFile(az.Info.OnboardingRoot)
 	if err != nil {
@@ -336,6 +344,7 @@ func TestIndividualEnrollmentE2E(t *testing.T) {
 // registers again, follows the new assignedHub, delivers what its outbox
 // held, and its status names the hub it uses.
 func TestReprovisionToAnotherHubE2E(t *testing.T) {
+	t.Parallel()
 	az := azsimtest.Start(t, azsim.Config{Hub2Addr: "127.0.0.1:0"})
 	d := newDevice(t, az, devOpts{})
 	d.start()
@@ -382,6 +391,7 @@ func TestReprovisionToAnotherHubE2E(t *testing.T) {
 // instead of hammering the hub, shows the throttled condition, and gets
 // back in when the hub accepts again.
 func TestConnectRefusedThrottledE2E(t *testing.T) {
+	t.Parallel()
 	az := azsimtest.Start(t, azsim.Config{})
 	d := newDevice(t, az, devOpts{})
 	r := d.start()
@@ -408,6 +418,7 @@ func TestConnectRefusedThrottledE2E(t *testing.T) {
 // TestServerChainsE2E: gwagent provisions and connects whether the
 // services present Azure's RSA-2048 chain or an ECDSA one.
 func TestServerChainsE2E(t *testing.T) {
+	t.Parallel()
 	for _, key := range []string{"rsa", "ecdsa"} {
 		t.Run("ok/"+key, func(t *testing.T) {
 			az := azsimtest.Start(t, azsim.Config{ServerKey: key})

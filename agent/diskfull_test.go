@@ -29,6 +29,7 @@ import (
 // The file system runs out of inodes (no new file: outbox segment, status
 // temp file, rejected/) or out of blocks (new files, but no data).
 func TestSpoolDiskFull(t *testing.T) {
+	t.Parallel()
 	t.Run("out of inodes", func(t *testing.T) { spoolDiskFull(t, "gw-full-inodes", true) })
 	t.Run("out of blocks", func(t *testing.T) { spoolDiskFull(t, "gw-full-blocks", false) })
 }

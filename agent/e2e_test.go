@@ -2,6 +2,11 @@ package agent_test
 
 // End-to-end tests: a real azsim (DPS, IoT Hub on an embedded MQTT broker,
 // real TLS) started in-process, and gwagent's agent package driving it.
+//
+// Each starts its own azsim, devices and directories, and runs in parallel
+// with the others (t.Parallel), except those that look at the whole process
+// (its goroutines), set the environment (SoftHSM2's SOFTHSM2_CONF too), or
+// measure how long something took in wall time: those run first, alone.
 
 import (
 	"context"
@@ -420,6 +425,7 @@ func assertNotProvisioned(t *testing.T, d *device) {
 }
 
 func TestRunE2E(t *testing.T) {
+	t.Parallel()
 	az := azsimtest.Start(t, azsim.Config{})
 	d := newDevice(t, az, devOpts{regID: "gw-run-1"})
 	r := d.start()
@@ -539,6 +545,7 @@ func storeCurrent(d *device) (*provisioning.Identity, error) {
 // A gateway without RTC boots in 1970: the agent waits for time sync
 // instead of failing TLS, then carries on.
 func TestClock1970(t *testing.T) {
+	t.Parallel()
 	az := azsimtest.Start(t, azsim.Config{})
 	d := newDevice(t, az, devOpts{regID: "gw-clock-1"})
 	if _, err := d.provision(); err != nil {
@@ -565,6 +572,7 @@ func TestClock1970(t *testing.T) {
 // Static mode: a certificate installed at the factory (signed by a CA the
 // hub trusts) and a known hub, no DPS.
 func TestStaticModeE2E(t *testing.T) {
+	t.Parallel()
 	// Also against a hub without certificate management, which refuses the
 	// credentials subscription: a static device never needs it.
 	for name, noCM := range map[string]bool{"ok/hub": false, "ok/hub-without-certificate-management": true} {

@@ -33,6 +33,7 @@ func overHTTPS(d *device) {
 }
 
 func TestProvisionHTTPSE2E(t *testing.T) {
+	t.Parallel()
 	// DPS's retry-afters and assignment delay pass in a time the test
 	// moves (the devices share the clock with azsim).
 	ft, az := fakeAzsim(t, azsim.Config{})

@@ -103,6 +103,7 @@ func TestBehindProxyRenewsOverWebSockets(t *testing.T) {
 }
 
 func TestAutoFallsBackAndRemembers(t *testing.T) {
+	t.Parallel()
 	az := azsimtest.Start(t, azsim.Config{})
 	px := onlyWebSockets(t, az)
 	raw := hubPort(t, az)
@@ -140,6 +141,7 @@ func TestAutoFallsBackAndRemembers(t *testing.T) {
 // notices at its next re-probe, beside the running session (the proxy keeps
 // the open tunnel), and reconnects over MQTT.
 func TestAutoReturnsToMQTT(t *testing.T) {
+	t.Parallel()
 	az := azsimtest.Start(t, azsim.Config{})
 	px := onlyWebSockets(t, az)
 	d := newDevice(t, az, devOpts{regID: "gw-reprobe", extra: networkTOML(az, "auto", proxyURL(px, "site", "pw-Xy7")) + "mqtt_reprobe = \"10m\"\n"})
@@ -171,25 +173,31 @@ func TestAutoReturnsToMQTT(t *testing.T) {
 
 func healthOrLine(st interface{ Line() string }) string { return st.Line() }
 
-func TestNetworkReloadAndEnvironment(t *testing.T) {
+// Changing the transport in the config reconnects over the new one.
+func TestNetworkReload(t *testing.T) {
+	t.Parallel()
 	az := azsimtest.Start(t, azsim.Config{})
-	t.Run("ok/changing transport in the config reconnects over the new one", func(t *testing.T) {
-		d := newDevice(t, az, devOpts{regID: "gw-reload-net", extra: networkTOML(az, "mqtt", "")})
-		d.start()
-		testenv.Eventually(t, 30*time.Second, "connected over MQTT", func() bool {
-			st := d.status()
-			return st.State == "connected" && st.Transport == "mqtt"
-		})
-		raw, _ := os.ReadFile(d.path)
-		next := strings.Replace(string(raw), `transport = "mqtt"`, `transport = "websocket"`, 1)
-		tmp := d.path + ".new"
-		os.WriteFile(tmp, []byte(next), 0o600)
-		os.Rename(tmp, d.path)
-		testenv.Eventually(t, 30*time.Second, "reconnected over WebSockets", func() bool {
-			st := d.status()
-			return st.State == "connected" && st.Transport == "websocket"
-		})
+	d := newDevice(t, az, devOpts{regID: "gw-reload-net", extra: networkTOML(az, "mqtt", "")})
+	d.start()
+	testenv.Eventually(t, 30*time.Second, "connected over MQTT", func() bool {
+		st := d.status()
+		return st.State == "connected" && st.Transport == "mqtt"
 	})
+	raw, _ := os.ReadFile(d.path)
+	next := strings.Replace(string(raw), `transport = "mqtt"`, `transport = "websocket"`, 1)
+	tmp := d.path + ".new"
+	os.WriteFile(tmp, []byte(next), 0o600)
+	os.Rename(tmp, d.path)
+	testenv.Eventually(t, 30*time.Second, "reconnected over WebSockets", func() bool {
+		st := d.status()
+		return st.State == "connected" && st.Transport == "websocket"
+	})
+}
+
+// The proxy from the environment (https_proxy, no_proxy): set for the whole
+// process, so this test runs alone.
+func TestNetworkFromEnvironment(t *testing.T) {
+	az := azsimtest.Start(t, azsim.Config{})
 	t.Run("ok/https_proxy from the environment, no_proxy for the local hub", func(t *testing.T) {
 		dead := testenv.StartTinyproxy(t, testenv.ProxyOpts{})
 		dead.Stop()
@@ -206,8 +214,8 @@ func TestNetworkReloadAndEnvironment(t *testing.T) {
 		t.Setenv("no_proxy", "")
 		d := newDevice(t, az, devOpts{regID: "gw-deadproxy", extra: networkTOML(az, "auto", "")})
 		// Registration retries until its timeout (30 s in the device's
-		// config): 3 s are enough to see how a dead proxy fails.
-		d.cfg.Identity.ProvisioningTimeout.Duration = 3 * time.Second
+		// config): 2 s are enough to see how a dead proxy fails.
+		d.cfg.Identity.ProvisioningTimeout.Duration = 2 * time.Second
 		if _, err := d.provision(); err == nil || !strings.Contains(err.Error(), dead.Addr) || strings.Contains(err.Error(), "env-pw") {
 			t.Fatalf("provisioning through a dead proxy: %v", err)
 		}
@@ -225,6 +233,7 @@ func TestNetworkReloadAndEnvironment(t *testing.T) {
 // Twin, methods, the outbox across an outage and reconnects behave over
 // WebSockets through a proxy as they do over MQTT.
 func TestOverWebSocketsLikeMQTT(t *testing.T) {
+	t.Parallel()
 	az := azsimtest.Start(t, azsim.Config{})
 	px := onlyWebSockets(t, az)
 	d := newDevice(t, az, devOpts{regID: "gw-ws-all", extra: networkTOML(az, "websocket", proxyURL(px, "site", "pw-Xy7"))})

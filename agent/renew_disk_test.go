@@ -37,6 +37,7 @@ import (
 // system runs out of blocks, or out of inodes (no new file at all: not the
 // key, not a generation directory).
 func TestRenewalDiskFull(t *testing.T) {
+	t.Parallel()
 	t.Run("out of blocks", func(t *testing.T) { t.Parallel(); renewalDiskFull(t, "gw-renew-full-blocks", false) })
 	t.Run("out of inodes", func(t *testing.T) { t.Parallel(); renewalDiskFull(t, "gw-renew-full-inodes", true) })
 }
@@ -158,6 +159,7 @@ func renewalDiskFull(t *testing.T, devID string, inodes bool) {
 // the full disk says so in its status, and provisions and connects without
 // a restart once space is freed.
 func TestProvisionDiskFull(t *testing.T) {
+	t.Parallel()
 	az := azsimtest.Start(t, azsim.Config{})
 	const devID = "gw-prov-diskfull"
 	d := newDevice(t, az, devOpts{regID: devID})
@@ -337,6 +339,7 @@ func roomForOne(t *testing.T, d *device, inodes bool) {
 // planned renewal of the two-hour certificate, and then may move only a
 // minute, well short of the ten-minute retry.
 func TestRenewalRetriedOnceSpaceFreed(t *testing.T) {
+	t.Parallel()
 	ft := testenv.StartFakeTime(t, time.Now())
 	ft.Allow(time.Minute) // provisioning and connecting: DPS's retry-after, backoff
 	az := azsimtest.Start(t, azsim.Config{CertLifetime: 2 * time.Hour, Now: ft.Now})

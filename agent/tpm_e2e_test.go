@@ -86,6 +86,7 @@ func enrollTPM(t *testing.T, az *azsimtest.Azsim, regID string, ek []byte) {
 }
 
 func TestTPMAttestationE2E(t *testing.T) {
+	t.Parallel()
 	az := azsimtest.Start(t, azsim.Config{})
 
 	t.Run("ok/TPM only: HTTPS, challenge, CSR, chain, hub, telemetry", func(t *testing.T) {
@@ -180,6 +181,7 @@ func TestTPMAttestationE2E(t *testing.T) {
 // TPM attestation for renewals: with prefer = "dps" every renewal is a new
 // TPM-attested registration.
 func TestTPMRenewalThroughDPS(t *testing.T) {
+	t.Parallel()
 	ft, az := fakeAzsim(t, azsim.Config{CertLifetime: 12 * time.Second})
 	d := newTPMDevice(t, az, true, fastRenewal+"prefer = \"dps\"\n")
 	d.clock = ft

@@ -27,6 +27,22 @@ func isTerminal(w io.Writer) bool {
 	return err == nil && st.Mode()&os.ModeCharDevice != 0
 }
 
+// exclusive loads the config at path and takes its state directory for this
+// command (no agent may run meanwhile), with the key stores the command will
+// open; done closes the stores and releases the directory.
+func exclusive(path string) (cfg *agent.Config, keys *agent.Keys, done func(), err error) {
+	cfg, err = agent.LoadConfig(path)
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	lock, err := statelock.Take(cfg.StateDir)
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	keys = agent.NewKeys()
+	return cfg, keys, func() { keys.Close(); lock.Unlock() }, nil
+}
+
 func cmdOnboard(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	const help = "usage: gwagent onboard csr --config FILE [--out FILE]\n       gwagent onboard install --config FILE --chain FILE\n       gwagent onboard tpm (--config FILE | --tpm tpm2:device=/dev/tpmrm0) [--ek-out FILE]"
 	if len(args) > 0 && (args[0] == "-h" || args[0] == "-help" || args[0] == "--help") {
@@ -104,17 +120,11 @@ func cmdOnboardCSR(ctx context.Context, args []string, stdout, stderr io.Writer)
 	if err := parse(fs, args); err != nil {
 		return err
 	}
-	cfg, err := agent.LoadConfig(*cfgPath)
+	cfg, keys, done, err := exclusive(*cfgPath)
 	if err != nil {
 		return err
 	}
-	lock, err := statelock.Take(cfg.StateDir)
-	if err != nil {
-		return err
-	}
-	defer lock.Unlock()
-	keys := agent.NewKeys()
-	defer keys.Close()
+	defer done()
 	der, created, err := agent.OnboardCSR(ctx, cfg, keys)
 	if err != nil {
 		return err
@@ -144,17 +154,11 @@ func cmdOnboardInstall(ctx context.Context, args []string, stdout, stderr io.Wri
 	if err := required(fs, "chain", *chainFile); err != nil {
 		return err
 	}
-	cfg, err := agent.LoadConfig(*cfgPath)
+	cfg, keys, done, err := exclusive(*cfgPath)
 	if err != nil {
 		return err
 	}
-	lock, err := statelock.Take(cfg.StateDir)
-	if err != nil {
-		return err
-	}
-	defer lock.Unlock()
-	keys := agent.NewKeys()
-	defer keys.Close()
+	defer done()
 	chain, err := agent.OnboardInstall(ctx, cfg, keys, *chainFile, clock.Real{}.Now())
 	if err != nil {
 		return err
@@ -171,17 +175,11 @@ func cmdProvision(ctx context.Context, args []string, stdout, stderr io.Writer) 
 	if err := parse(fs, args); err != nil {
 		return err
 	}
-	cfg, err := agent.LoadConfig(*cfgPath)
+	cfg, keys, done, err := exclusive(*cfgPath)
 	if err != nil {
 		return err
 	}
-	lock, err := statelock.Take(cfg.StateDir)
-	if err != nil {
-		return err
-	}
-	defer lock.Unlock()
-	keys := agent.NewKeys()
-	defer keys.Close()
+	defer done()
 	opts := agent.ProvisionOptions{ClientVersion: "gwagent/" + version}
 	if *progress {
 		c := clock.Real{}
