@@ -71,15 +71,16 @@ bench: deps
 clean:
 	rm -rf $(BIN)
 
-# Debian packages (CGO-free static build) for amd64, arm64 and armhf, in
-# bin/deb/, checked by lintian. Reproducible: SOURCE_DATE_EPOCH defaults to
+# Debian packages in bin/deb/, checked by lintian: gwagent (CGO-free
+# static build) for amd64, arm64 and armhf, and gwagent-pkcs11 (cgo, with
+# PKCS#11) for amd64 and arm64. Reproducible: SOURCE_DATE_EPOCH defaults to
 # the last commit's time.
 DEBDIR ?= $(BIN)/deb
-.PHONY: deb deb-check image-check factory-image
+.PHONY: deb deb-check image-check factory-image factory-image-check
 deb:
 	./testdata/install-deps.sh --deb
-	rm -f $(DEBDIR)/gwagent_*.deb
-	./packaging/deb.sh $(DEBDIR) amd64 arm64 armhf
+	rm -f $(DEBDIR)/gwagent_*.deb $(DEBDIR)/gwagent-pkcs11_*.deb
+	./packaging/deb.sh $(DEBDIR) amd64 arm64 armhf amd64-pkcs11 arm64-pkcs11
 
 # The packages' life cycle in a scratch Debian root (root only): offline
 # install, upgrade, remove, purge; lintian; a reproducible second build.
@@ -87,16 +88,27 @@ deb-check: deb
 	./packaging/test-deb.sh $(DEBDIR)
 
 # An arm64 Debian system under qemu with swtpm, against azsim on loopback
-# only: installs the arm64 package under systemd and checks provisioning
-# with a late TPM, the spool group, renewal, the X.509 factory flow,
-# `gwagent check`, a reboot. Root only; the root file system is built once
-# (10-20 min) and cached in .cache/image/. A release check: see README.
+# only: the arm64 package under systemd, upgraded from the previous
+# release, then provisioning with a late TPM, the spool group, renewal, the
+# X.509 factory flow, the PKCS#11 package with its key in SoftHSM2, the
+# watchdog, `gwagent check`, a reboot, a network down at boot (see README).
+# Root only; the base system is built once (5-20 min) and cached in
+# .cache/image/. A release check, not CI.
 image-check: deb
 	./testdata/install-deps.sh --image
-	./packaging/image/image-check.sh $(DEBDIR)
+	nice -n 10 ./packaging/image/image-check.sh $(DEBDIR)
 
-# An arm64 image with gwagent installed and enabled, with PRODUCT's settings.
+# The arm64 image a manufacturer ships, with PRODUCT's settings (README,
+# the factory flow).
 PRODUCT ?= packaging/image/product-example
 factory-image: deb
 	./testdata/install-deps.sh --image
 	./packaging/image/factory-image.sh $(DEBDIR) $(PRODUCT) $(BIN)/factory
+
+# The factory flow end to end: factory-image for the example product
+# pointed at azsim, booted under qemu with swtpm, the README's station
+# block over the station login, then in the field: provisioning,
+# telemetry, a power cut. Root only; a release check.
+factory-image-check: deb
+	./testdata/install-deps.sh --image
+	nice -n 10 ./packaging/image/factory-image-check.sh $(DEBDIR)

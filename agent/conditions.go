@@ -19,7 +19,15 @@ const (
 	CondHubUnreachable      Condition = "hub-unreachable"
 	CondProvisioningFailed  Condition = "provisioning-failed"
 	CondOutboxFull          Condition = telemetry.CondOutboxFull
+	// CondHubQuota and CondSendSlowed: the hub refuses messages as over
+	// its daily quota, or slows or throttles them (telemetry/pipeline.go).
+	CondHubQuota   Condition = telemetry.CondHubQuota
+	CondSendSlowed Condition = telemetry.CondSendSlowed
 )
+
+// SpoolRejectedKeep is how many refused spool files rejected/ keeps, the
+// newest (telemetry.RejectedKeep).
+const SpoolRejectedKeep = telemetry.RejectedKeep
 
 // Status is what status.json holds (agent/status).
 type Status = status.Status

@@ -23,6 +23,7 @@ import (
 	"github.com/gwagent/gwagent/keystore"
 	"github.com/gwagent/gwagent/provisioning"
 	"github.com/gwagent/gwagent/renewal"
+	"github.com/gwagent/gwagent/telemetry"
 )
 
 // Config is gwagent's configuration file (TOML). Decoding is strict: an
@@ -128,6 +129,32 @@ type TelemetryConfig struct {
 	// written; default 1s. Files renamed into place after writing have
 	// usually settled already.
 	SpoolSettle Duration `toml:"spool_settle"`
+	// MaxRate is the send budget in messages per second (a packed message
+	// counts as one); default DefaultMaxRate, 0: unlimited. The drain also
+	// slows down on its own when the hub shapes or throttles, and speeds up
+	// again. Reloadable.
+	MaxRate *float64 `toml:"max_rate"`
+	// Pack sends consecutive small spool messages with the same properties
+	// as one JSON array message of at most PackBytes (as the hub meters
+	// it), waiting at most PackWait for a pack to fill; default false,
+	// 4096 and 5s. Reloadable.
+	Pack      bool      `toml:"pack"`
+	PackBytes int       `toml:"pack_bytes"`
+	PackWait  *Duration `toml:"pack_wait"`
+}
+
+// DefaultMaxRate is [telemetry] max_rate's default: a tenth of what an S1
+// hub with one unit takes from all its devices together (100 messages per
+// second), so that a gateway draining a backlog leaves the rest to its
+// fleet; configs/gwagent.toml and the README argue it.
+const DefaultMaxRate = 10.0
+
+// Rate is max_rate in effect.
+func (t TelemetryConfig) Rate() float64 {
+	if t.MaxRate == nil {
+		return DefaultMaxRate
+	}
+	return *t.MaxRate
 }
 
 // OutboxConfig bounds the on-disk queue.
@@ -295,7 +322,7 @@ var durationKeys = func() map[string]bool {
 				continue
 			}
 			switch {
-			case f.Type == reflect.TypeFor[Duration]():
+			case f.Type == reflect.TypeFor[Duration](), f.Type == reflect.TypeFor[*Duration]():
 				out[prefix+name] = true
 			case f.Type.Kind() == reflect.Struct:
 				walk(f.Type, prefix+name+".")
@@ -369,6 +396,12 @@ func (c *Config) defaults() {
 	}
 	if c.Telemetry.Interval.Duration == 0 {
 		c.Telemetry.Interval.Duration = time.Minute
+	}
+	if c.Telemetry.PackBytes == 0 {
+		c.Telemetry.PackBytes = telemetry.DefaultPackBytes
+	}
+	if c.Telemetry.PackWait == nil {
+		c.Telemetry.PackWait = &Duration{Duration: 5 * time.Second}
 	}
 	if c.Hub.KeepAlive.Duration == 0 {
 		c.Hub.KeepAlive.Duration = 240 * time.Second
@@ -484,6 +517,17 @@ func (c *Config) validate() error {
 	}
 	if d := c.Telemetry.SpoolSettle.Duration; d < 0 || d > time.Hour {
 		add("[telemetry] spool_settle %s: use 0s to 1h", d)
+	}
+	if r := c.Telemetry.Rate(); r < 0 || r > 100000 {
+		add("[telemetry] max_rate %g: use messages per second from 0.01 to 100000, or 0 for unlimited", r)
+	} else if r > 0 && r < 0.01 {
+		add("[telemetry] max_rate %g is below 0.01 messages per second (one every 100 s); use 0 for unlimited", r)
+	}
+	if b := c.Telemetry.PackBytes; b < 512 || b > telemetry.MaxMessageBytes {
+		add("[telemetry] pack_bytes %d: use 512 (a quota chunk on an F1 hub) to %d; 4096 is a chunk on the other tiers", b, telemetry.MaxMessageBytes)
+	}
+	if d := c.Telemetry.PackWait.Duration; d < 0 || d > time.Minute {
+		add("[telemetry] pack_wait %s: use 0s to 1m", d)
 	}
 	if c.Telemetry.SpoolDir == c.StateDir {
 		add("[telemetry] spool_dir must not be the state directory: local applications write the spool, and must not reach keys, identity or outbox")

@@ -28,6 +28,7 @@ import (
 	"github.com/gwagent/gwagent/azsim"
 	"github.com/gwagent/gwagent/devtools/testenv"
 	"github.com/gwagent/gwagent/internal/clock"
+	"github.com/gwagent/gwagent/internal/clocksync"
 	"github.com/gwagent/gwagent/internal/retry"
 	"github.com/gwagent/gwagent/keystore/pkcs11"
 	"github.com/gwagent/gwagent/provisioning"
@@ -200,6 +201,8 @@ func (d *device) start() *running {
 		Backoff:     retry.Policy{Min: 100 * time.Millisecond, Max: time.Second},
 		ClockPoll:   100 * time.Millisecond,
 		Reprovision: agent.ReprovisionPolicy{Backoff: retry.Policy{Min: 2 * time.Second, Max: 8 * time.Second}, PerHour: 4},
+		// Not this machine's NTP state: tests of the clock set their own.
+		ClockSync: func(time.Time) clocksync.Reading { return clocksync.Reading{Source: clocksync.NTP, Detail: "test"} },
 	}
 	opts.Clock = d.clock
 	if d.tweak != nil {

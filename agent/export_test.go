@@ -6,4 +6,5 @@ import "github.com/fsnotify/fsnotify"
 // do when the kernel's per-user inotify instance limit is used up.
 func WithoutInotify(opts *Options, err error) {
 	opts.newWatcher = func() (*fsnotify.Watcher, error) { return nil, err }
+	opts.newInotify = func() (int, error) { return -1, err }
 }

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"io"
 	"os"
+	"strings"
 	"sync"
 	"time"
 
@@ -72,9 +73,32 @@ func (a *Agent) absentTPMs() []string {
 	return out
 }
 
-// keyStoreError is a hub connection that failed because the operational
-// key could not be opened or could not sign the TLS handshake (TPM gone,
-// token pulled, key missing): the key store's problem, not the network's.
+// signingFailed is how a key-store-unavailable raised because the key
+// opened but could not sign a handshake says so: only a signature that
+// succeeds clears that one.
+const signingFailed = "signing the TLS handshake with the operational key"
+
+// keyStoreWorks clears key-store-unavailable once the key store did what it
+// was failing to do: provisioning reached DPS, so the onboarding key opened
+// and the new operational key was made and signed the CSR. Without it the
+// condition (say "no TPM at /dev/tpmrm0") stayed up until DPS had answered,
+// seconds to minutes after the TPM appeared.
+func (a *Agent) keyStoreWorks() { a.status.Clear(CondKeyStoreUnavailable) }
+
+// keyOpened is called when the operational key opened for a hub connection:
+// a condition raised because a key could not be opened is over, even if the
+// hub cannot be reached now (no signature then proves anything). One raised
+// because a signature failed stays until a signature succeeds.
+func (a *Agent) keyOpened() {
+	if r, ok := a.status.Snapshot().Conditions[CondKeyStoreUnavailable]; ok && !strings.Contains(r, signingFailed) {
+		a.status.Clear(CondKeyStoreUnavailable)
+	}
+}
+
+// keyStoreError is a hub or DPS connection that failed because the
+// operational or the onboarding key could not be opened or could not sign
+// the TLS handshake (TPM gone, token pulled, key missing): the key store's
+// problem, not the network's.
 type keyStoreError struct{ err error }
 
 func (e *keyStoreError) Error() string { return e.err.Error() }
@@ -83,13 +107,19 @@ func (e *keyStoreError) Unwrap() error { return e.err }
 // watchedSigner remembers how its signatures went: the error of a signer
 // that failed in a TLS handshake reaches dial only as text (TLS 1.3 in
 // crypto/tls makes it "tls: failed to sign handshake: ...", paho formats
-// connection errors with %s), so keystore.ErrDeviceAbsent and the like
-// would be lost.
+// connection errors with %s, DPS's retries end in "gave up after ..."),
+// so keystore.ErrDeviceAbsent and the like would be lost. It wraps the
+// operational key for the hub (session.go) and the X.509 onboarding key
+// for DPS (provision.go).
 type watchedSigner struct {
 	crypto.Signer
 	mu   sync.Mutex
 	err  error // the last failure, nil once a signature succeeded
 	good bool
+	// onFail, if set, is called when a signature fails (with the lock
+	// not held): provisioning stops at once instead of retrying DPS with
+	// a key store that cannot sign.
+	onFail func(error)
 }
 
 func (w *watchedSigner) Sign(r io.Reader, digest []byte, opts crypto.SignerOpts) ([]byte, error) {
@@ -97,7 +127,11 @@ func (w *watchedSigner) Sign(r io.Reader, digest []byte, opts crypto.SignerOpts)
 	w.mu.Lock()
 	w.err = err
 	w.good = w.good || err == nil
+	onFail := w.onFail
 	w.mu.Unlock()
+	if err != nil && onFail != nil {
+		onFail(err)
+	}
 	return sig, err
 }
 

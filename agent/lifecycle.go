@@ -41,6 +41,12 @@ func (a *Agent) lifecycle(ctx context.Context) {
 	}
 	for ctx.Err() == nil {
 		a.sd.Alive(sdnotify.StepBudget)
+		// Provisioning judges DPS's certificate and the issued chain: not
+		// before the clock can be trusted (the floor is the build time here,
+		// the certificate's notBefore below).
+		if !a.clockSane(ctx, &provisioning.Identity{}, wait) {
+			return
+		}
 		id, err := a.identity(ctx)
 		if err != nil {
 			failures++
@@ -74,6 +80,12 @@ func (a *Agent) lifecycle(ctx context.Context) {
 			continue
 		}
 		a.status.Clear(CondCertificateExpired)
+		if d := a.quotaHold(); d > 0 {
+			if !wait(d) {
+				return
+			}
+			continue
+		}
 		if !a.cfg.Load().Static() {
 			if sess, next := a.renewal.TrySwap(ctx); sess != nil {
 				failures = 0
@@ -214,7 +226,12 @@ func (a *Agent) provision(ctx context.Context) (*provisioning.Identity, error) {
 		Clock:         a.clock,
 		ClientVersion: "gwagent/" + a.opts.Version,
 		Progress:      func(s string) { a.log.Info("provisioning", "step", s) },
-		OnStep:        a.onProvisionStep,
+		OnStep: func(s provisioning.Step) {
+			if s.Kind == provisioning.StepConnecting {
+				a.keyStoreWorks()
+			}
+			a.onProvisionStep(s)
+		},
 	})
 	a.status.Clear(CondThrottled)
 	switch {
@@ -228,7 +245,8 @@ func (a *Agent) provision(ctx context.Context) (*provisioning.Identity, error) {
 		return id, nil
 	case errors.Is(err, provisioning.ErrCredentialRejected):
 		a.status.Raise(CondOnboardingRejected, err.Error())
-	case errors.Is(err, keystore.ErrDeviceAbsent), errors.Is(err, keystore.ErrDeviceBusy), errors.Is(err, keystore.ErrBadPIN),
+	case errors.As(err, new(*keyStoreError)),
+		errors.Is(err, keystore.ErrDeviceAbsent), errors.Is(err, keystore.ErrDeviceBusy), errors.Is(err, keystore.ErrBadPIN),
 		errors.Is(err, keystore.ErrTokenAbsent), errors.Is(err, keystore.ErrUnsupportedCurve):
 		a.status.Raise(CondKeyStoreUnavailable, err.Error())
 	default:
@@ -242,7 +260,9 @@ func (a *Agent) provision(ctx context.Context) (*provisioning.Identity, error) {
 
 // clockSane waits while the clock is before the build time or before the
 // certificate's notBefore (a gateway without RTC boots in 1970): TLS and
-// renewal decisions are meaningless until time is synchronised.
+// renewal decisions are meaningless until time is synchronised. Past that
+// floor it also waits, for a while after boot, for NTP to vouch for the
+// clock when no real-time clock does (clockTrusted).
 func (a *Agent) clockSane(ctx context.Context, id *provisioning.Identity, wait func(time.Duration) bool) bool {
 	for {
 		now := a.clock.Now()
@@ -251,8 +271,17 @@ func (a *Agent) clockSane(ctx context.Context, id *provisioning.Identity, wait f
 			floor = nb
 		}
 		if !now.Before(floor) {
-			a.status.Clear(CondClockNotSynced)
-			return true
+			why, ok := a.clockTrusted(now)
+			if ok {
+				a.status.Clear(CondClockNotSynced)
+				return true
+			}
+			a.status.Raise(CondClockNotSynced, why)
+			a.status.Set(status.WaitingForClock)
+			if !wait(a.opts.ClockPoll) {
+				return false
+			}
+			continue
 		}
 		a.status.Raise(CondClockNotSynced, fmt.Sprintf("clock says %s, before %s; waiting for time synchronisation (NTP)", now.UTC().Format(time.RFC3339), floor.UTC().Format(time.RFC3339)))
 		a.status.Set(status.WaitingForClock)

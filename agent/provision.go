@@ -145,6 +145,17 @@ func Provision(ctx context.Context, cfg *Config, keys *Keys, opts ProvisionOptio
 	if err != nil {
 		return nil, err
 	}
+	// The onboarding key signs DPS's TLS handshake: watched, so that a TPM
+	// or token that fails there stops the registration at once and is
+	// reported as the key store's problem, not DPS's.
+	octx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	var onb *watchedSigner
+	if x, ok := cred.(provisioning.X509Credential); ok {
+		onb = &watchedSigner{Signer: x.Signer, onFail: func(error) { cancel() }}
+		x.Signer = onb
+		cred = x
+	}
 	regID, err := RegistrationID(ctx, cfg, keys)
 	if err != nil {
 		return nil, err
@@ -182,7 +193,12 @@ func Provision(ctx context.Context, cfg *Config, keys *Keys, opts ProvisionOptio
 			}
 		},
 	}
-	issued, err := provisioning.Obtain(ctx, dps, signer, now(), nil)
+	issued, err := provisioning.Obtain(octx, dps, signer, now(), nil)
+	if err != nil && onb != nil && ctx.Err() == nil {
+		if serr := onb.failure(); serr != nil {
+			err = &keyStoreError{fmt.Errorf("DPS %s: signing the TLS handshake with the onboarding key %s: %w", cfg.Identity.DPSEndpoint, keyName(cfg.Onboarding.Key), serr)}
+		}
+	}
 	if err != nil {
 		// The fresh key belongs to nothing; do not leave it behind.
 		if derr := keys.Delete(context.WithoutCancel(ctx), slot); derr != nil {
@@ -220,6 +236,15 @@ func Provision(ctx context.Context, cfg *Config, keys *Keys, opts ProvisionOptio
 	}
 	say("stored the new identity as %s", id.Generation)
 	return id, nil
+}
+
+// keyName names a key URI for messages, never with its PIN.
+func keyName(raw string) string {
+	u, err := keystore.Parse(raw)
+	if err != nil {
+		return "(the configured key)"
+	}
+	return u.String()
 }
 
 // freeSlot picks the operational key location the current identity does

@@ -38,19 +38,148 @@ import (
 // key, not a generation directory).
 func TestRenewalDiskFull(t *testing.T) {
 	t.Parallel()
-	t.Run("out of blocks", func(t *testing.T) { t.Parallel(); renewalDiskFull(t, "gw-renew-full-blocks", false) })
-	t.Run("out of inodes", func(t *testing.T) { t.Parallel(); renewalDiskFull(t, "gw-renew-full-inodes", true) })
+	t.Run("out of blocks", func(t *testing.T) { t.Parallel(); renewalDiskFull(t, "gw-renew-full-blocks", false, keyFile) })
+	t.Run("out of inodes", func(t *testing.T) { t.Parallel(); renewalDiskFull(t, "gw-renew-full-inodes", true, keyFile) })
 }
+
+// The same with the operational key in a TPM, its blob in the state
+// directory on the full file system, and in a PKCS#11 token (SoftHSM2)
+// whose token directory is on that file system too: key blobs and token
+// objects that cannot be written must leave nothing behind either, and
+// the key in use must keep signing the hub's handshakes.
+func TestRenewalDiskFullKeyStores(t *testing.T) {
+	for _, inodes := range []bool{false, true} {
+		out := map[bool]string{false: "blocks", true: "inodes"}[inodes]
+		t.Run("tpm/out of "+out, func(t *testing.T) { renewalDiskFull(t, "gw-renew-full-tpm-"+out, inodes, keyTPM) })
+		t.Run("pkcs11/out of "+out, func(t *testing.T) { renewalDiskFull(t, "gw-renew-full-p11-"+out, inodes, keyPKCS11) })
+	}
+}
+
+// The key store's own storage is full while the state directory has room
+// (a TPM key blob directory or a SoftHSM2 token directory on a file system
+// of its own): the renewal, which finds room in the state directory, fails
+// creating the key. The old identity stays in use, nothing half-made is
+// left in the key store (no blob, no temp file, no token object no
+// identity uses), the error says what is full, and once space is freed the
+// renewal completes without a restart.
+func TestRenewalKeyStoreFull(t *testing.T) {
+	for _, backend := range []keyBackend{keyTPM, keyPKCS11} {
+		name := map[keyBackend]string{keyTPM: "tpm", keyPKCS11: "pkcs11"}[backend]
+		t.Run(name, func(t *testing.T) { renewalKeyStoreFull(t, "gw-keystore-full-"+name, backend) })
+	}
+}
+
+func renewalKeyStoreFull(t *testing.T, devID string, backend keyBackend) {
+	ft, az := fakeAzsim(t, azsim.Config{CertLifetime: 60 * time.Second})
+	keys := filepath.Join(t.TempDir(), "keys")
+	testenv.Tmpfs(t, keys, "size=1m,nr_inodes=64,mode=0700")
+	var opKey string
+	switch backend {
+	case keyTPM:
+		opKey = "tpm2:socket=" + testenv.StartSWTPM(t).Sock + ";blob=" + filepath.Join(keys, "op.tpmkey")
+	case keyPKCS11:
+		opKey = testenv.StartSoftHSMAt(t, filepath.Join(keys, "tokens"), "gw", "1234").URI("op")
+	}
+	d := newDevice(t, az, devOpts{regID: devID, extra: fastRenewal, opKey: opKey})
+	d.clock = ft
+	old, err := d.provision()
+	if err != nil {
+		t.Fatal(err)
+	}
+	before := listTree(t, keys)
+	r := d.start()
+	testenv.Eventually(t, 20*time.Second, "connected", func() bool { return d.status().State == "connected" })
+	free := testenv.Fill(t, keys, true)
+	allowRenewal(ft, old, 0.5)
+	testenv.Eventually(t, 10*time.Second, "a renewal failing for want of room in the key store", func() bool {
+		return strings.Count(r.log.String(), "certificate renewal failed") >= 2
+	})
+	st := d.status()
+	reason := st.Conditions[agent.CondRenewalFailed]
+	t.Logf("renewal-failed: %s", reason)
+	if st.State != "connected" || st.CertSerial != old.Serial {
+		t.Fatalf("state %q with serial %s, want connected with the old certificate %s", st.State, st.CertSerial, old.Serial)
+	}
+	assertOldIdentityIntact(t, d, old)
+	if after := listTree(t, keys); after != before {
+		t.Fatalf("the key store holds something a failed renewal left:\nbefore:\n%s\nafter:\n%s", before, after)
+	}
+	switch {
+	case backend == keyTPM && !strings.Contains(reason, "free space"):
+		t.Errorf("the reason does not say which file system to free: %s", reason)
+	case backend == keyPKCS11 && !strings.Contains(reason, "full file system"):
+		t.Errorf("the reason does not say the token's storage may be full: %s", reason)
+	}
+	free()
+	ft.Allow(10 * time.Second) // the retry (at most 2 s) and a disk check
+	testenv.Eventually(t, 10*time.Second, "renewed and connected once space was freed", func() bool {
+		cur, err := storeCurrent(d)
+		st := d.status()
+		return err == nil && cur.Serial != old.Serial && st.State == "connected" && st.CertSerial == cur.Serial
+	})
+	if keyExists(t, old.KeyURI) {
+		t.Fatal("the old key is still there after the swap")
+	}
+}
+
+// listTree lists the files below dir (but the filler of testenv.Fill),
+// with their sizes.
+func listTree(t *testing.T, dir string) string {
+	t.Helper()
+	var b strings.Builder
+	filepath.WalkDir(dir, func(p string, e fs.DirEntry, err error) error {
+		if err != nil {
+			return nil
+		}
+		rel, _ := filepath.Rel(dir, p)
+		if rel == ".fill" {
+			return filepath.SkipDir
+		}
+		if info, err := e.Info(); err == nil && !e.IsDir() {
+			fmt.Fprintf(&b, "%s %d\n", rel, info.Size())
+		}
+		return nil
+	})
+	return b.String()
+}
+
+// keyBackend is where the operational key of a disk-full test lives.
+type keyBackend int
+
+const (
+	keyFile   keyBackend = iota // a file in the state directory
+	keyTPM                      // swtpm, the key's blob in the state directory
+	keyPKCS11                   // SoftHSM2, its token directory in the state directory
+)
 
 // renewalDiskFull runs on a fake clock of its own, shared with its azsim:
 // the 60-second certificate is due at 30 s, and each step lets the clock
 // run a few seconds for the retries (retry_min 500ms) and the disk checks
 // (every 5 s), so the certificate stays valid throughout.
-func renewalDiskFull(t *testing.T, devID string, inodes bool) {
+func renewalDiskFull(t *testing.T, devID string, inodes bool, backend keyBackend) {
 	ft, az := fakeAzsim(t, azsim.Config{CertLifetime: 60 * time.Second})
-	d := newDevice(t, az, devOpts{regID: devID, extra: fastRenewal})
+	var o devOpts
+	var sw *testenv.SWTPM
+	switch backend {
+	case keyTPM:
+		sw = testenv.StartSWTPM(t)
+		o.opKey = "tpm2:socket=" + sw.Sock + ";blob=STATE/op.tpmkey"
+	case keyPKCS11:
+		o.opKey = "file:" + filepath.Join(t.TempDir(), "replaced-by-the-token.key")
+	}
+	o.regID, o.extra = devID, fastRenewal
+	d := newDevice(t, az, o)
 	d.clock = ft
 	testenv.Tmpfs(t, d.cfg.StateDir, "size=2m,nr_inodes=256,mode=0700")
+	if backend != keyFile {
+		b, _ := os.ReadFile(d.path)
+		toml := strings.Replace(string(b), "STATE", d.cfg.StateDir, 1)
+		if backend == keyPKCS11 {
+			h := testenv.StartSoftHSMAt(t, filepath.Join(d.cfg.StateDir, "tokens"), "gw", "1234")
+			toml = strings.Replace(toml, o.opKey, h.URI("op"), 1)
+		}
+		d.write(toml)
+	}
 	old, err := d.provision()
 	if err != nil {
 		t.Fatal(err)
@@ -187,21 +316,42 @@ func TestProvisionDiskFull(t *testing.T) {
 	free()
 	free = testenv.Fill(t, d.cfg.StateDir, false)
 
-	// The agent started on the fresh, full state directory cannot even open
-	// its outbox: it stops at once, saying why and what to do (systemd
-	// starts it again).
+	// The agent started on the fresh, full state directory starts: degraded,
+	// saying the disk is full (in the log and to systemd: no status file
+	// fits; `gwagent status` says so from the lock and the file system),
+	// and provisions and connects without a restart once space is freed.
 	r := d.start()
-	select {
-	case err := <-r.done:
-		r.done <- err
-		if err == nil || !strings.Contains(err.Error(), "free space") {
-			t.Fatalf("the agent on a fresh full state directory: %v, want a full-disk error", err)
+	testenv.Eventually(t, 30*time.Second, "the agent on a fresh full state directory running degraded, saying disk-full", func() bool {
+		select {
+		case err := <-r.done:
+			r.done <- err
+			t.Fatalf("the agent on a fresh full state directory stopped: %v", err)
+		default:
 		}
-	case <-time.After(30 * time.Second):
-		t.Fatal("the agent on a fresh full state directory neither stopped nor said why")
+		l := r.log.String()
+		return strings.Contains(l, "condition=disk-full") && strings.Contains(l, "to=degraded")
+	})
+	if !strings.Contains(r.log.String(), d.cfg.StateDir) {
+		t.Fatalf("the log does not name the full file system:\n%s", r.log.String())
 	}
 	assertNotProvisioned(t, d)
 	assertNoHalfWritten(t, d)
+	free()
+	testenv.Eventually(t, 30*time.Second, "provisioned and connected once space was freed, without a restart", func() bool {
+		st := d.status()
+		_, full := st.Conditions[agent.CondDiskFull]
+		return st.State == "connected" && !full
+	})
+	testenv.Eventually(t, 10*time.Second, "the outbox id saved once there was room", func() bool {
+		_, err := os.Stat(filepath.Join(d.cfg.StateDir, "outbox", "id"))
+		return err == nil
+	})
+	r.stop()
+	os.RemoveAll(filepath.Join(d.cfg.StateDir, "identity"))
+	os.RemoveAll(d.cfg.StateDir + "/device.key")
+	for _, f := range []string{"status.json", "transport.json", "renewal-seed"} {
+		os.Remove(filepath.Join(d.cfg.StateDir, f))
+	}
 
 	// The agent ran before (DPS was out of reach), so its state directory
 	// is set up; now provisioning fails for want of space: status and log
@@ -299,12 +449,14 @@ func assertNoHalfWritten(t *testing.T, d *device) {
 		}
 		rel, _ := filepath.Rel(d.cfg.StateDir, p)
 		switch {
-		case rel == ".fill" || rel == ".stage":
+		case rel == ".fill" || rel == ".stage" || rel == "tokens":
 			return filepath.SkipDir
 		case strings.Contains(e.Name(), ".tmp-"):
 			t.Errorf("temp file left: %s", rel)
 		case strings.HasSuffix(e.Name(), ".key") && (cur == nil || "file:"+p != cur.KeyURI):
 			t.Errorf("a key no identity uses is left: %s", rel)
+		case strings.HasSuffix(e.Name(), ".tpmkey") && (cur == nil || !strings.Contains(cur.KeyURI, "blob="+p)):
+			t.Errorf("a TPM key blob no identity uses is left: %s", rel)
 		case filepath.Dir(rel) == "identity" && strings.HasPrefix(e.Name(), "gen-") && (cur == nil || e.Name() != cur.Generation):
 			t.Errorf("a generation no pointer names is left: %s", rel)
 		case rel == filepath.Join("identity", "next"):

@@ -164,7 +164,9 @@ func renewRepeatedly(t *testing.T, ft *testenv.FakeTime, az *azsimtest.Azsim, re
 		}
 		prev = cur
 	}
-	// Telemetry flows over the renewed identity.
+	// Telemetry flows over the renewed identity. Renamed into place: the
+	// fake clock is hours ahead of the file times the kernel gives, so a
+	// file written in place would count as settled while still empty.
 	spoolPut(t, d.cfg.Telemetry.SpoolDir, "after.json", []byte(`{"afterRenewal":1}`))
 	testenv.Eventually(t, 10*time.Second, "a message sent with the renewed certificate", func() bool {
 		return countBodies(az, regID, "afterRenewal") == 1
@@ -304,4 +306,89 @@ func TestRenewalAnswerAfterReconnect(t *testing.T) {
 		return strings.Contains(r.log.String(), "the certificate arrived after a reconnect") &&
 			strings.Contains(r.log.String(), "certificate renewed and in use")
 	})
+}
+
+// The hub's answer to a renewal is lost in a connection drop (azsim's
+// "lose-answer" fault: the 200 counts as sent, at QoS 0, and the connection
+// closes before the agent reads it), and the hub is back at once. The hub
+// never sends that answer again, and the agent must not wait out the
+// hour's operationExpires: a minute after the reconnect it asks again for
+// the same key, without "replace", and the hub, having nothing active,
+// issues the certificate. All within minutes, through the hub (no DPS
+// re-registration).
+func TestRenewalAnswerLostInDrop(t *testing.T) {
+	ft, d, r, old := hubRenewalAccepted(t, azsim.Config{}, "gw-renew-lost", fastRenewal, func(az *azsimtest.Azsim) {
+		if st := az.Admin("POST", "/faults/credentials", map[string]any{"mode": "lose-answer"}, nil); st >= 300 {
+			t.Fatalf("fault: %d", st)
+		}
+	})
+	accepted := ft.Now()
+	// Minutes, where the hub's operationExpires gave an hour.
+	ft.Allow(5 * time.Minute)
+	testenv.Eventually(t, 30*time.Second, "renewed after asking again", func() bool {
+		l := r.log.String()
+		return strings.Contains(l, "its answer was lost with the connection") && strings.Contains(l, "certificate renewed and in use")
+	})
+	if took := ft.Now().Sub(accepted); took > 5*time.Minute {
+		t.Fatalf("the renewal took %v after the lost answer", took)
+	}
+	cur := d.current()
+	if cur.Serial == old.Serial || cur.Via != "hub" {
+		t.Fatalf("identity %s via %q, want a new certificate from the hub", cur.Serial, cur.Via)
+	}
+	if strings.Contains(r.log.String(), "re-registering with DPS") {
+		t.Fatal("the agent fell back to DPS instead of asking the hub again")
+	}
+}
+
+// The same wait for an answer after a reconnect, but the hub is still
+// issuing (azsim's issuance takes a few seconds of real time, while the
+// agent's clock runs minutes): asked again, the hub answers 409 naming the
+// request, and the agent keeps waiting for it, never replacing it; the
+// answer then comes on the new connection.
+func TestRenewalAskAgainWhileIssuing(t *testing.T) {
+	ft, d, r, old := hubRenewalAccepted(t, azsim.Config{IssueDelay: 4 * time.Second}, "gw-renew-ask",
+		strings.Replace(fastRenewal, `issue_timeout = "10s"`, `issue_timeout = "2h"`, 1), nil)
+	d.az.Admin("POST", "/faults/drop", map[string]any{"target": "hub"}, nil)
+	ft.Allow(5 * time.Minute)
+	testenv.Eventually(t, 30*time.Second, "renewed with the answer to the first request", func() bool {
+		return strings.Contains(r.log.String(), "certificate renewed and in use")
+	})
+	l := r.log.String()
+	for _, want := range []string{"asking the hub whether it still works on it", "the hub is still working on our earlier certificate request; waiting for it", "the certificate arrived after a reconnect"} {
+		if !strings.Contains(l, want) {
+			t.Errorf("the log does not say %q", want)
+		}
+	}
+	if strings.Contains(l, "replacing it") || strings.Contains(l, "answer was lost") {
+		t.Fatal("the agent replaced a request the hub was still working on")
+	}
+	if cur := d.current(); cur.Via != "hub" || cur.Serial == old.Serial {
+		t.Fatalf("identity %s via %q, want a new certificate from the hub", cur.Serial, cur.Via)
+	}
+}
+
+// hubRenewalAccepted starts a device on a four-hour certificate (the
+// renewal at two hours, the hub's operationExpires an hour after its 202,
+// well before the quarter of the lifetime DPS would get), lets setup
+// change azsim, moves the shared fake clock to the renewal and waits until
+// the hub accepted the request.
+func hubRenewalAccepted(t *testing.T, cfg azsim.Config, regID, extra string, setup func(*azsimtest.Azsim)) (*testenv.FakeTime, *device, *running, *provisioning.Identity) {
+	t.Helper()
+	cfg.CertLifetime = 4 * time.Hour
+	ft, az := fakeAzsim(t, cfg)
+	d := newDevice(t, az, devOpts{regID: regID, extra: extra})
+	d.clock = ft
+	r := d.start()
+	testenv.Eventually(t, 10*time.Second, "connected", func() bool { return d.status().State == "connected" })
+	old := d.current()
+	if setup != nil {
+		setup(az)
+	}
+	ft.Jump(old.NotBefore.Add(old.NotAfter.Sub(old.NotBefore)/2 - 10*time.Second).Sub(ft.Now()))
+	allowRenewal(ft, old, 0.5)
+	testenv.Eventually(t, 10*time.Second, "the hub accepted a certificate request", func() bool {
+		return strings.Contains(r.log.String(), "the hub accepted the certificate request")
+	})
+	return ft, d, r, old
 }

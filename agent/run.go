@@ -16,6 +16,7 @@ import (
 	"github.com/gwagent/gwagent/agent/status"
 	"github.com/gwagent/gwagent/agent/twin"
 	"github.com/gwagent/gwagent/internal/clock"
+	"github.com/gwagent/gwagent/internal/clocksync"
 	"github.com/gwagent/gwagent/internal/retry"
 	"github.com/gwagent/gwagent/internal/statelock"
 	"github.com/gwagent/gwagent/provisioning"
@@ -48,6 +49,11 @@ type Options struct {
 	TwinTimeout time.Duration
 	// ClockPoll is how often an unsynchronised clock is checked; default 5 s.
 	ClockPoll time.Duration
+	// ClockSync says what vouches for the system clock (clocktrust.go);
+	// default clocksync.System().Read. ClockSyncWait is how long after
+	// boot a clock nothing vouches for is waited on; default 2 min.
+	ClockSync     func(now time.Time) clocksync.Reading
+	ClockSyncWait time.Duration
 	// Reprovision bounds re-registrations after the hub refused the
 	// identity (renewal/reprovision.go); default 1 min to 1 h backoff, 4
 	// per hour.
@@ -61,6 +67,8 @@ type Options struct {
 	// inotify that cannot be had is a fault the kernel gives only when its
 	// per-user instance limit is used up, which would break other tests.
 	newWatcher func() (*fsnotify.Watcher, error)
+	// newInotify does the same for the spool's raw inotify watch.
+	newInotify func() (int, error)
 }
 
 // Agent is one running gwagent: one device identity, one hub session at a
@@ -81,7 +89,8 @@ type Agent struct {
 	health *health.Loop // the health messages and their interval
 	twin   *twin.Twin   // the twin and direct methods
 
-	hub hubLink // the session being served, the hub's callbacks
+	hub   hubLink    // the session being served, the hub's callbacks
+	trust clockTrust // the lifecycle goroutine's own
 }
 
 // New loads the config and prepares an agent; Run starts it.
@@ -102,6 +111,12 @@ func New(cfgPath string, opts Options) (*Agent, error) {
 	}
 	if opts.ClockPoll == 0 {
 		opts.ClockPoll = 5 * time.Second
+	}
+	if opts.ClockSync == nil {
+		opts.ClockSync = clocksync.System().Read
+	}
+	if opts.ClockSyncWait == 0 {
+		opts.ClockSyncWait = defaultClockSyncWait
 	}
 	a := &Agent{
 		opts:  opts,

@@ -25,6 +25,7 @@ func (a *Agent) dial(ctx context.Context, id *provisioning.Identity) (*transport
 	if err != nil {
 		return nil, &keyStoreError{fmt.Errorf("operational key: %w", err)}
 	}
+	a.keyOpened()
 	signer := &watchedSigner{Signer: key}
 	roots, err := tlsconf.LoadPool(cfg.TrustBundle)
 	if err != nil {
@@ -62,7 +63,7 @@ func (a *Agent) dial(ctx context.Context, id *provisioning.Identity) (*transport
 			// The signer's error arrives here as text (watchedSigner): the
 			// cause is taken from the signer itself. The hub was reached;
 			// the key store could not sign the handshake.
-			return nil, &keyStoreError{fmt.Errorf("hub %s: signing the TLS handshake with the operational key: %w", id.AssignedHub, serr)}
+			return nil, &keyStoreError{fmt.Errorf("hub %s: %s: %w", id.AssignedHub, signingFailed, serr)}
 		}
 		return nil, err
 	}
@@ -98,8 +99,21 @@ func (a *Agent) serve(ctx context.Context, sess *transport.Session, id *provisio
 		case <-sctx.Done():
 		}
 	}()
-	go func() { defer wg.Done(); a.twin.Serve(sctx, sess, id) }()
-	go func() { defer wg.Done(); a.renewal.Run(sctx, sess, id) }()
+	// While the hub refuses messages as over its daily quota, a twin or
+	// certificate request would close the connection too: they wait for
+	// the first acknowledged message (telemetry/quota.go).
+	go func() {
+		defer wg.Done()
+		if a.pipe.HubTakes(sctx) {
+			a.twin.Serve(sctx, sess, id)
+		}
+	}()
+	go func() {
+		defer wg.Done()
+		if a.pipe.HubTakes(sctx) {
+			a.renewal.Run(sctx, sess, id)
+		}
+	}()
 	go func() { defer wg.Done(); a.pipe.Drain(sctx, sess) }()
 	for {
 		select {

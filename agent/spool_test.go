@@ -14,6 +14,7 @@ import (
 
 	"github.com/gwagent/gwagent/azsim"
 	"github.com/gwagent/gwagent/devtools/testenv"
+	"github.com/gwagent/gwagent/telemetry"
 )
 
 // spoolPut writes a spool file the documented way: temporary name, rename.
@@ -129,4 +130,48 @@ func TestSpoolRefusesWhatIsNotAMessage(t *testing.T) {
 		return false
 	})
 	r.stop() // a FIFO must not block the shutdown either
+}
+
+// An application that keeps rewriting the same broken data.json (one
+// write every ten seconds would be 8,640 refused files a day) cannot fill
+// the disk through rejected/: the agent keeps the newest
+// telemetry.RejectedKeep there, removes older ones, and counts them in
+// status and health; good messages keep flowing.
+func TestSpoolRejectedBounded(t *testing.T) {
+	az := azsimtest.Start(t, azsim.Config{})
+	d := newDevice(t, az, devOpts{regID: "gw-spool-bounded", symmetric: true})
+	spool := d.cfg.Telemetry.SpoolDir
+	if err := os.MkdirAll(spool, 0o770); err != nil {
+		t.Fatal(err)
+	}
+	d.start()
+	testenv.Eventually(t, 20*time.Second, "connected", func() bool { return d.status().State == "connected" })
+	const extra = 25
+	n := telemetry.RejectedKeep + extra
+	for i := range n {
+		spoolPut(t, spool, "data.json", []byte(fmt.Sprintf(`{"broken":%d,`, i)))
+		testenv.Eventually(t, 10*time.Second, "the broken file refused", func() bool {
+			_, err := os.Lstat(filepath.Join(spool, "data.json"))
+			return os.IsNotExist(err)
+		})
+	}
+	spoolPut(t, spool, "good.json", []byte(`{"goodAfterBroken":1}`))
+	testenv.Eventually(t, 20*time.Second, "rejected/ bounded, the removed files counted in status", func() bool {
+		ents, _ := os.ReadDir(filepath.Join(spool, "rejected"))
+		st := d.status()
+		return len(ents) == telemetry.RejectedKeep && st.SpoolRejected == int64(n) && st.SpoolRejectedRemoved == extra
+	})
+	testenv.Eventually(t, 20*time.Second, "the good message behind them", func() bool {
+		return len(bodiesWith(az, "gw-spool-bounded", "goodAfterBroken")) == 1
+	})
+	cfg, _ := os.ReadFile(d.path)
+	os.WriteFile(d.path, bytes.Replace(cfg, []byte(`interval = "1h"`), []byte(`interval = "1s"`), 1), 0o600)
+	testenv.Eventually(t, 10*time.Second, "the removed count in a health message", func() bool {
+		for _, m := range received(az, "gw-spool-bounded", "health") {
+			if b, ok := m["body"].(map[string]any); ok && b["spoolRejectedRemoved"] == float64(extra) {
+				return true
+			}
+		}
+		return false
+	})
 }

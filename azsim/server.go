@@ -654,11 +654,11 @@ func (s *Server) adminMux() http.Handler {
 			return
 		}
 		switch f.Mode {
-		case faults.CredentialsNormal, faults.CredentialsSilent, faults.CredentialsDrop:
+		case faults.CredentialsNormal, faults.CredentialsSilent, faults.CredentialsDrop, faults.CredentialsLoseAnswer:
 			s.Faults.SetCredentialsMode(f.Mode)
 			w.WriteHeader(http.StatusNoContent)
 		default:
-			broker.WriteJSON(w, 400, map[string]string{"error": `mode must be "", "silent" or "drop"`})
+			broker.WriteJSON(w, 400, map[string]string{"error": `mode must be "", "silent", "drop" or "lose-answer"`})
 		}
 	})
 	mux.HandleFunc("DELETE /faults", func(w http.ResponseWriter, r *http.Request) {

@@ -12,19 +12,26 @@ debdir=${1:?usage: packaging/test-deb.sh DEBDIR}
 [ "$(id -u)" = 0 ] || { echo "test-deb.sh: must run as root (chroot)" >&2; exit 1; }
 suite=${IMAGE_SUITE:-trixie}
 deb=$(ls "$debdir"/gwagent_*_amd64.deb | head -n1)
+p11=$(ls "$debdir"/gwagent-pkcs11_*_amd64.deb | head -n1)
 version=$(dpkg-deb -f "$deb" Version)
 fail() { echo "test-deb.sh: FAIL: $*" >&2; exit 1; }
 step() { echo "test-deb.sh: $*"; }
 
 step "lintian"
-lintian -I "$debdir"/gwagent_*.deb 2>&1 | grep -v 'root privileges' && fail "lintian reported the tags above" || true
+lintian -I "$debdir"/gwagent_*.deb "$debdir"/gwagent-pkcs11_*.deb 2>&1 | grep -v 'root privileges' && fail "lintian reported the tags above" || true
 
 step "reproducible build"
 again=$(mktemp -d)
 scratch=$(mktemp -d)
 trap 'rm -rf "$again" "$scratch"' EXIT
-./packaging/deb.sh "$again" amd64 >/dev/null
-cmp -s "$deb" "$again/$(basename "$deb")" || fail "two builds of $(basename "$deb") differ"
+./packaging/deb.sh "$again" amd64 amd64-pkcs11 >/dev/null
+for d in "$deb" "$p11"; do
+	cmp -s "$d" "$again/$(basename "$d")" || fail "two builds of $(basename "$d") differ"
+done
+# The PKCS#11 build declares the C library it was linked with.
+for d in "$debdir"/gwagent-pkcs11_*.deb; do
+	dpkg-deb -f "$d" Depends | grep -Eq '^libc6 \(>= 2\.[0-9]+\), ' || fail "$(basename "$d") does not depend on libc6: $(dpkg-deb -f "$d" Depends)"
+done
 
 # The scratch root: minbase + systemd (sysusers, tmpfiles), no tpm-udev,
 # so the package itself must create group tss.
@@ -83,6 +90,22 @@ grep -q 'registration_id = "gw-edited"' "$r/etc/gwagent/gwagent.toml" || fail "u
 [ "$(sums)" = "$before" ] || fail "upgrade changed the state directory"
 [ "$(mode /var/lib/gwagent)" = "700 gwagent gwagent" ] || fail "upgrade changed /var/lib/gwagent to $(mode /var/lib/gwagent)"
 
+step "the PKCS#11 build replaces the static one and back, keeping config and state"
+cp "$p11" "$r/tmp/"
+inroot dpkg -i "/tmp/$(basename "$p11")" >/dev/null || fail "dpkg -i $(basename "$p11") over gwagent"
+inroot gwagent version | grep -q 'pkcs11: yes' || fail "gwagent-pkcs11's binary has no PKCS#11: $(inroot gwagent version)"
+inroot dpkg-query -W -f='${Status}' gwagent 2>/dev/null | grep -q 'install ok installed' && fail "gwagent still installed beside gwagent-pkcs11"
+grep -q 'registration_id = "gw-edited"' "$r/etc/gwagent/gwagent.toml" || fail "switching to gwagent-pkcs11 lost the edited config"
+[ "$(sums)" = "$before" ] || fail "switching to gwagent-pkcs11 changed the state directory"
+[ -L "$r/etc/systemd/system/multi-user.target.wants/gwagent.service" ] || fail "the unit is not enabled after switching builds"
+inroot dpkg -P gwagent >/dev/null 2>&1 || true
+[ "$(sums)" = "$before" ] || fail "purging the replaced gwagent deleted gwagent-pkcs11's state"
+grep -q 'gw-edited' "$r/etc/gwagent/gwagent.toml" || fail "purging the replaced gwagent deleted the config"
+[ -L "$r/etc/systemd/system/multi-user.target.wants/gwagent.service" ] || fail "purging the replaced gwagent disabled the unit"
+inroot dpkg -i "/tmp/gwagent_${version}+test1_amd64.deb" >/dev/null || fail "back to gwagent"
+inroot gwagent version | grep -q 'pkcs11: no' || fail "not back on the static build"
+[ "$(sums)" = "$before" ] || fail "switching back changed the state directory"
+
 step "remove keeps state and config"
 inroot dpkg -r gwagent >/dev/null || fail "dpkg -r"
 [ ! -e "$r/usr/bin/gwagent" ] || fail "binary left after remove"
@@ -96,4 +119,4 @@ inroot dpkg -P gwagent >/dev/null || fail "dpkg -P"
 for p in /var/lib/gwagent /etc/gwagent /etc/systemd/system/multi-user.target.wants/gwagent.service; do
 	[ ! -e "$r$p" ] && [ ! -L "$r$p" ] || fail "$p left after purge"
 done
-step "ok: $(basename "$deb") installs offline, upgrades, removes and purges as promised; lintian clean; reproducible"
+step "ok: $(basename "$deb") installs offline, upgrades, is replaced by $(basename "$p11") and back, removes and purges as promised; lintian clean; reproducible"

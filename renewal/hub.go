@@ -56,37 +56,80 @@ func (r *Renewer) unanswered() int {
 	return r.hubUnanswered
 }
 
+// answerGrace is how long after a reconnect (or a restart) the answer to
+// a request the hub accepted may take before gwagent asks the hub again.
+// An answer the hub has not sent yet comes as soon as the device is
+// subscribed again; one it sent on a connection that then dropped is
+// never sent again (docs/azure-fidelity.md). Asking again for the same key
+// without "replace" tells the two apart at no cost: 409 naming our request
+// means the hub still works on it (we wait, as before); 202 means nothing
+// was active any more, so the answer was lost and this request takes over.
+const answerGrace = time.Minute
+
 // viaHub runs the hub's certificate-signing API (azure-protocol §2.5).
 // After the 202 it waits until the operationExpires the hub gave (issuance
 // can take hours), but not past hubFloor. It never replaces its own request
 // while the hub still works on it (a 409 naming it): only a request it does
-// not know (lost with a key from before a crash) is replaced.
+// not know (lost with a key from before a crash) is replaced. A request
+// whose answer has not come answerGrace after a reconnect is asked for
+// again, for the same key.
 func (r *Renewer) viaHub(ctx context.Context, hub Hub, id *provisioning.Identity) error {
-	set := r.d.Settings()
 	now := r.clock.Now()
 	r.mu.Lock()
 	prev := r.pending
+	var askAgain bool
+	if prev != nil && prev.id.Serial == id.Serial && now.Before(prev.deadline) {
+		askAgain = !prev.askAt.IsZero() && !now.Before(prev.askAt)
+		if askAgain {
+			prev.askAt = time.Time{} // once per connection
+		}
+	}
 	r.mu.Unlock()
 	if prev != nil && prev.id.Serial == id.Serial && now.Before(prev.deadline) {
-		return errOwnRequestPending
+		if !askAgain {
+			return errOwnRequestPending
+		}
+		r.log.Info("no answer to our certificate request since the reconnect; asking the hub whether it still works on it",
+			"rid", prev.rid, "waited", answerGrace)
+		return r.askHub(ctx, hub, id, prev, prev)
 	}
 	slot, signer, err := r.newSlot(ctx, id)
 	if err != nil {
 		return err
 	}
-	der, err := provisioning.CSR(signer, id.DeviceID)
-	if err != nil {
-		r.dropSlot(ctx, slot)
-		return err
-	}
 	p := &pendingIssue{slot: slot, signer: signer, id: id}
 	r.setPending(p)
+	return r.askHub(ctx, hub, id, p, prev)
+}
+
+// askHub sends a CSR for p's key, under a new rid each attempt, and takes
+// the answer. prev is the request already pending, if any; p == prev when
+// asking again for it. The 409 naming prev (the hub still works on it) is
+// waited for, never replaced.
+func (r *Renewer) askHub(ctx context.Context, hub Hub, id *provisioning.Identity, p, prev *pendingIssue) error {
+	set := r.d.Settings()
+	again := p == prev
+	// Give up p: its key is deleted, unless it is the pending request
+	// asked for again (its request may still be alive at the hub).
+	drop := func() {
+		if !again {
+			r.clearPending(p)
+			r.dropSlot(ctx, p.slot)
+		}
+	}
+	der, err := provisioning.CSR(p.signer, id.DeviceID)
+	if err != nil {
+		drop()
+		return err
+	}
 	replace := ""
 	for attempt := 1; ; attempt++ {
 		rid := fmt.Sprintf("gwrenew%dx%d", r.clock.Now().Unix(), attempt)
-		r.mu.Lock()
-		p.rid = rid
-		r.mu.Unlock()
+		if !again {
+			r.mu.Lock()
+			p.rid = rid
+			r.mu.Unlock()
+		}
 		certs, err := hub.IssueCertificate(ctx, transport.IssueRequest{RID: rid, CSR: der, Replace: replace,
 			// The SDKs wait 90 s for the 202; never longer than for the
 			// certificate itself.
@@ -95,20 +138,30 @@ func (r *Renewer) viaHub(ctx context.Context, hub Hub, id *provisioning.Identity
 			Latest:        hubFloor(id),
 			Accepted: func(rid, corr string, until time.Time) {
 				r.mu.Lock()
-				p.deadline = until
+				if p.rid != "" && p.rid != rid {
+					p.earlier = append(p.earlier, p.rid)
+				}
+				p.rid, p.deadline = rid, until
 				r.mu.Unlock()
 				r.setPending(p)
-				r.log.Info("the hub accepted the certificate request", "rid", rid, "correlation_id", corr, "wait_until", until)
+				if again {
+					r.log.Warn("the hub no longer had our certificate request: its answer was lost with the connection; it accepted the request again",
+						"rid", rid, "correlation_id", corr, "wait_until", until)
+				} else {
+					r.log.Info("the hub accepted the certificate request", "rid", rid, "correlation_id", corr, "wait_until", until)
+				}
 			}})
 		var ie *transport.IssueError
+		r.mu.Lock()
+		ours := prev != nil && errors.As(err, &ie) && ie.Status == 409 && prev.knows(ie.ActiveRID)
+		r.mu.Unlock()
 		switch {
 		case err == nil:
 			return r.finishHubIssue(ctx, p, certs)
-		case errors.As(err, &ie) && ie.Status == 409 && prev != nil && ie.ActiveRID == prev.rid && r.clock.Now().Before(ie.ActiveExpires):
+		case ours && r.clock.Now().Before(ie.ActiveExpires):
 			// Our own earlier request is still being worked on: wait for
 			// it, never cancel it with "replace".
-			r.clearPending(p)
-			r.dropSlot(ctx, slot)
+			drop()
 			r.mu.Lock()
 			prev.deadline = ie.ActiveExpires
 			if f := hubFloor(id); f.Before(prev.deadline) {
@@ -117,6 +170,12 @@ func (r *Renewer) viaHub(ctx context.Context, hub Hub, id *provisioning.Identity
 			r.mu.Unlock()
 			r.setPending(prev)
 			r.log.Info("the hub is still working on our earlier certificate request; waiting for it", "rid", prev.rid, "until", prev.deadline)
+			// The 409 was a final answer, after which the session stops
+			// listening on the credentials topic: listen again, or the
+			// answer to the earlier request waits at the hub unsent.
+			if err := hub.WatchCredentials(ctx); err != nil {
+				r.log.Warn("cannot wait for the pending certificate answer on this connection", "err", err)
+			}
 			return errOwnRequestPending
 		case errors.As(err, &ie) && ie.Status == 409 && replace == "" && attempt < hubAttempts:
 			// A request we do not know (its key was lost with a crash
@@ -140,8 +199,17 @@ func (r *Renewer) viaHub(ctx context.Context, hub Hub, id *provisioning.Identity
 			// (OnCredentials), so the new key is kept until then.
 			return fmt.Errorf("hub certificate request %s: %w", rid, err)
 		}
-		r.clearPending(p)
-		r.dropSlot(ctx, slot)
+		if again {
+			// The pending request stays what we wait for (until its
+			// deadline, or the next connection asks again), unless the
+			// hub refused this very CSR: then it cannot succeed either.
+			if errors.As(err, &ie) && ie.Status == 400 {
+				r.clearPending(p)
+				r.dropSlot(ctx, p.slot)
+			}
+			return fmt.Errorf("hub certificate request %s, asking again for an earlier one: %w", rid, err)
+		}
+		drop()
 		return err
 	}
 }
@@ -151,9 +219,16 @@ func (r *Renewer) viaHub(ctx context.Context, hub Hub, id *provisioning.Identity
 func (r *Renewer) OnCredentials(ctx context.Context, status int, rid string, body []byte) {
 	r.mu.Lock()
 	p := r.pending
-	if p == nil || p.rid != rid {
+	if p == nil || !p.knows(rid) {
 		r.mu.Unlock()
 		r.log.Info("ignoring a certificate answer for an unknown request", "rid", rid, "status", status)
+		return
+	}
+	if status != 200 && rid != p.rid {
+		// An error about a request this one took over from says nothing
+		// about this one, which the hub accepted later.
+		r.mu.Unlock()
+		r.log.Info("ignoring an error answer to an earlier certificate request; waiting for the later one", "rid", rid, "status", status, "waiting_for", p.rid)
 		return
 	}
 	r.pending = nil

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"slices"
 	"time"
 
 	"github.com/gwagent/gwagent/internal/atomicfile"
@@ -34,9 +35,23 @@ type pendingIssue struct {
 	signer crypto.Signer
 	id     *provisioning.Identity
 	// rid and deadline (the end of the wait for the answer after the 202)
-	// are set under Renewer.mu.
+	// are set under Renewer.mu, as are the two below.
 	rid      string
 	deadline time.Time
+	// earlier are the rids of requests for the same key that this one
+	// took over from (asked again after an answer was lost): a late
+	// answer to one of them certifies the same key, so it is taken too.
+	earlier []string
+	// askAt, if set, is when to ask the hub again whether it still works
+	// on the request: the answer has not come that long after a reconnect
+	// (see answerGrace in hub.go).
+	askAt time.Time
+}
+
+// knows reports whether rid names this request or one it took over from.
+// The caller holds Renewer.mu.
+func (p *pendingIssue) knows(rid string) bool {
+	return rid != "" && (rid == p.rid || slices.Contains(p.earlier, rid))
 }
 
 type pendingRecord struct {

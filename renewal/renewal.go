@@ -236,6 +236,11 @@ func (r *Renewer) Run(ctx context.Context, hub Hub, id *provisioning.Identity) {
 		if err := hub.WatchCredentials(ctx); err != nil {
 			r.log.Warn("cannot wait for the pending certificate answer on this connection", "err", err)
 		}
+		// If it does not come soon, it was lost with the old connection:
+		// ask again then (hub.go, answerGrace).
+		r.mu.Lock()
+		p.askAt = r.clock.Now().Add(answerGrace)
+		r.mu.Unlock()
 	}
 	for ctx.Err() == nil {
 		policy := r.d.Settings().Policy
@@ -254,8 +259,19 @@ func (r *Renewer) Run(ctx context.Context, hub Hub, id *provisioning.Identity) {
 		r.d.Status.NextRenewal(next)
 		if p := pending; due && p != nil && now.Before(p.deadline) && p.id.Serial == id.Serial {
 			// A request the hub accepted is still within its wait: its
-			// answer may come on this connection; do not ask again yet.
-			due, next = false, p.deadline
+			// answer may come on this connection; do not ask again yet,
+			// unless it is overdue since a reconnect.
+			r.mu.Lock()
+			askAt := p.askAt
+			r.mu.Unlock()
+			switch {
+			case !askAt.IsZero() && !now.Before(askAt):
+				why = "no answer to the pending certificate request since the reconnect"
+			case !askAt.IsZero() && askAt.Before(p.deadline):
+				due, next = false, askAt
+			default:
+				due, next = false, p.deadline
+			}
 		}
 		if !due {
 			var ok bool

@@ -8,34 +8,49 @@
 //	                                        outbox acks ◄── delivered ◄───┘
 //	                                                           └─► spool file → sent/ → swept (sent.go)
 //
-// It owns: spool intake (the directory watch with its polling fallback,
-// the settle rule, the checks on every file, rejected/), the outbox, the
+// It owns: spool intake (the directory watch, raw inotify so renamed-in
+// files are taken at once, with its polling fallback; the settle rule, the
+// checks on every file, rejected/ and its bounds), the outbox, the
 // sliding-window drain with batched acks, the retirement of delivered spool
 // files through sent/, disk-full handling on this path (it raises and
 // clears condition.DiskFull and looks for room again every 5 s),
 // the backlog signal, and queueing of the agent's own messages (Enqueue).
 //
 // Its seams are small: a Publisher (what transport.Session offers for
-// telemetry), a condition.Sink for its conditions, a clock.Clock for every
-// timer, and the agent's *slog.Logger: as a part of the agent it logs, like
-// agent does; it keeps no package state.
+// telemetry; optionally its Done and Requests, which tell a connection the
+// hub ended with nothing answered), a condition.Sink for its conditions, a
+// clock.Clock for every timer, the send settings in effect (Sending), and
+// the agent's *slog.Logger: as a part of the agent it logs, like agent
+// does; it keeps no package state.
 //
 // Goroutines and what they own:
 //   - Run's spool loop owns the watcher, the files waiting to settle or to
 //     be moved aside, and the settle, rescan and disk-full timers. It shares
 //     the set of queued spool files with the retirer (a mutex).
-//   - Run's sweeper unlinks what is in sent/; it shares the sent/ directory
-//     handles with the retirer (a mutex).
+//   - Run's spool loop also owns the spool watch; its inotify reader
+//     goroutine ends when the watch is closed or replaced.
+//   - Run's sweeper unlinks what is in sent/ and keeps rejected/ to its
+//     bounds; it shares the sent/ directory handles with the retirer (a
+//     mutex).
 //   - Drain, one per hub session, runs the sender on the caller's goroutine
 //     and starts the acker and the retirer, which end before it returns.
 //   - Enqueue may be called from any goroutine; the outbox serializes, and
 //     its write-behind timer runs on the clock's AfterFunc.
 //
-// Where the next pieces fit: pacing the drain to the hub's send rate, waiting
-// out its quota, or packing small messages into one belongs in the drain's
-// publish step (drain.go), the one place a message leaves; a durable record
-// of delivered spool files, so that their retirement trails behind in
-// batches, belongs in delivered, between the outbox ack and the retirer.
+// Living within the hub's limits (issue 19) happens where a message
+// leaves, in the drain's publish step (drain.go): every publish takes a
+// token of the send budget (pacer.go: [telemetry] max_rate, halved when
+// PUBACKs come late or the hub closes the connection after that, raised
+// again by quick PUBACKs; condition telemetry-throttled); health messages
+// go ahead of a backlog; consecutive small JSON messages with the same
+// properties may travel packed as one array (pack.go); and a session the
+// hub closes with nothing answered, as it does over its daily quota, raises
+// hub-quota-exceeded and holds connections back to one probe per 10-15
+// minutes plus one after 00:00 UTC (quota.go: ConnectAfter for the agent's
+// reconnect loop, HubTakes for the twin and renewal, which must not close
+// the connection either). A durable record of delivered spool files, so
+// that their retirement trails behind in batches, belongs in delivered,
+// between the outbox ack and the retirer.
 //
 // Importers: agent (the one that runs a pipeline), and tests. It imports
 // the outbox, gwagent's leaves (clock, condition, diskspace, dirwatch) and

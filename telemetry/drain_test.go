@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"os"
 	"path/filepath"
 	"sync"
@@ -66,8 +67,9 @@ type fakeHub struct {
 }
 
 type published struct {
-	body []byte
-	mid  string
+	body        []byte
+	mid, ct, ce string
+	app         map[string]string
 }
 
 func newFakeHub(acked int) *fakeHub { return &fakeHub{acked: acked, changed: make(chan struct{})} }
@@ -75,7 +77,7 @@ func newFakeHub(acked int) *fakeHub { return &fakeHub{acked: acked, changed: mak
 func (h *fakeHub) PublishTelemetry(body []byte, system, app map[string]string) func(context.Context) error {
 	h.mu.Lock()
 	i := len(h.sent)
-	h.sent = append(h.sent, published{bytes.Clone(body), system["mid"]})
+	h.sent = append(h.sent, published{bytes.Clone(body), system["mid"], system["ct"], system["ce"], maps.Clone(app)})
 	h.signal()
 	h.mu.Unlock()
 	return func(ctx context.Context) error {

@@ -2,11 +2,8 @@ package telemetry_test
 
 import (
 	"context"
-	"crypto/x509"
-	"encoding/pem"
 	"io"
 	"log/slog"
-	"os"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -14,14 +11,10 @@ import (
 	"testing"
 	"time"
 
-	"github.com/fsnotify/fsnotify"
-
 	"github.com/gwagent/gwagent/azsim/azsimtest"
 	"github.com/gwagent/gwagent/devtools/testenv"
 	"github.com/gwagent/gwagent/internal/clock"
 	"github.com/gwagent/gwagent/internal/condition"
-	"github.com/gwagent/gwagent/keystore"
-	"github.com/gwagent/gwagent/keystore/softkey"
 	"github.com/gwagent/gwagent/telemetry"
 	"github.com/gwagent/gwagent/telemetry/outbox"
 	"github.com/gwagent/gwagent/transport"
@@ -60,19 +53,21 @@ func (s *sink) reason(c condition.Name) (string, bool) {
 
 // rigOpts adjust a pipeline under test.
 type rigOpts struct {
-	clock      clock.Clock   // default clock.Real
-	settle     time.Duration // default 1 s, the config's default
-	stateDir   string        // default a temporary directory
-	spoolDir   string        // default a temporary directory's spool/
-	outbox     outbox.Options
-	backlog    func(bool)
-	newWatcher func() (*fsnotify.Watcher, error)
+	clock    clock.Clock   // default clock.Real
+	settle   time.Duration // default 1 s, the config's default
+	stateDir string        // default a temporary directory
+	spoolDir string        // default a temporary directory's spool/
+	outbox   outbox.Options
+	backlog  func(bool)
+	inotify  func() (int, error)
+	quiet    bool                     // log to the buffer only (benchmarks print every b.Log)
+	sending  func() telemetry.Sending // default: unpaced, unpacked
 }
 
 // rig is one pipeline, with Run going, on temporary state and spool
 // directories.
 type rig struct {
-	t      *testing.T
+	t      testing.TB
 	p      *telemetry.Pipeline
 	sink   *sink
 	log    *testenv.Buffer
@@ -83,7 +78,7 @@ type rig struct {
 	done   chan struct{}
 }
 
-func newRig(t *testing.T, o rigOpts) *rig {
+func newRig(t testing.TB, o rigOpts) *rig {
 	t.Helper()
 	if o.settle == 0 {
 		o.settle = time.Second
@@ -96,20 +91,25 @@ func newRig(t *testing.T, o rigOpts) *rig {
 	}
 	r := &rig{t: t, sink: &sink{conds: map[condition.Name]string{}}, log: &testenv.Buffer{}, state: o.stateDir,
 		spool: o.spoolDir, done: make(chan struct{})}
+	var logTo io.Writer = io.MultiWriter(testWriter{t}, r.log)
+	if o.quiet {
+		logTo = r.log
+	}
 	p, err := telemetry.Open(telemetry.Options{
 		StateDir: r.state,
 		Outbox:   o.outbox,
 		Spool:    func() telemetry.Spool { return telemetry.Spool{Dir: r.spool, Settle: o.settle} },
 		Sink:     r.sink,
 		Clock:    o.clock,
-		Logger:   slog.New(slog.NewTextHandler(io.MultiWriter(testWriter{t}, r.log), &slog.HandlerOptions{Level: slog.LevelDebug})),
+		Logger:   slog.New(slog.NewTextHandler(logTo, &slog.HandlerOptions{Level: slog.LevelDebug})),
 		Backlog:  o.backlog,
+		Sending:  o.sending,
 		Changed: func(urgent bool) {
 			if urgent {
 				r.urgent.Add(1)
 			}
 		},
-		NewWatcher: o.newWatcher,
+		Inotify: o.inotify,
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -142,7 +142,7 @@ func (r *rig) drain(pub telemetry.Publisher) (stop func()) {
 // depth is the number of messages in the outbox.
 func (r *rig) depth() int { return r.p.Stats().OutboxDepth }
 
-type testWriter struct{ t *testing.T }
+type testWriter struct{ t testing.TB }
 
 func (w testWriter) Write(p []byte) (int, error) {
 	w.t.Log(strings.TrimRight(string(p), "\n"))
@@ -151,36 +151,8 @@ func (w testWriter) Write(p []byte) (int, error) {
 
 // hubSession connects to azsim's hub as a new static device (a factory
 // certificate): the real session the pipeline drains into.
-func hubSession(t *testing.T, az *azsimtest.Azsim, deviceID string) *transport.Session {
-	t.Helper()
-	keyURI, chainPath := az.FactoryDevice(t, t.TempDir(), deviceID)
-	signer, err := softkey.New().Signer(context.Background(), keystore.MustParse(keyURI))
-	if err != nil {
-		t.Fatal(err)
-	}
-	pemChain, err := os.ReadFile(chainPath)
-	if err != nil {
-		t.Fatal(err)
-	}
-	var chain []*x509.Certificate
-	for b, rest := pem.Decode(pemChain); b != nil; b, rest = pem.Decode(rest) {
-		c, err := x509.ParseCertificate(b.Bytes)
-		if err != nil {
-			t.Fatal(err)
-		}
-		chain = append(chain, c)
-	}
-	roots := x509.NewCertPool()
-	bundle, _ := os.ReadFile(az.Info.TrustBundle)
-	roots.AppendCertsFromPEM(bundle)
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	s, err := transport.Dial(ctx, transport.Config{Host: az.Info.HubHostName, DeviceID: deviceID, Roots: roots, Signer: signer, Chain: chain})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(s.Close)
-	return s
+func hubSession(t testing.TB, az *azsimtest.Azsim, deviceID string) *transport.Session {
+	return az.FactorySession(t, deviceID)
 }
 
 // received returns the messages the hub got from deviceID.

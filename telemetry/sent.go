@@ -36,6 +36,17 @@ type sentFiles struct {
 	kick  chan struct{}
 }
 
+// replaced reports whether the spool directory dfd was opened on has been
+// removed and made again under its path: renames through the old
+// descriptors would fail (and files be deleted in place) from then on.
+func (s *sentFiles) replaced() bool {
+	var a, b unix.Stat_t
+	if unix.Fstat(s.dfd, &a) != nil || unix.Stat(s.dir, &b) != nil {
+		return false
+	}
+	return a.Dev != b.Dev || a.Ino != b.Ino
+}
+
 // sentRetry is how often an unusable sent/ is tried again (it may have
 // failed for a full disk, or an administrator removed a stray one).
 const sentRetry = time.Minute
@@ -57,23 +68,39 @@ func (s *sentFiles) closeLocked() {
 // in place, as before) and says why.
 func openSent(dir string) (int, error) {
 	p := filepath.Join(dir, spoolSentDir)
-	if err := os.Mkdir(p, 0o700); err != nil && !errors.Is(err, os.ErrExist) {
+	fd, st, err := openOwnDir(p, 0o700)
+	if err != nil {
 		return -1, err
+	}
+	if st.Mode&0o077 != 0 {
+		unix.Close(fd)
+		return -1, fmt.Errorf("%s has mode %04o, not 0700; remove it, the agent makes its own", p, st.Mode&0o7777)
+	}
+	return fd, nil
+}
+
+// openOwnDir opens the directory p, making it with mode if it is absent,
+// without following a link, and checks that the agent owns it: a member
+// of the spool group may have made it first (as a link, or as its own
+// directory), and then the agent must not put files there.
+func openOwnDir(p string, mode os.FileMode) (int, unix.Stat_t, error) {
+	var st unix.Stat_t
+	if err := os.Mkdir(p, mode); err != nil && !errors.Is(err, os.ErrExist) {
+		return -1, st, err
 	}
 	fd, err := unix.Open(p, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
 	if err != nil {
-		return -1, fmt.Errorf("%s is not a directory the agent may use (%w); remove it, the agent makes its own", p, err)
+		return -1, st, fmt.Errorf("%s is not a directory the agent may use (%w); remove it, the agent makes its own", p, err)
 	}
-	var st unix.Stat_t
 	if err := unix.Fstat(fd, &st); err != nil {
 		unix.Close(fd)
-		return -1, err
+		return -1, st, err
 	}
-	if int(st.Uid) != os.Geteuid() || st.Mode&0o077 != 0 {
+	if int(st.Uid) != os.Geteuid() {
 		unix.Close(fd)
-		return -1, fmt.Errorf("%s is owned by uid %d with mode %04o, not by the agent with mode 0700; remove it, the agent makes its own", p, st.Uid, st.Mode&0o7777)
+		return -1, st, fmt.Errorf("%s is owned by uid %d, not by the agent; remove it, the agent makes its own", p, st.Uid)
 	}
-	return fd, nil
+	return fd, st, nil
 }
 
 // sentFor returns the descriptors for dir, opening them when dir is new
@@ -81,7 +108,7 @@ func openSent(dir string) (int, error) {
 // when sent/ cannot be used. The caller holds p.sent.mu.
 func (p *Pipeline) sentFor(dir string) (dfd, sfd int, err error) {
 	s := &p.sent
-	if s.dir == dir && (s.sfd >= 0 || clock.Since(p.clock, s.tried) < sentRetry) {
+	if s.dir == dir && (s.sfd >= 0 || clock.Since(p.clock, s.tried) < sentRetry) && !s.replaced() {
 		return s.dfd, s.sfd, nil
 	}
 	warned := s.dir == dir
@@ -127,7 +154,8 @@ func (p *Pipeline) retire(path string) {
 }
 
 // sweepSent empties sent/ whenever files are moved there, and once at
-// start for what a crash left behind.
+// start for what a crash left behind; and it keeps rejected/ to its bounds
+// (rejected.go) after each refusal and at start.
 func (p *Pipeline) sweepSent(ctx context.Context) {
 	defer func() {
 		p.sent.mu.Lock()
@@ -137,12 +165,15 @@ func (p *Pipeline) sweepSent(ctx context.Context) {
 	p.sent.mu.Lock()
 	p.sentFor(p.o.Spool().Dir)
 	p.sent.mu.Unlock()
+	p.pruneRejected(p.o.Spool().Dir)
 	for {
 		p.sweepOnce(ctx)
 		select {
 		case <-ctx.Done():
 			return
 		case <-p.sent.kick:
+		case <-p.prune:
+			p.pruneRejected(p.o.Spool().Dir)
 		}
 	}
 }

@@ -2,6 +2,7 @@ package telemetry
 
 import (
 	"context"
+	"crypto/rand"
 	"crypto/sha256"
 	"encoding/binary"
 	"encoding/hex"
@@ -17,7 +18,6 @@ import (
 	"time"
 	"unicode/utf8"
 
-	"github.com/fsnotify/fsnotify"
 	"github.com/gwagent/gwagent/internal/clock"
 	"github.com/gwagent/gwagent/internal/dirwatch"
 	"github.com/gwagent/gwagent/telemetry/outbox"
@@ -31,18 +31,26 @@ import (
 //     can use a temporary name and rename it into place.
 //   - Only regular files are read: symbolic links, FIFOs, devices and
 //     directories are refused without being opened or followed.
-//   - A file is taken once it has settled: unchanged for [telemetry]
-//     spool_settle (default 1s), judged by its modification time or, when
-//     that is in the future, by watching it. This protects applications that
-//     write in place in several chunks.
+//   - A file renamed into the directory (inotify's IN_MOVED_TO) is
+//     complete and read at once. Any other file is taken once it has
+//     settled: unchanged for [telemetry] spool_settle (default 1s), judged
+//     by its modification time or, when that is in the future, by watching
+//     it. This protects applications that write in place in several
+//     chunks. A file the agent may not read is refused only once it has
+//     settled too, its mode included: a writer may create it 0600 and
+//     chmod it when done.
 //   - Its size is checked before it is read, against the hub's limit for a
 //     whole message (body plus properties).
-//   - The content must be valid UTF-8 JSON.
+//   - The content must be valid UTF-8 JSON, nested no deeper than the
+//     parser takes (maxJSONDepth).
 //
 // A refused file is moved to rejected/ inside the spool directory, with one
-// warning naming it and the reason, and counted in status and health.
+// warning naming it and the reason, and counted in status and health;
+// rejected/ keeps the newest RejectedKeep files (rejected.go).
 // A file is deleted after the hub acknowledged it; a later file with the
-// same name is a new message.
+// same name is a new message. The directory is sticky (spoolMode), so one
+// application cannot delete or replace another's file; the agent owns it
+// and may move any.
 
 // spoolRejectedDir is where refused files go, inside the spool directory.
 const spoolRejectedDir = "rejected"
@@ -87,6 +95,7 @@ type spooler struct {
 	pending map[string]pendingFile
 	soonest time.Time               // when the earliest pending file may have settled
 	refused map[string]dirwatch.Sig // could not be moved aside: warned once
+	scanErr string                  // the last error reading the directory, warned once
 }
 
 // spoolLoop watches the spool directory for *.json files from local
@@ -94,7 +103,7 @@ type spooler struct {
 // after the hub's PUBACK (drain.go, sent.go).
 func (p *Pipeline) spoolLoop(ctx context.Context) {
 	s := &spooler{p: p, dir: p.o.Spool().Dir, pending: map[string]pendingFile{}, refused: map[string]dirwatch.Sig{}}
-	w := dirwatch.Watch(s.dir, dirwatch.Options{What: "spool", Cond: CondSpoolPolled, Sink: p.sink, Log: p.log, Clock: p.clock, NewWatcher: p.o.NewWatcher})
+	w := p.watchSpool(s.dir)
 	defer w.Close()
 	p.loadQueued()
 	s.scan()
@@ -133,24 +142,25 @@ func (p *Pipeline) spoolLoop(ctx context.Context) {
 		case <-ctx.Done():
 			return
 		case ev, ok := <-w.Events():
-			if !ok {
-				return
-			}
 			switch {
-			case ev.Op&(fsnotify.Remove|fsnotify.Rename) != 0:
-				delete(s.pending, ev.Name)
-			case ev.Op&(fsnotify.Create|fsnotify.Write|fsnotify.Chmod) != 0:
-				s.file(ev.Name)
+			case !ok || ev.ended:
+				w.Rewatch()
+				s.scan()
+			case ev.overflow:
+				// Events were lost: look at the whole directory now, not
+				// at the next rescan.
+				p.log.Warn("spool watcher: the kernel's event queue overflowed; looking at the whole spool directory", "dir", s.dir)
+				s.scan()
+			case ev.mask&(unix.IN_MOVED_FROM|unix.IN_DELETE) != 0:
+				delete(s.pending, filepath.Join(s.dir, ev.name))
+			case ev.mask&unix.IN_MOVED_TO != 0:
+				// Renamed into place: complete, as the README promises
+				// applications, so it is taken at once.
+				s.look(filepath.Join(s.dir, ev.name), true)
+			default: // IN_CREATE, IN_CLOSE_WRITE, IN_ATTRIB
+				s.look(filepath.Join(s.dir, ev.name), false)
 			}
 			resetSettle()
-		case err := <-w.Errors():
-			p.log.Warn("spool watcher", "err", err)
-			if errors.Is(err, fsnotify.ErrEventOverflow) {
-				// Events were lost (the kernel's queue was full): look
-				// at the whole directory now, not at the next rescan.
-				s.scan()
-				resetSettle()
-			}
 		case <-w.Tick():
 			w.Ticked()
 			s.scan()
@@ -165,11 +175,17 @@ func (p *Pipeline) spoolLoop(ctx context.Context) {
 			if p.roomAgain() {
 				diskTick.Stop()
 				diskTick, diskC = nil, nil
+				p.makeSpool(s.dir)
+				p.outbox.Save()
 				s.moveRefused()
 				s.scan()
 				resetSettle()
 			}
 		case <-retryC:
+			if w.Stale() {
+				p.log.Warn("the spool directory was made anew; watching the new one", "dir", s.dir)
+				w.Rewatch()
+			}
 			if nd := p.o.Spool().Dir; nd != s.dir {
 				if err := w.Move(nd); err != nil {
 					p.log.Error("cannot watch new spool directory", "dir", nd, "err", err)
@@ -177,7 +193,11 @@ func (p *Pipeline) spoolLoop(ctx context.Context) {
 					p.log.Info("spool directory changed", "from", s.dir, "to", nd)
 					s.dir = nd
 					clear(s.pending)
+					p.checkSpoolMode(nd)
 				}
+			}
+			if p.outbox.Unsaved() != nil && !p.diskFull() {
+				p.outbox.Save() // room came without disk-full noticing
 			}
 			s.moveRefused()
 			s.scan()
@@ -249,9 +269,14 @@ func (p *Pipeline) spoolSent(path string) {
 func (s *spooler) scan() {
 	ents, err := os.ReadDir(s.dir)
 	if err != nil {
-		s.p.log.Warn("spool directory", "err", err)
+		// Once per problem: a missing directory is polled every 2 s.
+		if err.Error() != s.scanErr {
+			s.p.log.Warn("cannot read the spool directory", "err", err)
+			s.scanErr = err.Error()
+		}
 		return
 	}
+	s.scanErr = ""
 	present := make(map[string]bool, len(ents))
 	for _, e := range ents {
 		p := filepath.Join(s.dir, e.Name())
@@ -309,7 +334,12 @@ func (s *spooler) settled(path string, sig dirwatch.Sig) bool {
 }
 
 // file looks at one spool entry and queues, defers or refuses it.
-func (s *spooler) file(path string) {
+func (s *spooler) file(path string) { s.look(path, false) }
+
+// look looks at one spool entry and queues, defers or refuses it. renamed
+// says the kernel just reported it renamed into the directory: a readable
+// file is then complete and read at once, without the settle wait.
+func (s *spooler) look(path string, renamed bool) {
 	p := s.p
 	name := filepath.Base(path)
 	if filepath.Dir(path) != s.dir || strings.HasPrefix(name, ".") || !strings.HasSuffix(name, ".json") {
@@ -343,6 +373,12 @@ func (s *spooler) file(path string) {
 		s.reject(path, dirwatch.SigOf(&lst), "a symbolic link; only regular files are sent")
 		return
 	case errors.Is(err, syscall.EACCES):
+		// A writer may create the file 0600 and chmod it once written:
+		// it is refused only once it has been unchanged, mode included
+		// (its ctime), for the settle time.
+		if !s.settled(path, unreadableSig(&lst)) {
+			return
+		}
 		s.reject(path, dirwatch.SigOf(&lst), fmt.Sprintf("not readable by the agent (mode %04o); make spool files readable by group gwagent-spool (0640)", lst.Mode&0o7777))
 		return
 	case err != nil:
@@ -368,7 +404,9 @@ func (s *spooler) file(path string) {
 		s.reject(path, sig, fmt.Sprintf("%d bytes; a message may have at most %d bytes (IoT Hub's 256 KiB less the message properties)", st.Size, limit))
 		return
 	}
-	if !s.settled(path, sig) {
+	if renamed {
+		delete(s.pending, path)
+	} else if !s.settled(path, sig) {
 		return
 	}
 	body, err := io.ReadAll(io.LimitReader(f, limit+1))
@@ -386,7 +424,11 @@ func (s *spooler) file(path string) {
 		return
 	}
 	if !json.Valid(body) {
-		s.reject(path, sig, "not valid JSON")
+		reason := "not valid JSON"
+		if jsonDeeperThan(body, maxJSONDepth) {
+			reason = fmt.Sprintf("JSON nested deeper than %d levels, the most the agent's JSON parser takes; flatten the document", maxJSONDepth)
+		}
+		s.reject(path, sig, reason)
 		return
 	}
 	err = p.enqueue(&outbox.Message{Kind: outbox.KindApp, Body: body, Local: path, ID: spoolID(name, sig, body),
@@ -403,6 +445,48 @@ func (s *spooler) file(path string) {
 	p.queued.sigs[path] = sig
 	p.queued.mu.Unlock()
 	p.log.Debug("spool file queued", "file", path)
+}
+
+// unreadableSig is the signature an unreadable file settles by: its
+// modification time or, if later, its status change time, so that a chmod
+// (or a rename into place) starts the wait again.
+func unreadableSig(st *syscall.Stat_t) dirwatch.Sig {
+	sig := dirwatch.SigOf(st)
+	sig.Mtime = max(sig.Mtime, st.Ctim.Nano())
+	return sig
+}
+
+// maxJSONDepth is how deeply encoding/json lets arrays and objects nest
+// (its scanner's maxNestingDepth); TestJSONDepthLimit holds it to that.
+const maxJSONDepth = 10000
+
+// jsonDeeperThan reports whether arrays and objects in b nest deeper than
+// limit, looking no further than that (b need not be valid).
+func jsonDeeperThan(b []byte, limit int) bool {
+	depth := 0
+	inString, escaped := false, false
+	for _, c := range b {
+		switch {
+		case inString:
+			switch {
+			case escaped:
+				escaped = false
+			case c == '\\':
+				escaped = true
+			case c == '"':
+				inString = false
+			}
+		case c == '"':
+			inString = true
+		case c == '[' || c == '{':
+			if depth++; depth > limit {
+				return true
+			}
+		case c == ']' || c == '}':
+			depth--
+		}
+	}
+	return false
 }
 
 // spoolID is the message id of one version of a spool file. If the agent
@@ -443,7 +527,8 @@ func fileKind(mode uint32) string {
 }
 
 // reject moves a refused spool file to rejected/ (never following links,
-// never replacing a file there), warns once and counts it.
+// never replacing a file there), warns once and counts it. rejected/ is
+// kept to its bounds by the sweeper (rejected.go).
 func (s *spooler) reject(path string, sig dirwatch.Sig, reason string) {
 	p := s.p
 	delete(s.pending, path)
@@ -454,25 +539,26 @@ func (s *spooler) reject(path string, sig dirwatch.Sig, reason string) {
 		p.log.Warn("spool file refused and left in place (cannot move it aside; tried again later)", "file", path, "reason", reason, "err", err)
 	} else {
 		p.log.Warn("spool file refused; moved aside", "file", path, "reason", reason, "moved_to", dst)
+		p.pruneSoon()
 	}
 	p.rejected.Add(1)
 	p.o.Changed(true)
 }
 
+// rejectedMode is rejected/'s mode: the agent's own directory, which
+// members of the spool group may read (to see why their file was refused)
+// but not write, so they can neither plant files there nor delete others'.
+const rejectedMode = 0o750
+
 // moveAside renames dir/name into dir/rejected/. The rejected directory is
-// opened without following a link, so an application that replaced it by a
-// symbolic link cannot make the agent move files elsewhere (say, into the
-// state directory); the rename never replaces an existing file.
+// opened without following a link and must be the agent's own, so an
+// application that replaced it by a symbolic link or made it first cannot
+// make the agent move files elsewhere (say, into the state directory) or
+// into its hands; the rename never replaces an existing file.
 func moveAside(dir, name string, now time.Time) (string, error) {
-	rdir := filepath.Join(dir, spoolRejectedDir)
-	if err := os.Mkdir(rdir, 0o2770); err == nil {
-		os.Chmod(rdir, 0o2770) // the service's umask is 0077
-	} else if !errors.Is(err, os.ErrExist) {
-		return "", err
-	}
-	rfd, err := unix.Open(rdir, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+	rfd, err := openRejected(dir)
 	if err != nil {
-		return "", fmt.Errorf("%s is not a directory the agent may use: %w", rdir, err)
+		return "", err
 	}
 	defer unix.Close(rfd)
 	dfd, err := unix.Open(dir, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
@@ -480,16 +566,43 @@ func moveAside(dir, name string, now time.Time) (string, error) {
 		return "", err
 	}
 	defer unix.Close(dfd)
+	// The name, or with the time, or (a clock that stands still, or a
+	// name an earlier refusal took at the same instant) with a random
+	// suffix.
 	target := name
 	for i := 0; ; i++ {
 		err = unix.Renameat2(dfd, name, rfd, target, unix.RENAME_NOREPLACE)
-		if !errors.Is(err, unix.EEXIST) || i == 3 {
+		if !errors.Is(err, unix.EEXIST) || i == 8 {
 			break
 		}
-		target = fmt.Sprintf("%s.%d", name, now.UnixNano()+int64(i))
+		if i == 0 {
+			target = fmt.Sprintf("%s.%d", name, now.UnixNano())
+		} else {
+			target = fmt.Sprintf("%s.%d.%s", name, now.UnixNano(), rand.Text()[:8])
+		}
 	}
 	if err != nil {
 		return "", err
 	}
-	return filepath.Join(rdir, target), nil
+	return filepath.Join(dir, spoolRejectedDir, target), nil
+}
+
+// openRejected opens dir/rejected, making it if needed, and checks that it
+// is the agent's own directory with rejectedMode (a rejected/ of an older
+// version, group-writable, is brought to it).
+func openRejected(dir string) (int, error) {
+	rdir := filepath.Join(dir, spoolRejectedDir)
+	rfd, st, err := openOwnDir(rdir, rejectedMode)
+	if err != nil {
+		return -1, err
+	}
+	if st.Mode&0o7777 != rejectedMode {
+		// No set-id bit in the new mode: the unit's RestrictSUIDSGID
+		// allows this chmod.
+		if err := unix.Fchmod(rfd, rejectedMode); err != nil {
+			unix.Close(rfd)
+			return -1, fmt.Errorf("%s: mode %04o, and it cannot be made %04o: %w", rdir, st.Mode&0o7777, rejectedMode, err)
+		}
+	}
+	return rfd, nil
 }

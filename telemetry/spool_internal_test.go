@@ -1,8 +1,11 @@
 package telemetry
 
 import (
+	"bytes"
+	"encoding/json"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 )
@@ -29,6 +32,18 @@ func TestMoveAside(t *testing.T) {
 	if len(ents) != 2 {
 		t.Fatalf("rejected/ holds %d files, want both refused files", len(ents))
 	}
+	// A rejected/ of an older version, writable by the spool group, is
+	// brought to the agent's own mode.
+	legacy := t.TempDir()
+	os.Mkdir(filepath.Join(legacy, "rejected"), 0o770)
+	os.Chmod(filepath.Join(legacy, "rejected"), os.ModeSetgid|0o770)
+	os.WriteFile(filepath.Join(legacy, "y.json"), []byte("{"), 0o640)
+	if _, err := moveAside(legacy, "y.json", now); err != nil {
+		t.Fatal(err)
+	}
+	if st, _ := os.Stat(filepath.Join(legacy, "rejected")); st.Mode()&(os.ModePerm|os.ModeSetgid|os.ModeSticky) != rejectedMode {
+		t.Fatalf("an older rejected/ kept mode %v, want %04o", st.Mode(), rejectedMode)
+	}
 
 	evil := t.TempDir()
 	outside := t.TempDir() // e.g. the state directory
@@ -42,5 +57,29 @@ func TestMoveAside(t *testing.T) {
 	}
 	if _, err := os.Stat(filepath.Join(evil, "status.json")); err != nil {
 		t.Fatalf("the refused file is gone: %v", err)
+	}
+}
+
+// maxJSONDepth is the nesting encoding/json takes, so the reason a refused
+// file gets names the limit it really hit.
+func TestJSONDepthLimit(t *testing.T) {
+	nest := func(n int) []byte {
+		return append(bytes.Repeat([]byte("["), n), bytes.Repeat([]byte("]"), n)...)
+	}
+	if !json.Valid(nest(maxJSONDepth)) || json.Valid(nest(maxJSONDepth+1)) {
+		t.Fatalf("encoding/json no longer takes exactly %d levels: change maxJSONDepth", maxJSONDepth)
+	}
+	for _, c := range []struct {
+		doc  string
+		deep bool
+	}{
+		{string(nest(maxJSONDepth)), false},
+		{string(nest(maxJSONDepth + 1)), true},
+		{`{"a":"` + strings.Repeat("[", maxJSONDepth+5) + `"}`, false}, // brackets in a string
+		{`["\"` + strings.Repeat("{", maxJSONDepth+5) + `"]`, false},   // after an escaped quote
+	} {
+		if got := jsonDeeperThan([]byte(c.doc), maxJSONDepth); got != c.deep {
+			t.Errorf("jsonDeeperThan(%.20q...) = %v, want %v", c.doc, got, c.deep)
+		}
 	}
 }

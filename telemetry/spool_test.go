@@ -11,8 +11,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/fsnotify/fsnotify"
-
 	"github.com/gwagent/gwagent/azsim"
 	"github.com/gwagent/gwagent/azsim/azsimtest"
 	"github.com/gwagent/gwagent/devtools/testenv"
@@ -20,6 +18,7 @@ import (
 	"github.com/gwagent/gwagent/internal/dirwatch"
 	"github.com/gwagent/gwagent/telemetry"
 	"github.com/gwagent/gwagent/telemetry/outbox"
+	"golang.org/x/sys/unix"
 )
 
 // A file name used again after its message was delivered is a new
@@ -180,11 +179,11 @@ func TestSpoolPolledWithoutInotify(t *testing.T) {
 	clk := clock.NewFake(time.Now().Add(time.Hour)) // spool files are long settled
 	var broken atomic.Bool
 	broken.Store(true)
-	r := newRig(t, rigOpts{clock: clk, outbox: outbox.Options{WriteBehind: -1}, newWatcher: func() (*fsnotify.Watcher, error) {
+	r := newRig(t, rigOpts{clock: clk, outbox: outbox.Options{WriteBehind: -1}, inotify: func() (int, error) {
 		if broken.Load() {
-			return nil, errors.New("too many open files")
+			return -1, errors.New("too many open files")
 		}
-		return fsnotify.NewWatcher()
+		return unix.InotifyInit1(unix.IN_NONBLOCK | unix.IN_CLOEXEC)
 	}})
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()

@@ -2,8 +2,9 @@
 # make bench: figures for the gateway budget, printed as a table (figure,
 # target, met/missed) and written to bin/bench.json (devtools/bench does the
 # measuring). It runs the binary users ship: the CGO-free static build.
-# About 12 minutes on 2 cores (a 10-minute memory and flash window runs
-# beside the other measurements). BENCH_WINDOW=2m shortens the window.
+# About 15 minutes on 2 cores (a 10-minute memory and flash window runs
+# beside the other measurements; the drain against an S1 hub at the default
+# send budget takes a minute of it). BENCH_WINDOW=2m shortens the window.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p bin

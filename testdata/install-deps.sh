@@ -14,13 +14,19 @@ want=(swtpm swtpm-tools softhsm2 openssl systemd util-linux tinyproxy-bin)
 if [ "${1:-}" = "--cross" ]; then
 	want+=(gcc-aarch64-linux-gnu gcc-arm-linux-gnueabihf libc6-dev-arm64-cross libc6-dev-armhf-cross)
 fi
-# make deb / deb-check: lintian, Azure's roots from ca-certificates, a scratch root.
+# make deb / deb-check: lintian, Azure's roots from ca-certificates, a scratch
+# root; the PKCS#11 packages are cgo builds: the C compilers, the arm64 C
+# library, and dpkg-shlibdeps (dpkg-dev) for their Depends.
 if [ "${1:-}" = "--deb" ]; then
-	want+=(lintian ca-certificates mmdebstrap)
+	want+=(lintian ca-certificates mmdebstrap gcc libc6-dev gcc-aarch64-linux-gnu libc6-dev-arm64-cross dpkg-dev)
 fi
-# make image-check / factory-image: an arm64 Debian system under qemu with swtpm.
+# make image-check / factory-image(-check): an arm64 Debian system under qemu
+# with swtpm. ipxe-qemu holds the virtio-net option ROM (efi-virtio.rom) that
+# qemu loads for -device virtio-net-pci; it is only a Recommends of
+# qemu-system-arm, which --no-install-recommends leaves out.
 if [ "${1:-}" = "--image" ]; then
-	want+=(mmdebstrap qemu-user-static binfmt-support arch-test qemu-system-arm qemu-utils swtpm socat e2fsprogs cpio xz-utils ca-certificates)
+	want+=(mmdebstrap qemu-user-static binfmt-support arch-test qemu-system-arm ipxe-qemu qemu-utils swtpm swtpm-tools socat
+		e2fsprogs cpio xz-utils zstd ca-certificates openssl)
 fi
 
 # make sdkcheck: Node.js for Microsoft's Node SDKs; Debian's Python with the

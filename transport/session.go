@@ -123,6 +123,11 @@ type Session struct {
 	credSubscribed bool // $iothub/credentials/res/# (credentials.go)
 	rid            atomic.Uint64
 	ridSalt        string // tells this session's request ids from another's
+
+	// requests and answers count what was asked of the hub on this
+	// connection (telemetry, twin and certificate requests) and what it
+	// answered (PUBACKs, answers): see Requests.
+	requests, answers atomic.Int64
 }
 
 type answer struct {
@@ -280,6 +285,15 @@ func (s *Session) Err() error {
 	return nil
 }
 
+// Requests reports how many telemetry messages and twin or certificate
+// requests were sent on this connection, and how many of them the hub
+// answered (a PUBACK, an answer). The hub gives no reason on MQTT when it
+// refuses a message (no negative PUBACK): it closes the connection; over
+// its daily quota it does so at the first message or twin request of
+// every connection. Answered 0 with requests sent, on a connection that
+// ended, is that pattern (docs/azure-fidelity.md).
+func (s *Session) Requests() (sent, answered int64) { return s.requests.Load(), s.answers.Load() }
+
 // Close disconnects politely (no will message is sent).
 func (s *Session) Close() {
 	s.client.Disconnect(250)
@@ -338,6 +352,7 @@ func (s *Session) deliver(rid string, a answer) bool {
 	ch, ok := s.pending[rid]
 	s.mu.Unlock()
 	if ok {
+		s.answers.Add(1)
 		select {
 		case ch <- a:
 		default: // a second answer to the same rid (e.g. 202 then 200) queues up to the channel's size
@@ -380,6 +395,7 @@ func (s *Session) expect(rid string) (ch chan answer, done func()) {
 }
 
 func (s *Session) publishRequest(ctx context.Context, topic, rid string, payload []byte) error {
+	s.requests.Add(1)
 	tok := s.client.Publish(topic+url.QueryEscape(rid), 0, false, payload)
 	if !waitToken(ctx, tok, 30*time.Second) || tok.Error() != nil {
 		return fmt.Errorf("hub: publish %s: %v", topic, tokenErr(tok))
@@ -426,8 +442,16 @@ func (s *Session) PublishTelemetry(body []byte, system, app map[string]string) (
 	default:
 	}
 	topic := telemetryTopic(s.cfg.DeviceID) + EncodeProperties(system, app)
+	s.requests.Add(1)
 	tok := s.client.Publish(topic, 1, false, body)
-	return func(ctx context.Context) error { return s.waitPuback(ctx, tok) }
+	var answered atomic.Bool
+	return func(ctx context.Context) error {
+		err := s.waitPuback(ctx, tok)
+		if err == nil && answered.CompareAndSwap(false, true) {
+			s.answers.Add(1)
+		}
+		return err
+	}
 }
 
 // waitPuback waits for tok's PUBACK; with a context that is already done

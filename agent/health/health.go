@@ -20,28 +20,36 @@ import (
 	"strconv"
 	"syscall"
 	"time"
+
+	"github.com/gwagent/gwagent/telemetry"
 )
 
 // Health is the gateway health message the agent sends every interval.
 type Health struct {
-	Time             time.Time `json:"time"`
-	UptimeSeconds    float64   `json:"uptimeSeconds"`
-	AgentUptime      float64   `json:"agentUptimeSeconds"`
-	Load1            float64   `json:"load1"`
-	Load5            float64   `json:"load5"`
-	Load15           float64   `json:"load15"`
-	MemTotalKB       int64     `json:"memTotalKB"`
-	MemAvailableKB   int64     `json:"memAvailableKB"`
-	DiskTotalBytes   uint64    `json:"diskTotalBytes"`
-	DiskFreeBytes    uint64    `json:"diskFreeBytes"`
-	TemperatureC     *float64  `json:"temperatureC,omitempty"`
-	CertDaysLeft     *float64  `json:"certDaysLeft,omitempty"`
-	OutboxDepth      int       `json:"outboxDepth"`
-	SpoolRejected    int64     `json:"spoolRejected"`
-	AgentVersion     string    `json:"agentVersion"`
-	AgentState       string    `json:"agentState"`
-	Transport        string    `json:"transport,omitempty"`
-	ConditionsActive []string  `json:"conditions,omitempty"`
+	Time           time.Time `json:"time"`
+	UptimeSeconds  float64   `json:"uptimeSeconds"`
+	AgentUptime    float64   `json:"agentUptimeSeconds"`
+	Load1          float64   `json:"load1"`
+	Load5          float64   `json:"load5"`
+	Load15         float64   `json:"load15"`
+	MemTotalKB     int64     `json:"memTotalKB"`
+	MemAvailableKB int64     `json:"memAvailableKB"`
+	DiskTotalBytes uint64    `json:"diskTotalBytes"`
+	DiskFreeBytes  uint64    `json:"diskFreeBytes"`
+	TemperatureC   *float64  `json:"temperatureC,omitempty"`
+	CertDaysLeft   *float64  `json:"certDaysLeft,omitempty"`
+	OutboxDepth    int       `json:"outboxDepth"`
+	SpoolRejected  int64     `json:"spoolRejected"`
+	// SpoolRejectedRemoved: refused files removed from rejected/ to keep it
+	// within its bounds, since the agent started.
+	SpoolRejectedRemoved int64 `json:"spoolRejectedRemoved,omitempty"`
+	// SendRate and HubQuota: as in Status.
+	SendRate         float64               `json:"sendRate,omitempty"`
+	HubQuota         *telemetry.QuotaStats `json:"hubQuota,omitempty"`
+	AgentVersion     string                `json:"agentVersion"`
+	AgentState       string                `json:"agentState"`
+	Transport        string                `json:"transport,omitempty"`
+	ConditionsActive []string              `json:"conditions,omitempty"`
 }
 
 // Source reads what the kernel tells about the gateway into one

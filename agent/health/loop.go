@@ -118,7 +118,11 @@ func (l *Loop) send() {
 		h.CertDaysLeft = &days
 	}
 	ps := l.q.Stats()
-	h.OutboxDepth, h.SpoolRejected = ps.OutboxDepth, ps.SpoolRejected
+	h.OutboxDepth, h.SpoolRejected, h.SpoolRejectedRemoved = ps.OutboxDepth, ps.SpoolRejected, ps.SpoolRejectedRemoved
+	h.SendRate = ps.SendRate
+	if !ps.Quota.Since.IsZero() {
+		h.HubQuota = &ps.Quota
+	}
 	body, _ := json.Marshal(h)
 	if err := l.q.Enqueue(&outbox.Message{Kind: outbox.KindHealth, Body: body,
 		System: map[string]string{"ct": "application/json", "ce": "utf-8"},

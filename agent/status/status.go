@@ -7,8 +7,9 @@
 //
 // It is one of the agent's own parts: agent/ imports it, and cmd/gwagent
 // reads status.json through agent.ReadStatus. It imports only gwagent's
-// leaves; it times its flushes on the injected clock and logs only through
-// the logger it is handed. The Tracker is safe for concurrent use: every
+// leaves and the telemetry pipeline's figures (telemetry.QuotaStats); it
+// times its flushes on the injected clock and logs only through the logger
+// it is handed. The Tracker is safe for concurrent use: every
 // goroutine of the agent raises and clears conditions through it.
 package status
 
@@ -27,6 +28,7 @@ import (
 	"github.com/gwagent/gwagent/internal/clock"
 	"github.com/gwagent/gwagent/internal/condition"
 	"github.com/gwagent/gwagent/internal/diskspace"
+	"github.com/gwagent/gwagent/telemetry"
 )
 
 // State is where the agent's lifecycle is. One value at a time; problems
@@ -73,11 +75,22 @@ type Status struct {
 	// SpoolRejected counts spool files refused (moved to rejected/) since
 	// the agent started.
 	SpoolRejected int64 `json:"spoolRejected,omitempty"`
+	// SpoolRejectedRemoved counts refused files deleted from rejected/
+	// since the agent started, which keeps the newest
+	// telemetry.RejectedKeep.
+	SpoolRejectedRemoved int64 `json:"spoolRejectedRemoved,omitempty"`
 	// OutboxDamaged counts damaged outbox records skipped at start.
-	OutboxDamaged int       `json:"outboxDamagedRecords,omitempty"`
-	Version       string    `json:"version,omitempty"`
-	PID           int       `json:"pid"`
-	UpdatedAt     time.Time `json:"updatedAt"`
+	OutboxDamaged int `json:"outboxDamagedRecords,omitempty"`
+	// SendRate is the drain's send rate in effect (messages per second;
+	// below [telemetry] max_rate while the hub shapes or throttles); 0
+	// when unpaced.
+	SendRate float64 `json:"sendRate,omitempty"`
+	// HubQuota is what the agent saw while the hub refused messages as it
+	// does over its daily quota (condition hub-quota-exceeded).
+	HubQuota  *telemetry.QuotaStats `json:"hubQuota,omitempty"`
+	Version   string                `json:"version,omitempty"`
+	PID       int                   `json:"pid"`
+	UpdatedAt time.Time             `json:"updatedAt"`
 }
 
 // Tracker owns Status; it is the agent's condition.Sink. Changes of state
@@ -85,6 +98,10 @@ type Status struct {
 // counters (outbox depth, last ack) are written at most once per flushEvery
 // to spare the flash.
 type Tracker struct {
+	// writeMu orders writes: each renders and stores the status whole, so
+	// that two goroutines writing at once cannot leave the older rendering
+	// on disk (a count one behind until the next change).
+	writeMu    sync.Mutex
 	mu         sync.Mutex
 	st         Status
 	state      State
@@ -98,6 +115,7 @@ type Tracker struct {
 	// counters fills in the telemetry pipeline's counters whenever the
 	// status is written (Counters).
 	counters func(*Status)
+	writeErr string // the last write's error, logged once
 }
 
 // New starts the status of an agent (state Starting) that writes
@@ -226,6 +244,8 @@ func (t *Tracker) changed() {
 }
 
 func (t *Tracker) write() Status {
+	t.writeMu.Lock()
+	defer t.writeMu.Unlock()
 	s, b := t.render(false)
 	err := atomicfile.Write(t.path, b, 0o644)
 	if err != nil && diskspace.NoSpace(err) {
@@ -233,7 +253,15 @@ func (t *Tracker) write() Status {
 		s, b = t.render(true)
 		err = atomicfile.OverwriteInPlace(t.path, b)
 	}
+	t.mu.Lock()
+	repeated := err != nil && err.Error() == t.writeErr
+	t.writeErr = ""
 	if err != nil {
+		t.writeErr = err.Error()
+	}
+	t.mu.Unlock()
+	if err != nil && !repeated {
+		// Once per problem: on a full disk every change would say it.
 		t.log.Warn("cannot write status file", "err", err)
 	}
 	return s

@@ -2,14 +2,17 @@ package azsimtest
 
 import (
 	"context"
+	"crypto/x509"
 	"encoding/pem"
 	"os"
 	"path/filepath"
 	"testing"
+	"time"
 
 	"github.com/gwagent/gwagent/keystore"
 	"github.com/gwagent/gwagent/keystore/softkey"
 	"github.com/gwagent/gwagent/provisioning"
+	"github.com/gwagent/gwagent/transport"
 )
 
 // FactoryDevice prepares a static-mode device in dir, as a factory would:
@@ -39,4 +42,39 @@ func (a *Azsim) FactoryDevice(t testing.TB, dir, deviceID string) (keyURI, chain
 		t.Fatalf("register device %s: %d", deviceID, st)
 	}
 	return keyURI, chainPath
+}
+
+// FactorySession connects to the hub as a new static device (FactoryDevice
+// in a temporary directory) with gwagent's own hub session, and closes it
+// when the test ends: a real session for a test to publish into.
+func (a *Azsim) FactorySession(t testing.TB, deviceID string) *transport.Session {
+	t.Helper()
+	keyURI, chainPath := a.FactoryDevice(t, t.TempDir(), deviceID)
+	signer, err := softkey.New().Signer(context.Background(), keystore.MustParse(keyURI))
+	if err != nil {
+		t.Fatal(err)
+	}
+	pemChain, err := os.ReadFile(chainPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var chain []*x509.Certificate
+	for b, rest := pem.Decode(pemChain); b != nil; b, rest = pem.Decode(rest) {
+		c, err := x509.ParseCertificate(b.Bytes)
+		if err != nil {
+			t.Fatal(err)
+		}
+		chain = append(chain, c)
+	}
+	roots := x509.NewCertPool()
+	bundle, _ := os.ReadFile(a.Info.TrustBundle)
+	roots.AppendCertsFromPEM(bundle)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	s, err := transport.Dial(ctx, transport.Config{Host: a.Info.HubHostName, DeviceID: deviceID, Roots: roots, Signer: signer, Chain: chain})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(s.Close)
+	return s
 }

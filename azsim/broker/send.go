@@ -12,6 +12,14 @@ import (
 // QoS 1 messages go through the broker's inflight store, so they are resent
 // if a persistent session resumes before the PUBACK.
 func Send(cl *mqtt.Client, topic string, payload []byte, qos byte) (uint16, error) {
+	return SendTracked(cl, topic, payload, qos, nil)
+}
+
+// SendTracked is Send that tells track the packet id of a QoS 1 message
+// before the message is written: the client's PUBACK can be read (and its
+// hook run) before Send returns, so whoever waits for that PUBACK must be
+// waiting for it first.
+func SendTracked(cl *mqtt.Client, topic string, payload []byte, qos byte, track func(id uint16)) (uint16, error) {
 	out := packets.Packet{
 		FixedHeader: packets.FixedHeader{Type: packets.Publish, Qos: qos},
 		TopicName:   topic,
@@ -26,6 +34,9 @@ func Send(cl *mqtt.Client, topic string, payload []byte, qos byte) (uint16, erro
 		out.PacketID = uint16(id)
 		if cl.State.Inflight.Set(out) {
 			cl.State.Inflight.DecreaseSendQuota()
+		}
+		if track != nil {
+			track(out.PacketID)
 		}
 	}
 	if err := cl.WritePacket(out); err != nil {

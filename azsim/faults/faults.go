@@ -47,7 +47,25 @@ const (
 	CredentialsSilent CredentialsMode = "silent"
 	// CredentialsDrop: the hub closes the connection on the request.
 	CredentialsDrop CredentialsMode = "drop"
+	// CredentialsLoseAnswer: the next certificate answer (the 200 with
+	// the certificate) is lost in a connection drop: the hub counts it as
+	// sent (its QoS 0 publish needs no acknowledgement) and
+	// the connection closes before the device reads it. It applies once;
+	// then the mode is normal again.
+	CredentialsLoseAnswer CredentialsMode = "lose-answer"
 )
+
+// TakeAnswerLoss reports whether the next certificate answer is to be lost, and
+// returns the mode to normal if so.
+func (i *Injector) TakeAnswerLoss() bool {
+	i.mu.Lock()
+	defer i.mu.Unlock()
+	if i.credentials != CredentialsLoseAnswer {
+		return false
+	}
+	i.credentials = CredentialsNormal
+	return true
+}
 
 // SetCredentialsMode makes the hub answer certificate-signing requests
 // normally, never, or by dropping the connection, until changed.

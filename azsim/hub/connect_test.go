@@ -345,6 +345,40 @@ func TestCredentialsFaults(t *testing.T) {
 	c.recv(t, "$iothub/credentials/res/202/")
 }
 
+// TestCredentialsAnswerLost: the certificate answer is lost in a
+// connection drop (fault "lose-answer"). As far as the hub knows it was
+// sent (QoS 0), so it is not sent again after the device reconnects and
+// subscribes; nothing is active any more, so the device may ask again for
+// the same key without "replace" (202, then 200), while "replace" naming
+// the lost request gets 412.
+func TestCredentialsAnswerLost(t *testing.T) {
+	e := newEnv(t)
+	d := e.issuedDevice("dev-1")
+	body := []byte(`{"id":"dev-1","csr":"` + base64.StdEncoding.EncodeToString(makeCSR(t, newKey(t), "dev-1").Raw) + `"}`)
+	e.faults.SetCredentialsMode(faults.CredentialsLoseAnswer)
+	c := e.mustDial(d, dialOpts{})
+	c.sub(t, "$iothub/credentials/res/#")
+	c.pub(t, "$iothub/credentials/POST/issueCertificate/?$rid=lost-1", 1, body)
+	c.recv(t, "$iothub/credentials/res/202/")
+	c.waitLost(t)
+	if e.faults.CredentialsMode() != faults.CredentialsNormal {
+		t.Fatal("the lose-answer fault applies more than once")
+	}
+
+	c = e.mustDial(d, dialOpts{})
+	c.sub(t, "$iothub/credentials/res/#")
+	c.none(t, "$iothub/credentials/res/", 1500*time.Millisecond)
+	replace := []byte(`{"id":"dev-1","csr":"` + base64.StdEncoding.EncodeToString(makeCSR(t, newKey(t), "dev-1").Raw) + `","replace":"lost-1"}`)
+	c.pub(t, "$iothub/credentials/POST/issueCertificate/?$rid=lost-2", 1, replace)
+	c.recv(t, "$iothub/credentials/res/412/")
+	c.pub(t, "$iothub/credentials/POST/issueCertificate/?$rid=lost-3", 1, body)
+	c.recv(t, "$iothub/credentials/res/202/")
+	m := c.recv(t, "$iothub/credentials/res/200/")
+	if !strings.Contains(m.Topic(), "$rid=lost-3") {
+		t.Fatalf("the certificate came on %s, want the new request's", m.Topic())
+	}
+}
+
 // TestCredentialSyncLag: right after DPS registers a device, the hub does
 // not know its newly issued certificate yet and answers CONNACK 5; once the
 // lag is over it accepts it. The lag only concerns issued certificates.

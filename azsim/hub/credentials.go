@@ -328,6 +328,15 @@ func (h *Hub) deliverRenewal(id string) {
 	}
 	d.renewal = nil
 	h.mu.Unlock()
+	if h.cfg.Faults != nil && h.cfg.Faults.TakeAnswerLoss() {
+		// The answer went out at QoS 0 and the connection dropped before
+		// the device read it: as far as the hub knows it was sent, so it
+		// is never sent again (the hardest reading of what Azure
+		// documents; docs/azure-fidelity.md).
+		h.noteDisconnect(id, 0, "certificate answer lost in a connection drop (fault injected)")
+		cl.Stop(errDropped)
+		return
+	}
 
 	certs := make([]string, len(op.chain))
 	for i, der := range op.chain {

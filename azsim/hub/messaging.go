@@ -6,6 +6,7 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"net/http"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -209,18 +210,21 @@ func (h *Hub) flush(cl *mqtt.Client) bool {
 		}
 		h.mu.Unlock()
 		for i, m := range msgs {
-			id, err := broker.Send(cl, m.topic, m.payload, qos)
+			// A QoS 1 message is kept until its PUBACK (c2dAcked), so that
+			// an azsim restart does not lose it; recorded before it is
+			// written, as the PUBACK may be handled before Send returns.
+			id, err := broker.SendTracked(cl, m.topic, m.payload, qos, func(id uint16) {
+				h.mu.Lock()
+				if d, ok := h.devices[cl.ID]; ok {
+					d.c2dInflight = append(d.c2dInflight, inflightC2D{packetID: id, msg: m})
+				}
+				h.mu.Unlock()
+			})
 			h.mu.Lock()
-			d, ok := h.devices[cl.ID]
-			switch {
-			case !ok:
-			case err != nil:
+			if d, ok := h.devices[cl.ID]; ok && err != nil {
 				// Put back what did not go out, ahead of newer messages.
+				d.c2dInflight = slices.DeleteFunc(d.c2dInflight, func(f inflightC2D) bool { return qos == 1 && f.packetID == id })
 				d.c2d = append(append([]c2dMessage(nil), msgs[i:]...), d.c2d...)
-			case qos == 1:
-				// Kept until the PUBACK (c2dAcked), so that an azsim
-				// restart does not lose it.
-				d.c2dInflight = append(d.c2dInflight, inflightC2D{packetID: id, msg: m})
 			}
 			h.mu.Unlock()
 			if err != nil {

@@ -378,6 +378,10 @@ func TestC2D(t *testing.T) {
 		if bag != want || string(m.Payload()) != "hello" || m.Qos() != 1 {
 			t.Fatalf("got %s %q qos %d, want bag %s", m.Topic(), m.Payload(), m.Qos(), want)
 		}
+		// The client's PUBACK completes the message at the hub; going
+		// offline before the hub read it would leave it in flight, counted
+		// in the later subtests' queue.
+		c2dSettled(t, e)
 		e.offline(c, "dev-1")
 	})
 	t.Run("fail/offline-after-clean-session", func(t *testing.T) {
@@ -404,6 +408,7 @@ func TestC2D(t *testing.T) {
 				t.Fatalf("message %d: %q", i, m.Payload())
 			}
 		}
+		c2dSettled(t, e)
 		e.offline(c, "dev-1")
 	})
 	t.Run("fail/queue-full", func(t *testing.T) {
@@ -436,6 +441,17 @@ func TestC2D(t *testing.T) {
 		if st, _ := send(strings.Repeat("x", 64*1024+1)); st != http.StatusBadRequest {
 			t.Fatalf("status %d, want 400", st)
 		}
+	})
+}
+
+// c2dSettled waits until dev-1 has no cloud-to-device message queued or in
+// flight: every PUBACK the test client sent has reached the hub.
+func c2dSettled(t *testing.T, e *env) {
+	t.Helper()
+	eventually(t, "the hub got the PUBACKs", func() bool {
+		var v struct{ C2DQueued int }
+		e.api("GET", "/hub/devices/dev-1", nil, &v)
+		return v.C2DQueued == 0
 	})
 }
 

@@ -20,6 +20,7 @@ import (
 	"os"
 	"os/exec"
 	"os/user"
+	"path/filepath"
 	"sort"
 	"strconv"
 	"strings"
@@ -28,6 +29,7 @@ import (
 
 	"github.com/gwagent/gwagent/agent"
 	"github.com/gwagent/gwagent/internal/clock"
+	"github.com/gwagent/gwagent/internal/clocksync"
 	"github.com/gwagent/gwagent/internal/tlsconf"
 	"github.com/gwagent/gwagent/keystore"
 	"github.com/gwagent/gwagent/provisioning"
@@ -57,8 +59,8 @@ type checker struct {
 	now       time.Time
 	buildTime time.Time
 	timeout   time.Duration
-	// clockSynced reports the kernel's NTP synchronisation flag; nil skips.
-	clockSynced func() (bool, error)
+	// clockSync says what vouches for the clock (NTP, an RTC); nil skips.
+	clockSync func(now time.Time) clocksync.Reading
 	// systemctl runs systemctl with args and returns its trimmed stdout; nil
 	// when the host does not run systemd.
 	systemctl func(ctx context.Context, args ...string) (string, error)
@@ -85,7 +87,7 @@ func cmdCheck(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	}
 	bt, _ := time.Parse(time.RFC3339, buildTime)
 	c := &checker{cfgPath: *cfgPath, now: clock.Real{}.Now(), buildTime: bt, timeout: *timeout,
-		clockSynced: kernelClockSynced, serviceUser: "gwagent", spoolGroup: "gwagent-spool"}
+		clockSync: clocksync.System().Read, serviceUser: "gwagent", spoolGroup: "gwagent-spool"}
 	if st, err := os.Stat("/run/systemd/system"); err == nil && st.IsDir() {
 		c.systemctl = runSystemctl
 	}
@@ -159,6 +161,50 @@ func (c *checker) run(ctx context.Context) {
 		c.add("hub", checkSkipped, "no hub assigned yet (not provisioned)", "")
 	}
 	c.checkService(ctx)
+	c.checkHubLimits()
+}
+
+// Hints for the hub's limits: what an operator can do when the hub's daily
+// quota is used up, or when its send throttle slows the gateway down.
+const (
+	quotaHint = "the hub's daily message quota (shared by all its devices) is used up: it takes no telemetry until 00:00 UTC, " +
+		"and the agent tries one message every 10-15 min and just after 00:00 UTC; nothing is lost meanwhile. To get more: " +
+		"raise the hub's units or tier (Azure portal: the IoT hub, Pricing and scale; or Set-AzIotHub -SkuName S1 -Units 2), or wait for 00:00 UTC; " +
+		"spend less: set [telemetry] pack = true on gateways with small readings (one 4 KB quota chunk then carries about 30 readings of 100 bytes instead of one), " +
+		"lower the rates (how often applications write spool files, [telemetry] interval or the twin's telemetryInterval for health messages); " +
+		"the hub's metric \"Total number of messages used\" shows the day's use"
+	throttleHint = "the hub's device-to-cloud rate (S1: 100 messages/s per hub, whatever the number of devices) is shared by the fleet: " +
+		"the agent slows down by itself and speeds up again; to drain faster, lower [telemetry] max_rate on the other gateways, set pack = true, " +
+		"or raise the hub's units or tier"
+)
+
+// checkHubLimits reads what the running agent saw of the hub's daily quota
+// and send throttle (status conditions) and says what can be done.
+func (c *checker) checkHubLimits() {
+	st, err := agent.ReadStatus(c.cfg.StateDir)
+	if err != nil {
+		c.add("hub-limits", checkSkipped, "no status from the agent yet", "")
+		return
+	}
+	t := c.cfg.Telemetry
+	sending := fmt.Sprintf("send budget %.3g messages/s", t.Rate())
+	if t.Rate() == 0 {
+		sending = "no send budget (max_rate = 0)"
+	}
+	if t.Pack {
+		sending += fmt.Sprintf(", packing up to %d bytes", t.PackBytes)
+	} else {
+		sending += ", packing off"
+	}
+	if reason, ok := st.Conditions[agent.CondHubQuota]; ok {
+		c.add("hub-limits", checkWarning, string(agent.CondHubQuota)+": "+reason, quotaHint)
+		return
+	}
+	if reason, ok := st.Conditions[agent.CondSendSlowed]; ok {
+		c.add("hub-limits", checkWarning, string(agent.CondSendSlowed)+": "+reason, throttleHint)
+		return
+	}
+	c.add("hub-limits", checkOK, "the hub takes the gateway's messages as they come ("+sending+")", "")
 }
 
 // clockFloor is a date before which no gateway running this build can be.
@@ -174,26 +220,20 @@ func (c *checker) checkClock() {
 		c.add("clock", checkError, fmt.Sprintf("clock says %s, before %s (this build); the clock is wrong", c.now.UTC().Format(time.RFC3339), floor.Format(time.RFC3339)), hint)
 		return
 	}
-	if c.clockSynced != nil {
-		ok, err := c.clockSynced()
-		if err == nil && !ok {
-			c.add("clock", checkWarning, fmt.Sprintf("%s is plausible, but the kernel says the clock is not synchronised", c.now.UTC().Format(time.RFC3339)), hint)
+	if c.clockSync != nil {
+		r := c.clockSync(c.now)
+		if r.Source == clocksync.None {
+			msg := fmt.Sprintf("%s is plausible, but %s", c.now.UTC().Format(time.RFC3339), r.Detail)
+			if r.Client == "" {
+				msg += " (no NTP client runs)"
+			}
+			c.add("clock", checkWarning, msg, hint)
 			return
 		}
+		c.add("clock", checkOK, fmt.Sprintf("%s (%s)", c.now.UTC().Format(time.RFC3339), r.Detail), "")
+		return
 	}
 	c.add("clock", checkOK, c.now.UTC().Format(time.RFC3339), "")
-}
-
-// kernelClockSynced reads the kernel's NTP state (what timedatectl shows as
-// "System clock synchronized").
-func kernelClockSynced() (bool, error) {
-	var tx syscall.Timex
-	state, err := syscall.Adjtimex(&tx)
-	if err != nil {
-		return false, err
-	}
-	const timeError, staUnsync = 5, 0x40
-	return state != timeError && tx.Status&staUnsync == 0, nil
 }
 
 func (c *checker) checkStateDir() {
@@ -221,7 +261,54 @@ func (c *checker) checkStateDir() {
 		c.add("state-dir", checkError, dir+": "+msg, fmt.Sprintf("chown -R %s: %s", c.serviceUser, dir))
 		return
 	}
+	if msg := c.foreignState(dir); msg != "" {
+		c.add("state-dir", checkError, msg, fmt.Sprintf("chown -R %s: %s (a gwagent command run as root by an older version, or a file copied in by hand)", c.serviceUser, dir))
+		return
+	}
 	c.add("state-dir", checkOK, fmt.Sprintf("%s mode %04o", dir, st.Mode().Perm()), "")
+}
+
+// foreignState says which files and directories in the state directory
+// belong to someone other than the service user (who then cannot read or
+// replace them: keys, chains, identity), "" if none or if the user does not
+// exist on this host. It looks at 10000 entries at most.
+func (c *checker) foreignState(dir string) string {
+	u, err := user.Lookup(c.serviceUser)
+	if err != nil {
+		return ""
+	}
+	var bad []string
+	n, seen := 0, 0
+	filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
+		if seen++; seen > 10000 {
+			return filepath.SkipAll
+		}
+		if err != nil {
+			n++
+			bad = append(bad, fmt.Sprintf("%s (unreadable: %v)", p, err))
+			return nil
+		}
+		info, err := d.Info()
+		if err != nil {
+			return nil
+		}
+		if sys, ok := info.Sys().(*syscall.Stat_t); ok && strconv.Itoa(int(sys.Uid)) != u.Uid {
+			n++
+			owner := strconv.Itoa(int(sys.Uid))
+			if o, err := user.LookupId(owner); err == nil {
+				owner = o.Username
+			}
+			bad = append(bad, fmt.Sprintf("%s (owner %s)", p, owner))
+		}
+		return nil
+	})
+	if n == 0 {
+		return ""
+	}
+	if len(bad) > 3 {
+		bad = append(bad[:3], "...")
+	}
+	return fmt.Sprintf("%d file(s) in %s are not the service user %s's, so the service cannot read or replace them: %s", n, dir, c.serviceUser, strings.Join(bad, ", "))
 }
 
 // ownedBy says what is wrong when st is not owned by user (and group, if
@@ -254,12 +341,12 @@ func (c *checker) checkSpoolDir() {
 		c.add("spool-dir", checkError, err.Error(), "run gwagent check as root or as the service user")
 		return
 	case st.Mode()&fs.ModeSymlink != 0 || !st.IsDir():
-		c.add("spool-dir", checkError, dir+" is not a directory (a symbolic link or a file)", "make it a real directory: mode 2770, owner "+c.serviceUser+", group "+c.spoolGroup)
+		c.add("spool-dir", checkError, dir+" is not a directory (a symbolic link or a file)", "make it a real directory: mode 3770, owner "+c.serviceUser+", group "+c.spoolGroup)
 		return
 	}
 	p := st.Mode().Perm()
 	if p&0o002 != 0 {
-		c.add("spool-dir", checkError, fmt.Sprintf("%s has mode %04o: any local user can send messages as this device", dir, p), fmt.Sprintf("chmod 2770 %s; add applications to group %s", dir, c.spoolGroup))
+		c.add("spool-dir", checkError, fmt.Sprintf("%s has mode %04o: any local user can send messages as this device", dir, p), fmt.Sprintf("chmod 3770 %s; add applications to group %s", dir, c.spoolGroup))
 		return
 	}
 	if msg := c.ownedBy(st, c.serviceUser, c.spoolGroup); msg != "" {
@@ -267,13 +354,22 @@ func (c *checker) checkSpoolDir() {
 		return
 	}
 	if p&0o070 != 0o070 {
-		c.add("spool-dir", checkWarning, fmt.Sprintf("%s has mode %04o: applications in the spool group cannot drop messages", dir, p), "chmod 2770 "+dir)
+		c.add("spool-dir", checkWarning, fmt.Sprintf("%s has mode %04o: applications in the spool group cannot drop messages", dir, p), "chmod 3770 "+dir)
 		return
 	}
 	mode := uint32(p)
 	if st.Mode()&fs.ModeSetgid != 0 {
 		mode |= 0o2000
 	}
+	if st.Mode()&fs.ModeSticky == 0 {
+		// Without it any member of the group can delete another
+		// application's pending file, or replace it with its own content
+		// that then arrives as the other's.
+		c.add("spool-dir", checkWarning, fmt.Sprintf("%s has mode %04o without the sticky bit: applications in the spool group can delete or replace each other's messages", dir, mode),
+			"chmod 3770 "+dir+" (or systemd-tmpfiles --create gwagent.conf)")
+		return
+	}
+	mode |= 0o1000
 	c.add("spool-dir", checkOK, fmt.Sprintf("%s mode %04o", dir, mode), "")
 }
 

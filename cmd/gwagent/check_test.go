@@ -20,6 +20,7 @@ import (
 	"time"
 
 	"github.com/gwagent/gwagent/azsim/azsimtest"
+	"github.com/gwagent/gwagent/internal/clocksync"
 
 	"github.com/gwagent/gwagent/azsim"
 	"github.com/gwagent/gwagent/devtools/testenv"
@@ -31,7 +32,9 @@ import (
 // no systemd, so the results do not depend on the machine running the test.
 func newChecker(cfgPath string) *checker {
 	return &checker{cfgPath: cfgPath, now: time.Now(), timeout: 5 * time.Second,
-		clockSynced: func() (bool, error) { return true, nil },
+		clockSync: func(time.Time) clocksync.Reading {
+			return clocksync.Reading{Source: clocksync.NTP, Detail: "synchronised"}
+		},
 		serviceUser: "gwagent-check-test-nonexistent", spoolGroup: "gwagent-check-test-nonexistent"}
 }
 
@@ -53,7 +56,7 @@ func provisionedDevice(t *testing.T) (*azsimtest.Azsim, *crashDevice) {
 		t.Fatalf("provision: %v\n%s", err, stderr)
 	}
 	os.Chmod(d.state, 0o700)
-	os.Chmod(d.spool, 0o2770)
+	os.Chmod(d.spool, os.ModeSticky|os.ModeSetgid|0o770)
 	st, _ := json.Marshal(map[string]any{"state": "connected", "pid": os.Getpid(), "updatedAt": time.Now()})
 	if err := os.WriteFile(filepath.Join(d.state, "status.json"), st, 0o600); err != nil {
 		t.Fatal(err)
@@ -70,7 +73,7 @@ func TestCheckHealthyDevice(t *testing.T) {
 		t.Fatalf("check failed on a healthy device: %v\n%s", err, &out)
 	}
 	want := []string{"config", "clock", "state-dir", "spool-dir", "onboarding", "identity", "certificate", "trust-bundle",
-		"dps-dns", "dps-tcp", "dps-tls", "hub-dns", "hub-tcp", "hub-tls", "service"}
+		"dps-dns", "dps-tcp", "dps-tls", "hub-dns", "hub-tcp", "hub-tls", "service", "hub-limits"}
 	got := map[string]string{}
 	for _, r := range c.results {
 		got[r.Name] = r.Status
@@ -140,7 +143,9 @@ func TestCheckFailures(t *testing.T) {
 		{"fail/clock-before-build", func(t *testing.T, c *checker) {
 			c.buildTime = time.Now().Add(48 * time.Hour)
 		}, "clock", checkError, "before"},
-		{"fail/clock-unsynchronised", func(t *testing.T, c *checker) { c.clockSynced = func() (bool, error) { return false, nil } }, "clock", checkWarning, "not synchronised"},
+		{"fail/clock-unsynchronised", func(t *testing.T, c *checker) {
+			c.clockSync = func(time.Time) clocksync.Reading { return clocksync.Reading{Detail: "not synchronised by NTP"} }
+		}, "clock", checkWarning, "not synchronised"},
 		{"fail/state-dir-readable", func(t *testing.T, c *checker) {
 			os.Chmod(d.state, 0o755)
 			t.Cleanup(func() { os.Chmod(d.state, 0o700) })
@@ -155,12 +160,16 @@ func TestCheckFailures(t *testing.T) {
 		}, "state-dir", checkError, "does not exist"},
 		{"fail/spool-world-writable", func(t *testing.T, c *checker) {
 			os.Chmod(d.spool, 0o777)
-			t.Cleanup(func() { os.Chmod(d.spool, 0o2770) })
+			t.Cleanup(func() { os.Chmod(d.spool, os.ModeSticky|os.ModeSetgid|0o770) })
 		}, "spool-dir", checkError, "any local user"},
 		{"fail/spool-not-group-writable", func(t *testing.T, c *checker) {
 			os.Chmod(d.spool, 0o700)
-			t.Cleanup(func() { os.Chmod(d.spool, 0o2770) })
-		}, "spool-dir", checkWarning, "chmod 2770"},
+			t.Cleanup(func() { os.Chmod(d.spool, os.ModeSticky|os.ModeSetgid|0o770) })
+		}, "spool-dir", checkWarning, "chmod 3770"},
+		{"fail/spool-not-sticky", func(t *testing.T, c *checker) {
+			os.Chmod(d.spool, os.ModeSetgid|0o770)
+			t.Cleanup(func() { os.Chmod(d.spool, os.ModeSticky|os.ModeSetgid|0o770) })
+		}, "spool-dir", checkWarning, "delete or replace each other's messages"},
 		{"fail/spool-missing", func(t *testing.T, c *checker) {
 			c.cfgPath = variant(t, "[telemetry]", fmt.Sprintf("[telemetry]\nspool_dir = %q", filepath.Join(t.TempDir(), "nope")))
 		}, "spool-dir", checkWarning, "does not exist"},
@@ -224,6 +233,12 @@ func TestCheckFailures(t *testing.T) {
 		{"fail/agent-condition", func(t *testing.T, c *checker) {
 			setStatus(t, d.state, "reconnecting", os.Getpid(), map[string]string{"hub-unreachable": "dial tcp: connection refused"})
 		}, "service", checkWarning, "hub-unreachable"},
+		{"fail/hub-quota-exceeded", func(t *testing.T, c *checker) {
+			setStatus(t, d.state, "reconnecting", os.Getpid(), map[string]string{"hub-quota-exceeded": "the hub closed the connection right after the first telemetry message"})
+		}, "hub-limits", checkWarning, "pack = true"},
+		{"fail/hub-throttling", func(t *testing.T, c *checker) {
+			setStatus(t, d.state, "connected", os.Getpid(), map[string]string{"telemetry-throttled": "the hub is holding messages"})
+		}, "hub-limits", checkWarning, "max_rate on the other gateways"},
 		{"fail/agent-never-ran", func(t *testing.T, c *checker) {
 			p := filepath.Join(d.state, "status.json")
 			b, _ := os.ReadFile(p)
@@ -257,6 +272,19 @@ func TestCheckFailures(t *testing.T) {
 				t.Fatalf("report error %v for a %s", err, tc.status)
 			}
 		})
+	}
+}
+
+// TestCheckClockRTC: a clock that NTP did not synchronise but a real-time
+// clock agrees with is what the agent trusts too: ok, saying why.
+func TestCheckClockRTC(t *testing.T) {
+	c := newChecker(filepath.Join(t.TempDir(), "missing.toml"))
+	c.clockSync = func(time.Time) clocksync.Reading {
+		return clocksync.Reading{Source: clocksync.RTC, Detail: "the real-time clock rtc0 agrees with it"}
+	}
+	c.checkClock()
+	if r := c.results[0]; r.Status != checkOK || !strings.Contains(r.Message, "rtc0 agrees") {
+		t.Fatalf("clock %s %q; want ok saying the RTC agrees", r.Status, r.Message)
 	}
 }
 
@@ -339,16 +367,7 @@ key = "tpm2:socket=%s;blob=%s/operational.tpmkey"
 		t.Fatalf("before the factory step: onboarding %s %q (hint %q)", r.Status, r.Message, r.Hint)
 	}
 
-	csr, _, err := gw(t, "onboard", "csr", "--config", cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	chain, err := az.Server.FactorySign([]byte(csr))
-	if err != nil {
-		t.Fatal(err)
-	}
-	chainFile := filepath.Join(dir, "signed.pem")
-	os.WriteFile(chainFile, chain, 0o644)
+	chainFile := factoryCSR(t, az, cfg, dir)
 	if _, _, err := gw(t, "onboard", "install", "--config", cfg, "--chain", chainFile); err != nil {
 		t.Fatal(err)
 	}

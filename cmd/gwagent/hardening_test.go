@@ -10,6 +10,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -310,5 +311,80 @@ func TestStatusWithFIFOsInTheStateDir(t *testing.T) {
 	out, err = gwProc(t, 20*time.Second, "status", "--config", cfg)
 	if !strings.Contains(out, "status.json is a FIFO") {
 		t.Fatalf("status with a FIFO status.json: %v, want it named:\n%s", err, out)
+	}
+}
+
+// A brand-new state directory on a full disk (a real tmpfs without a free
+// block): `gwagent run` starts instead of failing, and `gwagent status`,
+// with no status file to read, says the agent is running and the disk is
+// full; once space is freed the agent provisions and status says so,
+// without a restart.
+func TestStatusFreshStateDirOnFullDisk(t *testing.T) {
+	az := azsimtest.Start(t, azsim.Config{})
+	d := newCrashDevice(t, az, "gw-fresh-full", "")
+	os.RemoveAll(d.state)
+	testenv.Tmpfs(t, d.state, "size=1m,mode=0700")
+	free := testenv.Fill(t, d.state, false)
+	d.start()
+	var out string
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("status:\n%s\nagent log:\n%s", out, d.log())
+		}
+	})
+	testenv.Eventually(t, 30*time.Second, "status: running, disk full", func() bool {
+		out, _, _ = gw(t, "status", "--config", d.cfg)
+		// Not even the pid fits in the lock file.
+		return strings.Contains(out, "state:           running, no status file written yet") && strings.Contains(out, "disk-full: no space left on the file system of "+d.state)
+	})
+	if !strings.Contains(d.log(), "condition=disk-full") {
+		t.Fatalf("the log does not say the disk is full:\n%s", d.log())
+	}
+	free()
+	testenv.Eventually(t, 30*time.Second, "connected once space was freed", func() bool {
+		out, _, _ = gw(t, "status", "--config", d.cfg)
+		return strings.Contains(out, "state:           connected") && !strings.Contains(out, "disk-full")
+	})
+}
+
+// More spool files than the kernel queues inotify events for arrive while
+// the agent is stopped (SIGSTOP: a hostile application floods the spool,
+// or the gateway is busy): the watch overflows, the agent says so, looks
+// at the whole directory, and delivers every file once.
+func TestSpoolWatchOverflow(t *testing.T) {
+	b, err := os.ReadFile("/proc/sys/fs/inotify/max_queued_events")
+	if err != nil {
+		t.Fatal(err)
+	}
+	limit, _ := strconv.Atoi(strings.TrimSpace(string(b)))
+	if limit <= 0 || limit > 200_000 {
+		t.Fatalf("fs.inotify.max_queued_events is %d; the test floods past it", limit)
+	}
+	n := limit + 4000
+	az := azsimtest.Start(t, azsim.Config{})
+	d := newCrashDevice(t, az, "gw-overflow", "max_rate = 0\n") // the agent unpaced: what is tested is the watch
+	cmd := d.start()
+	testenv.Eventually(t, 30*time.Second, "connected", func() bool { return strings.Contains(d.log(), "to=connected") })
+	stage := filepath.Join(d.dir, "stage")
+	os.Mkdir(stage, 0o700)
+	for i := range n {
+		os.WriteFile(filepath.Join(stage, fmt.Sprintf("f%06d.json", i)), []byte(fmt.Sprintf(`{"flood":%d}`, i)), 0o640)
+	}
+	cmd.Process.Signal(syscall.SIGSTOP)
+	for i := range n {
+		if err := os.Rename(filepath.Join(stage, fmt.Sprintf("f%06d.json", i)), filepath.Join(d.spool, fmt.Sprintf("f%06d.json", i))); err != nil {
+			t.Fatal(err)
+		}
+	}
+	cmd.Process.Signal(syscall.SIGCONT)
+	testenv.Eventually(t, 3*time.Minute, "every file delivered", func() bool {
+		distinct, _ := bodies(az, "gw-overflow", "flood")
+		return distinct == n
+	})
+	if !strings.Contains(d.log(), "event queue overflowed") {
+		t.Fatal("the watch did not overflow: the test tested nothing")
+	}
+	if _, total := bodies(az, "gw-overflow", "flood"); total != n {
+		t.Fatalf("%d messages for %d files", total, n)
 	}
 }

@@ -12,7 +12,6 @@ import (
 	"github.com/gwagent/gwagent/agent"
 	"github.com/gwagent/gwagent/internal/atomicfile"
 	"github.com/gwagent/gwagent/internal/clock"
-	"github.com/gwagent/gwagent/internal/statelock"
 	"github.com/gwagent/gwagent/keystore"
 	"github.com/gwagent/gwagent/provisioning"
 )
@@ -28,20 +27,25 @@ func isTerminal(w io.Writer) bool {
 }
 
 // exclusive loads the config at path and takes its state directory for this
-// command (no agent may run meanwhile), with the key stores the command will
-// open; done closes the stores and releases the directory.
-func exclusive(path string) (cfg *agent.Config, keys *agent.Keys, done func(), err error) {
+// command (stopping the service that holds it, see holdState), with the key
+// stores the command will open; done closes the stores, hands what the
+// command created (the key that key names among it) to the service user and
+// releases the directory.
+func exclusive(ctx context.Context, path string, stderr io.Writer, key func(*agent.Config) string) (cfg *agent.Config, keys *agent.Keys, done func(), err error) {
 	cfg, err = agent.LoadConfig(path)
 	if err != nil {
 		return nil, nil, nil, err
 	}
-	lock, err := statelock.Take(cfg.StateDir)
+	hold, err := holdState(ctx, cfg.StateDir, stderr, realHost)
 	if err != nil {
 		return nil, nil, nil, err
 	}
 	keys = agent.NewKeys()
-	return cfg, keys, func() { keys.Close(); lock.Unlock() }, nil
+	return cfg, keys, func() { keys.Close(); hold.release(ctx, key(cfg)) }, nil
 }
+
+func onboardingKey(cfg *agent.Config) string  { return cfg.Onboarding.Key }
+func operationalKey(cfg *agent.Config) string { return cfg.Operational.Key }
 
 func cmdOnboard(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	const help = "usage: gwagent onboard csr --config FILE [--out FILE]\n       gwagent onboard install --config FILE --chain FILE\n       gwagent onboard tpm (--config FILE | --tpm tpm2:device=/dev/tpmrm0) [--ek-out FILE]"
@@ -120,7 +124,7 @@ func cmdOnboardCSR(ctx context.Context, args []string, stdout, stderr io.Writer)
 	if err := parse(fs, args); err != nil {
 		return err
 	}
-	cfg, keys, done, err := exclusive(*cfgPath)
+	cfg, keys, done, err := exclusive(ctx, *cfgPath, stderr, onboardingKey)
 	if err != nil {
 		return err
 	}
@@ -154,7 +158,7 @@ func cmdOnboardInstall(ctx context.Context, args []string, stdout, stderr io.Wri
 	if err := required(fs, "chain", *chainFile); err != nil {
 		return err
 	}
-	cfg, keys, done, err := exclusive(*cfgPath)
+	cfg, keys, done, err := exclusive(ctx, *cfgPath, stderr, onboardingKey)
 	if err != nil {
 		return err
 	}
@@ -175,7 +179,7 @@ func cmdProvision(ctx context.Context, args []string, stdout, stderr io.Writer) 
 	if err := parse(fs, args); err != nil {
 		return err
 	}
-	cfg, keys, done, err := exclusive(*cfgPath)
+	cfg, keys, done, err := exclusive(ctx, *cfgPath, stderr, operationalKey)
 	if err != nil {
 		return err
 	}

@@ -19,6 +19,7 @@ import (
 
 	"github.com/gwagent/gwagent/agent"
 	"github.com/gwagent/gwagent/internal/clock"
+	"github.com/gwagent/gwagent/internal/diskspace"
 	"github.com/gwagent/gwagent/internal/statelock"
 	"github.com/gwagent/gwagent/internal/tlsconf"
 	"github.com/gwagent/gwagent/keystore"
@@ -98,7 +99,21 @@ func cmdStatus(ctx context.Context, args []string, stdout, stderr io.Writer) err
 			w("condition", string(c)+": "+st.Conditions[c])
 		}
 	case errors.Is(serr, os.ErrNotExist):
-		w("state", "never run")
+		// A running agent that found no room for its status file (a new
+		// state directory on a full disk) is still running: say so, and
+		// why there is no status.
+		pid, _ := statelock.Holder(cfg.StateDir)
+		switch {
+		case pid == 0:
+			w("state", "never run")
+		case pid > 0:
+			w("state", fmt.Sprintf("running (pid %d), no status file written yet", pid))
+		default:
+			w("state", "running, no status file written yet")
+		}
+		if room, err := diskspace.HasRoom(cfg.StateDir, 64<<10, 4); err == nil && !room {
+			w("condition", string(agent.CondDiskFull)+": "+diskspace.Reason(cfg.StateDir))
+		}
 	default:
 		w("state", "unreadable: "+serr.Error())
 	}
@@ -138,6 +153,17 @@ func cmdStatus(ctx context.Context, args []string, stdout, stderr io.Writer) err
 			noun = "message"
 		}
 		w("outbox", fmt.Sprintf("%d %s, %d bytes", st.OutboxDepth, noun, st.OutboxBytes))
+		switch budget := cfg.Telemetry.Rate(); {
+		case budget == 0:
+			w("sending", "unpaced ([telemetry] max_rate = 0)")
+		case st.SendRate > 0 && st.SendRate < budget:
+			w("sending", fmt.Sprintf("%.3g messages/s, slowed by the hub from the %.3g/s budget ([telemetry] max_rate)", st.SendRate, budget))
+		default:
+			w("sending", fmt.Sprintf("up to %.3g messages/s ([telemetry] max_rate)", budget))
+		}
+		if q := st.HubQuota; q != nil {
+			w("hub quota", fmt.Sprintf("the hub refused messages %d time(s) since %s; next probe %s", q.Refusals, q.Since.Format(time.RFC3339), q.NextProbe.Format(time.RFC3339)))
+		}
 		if st.OutboxDamaged > 0 {
 			w("outbox damaged", fmt.Sprintf("%d records skipped at start (see the log)", st.OutboxDamaged))
 		}
@@ -149,11 +175,15 @@ func cmdStatus(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	}
 	spool := cfg.Telemetry.SpoolDir
 	ents, _ := os.ReadDir(filepath.Join(spool, "rejected"))
-	refused := int64(0)
+	refused, removed := int64(0), int64(0)
 	if serr == nil {
-		refused = st.SpoolRejected
+		refused, removed = st.SpoolRejected, st.SpoolRejectedRemoved
 	}
-	w("spool", fmt.Sprintf("%s; %d files refused since the agent started, %d in %s", spool, refused, len(ents), filepath.Join(spool, "rejected")))
+	line := fmt.Sprintf("%s; %d files refused since the agent started, %d in %s (the newest %d are kept", spool, refused, len(ents), filepath.Join(spool, "rejected"), agent.SpoolRejectedKeep)
+	if removed > 0 {
+		line += fmt.Sprintf("; %d older ones removed", removed)
+	}
+	w("spool", line+")")
 	return nil
 }
 
@@ -237,11 +267,11 @@ func cmdRenew(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		fmt.Fprintf(stdout, "asked the running agent (pid %d) to renew its certificate; follow it with `gwagent status` or its log\n", pid)
 		return nil
 	}
-	lock, err := statelock.Take(cfg.StateDir)
+	hold, err := holdState(ctx, cfg.StateDir, stderr, realHost)
 	if err != nil {
 		return fmt.Errorf("renew: %w", err)
 	}
-	defer lock.Unlock()
+	defer hold.release(ctx, cfg.Operational.Key)
 	level := new(slog.LevelVar)
 	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: level}))
 	bt, _ := time.Parse(time.RFC3339, buildTime)

@@ -23,7 +23,10 @@ import (
 // the gwagent uid they allocated, and a local application runs as another
 // unprivileged uid in group gwagent-spool (setpriv). The application can
 // write the spool but cannot read the state directory; its message reaches
-// the hub; one member of no group can write nothing.
+// the hub; one member of no group can write nothing. Applications cannot
+// delete or replace each other's messages (the spool is sticky), yet the
+// agent delivers and moves them all; a file made readable while it is
+// being written is sent.
 func TestSpoolLayoutWithRealUsers(t *testing.T) {
 	if os.Geteuid() != 0 {
 		t.Skip("NEEDS ROOT: switching to unprivileged uids with setpriv (make test runs as root in CI)")
@@ -82,16 +85,39 @@ spool_dir = %q
 	bin := filepath.Join(root, "gwagent.test")
 	copyFile(t, os.Args[0], bin, 0o755)
 
-	// The application: an unprivileged uid in group gwagent-spool only.
-	const appUID = 61234
-	app := func(script string) (string, error) {
-		out, err := exec.Command(setpriv, "--reuid="+strconv.Itoa(appUID), "--regid="+strconv.Itoa(appUID),
+	// The applications: unprivileged uids in group gwagent-spool only.
+	const appUID, appBUID = 61234, 61236
+	runAs := func(uid int, script string) (string, error) {
+		out, err := exec.Command(setpriv, "--reuid="+strconv.Itoa(uid), "--regid="+strconv.Itoa(uid),
 			"--groups="+strconv.Itoa(spoolGID), "--inh-caps=-all", "--bounding-set=-all", "--",
 			"sh", "-c", "umask 027; "+script).CombinedOutput()
 		return string(out), err
 	}
+	app := func(script string) (string, error) { return runAs(appUID, script) }
 	if out, err := app(fmt.Sprintf(`printf '{"fromApp":1}' > %s/.m.tmp && mv %s/.m.tmp %s/m.json`, spool, spool, spool)); err != nil {
 		t.Fatalf("a member of gwagent-spool cannot write the spool: %v\n%s", err, out)
+	}
+	// Application B's messages wait in the spool (the agent is not running
+	// yet). Application A, in the same group, can neither delete them nor
+	// replace one with its own content: the spool is sticky.
+	for i := 1; i <= 2; i++ {
+		if out, err := runAs(appBUID, fmt.Sprintf(`printf '{"fromB":%d}' > %s/.b.tmp && mv %s/.b.tmp %s/b%d.json`, i, spool, spool, spool, i)); err != nil {
+			t.Fatalf("application B cannot write the spool: %v\n%s", err, out)
+		}
+	}
+	for _, attack := range []string{
+		"rm -f " + spool + "/b1.json",
+		fmt.Sprintf(`printf '{"fromB":"forged"}' > %s/.f.tmp && mv -f %s/.f.tmp %s/b2.json`, spool, spool, spool),
+		"mv -f " + spool + "/b1.json " + spool + "/mine.json",
+	} {
+		if out, err := app(attack); err == nil {
+			t.Errorf("application A could %q on B's message:\n%s", attack, out)
+		}
+	}
+	for i := 1; i <= 2; i++ {
+		if b, err := os.ReadFile(filepath.Join(spool, fmt.Sprintf("b%d.json", i))); err != nil || string(b) != fmt.Sprintf(`{"fromB":%d}`, i) {
+			t.Fatalf("B's message b%d.json after A's attempts: %q, %v", i, b, err)
+		}
 	}
 	for _, probe := range []string{"ls " + state, "cat " + filepath.Join(state, "gwagent.lock"), "touch " + filepath.Join(state, "x")} {
 		if out, err := app(probe); err == nil {
@@ -146,6 +172,35 @@ spool_dir = %q
 		_, err := os.Lstat(filepath.Join(spool, "m.json"))
 		return os.IsNotExist(err)
 	})
+	// B's messages arrive as B wrote them, and the agent, owner of the
+	// sticky directory, can still take B's files out of the spool.
+	testenv.Eventually(t, 20*time.Second, "B's messages at the hub, their files gone", func() bool {
+		got := map[any]bool{}
+		for _, m := range az.Telemetry() {
+			if b, ok := m["body"].(map[string]any); ok && m["deviceId"] == "gw-layout" && b["fromB"] != nil {
+				got[b["fromB"]] = true
+			}
+		}
+		_, err1 := os.Lstat(filepath.Join(spool, "b1.json"))
+		_, err2 := os.Lstat(filepath.Join(spool, "b2.json"))
+		return len(got) == 2 && got[float64(1)] && got[float64(2)] && os.IsNotExist(err1) && os.IsNotExist(err2)
+	})
+	// A file created unreadable in place and made readable while it is
+	// being written (within the settle time) is sent, not refused.
+	if out, err := app(fmt.Sprintf(`umask 077; printf '{"chmodded":' > %s/late.json; sleep 0.4; printf '1}' >> %s/late.json; chmod 640 %s/late.json`, spool, spool, spool)); err != nil {
+		t.Fatalf("%v\n%s", err, out)
+	}
+	testenv.Eventually(t, 20*time.Second, "the file made readable while written, sent", func() bool {
+		for _, m := range az.Telemetry() {
+			if b, ok := m["body"].(map[string]any); ok && m["deviceId"] == "gw-layout" && b["chmodded"] != nil {
+				return true
+			}
+		}
+		return false
+	})
+	if _, err := os.Lstat(filepath.Join(spool, "rejected", "late.json")); err == nil || strings.Contains(agentLog(), "late.json reason") {
+		t.Fatalf("the file made readable within the settle time was refused:\n%s", agentLog())
+	}
 	// A file the agent may not read (the application's umask was 077) is
 	// moved aside with the reason.
 	if out, err := app(fmt.Sprintf(`umask 077; printf '{"private":1}' > %s/.p.tmp && mv %s/.p.tmp %s/private.json`, spool, spool, spool)); err != nil {
@@ -155,6 +210,15 @@ spool_dir = %q
 		_, err := os.Lstat(filepath.Join(spool, "rejected", "private.json"))
 		return err == nil && strings.Contains(agentLog(), "not readable by the agent")
 	})
+	// rejected/ is the agent's: applications may look, not plant or delete.
+	if out, err := app("ls " + spool + "/rejected"); err != nil || !strings.Contains(out, "private.json") {
+		t.Errorf("the application cannot see its refused file: %v\n%s", err, out)
+	}
+	for _, attack := range []string{"rm -f " + spool + "/rejected/private.json", "touch " + spool + "/rejected/planted"} {
+		if out, err := runAs(appBUID, attack); err == nil {
+			t.Errorf("application B could %q in rejected/:\n%s", attack, out)
+		}
+	}
 	status, _, err := gw(t, "status", "--config", cfg)
 	if err != nil || !strings.Contains(status, "connected (updated") {
 		t.Fatalf("status as root beside the service: %v\n%s", err, status)

@@ -3,7 +3,9 @@
 // operations per provisioning, memory and flash writes over a long window at
 // 1 message/s, outbox drain after an outage against a plain paho publisher
 // (rate and CPU per message; the reference runs as a process of its own),
-// reconnection after the hub comes back, and duplicates per crash. It runs
+// reconnection after the hub comes back, duplicates per crash, and living
+// within an S1 hub's limits (quota chunks per 1,000 small readings, packed
+// and not; a drain with the default send budget and without). It runs
 // azsim in-process and the shipped binary (CGO-free, static) as a child
 // process with a swtpm-held key, as a gateway would. Each figure is printed
 // with its target and met/missed, and all are written as JSON.
@@ -75,8 +77,9 @@ func main() {
 	onlyTPM := flag.Bool("tpm-only", false, "run only the TPM attestation section (as -only tpm)")
 	window := flag.Duration("window", 10*time.Minute, "memory and flash window at 1 message/s")
 	drainN := flag.Int("drain", 10000, "messages queued during the outage")
+	s1Drain := flag.Int("s1-drain", 600, "messages queued during the outage, against an S1 hub (60 s at the default max_rate)")
 	crashes := flag.Int("crashes", 10, "SIGKILLs in the duplicates-per-crash run")
-	only := flag.String("only", "", "comma-separated parts to run (cold,keyops,drain,crash,transports,tpm,steady); empty: all")
+	only := flag.String("only", "", "comma-separated parts to run (cold,keyops,drain,crash,transports,tpm,economics,steady); empty: all")
 	flag.Parse()
 	if *onlyTPM {
 		*only = "tpm"
@@ -98,6 +101,12 @@ func main() {
 		fail(err)
 	}
 	defer b.close()
+	// A failed part stops the bench, but not before its swtpm and
+	// temporary directory are gone (os.Exit skips the deferred close).
+	abort := func(err error) {
+		b.close()
+		fail(err)
+	}
 	// The long window runs beside the shorter measurements.
 	type result struct {
 		rows []row
@@ -111,14 +120,15 @@ func main() {
 		name string
 		f    func() ([]row, error)
 	}{{"cold", b.coldStart}, {"keyops", b.keyOps}, {"drain", func() ([]row, error) { return b.drain(*drainN) }},
-		{"crash", func() ([]row, error) { return b.crashLoop(*crashes) }}, {"transports", b.transports}, {"tpm", b.tpmAttestation}}
+		{"crash", func() ([]row, error) { return b.crashLoop(*crashes) }}, {"transports", b.transports}, {"tpm", b.tpmAttestation},
+		{"economics", func() ([]row, error) { return b.economics(*s1Drain) }}}
 	for _, p := range parts {
 		if !want(p.name) {
 			continue
 		}
 		r, err := p.f()
 		if err != nil {
-			fail(err)
+			abort(err)
 		}
 		rows = append(rows, r...)
 	}
@@ -126,7 +136,7 @@ func main() {
 		fmt.Fprintf(os.Stderr, "bench: waiting for the %s memory and flash window\n", *window)
 		sr := <-steadyC
 		if sr.err != nil {
-			fail(sr.err)
+			abort(sr.err)
 		}
 		rows = append(rows, sr.rows...)
 	}
@@ -184,14 +194,19 @@ func newBench(gw string) (*bench, error) {
 }
 
 func startAzsim(dir string, retryAfter int) (*azsim.Server, azsim.Info, *telemetry, error) {
-	log := filepath.Join(dir, "telemetry.jsonl")
 	// No hub tier, so no device-to-cloud throttle and no daily quota: the
 	// drain figures measure the agent and its outbox at full speed (20,000
 	// messages would take 200 s at S1's 100/s and use 5% of its quota).
-	// The drain against an S1 azsim is a figure of its own (issue 19).
+	// The drain against an S1 azsim is a figure of its own (economics.go).
+	return startAzsimTier(dir, retryAfter, "")
+}
+
+// startAzsimTier starts an azsim whose hub plays tier ("": none).
+func startAzsimTier(dir string, retryAfter int, tier string) (*azsim.Server, azsim.Info, *telemetry, error) {
+	log := filepath.Join(dir, "telemetry.jsonl")
 	az, err := azsim.New(azsim.Config{StateDir: dir, DPSAddr: "127.0.0.1:0", HubAddr: "127.0.0.1:0",
 		AdminAddr: "127.0.0.1:0", DPSHTTPSAddr: "127.0.0.1:0", RetryAfter: retryAfter, TelemetryLog: log,
-		HubTier: ""})
+		HubTier: tier})
 	if err != nil {
 		return nil, azsim.Info{}, nil, err
 	}
@@ -303,12 +318,23 @@ func (t *telemetry) parse(lines []byte) {
 		if d.tracked {
 			d.arrivals = append(d.arrivals, m.ReceivedAt)
 		}
-		var k struct {
+		type keyed struct {
 			K *int `json:"k"`
 		}
-		if bytes.Contains(m.Body, []byte(`"k"`)) && json.Unmarshal(m.Body, &k) == nil && k.K != nil {
-			d.keys[strconv.Itoa(*k.K)]++
-			d.keyed++
+		var ks []keyed // a packed message carries several readings
+		if bytes.Contains(m.Body, []byte(`"k"`)) {
+			var k keyed
+			if len(m.Body) > 0 && m.Body[0] == '[' {
+				json.Unmarshal(m.Body, &ks)
+			} else if json.Unmarshal(m.Body, &k) == nil {
+				ks = append(ks, k)
+			}
+		}
+		for _, k := range ks {
+			if k.K != nil {
+				d.keys[strconv.Itoa(*k.K)]++
+				d.keyed++
+			}
 		}
 	}
 }
@@ -361,8 +387,11 @@ func waitFor(d time.Duration, cond func() bool) bool {
 }
 
 // device writes a config for a new gateway (symmetric-key onboarding, TPM
-// operational key) and returns its directory and registration id.
-func (b *bench) device(info azsim.Info, az *azsim.Server, interval, level string) (string, string) {
+// operational key) and returns its directory and registration id. Its
+// send budget is off (max_rate = 0) unless telemetry (more [telemetry]
+// lines) sets one: the figures other than economics.go's measure the agent
+// against a hub without a throttle.
+func (b *bench) device(info azsim.Info, az *azsim.Server, interval, level string, telemetry ...string) (string, string) {
 	b.mu.Lock()
 	b.n++
 	n := b.n
@@ -392,7 +421,8 @@ symmetric_key_file = %q
 key = "tpm2:socket=%s;handle=0x%08X"
 [telemetry]
 interval = %q
-`, filepath.Join(d, "state"), info.TrustBundle, level, info.IDScope, reg, info.DPSAddr, filepath.Join(d, "sas"), b.sock, 0x81000100+4*n, interval)
+%s
+`, filepath.Join(d, "state"), info.TrustBundle, level, info.IDScope, reg, info.DPSAddr, filepath.Join(d, "sas"), b.sock, 0x81000100+4*n, interval, sendSettings(telemetry))
 	os.WriteFile(filepath.Join(d, "gwagent.toml"), []byte(cfg), 0o600)
 	return d, reg
 }

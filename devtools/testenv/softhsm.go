@@ -27,6 +27,14 @@ var softhsmModules = []string{
 // token directory (SOFTHSM2_CONF is set for the test).
 func StartSoftHSM(t *testing.T, label, pin string) *SoftHSM {
 	t.Helper()
+	return StartSoftHSMAt(t, "", label, pin)
+}
+
+// StartSoftHSMAt is StartSoftHSM with the token directory at tokens (made
+// if missing), for a token on a particular file system; "" is a
+// temporary directory.
+func StartSoftHSMAt(t *testing.T, tokens, label, pin string) *SoftHSM {
+	t.Helper()
 	util := LookPath(t, "softhsm2-util", "softhsm2")
 	module := ""
 	for _, m := range softhsmModules {
@@ -45,8 +53,12 @@ func StartSoftHSM(t *testing.T, label, pin string) *SoftHSM {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { os.RemoveAll(dir) })
-	tokens := filepath.Join(dir, "tokens")
-	os.MkdirAll(tokens, 0o700)
+	if tokens == "" {
+		tokens = filepath.Join(dir, "tokens")
+	}
+	if err := os.MkdirAll(tokens, 0o700); err != nil {
+		t.Fatal(err)
+	}
 	conf := filepath.Join(dir, "softhsm2.conf")
 	os.WriteFile(conf, []byte("directories.tokendir = "+tokens+"\nobjectstore.backend = file\nlog.level = ERROR\n"), 0o600)
 	t.Setenv("SOFTHSM2_CONF", conf)

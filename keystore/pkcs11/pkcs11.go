@@ -95,7 +95,10 @@ func classify(err error, token string, u *keystore.URI) error {
 		case pkcs11.CKR_TOKEN_NOT_PRESENT, pkcs11.CKR_DEVICE_REMOVED, pkcs11.CKR_SLOT_ID_INVALID:
 			return fmt.Errorf("pkcs11: %w: %s is not present; insert it or check the URI", keystore.ErrTokenAbsent, token)
 		case pkcs11.CKR_DEVICE_ERROR, pkcs11.CKR_GENERAL_ERROR:
-			return fmt.Errorf("pkcs11: %w: %s reports a device error (%v)", keystore.ErrDeviceAbsent, token, rv)
+			// SoftHSM2 answers CKR_GENERAL_ERROR when it cannot write its
+			// token directory (a full file system): say so, or the user
+			// looks for a broken device.
+			return fmt.Errorf("pkcs11: %w: %s reports a device error (%v); a software token such as SoftHSM2 also reports this when it cannot write its token directory (a full file system: df -h, df -i there)", keystore.ErrDeviceAbsent, token, rv)
 		}
 		return fmt.Errorf("pkcs11: %s: %v", token, rv)
 	}

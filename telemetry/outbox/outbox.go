@@ -135,7 +135,9 @@ type Corruption struct {
 //     may lose the last ~30 s of health messages and acks (the kernel's
 //     writeback delay); lost acks mean duplicates, never loss.
 //   - Message ids are id-epoch.n; the epoch is raised (and fsynced) at open,
-//     so ids never repeat across restarts.
+//     so ids never repeat across restarts. A damaged or missing epoch file
+//     makes the outbox take a new id (see loadIdentity). On a full disk it
+//     opens anyway and saves id and epoch before its first record.
 //   - A damaged record is skipped and reported (Corrupted), never fatal: a
 //     valid CRC over a malformed payload skips that one record, a bad CRC or
 //     length skips to the next valid record.
@@ -144,9 +146,12 @@ type Corruption struct {
 // evicted (acks only ever refer to the same or older segments, so deleting
 // a prefix never revives an acked message).
 type Outbox struct {
-	dir  string
-	opts Options
-	id   string
+	dir       string
+	opts      Options
+	id        string
+	epoch     uint64
+	idUnsaved bool   // id is new and not on disk yet
+	renewed   string // why the id was renewed at open (IDRenewed)
 
 	mu       sync.Mutex
 	next     uint64
@@ -164,6 +169,8 @@ type Outbox struct {
 	closed   bool
 	corrupt  []Corruption
 	wbuf     []byte // record encoding buffer, reused
+
+	unsaved error // why the id and epoch are not on disk yet (Unsaved)
 
 	pend      []uint64 // seqs of entries held in memory, oldest first
 	pendBytes int64
@@ -204,7 +211,8 @@ const (
 var castagnoli = crc32.MakeTable(crc32.Castagnoli)
 
 // Open opens (creating) the outbox in dir and recovers its state.
-// Damaged records do not fail the open: see Corrupted.
+// Damaged records do not fail the open: see Corrupted. Neither does a full
+// disk: see Unsaved.
 func Open(dir string, opts Options) (*Outbox, error) {
 	if opts.MaxBytes == 0 {
 		opts.MaxBytes = 16 << 20
@@ -219,18 +227,19 @@ func Open(dir string, opts Options) (*Outbox, error) {
 	if opts.MaxPendingBytes == 0 {
 		opts.MaxPendingBytes = 256 << 10
 	}
+	o := &Outbox{dir: dir, opts: opts, next: 1}
 	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return nil, fmt.Errorf("outbox: %w", err)
-	}
-	o := &Outbox{dir: dir, opts: opts}
-	if err := o.loadID(); err != nil {
-		return nil, err
-	}
-	if err := o.loadSegments(); err != nil {
+		if !noSpace(err) {
+			return nil, fmt.Errorf("outbox: %w", err)
+		}
+		// A brand-new state directory on a full disk: the outbox works
+		// from memory until there is room (Unsaved).
+		o.unsaved = fmt.Errorf("outbox: %w", err)
+	} else if err := o.loadSegments(); err != nil {
 		o.closeFiles()
 		return nil, err
 	}
-	if err := o.raiseEpoch(); err != nil {
+	if err := o.loadIdentity(); err != nil {
 		o.closeFiles()
 		return nil, err
 	}
@@ -238,23 +247,168 @@ func Open(dir string, opts Options) (*Outbox, error) {
 	return o, nil
 }
 
-func (o *Outbox) loadID() error {
-	p := filepath.Join(o.dir, "id")
-	b, err := readSmall(p)
-	if err == nil && len(strings.TrimSpace(string(b))) > 0 {
-		o.id = strings.TrimSpace(string(b))
-		return nil
+func noSpace(err error) bool {
+	return errors.Is(err, syscall.ENOSPC) || errors.Is(err, syscall.EDQUOT)
+}
+
+// Message ids are ID-EPOCH.N. Two files make them unique: id, the outbox's
+// random id, and epoch, a counter raised at every open before any id is
+// handed out. The epoch file carries a checksum, so a damaged one (a
+// power cut during the in-place write a full disk forces, a bad flash
+// block, a zeroed or truncated file) is told from a good one. When the
+// epoch cannot be trusted (damaged, or missing while the id is there),
+// nothing tells which epochs were used: messages acknowledged within the
+// write-behind time leave no record on disk. The outbox then takes a new
+// random id, under which no id was ever handed out; only messages still
+// queued from before are sent under the new id (a copy of one the hub
+// already had then carries another id).
+
+// idLen is the length of an outbox id: 12 hex digits.
+const idLen = 12
+
+// loadIdentity reads the id and the epoch, takes a new id when the epoch
+// cannot be trusted, raises the epoch above every one used, and saves both
+// before any id is handed out (on a full disk: see Unsaved).
+func (o *Outbox) loadIdentity() error {
+	idOK := false
+	if b, err := readSmall(filepath.Join(o.dir, "id")); err == nil {
+		if id := strings.TrimSpace(string(b)); validID(id) {
+			o.id, idOK = id, true
+		}
 	}
-	raw := make([]byte, 6)
-	rand.Read(raw)
-	o.id = hex.EncodeToString(raw)
-	if err := o.writeFile(p, []byte(o.id+"\n")); err != nil {
-		return fmt.Errorf("outbox: %w", err)
+	epoch, trusted := readEpoch(filepath.Join(o.dir, "epoch"))
+	switch {
+	case !idOK:
+		o.newID("") // a new outbox, or a damaged id: a new id either way
+	case !trusted:
+		o.newID("the epoch file is damaged or missing, so the message numbers used before cannot be known")
+		epoch = 0
+	}
+	// Records that survived are numbered below every new message.
+	if e := (o.next - 1) >> epochShift; e > epoch {
+		epoch = e
+	}
+	epoch++
+	if epoch >= 1<<(64-epochShift) {
+		return fmt.Errorf("outbox: epoch counter exhausted; remove %s to start a new outbox", o.dir)
+	}
+	o.epoch = epoch
+	o.next = epoch<<epochShift | 1
+	if err := o.save(); err != nil && !noSpace(err) {
+		return err
 	}
 	return nil
 }
 
+// newID takes a new random id; why, if not empty, is kept for IDRenewed.
+func (o *Outbox) newID(why string) {
+	raw := make([]byte, idLen/2)
+	rand.Read(raw)
+	o.renewed = why
+	o.id = hex.EncodeToString(raw)
+	o.idUnsaved = true
+}
+
+func validID(id string) bool {
+	if len(id) != idLen {
+		return false
+	}
+	_, err := hex.DecodeString(id)
+	return err == nil
+}
+
+// epochLine renders the epoch file: the number and a CRC-32C of it.
+func epochLine(epoch uint64) []byte {
+	n := strconv.FormatUint(epoch, 10)
+	return []byte(fmt.Sprintf("%s %08x\n", n, crc32.Checksum([]byte(n), castagnoli)))
+}
+
+// readEpoch reads the epoch file; trusted is false if it is missing,
+// unreadable or damaged. A bare number (the format before the checksum)
+// is trusted once: it is rewritten with its checksum at this open.
+func readEpoch(p string) (epoch uint64, trusted bool) {
+	b, err := readSmall(p)
+	if err != nil {
+		return 0, false
+	}
+	fields := strings.Fields(string(b))
+	if len(fields) == 0 || len(fields) > 2 {
+		return 0, false
+	}
+	n, err := strconv.ParseUint(fields[0], 10, 64)
+	if err != nil || n == 0 || fields[0] != strconv.FormatUint(n, 10) {
+		return 0, false
+	}
+	if len(fields) == 2 && fields[1] != fmt.Sprintf("%08x", crc32.Checksum([]byte(fields[0]), castagnoli)) {
+		return 0, false
+	}
+	return n, true
+}
+
+// save writes the id (if new) and then the epoch, before any id of this
+// epoch reaches the disk. On a full disk the epoch takes the old file's
+// block (a torn write there is caught by its checksum next time); if even
+// that fails, or a new id cannot be saved, the outbox runs from memory:
+// Unsaved says so, and save is tried again before the first record is
+// written. Ids handed out meanwhile stay new: if the agent stops before
+// save succeeds, the next open takes another new id.
+func (o *Outbox) save() error {
+	if o.unsaved != nil {
+		if err := os.MkdirAll(o.dir, 0o700); err != nil {
+			o.unsaved = fmt.Errorf("outbox: %w", err)
+			return o.unsaved
+		}
+	}
+	if o.idUnsaved {
+		if err := o.writeFile(filepath.Join(o.dir, "id"), []byte(o.id+"\n")); err != nil {
+			o.unsaved = fmt.Errorf("outbox: %w", err)
+			return o.unsaved
+		}
+		o.idUnsaved = false
+	}
+	p := filepath.Join(o.dir, "epoch")
+	b := epochLine(o.epoch)
+	if err := o.writeFile(p, b); err != nil {
+		if !noSpace(err) || atomicfile.OverwriteInPlace(p, b) != nil {
+			o.unsaved = fmt.Errorf("outbox: %w", err)
+			return o.unsaved
+		}
+	}
+	o.unsaved = nil
+	return nil
+}
+
+// Unsaved is the error that kept the outbox from saving its id and epoch
+// at open (a full disk), or nil. While it is set, messages are held in
+// memory only; the first write to disk saves them first.
+func (o *Outbox) Unsaved() error {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	return o.unsaved
+}
+
+// Save saves the id and epoch if Unsaved, so a state directory that had no
+// room at open looks as usual once it has (the first record would save
+// them anyway).
+func (o *Outbox) Save() error {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	if o.unsaved == nil || o.closed {
+		return nil
+	}
+	return o.save()
+}
+
+// IDRenewed says why the outbox took a new id at open, or "" if it did
+// not (or was new).
+func (o *Outbox) IDRenewed() string { return o.renewed }
+
 func (o *Outbox) writeFile(p string, b []byte) error {
+	if st, err := os.Lstat(p); err == nil && st.IsDir() {
+		// Nothing can be renamed over a directory; an empty one (an
+		// administrator's slip) goes, a full one fails the open below.
+		os.Remove(p)
+	}
 	if o.opts.noSync {
 		return os.WriteFile(p, b, 0o600)
 	}
@@ -278,35 +432,6 @@ func readSmall(p string) ([]byte, error) {
 		return nil, err
 	}
 	return b[:n], nil
-}
-
-// raiseEpoch makes every id assigned from now on new: the epoch is one
-// more than any seen before (in the epoch file or in a surviving record),
-// and it is on disk before any id is handed out.
-func (o *Outbox) raiseEpoch() error {
-	p := filepath.Join(o.dir, "epoch")
-	var epoch uint64
-	if b, err := readSmall(p); err == nil {
-		epoch, _ = strconv.ParseUint(strings.TrimSpace(string(b)), 10, 64)
-	}
-	if e := (o.next - 1) >> epochShift; e > epoch {
-		epoch = e
-	}
-	epoch++
-	if epoch >= 1<<(64-epochShift) {
-		return fmt.Errorf("outbox: epoch counter exhausted; remove %s to start a new outbox", o.dir)
-	}
-	b := []byte(strconv.FormatUint(epoch, 10) + "\n")
-	if err := o.writeFile(p, b); err != nil {
-		// On a full disk no new file fits, but the old one's block can
-		// take the new number: the outbox must open, or the agent does
-		// not start until someone frees space.
-		if !errors.Is(err, syscall.ENOSPC) && !errors.Is(err, syscall.EDQUOT) || atomicfile.OverwriteInPlace(p, b) != nil {
-			return fmt.Errorf("outbox: %w", err)
-		}
-	}
-	o.next = epoch<<epochShift | 1
-	return nil
 }
 
 func (o *Outbox) loadSegments() error {
@@ -694,6 +819,12 @@ func decodeMeta(p []byte, m *Message) (int, error) {
 // appendRecord writes a sealed record at the end of the active segment,
 // starting a new one when it is full (mu held).
 func (o *Outbox) appendRecord(rec []byte) (int64, *segment, error) {
+	if o.unsaved != nil {
+		// No record may reach the disk before its id's epoch.
+		if err := o.save(); err != nil {
+			return 0, nil, err
+		}
+	}
 	if o.active == nil || o.active.size >= o.opts.SegmentBytes {
 		if err := o.newSegment(); err != nil {
 			return 0, nil, err
