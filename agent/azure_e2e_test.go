@@ -190,19 +190,20 @@ func TestRenewalWithoutCertificateManagement(t *testing.T) {
 // the device gets in once the hub caught up.
 func TestCredentialSyncLagE2E(t *testing.T) {
 	t.Parallel()
-	// The lag and the re-provisioning gate's waits run in the time the
-	// device shares with azsim: the test holds it while it looks at the
-	// status, then lets it run.
-	ft, az := fakeAzsim(t, azsim.Config{CredentialSyncLag: 2 * time.Second})
-	d := newDevice(t, az, devOpts{clock: ft})
+	// Real time: the hub's lag and the agent's gate and backoff race each
+	// other here, and a fake clock that leaps from deadline to deadline
+	// between the hub's real answers would change who wins.
+	az := azsimtest.Start(t, azsim.Config{CredentialSyncLag: 2 * time.Second})
+	d := newDevice(t, az, devOpts{})
 	r := d.start()
 	sawHeldBack := false
-	testenv.Eventually(t, 20*time.Second, "held back while the hub refuses the new certificate", func() bool {
-		_, sawHeldBack = d.status().Conditions[agent.CondReprovisionHeldBack]
-		return sawHeldBack
+	testenv.Eventually(t, time.Minute, "connected", func() bool {
+		st := d.status()
+		if _, ok := st.Conditions[agent.CondReprovisionHeldBack]; ok {
+			sawHeldBack = true
+		}
+		return st.State == "connected"
 	})
-	ft.Allow(time.Hour)
-	testenv.Eventually(t, time.Minute, "connected", func() bool { return d.status().State == "connected" })
 	if !strings.Contains(r.log.String(), "re-provisioning held back") {
 		t.Error("the log does not say that re-provisioning was held back")
 	}
@@ -287,7 +288,13 @@ func TestThrottlingE2E(t *testing.T) {
 	// DPS and the hub count and throttle in the time the device keeps
 	// (shared with azsim), which the test lets run for the waits they ask.
 	ft, az := fakeAzsim(t, azsim.Config{HubTwinRate: 1})
-	ft.Allow(time.Hour)
+	// 25 s: enough for the assignment, the throttled poll's retry-after and
+	// the twin's retries (about 15 s), and short of every other timer of the
+	// agent (the spool's 30 s rescan, the hourly health message). A clock
+	// free to run to those would, on a loaded machine, leap there between two
+	// DPS polls (while the client has not yet armed its next wait) and spread
+	// them too far apart for DPS's poll limit to bite.
+	ft.Allow(25 * time.Second)
 	az.Server.Faults.SetAssignDelay(7 * time.Second) // polled every second: the 6th poll is throttled
 	d := newDevice(t, az, devOpts{clock: ft})
 	r := d.start()

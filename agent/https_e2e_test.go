@@ -37,7 +37,7 @@ func TestProvisionHTTPSE2E(t *testing.T) {
 	// DPS's retry-afters and assignment delay pass in a time the test
 	// moves (the devices share the clock with azsim).
 	ft, az := fakeAzsim(t, azsim.Config{})
-	ft.Allow(time.Hour)
+	ft.Allow(10 * time.Minute)
 	for _, sym := range []bool{false, true} {
 		name := map[bool]string{false: "x509", true: "symmetric key"}[sym]
 		t.Run("ok/"+name+" over HTTPS with 429 and slow assignment", func(t *testing.T) {
