@@ -323,7 +323,12 @@ func TestRenewalAnswerLostInDrop(t *testing.T) {
 		}
 	})
 	accepted := ft.Now()
-	// Minutes, where the hub's operationExpires gave an hour.
+	// Minutes, where the hub's operationExpires gave an hour. The reconnect
+	// is real I/O the fake clock cannot see: in steps of a second, the
+	// clock cannot run minutes ahead of it while TLS is slow (the race
+	// detector, a loaded machine), and the agent's minute of grace after
+	// the reconnect still fits in the five.
+	ft.MaxStep(time.Second)
 	ft.Allow(5 * time.Minute)
 	testenv.Eventually(t, 30*time.Second, "renewed after asking again", func() bool {
 		l := r.log.String()
@@ -350,6 +355,7 @@ func TestRenewalAskAgainWhileIssuing(t *testing.T) {
 	ft, d, r, old := hubRenewalAccepted(t, azsim.Config{IssueDelay: 4 * time.Second}, "gw-renew-ask",
 		strings.Replace(fastRenewal, `issue_timeout = "10s"`, `issue_timeout = "2h"`, 1), nil)
 	d.az.Admin("POST", "/faults/drop", map[string]any{"target": "hub"}, nil)
+	ft.MaxStep(time.Second) // as in TestRenewalAnswerLostInDrop
 	ft.Allow(5 * time.Minute)
 	testenv.Eventually(t, 30*time.Second, "renewed with the answer to the first request", func() bool {
 		return strings.Contains(r.log.String(), "certificate renewed and in use")
