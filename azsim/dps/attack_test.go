@@ -51,9 +51,22 @@ func newRawDPS(t *testing.T, az *azsimtest.Azsim) *rawDPS {
 	return &rawDPS{addr: "127.0.0.1:" + port, tc: &tls.Config{RootCAs: pool, ServerName: "localhost", NextProtos: []string{"http/1.1"}}}
 }
 
+// dial opens a TLS connection to DPS's REST endpoint.
+//
+// DPS bounds the TLS handshake with its HTTP timeout, which the attack
+// tests keep short (300 ms): two dozen P-384 handshakes at once under the
+// race detector on two loaded cores can take longer, and DPS then rightly
+// cuts one off. Such a dial is tried again (up to three times), since the
+// test needs the connection to misbehave on.
 func (r *rawDPS) dial(t *testing.T) *tls.Conn {
 	t.Helper()
-	c, err := tls.Dial("tcp", r.addr, r.tc)
+	var c *tls.Conn
+	var err error
+	for range 3 {
+		if c, err = tls.Dial("tcp", r.addr, r.tc); err == nil {
+			break
+		}
+	}
 	if err != nil {
 		t.Fatal(err)
 	}
