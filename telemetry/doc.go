@@ -5,14 +5,15 @@
 //	spool dir ──► intake (spool.go) ──┐
 //	                                  ├─► outbox (durable, outbox/) ──► drain (drain.go) ──► Publisher (the hub session)
 //	Enqueue (health) ─────────────────┘                                   │ PUBACKs, in order
-//	                                        outbox acks ◄── delivered ◄───┘
-//	                                                           └─► spool file → sent/ → swept (sent.go)
+//	                          outbox acks + receipts ◄── delivered ◄───┘
+//	                                                           └─► retirer: spool file unlinked (retire.go)
 //
 // It owns: spool intake (the directory watch, raw inotify so renamed-in
 // files are taken at once, with its polling fallback; the settle rule, the
 // checks on every file, rejected/ and its bounds), the outbox, the
 // sliding-window drain with batched acks, the retirement of delivered spool
-// files through sent/, disk-full handling on this path (it raises and
+// files off the ack path (receipts in the outbox, so it may trail behind
+// in batches), disk-full handling on this path (it raises and
 // clears condition.DiskFull and looks for room again every 5 s),
 // the backlog signal, and queueing of the agent's own messages (Enqueue).
 //
@@ -26,14 +27,15 @@
 // Goroutines and what they own:
 //   - Run's spool loop owns the watcher, the files waiting to settle or to
 //     be moved aside, and the settle, rescan and disk-full timers. It shares
-//     the set of queued spool files with the retirer (a mutex).
+//     the set of queued spool files with the retirer (a mutex): a file
+//     stays in it until it is removed.
 //   - Run's spool loop also owns the spool watch; its inotify reader
 //     goroutine ends when the watch is closed or replaced.
-//   - Run's sweeper unlinks what is in sent/ and keeps rejected/ to its
-//     bounds; it shares the sent/ directory handles with the retirer (a
-//     mutex).
+//   - Run's retirer unlinks delivered spool files as the acker queues their
+//     receipts (a mutex) and keeps rejected/ to its bounds; Close removes
+//     what is still queued.
 //   - Drain, one per hub session, runs the sender on the caller's goroutine
-//     and starts the acker and the retirer, which end before it returns.
+//     and starts the acker, which ends before it returns.
 //   - Enqueue may be called from any goroutine; the outbox serializes, and
 //     its write-behind timer runs on the clock's AfterFunc.
 //
@@ -48,9 +50,7 @@
 // hub-quota-exceeded and holds connections back to one probe per 10-15
 // minutes plus one after 00:00 UTC (quota.go: ConnectAfter for the agent's
 // reconnect loop, HubTakes for the twin and renewal, which must not close
-// the connection either). A durable record of delivered spool files, so
-// that their retirement trails behind in batches, belongs in delivered,
-// between the outbox ack and the retirer.
+// the connection either).
 //
 // Importers: agent (the one that runs a pipeline), and tests. It imports
 // the outbox, gwagent's leaves (clock, condition, diskspace, dirwatch) and

@@ -47,9 +47,9 @@ type sessionFacts interface {
 
 // drain is one session's drain. The sender (Drain's goroutine) reads the
 // outbox and publishes ahead; the acker takes the PUBACKs in order and
-// records them; the retirer takes delivered spool files out of the spool.
-// Each stage hands the next its work over a bounded channel, so after a
-// crash at most the window (plus two batches of spool files) is sent again.
+// records them, with receipts for spool files, which it hands to the
+// pipeline's retirer (retire.go). After a crash at most the window is
+// sent again.
 type drain struct {
 	p   *Pipeline
 	pub Publisher
@@ -58,7 +58,6 @@ type drain struct {
 	room    chan struct{} // the acker freed room in the window
 	pending atomic.Int64  // body bytes in flight
 	members atomic.Int64  // messages in flight (a packed one counts its members)
-	retireQ chan []string // delivered spool files, acker → retirer
 	sys     map[string]string
 	backlog bool
 
@@ -86,22 +85,11 @@ func (p *Pipeline) Drain(ctx context.Context, pub Publisher) {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	d := &drain{p: p, pub: pub, q: make(chan inflight, drainWindow-ackBatch), room: make(chan struct{}, 1),
-		retireQ: make(chan []string, 2), sys: make(map[string]string, 4),
-		start: p.clock.Now(), ahead: map[uint64]bool{}, probe: p.quota.suspected(), firstAck: make(chan struct{})}
-	acker, retired := make(chan struct{}), make(chan struct{})
-	// Delivered spool files leave the spool on a goroutine of their own,
-	// beside the acker: file-system work must not hold back the PUBACKs.
-	go func() {
-		defer close(retired)
-		for paths := range d.retireQ {
-			for _, f := range paths {
-				p.spoolSent(f)
-			}
-		}
-	}()
+		sys: make(map[string]string, 4), start: p.clock.Now(), ahead: map[uint64]bool{}, probe: p.quota.suspected(),
+		firstAck: make(chan struct{})}
+	acker := make(chan struct{})
 	go func() {
 		defer close(acker)
-		defer close(d.retireQ)
 		defer cancel() // a failed PUBACK ends the sender too
 		d.ack(ctx)
 	}()
@@ -116,7 +104,7 @@ func (p *Pipeline) Drain(ctx context.Context, pub Publisher) {
 			}
 		}()
 	}
-	defer func() { close(d.q); <-acker; <-retired; d.ended() }()
+	defer func() { close(d.q); <-acker; d.ended() }()
 	defer d.setBacklog(false)
 	if d.probe {
 		p.log.Info("the hub was refusing messages: one message first, the rest once it is acknowledged")
@@ -385,7 +373,7 @@ func (d *drain) ack(ctx context.Context) {
 			}
 		}
 		d.noteAcked(batch)
-		d.p.delivered(batch, d.retireQ)
+		d.p.delivered(batch, d.members.Load() > int64(members))
 		var n int64
 		for _, g := range batch {
 			n += g.bytes
@@ -479,22 +467,24 @@ func (d *drain) setBacklog(b bool) {
 	d.backlog = b
 }
 
-// delivered records PUBACKs: the acks are written to the outbox before the
-// producers' copies (spool files) are handed to retire, which takes them
-// out of the spool. This order is the crash guarantee: a file leaves the
-// spool only after its ack is written, so it is never sent again after a
-// crash, and never deleted undelivered; for a packed message, only after
-// the PUBACK of the message that carried it. A durable record of delivered
-// files that lets retirement trail behind in batches belongs here.
-func (p *Pipeline) delivered(batch []inflight, retire chan<- []string) {
+// delivered records PUBACKs: the acks, and receipts for the spool files
+// (the producers' copies) of those messages, are written to the outbox
+// before the files are handed to the retirer, which takes them out of the
+// spool. This order is the crash guarantee: a file leaves the spool only
+// after its PUBACK is recorded, so it is never deleted undelivered (for a
+// packed message, only after the PUBACK of the message that carried it),
+// and once its receipt is written it is never sent again. The receipt of
+// a lone file, with nothing else in flight and the retirer not behind, is
+// held in memory: the retirer removes it at once (retire.go).
+func (p *Pipeline) delivered(batch []inflight, more bool) {
 	var seqs, health []uint64
-	var local []string
+	var files []outbox.Receipt
 	var lastID string
 	for _, f := range batch {
 		for _, m := range f.msgs {
 			seqs = append(seqs, m.Seq)
 			if m.Local != "" {
-				local = append(local, m.Local)
+				files = append(files, outbox.Receipt{Path: m.Local, ID: m.LocalID})
 			}
 			if m.Kind == outbox.KindHealth {
 				health = append(health, m.Seq)
@@ -502,7 +492,9 @@ func (p *Pipeline) delivered(batch []inflight, retire chan<- []string) {
 			lastID = m.ID
 		}
 	}
-	if err := p.outbox.Ack(seqs...); err != nil {
+	hold := len(files) == 1 && !more && !p.retire.behind(0)
+	files, err := p.outbox.Deliver(seqs, files, hold)
+	if err != nil {
 		// Unrecorded acks mean messages sent again later, never lost.
 		if p.repeatedNoSpace(p.o.StateDir, err) {
 			p.log.Debug("outbox ack", "err", err)
@@ -513,9 +505,7 @@ func (p *Pipeline) delivered(batch []inflight, retire chan<- []string) {
 	if len(health) > 0 {
 		p.dropUrgent(health...)
 	}
-	if len(local) > 0 {
-		retire <- local
-	}
+	p.retire.add(files)
 	p.ackMu.Lock()
 	p.lastAckID, p.lastAckAt = lastID, p.clock.Now().UTC()
 	p.ackMu.Unlock()

@@ -147,10 +147,10 @@ type Pipeline struct {
 	urgent   []uint64
 
 	queued          queuedFiles // spool files in the outbox (spool.go)
-	sent            sentFiles   // delivered spool files on their way out (sent.go)
+	retire          retireQueue // delivered spool files on their way out (retire.go)
 	rejected        atomic.Int64
 	rejectedRemoved atomic.Int64
-	prune           chan struct{} // wakes the sweeper to bound rejected/
+	prune           chan struct{} // wakes the retirer to bound rejected/
 	damaged         int
 
 	ackMu     sync.Mutex
@@ -179,7 +179,7 @@ func Open(o Options) (*Pipeline, error) {
 		return nil, errors.New("telemetry: Options.Spool and Options.Sink are required")
 	}
 	p := &Pipeline{o: o, log: o.Logger, clock: o.Clock, sink: o.Sink, kick: make(chan struct{}, 1), prune: make(chan struct{}, 1),
-		queued: queuedFiles{sigs: map[string]dirwatch.Sig{}}, sent: sentFiles{kick: make(chan struct{}, 1)}}
+		queued: queuedFiles{sigs: map[string]dirwatch.Sig{}}, retire: retireQueue{kick: make(chan struct{}, 1)}}
 	p.pace.clock = o.Clock
 	// Each device draws its own probe times (quota.go): seeded per process.
 	p.quota.rng = rand.New(rand.NewPCG(uint64(o.Clock.Now().UnixNano()), uint64(os.Getpid())))
@@ -195,6 +195,10 @@ func Open(o Options) (*Pipeline, error) {
 		// says so; the outbox saves its id before it writes anything.
 		p.noteNoSpace(o.StateDir, err)
 	}
+	// Files delivered before a crash or a stop, perhaps still in the
+	// spool: the retirer removes them first; loadQueued keeps the spool
+	// loop from queueing them meanwhile.
+	p.retire.add(p.outbox.Receipts())
 	for _, c := range p.outbox.Corrupted() {
 		p.log.Error("outbox: damaged records skipped (a power cut or a bad flash block); application messages among them are sent again from the spool",
 			"segment", c.Segment, "records", c.Skipped, "bytes", c.Bytes)
@@ -270,17 +274,43 @@ func fileModeBits(m os.FileMode) os.FileMode {
 	return b
 }
 
-// Run runs the spool intake and the sent/ sweeper until ctx ends.
+// Run runs the spool intake and the retirer (which removes delivered spool
+// files and bounds rejected/) until ctx ends.
 func (p *Pipeline) Run(ctx context.Context) {
 	var wg sync.WaitGroup
-	wg.Go(func() { p.sweepSent(ctx) })
+	wg.Go(func() { p.retireLoop(ctx) })
 	wg.Go(func() { p.spoolLoop(ctx) })
 	wg.Wait()
 }
 
-// Close closes the outbox, writing out what it holds in memory. Call it
+// retireLoop removes delivered spool files as the acker reports them
+// (retire.go), and keeps rejected/ to its bounds (rejected.go) after each
+// refusal and at start.
+func (p *Pipeline) retireLoop(ctx context.Context) {
+	defer p.retire.closeDir()
+	dir := p.o.Spool().Dir
+	p.removeOldSent(dir)
+	p.pruneRejected(dir)
+	for {
+		p.retireQueued()
+		select {
+		case <-ctx.Done():
+			return
+		case <-p.retire.kick:
+		case <-p.prune:
+			p.pruneRejected(p.o.Spool().Dir)
+		}
+	}
+}
+
+// Close removes the delivered spool files still waiting for the retirer,
+// then closes the outbox, writing out what it holds in memory. Call it
 // after Run and every Drain have returned.
-func (p *Pipeline) Close() error { return p.outbox.Close() }
+func (p *Pipeline) Close() error {
+	p.retireQueued()
+	p.retire.closeDir()
+	return p.outbox.Close()
+}
 
 // Stats reads the counters.
 func (p *Pipeline) Stats() Stats {

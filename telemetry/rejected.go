@@ -2,6 +2,7 @@ package telemetry
 
 import (
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"sort"
@@ -15,7 +16,7 @@ import (
 // disk is full. The newest RejectedKeep files are kept, as long as they
 // take no more than RejectedKeepBytes together (the newest one is always
 // kept, whatever its size: it was in the spool already); older ones are
-// deleted, counted (Stats.SpoolRejectedRemoved) and logged. The sweeper
+// deleted, counted (Stats.SpoolRejectedRemoved) and logged. The retirer
 // goroutine does it after each refusal and at start, off the spool loop,
 // since unlinking is slow on some disks and a rejected/ left by an older
 // version may hold many files.
@@ -24,11 +25,11 @@ const (
 	RejectedKeepBytes = 16 << 20
 )
 
-// rejectedDepth bounds how deep the sweeper goes into a refused directory
+// rejectedDepth bounds how deep the retirer goes into a refused directory
 // (a directory named *.json is refused too) to delete it.
 const rejectedDepth = 8
 
-// pruneSoon asks the sweeper to bring rejected/ to its bounds.
+// pruneSoon asks the retirer to bring rejected/ to its bounds.
 func (p *Pipeline) pruneSoon() {
 	select {
 	case p.prune <- struct{}{}:
@@ -170,4 +171,28 @@ func removeAt(dfd int, name string, isDir bool, depth int) error {
 	d.Close()
 	unix.Close(sub)
 	return unix.Unlinkat(dfd, name, unix.AT_REMOVEDIR)
+}
+
+// openOwnDir opens the directory p, making it with mode if it is absent,
+// without following a link, and checks that the agent owns it: a member
+// of the spool group may have made it first (as a link, or as its own
+// directory), and then the agent must not put files there.
+func openOwnDir(p string, mode os.FileMode) (int, unix.Stat_t, error) {
+	var st unix.Stat_t
+	if err := os.Mkdir(p, mode); err != nil && !errors.Is(err, os.ErrExist) {
+		return -1, st, err
+	}
+	fd, err := unix.Open(p, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return -1, st, fmt.Errorf("%s is not a directory the agent may use (%w); remove it, the agent makes its own", p, err)
+	}
+	if err := unix.Fstat(fd, &st); err != nil {
+		unix.Close(fd)
+		return -1, st, err
+	}
+	if int(st.Uid) != os.Geteuid() {
+		unix.Close(fd)
+		return -1, st, fmt.Errorf("%s is owned by uid %d, not by the agent; remove it, the agent makes its own", p, st.Uid)
+	}
+	return fd, st, nil
 }

@@ -100,7 +100,7 @@ type spooler struct {
 
 // spoolLoop watches the spool directory for *.json files from local
 // applications and queues each as one message; the file leaves the spool
-// after the hub's PUBACK (drain.go, sent.go).
+// after the hub's PUBACK (drain.go, retire.go).
 func (p *Pipeline) spoolLoop(ctx context.Context) {
 	s := &spooler{p: p, dir: p.o.Spool().Dir, pending: map[string]pendingFile{}, refused: map[string]dirwatch.Sig{}}
 	w := p.watchSpool(s.dir)
@@ -144,15 +144,18 @@ func (p *Pipeline) spoolLoop(ctx context.Context) {
 		case ev, ok := <-w.Events():
 			switch {
 			case !ok || ev.ended:
-				w.Rewatch()
+				// The directory was removed or moved away: made anew
+				// already if it can be watched again at once (its new
+				// inode may well have the old one's number).
+				if w.Rewatch(); w.f != nil {
+					p.log.Warn("the spool directory was made anew; watching the new one", "dir", s.dir)
+				}
 				s.scan()
 			case ev.overflow:
 				// Events were lost: look at the whole directory now, not
 				// at the next rescan.
 				p.log.Warn("spool watcher: the kernel's event queue overflowed; looking at the whole spool directory", "dir", s.dir)
 				s.scan()
-			case ev.mask&(unix.IN_MOVED_FROM|unix.IN_DELETE) != 0:
-				delete(s.pending, filepath.Join(s.dir, ev.name))
 			case ev.mask&unix.IN_MOVED_TO != 0:
 				// Renamed into place: complete, as the README promises
 				// applications, so it is taken at once.
@@ -223,11 +226,18 @@ func (s *spooler) moveRefused() {
 }
 
 // loadQueued notes the spool files already in the outbox (queued before a
-// restart), so they are not queued twice.
+// restart), so they are not queued twice, and the files delivered but not
+// yet removed (receipts found at Open, waiting for the retirer), so they
+// are not queued again.
 func (p *Pipeline) loadQueued() {
 	p.queued.mu.Lock()
 	defer p.queued.mu.Unlock()
 	p.queued.sigs = map[string]dirwatch.Sig{}
+	p.retire.mu.Lock()
+	for _, r := range p.retire.queue {
+		p.queued.sigs[r.Path] = sigOf(r.ID)
+	}
+	p.retire.mu.Unlock()
 	var last uint64
 	for {
 		ms, err := p.outbox.Next(last, 256)
@@ -239,31 +249,18 @@ func (p *Pipeline) loadQueued() {
 			if m.Local == "" {
 				continue
 			}
+			if m.LocalID != (outbox.FileID{}) {
+				p.queued.sigs[m.Local] = sigOf(m.LocalID)
+				continue
+			}
+			// Queued by an older version, which did not record the
+			// version read: the file in place stands for it.
 			var st syscall.Stat_t
 			if syscall.Lstat(m.Local, &st) == nil {
 				p.queued.sigs[m.Local] = dirwatch.SigOf(&st)
 			}
 		}
 	}
-}
-
-// spoolSent is called after the hub acknowledged a spool message: the file
-// leaves the spool unless it was replaced meanwhile (then the new version
-// is a new message and stays).
-func (p *Pipeline) spoolSent(path string) {
-	p.queued.mu.Lock()
-	defer p.queued.mu.Unlock()
-	sig, ok := p.queued.sigs[path]
-	delete(p.queued.sigs, path)
-	var st syscall.Stat_t
-	if err := syscall.Lstat(path, &st); err != nil {
-		return // gone already
-	}
-	if ok && dirwatch.SigOf(&st) != sig {
-		p.log.Debug("spool file replaced while its message was in flight; the new version is sent too", "file", path)
-		return
-	}
-	p.retire(path) // sent.go
 }
 
 func (s *spooler) scan() {
@@ -431,7 +428,7 @@ func (s *spooler) look(path string, renamed bool) {
 		s.reject(path, sig, reason)
 		return
 	}
-	err = p.enqueue(&outbox.Message{Kind: outbox.KindApp, Body: body, Local: path, ID: spoolID(name, sig, body),
+	err = p.enqueue(&outbox.Message{Kind: outbox.KindApp, Body: body, Local: path, LocalID: fileID(sig), ID: spoolID(name, sig, body),
 		System: map[string]string{spoolSystemProps[0][0]: spoolSystemProps[0][1], spoolSystemProps[1][0]: spoolSystemProps[1][1]}})
 	if err != nil {
 		if p.repeatedNoSpace(p.o.StateDir, err) {

@@ -27,9 +27,12 @@ import (
 // spoolMask is what the spool watch asks the kernel for. IN_MODIFY is left
 // out on purpose: a file written in place is judged at the settle timer by
 // its signature, and IN_CLOSE_WRITE says when a writer is done; an event
-// per write() would only cost a look at the file each.
+// per write() would only cost a look at the file each. So are IN_DELETE
+// and IN_MOVED_FROM: the agent's own removal of every delivered file would
+// wake the spool loop once per message, and a file that leaves before it
+// settled is found gone when its settle timer looks at it.
 const spoolMask = unix.IN_CREATE | unix.IN_CLOSE_WRITE | unix.IN_ATTRIB | unix.IN_MOVED_TO |
-	unix.IN_MOVED_FROM | unix.IN_DELETE | unix.IN_DELETE_SELF | unix.IN_MOVE_SELF | unix.IN_ONLYDIR
+	unix.IN_DELETE_SELF | unix.IN_MOVE_SELF | unix.IN_ONLYDIR
 
 // spoolEvent is one event about the spool directory.
 type spoolEvent struct {
@@ -182,7 +185,7 @@ func (w *spoolWatch) Rewatch() {
 // Stale reports whether the directory at the watched path is no longer
 // the one watched: it was removed (or moved away) and made again. The
 // kernel says so (IN_DELETE_SELF) only once nothing holds the old one open,
-// and the agent itself holds it (sent/), so the rescan asks.
+// and the agent itself holds it (the retirer), so the rescan asks.
 func (w *spoolWatch) Stale() bool {
 	if w.f == nil {
 		return false

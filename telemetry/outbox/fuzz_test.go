@@ -15,9 +15,12 @@ func FuzzSegmentReader(f *testing.F) {
 	dir := f.TempDir()
 	o, _ := Open(dir, Options{})
 	o.Put(&Message{Kind: KindApp, System: map[string]string{"ct": "application/json"}, App: map[string]string{"a": "b"}, Local: "x", Body: []byte("{}")},
-		&Message{Kind: KindHealth, Body: []byte("health")})
+		&Message{Kind: KindHealth, Body: []byte("health")},
+		&Message{Kind: KindApp, Local: "/spool/y.json", LocalID: FileID{Dev: 2049, Ino: 77, Size: 2, Mtime: 1e18}, Body: []byte("{}")})
+	o.Flush()
 	ms, _ := o.Next(0, 1)
-	o.Ack(ms[0].Seq)
+	o.Deliver([]uint64{ms[0].Seq}, []Receipt{{Path: "/spool/y.json", ID: FileID{Dev: 2049, Ino: 77, Size: 2, Mtime: -5}},
+		{Path: "/spool/z.json", ID: FileID{Dev: 2049, Ino: 1 << 40}}}, false)
 	o.Close()
 	segs, _ := filepath.Glob(filepath.Join(dir, "*.seg"))
 	good, _ := os.ReadFile(segs[0])

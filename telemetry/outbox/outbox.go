@@ -46,6 +46,9 @@ const (
 
 	// kindAck marks an ack record (never a message's kind).
 	kindAck = 0x80
+	// kindDelivered marks a delivered-files record: receipts (never a
+	// message's kind).
+	kindDelivered = 0x81
 )
 
 // Message is one queued device-to-cloud message.
@@ -65,7 +68,32 @@ type Message struct {
 	// message. A message with Local set is not fsynced by Put: until the
 	// PUBACK the producer's copy is what survives a power cut.
 	Local string
-	Body  []byte
+	// LocalID is the version of Local the message was read from (zero if
+	// unknown, as for records of an older version): only that version
+	// may be removed once the message is delivered (see Receipt).
+	LocalID FileID
+	Body    []byte
+}
+
+// FileID identifies one version of a producer's file: a file written anew
+// under the same name has another (a new inode, or a new modification
+// time or size).
+type FileID struct {
+	Dev, Ino    uint64
+	Size, Mtime int64 // Mtime in nanoseconds since the epoch
+}
+
+// Receipt says that the hub acknowledged the message read from version ID
+// of the producer's file Path, which may therefore be removed. Deliver
+// records receipts durably (in the same write as the acks), so their
+// producer may remove its files later, in batches, and a crash in
+// between sends nothing again: the receipts are found at the next Open
+// (Receipts). A receipt stays on disk until Retired says the file is
+// gone.
+type Receipt struct {
+	Path string
+	ID   FileID
+	seg  *segment // holds the record: kept until Retired (nil: not on disk)
 }
 
 var (
@@ -111,7 +139,9 @@ type Corruption struct {
 // raised at every open). A segment is a sequence of records, each a u32
 // length and a CRC-32C of the payload, then the payload: u64 seq, u8 type,
 // and for a message its binary metadata and body, for an ack (type 0x80) a
-// uvarint count n acknowledging seq..seq+n-1.
+// uvarint count n acknowledging seq..seq+n-1, for receipts (type 0x81,
+// delivered files: see Deliver) a directory, its device and the files in
+// it, each a name, inode, size and modification time.
 //
 // What is written when, and what survives what:
 //   - Write-behind: a message that needs no fsync (health, or with Local set)
@@ -143,8 +173,9 @@ type Corruption struct {
 //     length skips to the next valid record.
 //
 // Segments are deleted oldest first once all their messages are acked or
-// evicted (acks only ever refer to the same or older segments, so deleting
-// a prefix never revives an acked message).
+// evicted and all their receipts retired (acks and receipts only ever
+// refer to the same or older segments, so deleting a prefix never revives
+// an acked message).
 type Outbox struct {
 	dir       string
 	opts      Options
@@ -168,7 +199,8 @@ type Outbox struct {
 	lastAckT time.Time
 	closed   bool
 	corrupt  []Corruption
-	wbuf     []byte // record encoding buffer, reused
+	wbuf     []byte    // record encoding buffer, reused
+	receipts []Receipt // found at open, not yet retired (Receipts)
 
 	unsaved error // why the id and epoch are not on disk yet (Unsaved)
 
@@ -206,6 +238,7 @@ const (
 	epochShift    = 40 // seq = epoch<<40 | n
 	maxSeq        = 1 << 62
 	maxAckRun     = 64 // longest run one ack record may cover
+	maxReceipts   = 64 // most files one receipts record may name
 )
 
 var castagnoli = crc32.MakeTable(crc32.Castagnoli)
@@ -502,11 +535,18 @@ func (o *Outbox) load(seg *segment, acked map[uint64]bool) error {
 		if seq >= o.next {
 			o.next = seq + 1
 		}
-		if p[8] == kindAck {
+		switch p[8] {
+		case kindAck:
 			n, _ := binary.Uvarint(p[9:])
 			for i := uint64(0); i < n; i++ {
 				acked[seq+i] = true
 			}
+			return
+		case kindDelivered:
+			decodeReceipts(p[9:], func(path string, id FileID) {
+				o.receipts = append(o.receipts, Receipt{Path: path, ID: id, seg: seg})
+				seg.live++
+			})
 			return
 		}
 		o.live = append(o.live, entry{seq: seq, kind: Kind(p[8]), seg: seg, off: off, size: int64(recHeader + len(p))})
@@ -544,7 +584,7 @@ func ScanSegment(data []byte, fn func(off int64, payload []byte)) (skipped int, 
 		if ok {
 			p = data[off+recHeader : off+recHeader+n]
 			t := p[8]
-			ok = (t == byte(KindHealth) || t == byte(KindApp) || t == kindAck) && binary.LittleEndian.Uint64(p) < maxSeq
+			ok = (t == byte(KindHealth) || t == byte(KindApp) || t == kindAck || t == kindDelivered) && binary.LittleEndian.Uint64(p) < maxSeq
 		}
 		if ok {
 			if badFrom >= 0 {
@@ -599,6 +639,8 @@ func validPayload(p []byte) bool {
 	case kindAck:
 		n, k := binary.Uvarint(p[9:])
 		return k > 0 && n >= 1 && n <= maxAckRun && 9+k == len(p) && binary.LittleEndian.Uint64(p) < maxSeq
+	case kindDelivered:
+		return binary.LittleEndian.Uint64(p) < maxSeq && decodeReceipts(p[9:], nil) == nil
 	case byte(KindHealth), byte(KindApp):
 		if binary.LittleEndian.Uint64(p) >= maxSeq {
 			return false
@@ -727,7 +769,7 @@ func (o *Outbox) encode(m *Message) (int64, error) {
 	b := append(o.wbuf[:0], make([]byte, recHeader)...)
 	b = binary.LittleEndian.AppendUint64(b, m.Seq)
 	b = append(b, byte(m.Kind))
-	b = appendMeta(b, storedID, m.Local, m.System, m.App)
+	b = appendMeta(b, storedID, localField(m.Local, m.LocalID), m.System, m.App)
 	b = append(b, m.Body...)
 	o.wbuf = b
 	n := len(b) - recHeader
@@ -811,9 +853,110 @@ func decodeMeta(p []byte, m *Message) (int, error) {
 		}
 	}
 	if m != nil {
-		m.ID, m.Local, m.System, m.App = id, local, props[0], props[1]
+		m.ID, m.System, m.App = id, props[0], props[1]
+		m.Local, m.LocalID = splitLocal(local)
 	}
 	return off, nil
+}
+
+// fileIDLen is a FileID's size on disk: four little-endian 64-bit words.
+const fileIDLen = 32
+
+// localField is how a message's Local and LocalID are stored: the path,
+// then, if the version is known, a NUL (which no path holds) and the
+// FileID. A record without the NUL (an older version's) has no LocalID.
+func localField(local string, id FileID) string {
+	if local == "" || id == (FileID{}) {
+		return local
+	}
+	b := make([]byte, 0, len(local)+1+fileIDLen)
+	b = append(append(b, local...), 0)
+	return string(appendFileID(b, id))
+}
+
+func splitLocal(s string) (string, FileID) {
+	i := strings.IndexByte(s, 0)
+	if i < 0 || len(s)-i-1 != fileIDLen {
+		return s, FileID{}
+	}
+	b := []byte(s[i+1:])
+	return s[:i], FileID{Dev: binary.LittleEndian.Uint64(b), Ino: binary.LittleEndian.Uint64(b[8:]),
+		Size: int64(binary.LittleEndian.Uint64(b[16:])), Mtime: int64(binary.LittleEndian.Uint64(b[24:]))}
+}
+
+func appendFileID(b []byte, id FileID) []byte {
+	b = binary.LittleEndian.AppendUint64(b, id.Dev)
+	b = binary.LittleEndian.AppendUint64(b, id.Ino)
+	b = binary.LittleEndian.AppendUint64(b, uint64(id.Size))
+	return binary.LittleEndian.AppendUint64(b, uint64(id.Mtime))
+}
+
+// appendReceipts appends a sealed receipts record for files, which share
+// one directory and device (at most maxReceipts of them): the directory
+// and device once, then each file's name, inode, size and modification
+// time.
+func appendReceipts(b []byte, seq uint64, files []Receipt) []byte {
+	start := len(b)
+	b = append(b, make([]byte, recHeader)...)
+	b = binary.LittleEndian.AppendUint64(b, seq)
+	b = append(b, kindDelivered)
+	b = appendString(b, filepath.Dir(files[0].Path))
+	b = binary.AppendUvarint(b, files[0].ID.Dev)
+	b = binary.AppendUvarint(b, uint64(len(files)))
+	for _, f := range files {
+		b = appendString(b, filepath.Base(f.Path))
+		b = binary.AppendUvarint(b, f.ID.Ino)
+		b = binary.AppendUvarint(b, uint64(f.ID.Size))
+		b = binary.AppendVarint(b, f.ID.Mtime)
+	}
+	seal(b[start:])
+	return b
+}
+
+// decodeReceipts parses a receipts record's body (after seq and type);
+// with fn nil it only validates.
+func decodeReceipts(p []byte, fn func(path string, id FileID)) error {
+	off := 0
+	uv := func() (uint64, bool) {
+		v, k := binary.Uvarint(p[off:])
+		if k <= 0 {
+			return 0, false
+		}
+		off += k
+		return v, true
+	}
+	str := func() (string, bool) {
+		n, ok := uv()
+		if !ok || n > uint64(len(p)-off) {
+			return "", false
+		}
+		s := string(p[off : off+int(n)])
+		off += int(n)
+		return s, true
+	}
+	dir, ok1 := str()
+	dev, ok2 := uv()
+	n, ok3 := uv()
+	if !ok1 || !ok2 || !ok3 || dir == "" || n < 1 || n > maxReceipts {
+		return errors.New("bad receipts header")
+	}
+	for i := uint64(0); i < n; i++ {
+		name, ok1 := str()
+		ino, ok2 := uv()
+		size, ok3 := uv()
+		mtime, k := binary.Varint(p[off:])
+		if !ok1 || !ok2 || !ok3 || k <= 0 || name == "" || name == "." || name == ".." || strings.ContainsAny(name, "/\x00") || size > 1<<62 {
+			return errors.New("bad receipt")
+		}
+		off += k
+		if fn != nil {
+			fn(filepath.Join(dir, name), FileID{Dev: dev, Ino: ino, Size: int64(size), Mtime: mtime})
+		}
+	}
+	if off != len(p) {
+		return errors.New("receipts record too long")
+	}
+	return nil
 }
 
 // appendRecord writes a sealed record at the end of the active segment,
@@ -1081,10 +1224,25 @@ func (o *Outbox) find(seq uint64) int {
 // written to the kernel (one write for the batch) and survive a crash of
 // this process. Unknown (already acked) seqs are ignored.
 func (o *Outbox) Ack(seqs ...uint64) error {
+	_, err := o.Deliver(seqs, nil, false)
+	return err
+}
+
+// Deliver acks seqs as Ack does and records receipts for the producers'
+// copies of those messages (files), in the same write: when it returns
+// nil, a crash of this process at any later moment finds the receipts at
+// the next Open (Receipts), so the producer may remove the files later,
+// in batches, and nothing is sent again. With hold, receipts are written
+// only if an ack record is written anyway (they share its write): for a
+// producer that removes its files at once, so that a message acked from
+// memory writes nothing at all. The receipts returned are the ones to pass
+// to Retired once the files are gone (each exactly once); those not on
+// disk (held, or on an error) are ignored there.
+func (o *Outbox) Deliver(seqs []uint64, files []Receipt, hold bool) ([]Receipt, error) {
 	o.mu.Lock()
 	defer o.mu.Unlock()
 	if o.closed {
-		return fmt.Errorf("outbox: %w", ErrClosed)
+		return files, fmt.Errorf("outbox: %w", ErrClosed)
 	}
 	var buf []byte
 	var run, runLen uint64
@@ -1120,15 +1278,61 @@ func (o *Outbox) Ack(seqs ...uint64) error {
 		o.forget(i)
 	}
 	emit()
+	seq := max(last, o.next-1)
+	for i := 0; i < len(files) && !(hold && len(buf) == 0); {
+		j := i + 1
+		dir := filepath.Dir(files[i].Path)
+		for j < len(files) && j-i < maxReceipts && files[j].ID.Dev == files[i].ID.Dev && filepath.Dir(files[j].Path) == dir {
+			j++
+		}
+		buf = appendReceipts(buf, seq, files[i:j])
+		i = j
+	}
 	var err error
 	if len(buf) > 0 {
-		_, _, err = o.appendRecord(buf)
+		var seg *segment
+		_, seg, err = o.appendRecord(buf)
+		if err == nil && len(files) > 0 {
+			for i := range files {
+				files[i].seg = seg
+			}
+			seg.live += len(files)
+		}
 		o.reclaim()
 	}
 	if last != 0 {
 		o.lastAck, o.lastAckT = last, o.opts.Clock.Now()
 	}
-	return err
+	return files, err
+}
+
+// Retired says that the files of receipts Deliver returned (or Receipts
+// found) are gone: their records may go with their segments. Call it
+// once per receipt.
+func (o *Outbox) Retired(rs ...Receipt) {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	n := 0
+	for _, r := range rs {
+		if r.seg != nil {
+			r.seg.live--
+			n++
+		}
+	}
+	if n > 0 && !o.closed {
+		o.reclaim()
+	}
+}
+
+// Receipts returns, once, the receipts found at Open: files delivered
+// before a crash or a stop that may still be in place. The caller removes
+// those still of the version delivered and passes them all to Retired.
+func (o *Outbox) Receipts() []Receipt {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	r := o.receipts
+	o.receipts = nil
+	return r
 }
 
 // Next returns up to n live messages with Seq > after, in order, bodies read

@@ -480,3 +480,99 @@ func TestOutboxWriteBehind(t *testing.T) {
 		t.Fatalf("after a kill: %s, want late,held,durable (in order)", got)
 	}
 }
+
+// Receipts written with acks survive a crash (the outbox is not closed),
+// keep their segment until retired, and go with it after; a message's
+// LocalID survives a restart.
+func TestOutboxReceipts(t *testing.T) {
+	dir := t.TempDir()
+	o, err := Open(dir, Options{SegmentBytes: 2048, WriteBehind: -1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := FileID{Dev: 2049, Ino: 12345, Size: 99, Mtime: 1_700_000_000_123_456_789}
+	if _, err := o.Put(&Message{Kind: KindApp, Local: "/var/lib/gwagent/spool/a.json", LocalID: id, Body: []byte(`{"a":1}`)}); err != nil {
+		t.Fatal(err)
+	}
+	ms, _ := o.Next(0, 1)
+	if ms[0].Local != "/var/lib/gwagent/spool/a.json" || ms[0].LocalID != id {
+		t.Fatalf("Local %q LocalID %+v read back, want the ones put", ms[0].Local, ms[0].LocalID)
+	}
+	var files []Receipt
+	for i := 0; i < 150; i++ { // more than one record's worth, two directories
+		d := "/var/lib/gwagent/spool"
+		if i >= 140 {
+			d = "/srv/spool"
+		}
+		files = append(files, Receipt{Path: fmt.Sprintf("%s/r%03d.json", d, i), ID: FileID{Dev: 2049, Ino: uint64(i), Size: 10, Mtime: int64(i) * 1e9}})
+	}
+	files, err = o.Deliver([]uint64{ms[0].Seq}, files, true) // an ack is written: the receipts ride along
+	if err != nil {
+		t.Fatal(err)
+	}
+	// A crash: no Close. The same directory opened again finds them.
+	o2 := openT(t, dir, Options{SegmentBytes: 2048})
+	got := o2.Receipts()
+	if len(got) != len(files) {
+		t.Fatalf("%d receipts after a crash, want %d", len(got), len(files))
+	}
+	for i := range got {
+		if got[i].Path != files[i].Path || got[i].ID != files[i].ID {
+			t.Fatalf("receipt %d = %+v, want %+v", i, got[i], files[i])
+		}
+	}
+	if o2.Receipts() != nil {
+		t.Fatal("Receipts handed out twice")
+	}
+	// Until retired they keep their segment, even with no message left.
+	segsBefore, _ := filepath.Glob(filepath.Join(dir, "*.seg"))
+	for i := 0; i < 100; i++ { // fills and rotates segments
+		o2.Put(&Message{Kind: KindApp, Body: bytes.Repeat([]byte("z"), 60)})
+	}
+	all, _ := o2.Next(0, 1000)
+	for _, m := range all {
+		o2.Ack(m.Seq)
+	}
+	if _, err := os.Stat(segsBefore[0]); err != nil {
+		t.Fatalf("the segment holding unretired receipts was deleted: %v", err)
+	}
+	o2.Retired(got...)
+	for i := 0; i < 100; i++ {
+		o2.Put(&Message{Kind: KindApp, Body: bytes.Repeat([]byte("z"), 60)})
+	}
+	all, _ = o2.Next(0, 1000)
+	for _, m := range all {
+		o2.Ack(m.Seq)
+	}
+	if _, err := os.Stat(segsBefore[0]); !os.IsNotExist(err) {
+		t.Fatalf("the segment of retired receipts is still there: %v", err)
+	}
+}
+
+// Held receipts of a message acked from memory write nothing: the
+// producer removes its file at once.
+func TestOutboxReceiptsHeld(t *testing.T) {
+	dir := t.TempDir()
+	o, _ := Open(dir, Options{})
+	m := &Message{Kind: KindApp, Local: "/spool/a.json", LocalID: FileID{Ino: 1}, Body: []byte("{}")}
+	o.Put(m)
+	rs, err := o.Deliver([]uint64{m.Seq}, []Receipt{{Path: m.Local, ID: m.LocalID}}, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	o.Retired(rs...) // not on disk: nothing to do
+	segs, _ := filepath.Glob(filepath.Join(dir, "*.seg"))
+	if len(segs) != 0 {
+		t.Fatalf("a message acked from memory with a held receipt wrote %v", segs)
+	}
+	// Not held: written even with no ack record to share.
+	m2 := &Message{Kind: KindApp, Local: "/spool/b.json", LocalID: FileID{Ino: 2}, Body: []byte("{}")}
+	o.Put(m2)
+	if _, err := o.Deliver([]uint64{m2.Seq}, []Receipt{{Path: m2.Local, ID: m2.LocalID}}, false); err != nil {
+		t.Fatal(err)
+	}
+	o2 := openT(t, dir, Options{})
+	if got := o2.Receipts(); len(got) != 1 || got[0].Path != "/spool/b.json" || got[0].ID.Ino != 2 {
+		t.Fatalf("receipts after reopen: %+v", got)
+	}
+}

@@ -1,0 +1,74 @@
+package main
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// spoolFloor is the least CPU a spool message costs in file-system work,
+// with no MQTT at all: n files like the drain's, in a directory on the
+// spool's file system, each opened, stat'ed, read and closed (take: the
+// agent does it when the file arrives, before the outage ends), then
+// stat'ed and unlinked through a directory descriptor (retire: the agent
+// does it after the PUBACK, within the drain's CPU figure). The plain paho
+// reference pays none of it, so it sets how close to that reference an
+// agent that takes its messages from files can come. Measured on one
+// locked thread, so the CPU is this work's alone (azsim runs in the
+// bench's process).
+func spoolFloor(dir string, n int) (take, retire time.Duration, err error) {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return 0, 0, err
+	}
+	defer os.RemoveAll(dir)
+	pad := strings.Repeat("x", 60)
+	for i := 0; i < n; i++ {
+		if err := os.WriteFile(filepath.Join(dir, fmt.Sprintf("m%05d.json", i)), []byte(fmt.Sprintf(`{"k":%d,"drain":true,"pad":%q}`, i, pad)), 0o644); err != nil {
+			return 0, 0, err
+		}
+	}
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	dfd, err := unix.Open(dir, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return 0, 0, err
+	}
+	defer unix.Close(dfd)
+	buf := make([]byte, 4096)
+	var st unix.Stat_t
+	names := make([]string, n)
+	for i := range names {
+		names[i] = fmt.Sprintf("m%05d.json", i)
+	}
+	t0 := threadCPU()
+	for _, name := range names {
+		fd, err := unix.Openat(dfd, name, unix.O_RDONLY|unix.O_CLOEXEC|unix.O_NOFOLLOW, 0)
+		if err != nil {
+			return 0, 0, err
+		}
+		unix.Fstat(fd, &st)
+		unix.Read(fd, buf)
+		unix.Close(fd)
+	}
+	t1 := threadCPU()
+	for _, name := range names {
+		unix.Fstatat(dfd, name, &st, unix.AT_SYMLINK_NOFOLLOW)
+		if err := unix.Unlinkat(dfd, name, 0); err != nil {
+			return 0, 0, err
+		}
+	}
+	t2 := threadCPU()
+	return (t1 - t0) / time.Duration(n), (t2 - t1) / time.Duration(n), nil
+}
+
+// threadCPU is the calling thread's user and system time.
+func threadCPU() time.Duration {
+	var ru unix.Rusage
+	unix.Getrusage(unix.RUSAGE_THREAD, &ru)
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+}

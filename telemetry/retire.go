@@ -1,0 +1,235 @@
+package telemetry
+
+import (
+	"errors"
+	"os"
+	"path/filepath"
+	"sync"
+	"sync/atomic"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/gwagent/gwagent/internal/dirwatch"
+	"github.com/gwagent/gwagent/telemetry/outbox"
+)
+
+// Retirement: a spool file whose message the hub acknowledged leaves the
+// spool, but not on the ack path. The acker records the PUBACKs and, for
+// spool messages, receipts (outbox.Receipt: the file's path and the
+// version that was sent) and hands the receipts to the retirer goroutine,
+// which unlinks the files, in batches of whatever has accumulated, while
+// the drain goes on.
+//
+// What a crash may do in between is decided by whether the receipts were
+// written (outbox.Deliver, in the same write as the acks):
+//   - Written: a file still in the spool after a crash is found by its
+//     receipt at start (loadQueued) and removed, never sent again.
+//   - Not written: what a message delivered from memory in steady
+//     operation does (an ack that writes nothing, a retirer that is not
+//     behind): the file goes within milliseconds, and only a crash in
+//     those milliseconds sends it again (with the same message id).
+//
+// A receipt is written whenever the acks are written anyway (then it rides
+// in the same write) or the retirer is behind (a backlog drains): there,
+// files wait in the spool long enough for a crash to matter. At one
+// message a second nothing is written for retirement, and a file is
+// unlinked before its data or its directory entry reach the flash: an
+// ext4 file created and removed within the kernel's writeback delay costs
+// the flash nothing, where one removed half a minute later costs about a
+// kilobyte (bench).
+//
+// A file is unlinked only if it is still the version that was sent: its
+// device, inode, size and modification time (dirwatch.Sig, the spool's
+// identity of a file). A file written anew under the same name is a new
+// message and stays; the spool loop queues it. Files remain in the set of
+// queued spool files until they are gone, so the spool loop never queues
+// a delivered file again while it waits.
+//
+// Older versions renamed delivered files into sent/ and emptied it in the
+// background; a sent/ they left is emptied and removed at start (what is
+// in it was delivered).
+
+// retireQueue is shared by the acker (which adds receipts) and the retirer
+// goroutine (which removes the files).
+type retireQueue struct {
+	mu    sync.Mutex
+	queue []outbox.Receipt // oldest first
+	kick  chan struct{}
+	// waiting counts receipts added and not yet retired, those being
+	// retired included: the acker's measure of whether the retirer is
+	// behind.
+	waiting atomic.Int64
+	// The retirer's own: the directory it removes files from, open.
+	dir string
+	dfd int
+}
+
+// add queues receipts for the retirer.
+func (q *retireQueue) add(rs []outbox.Receipt) {
+	if len(rs) == 0 {
+		return
+	}
+	q.waiting.Add(int64(len(rs)))
+	q.mu.Lock()
+	q.queue = append(q.queue, rs...)
+	q.mu.Unlock()
+	select {
+	case q.kick <- struct{}{}:
+	default:
+	}
+}
+
+// behind reports whether more than n receipts wait for the retirer.
+func (q *retireQueue) behind(n int) bool { return q.waiting.Load() > int64(n) }
+
+// take returns what is queued, oldest first, and empties the queue.
+func (q *retireQueue) take() []outbox.Receipt {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	rs := q.queue
+	q.queue = nil
+	return rs
+}
+
+// closeDir closes the retirer's directory descriptor.
+func (q *retireQueue) closeDir() {
+	if q.dir != "" {
+		unix.Close(q.dfd)
+		q.dir = ""
+	}
+}
+
+// dirFD returns a descriptor of dir, opened anew when dir is another
+// directory than the one open or the directory at that path was made
+// anew. The retirer's goroutine only.
+func (q *retireQueue) dirFD(dir string) (int, error) {
+	if q.dir == dir {
+		var a, b unix.Stat_t
+		if unix.Fstat(q.dfd, &a) == nil && unix.Stat(dir, &b) == nil && a.Dev == b.Dev && a.Ino == b.Ino {
+			return q.dfd, nil
+		}
+	}
+	q.closeDir()
+	fd, err := unix.Open(dir, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return -1, err
+	}
+	q.dir, q.dfd = dir, fd
+	return fd, nil
+}
+
+// retireQueued removes the files of every queued receipt, until the queue
+// is empty.
+func (p *Pipeline) retireQueued() {
+	for {
+		rs := p.retire.take()
+		if len(rs) == 0 {
+			return
+		}
+		p.retireFiles(rs)
+		p.outbox.Retired(rs...)
+		p.retire.waiting.Add(-int64(len(rs)))
+	}
+}
+
+// retireFiles unlinks the files of rs that are still the version sent,
+// then forgets them as queued spool files. One it cannot unlink stays
+// queued, so it is not sent again and again (a file made immutable, say):
+// it is warned about, and tried again after a restart.
+func (p *Pipeline) retireFiles(rs []outbox.Receipt) {
+	dfd, dir := -1, ""
+	var stuck map[string]bool
+	for _, r := range rs {
+		d, name := filepath.Split(r.Path)
+		d = filepath.Clean(d)
+		if d != dir {
+			var err error
+			dir = d
+			if dfd, err = p.retire.dirFD(d); err != nil {
+				if !errors.Is(err, os.ErrNotExist) {
+					p.log.Warn("cannot remove delivered spool files", "dir", d, "err", err)
+				}
+				dfd = -1
+			}
+		}
+		if dfd < 0 {
+			continue
+		}
+		var st unix.Stat_t
+		if err := unix.Fstatat(dfd, name, &st, unix.AT_SYMLINK_NOFOLLOW); err != nil {
+			continue // gone already
+		}
+		if sigOfUnix(&st) != sigOf(r.ID) {
+			p.log.Debug("spool file replaced while its message was in flight; the new version is sent too", "file", r.Path)
+			continue
+		}
+		if err := unix.Unlinkat(dfd, name, 0); err != nil && !errors.Is(err, unix.ENOENT) {
+			p.log.Warn("cannot delete sent spool file; it stays in the spool and is not sent again", "file", r.Path, "err", err)
+			if stuck == nil {
+				stuck = map[string]bool{}
+			}
+			stuck[r.Path] = true
+		}
+	}
+	p.queued.mu.Lock()
+	for _, r := range rs {
+		if sig, ok := p.queued.sigs[r.Path]; ok && sig == sigOf(r.ID) && !stuck[r.Path] {
+			delete(p.queued.sigs, r.Path)
+		}
+	}
+	p.queued.mu.Unlock()
+}
+
+// sigOf and fileID convert between the spool's identity of a file version
+// and the outbox's.
+func sigOf(id outbox.FileID) dirwatch.Sig {
+	return dirwatch.Sig{Dev: id.Dev, Ino: id.Ino, Size: id.Size, Mtime: id.Mtime}
+}
+
+func fileID(s dirwatch.Sig) outbox.FileID {
+	return outbox.FileID{Dev: s.Dev, Ino: s.Ino, Size: s.Size, Mtime: s.Mtime}
+}
+
+func sigOfUnix(st *unix.Stat_t) dirwatch.Sig {
+	return dirwatch.Sig{Dev: st.Dev, Ino: st.Ino, Size: st.Size, Mtime: st.Mtim.Nano()}
+}
+
+// oldSentDir is where older versions moved delivered spool files.
+const oldSentDir = "sent"
+
+// removeOldSent empties and removes the sent/ an older version left in
+// the spool directory dir: everything in it was delivered. Only the
+// agent's own directory is touched: a member of the spool group may have
+// made sent/ (as a link, or a directory of its own), and then it is left
+// alone.
+func (p *Pipeline) removeOldSent(dir string) {
+	path := filepath.Join(dir, oldSentDir)
+	fd, err := unix.Open(path, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return
+	}
+	f := os.NewFile(uintptr(fd), path)
+	defer f.Close()
+	var st unix.Stat_t
+	if unix.Fstat(fd, &st) != nil || int(st.Uid) != os.Geteuid() || st.Mode&0o077 != 0 {
+		p.log.Debug("leaving alone a sent/ the agent did not make", "dir", path)
+		return
+	}
+	n := 0
+	for {
+		names, err := f.Readdirnames(256)
+		for _, name := range names {
+			if unix.Unlinkat(fd, name, 0) == nil {
+				n++
+			}
+		}
+		if err != nil || len(names) == 0 {
+			break
+		}
+	}
+	if err := unix.Rmdir(path); err != nil && !errors.Is(err, unix.ENOENT) {
+		p.log.Warn("cannot remove the sent/ directory of an older version", "dir", path, "err", err)
+		return
+	}
+	p.log.Info("removed the sent/ directory of an older version; delivered spool files now leave the spool directly", "dir", path, "files", n)
+}
