@@ -17,6 +17,7 @@ import (
 // across a restart or fail-over of the real hub: it reconnects on its own,
 // what was spooled meanwhile arrives once, and direct methods reach it.
 func TestAzsimRestartE2E(t *testing.T) {
+	t.Parallel()
 	az := azsimtest.Start(t, azsim.Config{})
 	d := newDevice(t, az, devOpts{regID: "gw-restart-1"})
 	d.start()

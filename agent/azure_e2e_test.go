@@ -25,13 +25,17 @@ import (
 	"github.com/gwagent/gwagent/transport"
 )
 
-// connectedThenRenewed waits for the device to connect and then for a
-// certificate other than its first; it returns both identities.
-func connectedThenRenewed(t *testing.T, d *device) (first, renewed *provisioning.Identity) {
+// connectedThenRenewed waits for the device (on ft, shared with azsim) to
+// connect, lets the clock run to the fraction until of the first
+// certificate's lifetime, and waits for a certificate other than the first;
+// it returns both identities.
+func connectedThenRenewed(t *testing.T, d *device, ft *testenv.FakeTime, until float64) (first, renewed *provisioning.Identity) {
 	t.Helper()
 	testenv.Eventually(t, 30*time.Second, "connected", func() bool { return d.status().State == "connected" })
 	first = d.current()
-	testenv.Eventually(t, 40*time.Second, "renewed", func() bool {
+	life := first.NotAfter.Sub(first.NotBefore)
+	ft.AllowUntil(first.NotBefore.Add(time.Duration(until * float64(life))))
+	testenv.Eventually(t, 30*time.Second, "renewed", func() bool {
 		s, err := storeCurrent(d)
 		return err == nil && s.Serial != first.Serial
 	})
@@ -52,6 +56,7 @@ func registrations(az *azsimtest.Azsim, regID string) int {
 // repeated alerts as a refusal of its identity and register again, once,
 // instead of retrying the same certificate forever as if the network failed.
 func TestHandshakeRejectionReprovisions(t *testing.T) {
+	t.Parallel()
 	az := azsimtest.Start(t, azsim.Config{})
 	d := newDevice(t, az, devOpts{})
 	r := d.start()
@@ -103,6 +108,7 @@ func dialAs(t *testing.T, d *device, id *provisioning.Identity, cfg transport.Co
 // the durable outbox. A space encoded as '+' would be an MQTT wildcard in
 // the topic name and cost the connection.
 func TestPropertyBagE2E(t *testing.T) {
+	t.Parallel()
 	az := azsimtest.Start(t, azsim.Config{})
 	d := newDevice(t, az, devOpts{})
 	id, err := d.provision()
@@ -157,6 +163,7 @@ func TestPropertyBagE2E(t *testing.T) {
 // notices, renews through DPS instead, and the session itself never
 // subscribed to it (it would have failed to connect).
 func TestRenewalWithoutCertificateManagement(t *testing.T) {
+	t.Parallel()
 	az := azsimtest.Start(t, azsim.Config{NoCertificateManagement: true})
 	d := newDevice(t, az, devOpts{})
 	r := d.start()
@@ -182,6 +189,10 @@ func TestRenewalWithoutCertificateManagement(t *testing.T) {
 // re-provisioning rule holds it back, says so in the log and status, and
 // the device gets in once the hub caught up.
 func TestCredentialSyncLagE2E(t *testing.T) {
+	t.Parallel()
+	// Real time: the hub's lag and the agent's gate and backoff race each
+	// other here, and a fake clock that leaps from deadline to deadline
+	// between the hub's real answers would change who wins.
 	az := azsimtest.Start(t, azsim.Config{CredentialSyncLag: 2 * time.Second})
 	d := newDevice(t, az, devOpts{})
 	r := d.start()
@@ -214,9 +225,10 @@ func TestCredentialSyncLagE2E(t *testing.T) {
 // gives the hub two tries, then re-registers with DPS while a good part of
 // the lifetime remains, instead of retrying the hub until expiry.
 func TestUnansweredHubFallsBackToDPS(t *testing.T) {
+	t.Parallel()
 	for _, mode := range []faults.CredentialsMode{faults.CredentialsSilent, faults.CredentialsDrop} {
 		t.Run("ok/"+string(mode), func(t *testing.T) {
-			az := azsimtest.Start(t, azsim.Config{CertLifetime: 24 * time.Second})
+			ft, az := fakeAzsim(t, azsim.Config{CertLifetime: 24 * time.Second})
 			d := newDevice(t, az, devOpts{extra: `
 [renewal]
 threshold = 0.5
@@ -224,11 +236,15 @@ jitter = "1s"
 floor = "1s"
 retry_min = "500ms"
 retry_max = "1s"
-issue_timeout = "3s"
+issue_timeout = "1s"
 `})
+			d.clock = ft
 			az.Server.Faults.SetCredentialsMode(mode)
 			r := d.start()
-			first, cur := connectedThenRenewed(t, d)
+			// Two unanswered requests (each given 1 s of wall time for the
+			// hub's 202), or one past three quarters of the lifetime, send
+			// the agent to DPS.
+			first, cur := connectedThenRenewed(t, d, ft, 0.9)
 			if cur.Via != "dps" {
 				t.Fatalf("renewed via %q, want dps", cur.Via)
 			}
@@ -247,10 +263,15 @@ issue_timeout = "3s"
 // operationExpires instead of giving up after issue_timeout and sending a
 // new request that would replace, and so cancel, the one being issued.
 func TestSlowIssuanceE2E(t *testing.T) {
-	az := azsimtest.Start(t, azsim.Config{CertLifetime: 40 * time.Second, IssueDelay: 6 * time.Second})
-	d := newDevice(t, az, devOpts{extra: strings.Replace(fastRenewal, `issue_timeout = "10s"`, `issue_timeout = "2s"`, 1)})
+	t.Parallel()
+	// The hub issues in 3 s of wall time; the clock runs on only to just
+	// after the renewal (the end of the wait, three quarters of the
+	// lifetime, stays ahead), but well past issue_timeout.
+	ft, az := fakeAzsim(t, azsim.Config{CertLifetime: 40 * time.Second, IssueDelay: 3 * time.Second})
+	d := newDevice(t, az, devOpts{extra: strings.Replace(fastRenewal, `issue_timeout = "10s"`, `issue_timeout = "1s"`, 1)})
+	d.clock = ft
 	r := d.start()
-	if _, cur := connectedThenRenewed(t, d); cur.Via != "hub" {
+	if _, cur := connectedThenRenewed(t, d, ft, 0.6); cur.Via != "hub" {
 		via := cur.Via
 		t.Fatalf("renewed via %q, want hub", via)
 	}
@@ -263,9 +284,19 @@ func TestSlowIssuanceE2E(t *testing.T) {
 // it takes its time to assign; the hub answers 429 beyond its twin rate.
 // gwagent waits as asked, says so, and gets through both.
 func TestThrottlingE2E(t *testing.T) {
-	az := azsimtest.Start(t, azsim.Config{HubTwinRate: 1})
+	t.Parallel()
+	// DPS and the hub count and throttle in the time the device keeps
+	// (shared with azsim), which the test lets run for the waits they ask.
+	ft, az := fakeAzsim(t, azsim.Config{HubTwinRate: 1})
+	// 25 s: enough for the assignment, the throttled poll's retry-after and
+	// the twin's retries (about 15 s), and short of every other timer of the
+	// agent (the spool's 30 s rescan, the hourly health message). A clock
+	// free to run to those would, on a loaded machine, leap there between two
+	// DPS polls (while the client has not yet armed its next wait) and spread
+	// them too far apart for DPS's poll limit to bite.
+	ft.Allow(25 * time.Second)
 	az.Server.Faults.SetAssignDelay(7 * time.Second) // polled every second: the 6th poll is throttled
-	d := newDevice(t, az, devOpts{})
+	d := newDevice(t, az, devOpts{clock: ft})
 	r := d.start()
 	testenv.Eventually(t, time.Minute, "connected and reported", func() bool {
 		var tw struct {
@@ -291,6 +322,7 @@ func TestThrottlingE2E(t *testing.T) {
 // registration id as CN; gwagent accepts that and connects to the hub as
 // the assigned device id.
 func TestIndividualEnrollmentE2E(t *testing.T) {
+	t.Parallel()
 	az := azsimtest.Start(t, azsim.Config{})
 	root, err := os.ReadFile(az.Info.OnboardingRoot)
 	if err != nil {
@@ -319,6 +351,7 @@ func TestIndividualEnrollmentE2E(t *testing.T) {
 // registers again, follows the new assignedHub, delivers what its outbox
 // held, and its status names the hub it uses.
 func TestReprovisionToAnotherHubE2E(t *testing.T) {
+	t.Parallel()
 	az := azsimtest.Start(t, azsim.Config{Hub2Addr: "127.0.0.1:0"})
 	d := newDevice(t, az, devOpts{})
 	d.start()
@@ -365,12 +398,13 @@ func TestReprovisionToAnotherHubE2E(t *testing.T) {
 // instead of hammering the hub, shows the throttled condition, and gets
 // back in when the hub accepts again.
 func TestConnectRefusedThrottledE2E(t *testing.T) {
+	t.Parallel()
 	az := azsimtest.Start(t, azsim.Config{})
 	d := newDevice(t, az, devOpts{})
 	r := d.start()
 	testenv.Eventually(t, time.Minute, "connected", func() bool { return d.status().State == "connected" })
 	before := strings.Count(r.log.String(), "hub connection failed")
-	az.Server.Faults.RefuseUntil(faults.Hub, time.Now().Add(4*time.Second))
+	az.Server.Faults.RefuseUntil(faults.Hub, time.Now().Add(2*time.Second))
 	az.Server.Hub.DropAll()
 	sawThrottled := false
 	testenv.Eventually(t, 10*time.Second, "the throttled condition", func() bool {
@@ -378,10 +412,10 @@ func TestConnectRefusedThrottledE2E(t *testing.T) {
 		return sawThrottled
 	})
 	testenv.Eventually(t, time.Minute, "connected again", func() bool { return d.status().State == "connected" })
-	// start() uses a 100 ms..1 s reconnect backoff: about 8 attempts fit in
-	// 4 s; a tight loop would make hundreds.
-	if n := strings.Count(r.log.String(), "hub connection failed") - before; n > 20 {
-		t.Fatalf("%d connection attempts while refused for 4 s", n)
+	// start() uses a 100 ms..1 s reconnect backoff: about 4 attempts fit in
+	// 2 s; a tight loop would make hundreds.
+	if n := strings.Count(r.log.String(), "hub connection failed") - before; n > 12 {
+		t.Fatalf("%d connection attempts while refused for 2 s", n)
 	}
 	if _, ok := d.status().Conditions[agent.CondThrottled]; ok {
 		t.Error("the throttled condition stays after the hub accepted the device")
@@ -391,6 +425,7 @@ func TestConnectRefusedThrottledE2E(t *testing.T) {
 // TestServerChainsE2E: gwagent provisions and connects whether the
 // services present Azure's RSA-2048 chain or an ECDSA one.
 func TestServerChainsE2E(t *testing.T) {
+	t.Parallel()
 	for _, key := range []string{"rsa", "ecdsa"} {
 		t.Run("ok/"+key, func(t *testing.T) {
 			az := azsimtest.Start(t, azsim.Config{ServerKey: key})

@@ -1,23 +1,16 @@
 package agent
 
 import (
-	"bytes"
 	"errors"
 	"fmt"
-	"io"
 	"io/fs"
-	"os"
 	"path/filepath"
-	"reflect"
-	"slices"
 	"strings"
-	"syscall"
 	"time"
 
-	"github.com/pelletier/go-toml/v2"
-	"github.com/pelletier/go-toml/v2/unstable"
-
-	"github.com/gwagent/gwagent/internal/atomicfile"
+	"github.com/gwagent/gwagent/agent/network"
+	"github.com/gwagent/gwagent/internal/duration"
+	"github.com/gwagent/gwagent/internal/tomlconf"
 	"github.com/gwagent/gwagent/keystore"
 	"github.com/gwagent/gwagent/provisioning"
 	"github.com/gwagent/gwagent/renewal"
@@ -44,7 +37,7 @@ type Config struct {
 	Telemetry   TelemetryConfig   `toml:"telemetry"`
 	Outbox      OutboxConfig      `toml:"outbox"`
 	Renewal     RenewalConfig     `toml:"renewal"`
-	Network     NetworkConfig     `toml:"network"`
+	Network     NetworkConfig     `toml:"network"` // agent/network
 
 	// path is the file the config was loaded from.
 	path string
@@ -194,26 +187,16 @@ type RenewalConfig struct {
 // Rotate reports whether renewals use a new key.
 func (r RenewalConfig) Rotate() bool { return r.RotateKey == nil || *r.RotateKey }
 
+// NetworkConfig is how the agent reaches DPS and IoT Hub (agent/network).
+type NetworkConfig = network.Config
+
 // Policy is the renewal schedule the config describes.
 func (r RenewalConfig) Policy() renewal.Policy {
 	return renewal.Policy{Threshold: r.Threshold, Jitter: r.Jitter.Duration, Floor: r.Floor.Duration}
 }
 
 // Duration is a time.Duration written as "90s", "5m", "1h30m" in TOML.
-type Duration struct{ time.Duration }
-
-// UnmarshalText implements encoding.TextUnmarshaler.
-func (d *Duration) UnmarshalText(b []byte) error {
-	v, err := time.ParseDuration(string(b))
-	if err != nil {
-		return fmt.Errorf("%q is not a duration (examples: 90s, 5m, 1h30m)", b)
-	}
-	d.Duration = v
-	return nil
-}
-
-// MarshalText implements encoding.TextMarshaler.
-func (d Duration) MarshalText() ([]byte, error) { return []byte(d.String()), nil }
+type Duration = duration.Duration
 
 // DefaultStateDir is the state directory when the config names none
 // (systemd's StateDirectory=gwagent).
@@ -237,57 +220,23 @@ var ErrConfig = errors.New("config")
 // LoadConfig reads, decodes strictly and validates a config file. Relative
 // paths in it are taken relative to the file's directory.
 func LoadConfig(path string) (*Config, error) {
-	raw, err := readConfigFile(path)
-	if err != nil {
+	raw, err := tomlconf.Read(path)
+	switch {
+	case errors.Is(err, fs.ErrNotExist):
+		return nil, fmt.Errorf("%w: %w; copy configs/gwagent.toml there and fill in id_scope and the keys, or pass --config FILE", ErrConfig, err)
+	case errors.Is(err, fs.ErrPermission):
+		return nil, fmt.Errorf("%w: %w; run as the gwagent user (sudo -u gwagent gwagent ...) or as root", ErrConfig, err)
+	case err != nil:
 		return nil, fmt.Errorf("%w: %w", ErrConfig, err)
 	}
 	return ParseConfig(path, raw)
 }
 
-// maxConfigBytes bounds a config file; the commented example is ~10 KiB.
-const maxConfigBytes = 1 << 20
-
-// readConfigFile reads a config file only if it is a regular file of
-// bounded size (a link to one is fine). A FIFO would block the reader (and
-// `gwagent status` with it), /dev/zero would never end.
-func readConfigFile(path string) ([]byte, error) {
-	f, err := os.OpenFile(path, os.O_RDONLY|syscall.O_NONBLOCK|syscall.O_CLOEXEC, 0)
-	switch {
-	case errors.Is(err, fs.ErrNotExist):
-		return nil, fmt.Errorf("%w; copy configs/gwagent.toml there and fill in id_scope and the keys, or pass --config FILE", err)
-	case errors.Is(err, fs.ErrPermission):
-		return nil, fmt.Errorf("%w; run as the gwagent user (sudo -u gwagent gwagent ...) or as root", err)
-	case err != nil:
-		return nil, err
-	}
-	defer f.Close()
-	st, err := f.Stat()
-	if err != nil {
-		return nil, err
-	}
-	if !st.Mode().IsRegular() {
-		return nil, fmt.Errorf("%s is %s, not a regular file; --config must name the TOML file", path, atomicfile.DescribeMode(st.Mode()))
-	}
-	if st.Size() > maxConfigBytes {
-		return nil, fmt.Errorf("%s has %d bytes; a config file may have at most %d", path, st.Size(), maxConfigBytes)
-	}
-	raw, err := io.ReadAll(io.LimitReader(f, maxConfigBytes+1))
-	if err != nil {
-		return nil, err
-	}
-	if len(raw) > maxConfigBytes {
-		return nil, fmt.Errorf("%s grew beyond %d bytes while being read", path, maxConfigBytes)
-	}
-	return raw, nil
-}
-
 // ParseConfig is LoadConfig on bytes already read from path.
 func ParseConfig(path string, raw []byte) (*Config, error) {
 	var c Config
-	dec := toml.NewDecoder(bytes.NewReader(raw))
-	dec.DisallowUnknownFields()
-	if err := dec.Decode(&c); err != nil {
-		return nil, configError(path, raw, err)
+	if err := tomlconf.Decode(path, raw, &c, "configs/gwagent.toml"); err != nil {
+		return nil, fmt.Errorf("%w: %w", ErrConfig, err)
 	}
 	c.path = path
 	c.defaults()
@@ -295,79 +244,6 @@ func ParseConfig(path string, raw []byte) (*Config, error) {
 		return nil, fmt.Errorf("%w: %s: %w", ErrConfig, path, err)
 	}
 	return &c, nil
-}
-
-func configError(path string, raw []byte, err error) error {
-	var sm *toml.StrictMissingError
-	if errors.As(err, &sm) {
-		var lines []string
-		for _, e := range sm.Errors {
-			row, _ := e.Position()
-			lines = append(lines, fmt.Sprintf("%s:%d: unknown key %q (check its spelling and section; see configs/gwagent.toml)", path, row, strings.Join(e.Key(), ".")))
-		}
-		return fmt.Errorf("%w: %s", ErrConfig, strings.Join(lines, "; "))
-	}
-	var de *toml.DecodeError
-	if errors.As(err, &de) {
-		row, col := de.Position()
-		return fmt.Errorf("%w: %s:%d:%d: %s", ErrConfig, path, row, col, strings.TrimPrefix(de.Error(), "toml: "))
-	}
-	if key, row, col, ok := misplacedDuration(raw); ok {
-		return fmt.Errorf("%w: %s:%d:%d: %s must be a duration in quotes, e.g. %s = \"90s\" (units: ms, s, m, h)", ErrConfig, path, row, col, key, key[strings.LastIndex(key, ".")+1:])
-	}
-	return fmt.Errorf("%w: %s: %w", ErrConfig, path, err)
-}
-
-// durationKeys are the dotted keys of Config's Duration fields.
-var durationKeys = func() map[string]bool {
-	out := map[string]bool{}
-	var walk func(t reflect.Type, prefix string)
-	walk = func(t reflect.Type, prefix string) {
-		for i := range t.NumField() {
-			f := t.Field(i)
-			name, _, _ := strings.Cut(f.Tag.Get("toml"), ",")
-			if name == "" {
-				continue
-			}
-			switch {
-			case f.Type == reflect.TypeFor[Duration](), f.Type == reflect.TypeFor[*Duration]():
-				out[prefix+name] = true
-			case f.Type.Kind() == reflect.Struct:
-				walk(f.Type, prefix+name+".")
-			}
-		}
-	}
-	walk(reflect.TypeFor[Config](), "")
-	return out
-}()
-
-// misplacedDuration finds a duration key whose value is not a string (the
-// decoder's error for `interval = 5` carries no position).
-func misplacedDuration(raw []byte) (key string, row, col int, ok bool) {
-	var p unstable.Parser
-	p.Reset(raw)
-	var table []string
-	parts := func(it unstable.Iterator) []string {
-		var out []string
-		for it.Next() {
-			out = append(out, string(it.Node().Data))
-		}
-		return out
-	}
-	for p.NextExpression() {
-		e := p.Expression()
-		switch e.Kind {
-		case unstable.Table:
-			table = parts(e.Key())
-		case unstable.KeyValue:
-			k := strings.Join(append(slices.Clone(table), parts(e.Key())...), ".")
-			if v := e.Value(); durationKeys[k] && v.Kind != unstable.String {
-				sh := p.Shape(v.Raw)
-				return k, sh.Start.Line, sh.Start.Column, true
-			}
-		}
-	}
-	return "", 0, 0, false
 }
 
 func (c *Config) defaults() {
@@ -409,7 +285,7 @@ func (c *Config) defaults() {
 		c.Telemetry.PackBytes = telemetry.DefaultPackBytes
 	}
 	if c.Telemetry.PackWait == nil {
-		c.Telemetry.PackWait = &Duration{5 * time.Second}
+		c.Telemetry.PackWait = &Duration{Duration: 5 * time.Second}
 	}
 	if c.Hub.KeepAlive.Duration == 0 {
 		c.Hub.KeepAlive.Duration = 240 * time.Second
@@ -446,7 +322,7 @@ func (c *Config) defaults() {
 	if r.IssueTimeout.Duration == 0 {
 		r.IssueTimeout.Duration = 3 * time.Minute
 	}
-	c.Network.defaults()
+	c.Network.Defaults()
 	if c.Identity.DPSEndpoint == "" {
 		c.Identity.DPSEndpoint = "global.azure-devices-provisioning.net"
 	}
@@ -511,7 +387,7 @@ func absKeyURI(base, raw string) string {
 func (c *Config) validate() error {
 	var errs []error
 	add := func(format string, a ...any) { errs = append(errs, fmt.Errorf(format, a...)) }
-	errs = append(errs, c.Network.validate()...)
+	errs = append(errs, c.Network.Validate()...)
 	if c.TrustBundle == "" {
 		add("trust_bundle is required: the PEM file of CAs that sign DPS's and IoT Hub's server certificates")
 	}

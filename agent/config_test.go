@@ -133,3 +133,32 @@ func TestConfigTPMDefaults(t *testing.T) {
 		t.Fatalf("x509 default transport: %v %v", c, err)
 	}
 }
+
+func TestNetworkConfigValidate(t *testing.T) {
+	for _, tc := range []struct{ name, toml, err string }{
+		{"ok/defaults", "", ""},
+		{"ok/websocket with proxy", "transport = \"websocket\"\nproxy = \"http://u:pw-1@proxy:3128\"\nno_proxy = \"localhost\"", ""},
+		{"fail/unknown transport", "transport = \"quic\"", `transport "quic"`},
+		{"fail/https proxy, password kept out", "proxy = \"https://u:pw-1@proxy:3128\"", "not supported"},
+		{"fail/port", "hub_websocket_port = 70000", "hub_websocket_port"},
+		{"fail/reprobe too often", "mqtt_reprobe = \"1s\"", "mqtt_reprobe"},
+		{"fail/unknown key", "proxy_url = \"x\"", "unknown key"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			raw := "trust_bundle = \"ca.pem\"\n[hub]\nhost = \"h\"\ndevice_id = \"d\"\nchain = \"c.pem\"\n[operational]\nkey = \"file:/k\"\n[network]\n" + tc.toml + "\n"
+			_, err := ParseConfig("/etc/gwagent/gwagent.toml", []byte(raw))
+			if tc.err == "" {
+				if err != nil {
+					t.Fatal(err)
+				}
+				return
+			}
+			if err == nil || !strings.Contains(err.Error(), tc.err) {
+				t.Fatalf("err %v, want %q", err, tc.err)
+			}
+			if strings.Contains(err.Error(), "pw-1") {
+				t.Fatalf("error shows the proxy password: %v", err)
+			}
+		})
+	}
+}

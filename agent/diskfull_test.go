@@ -29,6 +29,7 @@ import (
 // The file system runs out of inodes (no new file: outbox segment, status
 // temp file, rejected/) or out of blocks (new files, but no data).
 func TestSpoolDiskFull(t *testing.T) {
+	t.Parallel()
 	t.Run("out of inodes", func(t *testing.T) { spoolDiskFull(t, "gw-full-inodes", true) })
 	t.Run("out of blocks", func(t *testing.T) { spoolDiskFull(t, "gw-full-blocks", false) })
 }
@@ -36,6 +37,11 @@ func TestSpoolDiskFull(t *testing.T) {
 func spoolDiskFull(t *testing.T, devID string, inodes bool) {
 	az := azsimtest.Start(t, azsim.Config{})
 	d := newDevice(t, az, devOpts{regID: devID, symmetric: true})
+	// The agent's timers (the outbox's write-behind, the settle time, the
+	// look for room every 5 s, backoff) run on a clock the test moves.
+	ft := testenv.StartFakeTime(t, time.Now())
+	ft.Allow(3 * time.Second)
+	d.clock = ft
 	testenv.Tmpfs(t, d.cfg.StateDir, "size=1m,nr_inodes=256,mode=0700")
 	if _, err := d.provision(); err != nil {
 		t.Fatal(err)
@@ -58,6 +64,7 @@ func spoolDiskFull(t *testing.T, devID string, inodes bool) {
 	for i := n - early; i < n; i++ {
 		spoolPut(t, spool, fmt.Sprintf("m%02d.json", i), []byte(fmt.Sprintf(`{"full":%d,"pad":"%s"}`, i, pad)))
 	}
+	ft.Pass(t, 10*time.Second) // settle, queue, write behind
 	testenv.Eventually(t, 30*time.Second, "the first messages written to the outbox", func() bool {
 		segs, _ := filepath.Glob(filepath.Join(d.cfg.StateDir, "outbox", "*.seg"))
 		for _, p := range segs {
@@ -65,6 +72,9 @@ func spoolDiskFull(t *testing.T, devID string, inodes bool) {
 				return true
 			}
 		}
+		// On a loaded machine the intake may queue them only after the
+		// clock passed: their write-behind is still ahead of it.
+		ft.Allow(10 * time.Second)
 		return false
 	})
 
@@ -85,6 +95,7 @@ func spoolDiskFull(t *testing.T, devID string, inodes bool) {
 		}
 	}
 
+	ft.Pass(t, 2*time.Second) // the renamed files settle
 	testenv.Eventually(t, 30*time.Second, "disk-full in the status file", func() bool {
 		_, ok := d.status().Conditions[agent.CondDiskFull]
 		return ok
@@ -98,7 +109,7 @@ func spoolDiskFull(t *testing.T, devID string, inodes bool) {
 	}
 	// Give the agent time to try (write-behind, spool retries), then check
 	// that nothing was deleted while nothing could be delivered.
-	time.Sleep(6 * time.Second)
+	ft.Pass(t, 12*time.Second)
 	for i := 0; i < n; i++ {
 		if _, err := os.Lstat(filepath.Join(spool, fmt.Sprintf("m%02d.json", i))); err != nil {
 			t.Fatalf("spool file %d gone before the hub acknowledged it: %v", i, err)
@@ -125,16 +136,18 @@ func spoolDiskFull(t *testing.T, devID string, inodes bool) {
 		_, full := st.Conditions[agent.CondDiskFull]
 		return st.PID == os.Getpid() && st.State != "stopped" && full
 	})
+	ft.Pass(t, 5*time.Second)
 	select {
 	case err := <-r.done:
 		r.done <- err
 		t.Fatalf("the agent did not start on the full disk: %v", err)
-	case <-time.After(2 * time.Second):
+	case <-time.After(500 * time.Millisecond):
 	}
 
 	// The hub comes back while the disk is still full: what the outbox
 	// holds in memory is delivered, and each file is deleted only after.
 	az.Admin("DELETE", "/faults", nil, nil)
+	ft.Allow(time.Minute) // reconnect
 	testenv.Eventually(t, 60*time.Second, "messages delivered while the disk is full", func() bool {
 		return len(bodiesWith(az, devID, "full")) > 0
 	})
@@ -157,6 +170,7 @@ func spoolDiskFull(t *testing.T, devID string, inodes bool) {
 	assertNoLoss()
 
 	free()
+	ft.Allow(10 * time.Minute) // the look for room, settle times
 	testenv.Eventually(t, 60*time.Second, "every message delivered and every file deleted after space was freed", func() bool {
 		got := assertNoLoss()
 		if len(got) < n {

@@ -2,6 +2,11 @@ package agent_test
 
 // End-to-end tests: a real azsim (DPS, IoT Hub on an embedded MQTT broker,
 // real TLS) started in-process, and gwagent's agent package driving it.
+//
+// Each starts its own azsim, devices and directories, and runs in parallel
+// with the others (t.Parallel), except those that look at the whole process
+// (its goroutines), set the environment (SoftHSM2's SOFTHSM2_CONF too), or
+// measure how long something took in wall time: those run first, alone.
 
 import (
 	"context"
@@ -48,6 +53,9 @@ type devOpts struct {
 	opKey     string // operational key URI (default: file key in the state dir)
 	onKey     string // onboarding key URI (default: file key)
 	extra     string // appended TOML
+	// clock, if set, is the device's clock (the agent's and provision's),
+	// shared with azsim (fakeAzsim).
+	clock *testenv.FakeTime
 }
 
 func newDevice(t *testing.T, az *azsimtest.Azsim, o devOpts) *device {
@@ -59,6 +67,9 @@ func newDevice(t *testing.T, az *azsimtest.Azsim, o devOpts) *device {
 		}
 	}
 	d := &device{t: t, az: az, dir: t.TempDir()}
+	if o.clock != nil {
+		d.clock = o.clock
+	}
 	d.path = filepath.Join(d.dir, "gwagent.toml")
 	if o.opKey == "" {
 		o.opKey = "file:" + filepath.Join(d.dir, "state", "device.key")
@@ -257,9 +268,12 @@ func received(az *azsimtest.Azsim, deviceID, typ string) []map[string]any {
 }
 
 func TestProvisionE2E(t *testing.T) {
-	az := azsimtest.Start(t, azsim.Config{})
+	// DPS's retry-afters and assignment delay pass in a time the test
+	// moves: no registration below waits for them in wall time.
+	ft, az := fakeAzsim(t, azsim.Config{})
+	ft.Allow(10 * time.Minute)
 	t.Run("ok/x509 onboarding, P-384 chain from the issuing CA", func(t *testing.T) {
-		d := newDevice(t, az, devOpts{regID: "gw-x509-1"})
+		d := newDevice(t, az, devOpts{clock: ft, regID: "gw-x509-1"})
 		id, err := d.provision()
 		if err != nil {
 			t.Fatal(err)
@@ -289,7 +303,7 @@ func TestProvisionE2E(t *testing.T) {
 	t.Run("ok/keys in a TPM (swtpm): onboarding by blob, operational by handle", func(t *testing.T) {
 		sw := testenv.StartSWTPM(t)
 		dir := t.TempDir()
-		d := newDevice(t, az, devOpts{regID: "gw-tpm-1",
+		d := newDevice(t, az, devOpts{clock: ft, regID: "gw-tpm-1",
 			onKey: "tpm2:socket=" + sw.Sock + ";blob=" + filepath.Join(dir, "onboarding.tpmkey"),
 			opKey: "tpm2:socket=" + sw.Sock + ";handle=0x81000100"})
 		id, err := d.provision()
@@ -313,7 +327,7 @@ func TestProvisionE2E(t *testing.T) {
 			t.Skip("this build has no PKCS#11 (nopkcs11 or CGO_ENABLED=0); make test uses the full build")
 		}
 		h := testenv.StartSoftHSM(t, "gw", "2468")
-		d := newDevice(t, az, devOpts{regID: "gw-p11-1", onKey: h.URI("onboarding"), opKey: h.URI("operational")})
+		d := newDevice(t, az, devOpts{clock: ft, regID: "gw-p11-1", onKey: h.URI("onboarding"), opKey: h.URI("operational")})
 		for range 2 { // the second rotates to the "-b" object
 			if _, err := d.provision(); err != nil {
 				t.Fatal(err)
@@ -324,7 +338,7 @@ func TestProvisionE2E(t *testing.T) {
 		}
 	})
 	t.Run("ok/symmetric-key onboarding", func(t *testing.T) {
-		d := newDevice(t, az, devOpts{regID: "gw-sym-1", symmetric: true})
+		d := newDevice(t, az, devOpts{clock: ft, regID: "gw-sym-1", symmetric: true})
 		id, err := d.provision()
 		if err != nil {
 			t.Fatal(err)
@@ -334,27 +348,27 @@ func TestProvisionE2E(t *testing.T) {
 		}
 	})
 	t.Run("ok/429 then success", func(t *testing.T) {
-		d := newDevice(t, az, devOpts{regID: "gw-throttled"})
+		d := newDevice(t, az, devOpts{clock: ft, regID: "gw-throttled"})
 		az.Admin("POST", "/faults", map[string]any{"target": "dps", "status": 429, "retryAfter": 1, "count": 2}, nil)
 		if _, err := d.provision(); err != nil {
 			t.Fatal(err)
 		}
 	})
 	t.Run("ok/retry-after and polling while DPS assigns slowly", func(t *testing.T) {
-		d := newDevice(t, az, devOpts{regID: "gw-slow"})
+		d := newDevice(t, az, devOpts{clock: ft, regID: "gw-slow"})
 		az.Admin("POST", "/faults/assign-delay", map[string]any{"seconds": 2.5}, nil)
 		defer az.Admin("POST", "/faults/assign-delay", map[string]any{"seconds": 0}, nil)
-		start := time.Now()
+		start := ft.Now()
 		if _, err := d.provision(); err != nil {
 			t.Fatal(err)
 		}
-		if time.Since(start) < 2*time.Second {
+		if ft.Now().Sub(start) < 2*time.Second {
 			t.Fatal("provisioning finished before DPS had assigned")
 		}
 	})
 	for _, kind := range []string{"wrong-key", "wrong-cn", "broken-chain"} {
 		t.Run("fail/issued chain "+kind+" is rejected, nothing stored", func(t *testing.T) {
-			d := newDevice(t, az, devOpts{regID: "gw-tamper-" + kind})
+			d := newDevice(t, az, devOpts{clock: ft, regID: "gw-tamper-" + kind})
 			az.Admin("POST", "/faults/tamper", map[string]any{"kind": kind}, nil)
 			_, err := d.provision()
 			if !errors.Is(err, provisioning.ErrBadChain) {
@@ -364,7 +378,7 @@ func TestProvisionE2E(t *testing.T) {
 		})
 	}
 	t.Run("fail/disabled enrollment, nothing stored", func(t *testing.T) {
-		d := newDevice(t, az, devOpts{regID: "gw-disabled", symmetric: true})
+		d := newDevice(t, az, devOpts{clock: ft, regID: "gw-disabled", symmetric: true})
 		az.Admin("POST", "/dps/enrollments/"+azsim.SymmetricKeyGroup+"/disable", nil, nil)
 		defer az.Admin("POST", "/dps/enrollments/"+azsim.SymmetricKeyGroup+"/enable", nil, nil)
 		_, err := d.provision()
@@ -374,7 +388,7 @@ func TestProvisionE2E(t *testing.T) {
 		assertNotProvisioned(t, d)
 	})
 	t.Run("fail/wrong symmetric key is rejected without retry", func(t *testing.T) {
-		d := newDevice(t, az, devOpts{regID: "gw-badkey", symmetric: true})
+		d := newDevice(t, az, devOpts{clock: ft, regID: "gw-badkey", symmetric: true})
 		os.WriteFile(d.cfg.Onboarding.SymmetricKeyFile, []byte("c2VjcmV0LWJ1dC13cm9uZy1rZXktMDEyMzQ1Njc4OQ==\n"), 0o600)
 		_, err := d.provision()
 		if !errors.Is(err, provisioning.ErrCredentialRejected) {
@@ -386,14 +400,14 @@ func TestProvisionE2E(t *testing.T) {
 		assertNotProvisioned(t, d)
 	})
 	t.Run("fail/onboarding certificate refused in the TLS handshake, no retry", func(t *testing.T) {
-		d := newDevice(t, az, devOpts{regID: "gw-tls-refused"})
+		d := newDevice(t, az, devOpts{clock: ft, regID: "gw-tls-refused"})
 		assertRefusedInHandshake(t, d)
 	})
 	t.Run("fail/500s exhaust the retries with a clear error", func(t *testing.T) {
 		d := newDevice(t, az, devOpts{regID: "gw-5xx"})
 		az.Admin("POST", "/faults", map[string]any{"target": "dps", "status": 503, "retryAfter": 1, "count": 50}, nil)
 		defer az.Admin("DELETE", "/faults", nil, nil)
-		d.cfg.Identity.ProvisioningTimeout.Duration = 4 * time.Second
+		d.cfg.Identity.ProvisioningTimeout.Duration = 2 * time.Second
 		_, err := d.provision()
 		if err == nil || !strings.Contains(err.Error(), "503") {
 			t.Fatalf("got %v, want an error naming DPS's 503", err)
@@ -414,6 +428,7 @@ func assertNotProvisioned(t *testing.T, d *device) {
 }
 
 func TestRunE2E(t *testing.T) {
+	t.Parallel()
 	az := azsimtest.Start(t, azsim.Config{})
 	d := newDevice(t, az, devOpts{regID: "gw-run-1"})
 	r := d.start()
@@ -478,7 +493,7 @@ func TestRunE2E(t *testing.T) {
 		})
 		os.WriteFile(d.path, good, 0o600)
 		// Still working with the old config.
-		os.WriteFile(filepath.Join(d.cfg.Telemetry.SpoolDir, "still.json"), []byte(`{"stillUp":1}`), 0o644)
+		spoolPut(t, d.cfg.Telemetry.SpoolDir, "still.json", []byte(`{"stillUp":1}`))
 		testenv.Eventually(t, 10*time.Second, "a message after the rejected change", func() bool { return countBodies(az, "gw-run-1", "stillUp") == 1 })
 	})
 	t.Run("ok/telemetry interval reloaded without restart", func(t *testing.T) {
@@ -500,7 +515,7 @@ func TestRunE2E(t *testing.T) {
 			id, err := storeCurrent(d)
 			return err == nil && id.Serial != old && d.status().State == "connected"
 		})
-		os.WriteFile(filepath.Join(d.cfg.Telemetry.SpoolDir, "again.json"), []byte(`{"again":1}`), 0o644)
+		spoolPut(t, d.cfg.Telemetry.SpoolDir, "again.json", []byte(`{"again":1}`))
 		testenv.Eventually(t, 10*time.Second, "a message with the new identity", func() bool { return countBodies(az, "gw-run-1", "again") == 1 })
 	})
 	r.stop()
@@ -533,6 +548,7 @@ func storeCurrent(d *device) (*provisioning.Identity, error) {
 // A gateway without RTC boots in 1970: the agent waits for time sync
 // instead of failing TLS, then carries on.
 func TestClock1970(t *testing.T) {
+	t.Parallel()
 	az := azsimtest.Start(t, azsim.Config{})
 	d := newDevice(t, az, devOpts{regID: "gw-clock-1"})
 	if _, err := d.provision(); err != nil {
@@ -559,6 +575,7 @@ func TestClock1970(t *testing.T) {
 // Static mode: a certificate installed at the factory (signed by a CA the
 // hub trusts) and a known hub, no DPS.
 func TestStaticModeE2E(t *testing.T) {
+	t.Parallel()
 	// Also against a hub without certificate management, which refuses the
 	// credentials subscription: a static device never needs it.
 	for name, noCM := range map[string]bool{"ok/hub": false, "ok/hub-without-certificate-management": true} {

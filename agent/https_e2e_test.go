@@ -33,12 +33,16 @@ func overHTTPS(d *device) {
 }
 
 func TestProvisionHTTPSE2E(t *testing.T) {
-	az := azsimtest.Start(t, azsim.Config{})
+	t.Parallel()
+	// DPS's retry-afters and assignment delay pass in a time the test
+	// moves (the devices share the clock with azsim).
+	ft, az := fakeAzsim(t, azsim.Config{})
+	ft.Allow(10 * time.Minute)
 	for _, sym := range []bool{false, true} {
 		name := map[bool]string{false: "x509", true: "symmetric key"}[sym]
 		t.Run("ok/"+name+" over HTTPS with 429 and slow assignment", func(t *testing.T) {
 			regID := "gw-https-" + strings.ReplaceAll(name, " ", "-")
-			d := newDevice(t, az, devOpts{regID: regID, symmetric: sym})
+			d := newDevice(t, az, devOpts{clock: ft, regID: regID, symmetric: sym})
 			overHTTPS(d)
 			az.Admin("POST", "/faults", map[string]any{"target": "dps", "status": 429, "retryAfter": 1, "count": 1}, nil)
 			az.Admin("POST", "/faults/assign-delay", map[string]any{"seconds": 1.5}, nil)
@@ -62,13 +66,13 @@ func TestProvisionHTTPSE2E(t *testing.T) {
 		})
 	}
 	t.Run("ok/the running agent provisions over HTTPS and sends telemetry", func(t *testing.T) {
-		d := newDevice(t, az, devOpts{regID: "gw-https-run"})
+		d := newDevice(t, az, devOpts{clock: ft, regID: "gw-https-run"})
 		overHTTPS(d)
 		d.start()
 		testenv.Eventually(t, 30*time.Second, "the first health message", func() bool { return len(received(az, "gw-https-run", "health")) > 0 })
 	})
 	t.Run("fail/wrong symmetric key over HTTPS, nothing stored", func(t *testing.T) {
-		d := newDevice(t, az, devOpts{regID: "gw-https-badkey", symmetric: true})
+		d := newDevice(t, az, devOpts{clock: ft, regID: "gw-https-badkey", symmetric: true})
 		overHTTPS(d)
 		os.WriteFile(d.cfg.Onboarding.SymmetricKeyFile, []byte("c2VjcmV0LWJ1dC13cm9uZy1rZXktMDEyMzQ1Njc4OQ==\n"), 0o600)
 		_, err := d.provision()
@@ -78,12 +82,12 @@ func TestProvisionHTTPSE2E(t *testing.T) {
 		assertNotProvisioned(t, d)
 	})
 	t.Run("fail/onboarding certificate refused in the TLS handshake over HTTPS, no retry", func(t *testing.T) {
-		d := newDevice(t, az, devOpts{regID: "gw-https-tls-refused"})
+		d := newDevice(t, az, devOpts{clock: ft, regID: "gw-https-tls-refused"})
 		overHTTPS(d)
 		assertRefusedInHandshake(t, d)
 	})
 	t.Run("fail/disabled enrollment over HTTPS", func(t *testing.T) {
-		d := newDevice(t, az, devOpts{regID: "gw-https-disabled", symmetric: true})
+		d := newDevice(t, az, devOpts{clock: ft, regID: "gw-https-disabled", symmetric: true})
 		overHTTPS(d)
 		az.Admin("POST", "/dps/enrollments/"+azsim.SymmetricKeyGroup+"/disable", nil, nil)
 		defer az.Admin("POST", "/dps/enrollments/"+azsim.SymmetricKeyGroup+"/enable", nil, nil)
@@ -94,7 +98,7 @@ func TestProvisionHTTPSE2E(t *testing.T) {
 	})
 	for _, kind := range []string{"wrong-key", "broken-chain"} {
 		t.Run("fail/issued chain "+kind+" over HTTPS is rejected", func(t *testing.T) {
-			d := newDevice(t, az, devOpts{regID: "gw-https-tamper-" + kind})
+			d := newDevice(t, az, devOpts{clock: ft, regID: "gw-https-tamper-" + kind})
 			overHTTPS(d)
 			az.Admin("POST", "/faults/tamper", map[string]any{"kind": kind}, nil)
 			if _, err := d.provision(); !errors.Is(err, provisioning.ErrBadChain) {

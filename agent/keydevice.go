@@ -4,6 +4,7 @@ import (
 	"crypto"
 	"errors"
 	"io"
+	"io/fs"
 	"os"
 	"strings"
 	"sync"
@@ -25,6 +26,15 @@ const devicePoll = time.Second
 func (a *Agent) waitKeyDevice(err error, d time.Duration, wait func(time.Duration) bool) bool {
 	if !errors.Is(err, keystore.ErrDeviceAbsent) {
 		return wait(d)
+	}
+	// The node the attempt did not find may have appeared since (the
+	// error carries its path): then there is nothing to wait for.
+	var pe *fs.PathError
+	if errors.As(err, &pe) && errors.Is(err, fs.ErrNotExist) {
+		if _, serr := os.Stat(pe.Path); serr == nil {
+			a.log.Info("TPM device appeared; retrying", "path", pe.Path)
+			return true
+		}
 	}
 	missing := a.absentTPMs()
 	if len(missing) == 0 {

@@ -23,6 +23,7 @@ import (
 // watch for the device node can bring it up within the test's deadline;
 // once before provisioning and once with an identity (the reboot case).
 func TestLateTPM(t *testing.T) {
+	t.Parallel()
 	sw := testenv.StartSWTPM(t)
 	az := azsimtest.Start(t, azsim.Config{})
 	dir := t.TempDir()

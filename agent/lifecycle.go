@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"time"
 
+	"github.com/gwagent/gwagent/agent/sdnotify"
+	"github.com/gwagent/gwagent/agent/status"
 	"github.com/gwagent/gwagent/internal/tlsconf"
 	"github.com/gwagent/gwagent/keystore"
 	"github.com/gwagent/gwagent/provisioning"
@@ -15,7 +17,7 @@ import (
 // lifecycle is the state machine: wait for a sane clock, make sure there is
 // a valid identity (provisioning if not), connect, serve, reconnect.
 func (a *Agent) lifecycle(ctx context.Context) {
-	wd := watchdogInterval()
+	wd := a.sd.WatchdogInterval()
 	var wdC <-chan time.Time
 	if wd > 0 {
 		t, c := a.clock.NewTicker(wd)
@@ -24,7 +26,7 @@ func (a *Agent) lifecycle(ctx context.Context) {
 	}
 	failures := 0
 	wait := func(d time.Duration) bool {
-		a.beat.alive(d + stepBudget) // a planned wait is progress
+		a.sd.Alive(d + sdnotify.StepBudget) // a planned wait is progress
 		timer, timerC := a.clock.NewTimer(d)
 		defer timer.Stop()
 		for {
@@ -38,7 +40,7 @@ func (a *Agent) lifecycle(ctx context.Context) {
 		}
 	}
 	for ctx.Err() == nil {
-		a.beat.alive(stepBudget)
+		a.sd.Alive(sdnotify.StepBudget)
 		// Provisioning judges DPS's certificate and the issued chain: not
 		// before the clock can be trusted (the floor is the build time here,
 		// the certificate's notBefore below).
@@ -61,7 +63,7 @@ func (a *Agent) lifecycle(ctx context.Context) {
 		if a.clock.Now().After(id.NotAfter) {
 			a.status.Raise(CondCertificateExpired, "certificate expired at "+id.NotAfter.Format(time.RFC3339))
 			if a.cfg.Load().Static() {
-				a.status.Set(StateDegraded)
+				a.status.Set(status.Degraded)
 				if !wait(a.opts.Backoff.Delay(failures, a.rng)) {
 					return
 				}
@@ -89,8 +91,8 @@ func (a *Agent) lifecycle(ctx context.Context) {
 				failures = 0
 				a.renewal.Connected()
 				a.status.Clear(CondHubUnreachable)
-				a.status.Set(StateConnected)
-				a.reachedHub()
+				a.status.Set(status.Connected)
+				a.health.ReachedHub()
 				if !a.connected(ctx, sess, next, wdC, wait) {
 					return
 				}
@@ -98,9 +100,9 @@ func (a *Agent) lifecycle(ctx context.Context) {
 			}
 		}
 		if failures > 0 {
-			a.status.Set(StateReconnecting)
+			a.status.Set(status.Reconnecting)
 		} else {
-			a.status.Set(StateConnecting)
+			a.status.Set(status.Connecting)
 		}
 		sess, err := a.dial(ctx, id)
 		if err != nil {
@@ -137,8 +139,8 @@ func (a *Agent) lifecycle(ctx context.Context) {
 		a.status.Clear(CondHubUnreachable)
 		a.status.Clear(CondReprovisionHeldBack)
 		a.status.Clear(CondThrottled)
-		a.status.Set(StateConnected)
-		a.reachedHub()
+		a.status.Set(status.Connected)
+		a.health.ReachedHub()
 		if !a.connected(ctx, sess, id, wdC, wait) {
 			return
 		}
@@ -175,7 +177,7 @@ func (a *Agent) connected(ctx context.Context, sess *transport.Session, id *prov
 		return true
 	}
 	a.log.Warn("hub connection lost", "err", sess.Err())
-	a.status.Set(StateReconnecting)
+	a.status.Set(status.Reconnecting)
 	return wait(a.opts.Backoff.Delay(0, a.rng))
 }
 
@@ -196,7 +198,7 @@ func (a *Agent) identity(ctx context.Context) (*provisioning.Identity, error) {
 	}
 	id, err := a.store.Current()
 	if errors.Is(err, provisioning.ErrNotProvisioned) {
-		a.status.Set(StateNotProvisioned)
+		a.status.Set(status.NotProvisioned)
 		return a.provision(ctx)
 	}
 	if err != nil {
@@ -214,12 +216,12 @@ func (a *Agent) noteIdentity(id *provisioning.Identity) {
 
 // provision registers through DPS and commits the new identity.
 func (a *Agent) provision(ctx context.Context) (*provisioning.Identity, error) {
-	a.status.Set(StateProvisioning)
+	a.status.Set(status.Provisioning)
 	a.renewal.NoteRegistration()
 	cfg := a.cfg.Load()
 	// Provision is bounded by provisioning_timeout, DPS's retry-afters
 	// included: waiting for DPS is progress.
-	a.beat.alive(cfg.Identity.ProvisioningTimeout.Duration + stepBudget)
+	a.sd.Alive(cfg.Identity.ProvisioningTimeout.Duration + sdnotify.StepBudget)
 	id, err := Provision(ctx, cfg, a.keys, ProvisionOptions{
 		Clock:         a.clock,
 		ClientVersion: "gwagent/" + a.opts.Version,
@@ -251,7 +253,7 @@ func (a *Agent) provision(ctx context.Context) (*provisioning.Identity, error) {
 		a.noteFullDisk(err)
 		a.status.Raise(CondProvisioningFailed, err.Error())
 	}
-	a.status.Set(StateDegraded)
+	a.status.Set(status.Degraded)
 	a.log.Error("provisioning failed", "err", err)
 	return nil, err
 }
@@ -275,14 +277,14 @@ func (a *Agent) clockSane(ctx context.Context, id *provisioning.Identity, wait f
 				return true
 			}
 			a.status.Raise(CondClockNotSynced, why)
-			a.status.Set(StateWaitingForClock)
+			a.status.Set(status.WaitingForClock)
 			if !wait(a.opts.ClockPoll) {
 				return false
 			}
 			continue
 		}
 		a.status.Raise(CondClockNotSynced, fmt.Sprintf("clock says %s, before %s; waiting for time synchronisation (NTP)", now.UTC().Format(time.RFC3339), floor.UTC().Format(time.RFC3339)))
-		a.status.Set(StateWaitingForClock)
+		a.status.Set(status.WaitingForClock)
 		if !wait(a.opts.ClockPoll) {
 			return false
 		}

@@ -54,7 +54,9 @@ func hubPort(t *testing.T, az *azsimtest.Azsim) int {
 }
 
 func TestBehindProxyRenewsOverWebSockets(t *testing.T) {
-	az := azsimtest.Start(t, azsim.Config{CertLifetime: 12 * time.Second})
+	// Certificates are issued and renewed in a time the test moves
+	// (fakeAzsim), one renewal per device.
+	ft, az := fakeAzsim(t, azsim.Config{CertLifetime: 12 * time.Second})
 	px := onlyWebSockets(t, az)
 	for _, be := range []string{"file", "tpm", "pkcs11"} {
 		t.Run("ok/"+be, func(t *testing.T) {
@@ -73,20 +75,23 @@ func TestBehindProxyRenewsOverWebSockets(t *testing.T) {
 				o.onKey, o.opKey = h.URI("onboarding"), h.URI("operational")
 			}
 			d := newDevice(t, az, o)
+			d.clock = ft
+			ft.Allow(3 * time.Second)
 			d.start()
 			testenv.Eventually(t, 30*time.Second, "connected over WebSockets", func() bool {
 				st := d.status()
 				return st.State == "connected" && st.Transport == "websocket"
 			})
 			first := d.current()
-			testenv.Eventually(t, 40*time.Second, "a certificate renewed through the hub", func() bool {
+			allowRenewal(ft, first, 0.5)
+			testenv.Eventually(t, 20*time.Second, "a certificate renewed through the hub", func() bool {
 				s, err := storeCurrent(d)
 				return err == nil && s.Serial != first.Serial
 			})
 			if via := d.current().Via; via != "hub" {
 				t.Fatalf("renewed via %q, want hub", via)
 			}
-			os.WriteFile(filepath.Join(d.cfg.Telemetry.SpoolDir, "ws.json"), []byte(`{"overWebSockets":1}`), 0o644)
+			spoolPut(t, d.cfg.Telemetry.SpoolDir, "ws.json", []byte(`{"overWebSockets":1}`))
 			testenv.Eventually(t, 15*time.Second, "a message after the renewal", func() bool {
 				return countBodies(az, o.regID, "overWebSockets") == 1
 			})
@@ -98,6 +103,7 @@ func TestBehindProxyRenewsOverWebSockets(t *testing.T) {
 }
 
 func TestAutoFallsBackAndRemembers(t *testing.T) {
+	t.Parallel()
 	az := azsimtest.Start(t, azsim.Config{})
 	px := onlyWebSockets(t, az)
 	raw := hubPort(t, az)
@@ -135,16 +141,25 @@ func TestAutoFallsBackAndRemembers(t *testing.T) {
 // notices at its next re-probe, beside the running session (the proxy keeps
 // the open tunnel), and reconnects over MQTT.
 func TestAutoReturnsToMQTT(t *testing.T) {
+	t.Parallel()
 	az := azsimtest.Start(t, azsim.Config{})
 	px := onlyWebSockets(t, az)
-	d := newDevice(t, az, devOpts{regID: "gw-reprobe", extra: networkTOML(az, "auto", proxyURL(px, "site", "pw-Xy7")) + "mqtt_reprobe = \"10s\"\n"})
+	d := newDevice(t, az, devOpts{regID: "gw-reprobe", extra: networkTOML(az, "auto", proxyURL(px, "site", "pw-Xy7")) + "mqtt_reprobe = \"10m\"\n"})
+	// The re-probe runs on the agent's clock, which the test moves.
+	ft := testenv.StartFakeTime(t, time.Now())
+	ft.Allow(5 * time.Second)
+	d.clock = ft
 	r := d.start()
 	testenv.Eventually(t, 30*time.Second, "connected over WebSockets", func() bool {
 		st := d.status()
 		return st.State == "connected" && st.Transport == "websocket"
 	})
 	px.Reload(testenv.ProxyOpts{User: "site", Password: "pw-Xy7"}) // every port
-	testenv.Eventually(t, 90*time.Second, "back on MQTT", func() bool {
+	if strings.Contains(r.log.String(), "port 8883 is reachable again") {
+		t.Fatal("re-probed before mqtt_reprobe had passed")
+	}
+	ft.Allow(11 * time.Minute)
+	testenv.Eventually(t, 30*time.Second, "back on MQTT", func() bool {
 		st := d.status()
 		return st.State == "connected" && st.Transport == "mqtt"
 	})
@@ -158,25 +173,31 @@ func TestAutoReturnsToMQTT(t *testing.T) {
 
 func healthOrLine(st interface{ Line() string }) string { return st.Line() }
 
-func TestNetworkReloadAndEnvironment(t *testing.T) {
+// Changing the transport in the config reconnects over the new one.
+func TestNetworkReload(t *testing.T) {
+	t.Parallel()
 	az := azsimtest.Start(t, azsim.Config{})
-	t.Run("ok/changing transport in the config reconnects over the new one", func(t *testing.T) {
-		d := newDevice(t, az, devOpts{regID: "gw-reload-net", extra: networkTOML(az, "mqtt", "")})
-		d.start()
-		testenv.Eventually(t, 30*time.Second, "connected over MQTT", func() bool {
-			st := d.status()
-			return st.State == "connected" && st.Transport == "mqtt"
-		})
-		raw, _ := os.ReadFile(d.path)
-		next := strings.Replace(string(raw), `transport = "mqtt"`, `transport = "websocket"`, 1)
-		tmp := d.path + ".new"
-		os.WriteFile(tmp, []byte(next), 0o600)
-		os.Rename(tmp, d.path)
-		testenv.Eventually(t, 30*time.Second, "reconnected over WebSockets", func() bool {
-			st := d.status()
-			return st.State == "connected" && st.Transport == "websocket"
-		})
+	d := newDevice(t, az, devOpts{regID: "gw-reload-net", extra: networkTOML(az, "mqtt", "")})
+	d.start()
+	testenv.Eventually(t, 30*time.Second, "connected over MQTT", func() bool {
+		st := d.status()
+		return st.State == "connected" && st.Transport == "mqtt"
 	})
+	raw, _ := os.ReadFile(d.path)
+	next := strings.Replace(string(raw), `transport = "mqtt"`, `transport = "websocket"`, 1)
+	tmp := d.path + ".new"
+	os.WriteFile(tmp, []byte(next), 0o600)
+	os.Rename(tmp, d.path)
+	testenv.Eventually(t, 30*time.Second, "reconnected over WebSockets", func() bool {
+		st := d.status()
+		return st.State == "connected" && st.Transport == "websocket"
+	})
+}
+
+// The proxy from the environment (https_proxy, no_proxy): set for the whole
+// process, so this test runs alone.
+func TestNetworkFromEnvironment(t *testing.T) {
+	az := azsimtest.Start(t, azsim.Config{})
 	t.Run("ok/https_proxy from the environment, no_proxy for the local hub", func(t *testing.T) {
 		dead := testenv.StartTinyproxy(t, testenv.ProxyOpts{})
 		dead.Stop()
@@ -192,6 +213,9 @@ func TestNetworkReloadAndEnvironment(t *testing.T) {
 		t.Setenv("https_proxy", "http://u:env-pw@"+dead.Addr)
 		t.Setenv("no_proxy", "")
 		d := newDevice(t, az, devOpts{regID: "gw-deadproxy", extra: networkTOML(az, "auto", "")})
+		// Registration retries until its timeout (30 s in the device's
+		// config): 2 s are enough to see how a dead proxy fails.
+		d.cfg.Identity.ProvisioningTimeout.Duration = 2 * time.Second
 		if _, err := d.provision(); err == nil || !strings.Contains(err.Error(), dead.Addr) || strings.Contains(err.Error(), "env-pw") {
 			t.Fatalf("provisioning through a dead proxy: %v", err)
 		}
@@ -209,6 +233,7 @@ func TestNetworkReloadAndEnvironment(t *testing.T) {
 // Twin, methods, the outbox across an outage and reconnects behave over
 // WebSockets through a proxy as they do over MQTT.
 func TestOverWebSocketsLikeMQTT(t *testing.T) {
+	t.Parallel()
 	az := azsimtest.Start(t, azsim.Config{})
 	px := onlyWebSockets(t, az)
 	d := newDevice(t, az, devOpts{regID: "gw-ws-all", extra: networkTOML(az, "websocket", proxyURL(px, "site", "pw-Xy7"))})

@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"strings"
 
+	"github.com/gwagent/gwagent/agent/network"
 	"github.com/gwagent/gwagent/internal/clock"
 	"github.com/gwagent/gwagent/internal/diskspace"
 	"github.com/gwagent/gwagent/internal/tlsconf"
@@ -169,12 +170,12 @@ func Provision(ctx context.Context, cfg *Config, keys *Keys, opts ProvisionOptio
 	if err != nil {
 		return nil, fmt.Errorf("operational key: %w", err)
 	}
-	nw, _, err := networkOptions(cfg, now(), cfg.Network.DPSWebSocketPort)
+	nw, err := network.Choose(cfg.Network, cfg.StateDir, now(), cfg.Network.DPSWebSocketPort)
 	if err != nil {
 		return nil, fmt.Errorf("dps: %w", err)
 	}
 	dps := provisioning.DPSConfig{
-		Network:        nw,
+		Network:        nw.Options,
 		Endpoint:       cfg.Identity.DPSEndpoint,
 		IDScope:        cfg.Identity.IDScope,
 		RegistrationID: regID,

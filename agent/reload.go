@@ -9,15 +9,23 @@ import (
 	"github.com/gwagent/gwagent/internal/dirwatch"
 )
 
+// reloadDebounce is how long the config file must stay quiet after a
+// change before it is read: an editor's save is several writes.
+const reloadDebounce = 300 * time.Millisecond
+
 // watchConfig reloads the config when its file changes (directory watch,
-// so atomic replaces are seen), debounced; an invalid file is logged and
-// the old config stays.
+// so atomic replaces are seen; scanned on a timer without inotify),
+// debounced; an invalid file is logged and the old config stays.
 func (a *Agent) watchConfig(ctx context.Context) {
-	dir, file := filepath.Dir(a.cfgPath), filepath.Base(a.cfgPath)
-	w := a.watchDir("config", CondConfigPolled, dir)
+	path := a.cfg.Load().Path() // a reload never moves the file
+	dir, file := filepath.Dir(path), filepath.Base(path)
+	w := dirwatch.Watch(dir, dirwatch.Options{What: "config", Cond: CondConfigPolled, Sink: a.status, Log: a.log,
+		Clock: a.clock, NewWatcher: a.opts.newWatcher})
 	defer w.Close()
-	last := configSig(a.cfgPath) // what polling compares with
-	var debounce <-chan time.Time
+	last := configSig(path) // what polling compares with
+	debounce, debounceC := a.clock.NewTimer(reloadDebounce)
+	debounce.Stop()
+	defer debounce.Stop()
 	for {
 		select {
 		case <-ctx.Done():
@@ -27,19 +35,18 @@ func (a *Agent) watchConfig(ctx context.Context) {
 				return
 			}
 			if filepath.Base(ev.Name) == file {
-				debounce = time.After(300 * time.Millisecond)
+				debounce.Reset(reloadDebounce)
 			}
 		case err := <-w.Errors():
 			a.log.Warn("config watcher", "err", err)
 		case <-w.Tick():
 			w.Ticked()
-			if sig := configSig(a.cfgPath); sig != last {
+			if sig := configSig(path); sig != last {
 				last = sig
 				a.reload()
 			}
-		case <-debounce:
-			debounce = nil
-			last = configSig(a.cfgPath)
+		case <-debounceC:
+			last = configSig(path)
 			a.reload()
 		}
 	}
@@ -58,7 +65,7 @@ func configSig(path string) dirwatch.Sig {
 // reload applies a changed config: telemetry interval, spool directory, log
 // level take effect now; identity changes and the outbox bound need a restart.
 func (a *Agent) reload() {
-	next, err := LoadConfig(a.cfgPath)
+	next, err := LoadConfig(a.cfg.Load().Path())
 	if err != nil {
 		a.log.Error("config change rejected; keeping the running config", "err", err)
 		return
@@ -74,12 +81,12 @@ func (a *Agent) reload() {
 	a.cfg.Store(next)
 	a.applyLogLevel(next)
 	if next.Telemetry.Interval != old.Telemetry.Interval {
-		a.setInterval(next.Telemetry.Interval.Duration)
+		a.health.SetInterval(next.Telemetry.Interval.Duration)
 	}
 	if next.Network != old.Network {
 		// Reconnect so the next session uses the new transport or proxy.
 		a.log.Info("network settings changed; reconnecting", "transport", next.Network.Transport)
-		a.endSession()
+		a.hub.endSession()
 	}
 	a.log.Info("config reloaded", "telemetry_interval", next.Telemetry.Interval.Duration, "spool_dir", next.Telemetry.SpoolDir, "log_level", next.LogLevel)
 }

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"time"
 
+	"github.com/gwagent/gwagent/agent/status"
 	"github.com/gwagent/gwagent/internal/condition"
 	"github.com/gwagent/gwagent/internal/retry"
 	"github.com/gwagent/gwagent/keystore"
@@ -45,7 +46,7 @@ func (a *Agent) newRenewer(crashAt string) *renewal.Renewer {
 		},
 		Reprovision:    func(ctx context.Context) error { _, err := a.provision(ctx); return err },
 		Dial:           a.dial,
-		EndSession:     a.endSession,
+		EndSession:     a.hub.endSession,
 		Reprovisioning: a.opts.Reprovision,
 		CrashAt:        crashAt,
 	})
@@ -67,7 +68,7 @@ type renewalStatus struct{ a *Agent }
 func (s renewalStatus) Raise(c condition.Name, reason string) { s.a.status.Raise(c, reason) }
 func (s renewalStatus) Clear(c condition.Name)                { s.a.status.Clear(c) }
 func (s renewalStatus) Has(c condition.Name) bool             { return s.a.status.Has(c) }
-func (s renewalStatus) Swapping()                             { s.a.status.Set(StateSwapping) }
+func (s renewalStatus) Swapping()                             { s.a.status.Set(status.Swapping) }
 func (s renewalStatus) InUse(id *provisioning.Identity)       { s.a.noteIdentity(id) }
 func (s renewalStatus) NextRenewal(at time.Time) {
 	s.a.status.Update(true, func(st *Status) { st.NextRenewal = at })
@@ -89,27 +90,6 @@ func (d renewalDisk) Advise(err error) error {
 // SIGHUP, `gwagent renew`). It does not wait.
 func (a *Agent) RequestRenewal(why string) { a.renewal.Request(why) }
 
-// onCredentials takes a certificate answer that arrived with nobody waiting
-// (the 200 after a reconnect), as one of the hub's callbacks.
-func (a *Agent) onCredentials(status int, rid string, body []byte) {
-	if !a.calls.enter() {
-		return
-	}
-	defer a.calls.leave()
-	a.renewal.OnCredentials(a.callbackCtx(), status, rid, body)
-}
-
-// endSession ends the current hub session so the lifecycle swaps to the
-// staged identity.
-func (a *Agent) endSession() {
-	a.mu.Lock()
-	end := a.endSess
-	a.mu.Unlock()
-	if end != nil {
-		end()
-	}
-}
-
 // RenewOnce renews the certificate without the service running (`gwagent
 // renew`): connect with the current identity, renew (hub path or DPS as
 // configured), connect with the new pair and commit it.
@@ -118,9 +98,7 @@ func (a *Agent) RenewOnce(ctx context.Context) (*provisioning.Identity, error) {
 	if cfg.Static() {
 		return nil, errors.New("renew: this device uses a factory certificate ([hub] static mode); renew it with the factory's process")
 	}
-	a.started = a.clock.Now()
-	a.status = newStatusTracker(cfg.StateDir, a.log, a.notify, a.clock.Now, a.opts.Version)
-	defer a.status.Set(StateStopped) // not "swapping-certificate" for ever: no agent runs
+	defer a.status.Set(status.Stopped) // not "swapping-certificate" for ever: no agent runs
 	defer a.keys.Close()
 	store, err := provisioning.OpenStore(cfg.StateDir)
 	if err != nil {

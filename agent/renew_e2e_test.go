@@ -187,6 +187,7 @@ func renewRepeatedly(t *testing.T, ft *testenv.FakeTime, az *azsimtest.Azsim, re
 // The hub refuses a renewed pair with a TLS alert (azsim's default, as Azure
 // may) or with CONNACK 5 (--gentle): either way it is rolled back.
 func TestRenewalRollback(t *testing.T) {
+	t.Parallel()
 	for name, gentle := range map[string]bool{"ok/tls-alert": false, "ok/connack-5": true} {
 		t.Run(name, func(t *testing.T) { renewalRollback(t, gentle) })
 	}
@@ -243,6 +244,7 @@ func renewalRollback(t *testing.T, gentle bool) {
 // after the restart its new request gets 409 (one is active), it replaces
 // the old one, and the renewal completes through the hub.
 func TestRenewal409Replace(t *testing.T) {
+	t.Parallel()
 	// With the request recorded, gwagent waits for its own request after
 	// the restart (never "replace", which would cancel it); without the
 	// record (lost), the hub's 409 names a request gwagent does not know,
@@ -256,7 +258,7 @@ func renewal409(t *testing.T, lostRecord bool) {
 	// The clock stays short of the end of the wait for the hub's answer
 	// (three quarters of the lifetime): the answer comes in the hub's
 	// IssueDelay, wall time.
-	ft, az := fakeAzsim(t, azsim.Config{CertLifetime: 40 * time.Second, IssueDelay: 6 * time.Second})
+	ft, az := fakeAzsim(t, azsim.Config{CertLifetime: 40 * time.Second, IssueDelay: 3 * time.Second})
 	d := newDevice(t, az, devOpts{regID: "gw-renew-409", extra: fastRenewal})
 	d.clock = ft
 	r := d.start()
@@ -289,6 +291,7 @@ func renewal409(t *testing.T, lostRecord bool) {
 // The 202 arrives, then the connection drops: the 200 comes on the next
 // connection and is used.
 func TestRenewalAnswerAfterReconnect(t *testing.T) {
+	t.Parallel()
 	ft, az := fakeAzsim(t, azsim.Config{CertLifetime: 40 * time.Second, IssueDelay: 3 * time.Second})
 	d := newDevice(t, az, devOpts{regID: "gw-renew-late", extra: strings.Replace(fastRenewal, `issue_timeout = "10s"`, `issue_timeout = "30s"`, 1)})
 	d.clock = ft

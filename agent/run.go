@@ -11,13 +11,17 @@ import (
 
 	"github.com/fsnotify/fsnotify"
 
+	"github.com/gwagent/gwagent/agent/health"
+	"github.com/gwagent/gwagent/agent/sdnotify"
+	"github.com/gwagent/gwagent/agent/status"
+	"github.com/gwagent/gwagent/agent/twin"
 	"github.com/gwagent/gwagent/internal/clock"
 	"github.com/gwagent/gwagent/internal/clocksync"
 	"github.com/gwagent/gwagent/internal/retry"
+	"github.com/gwagent/gwagent/internal/statelock"
 	"github.com/gwagent/gwagent/provisioning"
 	"github.com/gwagent/gwagent/renewal"
 	"github.com/gwagent/gwagent/telemetry"
-	"github.com/gwagent/gwagent/transport"
 )
 
 // Options are how the caller (cmd/gwagent, tests, a fleet simulation) sets
@@ -70,13 +74,11 @@ type Options struct {
 // Agent is one running gwagent: one device identity, one hub session at a
 // time, one outbox.
 type Agent struct {
-	cfgPath string
 	cfg     atomic.Pointer[Config]
 	opts    Options
 	log     *slog.Logger
-	notify  *notifier
-	beat    *heartbeat
-	status  *statusTracker
+	sd      *sdnotify.Notifier // systemd: READY, STATUS, the watchdog
+	status  *status.Tracker
 	keys    *Keys
 	store   *provisioning.Store
 	renewal *renewal.Renewer
@@ -84,21 +86,10 @@ type Agent struct {
 	pipe    *telemetry.Pipeline // spool, outbox, drain (set by Run)
 	rng     *rand.Rand
 
-	interval atomic.Int64  // current health interval (ns): config or twin
-	up       chan struct{} // closed at the first hub connection (reachedHub)
-	upOnce   sync.Once
-	retimer  chan struct{} // wakes the health loop when the interval changed
-	health   healthSource  // the health loop's own
-	desired  desiredState  // order of desired-properties updates (twin.go)
+	health *health.Loop // the health messages and their interval
+	twin   *twin.Twin   // the twin and direct methods
 
-	ctx   context.Context // Run's, for callbacks (set before any session)
-	calls callbacks       // callbacks in progress (calls.go)
-
-	mu      sync.Mutex
-	sess    *transport.Session
-	endSess func() // ends the current session (renewal swap)
-	started time.Time
-
+	hub   hubLink    // the session being served, the hub's callbacks
 	trust clockTrust // the lifecycle goroutine's own
 }
 
@@ -116,7 +107,7 @@ func New(cfgPath string, opts Options) (*Agent, error) {
 		opts.Backoff = retry.Policy{Min: time.Second, Max: 5 * time.Minute}
 	}
 	if opts.TwinTimeout == 0 {
-		opts.TwinTimeout = twinRequestTimeout
+		opts.TwinTimeout = twin.RequestTimeout
 	}
 	if opts.ClockPoll == 0 {
 		opts.ClockPoll = 5 * time.Second
@@ -128,21 +119,22 @@ func New(cfgPath string, opts Options) (*Agent, error) {
 		opts.ClockSyncWait = defaultClockSyncWait
 	}
 	a := &Agent{
-		cfgPath: cfgPath,
-		opts:    opts,
-		log:     opts.Logger,
-		notify:  newNotifier(),
-		beat:    newHeartbeat(time.Now), // real time, like systemd's watchdog
-		keys:    agentKeys(opts.Logger),
-		up:      make(chan struct{}),
-		retimer: make(chan struct{}, 1),
-		clock:   opts.Clock,
-		rng:     rand.New(rand.NewPCG(uint64(opts.Clock.Now().UnixNano()), uint64(os.Getpid()))),
+		opts:  opts,
+		log:   opts.Logger,
+		sd:    sdnotify.New(opts.Clock),
+		keys:  agentKeys(opts.Logger),
+		clock: opts.Clock,
+		rng:   rand.New(rand.NewPCG(uint64(opts.Clock.Now().UnixNano()), uint64(os.Getpid()))),
 	}
 	a.renewal = a.newRenewer(os.Getenv(renewal.CrashEnv))
 	a.cfg.Store(cfg)
 	a.applyLogLevel(cfg)
-	a.interval.Store(int64(cfg.Telemetry.Interval.Duration))
+	a.status = status.New(cfg.StateDir, a.log, a.sd.Status, a.clock, opts.Version)
+	a.health = health.New(cfg.Telemetry.Interval.Duration, health.Deps{Clock: a.clock, Log: a.log, Version: opts.Version,
+		Status: a.status, StateDir: func() string { return a.cfg.Load().StateDir }})
+	a.twin = twin.New(twin.Deps{Clock: a.clock, Log: a.log, Version: opts.Version, Interval: a.health, Status: a.status,
+		Backoff: opts.Backoff, Timeout: opts.TwinTimeout, Static: func() bool { return a.cfg.Load().Static() },
+		RequestRenewal: a.RequestRenewal})
 	return a, nil
 }
 
@@ -160,13 +152,11 @@ func (a *Agent) applyLogLevel(cfg *Config) {
 func (a *Agent) Run(ctx context.Context) (err error) {
 	cfg := a.cfg.Load()
 	defer func() { err = spaceAdvice(cfg, err) }() // a fresh state directory on a full disk
-	a.started = a.clock.Now()
-	lock, err := LockStateDir(cfg.StateDir)
+	lock, err := statelock.Take(cfg.StateDir)
 	if err != nil {
 		return err
 	}
 	defer lock.Unlock()
-	a.status = newStatusTracker(cfg.StateDir, a.log, a.notify, a.clock.Now, a.opts.Version)
 	store, err := provisioning.OpenStore(cfg.StateDir)
 	if err != nil {
 		return err
@@ -182,32 +172,29 @@ func (a *Agent) Run(ctx context.Context) (err error) {
 	defer wg.Wait()
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	a.ctx = ctx
+	a.hub.ctx = ctx
 
 	// READY once the agent works: state loaded, queue open. Not gated on
 	// the hub: an outage must not fail the boot.
-	a.notify.ready()
+	a.sd.Ready()
 	a.status.Update(true, func(*Status) {})
 
-	if wd := watchdogInterval(); wd > 0 {
-		wg.Add(1)
-		go func() { defer wg.Done(); a.watchdogLoop(ctx, wd) }()
-	}
-	wg.Add(3)
+	wg.Add(4)
+	go func() { defer wg.Done(); a.sd.Watchdog(ctx, a.log) }()
 	go func() { defer wg.Done(); a.pipe.Run(ctx) }()
 	go func() { defer wg.Done(); a.watchConfig(ctx) }()
-	go func() { defer wg.Done(); a.healthLoop(ctx) }()
+	go func() { defer wg.Done(); a.health.Run(ctx, a.pipe) }()
 
 	a.lifecycle(ctx)
 	return nil
 }
 
 func (a *Agent) shutdown() {
-	a.notify.stopping()
+	a.sd.Stopping()
 	if a.status != nil {
-		a.status.Set(StateStopped)
+		a.status.Set(status.Stopped)
 	}
-	a.calls.closeAndWait() // before the key stores and the outbox close
+	a.hub.closeAndWait() // before the key stores and the outbox close
 	if a.pipe != nil {
 		if err := a.pipe.Close(); err != nil {
 			a.log.Error("outbox close", "err", err)

@@ -6,7 +6,8 @@ import (
 	"sync"
 	"time"
 
-	"github.com/gwagent/gwagent/internal/mqttconn"
+	"github.com/gwagent/gwagent/agent/network"
+	"github.com/gwagent/gwagent/agent/sdnotify"
 	"github.com/gwagent/gwagent/internal/tlsconf"
 	"github.com/gwagent/gwagent/keystore"
 	"github.com/gwagent/gwagent/provisioning"
@@ -30,8 +31,7 @@ func (a *Agent) dial(ctx context.Context, id *provisioning.Identity) (*transport
 	if err != nil {
 		return nil, err
 	}
-	now := a.clock.Now()
-	nw, probe, err := networkOptions(cfg, now, cfg.Network.HubWebSocketPort)
+	nw, err := network.Choose(cfg.Network, cfg.StateDir, a.clock.Now(), cfg.Network.HubWebSocketPort)
 	if err != nil {
 		return nil, fmt.Errorf("hub: %w", err)
 	}
@@ -46,13 +46,14 @@ func (a *Agent) dial(ctx context.Context, id *provisioning.Identity) (*transport
 		Chain:         id.Chain,
 		KeepAlive:     cfg.Hub.KeepAlive.Duration,
 		ClientVersion: "gwagent/" + a.opts.Version,
-		OnDesired:     a.onDesired,
+		OnDesired:     a.twin.OnDesired,
 		OnMethod:      a.onMethod,
 		OnCredentials: a.onCredentials,
 		OnC2D: func(sys, app map[string]string, body []byte) {
 			a.log.Info("cloud-to-device message", "id", sys["mid"], "bytes", len(body))
 		},
-		Network: nw,
+		Network: nw.Options,
+		Clock:   a.clock,
 	})
 	if err == nil || signer.signed() {
 		a.status.Clear(CondKeyStoreUnavailable)
@@ -67,19 +68,14 @@ func (a *Agent) dial(ctx context.Context, id *provisioning.Identity) (*transport
 		return nil, err
 	}
 	used := sess.Transport()
-	if err := rememberTransport(cfg, now, used, probe); err != nil {
-		a.log.Warn("cannot remember the transport that worked", "err", err)
-	}
-	if probe || used != nw.Prefer && nw.Transport == mqttconn.Auto {
-		a.log.Info("transport chosen", "transport", string(used), "tried_first", string(nw.Prefer))
-	}
 	a.status.Update(true, func(s *Status) { s.Transport = string(used) })
-	if nw.Transport == mqttconn.Auto && used == mqttconn.WebSocket {
+	if nw.Worked(used, a.log) && a.hub.enter() {
 		// Owned like the hub's callbacks: waited for before shutdown
 		// completes, cancelled with the agent.
-		if a.calls.enter() {
-			go func() { defer a.calls.leave(); a.watchMQTT(a.callbackCtx(), sess, cfg, id.AssignedHub, roots, nw) }()
-		}
+		go func() {
+			defer a.hub.leave()
+			nw.WatchMQTT(a.hub.context(), sess.Done(), id.AssignedHub, roots, a.clock, a.log, func() { a.hub.endSessionOf(sess) })
+		}()
 	}
 	return sess, nil
 }
@@ -89,14 +85,7 @@ func (a *Agent) dial(ctx context.Context, id *provisioning.Identity) (*transport
 func (a *Agent) serve(ctx context.Context, sess *transport.Session, id *provisioning.Identity, wdC <-chan time.Time) {
 	sctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	a.mu.Lock()
-	a.sess, a.endSess = sess, cancel
-	a.mu.Unlock()
-	defer func() {
-		a.mu.Lock()
-		a.sess, a.endSess = nil, nil
-		a.mu.Unlock()
-	}()
+	defer a.hub.serving(sess, cancel)()
 	// Everything started here ends before serve returns (and so before the
 	// key stores close at shutdown).
 	var wg sync.WaitGroup
@@ -116,7 +105,7 @@ func (a *Agent) serve(ctx context.Context, sess *transport.Session, id *provisio
 	go func() {
 		defer wg.Done()
 		if a.pipe.HubTakes(sctx) {
-			a.syncTwin(sctx, sess, id)
+			a.twin.Serve(sctx, sess, id)
 		}
 	}()
 	go func() {
@@ -131,7 +120,7 @@ func (a *Agent) serve(ctx context.Context, sess *transport.Session, id *provisio
 		case <-sctx.Done():
 			return
 		case <-wdC:
-			a.beat.alive(stepBudget)
+			a.sd.Alive(sdnotify.StepBudget)
 		}
 	}
 }

@@ -37,6 +37,7 @@ func bodiesWith(az *azsimtest.Azsim, deviceID, key string) []any {
 // followed, moved to rejected/ with one warning, and counted; telemetry
 // behind them keeps flowing.
 func TestSpoolRefusesWhatIsNotAMessage(t *testing.T) {
+	t.Parallel()
 	az := azsimtest.Start(t, azsim.Config{})
 	d := newDevice(t, az, devOpts{regID: "gw-spool-refuse", symmetric: true})
 	spool := d.cfg.Telemetry.SpoolDir

@@ -5,13 +5,12 @@ import (
 	"fmt"
 	"time"
 
+	"github.com/gwagent/gwagent/internal/condition"
 	"github.com/gwagent/gwagent/provisioning"
 )
 
-// CondThrottled: DPS or the hub is throttling the device (429, or CONNACK
-// 3 which the hub also sends at its connection-rate limit); gwagent waits as
-// asked (retry-after) or backs off, never in a tight loop.
-const CondThrottled Condition = "throttled"
+// CondThrottled: DPS or the hub is throttling the device (condition.Throttled).
+const CondThrottled = condition.Throttled
 
 // onProvisionStep raises CondThrottled while DPS answers 429.
 func (a *Agent) onProvisionStep(s provisioning.Step) {

@@ -14,6 +14,7 @@ import (
 	"context"
 	"encoding/binary"
 	"errors"
+	"flag"
 	"fmt"
 	"io"
 	"log/slog"
@@ -43,10 +44,20 @@ import (
 
 const attackAgentEnv = "GWAGENT_TEST_ATTACK_AGENT"
 
-// TestMain lets this test binary run as the agent for the SIGKILL tests.
+// TestMain lets this test binary run as the agent for the SIGKILL tests,
+// and runs four of the package's parallel tests at a time unless
+// -test.parallel says otherwise: they wait on timers, azsim and the network
+// far more than they compute (about 15 s of CPU in an 80 s run two at a
+// time), so the default of one per CPU leaves a 2-core machine idle.
 func TestMain(m *testing.M) {
 	if cfg := os.Getenv(attackAgentEnv); cfg != "" {
 		os.Exit(runAttackAgent(cfg))
+	}
+	flag.Parse()
+	set := false
+	flag.Visit(func(f *flag.Flag) { set = set || f.Name == "test.parallel" })
+	if !set {
+		flag.Set("test.parallel", "4")
 	}
 	os.Exit(m.Run())
 }
@@ -340,7 +351,10 @@ func assertStateWhole(t *testing.T, state string) {
 // enrolledSWTPM is a swtpm whose EK is enrolled in azsim, and a relay to it.
 func enrolledSWTPM(t *testing.T) (*azsimtest.Azsim, *testenv.SWTPM, string, *tpmRelay) {
 	t.Helper()
-	az := azsimtest.Start(t, azsim.Config{})
+	// One registration id provisions again and again here: DPS's limit of
+	// 5 status polls per 10 s is off, so that each start is not held back
+	// by the polls of the ones before.
+	az := azsimtest.Start(t, azsim.Config{DPSPollLimit: -1})
 	sw := testenv.StartSWTPM(t)
 	ek, _ := readEK(t, sw.Sock)
 	regID := provisioning.TPMRegistrationID(ek)
@@ -364,6 +378,7 @@ func waitHealth(t *testing.T, az *azsimtest.Azsim, state, regID string, before i
 // the dead process left in the TPM. All kills hit one swtpm, as a gateway
 // losing power over and over would, with no TPM reset in between.
 func TestSIGKILLDuringTPMProvisioning(t *testing.T) {
+	t.Parallel()
 	az, sw, regID, relay := enrolledSWTPM(t)
 
 	// Command numbers are per agent process. The ECC SRK is made and
@@ -467,6 +482,7 @@ func TestSIGKILLDuringTPMProvisioning(t *testing.T) {
 // nothing, retries with backoff, and provisions and sends telemetry once
 // swtpm is back on its state directory.
 func TestSWTPMVanishesDuringAttestation(t *testing.T) {
+	t.Parallel()
 	az, sw, regID, relay := enrolledSWTPM(t)
 	gone := make(chan struct{})
 	relay.arm(func(cc tpm.TPMCC, n int) bool {
@@ -587,6 +603,7 @@ func TestSWTPMVanishesDuringAttestation(t *testing.T) {
 // no room, flushes the leftovers, says so, and reconnects with its key:
 // no key-store-unavailable, no restart needed.
 func TestTPMFilledByAnotherProgramWhileConnected(t *testing.T) {
+	t.Parallel()
 	az, sw, regID, _ := enrolledSWTPM(t)
 	d, r, state := startTPMDevice(t, az, sw.Sock, regID, nil)
 	serial := d.current().Serial
@@ -638,6 +655,7 @@ func TestTPMFilledByAnotherProgramWhileConnected(t *testing.T) {
 // key cannot even be opened for the handshake (reading the handle fails).
 // Still the TPM's problem, not the network's.
 func TestTPMGoneWhileConnectedPersistentKey(t *testing.T) {
+	t.Parallel()
 	az, _, regID, relay := enrolledSWTPM(t)
 	_, r, state := startTPMDevice(t, az, relay.Sock, regID, func(toml, state string) string {
 		return strings.Replace(toml, fmt.Sprintf("blob=%s/op.tpmkey", state), "handle=0x81000100", 1)

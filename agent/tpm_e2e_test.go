@@ -86,6 +86,7 @@ func enrollTPM(t *testing.T, az *azsimtest.Azsim, regID string, ek []byte) {
 }
 
 func TestTPMAttestationE2E(t *testing.T) {
+	t.Parallel()
 	az := azsimtest.Start(t, azsim.Config{})
 
 	t.Run("ok/TPM only: HTTPS, challenge, CSR, chain, hub, telemetry", func(t *testing.T) {
@@ -180,18 +181,24 @@ func TestTPMAttestationE2E(t *testing.T) {
 // TPM attestation for renewals: with prefer = "dps" every renewal is a new
 // TPM-attested registration.
 func TestTPMRenewalThroughDPS(t *testing.T) {
-	az := azsimtest.Start(t, azsim.Config{CertLifetime: 12 * time.Second})
+	t.Parallel()
+	ft, az := fakeAzsim(t, azsim.Config{CertLifetime: 12 * time.Second})
 	d := newTPMDevice(t, az, true, fastRenewal+"prefer = \"dps\"\n")
+	d.clock = ft
 	d.start()
 	testenv.Eventually(t, 30*time.Second, "connected", func() bool { return d.status().State == "connected" })
 	seen := map[string]bool{d.current().Serial: true}
-	testenv.Eventually(t, 60*time.Second, "two renewals through DPS", func() bool {
-		id, err := storeCurrent(d.device)
-		if err == nil {
+	for len(seen) < 3 {
+		allowRenewal(ft, d.current(), 0.5) // one renewal at a time
+		testenv.Eventually(t, 20*time.Second, "a renewal through DPS", func() bool {
+			id, err := storeCurrent(d.device)
+			if err != nil || seen[id.Serial] || d.status().State != "connected" {
+				return false
+			}
 			seen[id.Serial] = true
-		}
-		return len(seen) >= 3 && err == nil && d.status().State == "connected"
-	})
+			return true
+		})
+	}
 	if via := d.current().Via; via != "dps" {
 		t.Fatalf("renewed via %q, want dps", via)
 	}

@@ -21,6 +21,7 @@ import (
 // scanning on a timer; status says so. The failing watcher is injected:
 // exhausting the real limit would break every other test on the machine.
 func TestWithoutInotify(t *testing.T) {
+	t.Parallel()
 	az := azsimtest.Start(t, azsim.Config{})
 	d := newDevice(t, az, devOpts{regID: "gw-no-inotify", symmetric: true})
 	d.tweak = func(o *agent.Options) {

@@ -8,6 +8,8 @@ import (
 	"fmt"
 	"strconv"
 	"time"
+
+	"github.com/gwagent/gwagent/internal/clock"
 )
 
 // ErrNoCertificateManagement: the hub refused the subscription to the
@@ -205,9 +207,10 @@ func (s *Session) IssueCertificate(ctx context.Context, req IssueRequest) ([]str
 				OperationExpires string `json:"operationExpires"`
 			}
 			_ = json.Unmarshal(a.body, &b)
-			until := req.answerDeadline(time.Now(), parseExpires(b.OperationExpires))
+			// The hub's date, judged on the session's clock.
+			until := req.answerDeadline(s.cfg.Clock.Now(), parseExpires(b.OperationExpires))
 			var cancelAnswer context.CancelFunc
-			waitCtx, cancelAnswer = context.WithDeadline(ctx, until)
+			waitCtx, cancelAnswer = clock.WithDeadline(ctx, s.cfg.Clock, until)
 			defer cancelAnswer()
 			if req.Accepted != nil {
 				req.Accepted(req.RID, b.CorrelationID, until)

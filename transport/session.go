@@ -8,6 +8,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"math/rand/v2"
 	"net"
 	"net/url"
 	"strconv"
@@ -19,6 +20,7 @@ import (
 	mqtt "github.com/eclipse/paho.mqtt.golang"
 	"github.com/eclipse/paho.mqtt.golang/packets"
 
+	"github.com/gwagent/gwagent/internal/clock"
 	"github.com/gwagent/gwagent/internal/mqttconn"
 	"github.com/gwagent/gwagent/internal/tlsconf"
 )
@@ -59,6 +61,11 @@ type Config struct {
 	// on 443, or auto), proxy, timeouts. Its Host and TLS are filled in
 	// from Host and the credentials above.
 	Network mqttconn.Options
+	// Clock dates what the hub judges in its time: a SAS token's expiry,
+	// the end of the wait for a certificate the hub gave (operationExpires);
+	// default clock.Real. Waits on the network itself are bounded in wall
+	// time, as the network runs in it.
+	Clock clock.Clock
 }
 
 // Errors Dial classifies.
@@ -115,6 +122,7 @@ type Session struct {
 	pending        map[string]chan answer
 	credSubscribed bool // $iothub/credentials/res/# (credentials.go)
 	rid            atomic.Uint64
+	ridSalt        string // tells this session's request ids from another's
 
 	// requests and answers count what was asked of the hub on this
 	// connection (telemetry, twin and certificate requests) and what it
@@ -155,7 +163,9 @@ func Dial(ctx context.Context, cfg Config) (*Session, error) {
 	if err != nil {
 		return nil, fmt.Errorf("hub: %w", err)
 	}
-	s := &Session{cfg: cfg, done: make(chan struct{}), pending: map[string]chan answer{}}
+	cfg.Clock = clock.Or(cfg.Clock)
+	s := &Session{cfg: cfg, done: make(chan struct{}), pending: map[string]chan answer{},
+		ridSalt: strconv.FormatUint(rand.Uint64()%(1<<30), 36)}
 
 	// The username's hub name is the host without the port.
 	opts := mqtt.NewClientOptions().
@@ -171,7 +181,7 @@ func Dial(ctx context.Context, cfg Config) (*Session, error) {
 		SetOrderMatters(false).
 		SetConnectionLostHandler(func(_ mqtt.Client, err error) { s.finish(err) })
 	if cfg.SASToken != nil {
-		opts.SetPassword(cfg.SASToken(time.Now().Add(time.Hour)))
+		opts.SetPassword(cfg.SASToken(cfg.Clock.Now().Add(time.Hour)))
 	}
 	nw := cfg.Network
 	nw.Host, nw.TLS = cfg.Host, tlsCfg
@@ -228,15 +238,15 @@ func classifyConnect(host string, err error) error {
 	return fmt.Errorf("hub %s: connect: %w", host, err)
 }
 
+// waitToken waits for a paho operation at most d (a bound on network I/O,
+// in wall time), or until ctx ends.
 func waitToken(ctx context.Context, t mqtt.Token, d time.Duration) bool {
-	timer := time.NewTimer(d)
-	defer timer.Stop()
+	ctx, cancel := context.WithTimeout(ctx, d)
+	defer cancel()
 	select {
 	case <-t.Done():
 		return true
 	case <-ctx.Done():
-		return false
-	case <-timer.C:
 		return false
 	}
 }
@@ -352,7 +362,7 @@ func (s *Session) deliver(rid string, a answer) bool {
 }
 
 func (s *Session) newRID() string {
-	return "gw" + strconv.FormatUint(s.rid.Add(1), 10) + "x" + strconv.FormatInt(time.Now().UnixNano()%1e6, 36)
+	return "gw" + strconv.FormatUint(s.rid.Add(1), 10) + "x" + s.ridSalt
 }
 
 // request publishes to topic+rid and waits for the answers that match rid;

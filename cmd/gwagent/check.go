@@ -28,11 +28,11 @@ import (
 	"time"
 
 	"github.com/gwagent/gwagent/agent"
+	"github.com/gwagent/gwagent/internal/clock"
 	"github.com/gwagent/gwagent/internal/clocksync"
 	"github.com/gwagent/gwagent/internal/tlsconf"
 	"github.com/gwagent/gwagent/keystore"
 	"github.com/gwagent/gwagent/provisioning"
-	"github.com/gwagent/gwagent/telemetry"
 )
 
 // Check outcomes, as `gwagent check --json` reports them.
@@ -86,7 +86,7 @@ func cmdCheck(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		return err
 	}
 	bt, _ := time.Parse(time.RFC3339, buildTime)
-	c := &checker{cfgPath: *cfgPath, now: time.Now(), buildTime: bt, timeout: *timeout,
+	c := &checker{cfgPath: *cfgPath, now: clock.Real{}.Now(), buildTime: bt, timeout: *timeout,
 		clockSync: clocksync.System().Read, serviceUser: "gwagent", spoolGroup: "gwagent-spool"}
 	if st, err := os.Stat("/run/systemd/system"); err == nil && st.IsDir() {
 		c.systemctl = runSystemctl
@@ -196,12 +196,12 @@ func (c *checker) checkHubLimits() {
 	} else {
 		sending += ", packing off"
 	}
-	if reason, ok := st.Conditions[telemetry.CondHubQuota]; ok {
-		c.add("hub-limits", checkWarning, string(telemetry.CondHubQuota)+": "+reason, quotaHint)
+	if reason, ok := st.Conditions[agent.CondHubQuota]; ok {
+		c.add("hub-limits", checkWarning, string(agent.CondHubQuota)+": "+reason, quotaHint)
 		return
 	}
-	if reason, ok := st.Conditions[telemetry.CondSendSlowed]; ok {
-		c.add("hub-limits", checkWarning, string(telemetry.CondSendSlowed)+": "+reason, throttleHint)
+	if reason, ok := st.Conditions[agent.CondSendSlowed]; ok {
+		c.add("hub-limits", checkWarning, string(agent.CondSendSlowed)+": "+reason, throttleHint)
 		return
 	}
 	c.add("hub-limits", checkOK, "the hub takes the gateway's messages as they come ("+sending+")", "")

@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/gwagent/gwagent/azsim/azsimtest"
+	"github.com/gwagent/gwagent/internal/statelock"
 
 	"github.com/gwagent/gwagent/agent"
 	"github.com/gwagent/gwagent/azsim"
@@ -93,7 +94,7 @@ func TestOneAgentPerStateDir(t *testing.T) {
 		t.Fatalf("second gwagent run: %v, want an error saying %q:\n%s", err, want, out)
 	}
 	for _, args := range [][]string{{"provision", "--config", d.cfg}, {"onboard", "csr", "--config", d.cfg}} {
-		if _, _, err := gw(t, args...); err == nil || !errors.Is(err, agent.ErrAlreadyRunning) || !strings.Contains(err.Error(), want) {
+		if _, _, err := gw(t, args...); err == nil || !errors.Is(err, statelock.ErrAlreadyRunning) || !strings.Contains(err.Error(), want) {
 			t.Fatalf("gwagent %s beside a running agent: %v, want %q", args[0], err, want)
 		}
 	}

@@ -11,6 +11,7 @@ import (
 
 	"github.com/gwagent/gwagent/agent"
 	"github.com/gwagent/gwagent/internal/atomicfile"
+	"github.com/gwagent/gwagent/internal/clock"
 	"github.com/gwagent/gwagent/keystore"
 	"github.com/gwagent/gwagent/provisioning"
 )
@@ -24,6 +25,27 @@ func isTerminal(w io.Writer) bool {
 	st, err := f.Stat()
 	return err == nil && st.Mode()&os.ModeCharDevice != 0
 }
+
+// exclusive loads the config at path and takes its state directory for this
+// command (stopping the service that holds it, see holdState), with the key
+// stores the command will open; done closes the stores, hands what the
+// command created (the key that key names among it) to the service user and
+// releases the directory.
+func exclusive(ctx context.Context, path string, stderr io.Writer, key func(*agent.Config) string) (cfg *agent.Config, keys *agent.Keys, done func(), err error) {
+	cfg, err = agent.LoadConfig(path)
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	hold, err := holdState(ctx, cfg.StateDir, stderr, realHost)
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	keys = agent.NewKeys()
+	return cfg, keys, func() { keys.Close(); hold.release(ctx, key(cfg)) }, nil
+}
+
+func onboardingKey(cfg *agent.Config) string  { return cfg.Onboarding.Key }
+func operationalKey(cfg *agent.Config) string { return cfg.Operational.Key }
 
 func cmdOnboard(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	const help = "usage: gwagent onboard csr --config FILE [--out FILE]\n       gwagent onboard install --config FILE --chain FILE\n       gwagent onboard tpm (--config FILE | --tpm tpm2:device=/dev/tpmrm0) [--ek-out FILE]"
@@ -102,17 +124,11 @@ func cmdOnboardCSR(ctx context.Context, args []string, stdout, stderr io.Writer)
 	if err := parse(fs, args); err != nil {
 		return err
 	}
-	cfg, err := agent.LoadConfig(*cfgPath)
+	cfg, keys, done, err := exclusive(ctx, *cfgPath, stderr, onboardingKey)
 	if err != nil {
 		return err
 	}
-	hold, err := holdState(ctx, cfg.StateDir, stderr, realHost)
-	if err != nil {
-		return err
-	}
-	defer hold.release(ctx, cfg.Onboarding.Key)
-	keys := agent.NewKeys()
-	defer keys.Close()
+	defer done()
 	der, created, err := agent.OnboardCSR(ctx, cfg, keys)
 	if err != nil {
 		return err
@@ -142,18 +158,12 @@ func cmdOnboardInstall(ctx context.Context, args []string, stdout, stderr io.Wri
 	if err := required(fs, "chain", *chainFile); err != nil {
 		return err
 	}
-	cfg, err := agent.LoadConfig(*cfgPath)
+	cfg, keys, done, err := exclusive(ctx, *cfgPath, stderr, onboardingKey)
 	if err != nil {
 		return err
 	}
-	hold, err := holdState(ctx, cfg.StateDir, stderr, realHost)
-	if err != nil {
-		return err
-	}
-	defer hold.release(ctx, cfg.Onboarding.Key)
-	keys := agent.NewKeys()
-	defer keys.Close()
-	chain, err := agent.OnboardInstall(ctx, cfg, keys, *chainFile, time.Now())
+	defer done()
+	chain, err := agent.OnboardInstall(ctx, cfg, keys, *chainFile, clock.Real{}.Now())
 	if err != nil {
 		return err
 	}
@@ -169,22 +179,17 @@ func cmdProvision(ctx context.Context, args []string, stdout, stderr io.Writer) 
 	if err := parse(fs, args); err != nil {
 		return err
 	}
-	cfg, err := agent.LoadConfig(*cfgPath)
+	cfg, keys, done, err := exclusive(ctx, *cfgPath, stderr, operationalKey)
 	if err != nil {
 		return err
 	}
-	hold, err := holdState(ctx, cfg.StateDir, stderr, realHost)
-	if err != nil {
-		return err
-	}
-	defer hold.release(ctx, cfg.Operational.Key)
-	keys := agent.NewKeys()
-	defer keys.Close()
+	defer done()
 	opts := agent.ProvisionOptions{ClientVersion: "gwagent/" + version}
 	if *progress {
-		start := time.Now()
+		c := clock.Real{}
+		start := c.Now()
 		opts.Progress = func(s string) {
-			fmt.Fprintf(stderr, "[%5.1fs] %s\n", time.Since(start).Seconds(), s)
+			fmt.Fprintf(stderr, "[%5.1fs] %s\n", clock.Since(c, start).Seconds(), s)
 		}
 	}
 	id, err := agent.Provision(ctx, cfg, keys, opts)

@@ -18,11 +18,12 @@ import (
 	"time"
 
 	"github.com/gwagent/gwagent/agent"
+	"github.com/gwagent/gwagent/internal/clock"
 	"github.com/gwagent/gwagent/internal/diskspace"
+	"github.com/gwagent/gwagent/internal/statelock"
 	"github.com/gwagent/gwagent/internal/tlsconf"
 	"github.com/gwagent/gwagent/keystore"
 	"github.com/gwagent/gwagent/provisioning"
-	"github.com/gwagent/gwagent/telemetry"
 )
 
 func cmdRun(ctx context.Context, args []string, stdout, stderr io.Writer) error {
@@ -75,13 +76,13 @@ func cmdStatus(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	if err != nil {
 		return err
 	}
-	now := time.Now()
+	now := clock.Real{}.Now() // status.json's times are the system clock's
 	st, serr := agent.ReadStatus(cfg.StateDir)
 	w := func(k, v string) { fmt.Fprintf(stdout, "%-16s %s\n", k+":", v) }
 	switch {
 	case serr == nil:
 		age := now.Sub(st.UpdatedAt).Round(time.Second)
-		pid, lerr := agent.LockHolder(cfg.StateDir)
+		pid, lerr := statelock.Holder(cfg.StateDir)
 		running := pid != 0
 		if lerr != nil { // cannot tell from the lock: fall back on the pid
 			running = st.State != "stopped" && processAlive(st.PID)
@@ -101,7 +102,7 @@ func cmdStatus(ctx context.Context, args []string, stdout, stderr io.Writer) err
 		// A running agent that found no room for its status file (a new
 		// state directory on a full disk) is still running: say so, and
 		// why there is no status.
-		pid, _ := agent.LockHolder(cfg.StateDir)
+		pid, _ := statelock.Holder(cfg.StateDir)
 		switch {
 		case pid == 0:
 			w("state", "never run")
@@ -178,7 +179,7 @@ func cmdStatus(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	if serr == nil {
 		refused, removed = st.SpoolRejected, st.SpoolRejectedRemoved
 	}
-	line := fmt.Sprintf("%s; %d files refused since the agent started, %d in %s (the newest %d are kept", spool, refused, len(ents), filepath.Join(spool, "rejected"), telemetry.RejectedKeep)
+	line := fmt.Sprintf("%s; %d files refused since the agent started, %d in %s (the newest %d are kept", spool, refused, len(ents), filepath.Join(spool, "rejected"), agent.SpoolRejectedKeep)
 	if removed > 0 {
 		line += fmt.Sprintf("; %d older ones removed", removed)
 	}
@@ -246,7 +247,7 @@ func cmdRenew(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	if cfg.Static() {
 		return fmt.Errorf("renew: this device is in static mode ([hub] host, device_id and chain): its factory certificate cannot be renewed by gwagent; install a new chain at %s and restart the service", cfg.Hub.Chain)
 	}
-	if pid, err := agent.LockHolder(cfg.StateDir); err != nil {
+	if pid, err := statelock.Holder(cfg.StateDir); err != nil {
 		return fmt.Errorf("renew: %w; run as the service user (gwagent) or root", err)
 	} else if pid == -1 {
 		return errors.New("renew: the agent is starting; try again in a moment")
@@ -320,13 +321,13 @@ func gatewayRuntime(ctx context.Context) (backlog func(bool)) {
 	}
 	debug.SetGCPercent(50)
 	go func() {
-		t := time.NewTicker(15 * time.Second)
+		t, tick := clock.Real{}.NewTicker(15 * time.Second)
 		defer t.Stop()
 		for {
 			select {
 			case <-ctx.Done():
 				return
-			case <-t.C:
+			case <-tick:
 				debug.FreeOSMemory()
 			}
 		}

@@ -14,8 +14,8 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/gwagent/gwagent/agent"
 	"github.com/gwagent/gwagent/internal/atomicfile"
+	"github.com/gwagent/gwagent/internal/statelock"
 	"github.com/gwagent/gwagent/keystore"
 )
 
@@ -67,7 +67,7 @@ var realHost = host{unitOf: serviceOfPID, mainPID: serviceMainPID, systemctl: sy
 
 // stateHold is a command's hold on the state directory.
 type stateHold struct {
-	lock   *agent.StateLock
+	lock   *statelock.Lock
 	dir    string
 	unit   string // the service to start at the end, "" if none
 	stderr io.Writer
@@ -78,17 +78,17 @@ type stateHold struct {
 // if it is a systemd service and the caller is root. Callers defer release.
 func holdState(ctx context.Context, dir string, stderr io.Writer, h host) (*stateHold, error) {
 	pending := readMarker(dir)
-	lock, err := agent.LockStateDir(dir)
+	lock, err := statelock.Take(dir)
 	if err == nil {
 		if pending != "" {
 			fmt.Fprintf(stderr, "a gwagent command that stopped %s did not start it again; it is started after this one\n", pending)
 		}
 		return &stateHold{lock: lock, dir: dir, unit: pending, stderr: stderr, h: h}, nil
 	}
-	if !errors.Is(err, agent.ErrAlreadyRunning) {
+	if !errors.Is(err, statelock.ErrAlreadyRunning) {
 		return nil, err
 	}
-	pid, perr := agent.LockHolder(dir)
+	pid, perr := statelock.Holder(dir)
 	unit := ""
 	if perr == nil && pid > 0 {
 		unit = h.unitOf(pid)
@@ -112,7 +112,7 @@ func holdState(ctx context.Context, dir string, stderr io.Writer, h host) (*stat
 		os.Remove(filepath.Join(dir, stationMarker))
 		return nil, fmt.Errorf("stop %s: %w", unit, err)
 	}
-	lock, err = agent.LockStateDir(dir)
+	lock, err = statelock.Take(dir)
 	if err != nil {
 		hold := &stateHold{dir: dir, unit: unit, stderr: stderr, h: h}
 		hold.release(ctx)

@@ -12,9 +12,9 @@ import (
 	"syscall"
 	"testing"
 
-	"github.com/gwagent/gwagent/agent"
 	"github.com/gwagent/gwagent/azsim"
 	"github.com/gwagent/gwagent/azsim/azsimtest"
+	"github.com/gwagent/gwagent/internal/statelock"
 )
 
 func TestServiceOfCgroup(t *testing.T) {
@@ -40,7 +40,7 @@ func TestServiceOfCgroup(t *testing.T) {
 type fakeService struct {
 	t        *testing.T
 	dir      string
-	lock     *agent.StateLock
+	lock     *statelock.Lock
 	calls    []string
 	euid     int
 	otherPID bool // the service's main pid is not the lock holder
@@ -49,7 +49,7 @@ type fakeService struct {
 
 func newFakeService(t *testing.T) *fakeService {
 	f := &fakeService{t: t, dir: filepath.Join(t.TempDir(), "state")}
-	lock, err := agent.LockStateDir(f.dir)
+	lock, err := statelock.Take(f.dir)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -81,7 +81,7 @@ func (f *fakeService) host() host {
 				if f.startErr != nil {
 					return f.startErr
 				}
-				l, err := agent.LockStateDir(f.dir)
+				l, err := statelock.Take(f.dir)
 				if err != nil {
 					f.t.Errorf("the service could not take the state directory back: %v", err)
 					return err
@@ -164,7 +164,7 @@ func TestHoldStateRefuses(t *testing.T) {
 		f := newFakeService(t)
 		f.euid = 1000
 		_, err := holdState(context.Background(), f.dir, &bytes.Buffer{}, f.host())
-		if !errors.Is(err, agent.ErrAlreadyRunning) || !strings.Contains(err.Error(), "run this command as root") {
+		if !errors.Is(err, statelock.ErrAlreadyRunning) || !strings.Contains(err.Error(), "run this command as root") {
 			t.Fatalf("err %v, want already running with advice", err)
 		}
 		if len(f.calls) != 0 {
@@ -175,7 +175,7 @@ func TestHoldStateRefuses(t *testing.T) {
 		f := newFakeService(t)
 		f.otherPID = true
 		_, err := holdState(context.Background(), f.dir, &bytes.Buffer{}, f.host())
-		if !errors.Is(err, agent.ErrAlreadyRunning) || len(f.calls) != 0 {
+		if !errors.Is(err, statelock.ErrAlreadyRunning) || len(f.calls) != 0 {
 			t.Fatalf("err %v, calls %v; want already running and no systemctl call", err, f.calls)
 		}
 	})

@@ -24,6 +24,7 @@ type FakeTime struct {
 	*clock.Fake
 	mu      sync.Mutex
 	horizon time.Time
+	passTo  time.Time // Pass's target: reached even where nothing is armed
 	step    time.Duration
 	stop    chan struct{}
 	done    chan struct{}
@@ -50,6 +51,22 @@ func (f *FakeTime) AllowUntil(t time.Time) {
 
 // Allow lets the clock move to deadlines up to d from now.
 func (f *FakeTime) Allow(d time.Duration) { f.AllowUntil(f.Now().Add(d)) }
+
+// Pass lets the clock run d on from now and waits (up to 10 s of wall
+// time) until it has: the code's timers up to there fire on the way, and
+// where nothing is armed the clock moves on once the code has settled. For
+// "the agent keeps trying for a while" without waiting that while.
+func (f *FakeTime) Pass(t testing.TB, d time.Duration) {
+	t.Helper()
+	target := f.Now().Add(d)
+	f.mu.Lock()
+	if f.horizon.Before(target) {
+		f.horizon = target
+	}
+	f.passTo = target
+	f.mu.Unlock()
+	Eventually(t, 10*time.Second, "the clock "+d.String()+" on", func() bool { return !f.Now().Before(target) })
+}
 
 // MaxStep bounds each move of the clock to d (0: none), so that it runs
 // close to the pace of the code's real I/O (a certificate request the hub
@@ -94,9 +111,15 @@ func (f *FakeTime) run() {
 			continue
 		}
 		f.mu.Lock()
-		h, step := f.horizon, f.step
+		h, step, passTo := f.horizon, f.step, f.passTo
 		f.mu.Unlock()
-		if !ok || next.After(h) || time.Since(stableAt) < settle {
+		if time.Since(stableAt) < settle {
+			continue
+		}
+		if passTo.After(f.Now()) && (!ok || next.After(passTo)) {
+			next, ok = passTo, true // nothing armed before Pass's target
+		}
+		if !ok || next.After(h) {
 			continue
 		}
 		d := max(next.Sub(f.Now()), 0)

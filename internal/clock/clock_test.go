@@ -18,6 +18,17 @@ func received(ch <-chan time.Time) (time.Time, bool) {
 	}
 }
 
+// drain counts the values waiting in ch.
+func drain(ch <-chan time.Time) int {
+	n := 0
+	for {
+		if _, ok := received(ch); !ok {
+			return n
+		}
+		n++
+	}
+}
+
 func TestFakeTimer(t *testing.T) {
 	f := NewFake(epoch)
 	_, ch := f.NewTimer(10 * time.Second)
@@ -63,13 +74,7 @@ func TestFakeTickerDropsSkippedTicks(t *testing.T) {
 	f := NewFake(epoch)
 	tk, ch := f.NewTicker(time.Second)
 	f.Advance(10 * time.Second)
-	n := 0
-	for {
-		if _, ok := received(ch); !ok {
-			break
-		}
-		n++
-	}
+	n := drain(ch)
 	if n != 1 {
 		t.Fatalf("a 10 s jump delivered %d ticks, want 1 (the rest dropped)", n)
 	}
@@ -81,6 +86,26 @@ func TestFakeTickerDropsSkippedTicks(t *testing.T) {
 	f.Advance(5 * time.Second)
 	if _, ok := received(ch); ok {
 		t.Fatal("a stopped ticker ticked")
+	}
+}
+
+// A jump of years (a clock set by NTP after booting in 1970) over a ticker
+// fires it once and keeps its grid, at once.
+func TestFakeTickerLongJump(t *testing.T) {
+	f := NewFake(time.Unix(42, 0))
+	_, ch := f.NewTicker(time.Second)
+	began := time.Now()
+	f.Set(epoch)
+	if took := time.Since(began); took > time.Second {
+		t.Fatalf("a 56-year jump over a 1 s ticker took %v", took)
+	}
+	n := drain(ch)
+	if n != 1 {
+		t.Fatalf("%d ticks after the jump, want 1", n)
+	}
+	next, _ := f.Next()
+	if want := epoch.Add(time.Second); !next.Equal(want) {
+		t.Fatalf("next tick at %v, want %v (the grid from 42 s, after the jump)", next, want)
 	}
 }
 
@@ -161,5 +186,49 @@ func TestOr(t *testing.T) {
 	f := NewFake(epoch)
 	if Or(f) != Clock(f) {
 		t.Fatal("Or(f) is not f")
+	}
+}
+
+// A deadline on a Fake ends the context when the fake clock passes it, as
+// context.DeadlineExceeded; cancelling first, or the parent ending, is
+// context.Canceled; on Real it is context.WithDeadline.
+func TestWithDeadline(t *testing.T) {
+	f := NewFake(epoch)
+	ctx, cancel := WithDeadline(context.Background(), f, epoch.Add(time.Hour))
+	defer cancel()
+	f.Advance(59 * time.Minute)
+	if ctx.Err() != nil {
+		t.Fatal("ended before its deadline")
+	}
+	f.Advance(time.Minute)
+	select {
+	case <-ctx.Done():
+	case <-time.After(5 * time.Second):
+		t.Fatal("not ended at its deadline")
+	}
+	if ctx.Err() != context.DeadlineExceeded {
+		t.Fatalf("Err %v, want context.DeadlineExceeded", ctx.Err())
+	}
+
+	parent, stop := context.WithCancel(context.Background())
+	ctx, cancel = WithDeadline(parent, f, f.Now().Add(time.Hour))
+	defer cancel()
+	stop()
+	<-ctx.Done()
+	if ctx.Err() != context.Canceled {
+		t.Fatalf("Err %v after the parent ended, want context.Canceled", ctx.Err())
+	}
+	before := f.Pending()
+	ctx, cancel = WithDeadline(context.Background(), f, f.Now().Add(time.Hour))
+	cancel()
+	if ctx.Err() != context.Canceled || f.Pending() != before {
+		t.Fatalf("Err %v after cancel (timers %d, %d before)", ctx.Err(), f.Pending(), before)
+	}
+
+	at := time.Now().Add(time.Hour)
+	ctx, cancel = WithDeadline(context.Background(), Real{}, at)
+	defer cancel()
+	if d, ok := ctx.Deadline(); !ok || !d.Equal(at) {
+		t.Fatalf("a Real deadline is not the context's: %v %v", d, ok)
 	}
 }

@@ -21,3 +21,9 @@ type Sink interface {
 // spool's) has no space or no inodes left. Raised by whichever part of the
 // agent meets it first, cleared once there is room again.
 const DiskFull Name = "disk-full"
+
+// Throttled: DPS or the hub is throttling the device (429, or CONNACK 3
+// which the hub also sends at its connection-rate limit); gwagent waits as
+// asked (retry-after) or backs off, never in a tight loop. Raised by the
+// part of the agent that was throttled (lifecycle, twin).
+const Throttled Name = "throttled"

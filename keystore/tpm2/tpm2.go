@@ -71,6 +71,17 @@ var (
 	_ keystore.KeyDeleter = (*Store)(nil)
 )
 
+// absentError is a TPM whose device node (or swtpm socket) does not exist:
+// keystore.ErrDeviceAbsent, and the *fs.PathError of the node, so that a
+// caller can tell when that node appears.
+type absentError struct {
+	msg  string
+	stat error
+}
+
+func (e *absentError) Error() string   { return e.msg }
+func (e *absentError) Unwrap() []error { return []error{keystore.ErrDeviceAbsent, e.stat} }
+
 // Open opens the TPM that u names and probes it for P-384 (see New).
 func Open(ctx context.Context, u *keystore.URI) (keystore.KeyStore, error) {
 	path, socket := u.TPMDevice()
@@ -80,7 +91,7 @@ func Open(ctx context.Context, u *keystore.URI) (keystore.KeyStore, error) {
 		if socket {
 			hint = "start swtpm (socket mode) or fix socket="
 		}
-		return nil, fmt.Errorf("tpm2: %w: no TPM at %s; %s", keystore.ErrDeviceAbsent, path, hint)
+		return nil, &absentError{msg: fmt.Sprintf("tpm2: %v: no TPM at %s; %s", keystore.ErrDeviceAbsent, path, hint), stat: err}
 	}
 	if err != nil {
 		return nil, fmt.Errorf("tpm2: %s: %w", path, err)

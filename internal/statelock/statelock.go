@@ -1,6 +1,17 @@
-package agent
+// Package statelock gives one process at a time the state directory: an
+// exclusive flock on STATE_DIR/gwagent.lock, which the kernel drops when the
+// process dies (even by SIGKILL). Two agents on one identity and one outbox
+// would knock each other off the hub and send everything twice; `gwagent
+// provision`, `renew` and `onboard` take it too, and `gwagent status` asks
+// who holds it.
+//
+// A leaf: it imports only gwagent's other leaves and keeps no state. The
+// lock file is never followed through a link, never blocks on a FIFO, and
+// is handed to the directory's owner when root creates it.
+package statelock
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"os"
@@ -11,35 +22,34 @@ import (
 	"time"
 
 	"github.com/gwagent/gwagent/internal/atomicfile"
+	"github.com/gwagent/gwagent/internal/clock"
 )
 
 // ErrAlreadyRunning says another gwagent process holds the state directory.
 var ErrAlreadyRunning = errors.New("already running")
 
-// lockFile is the file in the state directory that one process at a time
+// File is the file in the state directory that one process at a time
 // holds an exclusive flock on. It holds the holder's pid for messages; the
 // lock itself, not the pid, is what counts (the kernel drops it when the
 // process dies, even by SIGKILL).
-const lockFile = "gwagent.lock"
+const File = "gwagent.lock"
 
-// StateLock is the exclusive hold of one process on a state directory: two
-// agents on one identity and one outbox knock each other off the hub and
-// send everything twice.
-type StateLock struct {
+// Lock is the exclusive hold of one process on a state directory.
+type Lock struct {
 	f *os.File
 }
 
-// LockStateDir takes the state directory for this process, creating it
+// Take takes the state directory for this process, creating it
 // (0700) if needed. If another process holds it, the error wraps
 // ErrAlreadyRunning and names its pid.
-func LockStateDir(dir string) (*StateLock, error) {
+func Take(dir string) (*Lock, error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		if errors.Is(err, syscall.EROFS) {
 			return nil, fmt.Errorf("state directory: %w; state_dir must be on writable storage (the packages use /var/lib/gwagent)", err)
 		}
 		return nil, fmt.Errorf("state directory: %w; create it or fix state_dir", err)
 	}
-	p := filepath.Join(dir, lockFile)
+	p := filepath.Join(dir, File)
 	// Readable by all (it holds only a pid), so that whoever runs gwagent
 	// can lock it, even if another user created it.
 	f, err := atomicfile.OpenRegular(p, os.O_RDWR|os.O_CREATE|syscall.O_NOFOLLOW, 0o644)
@@ -57,8 +67,10 @@ func LockStateDir(dir string) (*StateLock, error) {
 	giveToDirOwner(f, dir)
 	err = syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB)
 	for i := 0; errors.Is(err, syscall.EWOULDBLOCK) && i < 5; i++ {
-		// LockHolder (gwagent status) holds a shared lock for an instant.
-		time.Sleep(20 * time.Millisecond)
+		// Holder (gwagent status, another process) holds a shared lock
+		// for an instant: wait for it in that process's time, the wall
+		// clock's.
+		clock.Sleep(context.Background(), clock.Real{}, 20*time.Millisecond)
 		err = syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB)
 	}
 	if err != nil {
@@ -71,7 +83,7 @@ func LockStateDir(dir string) (*StateLock, error) {
 	if err := f.Truncate(0); err == nil {
 		f.WriteAt([]byte(strconv.Itoa(os.Getpid())+"\n"), 0)
 	}
-	return &StateLock{f: f}, nil
+	return &Lock{f: f}, nil
 }
 
 // lockOpenError says why the lock file could not be opened and what to do.
@@ -92,18 +104,18 @@ func lockOpenError(p string, err error) error {
 }
 
 // Unlock releases the state directory.
-func (l *StateLock) Unlock() {
+func (l *Lock) Unlock() {
 	if l != nil && l.f != nil {
 		l.f.Close() // closing the last descriptor drops the flock
 		l.f = nil
 	}
 }
 
-// LockHolder reports the pid of the process holding the state directory:
+// Holder reports the pid of the process holding the state directory:
 // 0 if none does, -1 if one does but its pid is not written yet. It only
 // needs read access to the lock file; an error means it could not tell.
-func LockHolder(dir string) (int, error) {
-	f, err := atomicfile.OpenRegular(filepath.Join(dir, lockFile), syscall.O_NOFOLLOW, 0)
+func Holder(dir string) (int, error) {
+	f, err := atomicfile.OpenRegular(filepath.Join(dir, File), syscall.O_NOFOLLOW, 0)
 	if errors.Is(err, os.ErrNotExist) {
 		return 0, nil
 	}

@@ -1,4 +1,4 @@
-package agent
+package statelock
 
 import (
 	"errors"
@@ -14,16 +14,16 @@ import (
 // One agent per state directory, and a lock file nobody can turn against
 // the agent: a symbolic link planted in its place is refused without
 // touching its target, and a second holder is told who runs.
-func TestLockStateDirAttacks(t *testing.T) {
+func TestTakeAttacks(t *testing.T) {
 	dir := t.TempDir()
-	l, err := LockStateDir(dir)
+	l, err := Take(dir)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := LockStateDir(dir); !errors.Is(err, ErrAlreadyRunning) || !strings.Contains(err.Error(), "stop it first") {
+	if _, err := Take(dir); !errors.Is(err, ErrAlreadyRunning) || !strings.Contains(err.Error(), "stop it first") {
 		t.Fatalf("second lock: %v", err)
 	}
-	if pid, err := LockHolder(dir); err != nil || pid != os.Getpid() {
+	if pid, err := Holder(dir); err != nil || pid != os.Getpid() {
 		t.Fatalf("holder %d %v, want %d", pid, err, os.Getpid())
 	}
 	l.Unlock()
@@ -34,12 +34,12 @@ func TestLockStateDirAttacks(t *testing.T) {
 	if err := os.WriteFile(victim, []byte("precious\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	lf := filepath.Join(dir, lockFile)
+	lf := filepath.Join(dir, File)
 	os.Remove(lf)
 	if err := os.Symlink(victim, lf); err != nil {
 		t.Fatal(err)
 	}
-	_, err = LockStateDir(dir)
+	_, err = Take(dir)
 	if err == nil || !strings.Contains(err.Error(), "symbolic link") || !strings.Contains(err.Error(), "remove it") {
 		t.Fatalf("lock through a symlink: %v", err)
 	}
@@ -50,14 +50,14 @@ func TestLockStateDirAttacks(t *testing.T) {
 	if err := os.Mkdir(lf, 0o700); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := LockStateDir(dir); err == nil || !strings.Contains(err.Error(), "is a directory; remove it") {
+	if _, err := Take(dir); err == nil || !strings.Contains(err.Error(), "is a directory; remove it") {
 		t.Fatalf("lock file is a directory: %v", err)
 	}
 }
 
 // A state directory on a read-only file system (a board whose overlay
 // failed to mount) says so and what to do.
-func TestLockStateDirReadOnly(t *testing.T) {
+func TestTakeReadOnly(t *testing.T) {
 	if os.Geteuid() != 0 {
 		t.Skip("SKIPPED LOUDLY: mounting a read-only tmpfs needs root (CI runs as root)")
 	}
@@ -70,45 +70,34 @@ func TestLockStateDirReadOnly(t *testing.T) {
 		t.Fatalf("remount ro: %v %s", err, out)
 	}
 	for _, dir := range []string{mnt, filepath.Join(mnt, "state")} {
-		_, err := LockStateDir(dir)
+		_, err := Take(dir)
 		if err == nil || !strings.Contains(err.Error(), "read-only file system") || !strings.Contains(err.Error(), "writable storage") {
 			t.Errorf("%s: %v", dir, err)
 		}
 	}
 }
 
-// A FIFO, device or socket planted as the lock file or status.json is
-// refused at once: opening a FIFO for reading blocks until a writer comes,
-// which hung `gwagent status` for good, deaf to SIGTERM.
-func TestLockAndStatusNeverBlockOnAFIFO(t *testing.T) {
+// A FIFO, device or socket planted as the lock file is refused at once:
+// opening a FIFO for reading blocks until a writer comes, which hung
+// `gwagent status` for good, deaf to SIGTERM.
+func TestNeverBlocksOnAFIFO(t *testing.T) {
 	dir := t.TempDir()
-	for _, name := range []string{lockFile, "status.json"} {
-		if err := syscall.Mkfifo(filepath.Join(dir, name), 0o644); err != nil {
-			t.Fatal(err)
-		}
+	if err := syscall.Mkfifo(filepath.Join(dir, File), 0o644); err != nil {
+		t.Fatal(err)
 	}
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
-		if pid, err := LockHolder(dir); err == nil || !strings.Contains(err.Error(), "is a FIFO") {
-			t.Errorf("LockHolder on a FIFO: pid %d, err %v", pid, err)
+		if pid, err := Holder(dir); err == nil || !strings.Contains(err.Error(), "is a FIFO") {
+			t.Errorf("Holder on a FIFO: pid %d, err %v", pid, err)
 		}
-		if _, err := LockStateDir(dir); err == nil || !strings.Contains(err.Error(), "is a FIFO") || !strings.Contains(err.Error(), "remove it") {
-			t.Errorf("LockStateDir on a FIFO: %v", err)
-		}
-		if _, err := ReadStatus(dir); err == nil || !strings.Contains(err.Error(), "is a FIFO") {
-			t.Errorf("ReadStatus on a FIFO: %v", err)
+		if _, err := Take(dir); err == nil || !strings.Contains(err.Error(), "is a FIFO") || !strings.Contains(err.Error(), "remove it") {
+			t.Errorf("Take on a FIFO: %v", err)
 		}
 	}()
 	select {
 	case <-done:
 	case <-time.After(10 * time.Second):
 		t.Fatal("blocked on a FIFO")
-	}
-	// status.json as a link to an endless device is refused, not read.
-	os.Remove(filepath.Join(dir, "status.json"))
-	os.Symlink("/dev/zero", filepath.Join(dir, "status.json"))
-	if _, err := ReadStatus(dir); err == nil || !strings.Contains(err.Error(), "is a device") {
-		t.Errorf("ReadStatus on /dev/zero: %v", err)
 	}
 }

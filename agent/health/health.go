@@ -1,4 +1,16 @@
-package agent
+// Package health makes the gateway's health message: what the kernel tells
+// about the board (/proc, statfs, thermal zones, read into one reused
+// buffer) and what the agent tells about itself (state, conditions, the
+// certificate's days left, the outbox), queued every interval on the
+// telemetry pipeline. The interval comes from the config and the twin's
+// desired telemetryInterval (SetInterval).
+//
+// It is one of the agent's own parts: only agent/ imports it. It reads the
+// agent's status (agent/status) and queues through the pipeline's Enqueue;
+// it times everything on the clock it is handed and logs only through the
+// logger it is handed. Loop.Run is the one goroutine that reads /proc;
+// SetInterval and ReachedHub may be called from any goroutine.
+package health
 
 import (
 	"bytes"
@@ -40,18 +52,18 @@ type Health struct {
 	ConditionsActive []string              `json:"conditions,omitempty"`
 }
 
-// healthSource reads what the kernel tells about the gateway into one
+// Source reads what the kernel tells about the gateway into one
 // reused buffer: at one message a second, reading /proc with os.ReadFile,
 // strings.Split and strings.Fields cost ~16 KB of garbage per message.
 // Used by the health loop only (not safe for concurrent use).
-type healthSource struct {
+type Source struct {
 	buf     [4096]byte
 	zones   []string // thermal zone files, found once
 	globbed bool
 }
 
 // file reads a small /proc or /sys file into the buffer.
-func (s *healthSource) file(path string) []byte {
+func (s *Source) file(path string) []byte {
 	f, err := os.Open(path)
 	if err != nil {
 		return nil
@@ -103,7 +115,9 @@ func meminfoKB(b []byte, key string) int64 {
 	return v
 }
 
-func (s *healthSource) read(now time.Time, stateDir string) Health {
+// Read reads the board's figures at now; stateDir's file system is the
+// disk reported.
+func (s *Source) Read(now time.Time, stateDir string) Health {
 	h := Health{Time: now.UTC()}
 	var f [3][]byte
 	if fields(s.file("/proc/uptime"), f[:1]) == 1 {

@@ -1,4 +1,4 @@
-package agent
+package network
 
 import (
 	"os"
@@ -14,19 +14,19 @@ import (
 // is remembered, when 8883 gets another chance. A fake clock; the state
 // directory is real.
 func TestAutoMemory(t *testing.T) {
-	cfg := &Config{StateDir: t.TempDir(), Network: NetworkConfig{Transport: "auto"}}
-	cfg.Network.defaults()
+	cfg, dir := Config{Transport: "auto"}, t.TempDir()
+	cfg.Defaults()
 	t0 := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
 	step := func(now time.Time, used mqttconn.Transport) (prefer mqttconn.Transport, probe bool) {
 		t.Helper()
-		o, probe, err := networkOptions(cfg, now, 443)
+		c, err := Choose(cfg, dir, now, 443)
 		if err != nil {
 			t.Fatal(err)
 		}
-		if err := rememberTransport(cfg, now, used, probe); err != nil {
+		if err := remember(cfg, dir, now, used, c.probe); err != nil {
 			t.Fatal(err)
 		}
-		return o.Prefer, probe
+		return c.Options.Prefer, c.probe
 	}
 	if p, probe := step(t0, mqttconn.WebSocket); p != mqttconn.MQTT || probe {
 		t.Fatalf("first connection tries %s (probe %v), want mqtt", p, probe)
@@ -47,7 +47,7 @@ func TestAutoMemory(t *testing.T) {
 	if p, _ := step(t0.Add(13*time.Hour), mqttconn.MQTT); p != mqttconn.MQTT {
 		t.Fatalf("second probe tries %s", p)
 	}
-	if m := readMemory(cfg.StateDir); m.Transport != mqttconn.MQTT {
+	if m := readMemory(dir); m.Transport != mqttconn.MQTT {
 		t.Fatalf("memory %+v after MQTT worked", m)
 	}
 	// A damaged, huge or special memory file means nothing learnt.
@@ -58,56 +58,27 @@ func TestAutoMemory(t *testing.T) {
 		},
 		func(p string) error { return syscall.Mkfifo(p, 0o600) },
 	} {
-		os.Remove(memoryPath(cfg.StateDir))
-		if err := bad(memoryPath(cfg.StateDir)); err != nil {
+		os.Remove(memoryPath(dir))
+		if err := bad(memoryPath(dir)); err != nil {
 			t.Fatal(err)
 		}
-		if m := readMemory(cfg.StateDir); m.Transport != mqttconn.MQTT {
+		if m := readMemory(dir); m.Transport != mqttconn.MQTT {
 			t.Fatalf("bad memory file read as %+v", m)
 		}
 	}
 	// The board rebooted without RTC and NTP is not there yet: the clock is
 	// back in 1970, years before the recorded probe. 8883 is tried now,
 	// not once the clock has caught up.
-	if err := writeMemory(cfg.StateDir, transportMemory{Transport: mqttconn.WebSocket, ProbedAt: t0}); err != nil {
+	if err := writeMemory(dir, memory{Transport: mqttconn.WebSocket, ProbedAt: t0}); err != nil {
 		t.Fatal(err)
 	}
 	if p, probe := step(time.Unix(60, 0), mqttconn.WebSocket); p != mqttconn.MQTT || !probe {
 		t.Fatalf("clock behind the recorded probe: tries %s (probe %v)", p, probe)
 	}
-	os.Remove(memoryPath(cfg.StateDir))
+	os.Remove(memoryPath(dir))
 	// Fixed transports neither read nor write the memory.
-	cfg.Network.Transport = "mqtt"
+	cfg.Transport = "mqtt"
 	if p, _ := step(t0, mqttconn.MQTT); p != mqttconn.MQTT {
 		t.Fatal(p)
-	}
-}
-
-func TestNetworkConfigValidate(t *testing.T) {
-	for _, tc := range []struct{ name, toml, err string }{
-		{"ok/defaults", "", ""},
-		{"ok/websocket with proxy", "transport = \"websocket\"\nproxy = \"http://u:pw-1@proxy:3128\"\nno_proxy = \"localhost\"", ""},
-		{"fail/unknown transport", "transport = \"quic\"", `transport "quic"`},
-		{"fail/https proxy, password kept out", "proxy = \"https://u:pw-1@proxy:3128\"", "not supported"},
-		{"fail/port", "hub_websocket_port = 70000", "hub_websocket_port"},
-		{"fail/reprobe too often", "mqtt_reprobe = \"1s\"", "mqtt_reprobe"},
-		{"fail/unknown key", "proxy_url = \"x\"", "unknown key"},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
-			raw := "trust_bundle = \"ca.pem\"\n[hub]\nhost = \"h\"\ndevice_id = \"d\"\nchain = \"c.pem\"\n[operational]\nkey = \"file:/k\"\n[network]\n" + tc.toml + "\n"
-			_, err := ParseConfig("/etc/gwagent/gwagent.toml", []byte(raw))
-			if tc.err == "" {
-				if err != nil {
-					t.Fatal(err)
-				}
-				return
-			}
-			if err == nil || !strings.Contains(err.Error(), tc.err) {
-				t.Fatalf("err %v, want %q", err, tc.err)
-			}
-			if strings.Contains(err.Error(), "pw-1") {
-				t.Fatalf("error shows the proxy password: %v", err)
-			}
-		})
 	}
 }

@@ -1,4 +1,4 @@
-package agent
+package health
 
 import (
 	"encoding/json"
@@ -8,9 +8,9 @@ import (
 
 func BenchmarkReadHealth(b *testing.B) {
 	b.ReportAllocs()
-	var src healthSource
+	var src Source
 	for i := 0; i < b.N; i++ {
-		h := src.read(time.Now(), "/tmp")
+		h := src.Read(time.Now(), "/tmp")
 		json.Marshal(h)
 	}
 }
@@ -18,8 +18,8 @@ func BenchmarkReadHealth(b *testing.B) {
 // TestHealthSourceParses: the allocation-free reader finds the same
 // figures in /proc as a plain reading would.
 func TestHealthSourceParses(t *testing.T) {
-	var src healthSource
-	h := src.read(time.Now(), t.TempDir())
+	var src Source
+	h := src.Read(time.Now(), t.TempDir())
 	if h.MemTotalKB <= 0 || h.MemAvailableKB <= 0 || h.MemAvailableKB > h.MemTotalKB || h.UptimeSeconds <= 0 || h.DiskTotalBytes == 0 {
 		t.Fatalf("health figures missing: %+v", h)
 	}

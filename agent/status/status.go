@@ -1,4 +1,17 @@
-package agent
+// Package status owns the agent's one status: its lifecycle State, the
+// raised conditions with their reasons, and the figures `gwagent status`,
+// systemd's STATUS= line, the logs, health messages and the twin read. The
+// Tracker writes it to STATE_DIR/status.json (changes at once, counters at
+// most once a minute, in place when the disk is full) and tells systemd the
+// new STATUS= line through the function it is handed.
+//
+// It is one of the agent's own parts: agent/ imports it, and cmd/gwagent
+// reads status.json through agent.ReadStatus. It imports only gwagent's
+// leaves and the telemetry pipeline's figures (telemetry.QuotaStats); it
+// times its flushes on the injected clock and logs only through the logger
+// it is handed. The Tracker is safe for concurrent use: every
+// goroutine of the agent raises and clears conditions through it.
+package status
 
 import (
 	"encoding/json"
@@ -12,6 +25,7 @@ import (
 	"time"
 
 	"github.com/gwagent/gwagent/internal/atomicfile"
+	"github.com/gwagent/gwagent/internal/clock"
 	"github.com/gwagent/gwagent/internal/condition"
 	"github.com/gwagent/gwagent/internal/diskspace"
 	"github.com/gwagent/gwagent/telemetry"
@@ -22,16 +36,16 @@ import (
 type State int
 
 const (
-	StateStarting State = iota
-	StateWaitingForClock
-	StateNotProvisioned
-	StateProvisioning
-	StateConnecting
-	StateConnected
-	StateReconnecting
-	StateDegraded
-	StateStopped
-	StateSwapping
+	Starting State = iota
+	WaitingForClock
+	NotProvisioned
+	Provisioning
+	Connecting
+	Connected
+	Reconnecting
+	Degraded
+	Stopped
+	Swapping
 )
 
 var stateNames = [...]string{"starting", "waiting-for-clock", "not-provisioned", "provisioning", "connecting", "connected", "reconnecting", "degraded", "stopped", "swapping-certificate"}
@@ -43,35 +57,21 @@ func (s State) String() string {
 	return "unknown"
 }
 
-// Condition is a named health problem (tailscale's Warnable idea): set with
-// a reason, cleared when it is over.
-type Condition = condition.Name
-
-const (
-	CondClockNotSynced      Condition = "clock-not-synchronised"
-	CondOnboardingRejected  Condition = "onboarding-credential-rejected"
-	CondKeyStoreUnavailable Condition = "key-store-unavailable"
-	CondCertificateExpired  Condition = "certificate-expired"
-	CondHubUnreachable      Condition = "hub-unreachable"
-	CondProvisioningFailed  Condition = "provisioning-failed"
-	CondOutboxFull          Condition = telemetry.CondOutboxFull
-)
-
 // Status is the one place STATUS=, logs, `gwagent status` and the twin's
 // reported state read from. It is written to STATE_DIR/status.json.
 type Status struct {
-	State        string               `json:"state"`
-	Conditions   map[Condition]string `json:"conditions,omitempty"`
-	DeviceID     string               `json:"deviceId,omitempty"`
-	Hub          string               `json:"hub,omitempty"`
-	Transport    string               `json:"transport,omitempty"` // of the last hub connection: mqtt or websocket
-	CertSerial   string               `json:"certSerial,omitempty"`
-	CertNotAfter time.Time            `json:"certNotAfter,omitzero"`
-	NextRenewal  time.Time            `json:"nextRenewal,omitzero"`
-	OutboxDepth  int                  `json:"outboxDepth"`
-	OutboxBytes  int64                `json:"outboxBytes"`
-	LastAckID    string               `json:"lastAckId,omitempty"`
-	LastAckAt    time.Time            `json:"lastAckAt,omitzero"`
+	State        string                    `json:"state"`
+	Conditions   map[condition.Name]string `json:"conditions,omitempty"`
+	DeviceID     string                    `json:"deviceId,omitempty"`
+	Hub          string                    `json:"hub,omitempty"`
+	Transport    string                    `json:"transport,omitempty"` // of the last hub connection: mqtt or websocket
+	CertSerial   string                    `json:"certSerial,omitempty"`
+	CertNotAfter time.Time                 `json:"certNotAfter,omitzero"`
+	NextRenewal  time.Time                 `json:"nextRenewal,omitzero"`
+	OutboxDepth  int                       `json:"outboxDepth"`
+	OutboxBytes  int64                     `json:"outboxBytes"`
+	LastAckID    string                    `json:"lastAckId,omitempty"`
+	LastAckAt    time.Time                 `json:"lastAckAt,omitzero"`
 	// SpoolRejected counts spool files refused (moved to rejected/) since
 	// the agent started.
 	SpoolRejected int64 `json:"spoolRejected,omitempty"`
@@ -93,10 +93,11 @@ type Status struct {
 	UpdatedAt time.Time             `json:"updatedAt"`
 }
 
-// statusTracker owns Status. Changes of state or conditions are logged,
-// sent to systemd and written to disk at once; counters (outbox depth,
-// last ack) are written at most once per flushEvery to spare the flash.
-type statusTracker struct {
+// Tracker owns Status; it is the agent's condition.Sink. Changes of state
+// or conditions are logged, sent to systemd and written to disk at once;
+// counters (outbox depth, last ack) are written at most once per flushEvery
+// to spare the flash.
+type Tracker struct {
 	// writeMu orders writes: each renders and stores the status whole, so
 	// that two goroutines writing at once cannot leave the older rendering
 	// on disk (a count one behind until the next change).
@@ -106,30 +107,41 @@ type statusTracker struct {
 	state      State
 	path       string
 	log        *slog.Logger
-	notify     *notifier
-	now        func() time.Time
+	notify     func(line string)
+	clock      clock.Clock
+	started    time.Time
 	lastWrite  time.Time
 	flushEvery time.Duration
-	onChange   func(Status)
 	// counters fills in the telemetry pipeline's counters whenever the
-	// status is written (set by Run before anything else runs).
+	// status is written (Counters).
 	counters func(*Status)
 	writeErr string // the last write's error, logged once
 }
 
-func newStatusTracker(stateDir string, log *slog.Logger, n *notifier, now func() time.Time, version string) *statusTracker {
-	return &statusTracker{
-		st:         Status{State: StateStarting.String(), Conditions: map[Condition]string{}, Version: version, PID: os.Getpid()},
+// New starts the status of an agent (state Starting) that writes
+// stateDir/status.json and hands each new STATUS= line to notify.
+func New(stateDir string, log *slog.Logger, notify func(line string), c clock.Clock, version string) *Tracker {
+	return &Tracker{
+		st:         Status{State: Starting.String(), Conditions: map[condition.Name]string{}, Version: version, PID: os.Getpid()},
 		path:       filepath.Join(stateDir, "status.json"),
 		log:        log,
-		notify:     n,
-		now:        now,
+		notify:     notify,
+		clock:      c,
+		started:    c.Now(),
 		flushEvery: time.Minute,
 	}
 }
 
+// Started is when the tracker (and so the agent) started.
+func (t *Tracker) Started() time.Time { return t.started }
+
+// Counters sets the function that fills in the telemetry pipeline's
+// counters whenever the status is written. Call it before the tracker is
+// shared.
+func (t *Tracker) Counters(f func(*Status)) { t.counters = f }
+
 // Set moves to state s.
-func (t *statusTracker) Set(s State) {
+func (t *Tracker) Set(s State) {
 	t.mu.Lock()
 	if t.state == s {
 		t.mu.Unlock()
@@ -143,14 +155,14 @@ func (t *statusTracker) Set(s State) {
 }
 
 // State is the current state.
-func (t *statusTracker) State() State {
+func (t *Tracker) State() State {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	return t.state
 }
 
 // Raise sets condition c with a reason (replacing an older reason).
-func (t *statusTracker) Raise(c Condition, reason string) {
+func (t *Tracker) Raise(c condition.Name, reason string) {
 	t.mu.Lock()
 	old, had := t.st.Conditions[c]
 	t.st.Conditions[c] = reason
@@ -163,7 +175,7 @@ func (t *statusTracker) Raise(c Condition, reason string) {
 }
 
 // Clear removes condition c.
-func (t *statusTracker) Clear(c Condition) {
+func (t *Tracker) Clear(c condition.Name) {
 	t.mu.Lock()
 	_, had := t.st.Conditions[c]
 	delete(t.st.Conditions, c)
@@ -175,7 +187,7 @@ func (t *statusTracker) Clear(c Condition) {
 }
 
 // Has reports whether condition c is raised.
-func (t *statusTracker) Has(c Condition) bool {
+func (t *Tracker) Has(c condition.Name) bool {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	_, ok := t.st.Conditions[c]
@@ -183,10 +195,10 @@ func (t *statusTracker) Has(c Condition) bool {
 }
 
 // Update changes other fields; flushed lazily unless force.
-func (t *statusTracker) Update(force bool, f func(*Status)) {
+func (t *Tracker) Update(force bool, f func(*Status)) {
 	t.mu.Lock()
 	f(&t.st)
-	due := force || t.now().Sub(t.lastWrite) >= t.flushEvery
+	due := force || t.clock.Now().Sub(t.lastWrite) >= t.flushEvery
 	t.mu.Unlock()
 	if due {
 		t.write()
@@ -194,7 +206,7 @@ func (t *statusTracker) Update(force bool, f func(*Status)) {
 }
 
 // Snapshot returns a copy of the status.
-func (t *statusTracker) Snapshot() Status {
+func (t *Tracker) Snapshot() Status {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	s := t.st
@@ -209,7 +221,7 @@ func (s Status) Line() string {
 	if s.DeviceID != "" {
 		b.WriteString(" as " + s.DeviceID)
 	}
-	if s.Hub != "" && s.State == StateConnected.String() {
+	if s.Hub != "" && s.State == Connected.String() {
 		b.WriteString(" to " + s.Hub)
 		if s.Transport != "" {
 			b.WriteString(" over " + s.Transport)
@@ -226,15 +238,12 @@ func (s Status) Line() string {
 	return b.String()
 }
 
-func (t *statusTracker) changed() {
+func (t *Tracker) changed() {
 	s := t.write()
-	t.notify.status(s.Line())
-	if t.onChange != nil {
-		t.onChange(s)
-	}
+	t.notify(s.Line())
 }
 
-func (t *statusTracker) write() Status {
+func (t *Tracker) write() Status {
 	t.writeMu.Lock()
 	defer t.writeMu.Unlock()
 	s, b := t.render(false)
@@ -259,24 +268,24 @@ func (t *statusTracker) write() Status {
 }
 
 // render stamps and encodes the status; with diskFull it raises
-// CondDiskFull first (logged here: the caller is already writing).
-func (t *statusTracker) render(diskFull bool) (Status, []byte) {
+// condition.DiskFull first (logged here: the caller is already writing).
+func (t *Tracker) render(diskFull bool) (Status, []byte) {
 	t.mu.Lock()
 	var raised string
-	if _, had := t.st.Conditions[CondDiskFull]; diskFull && !had {
+	if _, had := t.st.Conditions[condition.DiskFull]; diskFull && !had {
 		raised = diskspace.Reason(filepath.Dir(t.path))
-		t.st.Conditions[CondDiskFull] = raised
+		t.st.Conditions[condition.DiskFull] = raised
 	}
 	if t.counters != nil {
 		t.counters(&t.st)
 	}
-	t.st.UpdatedAt = t.now().UTC()
-	t.lastWrite = t.now()
+	t.st.UpdatedAt = t.clock.Now().UTC()
+	t.lastWrite = t.clock.Now()
 	s := t.st
 	s.Conditions = maps.Clone(t.st.Conditions)
 	t.mu.Unlock()
 	if raised != "" {
-		t.log.Warn("condition raised", "condition", string(CondDiskFull), "reason", raised)
+		t.log.Warn("condition raised", "condition", string(condition.DiskFull), "reason", raised)
 	}
 	b, _ := json.MarshalIndent(s, "", "  ")
 	return s, append(b, '\n')
@@ -285,8 +294,8 @@ func (t *statusTracker) render(diskFull bool) (Status, []byte) {
 // maxStatusBytes bounds status.json for readers; the agent writes about 1 KiB.
 const maxStatusBytes = 1 << 20
 
-// ReadStatus reads the status file a running (or stopped) agent wrote.
-func ReadStatus(stateDir string) (*Status, error) {
+// Read reads the status file a running (or stopped) agent wrote.
+func Read(stateDir string) (*Status, error) {
 	b, err := atomicfile.ReadRegular(filepath.Join(stateDir, "status.json"), maxStatusBytes)
 	if err != nil {
 		return nil, err
