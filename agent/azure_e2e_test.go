@@ -93,14 +93,7 @@ func dialAs(t *testing.T, d *device, id *provisioning.Identity, cfg transport.Co
 		t.Fatal(err)
 	}
 	cfg.Host, cfg.DeviceID, cfg.Roots, cfg.Signer, cfg.Chain = id.AssignedHub, id.DeviceID, roots, signer, id.Chain
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	s, err := transport.Dial(ctx, cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(s.Close)
-	return s
+	return d.az.Dial(t, cfg)
 }
 
 // TestPropertyBagE2E: application properties with spaces, '+', '&', '=',

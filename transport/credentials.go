@@ -9,6 +9,7 @@ import (
 	"strconv"
 	"time"
 
+	mqtt "github.com/eclipse/paho.mqtt.golang"
 	"github.com/gwagent/gwagent/internal/clock"
 )
 
@@ -69,8 +70,9 @@ func (s *Session) unwatchCredentials() {
 	}
 	s.credSubscribed = false
 	s.mu.Unlock()
-	t := s.client.Unsubscribe(credentialsResSub)
-	t.WaitTimeout(10 * time.Second)
+	if t, err := s.token(context.Background(), s.start(&call{other: func() mqtt.Token { return s.client.Unsubscribe(credentialsResSub) }})); err == nil {
+		s.waitToken(context.Background(), t, 10*time.Second)
+	}
 }
 
 // IssueRequest is one call of the hub's certificate-signing API

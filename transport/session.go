@@ -116,6 +116,7 @@ type Session struct {
 	dialer *mqttconn.Dialer
 	done   chan struct{}
 	once   sync.Once
+	calls  chan *call   // to caller, the one goroutine that calls into paho
 	err    atomic.Value // error that ended the session
 
 	mu             sync.Mutex
@@ -164,7 +165,7 @@ func Dial(ctx context.Context, cfg Config) (*Session, error) {
 		return nil, fmt.Errorf("hub: %w", err)
 	}
 	cfg.Clock = clock.Or(cfg.Clock)
-	s := &Session{cfg: cfg, done: make(chan struct{}), pending: map[string]chan answer{},
+	s := &Session{cfg: cfg, done: make(chan struct{}), calls: make(chan *call, callQueue), pending: map[string]chan answer{},
 		ridSalt: strconv.FormatUint(rand.Uint64()%(1<<30), 36)}
 
 	// The username's hub name is the host without the port.
@@ -200,6 +201,7 @@ func Dial(ctx context.Context, cfg Config) (*Session, error) {
 	if err := tok.Error(); err != nil {
 		return nil, classifyConnect(cfg.Host, err)
 	}
+	go s.caller()
 	// $iothub/credentials/res/# is subscribed only while renewing
 	// (credentials.go), as Microsoft's SDKs do: a hub without certificate
 	// management refuses it, and static-mode devices must still work there.
@@ -208,16 +210,89 @@ func Dial(ctx context.Context, cfg Config) (*Session, error) {
 	}
 	if err := s.subscribe(ctx, subs); err != nil {
 		s.client.Disconnect(0)
+		s.finish(err)
 		return nil, err
 	}
 	return s, nil
 }
 
+// callQueue is how many paho calls may wait for the caller goroutine: a
+// drain window's publishes go in as fast as paho takes them.
+const callQueue = 16
+
+// call is one call into paho that may block. paho v1's Publish, Subscribe
+// and Unsubscribe hand the packet to its writer and wait for it to be
+// taken, for up to its write timeout (30 s), with no way to cancel; when
+// the connection is lost while a call waits, nothing takes the packet and
+// the call sits out the whole timeout. A drain at full speed is nearly
+// always inside Publish when a hub closes the connection (a throttled
+// send, a dropped link), and the session's end then took 30 s to reach the
+// agent. So the session makes these calls on one goroutine of its own, in
+// the order they were asked for, and whoever waits for one watches the
+// session's end as well.
+type call struct {
+	topic string
+	qos   byte
+	body  []byte
+	other func() mqtt.Token // a subscribe or unsubscribe instead of a publish
+	tok   mqtt.Token
+	ready chan struct{} // closed once tok is set
+}
+
+// caller makes the session's paho calls until the session ends. One may
+// still be waiting in paho then: it returns within paho's write timeout.
+func (s *Session) caller() {
+	for {
+		select {
+		case c := <-s.calls:
+			if c.other != nil {
+				c.tok = c.other()
+			} else {
+				c.tok = s.client.Publish(c.topic, c.qos, false, c.body)
+			}
+			close(c.ready)
+		case <-s.done:
+			return
+		}
+	}
+}
+
+// start queues c for the caller goroutine.
+func (s *Session) start(c *call) *call {
+	c.ready = make(chan struct{})
+	select {
+	case s.calls <- c:
+	case <-s.done:
+	}
+	return c
+}
+
+// token waits for c's paho call to return; ErrClosed when the session
+// ended first. With a done ctx it still reports a call that has returned.
+func (s *Session) token(ctx context.Context, c *call) (mqtt.Token, error) {
+	select {
+	case <-c.ready:
+		return c.tok, nil
+	default:
+	}
+	select {
+	case <-c.ready:
+		return c.tok, nil
+	case <-s.done:
+		return nil, ErrClosed
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+}
+
 // subscribe subscribes and checks every SUBACK return code: paho v1 records
 // a refused filter (0x80) in the token's Result without an error.
 func (s *Session) subscribe(ctx context.Context, subs map[string]byte) error {
-	st := s.client.SubscribeMultiple(subs, s.route)
-	if !waitToken(ctx, st, 30*time.Second) || st.Error() != nil {
+	st, err := s.token(ctx, s.start(&call{other: func() mqtt.Token { return s.client.SubscribeMultiple(subs, s.route) }}))
+	if err != nil {
+		return fmt.Errorf("hub: subscribe: %w", err)
+	}
+	if !s.waitToken(ctx, st, 30*time.Second) || st.Error() != nil {
 		return fmt.Errorf("hub: subscribe: %v", tokenErr(st))
 	}
 	return subackErr(st.(*mqtt.SubscribeToken).Result(), subs)
@@ -239,13 +314,15 @@ func classifyConnect(host string, err error) error {
 }
 
 // waitToken waits for a paho operation at most d (a bound on network I/O,
-// in wall time), or until ctx ends.
-func waitToken(ctx context.Context, t mqtt.Token, d time.Duration) bool {
+// in wall time), or until ctx or the session ends.
+func (s *Session) waitToken(ctx context.Context, t mqtt.Token, d time.Duration) bool {
 	ctx, cancel := context.WithTimeout(ctx, d)
 	defer cancel()
 	select {
 	case <-t.Done():
 		return true
+	case <-s.done:
+		return false
 	case <-ctx.Done():
 		return false
 	}
@@ -344,7 +421,7 @@ func (s *Session) method(topic string, body []byte) {
 	if s.cfg.OnMethod != nil {
 		status, resp = s.cfg.OnMethod(name, body)
 	}
-	s.client.Publish(methodResTopic+strconv.Itoa(status)+"/?$rid="+url.QueryEscape(rid), 0, false, resp)
+	s.start(&call{topic: methodResTopic + strconv.Itoa(status) + "/?$rid=" + url.QueryEscape(rid), body: resp})
 }
 
 func (s *Session) deliver(rid string, a answer) bool {
@@ -396,8 +473,11 @@ func (s *Session) expect(rid string) (ch chan answer, done func()) {
 
 func (s *Session) publishRequest(ctx context.Context, topic, rid string, payload []byte) error {
 	s.requests.Add(1)
-	tok := s.client.Publish(topic+url.QueryEscape(rid), 0, false, payload)
-	if !waitToken(ctx, tok, 30*time.Second) || tok.Error() != nil {
+	tok, err := s.token(ctx, s.start(&call{topic: topic + url.QueryEscape(rid), body: payload}))
+	if err != nil {
+		return fmt.Errorf("hub: publish %s: %w", topic, err)
+	}
+	if !s.waitToken(ctx, tok, 30*time.Second) || tok.Error() != nil {
 		return fmt.Errorf("hub: publish %s: %v", topic, tokenErr(tok))
 	}
 	return nil
@@ -443,10 +523,16 @@ func (s *Session) PublishTelemetry(body []byte, system, app map[string]string) (
 	}
 	topic := telemetryTopic(s.cfg.DeviceID) + EncodeProperties(system, app)
 	s.requests.Add(1)
-	tok := s.client.Publish(topic, 1, false, body)
+	c := s.start(&call{topic: topic, qos: 1, body: body})
 	var answered atomic.Bool
 	return func(ctx context.Context) error {
-		err := s.waitPuback(ctx, tok)
+		tok, err := s.token(ctx, c)
+		if errors.Is(err, ErrClosed) {
+			return fmt.Errorf("hub: telemetry: %w before PUBACK", ErrClosed)
+		} else if err != nil {
+			return err
+		}
+		err = s.waitPuback(ctx, tok)
 		if err == nil && answered.CompareAndSwap(false, true) {
 			s.answers.Add(1)
 		}

@@ -49,6 +49,27 @@ func (a *Azsim) FactoryDevice(t testing.TB, dir, deviceID string) (keyURI, chain
 // when the test ends: a real session for a test to publish into.
 func (a *Azsim) FactorySession(t testing.TB, deviceID string) *transport.Session {
 	t.Helper()
+	return a.Dial(t, a.FactoryConfig(t, deviceID))
+}
+
+// Dial dials a hub session with cfg and closes it when the test ends.
+func (a *Azsim) Dial(t testing.TB, cfg transport.Config) *transport.Session {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	s, err := transport.Dial(ctx, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(s.Close)
+	return s
+}
+
+// FactoryConfig is the session configuration of a new static device
+// (FactoryDevice in a temporary directory), for a test that changes it
+// (another Host, such as a relay in front of the hub) before dialling.
+func (a *Azsim) FactoryConfig(t testing.TB, deviceID string) transport.Config {
+	t.Helper()
 	keyURI, chainPath := a.FactoryDevice(t, t.TempDir(), deviceID)
 	signer, err := softkey.New().Signer(context.Background(), keystore.MustParse(keyURI))
 	if err != nil {
@@ -69,12 +90,5 @@ func (a *Azsim) FactorySession(t testing.TB, deviceID string) *transport.Session
 	roots := x509.NewCertPool()
 	bundle, _ := os.ReadFile(a.Info.TrustBundle)
 	roots.AppendCertsFromPEM(bundle)
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	s, err := transport.Dial(ctx, transport.Config{Host: a.Info.HubHostName, DeviceID: deviceID, Roots: roots, Signer: signer, Chain: chain})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(s.Close)
-	return s
+	return transport.Config{Host: a.Info.HubHostName, DeviceID: deviceID, Roots: roots, Signer: signer, Chain: chain}
 }
