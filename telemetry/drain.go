@@ -445,7 +445,12 @@ func (d *drain) ended() {
 		if d.published.Load() == 0 {
 			what = "the hub closed the connection right after a twin request, without an answer"
 		}
-		st := p.quota.refused(d.start, now, what)
+		st, hold := p.quota.refused(d.start, now, what)
+		if !hold {
+			p.log.Warn("the hub closed the connection before answering anything, as it does over its daily quota (or the link failed); "+
+				"the next connection sends one message first to tell", "seen", what)
+			break
+		}
 		depth, _ := p.outbox.Depth()
 		p.sink.Raise(CondHubQuota, st.reason(depth))
 		p.log.Warn("the hub refuses messages as it does over its daily quota; holding connections back", "seen", what,

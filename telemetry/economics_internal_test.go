@@ -13,16 +13,36 @@ import (
 	"github.com/gwagent/gwagent/telemetry/outbox"
 )
 
-// The probe schedule while the hub refuses messages: the next attempt 10
-// to 15 minutes after the refused one, drawn per device; one more shortly
-// after 00:00 UTC (30 s to 5 min), when the quota resets; nothing held
-// back once a message is acknowledged.
+// The probe schedule while the hub refuses messages: a first refused
+// session holds nothing back (a link may have failed at that moment), the
+// next connection is a probe on the usual schedule; from the second in a
+// row, the next attempt 10 to 15 minutes after the refused one, drawn per
+// device; one more shortly after 00:00 UTC (30 s to 5 min), when the quota
+// resets; nothing held back once a message is acknowledged.
 func TestQuotaProbeSchedule(t *testing.T) {
+	t.Run("ok/a first refusal is tried again at once, as a probe", func(t *testing.T) {
+		q := quotaWatch{rng: rand.New(rand.NewPCG(9, 9))}
+		now := time.Date(2030, 1, 1, 9, 0, 0, 0, time.UTC)
+		if _, hold := q.refused(now, now.Add(time.Second), "seen"); hold {
+			t.Fatal("one refused session held connections back")
+		}
+		if !q.connectAfter().IsZero() || q.stats() != (QuotaStats{}) {
+			t.Fatalf("one refused session: next connection at %v, stats %+v; want no hold, no condition", q.connectAfter(), q.stats())
+		}
+		if !q.suspected() {
+			t.Fatal("the session after a refused one is not a probe")
+		}
+		st, hold := q.refused(now.Add(3*time.Second), now.Add(4*time.Second), "seen again")
+		if !hold || st.Refusals != 2 || !st.Since.Equal(now.Add(time.Second)) || q.connectAfter().IsZero() {
+			t.Fatalf("a second refusal in a row: hold %v, stats %+v", hold, st)
+		}
+	})
 	t.Run("ok/regular probes 10 to 15 min apart, spread across devices", func(t *testing.T) {
 		start := time.Date(2030, 1, 1, 9, 0, 0, 0, time.UTC)
 		lo, hi := time.Hour, time.Duration(0)
 		for seed := range uint64(500) {
 			q := quotaWatch{rng: rand.New(rand.NewPCG(seed, 7))}
+			q.refused(start.Add(-5*time.Second), start.Add(-4*time.Second), "seen")
 			q.refused(start, start.Add(time.Second), "seen")
 			d := q.connectAfter().Sub(start)
 			if d < probeEvery || d >= probeEvery+probeJitter {
@@ -39,6 +59,7 @@ func TestQuotaProbeSchedule(t *testing.T) {
 		start := time.Date(2030, 1, 1, 23, 57, 0, 0, time.UTC)
 		midnight := time.Date(2030, 1, 2, 0, 0, 0, 0, time.UTC)
 		q.refused(start, start.Add(time.Second), "seen")
+		q.refused(start.Add(5*time.Second), start.Add(6*time.Second), "seen")
 		m := q.connectAfter()
 		if m.Before(midnight.Add(midnightDelay)) || !m.Before(midnight.Add(midnightDelay+midnightJitter)) {
 			t.Fatalf("after a refusal at 23:57 the next probe is at %s, want 00:00:30 to 00:05:00", m.Format(time.TimeOnly))
@@ -46,12 +67,12 @@ func TestQuotaProbeSchedule(t *testing.T) {
 		// The midnight probe is refused too (the gateway's clock runs
 		// ahead of the hub's): the next is a regular one, not another
 		// midnight probe the same night.
-		st := q.refused(m, m.Add(time.Second), "seen again")
+		st, _ := q.refused(m, m.Add(time.Second), "seen again")
 		next := q.connectAfter()
 		if d := next.Sub(m); d < probeEvery || d >= probeEvery+probeJitter {
 			t.Fatalf("after the refused midnight probe the next is %v later, want 10 to 15 min", d)
 		}
-		if st.Refusals != 2 || !st.Since.Equal(start.Add(time.Second)) || st.Seen != "seen again" || !st.NextProbe.Equal(next) {
+		if st.Refusals != 3 || !st.Since.Equal(start.Add(time.Second)) || st.Seen != "seen again" || !st.NextProbe.Equal(next) {
 			t.Fatalf("stats %+v", st)
 		}
 		if !strings.Contains(st.reason(42), "42 message(s) wait in the outbox") || !strings.Contains(st.reason(42), "403002") {

@@ -215,7 +215,8 @@ func (h *factsHub) Requests() (sent, answered int64) {
 func (h *factsHub) lose() { close(h.done); h.fakeHub.lose() }
 
 // A connection the hub closes right after the first message with nothing
-// acknowledged (what it does over its daily quota) raises
+// acknowledged (what it does over its daily quota) makes the next one a
+// probe on the usual schedule; a second in a row raises
 // hub-quota-exceeded and holds connections back 10 to 15 minutes; twin
 // and renewal wait (HubTakes); the next session sends one message and
 // waits for its PUBACK; that PUBACK clears it all and the drain goes on.
@@ -243,6 +244,21 @@ func TestQuotaRefusalHoldsBack(t *testing.T) {
 	testenv.Eventually(t, 10*time.Second, "published", func() bool { return len(refused.published()) > 0 })
 	refused.lose()
 	<-ended
+	if r.sink.Has(telemetry.CondHubQuota) || !r.p.ConnectAfter().IsZero() {
+		t.Fatal("one refused connection (or a link that failed right after the first message) held connections back")
+	}
+	clk.Advance(5 * time.Second)
+	t0 = clk.Now()
+	again := newFactsHub(0)
+	ended = make(chan struct{})
+	go func() { defer close(ended); r.p.Drain(context.Background(), again) }()
+	testenv.Eventually(t, 10*time.Second, "the probe after one refusal", func() bool { return len(again.published()) > 0 })
+	time.Sleep(50 * time.Millisecond)
+	if n := len(again.published()); n != 1 {
+		t.Fatalf("the session after a refused one sent %d messages before any PUBACK, want 1", n)
+	}
+	again.lose()
+	<-ended
 	reason, ok := r.sink.reason(telemetry.CondHubQuota)
 	if !ok || !strings.Contains(reason, "right after the first telemetry message") || !strings.Contains(reason, "40 message(s) wait") {
 		t.Fatalf("condition %v %q", ok, reason)
@@ -250,7 +266,7 @@ func TestQuotaRefusalHoldsBack(t *testing.T) {
 	if at := r.p.ConnectAfter(); at.Sub(t0) < 10*time.Minute || at.Sub(t0) >= 15*time.Minute {
 		t.Fatalf("next connection at %v, want 10 to 15 min after the refused one", at.Sub(t0))
 	}
-	if st := r.p.Stats().Quota; st.Refusals != 1 || st.Since.IsZero() || st.NextProbe.IsZero() {
+	if st := r.p.Stats().Quota; st.Refusals != 2 || st.Since.IsZero() || st.NextProbe.IsZero() {
 		t.Fatalf("stats %+v", st)
 	}
 	var twinWent atomic.Bool

@@ -16,8 +16,12 @@ import (
 // treats that as a network failure reconnects every few seconds all day,
 // and so does the rest of its fleet. So the pipeline watches for the
 // pattern: a session that the hub closed after we asked something (a
-// telemetry message, a twin request) and before it answered anything. One
-// such session raises CondHubQuota and holds connections back:
+// telemetry message, a twin request) and before it answered anything.
+//
+// The first such session may be a link that failed at the wrong moment:
+// the next connection comes on the usual reconnect schedule, as a probe
+// (below). A second in a row raises CondHubQuota and holds connections
+// back (holdAfter):
 //
 //   - the next attempt (a probe) comes probeEvery plus a random part of
 //     probeJitter after the refused one (each device draws its own, so a
@@ -36,6 +40,9 @@ import (
 // in the spool) as during any outage.
 const (
 	maxThrottleRefusals = 3
+	// holdAfter refused sessions in a row hold connections back; the ones
+	// before only make the next session a probe.
+	holdAfter = 2
 	// slowRecently: a refusal this soon after a slow PUBACK may be the
 	// throttle's backlog (at most a few seconds on Azure, 10 s in azsim).
 	slowRecently   = 2 * time.Minute
@@ -81,8 +88,9 @@ func (q *quotaWatch) suspected() bool {
 }
 
 // refused records a session (started at start) that the hub closed with
-// nothing answered, and plans the next probes.
-func (q *quotaWatch) refused(start, now time.Time, what string) QuotaStats {
+// nothing answered, and plans the next probes; hold says that connections
+// are held back now (refusals in a row reached holdAfter).
+func (q *quotaWatch) refused(start, now time.Time, what string) (st QuotaStats, hold bool) {
 	q.mu.Lock()
 	defer q.mu.Unlock()
 	if q.cleared == nil {
@@ -98,7 +106,7 @@ func (q *quotaWatch) refused(start, now time.Time, what string) QuotaStats {
 		q.midnight = day.Add(24*time.Hour + midnightDelay + time.Duration(q.rng.Int64N(int64(midnightJitter))))
 	}
 	q.seen = what
-	return q.statsLocked()
+	return q.statsLocked(), q.refusals >= holdAfter
 }
 
 // refusedAfterSlow records a refused session that came right after the
@@ -136,7 +144,7 @@ func (q *quotaWatch) took() bool {
 func (q *quotaWatch) connectAfter() time.Time {
 	q.mu.Lock()
 	defer q.mu.Unlock()
-	if q.cleared == nil {
+	if q.cleared == nil || q.refusals < holdAfter {
 		return time.Time{}
 	}
 	return q.nextLocked()
@@ -157,7 +165,7 @@ func (q *quotaWatch) stats() QuotaStats {
 }
 
 func (q *quotaWatch) statsLocked() QuotaStats {
-	if q.cleared == nil {
+	if q.cleared == nil || q.refusals < holdAfter {
 		return QuotaStats{}
 	}
 	return QuotaStats{Since: q.since, Refusals: q.refusals, NextProbe: q.nextLocked(), Seen: q.seen}
