@@ -275,7 +275,7 @@ func (r *Renewer) Run(ctx context.Context, hub Hub, id *provisioning.Identity) {
 		}
 		if !due {
 			var ok bool
-			if why, ok = r.wait(ctx, next.Sub(now)); !ok {
+			if why, ok = r.wait(ctx, next); !ok {
 				return
 			}
 			if why == "" {
@@ -303,13 +303,17 @@ func (r *Renewer) Run(ctx context.Context, hub Hub, id *provisioning.Identity) {
 	}
 }
 
-// wait waits d, a renewal request (its reason is returned) or the end of
+// wait waits until the clock reaches until, a renewal request (its reason is returned) or the end of
 // ctx (false). While a file system is full (a renewal may have failed for
 // want of space), it looks every diskCheckEvery whether space was freed,
 // and then ends the wait with the retry time forgotten, so the renewal is
 // retried at once instead of after the backoff.
-func (r *Renewer) wait(ctx context.Context, d time.Duration) (string, bool) {
-	timer, timerC := r.clock.NewTimer(d)
+func (r *Renewer) wait(ctx context.Context, until time.Time) (string, bool) {
+	// The duration is taken from the clock as the timer is armed, not from
+	// the loop's reading above: a clock stepped in between (NTP's first
+	// sync, a test's fake clock) would otherwise arm the timer that much
+	// too late, and the renewal would wait out the step again.
+	timer, timerC := r.clock.NewTimer(until.Sub(r.clock.Now()))
 	defer timer.Stop()
 	var diskC <-chan time.Time
 	if r.d.Disk.Full() {
