@@ -362,19 +362,26 @@ func TestRESTSlowClients(t *testing.T) {
 		if err := c.Handshake(); err != nil {
 			t.Fatal(err)
 		}
-		// Unknown operations with long ids: every 404 echoes the id, so
-		// DPS's socket buffers fill after a few hundred answers.
-		poll := request("GET", "/"+scope+"/registrations/"+regID+"/operations/"+strings.Repeat("x", 8000)+"?api-version="+certAPI, nil, "")
+		// Unknown operations with long ids (as long as DPS's header limit
+		// lets through): every 404 echoes the id, so DPS's socket buffers
+		// fill after a few hundred answers. How soon depends on how fast
+		// DPS answers: with the race detector on two cores busy with the
+		// rest of the suite, five times slower than alone, hence the
+		// minute before the verdict.
+		poll := request("GET", "/"+scope+"/registrations/"+regID+"/operations/"+strings.Repeat("x", 12000)+"?api-version="+certAPI, nil, "")
 		batch := bytes.Repeat(poll, 10)
-		c.SetWriteDeadline(time.Now().Add(30 * time.Second))
+		c.SetWriteDeadline(time.Now().Add(time.Minute))
+		sent := 0
 		for {
 			if _, err := c.Write(batch); err != nil {
 				var ne net.Error
 				if errors.As(err, &ne) && ne.Timeout() {
-					t.Fatal("DPS kept writing to (or waiting on) a client that reads nothing for 30 s")
+					t.Fatalf("DPS kept writing to (or waiting on) a client that reads nothing for a minute (%d requests taken)", sent)
 				}
+				t.Logf("DPS closed the connection after %d requests: %v", sent, err)
 				return // DPS closed the connection
 			}
+			sent += 10
 		}
 	})
 	// Others are served while the slow clients hang on.
