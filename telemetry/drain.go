@@ -171,6 +171,9 @@ func (d *drain) idle(ctx context.Context, set Sending) bool {
 	}
 	d.setBacklog(false)
 	d.p.o.Changed(false)
+	if d.probe && d.published.Load() == 0 {
+		d.p.quota.release() // nothing to probe with: see quotaWatch.release
+	}
 	select {
 	case <-ctx.Done():
 		return false

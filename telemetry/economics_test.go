@@ -430,3 +430,40 @@ func TestPackedSpoolFilesLeaveAfterPuback(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// twinRefusedHub is a session on which a twin request went unanswered and
+// no telemetry was published: Requests counts the twin request.
+type twinRefusedHub struct{ *factsHub }
+
+func (h twinRefusedHub) Requests() (sent, answered int64) { return 1, 0 }
+
+// A probe session with nothing queued to probe with lets the twin and the
+// renewal go ahead (their first request is the probe) instead of holding
+// them until the next health message; the suspicion stays, so a refusal
+// of that request is the second in a row and holds connections back.
+func TestProbeWithNothingQueued(t *testing.T) {
+	clk := clock.NewFake(time.Date(2030, 1, 1, 9, 0, 0, 0, time.UTC))
+	r := newRig(t, rigOpts{clock: clk})
+	first := twinRefusedHub{newFactsHub(0)}
+	ended := make(chan struct{})
+	go func() { defer close(ended); r.p.Drain(context.Background(), first) }()
+	first.lose()
+	<-ended
+	if !strings.Contains(r.log.String(), "right after a twin request") {
+		t.Fatal("a session closed after an unanswered twin request was not taken for a refusal: the test shows nothing")
+	}
+
+	probe := twinRefusedHub{newFactsHub(0)}
+	ended = make(chan struct{})
+	go func() { defer close(ended); r.p.Drain(context.Background(), probe) }()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if !r.p.HubTakes(ctx) {
+		t.Fatal("with nothing queued to probe with, the twin and the renewal were held back (until a health message comes)")
+	}
+	probe.lose()
+	<-ended
+	if !r.sink.Has(telemetry.CondHubQuota) || r.p.ConnectAfter().IsZero() {
+		t.Fatal("the twin request that probed was refused too, and nothing is held back: a reconnect storm with an empty outbox")
+	}
+}

@@ -33,7 +33,8 @@ import (
 //     message is not charged) and waits for its PUBACK before anything
 //     else: the twin synchronisation and certificate renewal wait for it
 //     too (HubTakes), since a twin request would close the connection just
-//     the same;
+//     the same; when nothing is queued to probe with, they go ahead and
+//     their first request is the probe (release);
 //   - the first PUBACK clears the condition and the drain carries on.
 //
 // Nothing is lost meanwhile: messages wait in the outbox (and spool files
@@ -69,6 +70,9 @@ type quotaWatch struct {
 	// cleared is closed when the hub acknowledges telemetry again; nil
 	// while nothing is suspected.
 	cleared chan struct{}
+	// goAhead is closed when a probe session has no message to probe
+	// with (release); made again at every refusal.
+	goAhead chan struct{}
 }
 
 // QuotaStats is what the pipeline saw of the hub's quota, for status and
@@ -97,6 +101,7 @@ func (q *quotaWatch) refused(start, now time.Time, what string) (st QuotaStats, 
 		q.cleared, q.since, q.refusals = make(chan struct{}), now, 0
 	}
 	q.refusals++
+	q.goAhead = make(chan struct{})
 	q.last = start
 	q.next = start.Add(probeEvery + time.Duration(q.rng.Int64N(int64(probeJitter))))
 	if q.midnight.IsZero() || !start.Before(q.midnight) {
@@ -135,7 +140,7 @@ func (q *quotaWatch) took() bool {
 		return false
 	}
 	close(q.cleared)
-	q.cleared, q.refusals, q.midnight, q.seen = nil, 0, time.Time{}, ""
+	q.cleared, q.goAhead, q.refusals, q.midnight, q.seen = nil, nil, 0, time.Time{}, ""
 	return true
 }
 
@@ -171,17 +176,37 @@ func (q *quotaWatch) statsLocked() QuotaStats {
 	return QuotaStats{Since: q.since, Refusals: q.refusals, NextProbe: q.nextLocked(), Seen: q.seen}
 }
 
-// waitCleared waits until the hub acknowledges telemetry again, or ctx
-// ends (false).
+// release lets waitCleared's callers go ahead while a refusal is still
+// suspected: the probe session has nothing queued, so the twin's or the
+// renewal's first request is the probe (a refusal of it counts as one;
+// with nothing to send, waiting would hold them until the next health
+// message, a renewal perhaps past its certificate's end).
+func (q *quotaWatch) release() {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	if q.goAhead == nil {
+		return
+	}
+	select {
+	case <-q.goAhead:
+	default:
+		close(q.goAhead)
+	}
+}
+
+// waitCleared waits until the hub acknowledges telemetry again (or
+// release), or ctx ends (false).
 func (q *quotaWatch) waitCleared(ctx context.Context) bool {
 	q.mu.Lock()
-	ch := q.cleared
+	ch, ahead := q.cleared, q.goAhead
 	q.mu.Unlock()
 	if ch == nil {
 		return true
 	}
 	select {
 	case <-ch:
+		return true
+	case <-ahead:
 		return true
 	case <-ctx.Done():
 		return false
