@@ -5,7 +5,6 @@ package agent_test
 // hold on connections while the daily quota is used up, and packing.
 
 import (
-	"bufio"
 	"bytes"
 	"encoding/json"
 	"fmt"
@@ -43,20 +42,13 @@ type reading struct {
 // records reads azsim's telemetry log for deviceID.
 func records(t *testing.T, az *azsimtest.Azsim, deviceID string) []hub.TelemetryRecord {
 	t.Helper()
-	f, err := os.Open(az.TelemetryLog)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
 	var out []hub.TelemetryRecord
-	sc := bufio.NewScanner(f)
-	sc.Buffer(make([]byte, 1<<20), 1<<20)
-	for sc.Scan() {
-		if !bytes.Contains(sc.Bytes(), []byte(`"deviceId":"`+deviceID+`"`)) {
+	for _, line := range az.TelemetryLines() {
+		if !bytes.Contains(line, []byte(`"deviceId":"`+deviceID+`"`)) {
 			continue
 		}
 		var r hub.TelemetryRecord
-		if err := json.Unmarshal(sc.Bytes(), &r); err != nil {
+		if err := json.Unmarshal(line, &r); err != nil {
 			t.Fatalf("telemetry log: %v", err)
 		}
 		out = append(out, r)

@@ -125,15 +125,8 @@ func (a *Azsim) Admin(method, path string, body any, out any) int {
 // Telemetry returns the messages the hub received so far.
 func (a *Azsim) Telemetry() []map[string]any {
 	a.t.Helper()
-	b, err := os.ReadFile(a.TelemetryLog)
-	if err != nil && !os.IsNotExist(err) {
-		a.t.Fatal(err)
-	}
 	var out []map[string]any
-	for _, line := range bytes.Split(b, []byte("\n")) {
-		if len(bytes.TrimSpace(line)) == 0 {
-			continue
-		}
+	for _, line := range a.TelemetryLines() {
 		var m map[string]any
 		if err := json.Unmarshal(line, &m); err != nil {
 			a.t.Fatalf("telemetry log line %q: %v", line, err)
@@ -141,4 +134,27 @@ func (a *Azsim) Telemetry() []map[string]any {
 		out = append(out, m)
 	}
 	return out
+}
+
+// TelemetryLines returns the hub's telemetry log records so far, a line
+// each. The hub may be appending one as it is read (a packed message is
+// several KiB, more than a reader is sure to see written at once): only
+// lines with their newline are complete, and only those are returned.
+func (a *Azsim) TelemetryLines() [][]byte {
+	a.t.Helper()
+	b, err := os.ReadFile(a.TelemetryLog)
+	if err != nil && !os.IsNotExist(err) {
+		a.t.Fatal(err)
+	}
+	var out [][]byte
+	for {
+		line, rest, ok := bytes.Cut(b, []byte("\n"))
+		if !ok {
+			return out
+		}
+		if len(bytes.TrimSpace(line)) > 0 {
+			out = append(out, line)
+		}
+		b = rest
+	}
 }
