@@ -303,8 +303,8 @@ func (r *Renewer) Run(ctx context.Context, hub Hub, id *provisioning.Identity) {
 	}
 }
 
-// wait waits until the clock reaches until, a renewal request (its reason is returned) or the end of
-// ctx (false). While a file system is full (a renewal may have failed for
+// wait waits until the clock reaches until, a renewal request (its reason
+// is returned) or the end of ctx (false). While a file system is full (a renewal may have failed for
 // want of space), it looks every diskCheckEvery whether space was freed,
 // and then ends the wait with the retry time forgotten, so the renewal is
 // retried at once instead of after the backoff.

@@ -111,7 +111,7 @@ func (q *quotaWatch) refused(start, now time.Time, what string) (st QuotaStats, 
 		q.midnight = day.Add(24*time.Hour + midnightDelay + time.Duration(q.rng.Int64N(int64(midnightJitter))))
 	}
 	q.seen = what
-	return q.statsLocked(), q.refusals >= holdAfter
+	return q.statsLocked(), q.holdingLocked()
 }
 
 // refusedAfterSlow records a refused session that came right after the
@@ -149,7 +149,7 @@ func (q *quotaWatch) took() bool {
 func (q *quotaWatch) connectAfter() time.Time {
 	q.mu.Lock()
 	defer q.mu.Unlock()
-	if q.cleared == nil || q.refusals < holdAfter {
+	if !q.holdingLocked() {
 		return time.Time{}
 	}
 	return q.nextLocked()
@@ -169,8 +169,11 @@ func (q *quotaWatch) stats() QuotaStats {
 	return q.statsLocked()
 }
 
+// holdingLocked: refusals in a row hold connections back (and are shown).
+func (q *quotaWatch) holdingLocked() bool { return q.cleared != nil && q.refusals >= holdAfter }
+
 func (q *quotaWatch) statsLocked() QuotaStats {
-	if q.cleared == nil || q.refusals < holdAfter {
+	if !q.holdingLocked() {
 		return QuotaStats{}
 	}
 	return QuotaStats{Since: q.since, Refusals: q.refusals, NextProbe: q.nextLocked(), Seen: q.seen}

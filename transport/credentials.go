@@ -70,9 +70,7 @@ func (s *Session) unwatchCredentials() {
 	}
 	s.credSubscribed = false
 	s.mu.Unlock()
-	if t, err := s.token(context.Background(), s.start(&call{other: func() mqtt.Token { return s.client.Unsubscribe(credentialsResSub) }})); err == nil {
-		s.waitToken(context.Background(), t, 10*time.Second)
-	}
+	_, _ = s.do(context.Background(), &call{other: func() mqtt.Token { return s.client.Unsubscribe(credentialsResSub) }}, 10*time.Second) // best effort: the next connection starts without it
 }
 
 // IssueRequest is one call of the hub's certificate-signing API

@@ -285,15 +285,29 @@ func (s *Session) token(ctx context.Context, c *call) (mqtt.Token, error) {
 	}
 }
 
+// do makes c's paho call and waits for it to complete, at most d (a bound
+// on network I/O, in wall time) once paho has taken it, or until ctx or
+// the session ends. The token is returned for its result.
+func (s *Session) do(ctx context.Context, c *call, d time.Duration) (mqtt.Token, error) {
+	tok, err := s.token(ctx, s.start(c))
+	if err != nil {
+		return nil, err
+	}
+	if !s.waitToken(ctx, tok, d) {
+		if s.ended() {
+			return nil, ErrClosed
+		}
+		return nil, tokenErr(tok)
+	}
+	return tok, tok.Error()
+}
+
 // subscribe subscribes and checks every SUBACK return code: paho v1 records
 // a refused filter (0x80) in the token's Result without an error.
 func (s *Session) subscribe(ctx context.Context, subs map[string]byte) error {
-	st, err := s.token(ctx, s.start(&call{other: func() mqtt.Token { return s.client.SubscribeMultiple(subs, s.route) }}))
+	st, err := s.do(ctx, &call{other: func() mqtt.Token { return s.client.SubscribeMultiple(subs, s.route) }}, 30*time.Second)
 	if err != nil {
 		return fmt.Errorf("hub: subscribe: %w", err)
-	}
-	if !s.waitToken(ctx, st, 30*time.Second) || st.Error() != nil {
-		return fmt.Errorf("hub: subscribe: %v", tokenErr(st))
 	}
 	return subackErr(st.(*mqtt.SubscribeToken).Result(), subs)
 }
@@ -473,12 +487,8 @@ func (s *Session) expect(rid string) (ch chan answer, done func()) {
 
 func (s *Session) publishRequest(ctx context.Context, topic, rid string, payload []byte) error {
 	s.requests.Add(1)
-	tok, err := s.token(ctx, s.start(&call{topic: topic + url.QueryEscape(rid), body: payload}))
-	if err != nil {
+	if _, err := s.do(ctx, &call{topic: topic + url.QueryEscape(rid), body: payload}, 30*time.Second); err != nil {
 		return fmt.Errorf("hub: publish %s: %w", topic, err)
-	}
-	if !s.waitToken(ctx, tok, 30*time.Second) || tok.Error() != nil {
-		return fmt.Errorf("hub: publish %s: %v", topic, tokenErr(tok))
 	}
 	return nil
 }
