@@ -126,8 +126,8 @@ func (p *Pipeline) retireQueued() {
 		if len(rs) == 0 {
 			return
 		}
-		p.retireFiles(rs)
-		p.outbox.Retired(rs...)
+		stuck := p.retireFiles(rs)
+		p.outbox.Retired(p.keepStuck(rs, stuck)...)
 		p.retire.waiting.Add(-int64(len(rs)))
 	}
 }
@@ -135,10 +135,10 @@ func (p *Pipeline) retireQueued() {
 // retireFiles unlinks the files of rs that are still the version sent,
 // then forgets them as queued spool files. One it cannot unlink stays
 // queued, so it is not sent again and again (a file made immutable, say):
-// it is warned about, and tried again after a restart.
-func (p *Pipeline) retireFiles(rs []outbox.Receipt) {
+// it is warned about, and tried again after a restart (keepStuck). It
+// returns the paths of those.
+func (p *Pipeline) retireFiles(rs []outbox.Receipt) (stuck map[string]bool) {
 	dfd, dir := -1, ""
-	var stuck map[string]bool
 	for _, r := range rs {
 		d, name := filepath.Split(r.Path)
 		d = filepath.Clean(d)
@@ -178,6 +178,33 @@ func (p *Pipeline) retireFiles(rs []outbox.Receipt) {
 		}
 	}
 	p.queued.mu.Unlock()
+	return stuck
+}
+
+// keepStuck makes sure the receipt of every file that could not be removed
+// survives a crash, so that the next start tries again instead of sending
+// it again: a receipt held in memory (a lone delivery) is written now, and
+// none of them is passed to Retired, which would let its record go. It
+// returns the receipts that may be retired.
+func (p *Pipeline) keepStuck(rs []outbox.Receipt, stuck map[string]bool) []outbox.Receipt {
+	if len(stuck) == 0 {
+		return rs
+	}
+	var done, held []outbox.Receipt
+	for _, r := range rs {
+		switch {
+		case !stuck[r.Path]:
+			done = append(done, r)
+		case !r.Written():
+			held = append(held, r)
+		}
+	}
+	if len(held) > 0 {
+		if _, err := p.outbox.Deliver(nil, held, false); err != nil {
+			p.log.Warn("cannot record delivered spool files that could not be removed; after a restart they are sent again", "err", err)
+		}
+	}
+	return done
 }
 
 // sigOf and fileID convert between the spool's identity of a file version

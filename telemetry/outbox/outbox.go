@@ -1306,6 +1306,10 @@ func (o *Outbox) Deliver(seqs []uint64, files []Receipt, hold bool) ([]Receipt, 
 	return files, err
 }
 
+// Written reports whether r's record is on disk (Deliver wrote it, or Open
+// found it), so that a crash keeps it.
+func (r Receipt) Written() bool { return r.seg != nil }
+
 // Retired says that the files of receipts Deliver returned (or Receipts
 // found) are gone: their records may go with their segments. Call it
 // once per receipt.
