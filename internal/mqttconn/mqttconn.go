@@ -134,7 +134,15 @@ func Configure(ctx context.Context, opts *mqtt.ClientOptions, o Options) (*Diale
 		budget += o.FallbackTimeout
 	}
 	opts.SetConnectTimeout(budget + 30*time.Second)
-	opts.SetCustomOpenConnectionFn(func(*url.URL, mqtt.ClientOptions) (net.Conn, error) { return d.Open(d.ctx) })
+	opts.SetCustomOpenConnectionFn(func(*url.URL, mqtt.ClientOptions) (net.Conn, error) {
+		c, err := d.Open(d.ctx)
+		if err != nil || d.Used() != MQTT {
+			// Over WebSockets every Write is a frame of its own; they
+			// stay one packet each.
+			return c, err
+		}
+		return coalesce(c), nil
+	})
 	return d, nil
 }
 
