@@ -2,7 +2,7 @@ package transport
 
 import (
 	"net/url"
-	"sort"
+	"slices"
 	"strconv"
 	"strings"
 )
@@ -33,27 +33,50 @@ func c2dSub(deviceID string) string         { return "devices/" + deviceID + "/m
 // %20, never '+', because the hub decodes like .NET's
 // Uri.UnescapeDataString, which keeps '+' as a plus.
 func EncodeProperties(system, app map[string]string) string {
-	var parts []string
+	return string(appendProperties(nil, system, app))
+}
+
+// appendProperties appends the property bag EncodeProperties renders to b.
+// It runs for every message sent, so it builds the bag in place instead of
+// joining escaped pieces.
+func appendProperties(b []byte, system, app map[string]string) []byte {
+	first := true
 	add := func(m map[string]string, prefix string) {
-		keys := make([]string, 0, len(m))
+		var space [8]string
+		keys := space[:0]
 		for k := range m {
 			keys = append(keys, k)
 		}
-		sort.Strings(keys)
+		slices.Sort(keys)
 		for _, k := range keys {
-			parts = append(parts, bagEscape(prefix+k)+"="+bagEscape(m[k]))
+			if !first {
+				b = append(b, '&')
+			}
+			first = false
+			b = appendBagEscaped(b, prefix)
+			b = appendBagEscaped(b, k)
+			b = append(b, '=')
+			b = appendBagEscaped(b, m[k])
 		}
 	}
 	add(system, "$.")
 	add(app, "")
-	return strings.Join(parts, "&")
+	return b
 }
 
-// bagEscape percent-encodes everything but RFC 3986 unreserved characters.
-// url.QueryEscape leaves only those and turns a space into '+'; a literal
-// '+' is already %2B, so every '+' it returns was a space.
-func bagEscape(s string) string {
-	return strings.ReplaceAll(url.QueryEscape(s), "+", "%20")
+// appendBagEscaped appends s percent-encoded: everything but the RFC 3986
+// unreserved characters (letters, digits, '-', '.', '_', '~') as %XX.
+func appendBagEscaped(b []byte, s string) []byte {
+	const hex = "0123456789ABCDEF"
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		if 'a' <= c && c <= 'z' || 'A' <= c && c <= 'Z' || '0' <= c && c <= '9' || c == '-' || c == '.' || c == '_' || c == '~' {
+			b = append(b, c)
+		} else {
+			b = append(b, '%', hex[c>>4], hex[c&15])
+		}
+	}
+	return b
 }
 
 // DecodeProperties splits a property bag into system properties ("$."

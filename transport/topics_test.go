@@ -1,6 +1,7 @@
 package transport
 
 import (
+	"net/url"
 	"reflect"
 	"strings"
 	"testing"
@@ -55,6 +56,18 @@ func TestParseStatusTopic(t *testing.T) {
 	for _, bad := range []string{"$iothub/twin/res/x/?$rid=1", "$iothub/twin/res/200", "other/200/?a=1"} {
 		if _, _, ok := parseStatusTopic(bad, twinResPrefix); ok {
 			t.Errorf("accepted %q", bad)
+		}
+	}
+}
+
+// The bag is built in place for speed; every byte must come out as
+// url.QueryEscape would render it with a space as %20.
+func TestPropertyBagEscapesEveryByte(t *testing.T) {
+	for c := 0; c < 256; c++ {
+		s := "k" + string([]byte{byte(c)}) + "v"
+		want := strings.ReplaceAll(url.QueryEscape(s), "+", "%20")
+		if got := string(appendBagEscaped(nil, s)); got != want {
+			t.Fatalf("byte %#x: got %q, want %q", c, got, want)
 		}
 	}
 }
