@@ -59,8 +59,8 @@ type Options struct {
 	// per hour.
 	Reprovision ReprovisionPolicy
 	// Backlog, if set, is told when the drain starts sending a backlog
-	// (true) and when the outbox is empty again (false); cmd/gwagent gives
-	// the Go runtime a second processor for the while.
+	// (true) and when the outbox is empty again (false); cmd/gwagent raises
+	// the Go runtime's GC target for the while.
 	Backlog func(bool)
 
 	// newWatcher stands in for fsnotify.NewWatcher in tests (export_test.go):

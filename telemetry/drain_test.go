@@ -19,9 +19,9 @@ import (
 	"github.com/gwagent/gwagent/telemetry/outbox"
 )
 
-// Options.Backlog (which gives the Go runtime a second processor in
-// cmd/gwagent) is told when the drain starts on a backlog and when the
-// outbox is empty again, so the agent does not keep it while idle.
+// Options.Backlog (which raises the Go runtime's GC target in cmd/gwagent)
+// is told when the drain starts on a backlog and when the outbox is empty
+// again, so the agent does not keep the larger heap while idle.
 func TestBacklogSignalled(t *testing.T) {
 	az := azsimtest.Start(t, azsim.Config{})
 	var mu sync.Mutex
