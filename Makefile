@@ -6,11 +6,9 @@ VERSION  ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev
 BUILDTIME ?= $(shell date -u +%Y-%m-%dT%H:%M:%SZ)
 LDFLAGS  := -s -w -X main.version=$(VERSION) -X main.buildTime=$(BUILDTIME)
 BIN      := bin
-# The binaries that ship are built with Go 1.26's previous garbage collector:
-# at a reading a second it keeps about 0.1 MiB less anonymous memory than the
-# Green Tea collector (make bench's soak, issue 22). Go 1.27 is to drop this
-# opt-out; the tests build with the default.
-SHIP     := GOEXPERIMENT=nogreenteagc
+# The binaries that ship are compiled with packaging/ship-env's settings
+# (collector, inlining); the tests build with Go's defaults.
+SHIP     := . ./packaging/ship-env &&
 # The tests run swtpm and SoftHSM2 for real; a missing one is a failure, not a skip.
 export GWAGENT_REQUIRE_DEVICES ?= 1
 # 2-core machines: two packages at a time.
@@ -56,12 +54,12 @@ sdkcheck: build
 cross:
 	./testdata/install-deps.sh --cross
 	@mkdir -p $(BIN)
-	CGO_ENABLED=0 GOOS=linux GOARCH=amd64       $(SHIP) $(GO) build -trimpath -tags nopkcs11 -ldflags '$(LDFLAGS)' -o $(BIN)/gwagent-linux-amd64-static ./cmd/gwagent
-	CGO_ENABLED=0 GOOS=linux GOARCH=arm64       $(SHIP) $(GO) build -trimpath -tags nopkcs11 -ldflags '$(LDFLAGS)' -o $(BIN)/gwagent-linux-arm64-static ./cmd/gwagent
-	CGO_ENABLED=0 GOOS=linux GOARCH=arm GOARM=7 $(SHIP) $(GO) build -trimpath -tags nopkcs11 -ldflags '$(LDFLAGS)' -o $(BIN)/gwagent-linux-armv7-static ./cmd/gwagent
-	CGO_ENABLED=1 GOOS=linux GOARCH=amd64                                     $(SHIP) $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o $(BIN)/gwagent-linux-amd64 ./cmd/gwagent
-	CGO_ENABLED=1 GOOS=linux GOARCH=arm64       CC=aarch64-linux-gnu-gcc      $(SHIP) $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o $(BIN)/gwagent-linux-arm64 ./cmd/gwagent
-	CGO_ENABLED=1 GOOS=linux GOARCH=arm GOARM=7 CC=arm-linux-gnueabihf-gcc    $(SHIP) $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o $(BIN)/gwagent-linux-armv7 ./cmd/gwagent
+	$(SHIP) CGO_ENABLED=0 GOOS=linux GOARCH=amd64       $(GO) build -trimpath -tags nopkcs11 -ldflags '$(LDFLAGS)' -o $(BIN)/gwagent-linux-amd64-static ./cmd/gwagent
+	$(SHIP) CGO_ENABLED=0 GOOS=linux GOARCH=arm64       $(GO) build -trimpath -tags nopkcs11 -ldflags '$(LDFLAGS)' -o $(BIN)/gwagent-linux-arm64-static ./cmd/gwagent
+	$(SHIP) CGO_ENABLED=0 GOOS=linux GOARCH=arm GOARM=7 $(GO) build -trimpath -tags nopkcs11 -ldflags '$(LDFLAGS)' -o $(BIN)/gwagent-linux-armv7-static ./cmd/gwagent
+	$(SHIP) CGO_ENABLED=1 GOOS=linux GOARCH=amd64                                     $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o $(BIN)/gwagent-linux-amd64 ./cmd/gwagent
+	$(SHIP) CGO_ENABLED=1 GOOS=linux GOARCH=arm64       CC=aarch64-linux-gnu-gcc      $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o $(BIN)/gwagent-linux-arm64 ./cmd/gwagent
+	$(SHIP) CGO_ENABLED=1 GOOS=linux GOARCH=arm GOARM=7 CC=arm-linux-gnueabihf-gcc    $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o $(BIN)/gwagent-linux-armv7 ./cmd/gwagent
 	@cd $(BIN) && for f in gwagent-linux-*; do printf '%-32s %8d bytes\n' $$f $$(stat -c %s $$f); done
 
 lint:

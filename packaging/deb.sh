@@ -111,8 +111,9 @@ for target in "$@"; do
 	install -d -m 0755 "$root"/DEBIAN "$root"/usr/bin "$root"/usr/lib/systemd/system "$root"/usr/lib/sysusers.d \
 		"$root"/usr/lib/tmpfiles.d "$root"/etc/gwagent "$root/usr/share/doc/$pkg" "$root"/usr/share/lintian/overrides "$root"/usr/share/man/man1
 
-	# GOEXPERIMENT: the collector the Makefile's SHIP names (issue 22).
-	env GOOS=linux GOEXPERIMENT="${GOEXPERIMENT:-nogreenteagc}" "${goenv[@]}" GOFLAGS="${GOFLAGS:-} -buildvcs=false" go build -trimpath "${gobuild[@]}" \
+	# Compiled as the Makefile compiles what ships.
+	. ./packaging/ship-env
+	env GOOS=linux "${goenv[@]}" GOFLAGS="$GOFLAGS -buildvcs=false" go build -trimpath "${gobuild[@]}" \
 		-ldflags "-s -w -buildid= -X main.version=$version -X main.buildTime=$buildtime" -o "$root/usr/bin/gwagent" ./cmd/gwagent
 	chmod 0755 "$root/usr/bin/gwagent"
 	if [ "$pkg" != gwagent ]; then

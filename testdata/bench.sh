@@ -11,8 +11,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p bin
 ldflags="-s -w"
-# As the Makefile builds what ships (see SHIP there).
-export GOEXPERIMENT=${GOEXPERIMENT:-nogreenteagc}
+# Compiled as the Makefile compiles what ships.
+. ./packaging/ship-env
 static() { CGO_ENABLED=0 GOOS=linux GOARCH=$1 go build -trimpath -tags nopkcs11 -ldflags "$ldflags" -o "$2" "$3"; }
 static arm64 bin/bench-gwagent-arm64-static ./cmd/gwagent
 static arm64 bin/bench-floor-arm64-static ./devtools/bench/floor
