@@ -16,6 +16,7 @@ package main
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"crypto"
 	"crypto/ecdsa"
@@ -31,6 +32,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -625,7 +627,11 @@ func logTime(path string, after time.Time, want ...string) time.Time {
 // accepting to the first message (the reconnect rule), from the agent's
 // new connection to the last message (the drain itself, against a plain
 // paho publisher sending the same number of messages with all in flight,
-// in the same run), and the whole span.
+// in the same run), and the whole span. The outage and drain run
+// drainRounds times on one agent and the CPU figure is the median: one
+// drain's CPU per message varied by a third from run to run on this
+// machine (29.5 to 41 us, same binary), its neighbours' activity and the
+// spool's 30 s rescan landing in it or not.
 func (b *bench) drain(n int) ([]row, error) {
 	d, reg := b.device(b.info, b.az, "1h", "debug")
 	b.tel.track(reg)
@@ -637,8 +643,8 @@ func (b *bench) drain(n int) ([]row, error) {
 	if !waitFor(60*time.Second, func() bool { return b.tel.count(reg) >= 1 }) {
 		return nil, fmt.Errorf("drain: no telemetry")
 	}
-	// The reference runs before the outage and after the drain, and the
-	// drain is compared with their mean: the machine's pace drifts.
+	// The reference runs before the outages and after the drains, and the
+	// drains are compared with their mean: the machine's pace drifts.
 	ref1, err := b.pahoReference(n, "bench-paho-1")
 	if err != nil {
 		return nil, err
@@ -647,51 +653,14 @@ func (b *bench) drain(n int) ([]row, error) {
 	if err != nil {
 		return nil, err
 	}
-	b.az.Faults.RefuseUntil("hub", time.Now().Add(time.Hour))
-	b.az.Hub.DropAll()
-	spool := filepath.Join(d, "state", "spool")
-	pad := strings.Repeat("x", 60)
-	for i := 0; i < n; i++ {
-		p := filepath.Join(spool, fmt.Sprintf("m%05d.json", i))
-		os.WriteFile(p+".tmp", []byte(fmt.Sprintf(`{"k":%d,"drain":true,"pad":%q}`, i, pad)), 0o644)
-		os.Rename(p+".tmp", p)
-	}
-	logPath := filepath.Join(d, "agent.log")
-	queued := func() bool {
-		b, _ := os.ReadFile(logPath)
-		return bytes.Count(b, []byte("spool file queued")) >= n
-	}
-	for end := time.Now().Add(300 * time.Second); !queued(); time.Sleep(500 * time.Millisecond) {
-		if time.Now().After(end) {
-			return nil, fmt.Errorf("drain: the agent did not queue %d spool files in 300 s", n)
+	var rounds []drainRound
+	for i := 0; i < drainRounds; i++ {
+		r, err := b.drainOnce(d, reg, cmd, n, i)
+		if err != nil {
+			return nil, err
 		}
+		rounds = append(rounds, r)
 	}
-	// Let the agent's reconnect backoff reach its ceiling, as after a real outage.
-	time.Sleep(20 * time.Second)
-	before := b.tel.count(reg)
-	cpu0 := procCPU(cmd.Process.Pid)
-	back := time.Now()
-	b.az.Faults.RefuseUntil("hub", time.Time{})
-	if !waitFor(300*time.Second, func() bool { return b.tel.count(reg) >= before+n }) {
-		return nil, fmt.Errorf("drain: only %d of %d messages arrived", b.tel.count(reg)-before, n)
-	}
-	st := b.tel.get(reg)
-	first, last := st.arrivals[before], st.arrivals[before+n-1]
-	connected := logTime(logPath, back, "msg=state", "to=connected")
-	if connected.IsZero() {
-		connected = first
-	}
-	rate := float64(n) / last.Sub(connected).Seconds()
-	cpuDrained := (procCPU(cmd.Process.Pid) - cpu0) / time.Duration(n)
-	// The agent deletes the delivered spool files in the background,
-	// trailing behind the PUBACKs; the CPU figure counts that work too,
-	// and the second reference runs once it is done, as the first ran
-	// before the spool was filled.
-	waitFor(120*time.Second, func() bool {
-		m, _ := filepath.Glob(filepath.Join(spool, "*.json"))
-		return len(m) == 0
-	})
-	cpu := (procCPU(cmd.Process.Pid) - cpu0) / time.Duration(n)
 	ref2, err := b.pahoReference(n, "bench-paho-2")
 	if err != nil {
 		return nil, err
@@ -706,21 +675,91 @@ func (b *bench) drain(n int) ([]row, error) {
 	if err != nil {
 		return nil, err
 	}
+	// The median round by CPU stands for the drain; every round's CPU is in
+	// the note.
+	sorted := slices.Clone(rounds)
+	slices.SortFunc(sorted, func(a, b drainRound) int { return cmp.Compare(a.cpu, b.cpu) })
+	med := sorted[len(sorted)/2]
 	us := func(d time.Duration) float64 { return float64(d) / float64(time.Microsecond) }
+	var each []string
+	for _, r := range rounds {
+		each = append(each, fmt.Sprintf("%.1f", us(r.cpu)))
+	}
 	return []row{
-		{"hub accepts again -> first message delivered", first.Sub(back).Seconds(), "s", "<= 10", judge(first.Sub(back) <= 10*time.Second),
-			"reconnect backoff 1 s doubling to 8 s, full jitter"},
-		{fmt.Sprintf("outbox drain, %d queued: connected -> last delivered", n), rate, "msg/s", "", "", ""},
-		{"plain paho publisher, same count, all in flight", ref, "msg/s", "", "", fmt.Sprintf("connected -> last delivered; mean of %.0f before the outage and %.0f after the drain", ref1, ref2)},
-		{"drain / paho", rate / ref, "x", ">= 0.8", judge(rate/ref >= 0.8), ""},
-		{"agent CPU per drained message", us(cpu), "us", "", "", fmt.Sprintf("user+system, hub accepts again -> spool emptied (reconnect, drain, deleting the spool files); %.1f when the last was delivered", us(cpuDrained))},
+		{"hub accepts again -> first message delivered", med.first.Seconds(), "s", "<= 10", judge(med.first <= 10*time.Second),
+			"reconnect backoff 1 s doubling to 8 s, full jitter; median round"},
+		{fmt.Sprintf("outbox drain, %d queued: connected -> last delivered", n), med.rate, "msg/s", "", "", "median round"},
+		{"plain paho publisher, same count, all in flight", ref, "msg/s", "", "", fmt.Sprintf("connected -> last delivered; mean of %.0f before the outages and %.0f after the drains", ref1, ref2)},
+		{"drain / paho", med.rate / ref, "x", "", "", "pace is not a target (issue 22); CPU per message is"},
+		{"agent CPU per drained message", us(med.cpu), "us", "", "", fmt.Sprintf("user+system, hub accepts again -> spool emptied (reconnect, drain, deleting the spool files); median of %d rounds: %s; %.1f when the last was delivered",
+			len(rounds), strings.Join(each, ", "), us(med.cpuDrained))},
 		{"plain paho publisher CPU per message", us(cpuRef), "us", "", "", fmt.Sprintf("in a process of its own, CONNACK -> last PUBACK; mean of %.1f and %.1f (at %.0f and %.0f msg/s)",
 			us(cpuRef1.cpu), us(cpuRef2.cpu), cpuRef1.rate, cpuRef2.rate)},
-		{"agent CPU / paho CPU per message", float64(cpu) / float64(cpuRef), "x", "<= 1.25", judge(float64(cpu) <= 1.25*float64(cpuRef)), fmt.Sprintf("%.2fx when the last was delivered", float64(cpuDrained)/float64(cpuRef))},
+		{"agent CPU / paho CPU per message", float64(med.cpu) / float64(cpuRef), "x", "<= 1.25", judge(float64(med.cpu) <= 1.25*float64(cpuRef)), fmt.Sprintf("%.2fx when the last was delivered; rounds %.2fx to %.2fx",
+			float64(med.cpuDrained)/float64(cpuRef), float64(sorted[0].cpu)/float64(cpuRef), float64(sorted[len(sorted)-1].cpu)/float64(cpuRef))},
 		{"file-system floor per spool message, retiring it", us(retire), "us", "", "", fmt.Sprintf("fstatat, unlinkat on the spool's file system, one thread, no MQTT: in the agent's figure, not in paho's; taking it (open, fstat, read, close) %.1f more, before the outage ends", us(take))},
-		{"(agent CPU - retiring floor) / paho CPU per message", float64(cpu-retire) / float64(cpuRef), "x", "", "", "the agent's MQTT, outbox and pipeline work against paho's"},
-		{"outbox drain, hub accepts again -> last delivered", last.Sub(back).Seconds(), "s", "", "", "includes the reconnect wait"},
+		{"(agent CPU - retiring floor) / paho CPU per message", float64(med.cpu-retire) / float64(cpuRef), "x", "", "", "the agent's MQTT, outbox and pipeline work against paho's"},
+		{"outbox drain, hub accepts again -> last delivered", med.last.Seconds(), "s", "", "", "includes the reconnect wait; median round"},
 	}, nil
+}
+
+// drainRounds is how many outages and drains the drain figure takes.
+const drainRounds = 3
+
+// drainRound is one outage and drain.
+type drainRound struct {
+	first, last     time.Duration // hub accepts again -> first and last delivered
+	rate            float64       // connected -> last delivered, msg/s
+	cpu, cpuDrained time.Duration // per message: to the spool emptied, to the last delivered
+}
+
+// drainOnce queues n spool files while the hub refuses connections, lets
+// the reconnect backoff reach its ceiling, lets the hub accept again and
+// measures the drain (round i names the files).
+func (b *bench) drainOnce(d, reg string, cmd *exec.Cmd, n, i int) (drainRound, error) {
+	var r drainRound
+	b.az.Faults.RefuseUntil("hub", time.Now().Add(time.Hour))
+	b.az.Hub.DropAll()
+	spool := filepath.Join(d, "state", "spool")
+	logPath := filepath.Join(d, "agent.log")
+	queuedBefore := countIn(logPath, "spool file queued")
+	pad := strings.Repeat("x", 60)
+	for j := 0; j < n; j++ {
+		p := filepath.Join(spool, fmt.Sprintf("m%d-%05d.json", i, j))
+		os.WriteFile(p+".tmp", []byte(fmt.Sprintf(`{"k":%d,"drain":true,"pad":%q}`, j, pad)), 0o644)
+		os.Rename(p+".tmp", p)
+	}
+	for end := time.Now().Add(300 * time.Second); countIn(logPath, "spool file queued") < queuedBefore+n; time.Sleep(500 * time.Millisecond) {
+		if time.Now().After(end) {
+			return r, fmt.Errorf("drain: the agent did not queue %d spool files in 300 s", n)
+		}
+	}
+	// Let the agent's reconnect backoff reach its ceiling, as after a real outage.
+	time.Sleep(20 * time.Second)
+	before := b.tel.count(reg)
+	cpu0 := procCPU(cmd.Process.Pid)
+	back := time.Now()
+	b.az.Faults.RefuseUntil("hub", time.Time{})
+	if !waitFor(300*time.Second, func() bool { return b.tel.count(reg) >= before+n }) {
+		return r, fmt.Errorf("drain: only %d of %d messages arrived", b.tel.count(reg)-before, n)
+	}
+	st := b.tel.get(reg)
+	first, last := st.arrivals[before], st.arrivals[before+n-1]
+	connected := logTime(logPath, back, "msg=state", "to=connected")
+	if connected.IsZero() {
+		connected = first
+	}
+	r.rate = float64(n) / last.Sub(connected).Seconds()
+	r.cpuDrained = (procCPU(cmd.Process.Pid) - cpu0) / time.Duration(n)
+	// The agent deletes the delivered spool files in the background,
+	// trailing behind the PUBACKs; the CPU figure counts that work too.
+	waitFor(120*time.Second, func() bool {
+		m, _ := filepath.Glob(filepath.Join(spool, "*.json"))
+		return len(m) == 0
+	})
+	r.cpu = (procCPU(cmd.Process.Pid) - cpu0) / time.Duration(n)
+	r.first, r.last = first.Sub(back), last.Sub(back)
+	return r, nil
 }
 
 // crashLoop: k times, 3000 application messages are put in the spool of a
