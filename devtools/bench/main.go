@@ -645,11 +645,13 @@ func (b *bench) drain(n int) ([]row, error) {
 	}
 	// The reference runs before the outages and after the drains, and the
 	// drains are compared with their mean: the machine's pace drifts.
-	ref1, err := b.pahoReference(n, "bench-paho-1")
-	if err != nil {
-		return nil, err
+	references := func(i int) (rate float64, cpu paho, err error) {
+		if rate, err = b.pahoReference(n, fmt.Sprintf("bench-paho-%d", i)); err == nil {
+			cpu, err = b.pahoProcess(n, fmt.Sprintf("bench-paho-cpu-%d", i))
+		}
+		return rate, cpu, err
 	}
-	cpuRef1, err := b.pahoProcess(n, "bench-paho-cpu-1")
+	ref1, cpuRef1, err := references(1)
 	if err != nil {
 		return nil, err
 	}
@@ -661,11 +663,7 @@ func (b *bench) drain(n int) ([]row, error) {
 		}
 		rounds = append(rounds, r)
 	}
-	ref2, err := b.pahoReference(n, "bench-paho-2")
-	if err != nil {
-		return nil, err
-	}
-	cpuRef2, err := b.pahoProcess(n, "bench-paho-cpu-2")
+	ref2, cpuRef2, err := references(2)
 	if err != nil {
 		return nil, err
 	}
