@@ -18,7 +18,16 @@ fail() { echo "test-deb.sh: FAIL: $*" >&2; exit 1; }
 step() { echo "test-deb.sh: $*"; }
 
 step "lintian"
-lintian -I "$debdir"/gwagent_*.deb "$debdir"/gwagent-pkcs11_*.deb 2>&1 | grep -v 'root privileges' && fail "lintian reported the tags above" || true
+# lintian reads strings(1) of the binary for misspellings; a short "word" is
+# then as likely to be a few bytes of machine code (a build once showed
+# "R<k\tlik", flagged as "lik" for "link") and moves with every change to
+# the code, so it can be neither fixed nor overridden. Misspellings of five
+# letters and more, which is where messages go wrong, still fail.
+# The output decides, not lintian's exit status (which pipefail would let
+# hide its errors).
+tags=$(lintian -I "$debdir"/gwagent_*.deb "$debdir"/gwagent-pkcs11_*.deb 2>&1 | grep -v 'root privileges' |
+	grep -Ev '^I: [^ ]+ spelling-error-in-binary [a-z]{1,4} ' || true)
+[ -z "$tags" ] || { echo "$tags"; fail "lintian reported the tags above"; }
 
 step "reproducible build"
 again=$(mktemp -d)
