@@ -5,11 +5,9 @@ import (
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
-	"crypto/tls"
 	"crypto/x509"
 	"encoding/json"
 	"fmt"
-	"net/url"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -20,7 +18,7 @@ import (
 
 	mqtt "github.com/eclipse/paho.mqtt.golang"
 
-	"github.com/gwagent/gwagent/internal/tlsconf"
+	"github.com/gwagent/gwagent/devtools/bench/pahoref"
 	"github.com/gwagent/gwagent/transport"
 )
 
@@ -32,14 +30,7 @@ import (
 const pahoChildEnv = "GWBENCH_PAHO_CHILD"
 
 // pahoJob is what the reference publishes, and as whom.
-type pahoJob struct {
-	Host     string   `json:"host"` // as DPS assigned it: host or host:port
-	DeviceID string   `json:"deviceId"`
-	Chain    [][]byte `json:"chain"` // DER, leaf first
-	Key      []byte   `json:"key"`   // PKCS#8 DER
-	Bundle   string   `json:"bundle"`
-	N        int      `json:"n"`
-}
+type pahoJob = pahoref.Job
 
 // newPahoJob provisions a software-key device for the reference.
 func (b *bench) newPahoJob(n int, reg string) (pahoJob, error) {
@@ -50,7 +41,8 @@ func (b *bench) newPahoJob(n int, reg string) (pahoJob, error) {
 		return pahoJob{}, err
 	}
 	b.tel.track(issued.State.DeviceID)
-	job := pahoJob{Host: issued.State.AssignedHub, DeviceID: issued.State.DeviceID, Bundle: b.info.TrustBundle, N: n}
+	job := pahoJob{Host: issued.State.AssignedHub, DeviceID: issued.State.DeviceID, Bundle: b.info.TrustBundle,
+		APIVersion: transport.DefaultAPIVersion, N: n}
 	for _, c := range issued.Chain {
 		job.Chain = append(job.Chain, c.Raw)
 	}
@@ -58,43 +50,19 @@ func (b *bench) newPahoJob(n int, reg string) (pahoJob, error) {
 	return job, err
 }
 
-// publish connects, publishes every message, and waits for every PUBACK;
-// connected is called right after the CONNACK.
-func (job pahoJob) publish(connected func()) error {
-	key, err := x509.ParsePKCS8PrivateKey(job.Key)
+// publishAll connects, publishes every message, and waits for every
+// PUBACK; connected is called right after the CONNACK.
+func publishAll(job pahoJob, connected func()) error {
+	c, err := job.Connect()
 	if err != nil {
-		return err
-	}
-	roots, err := tlsconf.LoadPool(job.Bundle)
-	if err != nil {
-		return err
-	}
-	cert := tls.Certificate{PrivateKey: key, Certificate: job.Chain}
-	host, hostname := job.Host, job.Host
-	if i := strings.LastIndexByte(host, ':'); i > 0 {
-		hostname = host[:i]
-	} else {
-		host += ":8883"
-	}
-	opts := mqtt.NewClientOptions().AddBroker("tls://" + host).SetClientID(job.DeviceID).
-		SetUsername(hostname + "/" + job.DeviceID + "/?api-version=" + transport.DefaultAPIVersion).
-		SetTLSConfig(&tls.Config{MinVersion: tls.VersionTLS12, RootCAs: roots, ServerName: hostname,
-			// Always present the chain, as a client of Azure must: the hub's
-			// CA list need not name the device's issuer (azsim's hard mode).
-			GetClientCertificate: func(*tls.CertificateRequestInfo) (*tls.Certificate, error) { return &cert, nil }}).
-		SetProtocolVersion(4).SetCleanSession(false).SetAutoReconnect(false).SetWriteTimeout(time.Minute)
-	c := mqtt.NewClient(opts)
-	if tok := c.Connect(); !tok.WaitTimeout(30*time.Second) || tok.Error() != nil {
-		return fmt.Errorf("paho reference connect: %v", tok.Error())
+		return fmt.Errorf("paho reference: %w", err)
 	}
 	defer c.Disconnect(100)
 	connected()
 	pad := strings.Repeat("x", 60)
 	toks := make([]mqtt.Token, 0, job.N)
-	base := "devices/" + job.DeviceID + "/messages/events/"
 	for i := 0; i < job.N; i++ {
-		topic := base + "%24.mid=" + url.QueryEscape(fmt.Sprintf("ref-%d", i)) + "&%24.ct=application%2Fjson&%24.ce=utf-8"
-		toks = append(toks, c.Publish(topic, 1, false, []byte(fmt.Sprintf(`{"k":%d,"drain":true,"pad":%q}`, i, pad))))
+		toks = append(toks, c.Publish(job.Topic(i), 1, false, []byte(fmt.Sprintf(`{"k":%d,"drain":true,"pad":%q}`, i, pad))))
 	}
 	for _, t := range toks {
 		if !t.WaitTimeout(120*time.Second) || t.Error() != nil {
@@ -123,7 +91,7 @@ func (b *bench) pahoReference(n int, reg string) (float64, error) {
 	}
 	before := b.tel.count(job.DeviceID)
 	var connected time.Time
-	if err := job.publish(func() { connected = time.Now() }); err != nil {
+	if err := publishAll(job, func() { connected = time.Now() }); err != nil {
 		return 0, err
 	}
 	return b.rate(job, before, connected)
@@ -190,7 +158,7 @@ func pahoChild(jobFile string) error {
 		return err
 	}
 	var cpu0 time.Duration
-	err = job.publish(func() {
+	err = publishAll(job, func() {
 		fmt.Println("connected", time.Now().UnixNano())
 		cpu0 = selfCPU()
 	})

@@ -2,8 +2,10 @@ package main
 
 import (
 	"encoding/csv"
+	"encoding/json"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -35,6 +37,7 @@ const sampleEvery = 30 * time.Second
 type steadyRun struct {
 	at2, end    memSample // at minute 2 (or a fifth of a short window) and at the end
 	maxAnon     float64   // the highest anonymous RSS sampled from minute 2 on
+	maxRefAnon  float64   // the same for the plain paho client beside it (readings runs)
 	samples     int
 	msgs        int
 	payload     float64       // mean body bytes per message
@@ -69,6 +72,15 @@ func (b *bench) longRun(name, interval string, readings bool, window time.Durati
 	if !waitFor(60*time.Second, func() bool { return tel.count(reg) >= 1 }) {
 		return r, fmt.Errorf("%s: no telemetry", name)
 	}
+	refPid := 0
+	if readings {
+		ref, err := b.startMemRef("memref-" + name)
+		if err != nil {
+			return r, err
+		}
+		defer stop(ref)
+		refPid = ref.Process.Pid
+	}
 	stopFeed := make(chan struct{})
 	fed := make(chan error, 1)
 	if readings {
@@ -89,7 +101,7 @@ func (b *bench) longRun(name, interval string, readings bool, window time.Durati
 		defer f.Close()
 		w = csv.NewWriter(f)
 		defer w.Flush()
-		w.Write([]string{"seconds", "rss_anon_mib", "rss_mib", "pss_mib", "threads", "messages", "write_bytes", "cpu_ms"})
+		w.Write([]string{"seconds", "rss_anon_mib", "rss_mib", "pss_mib", "threads", "messages", "write_bytes", "cpu_ms", "plain_client_rss_anon_mib"})
 	}
 	at2 := min(2*time.Minute, window/5)
 	var st0 devStats
@@ -113,14 +125,19 @@ func (b *bench) longRun(name, interval string, readings bool, window time.Durati
 		}
 		time.Sleep(next)
 		s := sampleMem(pid)
+		var ref memSample
+		if refPid != 0 {
+			ref = sampleMem(refPid)
+		}
 		if w != nil {
 			w.Write([]string{strconv.Itoa(int(time.Since(t0).Seconds())), fmt.Sprintf("%.3f", s.anon), fmt.Sprintf("%.3f", s.rss),
 				fmt.Sprintf("%.3f", s.pss), strconv.Itoa(int(procField(pid, "status", "Threads"))), strconv.Itoa(tel.count(reg)),
-				strconv.Itoa(int(procField(pid, "io", "write_bytes"))), strconv.Itoa(int(procCPU(pid).Milliseconds()))})
+				strconv.Itoa(int(procField(pid, "io", "write_bytes"))), strconv.Itoa(int(procCPU(pid).Milliseconds())), fmt.Sprintf("%.3f", ref.anon)})
 			w.Flush()
 		}
 		if !t2.IsZero() {
 			r.maxAnon = max(r.maxAnon, s.anon)
+			r.maxRefAnon = max(r.maxRefAnon, ref.anon)
 			r.samples++
 		}
 	}
@@ -197,6 +214,7 @@ func (b *bench) steady(window time.Duration) ([]row, error) {
 	return []row{
 		{"RSS anonymous, 1 reading/s, highest from " + at, rd.maxAnon, "MiB", "<= 3.0", judge(rd.maxAnon <= 3.0),
 			fmt.Sprintf("%d samples every %s to %s; %.2f at %s, %.2f at the end; %d threads", rd.samples, sampleEvery, end, rd.at2.anon, at, rd.end.anon, rd.threads)},
+		refRow("1 reading/s", at, rd),
 		{"flash bytes written per message, 1 reading/s of 100 B", rd.perMsg, "B", "<= 512", judge(rd.perMsg <= 512),
 			fmt.Sprintf("payload %.0f B; %d messages over %.1f min, /proc/PID/io write_bytes", rd.payload, rd.msgs, rd.minutes)},
 		{"agent CPU per minute, 1 reading/s", float64(rd.cpuPerMin) / float64(time.Millisecond), "ms", "", "", fmt.Sprintf("%.1f wakeups/s", rd.wakeups)},
@@ -218,7 +236,47 @@ func (b *bench) soak(d time.Duration, csvPath string) ([]row, error) {
 	return []row{
 		{fmt.Sprintf("soak %s, 1 reading/s: RSS anonymous, highest from minute 2", d), r.maxAnon, "MiB", "<= 3.0", judge(r.maxAnon <= 3.0),
 			fmt.Sprintf("%d samples every %s; %.2f at minute 2, %.2f at the end; samples in %s", r.samples, sampleEvery, r.at2.anon, r.end.anon, csvPath)},
+		refRow("soak", "minute 2", r),
 		{"soak: flash bytes written per message", r.perMsg, "B", "<= 512", judge(r.perMsg <= 512), fmt.Sprintf("%d messages over %.0f min", r.msgs, r.minutes)},
 		{"soak: agent CPU per minute", float64(r.cpuPerMin) / float64(time.Millisecond), "ms", "", "", fmt.Sprintf("%.1f wakeups/s, %d threads at the end", r.wakeups, r.threads)},
 	}, nil
+}
+
+// refRow is the plain paho client's memory beside the agent's: the floor
+// that paho, TLS and Go's runtime make, against which the agent's figure
+// is read.
+func refRow(what, from string, r steadyRun) row {
+	return row{"plain paho client beside it (" + what + "): RSS anonymous, highest from " + from, r.maxRefAnon, "MiB", "", "",
+		fmt.Sprintf("devtools/bench/memref, one ~100-byte message a second, Go's default GC; the agent has %.2f MiB more (%.2fx)", r.maxAnon-r.maxRefAnon, r.maxAnon/r.maxRefAnon)}
+}
+
+// startMemRef builds and starts the memory reference (devtools/bench/memref)
+// as a device of the bench's hub.
+func (b *bench) startMemRef(reg string) (*exec.Cmd, error) {
+	bin := filepath.Join(b.dir, "memref")
+	b.mu.Lock()
+	_, err := os.Stat(bin)
+	if err != nil {
+		// Static and CGO-free, as the agent the bench runs.
+		build := exec.Command("go", "build", "-trimpath", "-ldflags", "-s -w", "-o", bin, "./devtools/bench/memref")
+		build.Env = append(os.Environ(), "CGO_ENABLED=0")
+		out, berr := build.CombinedOutput()
+		if berr != nil {
+			b.mu.Unlock()
+			return nil, fmt.Errorf("building the memory reference: %v: %s", berr, out)
+		}
+	}
+	b.mu.Unlock()
+	job, err := b.newPahoJob(0, reg)
+	if err != nil {
+		return nil, err
+	}
+	jf := filepath.Join(b.dir, reg+".json")
+	j, _ := json.Marshal(job)
+	if err := os.WriteFile(jf, j, 0o600); err != nil {
+		return nil, err
+	}
+	cmd := exec.Command(bin, jf)
+	cmd.Stderr = os.Stderr
+	return cmd, cmd.Start()
 }
