@@ -489,17 +489,7 @@ func (h *Hub) DropAll() {
 	}
 	h.mu.Unlock()
 	for _, cl := range cls {
-		// The network connection is closed, not the client stopped: the
-		// broker's reader then ends on the error, as after a network cut,
-		// and publishes the device's Will. A client stopped between its
-		// CONNACK and the start of its reader ends quietly, Will unsent
-		// (the broker's Read returns nil for a closed client), which made
-		// a drop right after connecting lose the Will.
-		if cl.Net.Conn != nil {
-			cl.Net.Conn.Close()
-		} else {
-			cl.Stop(errDropped)
-		}
+		cl.Stop(errDropped)
 	}
 }
 
