@@ -531,8 +531,7 @@ func (s *Session) PublishTelemetry(body []byte, system, app map[string]string) (
 		return func(context.Context) error { return ErrClosed }
 	default:
 	}
-	b := append(append(append(make([]byte, 0, 160), "devices/"...), s.cfg.DeviceID...), "/messages/events/"...)
-	topic := string(appendProperties(b, system, app))
+	topic := telemetryTopic(s.cfg.DeviceID, system, app)
 	s.requests.Add(1)
 	c := s.start(&call{topic: topic, qos: 1, body: body})
 	var answered atomic.Bool
