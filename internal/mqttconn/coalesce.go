@@ -1,7 +1,6 @@
 package mqttconn
 
 import (
-	"errors"
 	"net"
 	"sync"
 	"time"
@@ -43,8 +42,6 @@ const (
 	idleBuffer = 4 << 10
 )
 
-var errCoalescedClosed = errors.New("use of closed network connection")
-
 func coalesce(c net.Conn) *coalesced {
 	w := &coalesced{Conn: c, kick: make(chan struct{}, 1), flushed: make(chan struct{})}
 	w.room.L = &w.mu
@@ -62,7 +59,7 @@ func (w *coalesced) Write(p []byte) (int, error) {
 		return 0, w.err
 	}
 	if w.closed {
-		return 0, errCoalescedClosed
+		return 0, net.ErrClosed
 	}
 	w.buf = append(w.buf, p...)
 	if !w.busy {

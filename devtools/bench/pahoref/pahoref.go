@@ -12,6 +12,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"strconv"
 	"strings"
 	"time"
 
@@ -77,18 +78,5 @@ func (j Job) Connect() (mqtt.Client, error) {
 // Topic is the telemetry topic of message i, with the system properties
 // the agent sends too.
 func (j Job) Topic(i int) string {
-	return "devices/" + j.DeviceID + "/messages/events/%24.mid=ref-" + itoa(i) + "&%24.ct=application%2Fjson&%24.ce=utf-8"
-}
-
-func itoa(i int) string {
-	if i == 0 {
-		return "0"
-	}
-	var b [20]byte
-	n := len(b)
-	for ; i > 0; i /= 10 {
-		n--
-		b[n] = byte('0' + i%10)
-	}
-	return string(b[n:])
+	return "devices/" + j.DeviceID + "/messages/events/%24.mid=ref-" + strconv.Itoa(i) + "&%24.ct=application%2Fjson&%24.ce=utf-8"
 }
