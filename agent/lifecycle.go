@@ -57,6 +57,11 @@ func (a *Agent) lifecycle(ctx context.Context) {
 			}
 			continue
 		}
+		if a.opts.RestartWithNewIdentity && (a.provisioned || a.renewal.StagedHere()) {
+			a.restarting = true
+			a.log.Info("new identity; restarting so that a fresh process connects with it", "device_id", id.DeviceID)
+			return
+		}
 		if !a.clockSane(ctx, id, wait) {
 			return
 		}
@@ -240,6 +245,7 @@ func (a *Agent) provision(ctx context.Context) (*provisioning.Identity, error) {
 		a.status.Clear(CondProvisioningFailed)
 		a.status.Clear(CondKeyStoreUnavailable)
 		a.wroteAgain()
+		a.provisioned = true
 		a.log.Info("provisioned", "device_id", id.DeviceID, "hub", id.AssignedHub, "serial", id.Serial, "not_after", id.NotAfter)
 		a.noteIdentity(id)
 		return id, nil

@@ -269,7 +269,7 @@ func (r *Renewer) finishHubIssue(ctx context.Context, p *pendingIssue, certs []s
 		r.dropSlot(ctx, p.slot)
 		return err
 	}
-	r.step("renew-staged")
+	r.staged()
 	r.log.Info("new certificate staged", "path", "hub", "serial", next.Serial, "not_after", next.NotAfter)
 	return nil
 }

@@ -140,7 +140,8 @@ type Renewer struct {
 	failures      int // renewals failed in a row
 	retryAt       time.Time
 	pending       *pendingIssue
-	hubUnanswered int // certificate requests in a row the hub never answered
+	hubUnanswered int  // certificate requests in a row the hub never answered
+	stagedHere    bool // this Renewer staged a new generation (StagedHere)
 
 	// The lifecycle goroutine's own.
 	swapFailures   int
@@ -187,6 +188,22 @@ func (r *Renewer) Start(store *provisioning.Store) {
 // At every step the device holds at least one pair the hub accepts: the
 // current generation is only replaced after the new one connected, and a
 // staged generation is tried (and rolled back if refused) on start.
+
+// staged notes a new generation staged by this Renewer.
+func (r *Renewer) staged() {
+	r.mu.Lock()
+	r.stagedHere = true
+	r.mu.Unlock()
+	r.step("renew-staged")
+}
+
+// StagedHere reports whether this Renewer, in this process, staged a new
+// generation (the agent then connects with it from a fresh process).
+func (r *Renewer) StagedHere() bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.stagedHere
+}
 
 // CrashEnv names a step at which the agent kills itself (tests only).
 const CrashEnv = "GWAGENT_TEST_CRASH_AT"
@@ -429,7 +446,7 @@ func (r *Renewer) viaDPS(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("renewal via DPS: %w", err)
 	}
-	r.step("renew-staged")
+	r.staged()
 	r.log.Info("new certificate staged", "path", "dps", "serial", next.Serial, "not_after", next.NotAfter, "hub", next.AssignedHub)
 	return nil
 }

@@ -6,9 +6,11 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"os/exec"
+	"os/signal"
 	"path/filepath"
 	"strings"
 	"syscall"
@@ -26,8 +28,11 @@ import (
 // TestMain lets the test binary act as gwagent for the crash tests.
 func TestMain(m *testing.M) {
 	if args := os.Getenv("GWAGENT_TEST_EXEC"); args != "" {
-		err := run(context.Background(), strings.Split(args, "\n"), os.Stdout, os.Stderr)
-		if err != nil {
+		// As main: SIGTERM is a clean shutdown.
+		ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+		err := run(ctx, strings.Split(args, "\n"), os.Stdout, os.Stderr)
+		stop()
+		if err != nil && !errors.Is(err, context.Canceled) {
 			fmt.Fprintln(os.Stderr, "gwagent:", err)
 			os.Exit(1)
 		}

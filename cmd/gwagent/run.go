@@ -36,11 +36,31 @@ func cmdRun(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 	level := new(slog.LevelVar)
 	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: level}))
 	bt, _ := time.Parse(time.RFC3339, buildTime)
-	a, err := agent.New(*cfgPath, agent.Options{Logger: log, LogLevel: level, Version: version, BuildTime: bt, Backlog: backlog})
+	opts := agent.Options{Logger: log, LogLevel: level, Version: version, BuildTime: bt, Backlog: backlog,
+		RestartWithNewIdentity: true}
+	for {
+		err := runAgent(ctx, *cfgPath, opts, log)
+		if !errors.Is(err, agent.ErrRestart) {
+			log.Info("gwagent stopped")
+			return err
+		}
+		// The same process (pid, systemd's watchdog and notify socket, the
+		// journal's stream) in a fresh image; exec returns only on failure.
+		log.Info("gwagent restarting in a fresh process for its new identity")
+		err = syscall.Exec("/proc/self/exe", os.Args, os.Environ())
+		log.Warn("could not restart in a fresh process; going on in this one (it keeps the memory the new identity cost)", "err", err)
+		opts.RestartWithNewIdentity = false
+	}
+}
+
+// runAgent runs one agent until ctx ends or it asks for a restart; SIGHUP
+// asks it for a renewal.
+func runAgent(ctx context.Context, cfgPath string, opts agent.Options, log *slog.Logger) error {
+	a, err := agent.New(cfgPath, opts)
 	if err != nil {
 		return err
 	}
-	log.Info("gwagent starting", "version", version, "config", *cfgPath)
+	log.Info("gwagent starting", "version", version, "config", cfgPath)
 	hup := make(chan os.Signal, 1)
 	signal.Notify(hup, syscall.SIGHUP)
 	defer signal.Stop(hup)
@@ -61,9 +81,7 @@ func cmdRun(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 			}
 		}
 	}()
-	err = a.Run(ctx)
-	log.Info("gwagent stopped")
-	return err
+	return a.Run(ctx)
 }
 
 func cmdStatus(ctx context.Context, args []string, stdout, stderr io.Writer) error {

@@ -1,0 +1,123 @@
+package main
+
+import (
+	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/gwagent/gwagent/azsim"
+	"github.com/gwagent/gwagent/azsim/azsimtest"
+	"github.com/gwagent/gwagent/devtools/testenv"
+)
+
+// Once provisioned, the agent executes itself again so that the process
+// that serves the hub does not keep what provisioning left in memory. To
+// systemd and the device's user that must be invisible: the same pid, no
+// STOPPING=1, the watchdog fed, the status file never "stopped", and
+// the readings queued before the registration delivered once each.
+func TestRestartAfterProvisioningIsOneService(t *testing.T) {
+	const watchdog = 3 * time.Second
+	az := azsimtest.Start(t, azsim.Config{})
+	d := newCrashDevice(t, az, "gw-fresh", "")
+	d.spoolFiles("early", 5)
+	ns := listenNotify(t)
+	cmd := d.start("NOTIFY_SOCKET="+ns.path, "WATCHDOG_USEC=3000000")
+	testenv.Eventually(t, 60*time.Second, "the readings queued before provisioning delivered", func() bool {
+		n, _ := bodies(az, "gw-fresh", "early")
+		return n == 5
+	})
+	log := d.log()
+	restart := strings.Index(log, "gwagent restarting in a fresh process for its new identity")
+	if restart < 0 || strings.Count(log, `msg="gwagent starting"`) != 2 || strings.Index(log[restart:], `msg="gwagent starting"`) < 0 {
+		t.Fatalf("want one start, provisioning, a restart in a fresh process and a second start:\n%s", log)
+	}
+	if strings.Contains(log[restart:], "msg=provisioning ") {
+		t.Fatalf("the fresh process registered again:\n%s", log)
+	}
+	if !processRunning(cmd) {
+		t.Fatalf("the agent's process (pid %d) ended:\n%s", cmd.Process.Pid, log)
+	}
+	if _, ok := ns.first("STOPPING=1"); ok {
+		t.Fatal("systemd was told STOPPING=1 for a restart inside the service")
+	}
+	var readies int
+	last, _ := ns.first("READY=1")
+	for _, m := range ns.all() {
+		switch m.text {
+		case "READY=1":
+			readies++
+		case "WATCHDOG=1":
+			if m.at.Sub(last) >= watchdog {
+				t.Fatalf("no WATCHDOG=1 for %s across the restart", m.at.Sub(last))
+			}
+			last = m.at
+		}
+	}
+	if readies != 2 {
+		t.Fatalf("READY=1 sent %d times; want once per process image", readies)
+	}
+	if _, total := bodies(az, "gw-fresh", "early"); total != 5 {
+		t.Fatalf("%d copies of 5 readings delivered", total)
+	}
+	st, err := os.ReadFile(filepath.Join(d.state, "status.json"))
+	if err != nil || strings.Contains(string(st), `"stopped"`) {
+		t.Fatalf("status after the restart: %s %v", st, err)
+	}
+	cmd.Process.Signal(syscall.SIGTERM)
+	if err := cmd.Wait(); err != nil {
+		t.Fatalf("SIGTERM after the restart: %v\n%s", err, d.log())
+	}
+	if _, ok := ns.first("STOPPING=1"); !ok {
+		t.Fatal("no STOPPING=1 on SIGTERM")
+	}
+}
+
+// A renewal is staged in one process image and swapped in by the next: a
+// SIGHUP asks for a renewal through the hub, and the same process goes on
+// with the new certificate, nothing lost or sent twice.
+func TestRestartForRenewalSwapsInTheNextImage(t *testing.T) {
+	az := azsimtest.Start(t, azsim.Config{})
+	d := newCrashDevice(t, az, "gw-fresh-renew", "")
+	cmd := d.start()
+	testenv.Eventually(t, 30*time.Second, "connected", func() bool {
+		return strings.Contains(d.log(), "to=connected")
+	})
+	first := d.current().Serial
+	d.spoolFiles("before", 5)
+	testenv.Eventually(t, 30*time.Second, "the first readings delivered", func() bool {
+		n, _ := bodies(az, "gw-fresh-renew", "before")
+		return n == 5
+	})
+	cmd.Process.Signal(syscall.SIGHUP)
+	testenv.Eventually(t, 30*time.Second, "the renewed certificate in use", func() bool {
+		cur := d.current()
+		return cur != nil && cur.Serial != first && strings.Contains(d.log(), "certificate renewed and in use")
+	})
+	d.spoolFiles("after", 5)
+	testenv.Eventually(t, 30*time.Second, "the readings after the renewal delivered", func() bool {
+		n, _ := bodies(az, "gw-fresh-renew", "after")
+		return n == 5
+	})
+	log := d.log()
+	staged := strings.Index(log, "new certificate staged")
+	if staged < 0 {
+		t.Fatalf("no renewal staged:\n%s", log)
+	}
+	rest := log[staged:]
+	restart := strings.Index(rest, "gwagent restarting in a fresh process for its new identity")
+	renewed := strings.Index(rest, "certificate renewed and in use")
+	if restart < 0 || renewed < restart || strings.Count(log, `msg="gwagent starting"`) != 3 {
+		t.Fatalf("want the renewal staged, a restart, and the swap in the fresh process (three starts in all: provisioning, renewal):\n%s", log)
+	}
+	if !processRunning(cmd) {
+		t.Fatalf("the agent's process ended:\n%s", log)
+	}
+	for _, key := range []string{"before", "after"} {
+		if n, total := bodies(az, "gw-fresh-renew", key); n != 5 || total != 5 {
+			t.Fatalf("%q readings: %d distinct, %d delivered; want 5 once each", key, n, total)
+		}
+	}
+}
