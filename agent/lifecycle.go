@@ -57,7 +57,7 @@ func (a *Agent) lifecycle(ctx context.Context) {
 			}
 			continue
 		}
-		if a.opts.RestartWithNewIdentity && (a.provisioned || a.renewal.StagedHere()) {
+		if (a.provisioned || a.renewal.StagedHere()) && a.opts.RestartWithNewIdentity != nil && a.opts.RestartWithNewIdentity() {
 			a.restarting = true
 			a.log.Info("new identity; restarting so that a fresh process connects with it", "device_id", id.DeviceID)
 			return

@@ -63,9 +63,10 @@ type Options struct {
 	// (true) and when the outbox is empty again (false); cmd/gwagent raises
 	// the Go runtime's GC target for the while.
 	Backlog func(bool)
-	// RestartWithNewIdentity ends Run with ErrRestart once this process
+	// RestartWithNewIdentity, if set, is asked once this process
 	// registered with DPS or staged a renewed certificate, before the agent
-	// connects with the new identity, after the same orderly shutdown as a
+	// connects with the new identity; true ends Run with ErrRestart, after
+	// the same orderly shutdown as a
 	// cancelled ctx (nothing queued is lost). cmd/gwagent then executes
 	// itself again, so the process that serves the hub for months does not
 	// carry what the registration or renewal left in memory: the P-384
@@ -74,7 +75,7 @@ type Options struct {
 	// make bench, 1 reading/s: 3.18 MiB of anonymous memory without, 2.75
 	// MiB with. A staged renewal is tried on start (renewal.TrySwap), as
 	// after a crash.
-	RestartWithNewIdentity bool
+	RestartWithNewIdentity func() bool
 	// newWatcher stands in for fsnotify.NewWatcher in tests (export_test.go):
 	// inotify that cannot be had is a fault the kernel gives only when its
 	// per-user instance limit is used up, which would break other tests.

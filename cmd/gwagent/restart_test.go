@@ -3,6 +3,7 @@ package main
 import (
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -77,13 +78,22 @@ func TestRestartAfterProvisioningIsOneService(t *testing.T) {
 
 // A renewal is staged in one process image and swapped in by the next: a
 // SIGHUP asks for a renewal through the hub, and the same process goes on
-// with the new certificate, nothing lost or sent twice.
+// with the new certificate, nothing lost or sent twice. (The agent is
+// started a second time first: the first run restarted after provisioning
+// moments ago, and restartGap holds back a second restart.)
 func TestRestartForRenewalSwapsInTheNextImage(t *testing.T) {
 	az := azsimtest.Start(t, azsim.Config{})
 	d := newCrashDevice(t, az, "gw-fresh-renew", "")
 	cmd := d.start()
 	testenv.Eventually(t, 30*time.Second, "connected", func() bool {
 		return strings.Contains(d.log(), "to=connected")
+	})
+	cmd.Process.Signal(syscall.SIGTERM)
+	cmd.Wait()
+	from := len(d.log())
+	cmd = d.start()
+	testenv.Eventually(t, 30*time.Second, "connected again", func() bool {
+		return strings.Contains(d.log()[from:], "to=connected")
 	})
 	first := d.current().Serial
 	d.spoolFiles("before", 5)
@@ -94,14 +104,14 @@ func TestRestartForRenewalSwapsInTheNextImage(t *testing.T) {
 	cmd.Process.Signal(syscall.SIGHUP)
 	testenv.Eventually(t, 30*time.Second, "the renewed certificate in use", func() bool {
 		cur := d.current()
-		return cur != nil && cur.Serial != first && strings.Contains(d.log(), "certificate renewed and in use")
+		return cur != nil && cur.Serial != first && strings.Contains(d.log()[from:], "certificate renewed and in use")
 	})
 	d.spoolFiles("after", 5)
 	testenv.Eventually(t, 30*time.Second, "the readings after the renewal delivered", func() bool {
 		n, _ := bodies(az, "gw-fresh-renew", "after")
 		return n == 5
 	})
-	log := d.log()
+	log := d.log()[from:]
 	staged := strings.Index(log, "new certificate staged")
 	if staged < 0 {
 		t.Fatalf("no renewal staged:\n%s", log)
@@ -109,8 +119,8 @@ func TestRestartForRenewalSwapsInTheNextImage(t *testing.T) {
 	rest := log[staged:]
 	restart := strings.Index(rest, "gwagent restarting in a fresh process for its new identity")
 	renewed := strings.Index(rest, "certificate renewed and in use")
-	if restart < 0 || renewed < restart || strings.Count(log, `msg="gwagent starting"`) != 3 {
-		t.Fatalf("want the renewal staged, a restart, and the swap in the fresh process (three starts in all: provisioning, renewal):\n%s", log)
+	if restart < 0 || renewed < restart || strings.Count(log, `msg="gwagent starting"`) != 2 {
+		t.Fatalf("want the renewal staged, a restart, and the swap in the fresh process:\n%s", log)
 	}
 	if !processRunning(cmd) {
 		t.Fatalf("the agent's process ended:\n%s", log)
@@ -119,5 +129,27 @@ func TestRestartForRenewalSwapsInTheNextImage(t *testing.T) {
 		if n, total := bodies(az, "gw-fresh-renew", key); n != 5 || total != 5 {
 			t.Fatalf("%q readings: %d distinct, %d delivered; want 5 once each", key, n, total)
 		}
+	}
+}
+
+// An image that itself began with a restart does not restart again for a
+// new identity within restartGap: a state directory that loses the
+// identity would otherwise make a loop of registrations with DPS. The
+// environment stands in for the previous image here.
+func TestNoSecondRestartWithinTheGap(t *testing.T) {
+	az := azsimtest.Start(t, azsim.Config{})
+	d := newCrashDevice(t, az, "gw-fresh-gap", "")
+	d.spoolFiles("early", 3)
+	cmd := d.start(restartedAtEnv + "=" + strconv.FormatInt(time.Now().Add(-time.Minute).Unix(), 10))
+	testenv.Eventually(t, 30*time.Second, "the readings delivered", func() bool {
+		n, _ := bodies(az, "gw-fresh-gap", "early")
+		return n == 3
+	})
+	log := d.log()
+	if strings.Contains(log, "gwagent restarting in a fresh process") || strings.Count(log, `msg="gwagent starting"`) != 1 {
+		t.Fatalf("restarted again within the gap:\n%s", log)
+	}
+	if !strings.Contains(log, "not restarting in a fresh process again so soon") || !processRunning(cmd) {
+		t.Fatalf("want the agent to say it goes on in the same process, and to run:\n%s", log)
 	}
 }

@@ -13,6 +13,7 @@ import (
 	"runtime"
 	"runtime/debug"
 	"slices"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -37,7 +38,7 @@ func cmdRun(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: level}))
 	bt, _ := time.Parse(time.RFC3339, buildTime)
 	opts := agent.Options{Logger: log, LogLevel: level, Version: version, BuildTime: bt, Backlog: backlog,
-		RestartWithNewIdentity: true}
+		RestartWithNewIdentity: restartPolicy(log)}
 	for {
 		err := runAgent(ctx, *cfgPath, opts, log)
 		if !errors.Is(err, agent.ErrRestart) {
@@ -47,9 +48,35 @@ func cmdRun(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 		// The same process (pid, systemd's watchdog and notify socket, the
 		// journal's stream) in a fresh image; exec returns only on failure.
 		log.Info("gwagent restarting in a fresh process for its new identity")
-		err = syscall.Exec("/proc/self/exe", os.Args, os.Environ())
+		env := append(os.Environ(), restartedAtEnv+"="+strconv.FormatInt(time.Now().Unix(), 10))
+		err = syscall.Exec("/proc/self/exe", os.Args, env)
 		log.Warn("could not restart in a fresh process; going on in this one (it keeps the memory the new identity cost)", "err", err)
-		opts.RestartWithNewIdentity = false
+		opts.RestartWithNewIdentity = nil
+	}
+}
+
+// restartedAtEnv tells the fresh image when the previous one restarted
+// (Unix seconds); it is not passed on further.
+const restartedAtEnv = "GWAGENT_RESTARTED_AT"
+
+// restartGap is the least time between two restarts in a fresh image. A
+// new identity the fresh image cannot find (a state directory that loses
+// writes) would otherwise have it register with DPS again, restart, and
+// so on, as fast as DPS answers; within the gap the agent goes on in the
+// same process instead.
+const restartGap = 10 * time.Minute
+
+// restartPolicy is the agent's Options.RestartWithNewIdentity.
+func restartPolicy(log *slog.Logger) func() bool {
+	last, _ := strconv.ParseInt(os.Getenv(restartedAtEnv), 10, 64)
+	os.Unsetenv(restartedAtEnv)
+	return func() bool {
+		since := time.Since(time.Unix(last, 0))
+		if last > 0 && since < restartGap && since > -restartGap {
+			log.Warn("new identity; not restarting in a fresh process again so soon (the previous restart was this image's start); going on in this one", "previous", since.Round(time.Second))
+			return false
+		}
+		return true
 	}
 }
 
