@@ -2,8 +2,10 @@ package telemetry
 
 import (
 	"errors"
+	"maps"
 	"os"
 	"path/filepath"
+	"slices"
 	"sync"
 	"sync/atomic"
 
@@ -127,7 +129,14 @@ func (p *Pipeline) retireQueued() {
 			return
 		}
 		stuck := p.retireFiles(rs)
-		p.outbox.Retired(p.keepStuck(rs, stuck)...)
+		done := p.keepStuck(rs, stuck)
+		// Said once their receipts are written: a crash right after the
+		// warning does not send them again.
+		for _, path := range slices.Sorted(maps.Keys(stuck)) {
+			err := stuck[path]
+			p.log.Warn("cannot delete sent spool file; it stays in the spool and is not sent again", "file", path, "err", err)
+		}
+		p.outbox.Retired(done...)
 		p.retire.waiting.Add(-int64(len(rs)))
 	}
 }
@@ -135,9 +144,9 @@ func (p *Pipeline) retireQueued() {
 // retireFiles unlinks the files of rs that are still the version sent,
 // then forgets them as queued spool files. One it cannot unlink stays
 // queued, so it is not sent again and again (a file made immutable, say):
-// it is warned about, and tried again after a restart (keepStuck). It
-// returns the paths of those.
-func (p *Pipeline) retireFiles(rs []outbox.Receipt) (stuck map[string]bool) {
+// kept (keepStuck), warned about, and tried again after a restart. It
+// returns those, with why.
+func (p *Pipeline) retireFiles(rs []outbox.Receipt) (stuck map[string]error) {
 	dfd, dir := -1, ""
 	for _, r := range rs {
 		d, name := filepath.Split(r.Path)
@@ -164,16 +173,15 @@ func (p *Pipeline) retireFiles(rs []outbox.Receipt) (stuck map[string]bool) {
 			continue
 		}
 		if err := unix.Unlinkat(dfd, name, 0); err != nil && !errors.Is(err, unix.ENOENT) {
-			p.log.Warn("cannot delete sent spool file; it stays in the spool and is not sent again", "file", r.Path, "err", err)
 			if stuck == nil {
-				stuck = map[string]bool{}
+				stuck = map[string]error{}
 			}
-			stuck[r.Path] = true
+			stuck[r.Path] = err
 		}
 	}
 	p.queued.mu.Lock()
 	for _, r := range rs {
-		if sig, ok := p.queued.sigs[r.Path]; ok && sig == sigOf(r.ID) && !stuck[r.Path] {
+		if sig, ok := p.queued.sigs[r.Path]; ok && sig == sigOf(r.ID) && stuck[r.Path] == nil {
 			delete(p.queued.sigs, r.Path)
 		}
 	}
@@ -186,14 +194,14 @@ func (p *Pipeline) retireFiles(rs []outbox.Receipt) (stuck map[string]bool) {
 // it again: a receipt held in memory (a lone delivery) is written now, and
 // none of them is passed to Retired, which would let its record go. It
 // returns the receipts that may be retired.
-func (p *Pipeline) keepStuck(rs []outbox.Receipt, stuck map[string]bool) []outbox.Receipt {
+func (p *Pipeline) keepStuck(rs []outbox.Receipt, stuck map[string]error) []outbox.Receipt {
 	if len(stuck) == 0 {
 		return rs
 	}
 	var done, held []outbox.Receipt
 	for _, r := range rs {
 		switch {
-		case !stuck[r.Path]:
+		case stuck[r.Path] == nil:
 			done = append(done, r)
 		case !r.Written():
 			held = append(held, r)
