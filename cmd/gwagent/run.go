@@ -48,7 +48,7 @@ func cmdRun(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 		// The same process (pid, systemd's watchdog and notify socket, the
 		// journal's stream) in a fresh image; exec returns only on failure.
 		log.Info("gwagent restarting in a fresh process for its new identity")
-		env := append(os.Environ(), restartedAtEnv+"="+strconv.FormatInt(time.Now().Unix(), 10))
+		env := append(os.Environ(), restartedAtEnv+"="+strconv.FormatInt(clock.Real{}.Now().Unix(), 10))
 		err = syscall.Exec("/proc/self/exe", os.Args, env)
 		log.Warn("could not restart in a fresh process; going on in this one (it keeps the memory the new identity cost)", "err", err)
 		opts.RestartWithNewIdentity = nil
@@ -71,7 +71,7 @@ func restartPolicy(log *slog.Logger) func() bool {
 	last, _ := strconv.ParseInt(os.Getenv(restartedAtEnv), 10, 64)
 	os.Unsetenv(restartedAtEnv)
 	return func() bool {
-		since := time.Since(time.Unix(last, 0))
+		since := clock.Real{}.Now().Sub(time.Unix(last, 0))
 		if last > 0 && since < restartGap && since > -restartGap {
 			log.Warn("new identity; not restarting in a fresh process again so soon (the previous restart was this image's start); going on in this one", "previous", since.Round(time.Second))
 			return false
