@@ -149,7 +149,7 @@ func TestNoSecondRestartWithinTheGap(t *testing.T) {
 	if strings.Contains(log, "gwagent restarting in a fresh process") || strings.Count(log, `msg="gwagent starting"`) != 1 {
 		t.Fatalf("restarted again within the gap:\n%s", log)
 	}
-	if !strings.Contains(log, "not restarting in a fresh process again so soon") || !processRunning(cmd) {
+	if !strings.Contains(log, "going on in this process: it began with a restart less than 10 minutes ago") || !processRunning(cmd) {
 		t.Fatalf("want the agent to say it goes on in the same process, and to run:\n%s", log)
 	}
 }

@@ -73,7 +73,7 @@ func restartPolicy(log *slog.Logger) func() bool {
 	return func() bool {
 		since := clock.Real{}.Now().Sub(time.Unix(last, 0))
 		if last > 0 && since < restartGap && since > -restartGap {
-			log.Warn("new identity; not restarting in a fresh process again so soon (the previous restart was this image's start); going on in this one", "previous", since.Round(time.Second))
+			log.Info("new identity; going on in this process: it began with a restart less than 10 minutes ago", "restarted", since.Round(time.Second))
 			return false
 		}
 		return true
