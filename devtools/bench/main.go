@@ -533,8 +533,13 @@ func (c *counting) Sign(r io.Reader, d []byte, o crypto.SignerOpts) ([]byte, err
 // identity provisions a software-key device through DPS (X.509
 // onboarding) and returns what a hub client needs.
 func (b *bench) identity(reg string, onSigner, opSigner crypto.Signer) (*provisioning.Issued, *x509.CertPool, error) {
+	return identityAt(b.az, b.info, reg, onSigner, opSigner)
+}
+
+// identityAt is identity with the device in az (whose Info is info).
+func identityAt(az *azsim.Server, info azsim.Info, reg string, onSigner, opSigner crypto.Signer) (*provisioning.Issued, *x509.CertPool, error) {
 	der, _ := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{Subject: pkix.Name{CommonName: reg}}, onSigner)
-	chainPEM, err := b.az.FactorySign(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE REQUEST", Bytes: der}))
+	chainPEM, err := az.FactorySign(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE REQUEST", Bytes: der}))
 	if err != nil {
 		return nil, nil, err
 	}
@@ -543,13 +548,13 @@ func (b *bench) identity(reg string, onSigner, opSigner crypto.Signer) (*provisi
 		c, _ := x509.ParseCertificate(blk.Bytes)
 		chain = append(chain, c)
 	}
-	roots, err := tlsconf.LoadPool(b.info.TrustBundle)
+	roots, err := tlsconf.LoadPool(info.TrustBundle)
 	if err != nil {
 		return nil, nil, err
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	issued, err := provisioning.Obtain(ctx, provisioning.DPSConfig{Endpoint: b.info.DPSAddr, IDScope: b.info.IDScope,
+	issued, err := provisioning.Obtain(ctx, provisioning.DPSConfig{Endpoint: info.DPSAddr, IDScope: info.IDScope,
 		RegistrationID: reg, Roots: roots, Credential: provisioning.X509Credential{Signer: onSigner, Chain: chain}}, opSigner, time.Now(), nil)
 	return issued, roots, err
 }

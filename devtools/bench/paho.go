@@ -18,6 +18,7 @@ import (
 
 	mqtt "github.com/eclipse/paho.mqtt.golang"
 
+	"github.com/gwagent/gwagent/azsim"
 	"github.com/gwagent/gwagent/devtools/bench/pahoref"
 	"github.com/gwagent/gwagent/transport"
 )
@@ -34,14 +35,20 @@ type pahoJob = pahoref.Job
 
 // newPahoJob provisions a software-key device for the reference.
 func (b *bench) newPahoJob(n int, reg string) (pahoJob, error) {
+	return newPahoJobAt(b.az, b.info, b.tel, n, reg)
+}
+
+// newPahoJobAt is newPahoJob with the device in az (Info info, telemetry
+// log tel).
+func newPahoJobAt(az *azsim.Server, info azsim.Info, tel *telemetry, n int, reg string) (pahoJob, error) {
 	onKey, _ := ecdsa.GenerateKey(elliptic.P384(), rand.Reader)
 	opKey, _ := ecdsa.GenerateKey(elliptic.P384(), rand.Reader)
-	issued, _, err := b.identity(reg, onKey, opKey)
+	issued, _, err := identityAt(az, info, reg, onKey, opKey)
 	if err != nil {
 		return pahoJob{}, err
 	}
-	b.tel.track(issued.State.DeviceID)
-	job := pahoJob{Host: issued.State.AssignedHub, DeviceID: issued.State.DeviceID, Bundle: b.info.TrustBundle,
+	tel.track(issued.State.DeviceID)
+	job := pahoJob{Host: issued.State.AssignedHub, DeviceID: issued.State.DeviceID, Bundle: info.TrustBundle,
 		APIVersion: transport.DefaultAPIVersion, N: n}
 	for _, c := range issued.Chain {
 		job.Chain = append(job.Chain, c.Raw)

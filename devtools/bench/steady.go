@@ -10,6 +10,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/gwagent/gwagent/azsim"
 )
 
 // The long-running figures (issue 22): the agent as a gateway runs it for
@@ -38,6 +40,7 @@ type steadyRun struct {
 	at2, end    memSample // at minute 2 (or a fifth of a short window) and at the end
 	maxAnon     float64   // the highest anonymous RSS sampled from minute 2 on
 	maxRefAnon  float64   // the same for the plain paho client beside it (readings runs)
+	refEnded    bool      // the plain paho client exited before the end
 	samples     int
 	msgs        int
 	payload     float64       // mean body bytes per message
@@ -74,7 +77,7 @@ func (b *bench) longRun(name, interval string, readings bool, window time.Durati
 	}
 	refPid := 0
 	if readings {
-		ref, err := b.startMemRef("memref-" + name)
+		ref, err := b.startMemRef(az, info, tel, "memref-"+name)
 		if err != nil {
 			return r, err
 		}
@@ -142,6 +145,7 @@ func (b *bench) longRun(name, interval string, readings bool, window time.Durati
 		}
 	}
 	r.end = sampleMem(pid)
+	r.refEnded = refPid != 0 && sampleMem(refPid).anon == 0 // exited: a zombie has no memory
 	r.threads = int(procField(pid, "status", "Threads"))
 	span := time.Since(t2)
 	r.minutes = span.Minutes()
@@ -246,13 +250,18 @@ func (b *bench) soak(d time.Duration, csvPath string) ([]row, error) {
 // that paho, TLS and Go's runtime make, against which the agent's figure
 // is read.
 func refRow(what, from string, r steadyRun) row {
+	if r.refEnded || r.maxRefAnon == 0 {
+		return row{"plain paho client beside it (" + what + "): RSS anonymous, highest from " + from, 0, "MiB", "", "",
+			"devtools/bench/memref ended before the window did (its error is above): no reference in this run"}
+	}
 	return row{"plain paho client beside it (" + what + "): RSS anonymous, highest from " + from, r.maxRefAnon, "MiB", "", "",
 		fmt.Sprintf("devtools/bench/memref, one ~100-byte message a second, Go's default GC; the agent has %.2f MiB more (%.2fx)", r.maxAnon-r.maxRefAnon, r.maxAnon/r.maxRefAnon)}
 }
 
 // startMemRef builds and starts the memory reference (devtools/bench/memref)
-// as a device of the bench's hub.
-func (b *bench) startMemRef(reg string) (*exec.Cmd, error) {
+// as a device of az, the run's own azsim: the bench's main hub goes down
+// in the drain's outages, which ended the plain client once.
+func (b *bench) startMemRef(az *azsim.Server, info azsim.Info, tel *telemetry, reg string) (*exec.Cmd, error) {
 	bin := filepath.Join(b.dir, "memref")
 	b.mu.Lock()
 	_, err := os.Stat(bin)
@@ -267,7 +276,7 @@ func (b *bench) startMemRef(reg string) (*exec.Cmd, error) {
 		}
 	}
 	b.mu.Unlock()
-	job, err := b.newPahoJob(0, reg)
+	job, err := newPahoJobAt(az, info, tel, 0, reg)
 	if err != nil {
 		return nil, err
 	}
