@@ -153,3 +153,45 @@ func TestNoSecondRestartWithinTheGap(t *testing.T) {
 		t.Fatalf("want the agent to say it goes on in the same process, and to run:\n%s", log)
 	}
 }
+
+// A SIGHUP (systemctl reload, gwagent renew) that arrives while the agent
+// restarts in place must not end it: systemd does not restart a service
+// that SIGHUP ended. SIGHUPs every millisecond from the first start until
+// the fresh image is connected.
+func TestSIGHUPDuringTheRestart(t *testing.T) {
+	az := azsimtest.Start(t, azsim.Config{})
+	d := newCrashDevice(t, az, "gw-fresh-hup", "")
+	cmd := d.start()
+	testenv.Eventually(t, 30*time.Second, "started", func() bool {
+		return strings.Contains(d.log(), `msg="gwagent starting"`)
+	})
+	sent := 0
+	deadline := time.Now().Add(30 * time.Second)
+	for !strings.Contains(d.log(), "to=connected") {
+		if !notZombie(cmd.Process.Pid) {
+			t.Fatalf("the agent ended after %d SIGHUPs:\n%s", sent, d.log())
+		}
+		cmd.Process.Signal(syscall.SIGHUP)
+		sent++
+		time.Sleep(time.Millisecond)
+		if time.Now().After(deadline) {
+			t.Fatalf("not connected after %d SIGHUPs:\n%s", sent, d.log())
+		}
+	}
+	time.Sleep(100 * time.Millisecond)
+	if !notZombie(cmd.Process.Pid) || !strings.Contains(d.log(), "gwagent restarting in a fresh process") {
+		t.Fatalf("want the agent restarted in place and running after %d SIGHUPs:\n%s", sent, d.log())
+	}
+	t.Logf("%d SIGHUPs across the restart", sent)
+}
+
+// notZombie reports whether pid runs: not ended, and not ended and waiting
+// to be reaped (a zombie still takes signals).
+func notZombie(pid int) bool {
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
+	if err != nil {
+		return false
+	}
+	i := strings.LastIndexByte(string(b), ')')
+	return i > 0 && i+2 < len(b) && b[i+2] != 'Z'
+}

@@ -48,6 +48,11 @@ func cmdRun(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 		// The same process (pid, systemd's watchdog and notify socket, the
 		// journal's stream) in a fresh image; exec returns only on failure.
 		log.Info("gwagent restarting in a fresh process for its new identity")
+		// Until the fresh image listens for it, a SIGHUP (systemctl
+		// reload, gwagent renew) would end the process, and systemd does
+		// not restart a service that SIGHUP ended: ignore it meanwhile
+		// (exec keeps ignored signals ignored; signal.Notify takes it back).
+		signal.Ignore(syscall.SIGHUP)
 		env := append(os.Environ(), restartedAtEnv+"="+strconv.FormatInt(clock.Real{}.Now().Unix(), 10))
 		err = syscall.Exec("/proc/self/exe", os.Args, env)
 		log.Warn("could not restart in a fresh process; going on in this one (it keeps the memory the new identity cost)", "err", err)
@@ -83,14 +88,14 @@ func restartPolicy(log *slog.Logger) func() bool {
 // runAgent runs one agent until ctx ends or it asks for a restart; SIGHUP
 // asks it for a renewal.
 func runAgent(ctx context.Context, cfgPath string, opts agent.Options, log *slog.Logger) error {
+	hup := make(chan os.Signal, 1) // taken from the start: SIGHUP would end the process
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
 	a, err := agent.New(cfgPath, opts)
 	if err != nil {
 		return err
 	}
 	log.Info("gwagent starting", "version", version, "config", cfgPath)
-	hup := make(chan os.Signal, 1)
-	signal.Notify(hup, syscall.SIGHUP)
-	defer signal.Stop(hup)
 	static := a.Config().Static()
 	done := make(chan struct{})
 	defer close(done)
