@@ -57,7 +57,11 @@ func (a *Agent) lifecycle(ctx context.Context) {
 			}
 			continue
 		}
-		if (a.provisioned || a.renewal.StagedHere()) && a.opts.RestartWithNewIdentity != nil && a.opts.RestartWithNewIdentity() {
+		// Asked once per new identity: a restart declined now is not
+		// made at some later reconnect.
+		fresh := a.renewal.TakeStaged() || a.provisioned
+		a.provisioned = false
+		if fresh && a.opts.RestartWithNewIdentity != nil && a.opts.RestartWithNewIdentity() {
 			a.restarting = true
 			a.log.Info("new identity; restarting so that a fresh process connects with it", "device_id", id.DeviceID)
 			return

@@ -105,7 +105,7 @@ type Agent struct {
 	hub   hubLink    // the session being served, the hub's callbacks
 	trust clockTrust // the lifecycle goroutine's own
 
-	// provisioned: a.provision stored a new identity in this process;
+	// provisioned: a.provision stored a new identity not yet connected with;
 	// restarting: Run ends with ErrRestart (Options.RestartWithNewIdentity).
 	provisioned, restarting bool
 }

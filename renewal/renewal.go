@@ -141,7 +141,7 @@ type Renewer struct {
 	retryAt       time.Time
 	pending       *pendingIssue
 	hubUnanswered int  // certificate requests in a row the hub never answered
-	stagedHere    bool // this Renewer staged a new generation (StagedHere)
+	stagedHere    bool // this Renewer staged a new generation (TakeStaged)
 
 	// The lifecycle goroutine's own.
 	swapFailures   int
@@ -197,12 +197,15 @@ func (r *Renewer) staged() {
 	r.step("renew-staged")
 }
 
-// StagedHere reports whether this Renewer, in this process, staged a new
-// generation (the agent then connects with it from a fresh process).
-func (r *Renewer) StagedHere() bool {
+// TakeStaged reports whether this Renewer, in this process, staged a new
+// generation since the last call (the agent then connects with it from a
+// fresh process).
+func (r *Renewer) TakeStaged() bool {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	return r.stagedHere
+	staged := r.stagedHere
+	r.stagedHere = false
+	return staged
 }
 
 // CrashEnv names a step at which the agent kills itself (tests only).

@@ -152,6 +152,17 @@ func TestNoSecondRestartWithinTheGap(t *testing.T) {
 	if !strings.Contains(log, "going on in this process: it began with a restart less than 10 minutes ago") || !processRunning(cmd) {
 		t.Fatalf("want the agent to say it goes on in the same process, and to run:\n%s", log)
 	}
+	// The question is asked once per new identity: reconnects do not ask
+	// it again (past the gap they would restart for nothing).
+	for i := 2; i <= 3; i++ {
+		az.Admin("POST", "/faults/drop", map[string]any{"target": "hub"}, nil)
+		testenv.Eventually(t, 30*time.Second, "connected again", func() bool {
+			return strings.Count(d.log(), "to=connected") >= i
+		})
+	}
+	if n := strings.Count(d.log(), "going on in this process"); n != 1 {
+		t.Fatalf("asked %d times whether to restart for one new identity:\n%s", n, d.log())
+	}
 }
 
 // A SIGHUP (systemctl reload, gwagent renew) that arrives while the agent
