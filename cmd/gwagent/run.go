@@ -48,11 +48,6 @@ func cmdRun(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 		// The same process (pid, systemd's watchdog and notify socket, the
 		// journal's stream) in a fresh image; exec returns only on failure.
 		log.Info("gwagent restarting in a fresh process for its new identity")
-		// Until the fresh image listens for it, a SIGHUP (systemctl
-		// reload, gwagent renew) would end the process, and systemd does
-		// not restart a service that SIGHUP ended: ignore it meanwhile
-		// (exec keeps ignored signals ignored; signal.Notify takes it back).
-		signal.Ignore(syscall.SIGHUP)
 		env := append(os.Environ(), restartedAtEnv+"="+strconv.FormatInt(clock.Real{}.Now().Unix(), 10))
 		err = syscall.Exec("/proc/self/exe", os.Args, env)
 		log.Warn("could not restart in a fresh process; going on in this one (it keeps the memory the new identity cost)", "err", err)
@@ -113,7 +108,16 @@ func runAgent(ctx context.Context, cfgPath string, opts agent.Options, log *slog
 			}
 		}
 	}()
-	return a.Run(ctx)
+	err = a.Run(ctx)
+	if errors.Is(err, agent.ErrRestart) {
+		// Until the fresh image listens for it, a SIGHUP (systemctl
+		// reload, gwagent renew) would end the process, and systemd does
+		// not restart a service that SIGHUP ended: ignore it from now,
+		// before Stop above lets it go (exec keeps ignored signals
+		// ignored; signal.Notify takes it back).
+		signal.Ignore(syscall.SIGHUP)
+	}
+	return err
 }
 
 func cmdStatus(ctx context.Context, args []string, stdout, stderr io.Writer) error {
