@@ -197,8 +197,11 @@ func Open(o Options) (*Pipeline, error) {
 	}
 	// Files delivered before a crash or a stop, perhaps still in the
 	// spool: the retirer removes them first; loadQueued keeps the spool
-	// loop from queueing them meanwhile.
+	// loop from queueing them meanwhile. Here, before Run starts either:
+	// the retirer may take a receipt at once, and a spool loop that read
+	// the queue after that sent the file again (a race CI found).
 	p.retire.add(p.outbox.Receipts())
+	p.loadQueued()
 	for _, c := range p.outbox.Corrupted() {
 		p.log.Error("outbox: damaged records skipped (a power cut or a bad flash block); application messages among them are sent again from the spool",
 			"segment", c.Segment, "records", c.Skipped, "bytes", c.Bytes)

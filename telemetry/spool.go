@@ -105,7 +105,6 @@ func (p *Pipeline) spoolLoop(ctx context.Context) {
 	s := &spooler{p: p, dir: p.o.Spool().Dir, pending: map[string]pendingFile{}, refused: map[string]dirwatch.Sig{}}
 	w := p.watchSpool(s.dir)
 	defer w.Close()
-	p.loadQueued()
 	s.scan()
 	retry, retryC := p.clock.NewTicker(spoolRescan)
 	defer retry.Stop()

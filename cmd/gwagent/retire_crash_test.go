@@ -107,7 +107,20 @@ func TestSIGKILLBetweenAckAndRemoval(t *testing.T) {
 			case renewals != 1:
 				t.Fatalf("the new version written under a delivered name arrived %d times, want once", renewals)
 			case !powerCut && total != 40:
-				t.Fatalf("%d copies for 40 messages: files delivered before the SIGKILL were sent again", total)
+				cnt := map[float64]int{}
+				for _, m := range az.Telemetry() {
+					if b, ok := m["body"].(map[string]any); ok && m["deviceId"] == reg {
+						if v, ok := b["kept"].(float64); ok {
+							cnt[v]++
+						}
+					}
+				}
+				for k, v := range cnt {
+					if v > 1 {
+						t.Logf("kept%03d.json arrived %d times", int(k), v)
+					}
+				}
+				t.Fatalf("%d copies for 40 messages: files delivered before the SIGKILL were sent again\n%s", total, d.log())
 			case powerCut && total != 40+len(held)-1:
 				t.Fatalf("%d copies for 40 messages after a power cut that took the receipts: want the %d old files still in the spool sent again", total, len(held)-1)
 			}
