@@ -699,7 +699,7 @@ func (o *Outbox) Put(msgs ...*Message) (evicted int, err error) {
 		}
 		if o.bytes+need > o.opts.MaxBytes {
 			if m.Kind == KindHealth {
-				evicted++ // no room even after evicting: this health message goes too
+				evicted++          // no room even after evicting: this health message goes too
 				o.next = m.Seq + 1 // its id was handed out: never again
 				continue
 			}
