@@ -39,6 +39,7 @@ test: deps
 	$(GO) test -run=^$$ -fuzz=FuzzAckLog -fuzztime=5000x ./telemetry/outbox/
 	$(GO) test -run=^$$ -fuzz=FuzzTPMPublic -fuzztime=20000x ./azsim/dps/
 	$(GO) test -run=^$$ -fuzz=FuzzSASToken -fuzztime=40000x ./azsim/dps/
+	$(GO) test -run=^$$ -fuzz=FuzzKeyFile -fuzztime=100000x ./keystore/softkey/
 	$(GO) test -run=^$$ -fuzz=FuzzRegisterBody -fuzztime=20000x ./azsim/dps/
 
 demo: deps build

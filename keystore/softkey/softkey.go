@@ -1,7 +1,8 @@
 // Package softkey is the software key store: ECDSA P-384 private keys in PEM
-// files (PKCS#8), for gateways with neither a TPM nor a PKCS#11 token. The key
-// is as safe as the file system: files are created 0600 with an atomic
-// create-only write, and a key file readable by group or others is refused.
+// files (PKCS#8; SEC 1 files are read too), for gateways with neither a TPM
+// nor a PKCS#11 token. The key is as safe as the file system: files are
+// created 0600 with an atomic create-only write, and a key file readable by
+// group or others is refused.
 //
 // Importers: keystore/backends and tests.
 package softkey
@@ -12,7 +13,6 @@ import (
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
-	"crypto/x509"
 	"encoding/pem"
 	"errors"
 	"fmt"
@@ -60,7 +60,7 @@ func (*Store) CreateKey(ctx context.Context, u *keystore.URI) (crypto.Signer, er
 	if err != nil {
 		return nil, fmt.Errorf("softkey create: %w", err)
 	}
-	der, err := x509.MarshalPKCS8PrivateKey(k)
+	der, err := marshalPKCS8(k)
 	if err != nil {
 		return nil, fmt.Errorf("softkey create: %w", err)
 	}
@@ -112,26 +112,28 @@ func (*Store) Signer(ctx context.Context, u *keystore.URI) (crypto.Signer, error
 }
 
 func parse(data []byte) (*ecdsa.PrivateKey, error) {
-	block, _ := pem.Decode(data)
+	block, rest := pem.Decode(data)
+	if block != nil && block.Type == "EC PARAMETERS" { // openssl ecparam -genkey writes the curve first
+		block, _ = pem.Decode(rest)
+	}
 	if block == nil {
 		return nil, errors.New("no PEM block found; the file is not a gwagent key")
 	}
-	var key any
+	var k *ecdsa.PrivateKey
 	var err error
 	switch block.Type {
 	case "PRIVATE KEY":
-		key, err = x509.ParsePKCS8PrivateKey(block.Bytes)
+		k, err = parsePKCS8(block.Bytes)
 	case "EC PRIVATE KEY":
-		key, err = x509.ParseECPrivateKey(block.Bytes)
+		k, err = parseSEC1(block.Bytes, nil)
 	default:
-		return nil, fmt.Errorf("PEM block %q is not a private key", block.Type)
+		return nil, fmt.Errorf("PEM block %q is not a private key; gwagent keys are ECDSA P-384, create one with gwagent keygen", block.Type)
+	}
+	if errors.Is(err, keystore.ErrUnsupportedCurve) {
+		return nil, fmt.Errorf("%w; create a new key with gwagent keygen", err)
 	}
 	if err != nil {
 		return nil, fmt.Errorf("cannot parse private key: %w", err)
-	}
-	k, ok := key.(*ecdsa.PrivateKey)
-	if !ok || !keystore.IsP384(&k.PublicKey) {
-		return nil, fmt.Errorf("%w: key is %T, gwagent keys are ECDSA P-384; create a new one with gwagent keygen", keystore.ErrUnsupportedCurve, key)
 	}
 	return k, nil
 }
