@@ -1,7 +1,6 @@
 package main
 
 import (
-	"bytes"
 	"context"
 	"crypto"
 	"crypto/ecdsa"
@@ -18,7 +17,6 @@ import (
 	"io/fs"
 	"net"
 	"os"
-	"os/exec"
 	"os/user"
 	"path/filepath"
 	"sort"
@@ -704,9 +702,4 @@ func (c *checker) checkService(ctx context.Context) {
 		return
 	}
 	c.add("service", checkOK, "state "+st.State, "")
-}
-
-func runSystemctl(ctx context.Context, args ...string) (string, error) {
-	out, err := exec.CommandContext(ctx, "systemctl", args...).Output()
-	return string(bytes.TrimSpace(out)), err
 }
