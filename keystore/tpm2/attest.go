@@ -282,21 +282,31 @@ func (s *Store) rsaSRK() (loaded, func(), error) {
 // object slot in between. It is tied to this TPM's current power cycle: a
 // context that no longer loads is dropped and the key derived again.
 type savedPrimary struct {
-	ctx  tpm.TPMSContext
+	ctx  []byte // TPMS_CONTEXT as TPM2_ContextSave returned it
 	name tpm.TPM2BName
 	pub  tpm.TPM2BPublic
 }
 
+// TPM2_ContextSave and TPM2_ContextLoad (TPM 2.0 Part 3, 28.2 and 28.3) go
+// to the TPM as bytes built here rather than through go-tpm's command
+// structs: go-tpm compiles its generic command code once for each response
+// type, about 16 KiB of the stripped arm64 binary per command, and these
+// two take no sessions and pass the saved context through unread.
+const (
+	ccContextLoad = 0x00000161
+	ccContextSave = 0x00000162
+)
+
 // save keeps a context of a freshly created primary (best effort).
 func (s *Store) save(hier tpm.TPMHandle, l loaded) {
-	rsp, err := (tpm.ContextSave{SaveHandle: l.handle}).Execute(s.tpm)
-	if err != nil {
+	ctx, err := s.noSessions(ccContextSave, binary.BigEndian.AppendUint32(nil, uint32(l.handle)))
+	if err != nil || len(ctx) < 8+4+4+2 { // sequence, savedHandle, hierarchy, contextBlob's size
 		return
 	}
 	if s.saved == nil {
 		s.saved = map[tpm.TPMHandle]*savedPrimary{}
 	}
-	s.saved[hier] = &savedPrimary{ctx: rsp.Context, name: l.name, pub: *l.pub}
+	s.saved[hier] = &savedPrimary{ctx: ctx, name: l.name, pub: *l.pub}
 }
 
 // loadSaved reloads the saved primary of hier, if there is one that loads.
@@ -305,14 +315,35 @@ func (s *Store) loadSaved(hier tpm.TPMHandle) (loaded, func(), bool) {
 	if sp == nil {
 		return loaded{}, nil, false
 	}
-	rsp, err := (tpm.ContextLoad{Context: sp.ctx}).Execute(s.tpm)
-	if err != nil {
+	rsp, err := s.noSessions(ccContextLoad, sp.ctx)
+	if err != nil || len(rsp) != 4 {
 		delete(s.saved, hier)
 		return loaded{}, nil, false
 	}
-	h := rsp.LoadedHandle
+	h := tpm.TPMHandle(binary.BigEndian.Uint32(rsp))
 	pub := sp.pub
 	return loaded{handle: h, name: sp.name, pub: &pub}, func() { s.flush(h) }, true
+}
+
+// noSessions sends the TPM a command that takes no authorization sessions
+// (tag TPM_ST_NO_SESSIONS; body: its handles, then its parameters) and
+// returns the response after its header: handles, then parameters.
+func (s *Store) noSessions(cc uint32, body []byte) ([]byte, error) {
+	const header = 2 + 4 + 4 // tag, size, command or response code
+	cmd := binary.BigEndian.AppendUint16(make([]byte, 0, header+len(body)), uint16(tpm.TPMSTNoSessions))
+	cmd = binary.BigEndian.AppendUint32(cmd, uint32(header+len(body)))
+	cmd = binary.BigEndian.AppendUint32(cmd, cc)
+	rsp, err := s.tpm.Send(append(cmd, body...))
+	if err != nil {
+		return nil, err
+	}
+	if len(rsp) < header || int(binary.BigEndian.Uint32(rsp[2:])) != len(rsp) {
+		return nil, fmt.Errorf("tpm2: a malformed response to command 0x%x", cc)
+	}
+	if rc := tpm.TPMRC(binary.BigEndian.Uint32(rsp[6:])); rc != tpm.TPMRCSuccess {
+		return nil, rc
+	}
+	return rsp[header:], nil
 }
 
 // activate runs TPM2_ActivateCredential for the SRK's name with the EK,
