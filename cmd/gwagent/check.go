@@ -17,7 +17,6 @@ import (
 	"io/fs"
 	"net"
 	"os"
-	"os/user"
 	"path/filepath"
 	"sort"
 	"strconv"
@@ -271,8 +270,8 @@ func (c *checker) checkStateDir() {
 // replace them: keys, chains, identity), "" if none or if the user does not
 // exist on this host. It looks at 10000 entries at most.
 func (c *checker) foreignState(dir string) string {
-	u, err := user.Lookup(c.serviceUser)
-	if err != nil {
+	uid, ok := userID(c.serviceUser)
+	if !ok {
 		return ""
 	}
 	var bad []string
@@ -290,11 +289,11 @@ func (c *checker) foreignState(dir string) string {
 		if err != nil {
 			return nil
 		}
-		if sys, ok := info.Sys().(*syscall.Stat_t); ok && strconv.Itoa(int(sys.Uid)) != u.Uid {
+		if sys, ok := info.Sys().(*syscall.Stat_t); ok && strconv.Itoa(int(sys.Uid)) != uid {
 			n++
 			owner := strconv.Itoa(int(sys.Uid))
-			if o, err := user.LookupId(owner); err == nil {
-				owner = o.Username
+			if name, ok := userName(owner); ok {
+				owner = name
 			}
 			bad = append(bad, fmt.Sprintf("%s (owner %s)", p, owner))
 		}
@@ -312,17 +311,17 @@ func (c *checker) foreignState(dir string) string {
 // ownedBy says what is wrong when st is not owned by user (and group, if
 // not empty); "" if it is, or if the names do not exist on this host (a
 // development machine runs everything as one user).
-func (c *checker) ownedBy(st fs.FileInfo, userName, group string) string {
+func (c *checker) ownedBy(st fs.FileInfo, user, group string) string {
 	sys, ok := st.Sys().(*syscall.Stat_t)
 	if !ok {
 		return ""
 	}
-	if u, err := user.Lookup(userName); err == nil && strconv.Itoa(int(sys.Uid)) != u.Uid {
-		return fmt.Sprintf("owned by uid %d, not by the service user %s (uid %s)", sys.Uid, userName, u.Uid)
+	if uid, ok := userID(user); ok && strconv.Itoa(int(sys.Uid)) != uid {
+		return fmt.Sprintf("owned by uid %d, not by the service user %s (uid %s)", sys.Uid, user, uid)
 	}
 	if group != "" {
-		if g, err := user.LookupGroup(group); err == nil && strconv.Itoa(int(sys.Gid)) != g.Gid {
-			return fmt.Sprintf("group is gid %d, not %s (gid %s)", sys.Gid, group, g.Gid)
+		if gid, ok := groupID(group); ok && strconv.Itoa(int(sys.Gid)) != gid {
+			return fmt.Sprintf("group is gid %d, not %s (gid %s)", sys.Gid, group, gid)
 		}
 	}
 	return ""
