@@ -1,6 +1,7 @@
 package main
 
 import (
+	"fmt"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -26,6 +27,11 @@ func TestRestartAfterProvisioningIsOneService(t *testing.T) {
 	d.spoolFiles("early", 5)
 	ns := listenNotify(t)
 	cmd := d.start("NOTIFY_SOCKET="+ns.path, "WATCHDOG_USEC=3000000")
+	comm := func() string {
+		b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/comm", cmd.Process.Pid))
+		return strings.TrimSpace(string(b))
+	}
+	name := comm()
 	testenv.Eventually(t, 60*time.Second, "the readings queued before provisioning delivered", func() bool {
 		n, _ := bodies(az, "gw-fresh", "early")
 		return n == 5
@@ -43,6 +49,9 @@ func TestRestartAfterProvisioningIsOneService(t *testing.T) {
 	}
 	if _, ok := ns.first("STOPPING=1"); ok {
 		t.Fatal("systemd was told STOPPING=1 for a restart inside the service")
+	}
+	if got := comm(); got != name || got == "" {
+		t.Fatalf("the process is named %q after the restart, %q before; ps and pgrep go by it", got, name)
 	}
 	var readies int
 	last, _ := ns.first("READY=1")

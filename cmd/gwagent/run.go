@@ -37,6 +37,9 @@ func cmdRun(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 	level := new(slog.LevelVar)
 	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: level}))
 	bt, _ := time.Parse(time.RFC3339, buildTime)
+	if os.Getenv(restartedAtEnv) != "" {
+		keepName()
+	}
 	opts := agent.Options{Logger: log, LogLevel: level, Version: version, BuildTime: bt, Backlog: backlog,
 		RestartWithNewIdentity: restartPolicy(log)}
 	for {
@@ -58,6 +61,19 @@ func cmdRun(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 // restartedAtEnv tells the fresh image when the previous one restarted
 // (Unix seconds); it is not passed on further.
 const restartedAtEnv = "GWAGENT_RESTARTED_AT"
+
+// keepName gives a process restarted in a fresh image its name back: the
+// kernel names a process after the file it executes, here "exe" (from
+// /proc/self/exe), which ps, top, pgrep and pidof then showed and matched
+// instead of "gwagent". The name is argv[0]'s base, as at the first start;
+// best effort.
+func keepName() {
+	name := filepath.Base(os.Args[0])
+	if len(name) > 15 { // the kernel's limit (TASK_COMM_LEN less its NUL)
+		name = name[:15]
+	}
+	_ = os.WriteFile("/proc/self/comm", []byte(name), 0)
+}
 
 // restartGap is the least time between two restarts in a fresh image. A
 // new identity the fresh image cannot find (a state directory that loses
