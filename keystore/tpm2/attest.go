@@ -287,19 +287,22 @@ type savedPrimary struct {
 	pub  tpm.TPM2BPublic
 }
 
-// TPM2_ContextSave and TPM2_ContextLoad (TPM 2.0 Part 3, 28.2 and 28.3) go
-// to the TPM as bytes built here rather than through go-tpm's command
-// structs: go-tpm compiles its generic command code once for each response
-// type, about 16 KiB of the stripped arm64 binary per command, and these
-// two take no sessions and pass the saved context through unread.
+// TPM2_ContextSave, TPM2_ContextLoad, TPM2_NV_ReadPublic and TPM2_NV_Read
+// (TPM 2.0 Part 3, 28.2, 28.3, 31.6 and 31.13) go to the TPM as bytes built
+// here rather than through go-tpm's command structs: go-tpm compiles its
+// generic command code once for each response type, about 16 KiB of the
+// stripped arm64 binary per command, and these four need no more than a
+// password session and a few fields of their answers.
 const (
-	ccContextLoad = 0x00000161
-	ccContextSave = 0x00000162
+	ccNVRead       = 0x0000014E
+	ccContextLoad  = 0x00000161
+	ccContextSave  = 0x00000162
+	ccNVReadPublic = 0x00000169
 )
 
 // save keeps a context of a freshly created primary (best effort).
 func (s *Store) save(hier tpm.TPMHandle, l loaded) {
-	ctx, err := s.noSessions(ccContextSave, binary.BigEndian.AppendUint32(nil, uint32(l.handle)))
+	ctx, err := s.command(ccContextSave, []uint32{uint32(l.handle)}, false, nil)
 	if err != nil || len(ctx) < 8+4+4+2 { // sequence, savedHandle, hierarchy, contextBlob's size
 		return
 	}
@@ -315,7 +318,7 @@ func (s *Store) loadSaved(hier tpm.TPMHandle) (loaded, func(), bool) {
 	if sp == nil {
 		return loaded{}, nil, false
 	}
-	rsp, err := s.noSessions(ccContextLoad, sp.ctx)
+	rsp, err := s.command(ccContextLoad, nil, false, sp.ctx)
 	if err != nil || len(rsp) != 4 {
 		delete(s.saved, hier)
 		return loaded{}, nil, false
@@ -325,15 +328,31 @@ func (s *Store) loadSaved(hier tpm.TPMHandle) (loaded, func(), bool) {
 	return loaded{handle: h, name: sp.name, pub: &pub}, func() { s.flush(h) }, true
 }
 
-// noSessions sends the TPM a command that takes no authorization sessions
-// (tag TPM_ST_NO_SESSIONS; body: its handles, then its parameters) and
-// returns the response after its header: handles, then parameters.
-func (s *Store) noSessions(cc uint32, body []byte) ([]byte, error) {
+// command sends the TPM a command: its handles, then, if password, an
+// authorization area with one password session and the empty password (for
+// the first handle), then its parameters. It returns the response after its
+// header (and, with the session, after its parameter size): the response's
+// handles, then its parameters; the session's answer is not returned.
+func (s *Store) command(cc uint32, handles []uint32, password bool, params []byte) ([]byte, error) {
 	const header = 2 + 4 + 4 // tag, size, command or response code
-	cmd := binary.BigEndian.AppendUint16(make([]byte, 0, header+len(body)), uint16(tpm.TPMSTNoSessions))
-	cmd = binary.BigEndian.AppendUint32(cmd, uint32(header+len(body)))
+	tag := tpm.TPMSTNoSessions
+	if password {
+		tag = tpm.TPMSTSessions
+	}
+	cmd := binary.BigEndian.AppendUint16(make([]byte, 0, 64+len(params)), uint16(tag))
+	cmd = binary.BigEndian.AppendUint32(cmd, 0) // size, below
 	cmd = binary.BigEndian.AppendUint32(cmd, cc)
-	rsp, err := s.tpm.Send(append(cmd, body...))
+	for _, h := range handles {
+		cmd = binary.BigEndian.AppendUint32(cmd, h)
+	}
+	if password {
+		cmd = binary.BigEndian.AppendUint32(cmd, 4+2+1+2)             // the authorization area's size
+		cmd = binary.BigEndian.AppendUint32(cmd, uint32(tpm.TPMRSPW)) // session handle
+		cmd = append(cmd, 0, 0, 0, 0, 0)                              // empty nonce, no attributes, empty password
+	}
+	cmd = append(cmd, params...)
+	binary.BigEndian.PutUint32(cmd[2:], uint32(len(cmd)))
+	rsp, err := s.tpm.Send(cmd)
 	if err != nil {
 		return nil, err
 	}
@@ -343,7 +362,23 @@ func (s *Store) noSessions(cc uint32, body []byte) ([]byte, error) {
 	if rc := tpm.TPMRC(binary.BigEndian.Uint32(rsp[6:])); rc != tpm.TPMRCSuccess {
 		return nil, rc
 	}
-	return rsp[header:], nil
+	rsp = rsp[header:]
+	if password { // no response handles for the commands sent with one
+		if len(rsp) < 4 || binary.BigEndian.Uint32(rsp) > uint32(len(rsp)-4) {
+			return nil, fmt.Errorf("tpm2: a malformed response to command 0x%x", cc)
+		}
+		rsp = rsp[4 : 4+binary.BigEndian.Uint32(rsp)]
+	}
+	return rsp, nil
+}
+
+// sized returns a TPM2B's contents from the start of b and what follows.
+func sized(b []byte) (contents, rest []byte, ok bool) {
+	if len(b) < 2 || int(binary.BigEndian.Uint16(b)) > len(b)-2 {
+		return nil, nil, false
+	}
+	n := 2 + int(binary.BigEndian.Uint16(b))
+	return b[2:n], b[n:], true
 }
 
 // activate runs TPM2_ActivateCredential for the SRK's name with the EK,
@@ -426,34 +461,39 @@ func parseChallenge(b []byte) (*challenge, error) {
 // ekCert reads the RSA EK certificate from NV, or returns nil if the TPM
 // has none. A present but unparsable certificate is an error.
 func (s *Store) ekCert() (*x509.Certificate, error) {
-	rp, err := (tpm.NVReadPublic{NVIndex: ekCertIndex}).Execute(s.tpm)
+	rp, err := s.command(ccNVReadPublic, []uint32{uint32(ekCertIndex)}, false, nil)
 	if errors.Is(err, keystore.ErrDeviceAbsent) {
 		return nil, fmt.Errorf("tpm2: reading the EK certificate: %w", err)
 	}
 	if err != nil {
 		return nil, nil // no certificate provisioned: common on boards and swtpm
 	}
-	nv, err := rp.NVPublic.Contents()
-	if err != nil {
-		return nil, fmt.Errorf("tpm2: EK certificate index: %w", err)
+	// TPMS_NV_PUBLIC: nvIndex, nameAlg, attributes, authPolicy, dataSize.
+	nv, _, ok := sized(rp)
+	if ok && len(nv) >= 4+2+4 {
+		_, nv, ok = sized(nv[4+2+4:]) // what follows authPolicy
 	}
-	size := int(nv.DataSize)
+	if !ok || len(nv) < 2 {
+		return nil, fmt.Errorf("tpm2: the EK certificate index's public area is malformed")
+	}
+	size := int(binary.BigEndian.Uint16(nv))
 	if size == 0 || size > maxEKCertSize {
 		return nil, fmt.Errorf("tpm2: the EK certificate index holds %d bytes; that is not a certificate", size)
 	}
 	var der []byte
 	for off := 0; off < size; {
 		n := min(size-off, 512) // below every TPM's MAX_NV_BUFFER_SIZE
-		rsp, err := tpm.NVRead{
-			AuthHandle: tpm.AuthHandle{Handle: ekCertIndex, Name: rp.NVName, Auth: tpm.PasswordAuth(nil)},
-			NVIndex:    tpm.NamedHandle{Handle: ekCertIndex, Name: rp.NVName},
-			Size:       uint16(n),
-			Offset:     uint16(off),
-		}.Execute(s.tpm)
+		// The index authorizes its own read, with the empty password.
+		params := binary.BigEndian.AppendUint16(binary.BigEndian.AppendUint16(nil, uint16(n)), uint16(off))
+		rsp, err := s.command(ccNVRead, []uint32{uint32(ekCertIndex), uint32(ekCertIndex)}, true, params)
 		if err != nil {
 			return nil, fmt.Errorf("tpm2: reading the EK certificate: %w", err)
 		}
-		der = append(der, rsp.Data.Buffer...)
+		data, _, ok := sized(rsp)
+		if !ok || len(data) != n {
+			return nil, fmt.Errorf("tpm2: reading the EK certificate: the TPM returned %d bytes of %d", len(data), n)
+		}
+		der = append(der, data...)
 		off += n
 	}
 	// Certificates in NV are often padded to the index size.

@@ -148,7 +148,7 @@ func TestEndorsement(t *testing.T) {
 	t.Run("ok/certificate in NV", func(t *testing.T) {
 		s := openStore(t)
 		der := selfSigned(t)
-		writeNV(t, s, ekCertIndex, append(der, make([]byte, 37)...)) // padded, as vendors do
+		writeNV(t, s, ekCertIndex, append(der, make([]byte, 600)...)) // padded, as vendors do; read in two parts
 		e, err := s.Endorsement(ctx)
 		if err != nil {
 			t.Fatal(err)
