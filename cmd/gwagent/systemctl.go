@@ -47,7 +47,13 @@ func runSystemctl(ctx context.Context, args ...string) (string, error) {
 	if err != nil {
 		return "", fmt.Errorf("%s: %w", name, err)
 	}
-	stop := context.AfterFunc(ctx, func() { p.Kill() })
+	// At the deadline: kill systemctl, and stop reading what a child it
+	// left behind may still hold open.
+	stop := context.AfterFunc(ctx, func() {
+		p.Kill()
+		outR.Close()
+		errR.Close()
+	})
 	var stderr []byte
 	read := make(chan struct{})
 	go func() {

@@ -5,7 +5,9 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -14,6 +16,14 @@ import (
 func fakeSystemctlOnPath(t *testing.T, script string) {
 	t.Helper()
 	dir := t.TempDir()
+	t.Cleanup(func() { // the children the script recorded, which outlive it
+		b, _ := os.ReadFile(filepath.Join(dir, "systemctl.pids"))
+		for _, f := range strings.Fields(string(b)) {
+			if pid, err := strconv.Atoi(f); err == nil {
+				syscall.Kill(pid, syscall.SIGKILL)
+			}
+		}
+	})
 	if err := os.WriteFile(filepath.Join(dir, "systemctl"), []byte("#!/bin/sh\n"+script), 0o755); err != nil {
 		t.Fatal(err)
 	}
@@ -29,6 +39,7 @@ case "$1" in
 is-active) echo inactive; exit 3 ;;
 stop) echo "Failed to stop $2: Access denied" >&2; exit 1 ;;
 hang) exec sleep 30 ;;
+fork) sleep 5 & echo $! >>"$0.pids"; sleep 5 & echo $! >>"$0.pids"; wait ;;
 stdin) cat; echo "read from stdin" ;;
 *) echo " args: $* "; echo "a warning" >&2 ;;
 esac
@@ -48,12 +59,14 @@ esac
 	if out, err := runSystemctl(ctx, "stdin"); err != nil || out != "read from stdin" {
 		t.Fatalf("stdin: %q, %v; want standard input empty, not inherited", out, err)
 	}
-	tctx, cancel := context.WithTimeout(ctx, 200*time.Millisecond)
-	defer cancel()
-	start := time.Now()
-	_, err = runSystemctl(tctx, "hang")
-	if !errors.Is(err, context.DeadlineExceeded) || time.Since(start) > 10*time.Second {
-		t.Fatalf("hang: %v after %v; want it killed at the deadline", err, time.Since(start))
+	for _, arg := range []string{"hang", "fork"} { // fork: a child keeps the output open
+		tctx, cancel := context.WithTimeout(ctx, 200*time.Millisecond)
+		start := time.Now()
+		_, err = runSystemctl(tctx, arg)
+		cancel()
+		if !errors.Is(err, context.DeadlineExceeded) || time.Since(start) > 2*time.Second {
+			t.Fatalf("%s: %v after %v; want it ended at the deadline", arg, err, time.Since(start))
+		}
 	}
 }
 
