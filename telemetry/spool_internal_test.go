@@ -8,6 +8,10 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/gwagent/gwagent/internal/condition"
+	"github.com/gwagent/gwagent/internal/dirwatch"
+	"github.com/gwagent/gwagent/telemetry/outbox"
 )
 
 // The spool's size limit is the one README.md states.
@@ -83,3 +87,44 @@ func TestJSONDepthLimit(t *testing.T) {
 		}
 	}
 }
+
+// The rescan skips the spool files already queued (their lstat was most of
+// its CPU with a large backlog); the full scan looks at every file. A
+// queued version that is not the file in place stands for a replacement no
+// event reported: the rescan leaves it to the retirer, the scan queues it.
+func TestRescanSkipsQueuedFiles(t *testing.T) {
+	spool := filepath.Join(t.TempDir(), "spool")
+	p, err := Open(Options{StateDir: t.TempDir(), Sink: nopSink{}, Outbox: outbox.Options{WriteBehind: -1},
+		Spool: func() Spool { return Spool{Dir: spool, Settle: time.Second} }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	if err := os.MkdirAll(spool, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	s := &spooler{p: p, dir: spool, pending: map[string]pendingFile{}, refused: map[string]dirwatch.Sig{}}
+	queued, fresh := filepath.Join(spool, "queued.json"), filepath.Join(spool, "fresh.json")
+	for _, f := range []string{queued, fresh} {
+		if err := os.WriteFile(f, []byte(`{"a":1}`), 0o640); err != nil {
+			t.Fatal(err)
+		}
+		old := time.Now().Add(-time.Hour) // settled
+		os.Chtimes(f, old, old)
+	}
+	p.queued.sigs[queued] = dirwatch.Sig{Size: 1} // not the file in place
+	s.rescan()
+	if d := p.Stats().OutboxDepth; d != 1 {
+		t.Fatalf("after the rescan the outbox holds %d messages, want 1 (fresh.json, not the queued file)", d)
+	}
+	s.scan()
+	if d := p.Stats().OutboxDepth; d != 2 {
+		t.Fatalf("after the full scan the outbox holds %d messages, want 2 (the queued file's new version too)", d)
+	}
+}
+
+type nopSink struct{}
+
+func (nopSink) Raise(condition.Name, string) {}
+func (nopSink) Clear(condition.Name)         {}
+func (nopSink) Has(condition.Name) bool      { return false }

@@ -53,6 +53,28 @@ func TestSpoolNameReused(t *testing.T) {
 	}
 }
 
+// A file replaced under the same name while its message waits in the
+// outbox is a new message: both versions are delivered, in order, and the
+// file leaves the spool once the second is (the retirer leaves a file that
+// is not the version it retires).
+func TestSpoolReplacedWhileQueued(t *testing.T) {
+	az := azsimtest.Start(t, azsim.Config{})
+	r := newRig(t, rigOpts{})
+	testenv.SpoolPut(t, r.spool, "m.json", []byte(`{"version":1}`))
+	testenv.Eventually(t, 10*time.Second, "the first version queued", func() bool { return r.depth() == 1 })
+	testenv.SpoolPut(t, r.spool, "m.json", []byte(`{"version":2}`))
+	testenv.Eventually(t, 10*time.Second, "the second version queued", func() bool { return r.depth() == 2 })
+	r.drain(hubSession(t, az, "gw-spool-replaced"))
+	p := filepath.Join(r.spool, "m.json")
+	testenv.Eventually(t, 20*time.Second, "both versions delivered and the file deleted", func() bool {
+		_, err := os.Lstat(p)
+		return len(bodiesWith(az, "gw-spool-replaced", "version")) == 2 && os.IsNotExist(err)
+	})
+	if got := fmt.Sprint(bodiesWith(az, "gw-spool-replaced", "version")); got != "[1 2]" {
+		t.Fatalf("versions delivered %s, want [1 2]", got)
+	}
+}
+
 // A file written in place in two chunks is sent whole: the pipeline waits
 // until it has been unchanged for spool_settle. With a settle time of an
 // hour, the half-written file cannot be sent during the test; once its
@@ -208,4 +230,31 @@ func TestSpoolPolledWithoutInotify(t *testing.T) {
 	testenv.Eventually(t, 10*time.Second, "inotify back and the condition cleared", func() bool { return !r.sink.Has(telemetry.CondSpoolPolled) })
 	testenv.SpoolPut(t, r.spool, "watched.json", []byte(`{"watched":1}`))
 	testenv.Eventually(t, 10*time.Second, "a file seen by inotify without a tick", func() bool { return r.depth() == 2 })
+}
+
+// Without inotify, a queued file replaced under the same name is queued
+// again by the 30 s rescan, which then looks at every file; the poll tick
+// every 2 s skips the files already queued (their lstat was most of a
+// look's CPU with a large backlog).
+func TestSpoolPolledReplacedWhileQueued(t *testing.T) {
+	clk := clock.NewFake(time.Now().Add(time.Hour)) // spool files are long settled
+	r := newRig(t, rigOpts{clock: clk, outbox: outbox.Options{WriteBehind: -1}, inotify: func() (int, error) {
+		return -1, errors.New("too many open files")
+	}})
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := clk.BlockUntil(ctx, 2); err != nil { // the rescan ticker and the poll ticker
+		t.Fatal("no poll timer armed without inotify")
+	}
+	testenv.SpoolPut(t, r.spool, "m.json", []byte(`{"version":1}`))
+	clk.Advance(dirwatch.PollEvery)
+	testenv.Eventually(t, 10*time.Second, "the first version queued at a poll tick", func() bool { return r.depth() == 1 })
+	testenv.SpoolPut(t, r.spool, "m.json", []byte(`{"version":2}`))
+	clk.Advance(dirwatch.PollEvery)
+	time.Sleep(200 * time.Millisecond) // a look at the queued file now would queue it at once
+	if r.depth() != 1 {
+		t.Fatal("the poll tick looked at a file already queued")
+	}
+	clk.Advance(30*time.Second - 2*dirwatch.PollEvery) // the rescan
+	testenv.Eventually(t, 10*time.Second, "the second version queued at the rescan", func() bool { return r.depth() == 2 })
 }
