@@ -5,14 +5,19 @@
 # tmpfiles, setpriv for the unprivileged-uid spool test), tinyproxy (a real
 # HTTP CONNECT proxy; the -bin package has no system service) and the cross
 # compilers for the cgo (PKCS#11) build; --sdkcheck adds what make sdkcheck
-# runs Microsoft's SDKs with.
+# runs Microsoft's SDKs with, --bench qemu-user for make bench's arm64 drain.
 # It installs only what is missing, so it is cheap to call from every make run.
 # Needs root (CI runs as root) or sudo.
 set -euo pipefail
 
 want=(swtpm swtpm-tools softhsm2 openssl systemd util-linux tinyproxy-bin)
-if [ "${1:-}" = "--cross" ]; then
+if [ "${1:-}" = "--cross" ] || [ "${1:-}" = "--bench" ]; then
 	want+=(gcc-aarch64-linux-gnu gcc-arm-linux-gnueabihf libc6-dev-arm64-cross libc6-dev-armhf-cross)
+fi
+# make bench: the arm64 drain runs the arm64 builds under qemu-user; its
+# directories are on an ext4 file system it makes.
+if [ "${1:-}" = "--bench" ]; then
+	want+=(qemu-user-static e2fsprogs)
 fi
 # make deb / deb-check: lintian, Azure's roots from ca-certificates, a scratch
 # root; the PKCS#11 packages are cgo builds: the C compilers, the arm64 C

@@ -16,7 +16,8 @@ import (
 // spool's file system, each opened, stat'ed, read and closed (take: the
 // agent does it when the file arrives, before the outage ends), then
 // stat'ed and unlinked through a directory descriptor (retire: the agent
-// does it after the PUBACK, within the drain's CPU figure). The plain paho
+// does it after the PUBACK, within the drain's CPU figure), the files
+// written to disk first, as the drain's are. The plain paho
 // reference pays none of it, so it sets how close to that reference an
 // agent that takes its messages from files can come. Measured on one
 // locked thread, so the CPU is this work's alone (azsim runs in the
@@ -32,6 +33,7 @@ func spoolFloor(dir string, n int) (take, retire time.Duration, err error) {
 			return 0, 0, err
 		}
 	}
+	unix.Sync() // on disk, as the drain's spool files are
 	runtime.LockOSThread()
 	defer runtime.UnlockOSThread()
 	dfd, err := unix.Open(dir, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
@@ -71,4 +73,27 @@ func threadCPU() time.Duration {
 	var ru unix.Rusage
 	unix.Getrusage(unix.RUSAGE_THREAD, &ru)
 	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+}
+
+// mountOf says which file system dir is on: its type and mount options
+// from /proc/mounts (the longest mount point that holds dir), for the
+// notes of the figures that depend on it; online discard, for one, makes
+// every deleted spool file cost a synchronous TRIM.
+func mountOf(dir string) string {
+	b, err := os.ReadFile("/proc/mounts")
+	if err != nil {
+		return "unknown file system"
+	}
+	best, what := "", "unknown file system"
+	for _, line := range strings.Split(string(b), "\n") {
+		f := strings.Fields(line)
+		if len(f) < 4 {
+			continue
+		}
+		mp := f[1]
+		if (dir == mp || strings.HasPrefix(dir, strings.TrimSuffix(mp, "/")+"/")) && len(mp) > len(best) {
+			best, what = mp, fmt.Sprintf("%s on %s (%s)", f[2], mp, f[3])
+		}
+	}
+	return what
 }

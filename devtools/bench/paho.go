@@ -112,7 +112,10 @@ type paho struct {
 	cpu  time.Duration
 }
 
-func (b *bench) pahoProcess(n int, reg string) (paho, error) {
+// pahoProcess runs the reference as a process of its own: argv is this
+// bench's own binary, or an emulator and the bench built for another
+// architecture.
+func (b *bench) pahoProcess(n int, reg string, argv ...string) (paho, error) {
 	job, err := b.newPahoJob(n, reg)
 	if err != nil {
 		return paho{}, err
@@ -122,12 +125,8 @@ func (b *bench) pahoProcess(n int, reg string) (paho, error) {
 	if err := os.WriteFile(jf, j, 0o600); err != nil {
 		return paho{}, err
 	}
-	self, err := os.Executable()
-	if err != nil {
-		return paho{}, err
-	}
 	before := b.tel.count(job.DeviceID)
-	cmd := exec.Command(self)
+	cmd := exec.Command(argv[0], argv[1:]...)
 	cmd.Env = append(os.Environ(), pahoChildEnv+"="+jf)
 	cmd.Stderr = os.Stderr
 	out, err := cmd.Output()
