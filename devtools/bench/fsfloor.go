@@ -33,7 +33,16 @@ func spoolFloor(dir string, n int) (take, retire time.Duration, err error) {
 			return 0, 0, err
 		}
 	}
-	unix.Sync() // on disk, as the drain's spool files are
+	names := make([]string, n)
+	for i := range names {
+		names[i] = fmt.Sprintf("m%05d.json", i)
+	}
+	// On disk, as the drain's spool files are, their metadata committed by
+	// the journal (ext4 commits every 5 s).
+	if err := writeBack(dir, names); err != nil {
+		return 0, 0, err
+	}
+	time.Sleep(6 * time.Second)
 	runtime.LockOSThread()
 	defer runtime.UnlockOSThread()
 	dfd, err := unix.Open(dir, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
@@ -43,10 +52,6 @@ func spoolFloor(dir string, n int) (take, retire time.Duration, err error) {
 	defer unix.Close(dfd)
 	buf := make([]byte, 4096)
 	var st unix.Stat_t
-	names := make([]string, n)
-	for i := range names {
-		names[i] = fmt.Sprintf("m%05d.json", i)
-	}
 	t0 := threadCPU()
 	for _, name := range names {
 		fd, err := unix.Openat(dfd, name, unix.O_RDONLY|unix.O_CLOEXEC|unix.O_NOFOLLOW, 0)
@@ -96,4 +101,24 @@ func mountOf(dir string) string {
 		}
 	}
 	return what
+}
+
+// writeBack writes the named files of dir to disk and waits for it
+// (sync_file_range), as the kernel's writeback does for files older than
+// 30 s: their blocks are allocated and written. Not sync(2): that would
+// write back what the agents beside (the memory and flash window) have
+// dirtied too, and change their figures.
+func writeBack(dir string, names []string) error {
+	for _, name := range names {
+		fd, err := unix.Open(filepath.Join(dir, name), unix.O_RDONLY|unix.O_CLOEXEC, 0)
+		if err != nil {
+			return err
+		}
+		err = unix.SyncFileRange(fd, 0, 0, unix.SYNC_FILE_RANGE_WAIT_BEFORE|unix.SYNC_FILE_RANGE_WRITE|unix.SYNC_FILE_RANGE_WAIT_AFTER)
+		unix.Close(fd)
+		if err != nil {
+			return fmt.Errorf("writing %s back: %w", name, err)
+		}
+	}
+	return nil
 }
