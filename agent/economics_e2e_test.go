@@ -423,12 +423,22 @@ func TestQuotaExhaustedE2E(t *testing.T) {
 			after = append(after, at)
 		}
 	}
-	// A probe that leaves shortly before 00:00 can reach the hub after it:
-	// the fake clock moves on while TLS is on the wire (slow under -race,
-	// with nothing armed before the agent's midnight probe), and azsim's
-	// quota clock is that same clock. The hub then takes its message and
-	// the drain goes on: it was the probe after 00:00.
-	if len(after) == 0 && len(during) > 0 && midnight.Sub(during[len(during)-1]) < time.Minute {
+	// A probe that leaves before 00:00 can reach the hub after it: the
+	// fake clock moves on to the next timer armed (the agent's midnight
+	// probe, minutes ahead) while TLS is on the wire, slow under -race,
+	// and azsim's quota clock is that same clock. The hub then takes its
+	// message and the drain goes on: it was the probe after 00:00, as the
+	// arrival of the first reading after the exhausted day says.
+	if len(after) == 0 && len(during) > 0 {
+		var next time.Time
+		for _, r := range readings(t, az, "gw-quota") {
+			if r.at.After(exhaustedAt) && (next.IsZero() || r.at.Before(next)) {
+				next = r.at
+			}
+		}
+		if next.Before(midnight) {
+			t.Fatalf("a reading arrived at %s, after the quota was used up and before 00:00", next.Format(time.TimeOnly))
+		}
 		during, after = during[:len(during)-1], during[len(during)-1:]
 	}
 	t.Logf("exhausted at %s with %d of %d readings in; connections while exhausted: %v; after 00:00: %v; %d sent twice",
