@@ -132,9 +132,9 @@ func (q *retireQueue) dirFD(dir string) (int, error) {
 // that has been in a system call for 20 us and hands it to another
 // thread, so every such unlink moved the drain's goroutines from thread to
 // thread and kept the scheduler's monitor waking every 20 us: in make
-// bench's drain of 20,000 such files the agent spent 53-81 us of CPU per
-// message with scheduled unlinks and 32-39 us with raw ones (the same
-// build otherwise, the same file system). The price: the agent runs Go
+// bench's drain of 20,000 such files the agent's median rounds took 56-71
+// us of CPU per message with scheduled unlinks and 36-37 us with raw ones
+// (three runs each, the same build otherwise, the same file system). The price: the agent runs Go
 // code on one processor, so its other goroutines wait while an unlink
 // runs (tens of microseconds), and for the retirer's turn on the
 // processor (at most 10 ms, Go's preemption) while it works through a
