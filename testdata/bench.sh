@@ -38,7 +38,16 @@ cleanup() {
 	fi
 }
 if [ "$(id -u)" -eq 0 ] && [ "${BENCH_FS:-}" != tmp ]; then
+	# What a bench killed before its cleanup left behind (its pid gone).
+	for old in /var/tmp/gwbench-fs.*; do
+		[ -d "$old" ] || continue
+		pid=$(cat "$old/pid" 2>/dev/null || echo 0)
+		if [ "$pid" -gt 0 ] && kill -0 "$pid" 2>/dev/null; then continue; fi
+		umount "$old/mnt" 2>/dev/null || true
+		rm -rf "$old"
+	done
 	benchfs=$(mktemp -d /var/tmp/gwbench-fs.XXXXXX)
+	echo $$ >"$benchfs/pid"
 	trap cleanup EXIT
 	truncate -s 4G "$benchfs/img"
 	mkfs.ext4 -q -F "$benchfs/img"
