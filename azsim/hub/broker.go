@@ -119,6 +119,9 @@ func (k *hook) OnConnect(cl *mqtt.Client, pk packets.Packet) error {
 		return k.refuse(cl, packets.Err3ServerUnavailable, errors.New("device is disabled"))
 	}
 	c := &conn{deviceID: id, apiVersion: user.apiVersion, clean: pk.Connect.Clean, connectedAt: now}
+	if pk.Connect.WillFlag {
+		c.will = &will{topic: pk.Connect.WillTopic, payload: append([]byte(nil), pk.Connect.WillPayload...), retain: pk.Connect.WillRetain}
+	}
 	if !sasExpiry.IsZero() {
 		// The hub ends SAS connections when the token expires.
 		c.sasTimer = time.AfterFunc(sasExpiry.Sub(now), func() { cl.Stop(errors.New("SAS token expired")) })
@@ -180,12 +183,21 @@ func (k *hook) OnDisconnect(cl *mqtt.Client, err error, expire bool) {
 	}
 	h := k.h
 	h.mu.Lock()
-	defer h.mu.Unlock()
-	if c, ok := h.conns[cl]; ok {
+	c, ok := h.conns[cl]
+	if ok {
 		if c.sasTimer != nil {
 			c.sasTimer.Stop()
 		}
 		delete(h.conns, cl)
+	}
+	h.mu.Unlock()
+	// The broker sends the Will only when its reader fails. A connection
+	// the hub stopped while the reader was between packets (DropAll, a
+	// disabled device, an expired SAS token) ends its reader quietly and
+	// the broker forgets the Will; IoT Hub sends it for every connection
+	// that ends without the device's DISCONNECT.
+	if ok && c.will != nil && !errors.Is(cl.StopCause(), packets.CodeDisconnect) {
+		h.forwardWill(cl.ID, c.will)
 	}
 }
 
@@ -353,19 +365,30 @@ func (k *hook) OnPublished(cl *mqtt.Client, pk packets.Packet) {
 // connection ends without DISCONNECT.
 func (k *hook) OnWillSent(cl *mqtt.Client, pk packets.Packet) {
 	// The broker sends the Will before OnDisconnect, so an authenticated
-	// connection is still known here.
-	k.h.mu.Lock()
-	_, authed := k.h.conns[cl]
-	k.h.mu.Unlock()
-	if !authed {
+	// connection is still known here; taking its Will makes sure
+	// OnDisconnect does not forward it a second time.
+	h := k.h
+	h.mu.Lock()
+	c, authed := h.conns[cl]
+	var w *will
+	if authed {
+		w, c.will = c.will, nil
+	}
+	h.mu.Unlock()
+	if w != nil {
+		h.forwardWill(cl.ID, w)
+	}
+}
+
+// forwardWill records a device's Will as telemetry when its topic is the
+// device's telemetry topic, and charges it to the daily quota.
+func (h *Hub) forwardWill(deviceID string, w *will) {
+	t, err := parseDeviceTopic(deviceID, w.topic)
+	if err != nil || t.kind != topicTelemetry || h.quota.exhausted() {
 		return
 	}
-	t, err := parseDeviceTopic(cl.ID, pk.TopicName)
-	if err != nil || t.kind != topicTelemetry || k.h.quota.exhausted() {
-		return
-	}
-	k.h.quota.charge(messageSize(t.bag, pk.Payload))
-	k.h.recordTelemetry(cl.ID, pk.TopicName, t.bag, pk.Payload, pk.FixedHeader.Retain, true)
+	h.quota.charge(messageSize(t.bag, w.payload))
+	h.recordTelemetry(deviceID, w.topic, t.bag, w.payload, w.retain, true)
 }
 
 // send writes one PUBLISH to the client.

@@ -99,6 +99,50 @@ func TestWillIsTelemetry(t *testing.T) {
 	})
 }
 
+// TestWillWhereverTheReaderWas: a connection the hub ends while the
+// broker's reader sits between two packets ends that reader without an
+// error, and the broker then drops the Will. IoT Hub sends it for every
+// connection that ends without DISCONNECT, so each of these drops, made
+// right after a QoS 0 send while the reader is still busy with it, must
+// give its Will exactly once. A clean DISCONNECT gives none.
+func TestWillWhereverTheReaderWas(t *testing.T) {
+	e := newEnv(t)
+	d := e.issuedDevice("dev-1")
+	const rounds = 20
+	for i := range rounds {
+		c := e.mustDial(d, dialOpts{will: fmt.Sprintf(`{"round":%d}`, i)})
+		c.Publish("devices/dev-1/messages/events/", 0, false, []byte(`{"alive":true}`))
+		e.hub.DropAll()
+		c.waitLost(t)
+	}
+	clean := e.mustDial(d, dialOpts{will: `{"clean":true}`})
+	clean.Disconnect(250)
+	wills := func() map[string]int {
+		seen := map[string]int{}
+		for _, r := range e.telemetry() {
+			app := r["properties"].(map[string]any)["application"].(map[string]any)
+			if app["iothub-MessageType"] == "Will" {
+				b, _ := json.Marshal(r["body"])
+				seen[string(b)]++
+			}
+		}
+		return seen
+	}
+	eventually(t, "a Will for every dropped connection", func() bool { return len(wills()) >= rounds })
+	// The clean disconnect's Will would have been logged by now: the
+	// DISCONNECT went out after the last drop.
+	time.Sleep(200 * time.Millisecond)
+	got := wills()
+	for i := range rounds {
+		if k := fmt.Sprintf(`{"round":%d}`, i); got[k] != 1 {
+			t.Errorf("Will of round %d logged %d times, want once", i, got[k])
+		}
+	}
+	if got[`{"clean":true}`] != 0 {
+		t.Errorf("a clean DISCONNECT's Will was logged")
+	}
+}
+
 func TestConnectionClosingPublishes(t *testing.T) {
 	e := newEnv(t)
 	e.issuedDevice("dev-2")

@@ -79,6 +79,16 @@ type conn struct {
 	clean       bool
 	connectedAt time.Time
 	sasTimer    *time.Timer
+	// will is the CONNECT's Will, kept until it is forwarded or the device
+	// disconnects cleanly; nil when the CONNECT had none.
+	will *will
+}
+
+// will is a device's Last Will as its CONNECT gave it.
+type will struct {
+	topic   string
+	payload []byte
+	retain  bool
 }
 
 // deviceSpec is a create/update request (admin PUT or DPS RegisterDevice).
