@@ -27,6 +27,7 @@ import (
 	"github.com/gwagent/gwagent/agent"
 	"github.com/gwagent/gwagent/internal/clock"
 	"github.com/gwagent/gwagent/internal/clocksync"
+	"github.com/gwagent/gwagent/internal/mounts"
 	"github.com/gwagent/gwagent/internal/tlsconf"
 	"github.com/gwagent/gwagent/keystore"
 	"github.com/gwagent/gwagent/provisioning"
@@ -63,6 +64,9 @@ type checker struct {
 	systemctl func(ctx context.Context, args ...string) (string, error)
 	// serviceUser and spoolGroup are the names the package creates.
 	serviceUser, spoolGroup string
+	// mountTable is the kernel's mount table (mounts.Table); "" skips the
+	// spool's file-system check.
+	mountTable string
 
 	cfg     *agent.Config
 	keys    *agent.Keys
@@ -84,7 +88,7 @@ func cmdCheck(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	}
 	bt, _ := time.Parse(time.RFC3339, buildTime)
 	c := &checker{cfgPath: *cfgPath, now: clock.Real{}.Now(), buildTime: bt, timeout: *timeout,
-		clockSync: clocksync.System().Read, serviceUser: "gwagent", spoolGroup: "gwagent-spool"}
+		clockSync: clocksync.System().Read, serviceUser: "gwagent", spoolGroup: "gwagent-spool", mountTable: mounts.Table}
 	if st, err := os.Stat("/run/systemd/system"); err == nil && st.IsDir() {
 		c.systemctl = runSystemctl
 	}
@@ -141,6 +145,7 @@ func (c *checker) run(ctx context.Context) {
 	c.checkClock()
 	c.checkStateDir()
 	c.checkSpoolDir()
+	c.checkSpoolFS()
 	c.checkOnboarding(ctx)
 	c.checkIdentity(ctx)
 	c.checkTrustBundle()
@@ -368,6 +373,44 @@ func (c *checker) checkSpoolDir() {
 	}
 	mode |= 0o1000
 	c.add("spool-dir", checkOK, fmt.Sprintf("%s mode %04o", dir, mode), "")
+}
+
+// checkSpoolFS looks at the mount options of the spool's file system.
+// Every delivered message deletes its spool file; with online discard each
+// delete waits for a TRIM of the file's blocks, which on eMMC and SD cards
+// can take longer than sending the message.
+func (c *checker) checkSpoolFS() {
+	dir := c.cfg.Telemetry.SpoolDir
+	if c.mountTable == "" {
+		c.add("spool-fs", checkSkipped, "no mount table to read", "")
+		return
+	}
+	real, err := filepath.EvalSymlinks(dir)
+	if err != nil {
+		// The spool may not exist yet (spool-dir says so): judge the
+		// file system it will be made on.
+		real, err = filepath.EvalSymlinks(filepath.Dir(dir))
+	}
+	if err != nil {
+		c.add("spool-fs", checkSkipped, "cannot resolve "+dir+": "+err.Error(), "")
+		return
+	}
+	m, err := mounts.Of(c.mountTable, real)
+	if err != nil {
+		c.add("spool-fs", checkSkipped, err.Error(), "")
+		return
+	}
+	if m.Has("discard") || m.Has("discard=sync") {
+		c.add("spool-fs", checkWarning, fmt.Sprintf("%s is on %s, mounted with online discard: each delivered message's file is trimmed as it is deleted, which costs CPU and flash time per message", dir, m),
+			fmt.Sprintf("remove discard from the options of %s in /etc/fstab and trim weekly instead: systemctl enable --now fstrim.timer", m.Point))
+		return
+	}
+	if m.Has("ro") {
+		c.add("spool-fs", checkError, fmt.Sprintf("%s is on %s, mounted read-only: applications cannot drop messages and the agent cannot delete delivered ones", dir, m),
+			"if the kernel remounted it read-only after an error (errors=remount-ro), dmesg says why: repair it (fsck); else put spool_dir on a writable file system")
+		return
+	}
+	c.add("spool-fs", checkOK, fmt.Sprintf("%s on %s %s", dir, m.Type, m.Point), "")
 }
 
 // azureRoot is a root CA Azure's DPS and IoT Hub chain to (Azure's TLS

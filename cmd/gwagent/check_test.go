@@ -35,7 +35,24 @@ func newChecker(cfgPath string) *checker {
 		clockSync: func(time.Time) clocksync.Reading {
 			return clocksync.Reading{Source: clocksync.NTP, Detail: "synchronised"}
 		},
-		serviceUser: "gwagent-check-test-nonexistent", spoolGroup: "gwagent-check-test-nonexistent"}
+		serviceUser: "gwagent-check-test-nonexistent", spoolGroup: "gwagent-check-test-nonexistent",
+		mountTable: "testdata/mounts-plain"}
+}
+
+// mountTable writes a mount table, in the format of /proc/mounts, in which
+// the spool dir is a mount point with opts, and returns its path.
+func mountTable(t *testing.T, spool, opts string) string {
+	t.Helper()
+	real, err := filepath.EvalSymlinks(spool)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := filepath.Join(t.TempDir(), "mounts")
+	table := "/dev/vda / ext4 rw,relatime 0 0\n/dev/mmcblk0p3 " + real + " ext4 " + opts + " 0 0\n"
+	if err := os.WriteFile(p, []byte(table), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return p
 }
 
 func results(c *checker) map[string]checkResult {
@@ -72,7 +89,7 @@ func TestCheckHealthyDevice(t *testing.T) {
 	if err := c.report(&out, false); err != nil {
 		t.Fatalf("check failed on a healthy device: %v\n%s", err, &out)
 	}
-	want := []string{"config", "clock", "state-dir", "spool-dir", "onboarding", "identity", "certificate", "trust-bundle",
+	want := []string{"config", "clock", "state-dir", "spool-dir", "spool-fs", "onboarding", "identity", "certificate", "trust-bundle",
 		"dps-dns", "dps-tcp", "dps-tls", "hub-dns", "hub-tcp", "hub-tls", "service", "hub-limits"}
 	got := map[string]string{}
 	for _, r := range c.results {
@@ -173,6 +190,12 @@ func TestCheckFailures(t *testing.T) {
 		{"fail/spool-missing", func(t *testing.T, c *checker) {
 			c.cfgPath = variant(t, "[telemetry]", fmt.Sprintf("[telemetry]\nspool_dir = %q", filepath.Join(t.TempDir(), "nope")))
 		}, "spool-dir", checkWarning, "does not exist"},
+		{"fail/spool-fs-discard", func(t *testing.T, c *checker) {
+			c.mountTable = mountTable(t, d.spool, "rw,relatime,discard")
+		}, "spool-fs", checkWarning, "fstrim.timer"},
+		{"fail/spool-fs-read-only", func(t *testing.T, c *checker) {
+			c.mountTable = mountTable(t, d.spool, "ro,relatime")
+		}, "spool-fs", checkError, "read-only"},
 		{"fail/onboarding-key-loose", func(t *testing.T, c *checker) {
 			p := filepath.Join(d.dir, "device.sas")
 			os.Chmod(p, 0o644)

@@ -9,6 +9,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/gwagent/gwagent/internal/mounts"
 )
 
 // spoolFloor is the least CPU a spool message costs in file-system work,
@@ -81,26 +83,16 @@ func threadCPU() time.Duration {
 }
 
 // mountOf says which file system dir is on: its type and mount options
-// from /proc/mounts (the longest mount point that holds dir), for the
-// notes of the figures that depend on it; online discard, for one, makes
-// every deleted spool file cost a synchronous TRIM.
+// (discard, say), which decide much of what deleting a file costs.
 func mountOf(dir string) string {
-	b, err := os.ReadFile("/proc/mounts")
+	if r, err := filepath.EvalSymlinks(dir); err == nil {
+		dir = r
+	}
+	m, err := mounts.Of(mounts.Table, dir)
 	if err != nil {
 		return "unknown file system"
 	}
-	best, what := "", "unknown file system"
-	for _, line := range strings.Split(string(b), "\n") {
-		f := strings.Fields(line)
-		if len(f) < 4 {
-			continue
-		}
-		mp := f[1]
-		if (dir == mp || strings.HasPrefix(dir, strings.TrimSuffix(mp, "/")+"/")) && len(mp) > len(best) {
-			best, what = mp, fmt.Sprintf("%s on %s (%s)", f[2], mp, f[3])
-		}
-	}
-	return what
+	return m.String()
 }
 
 // writeBack writes the named files of dir to disk and waits for it
