@@ -381,10 +381,19 @@ func (k *hook) OnWillSent(cl *mqtt.Client, pk packets.Packet) {
 }
 
 // forwardWill records a device's Will as telemetry when its topic is the
-// device's telemetry topic, and charges it to the daily quota.
+// device's telemetry topic, and charges it to the daily quota. A device
+// deleted or disabled (which is what ended its connection) may not send
+// telemetry any more, its Will included.
 func (h *Hub) forwardWill(deviceID string, w *will) {
 	t, err := parseDeviceTopic(deviceID, w.topic)
 	if err != nil || t.kind != topicTelemetry || h.quota.exhausted() {
+		return
+	}
+	h.mu.Lock()
+	d, ok := h.devices[deviceID]
+	mayPublish := ok && d.Enabled
+	h.mu.Unlock()
+	if !mayPublish {
 		return
 	}
 	h.quota.charge(messageSize(t.bag, w.payload))

@@ -104,7 +104,8 @@ func TestWillIsTelemetry(t *testing.T) {
 // error, and the broker then drops the Will. IoT Hub sends it for every
 // connection that ends without DISCONNECT, so each of these drops, made
 // right after a QoS 0 send while the reader is still busy with it, must
-// give its Will exactly once. A clean DISCONNECT gives none.
+// give its Will exactly once. A clean DISCONNECT gives none, nor does a
+// device disabled while connected.
 func TestWillWhereverTheReaderWas(t *testing.T) {
 	e := newEnv(t)
 	d := e.issuedDevice("dev-1")
@@ -117,6 +118,14 @@ func TestWillWhereverTheReaderWas(t *testing.T) {
 	}
 	clean := e.mustDial(d, dialOpts{will: `{"clean":true}`})
 	clean.Disconnect(250)
+	// Disabling a device ends its connection; a device that may no longer
+	// send telemetry does not send its Will either.
+	d2 := e.issuedDevice("dev-2")
+	gone := e.mustDial(d2, dialOpts{will: `{"disabled":true}`})
+	if st := e.api("POST", "/hub/devices/dev-2/disable", nil, nil); st != http.StatusNoContent {
+		t.Fatalf("disable: %d", st)
+	}
+	gone.waitLost(t)
 	wills := func() map[string]int {
 		seen := map[string]int{}
 		for _, r := range e.telemetry() {
@@ -140,6 +149,9 @@ func TestWillWhereverTheReaderWas(t *testing.T) {
 	}
 	if got[`{"clean":true}`] != 0 {
 		t.Errorf("a clean DISCONNECT's Will was logged")
+	}
+	if got[`{"disabled":true}`] != 0 {
+		t.Errorf("a disabled device's Will was logged")
 	}
 }
 
