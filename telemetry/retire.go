@@ -6,6 +6,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"unsafe"
@@ -67,6 +68,9 @@ type retireQueue struct {
 	dir string
 	dfd int
 	raw bool
+	// cbuf holds the name of the file at hand NUL-terminated for the raw
+	// calls, so that no call allocates.
+	cbuf []byte
 }
 
 // add queues receipts for the retirer.
@@ -145,7 +149,7 @@ func (q *retireQueue) unlinkat(dfd int, name string) error {
 	if !q.raw {
 		return unix.Unlinkat(dfd, name, 0)
 	}
-	p, err := unix.BytePtrFromString(name)
+	p, err := q.cname(name)
 	if err != nil {
 		return err
 	}
@@ -153,6 +157,34 @@ func (q *retireQueue) unlinkat(dfd int, name string) error {
 		return e
 	}
 	return nil
+}
+
+// lstatat describes name in the directory the retirer has open, without
+// following a symbolic link: raw, as unlinkat, where the architecture's
+// call is known (sysFstatat), and without allocating. It is the other
+// system call the retirer makes for every file (the check that the file
+// is still the version that was delivered).
+func (q *retireQueue) lstatat(dfd int, name string, st *unix.Stat_t) error {
+	if !q.raw || !rawFstatat {
+		return unix.Fstatat(dfd, name, st, unix.AT_SYMLINK_NOFOLLOW)
+	}
+	p, err := q.cname(name)
+	if err != nil {
+		return err
+	}
+	if _, _, e := unix.RawSyscall6(uintptr(sysFstatat), uintptr(dfd), uintptr(unsafe.Pointer(p)), uintptr(unsafe.Pointer(st)), unix.AT_SYMLINK_NOFOLLOW, 0, 0); e != 0 {
+		return e
+	}
+	return nil
+}
+
+// cname returns name NUL-terminated in the retirer's buffer.
+func (q *retireQueue) cname(name string) (*byte, error) {
+	if strings.IndexByte(name, 0) >= 0 {
+		return nil, unix.EINVAL
+	}
+	q.cbuf = append(append(q.cbuf[:0], name...), 0)
+	return &q.cbuf[0], nil
 }
 
 // localFS reports whether the directory fd is on a file system on this
@@ -220,7 +252,7 @@ func (p *Pipeline) retireFiles(rs []outbox.Receipt) (stuck map[string]error) {
 			continue
 		}
 		var st unix.Stat_t
-		if err := unix.Fstatat(dfd, name, &st, unix.AT_SYMLINK_NOFOLLOW); err != nil {
+		if err := p.retire.lstatat(dfd, name, &st); err != nil {
 			continue // gone already
 		}
 		if sigOfUnix(&st) != sigOf(r.ID) {
