@@ -82,6 +82,20 @@ func describeToken(u *keystore.URI) string {
 
 // classify maps PKCS#11 failures to keystore errors with advice. It never
 // includes the PIN.
+// vanishing reports whether err is one a token gives when an object
+// another session destroys is being read.
+func vanishing(err error) bool {
+	var rv pkcs11.Error
+	if !errors.As(err, &rv) {
+		return false
+	}
+	switch rv {
+	case pkcs11.CKR_OBJECT_HANDLE_INVALID, pkcs11.CKR_GENERAL_ERROR, pkcs11.CKR_ATTRIBUTE_VALUE_INVALID:
+		return true
+	}
+	return false
+}
+
 func classify(err error, token string, u *keystore.URI) error {
 	var rv pkcs11.Error
 	if errors.As(err, &rv) {
@@ -132,6 +146,16 @@ func keyIDs(u *keystore.URI) (id, label []byte) {
 func (s *Store) find(u *keystore.URI) (crypto11.Signer, error) {
 	id, label := keyIDs(u)
 	ks, err := s.ctx.FindKeyPairs(id, label)
+	// Finding a key pair is several calls: find the objects, then read
+	// their attributes. Another session (the agent deleting its old key
+	// after a renewal while `gwagent check` looks) may destroy an object in
+	// between. Tokens say so in different words: CKR_OBJECT_HANDLE_INVALID,
+	// and from SoftHSM2 also CKR_GENERAL_ERROR or
+	// CKR_ATTRIBUTE_VALUE_INVALID. The lookup is made again, and then no
+	// longer finds the object; an error that stays is reported.
+	for try := 0; try < 3 && vanishing(err); try++ {
+		ks, err = s.ctx.FindKeyPairs(id, label)
+	}
 	if err != nil {
 		return nil, classify(err, s.token, u)
 	}

@@ -8,6 +8,7 @@ import (
 	"os"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/ThalesGroup/crypto11"
 	"github.com/miekg/pkcs11"
@@ -84,5 +85,68 @@ func TestErrors(t *testing.T) {
 				t.Fatalf("the error leaks the PIN: %v", err)
 			}
 		})
+	}
+}
+
+// TestOpenWhileAnotherSessionDeletes: one session deletes a key (the agent
+// removing its old key after a renewal) while another opens it (gwagent
+// check, or a test, looking). An open racing the delete finds the key or
+// does not; it never fails with the token's "object handle invalid" from
+// between finding the object and reading its attributes. Creating the key
+// again is kept apart from the lookups: SoftHSM2 sometimes fails a key
+// generation that overlaps another session's search (CKR_GENERAL_ERROR),
+// which is not what this test is about.
+func TestOpenWhileAnotherSessionDeletes(t *testing.T) {
+	ctx := context.Background()
+	h := testenv.StartSoftHSM(t, "gw", "1234")
+	u := keystore.MustParse(h.URI("operational"))
+	open := func() *Store {
+		ks, err := Open(ctx, u)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { ks.Close() })
+		return ks.(*Store)
+	}
+	agent, looker := open(), open()
+	found, missing := 0, 0
+	for i := range 100 {
+		if _, err := agent.CreateKey(ctx, u); err != nil {
+			t.Fatalf("create: %v", err)
+		}
+		stop, done := make(chan struct{}), make(chan error, 1)
+		go func() {
+			for {
+				_, err := looker.Signer(ctx, u)
+				switch {
+				case err == nil:
+					found++
+				case errors.Is(err, keystore.ErrKeyNotFound):
+					missing++
+				default:
+					done <- err
+					return
+				}
+				select {
+				case <-stop:
+					done <- nil
+					return
+				default:
+				}
+			}
+		}()
+		time.Sleep(time.Duration(i%5) * 200 * time.Microsecond)
+		delErr := agent.DeleteKey(ctx, u)
+		close(stop)
+		if err := <-done; err != nil {
+			t.Fatalf("round %d: opening a key another session is deleting: %v", i, err)
+		}
+		if delErr != nil {
+			t.Fatalf("delete: %v", delErr)
+		}
+	}
+	t.Logf("the looker found the key %d times and missed it %d times", found, missing)
+	if found == 0 || missing == 0 {
+		t.Error("the lookups never overlapped the deletes")
 	}
 }
