@@ -138,11 +138,11 @@ func (q *retireQueue) dirFD(dir string) (int, error) {
 // thread and kept the scheduler's monitor waking every 20 us: in make
 // bench's drain of 20,000 such files the agent's median rounds took 56-71
 // us of CPU per message with scheduled unlinks and 36-37 us with raw ones
-// (three runs each, the same build otherwise, the same file system). The price: the agent runs Go
-// code on one processor, so its other goroutines wait while an unlink
-// runs (tens of microseconds), and for the retirer's turn on the
-// processor (at most 10 ms, Go's preemption) while it works through a
-// batch; a gateway sends a few messages a second. On a file system that
+// (three runs each, the same build otherwise, the same file system). The
+// price: the agent runs Go code on one processor, so its other goroutines
+// wait while an unlink runs (tens of microseconds), and for the retirer's
+// turn on the processor (at most 10 ms, Go's preemption) while it works
+// through a batch; a gateway sends a few messages a second. On a file system that
 // can hang (network, FUSE), a raw call could stop the whole agent: there
 // the scheduler is told.
 func (q *retireQueue) unlinkat(dfd int, name string) error {

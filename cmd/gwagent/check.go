@@ -385,17 +385,17 @@ func (c *checker) checkSpoolFS() {
 		c.add("spool-fs", checkSkipped, "no mount table to read", "")
 		return
 	}
-	real, err := filepath.EvalSymlinks(dir)
+	resolved, err := filepath.EvalSymlinks(dir)
 	if err != nil {
 		// The spool may not exist yet (spool-dir says so): judge the
 		// file system it will be made on.
-		real, err = filepath.EvalSymlinks(filepath.Dir(dir))
+		resolved, err = filepath.EvalSymlinks(filepath.Dir(dir))
 	}
 	if err != nil {
 		c.add("spool-fs", checkSkipped, "cannot resolve "+dir+": "+err.Error(), "")
 		return
 	}
-	m, err := mounts.Of(c.mountTable, real)
+	m, err := mounts.Of(c.mountTable, resolved)
 	if err != nil {
 		c.add("spool-fs", checkSkipped, err.Error(), "")
 		return

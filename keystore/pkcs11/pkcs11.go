@@ -80,8 +80,6 @@ func describeToken(u *keystore.URI) string {
 	return "slot " + u.Attrs["slot-id"]
 }
 
-// classify maps PKCS#11 failures to keystore errors with advice. It never
-// includes the PIN.
 // vanishing reports whether err is one a token gives when an object
 // another session destroys is being read.
 func vanishing(err error) bool {
@@ -96,6 +94,8 @@ func vanishing(err error) bool {
 	return false
 }
 
+// classify maps PKCS#11 failures to keystore errors with advice. It never
+// includes the PIN.
 func classify(err error, token string, u *keystore.URI) error {
 	var rv pkcs11.Error
 	if errors.As(err, &rv) {
