@@ -5,9 +5,9 @@
 // one error classification. provisioning (DPS) and transport (the hub) both
 // use it through Configure, so every connection option exists once.
 //
-// A leaf utility like tlsconf: it imports nothing of gwagent's, and the TLS
-// configuration (trust, client certificate from any crypto.Signer) is the
-// caller's. It never logs.
+// A leaf utility like tlsconf: of gwagent's it imports only internal/clock
+// (the keep-alive's timer), and the TLS configuration (trust, client
+// certificate from any crypto.Signer) is the caller's. It never logs.
 package mqttconn
 
 import (
@@ -23,6 +23,8 @@ import (
 	"time"
 
 	mqtt "github.com/eclipse/paho.mqtt.golang"
+
+	"github.com/gwagent/gwagent/internal/clock"
 )
 
 // Transport is how MQTT reaches the server.
@@ -95,6 +97,11 @@ type Dialer struct {
 // function, so paho never dials by itself (paho's own proxy support is
 // SOCKS from the environment only). ctx bounds every connection attempt;
 // cancelling it aborts a dial in progress.
+//
+// It also takes over the keep-alive and ping timeout already set in opts
+// (SetKeepAlive, SetPingTimeout; call Configure after them): paho's own
+// pinger is turned off, and the connection keeps the keep-alive itself
+// (keepalive.go), with the same value in the CONNECT.
 func Configure(ctx context.Context, opts *mqtt.ClientOptions, o Options) (*Dialer, error) {
 	if o.TLS == nil {
 		return nil, errors.New("mqttconn: no TLS configuration")
@@ -134,14 +141,28 @@ func Configure(ctx context.Context, opts *mqtt.ClientOptions, o Options) (*Diale
 		budget += o.FallbackTimeout
 	}
 	opts.SetConnectTimeout(budget + 30*time.Second)
+	every, wait := time.Duration(opts.KeepAlive)*time.Second, opts.PingTimeout
+	if every > 0 {
+		opts.SetKeepAlive(0)
+	}
 	opts.SetCustomOpenConnectionFn(func(*url.URL, mqtt.ClientOptions) (net.Conn, error) {
 		c, err := d.Open(d.ctx)
-		if err != nil || d.Used() != MQTT {
-			// Over WebSockets every Write is a frame of its own; they
-			// stay one packet each.
-			return c, err
+		if err != nil {
+			return nil, err
 		}
-		return coalesce(c), nil
+		// Over WebSockets every Write is a frame of its own; they stay
+		// one packet each.
+		if d.Used() == MQTT {
+			c = coalesce(c)
+		}
+		if every > 0 {
+			// On the wall clock, as every bound on network I/O here: the
+			// server counts the keep-alive in wall time, and an agent
+			// run on a fake clock (tests that leap ahead) must ping as
+			// paho did, neither more nor less.
+			c = keepAlive(c, clock.Real{}, every, wait)
+		}
+		return c, nil
 	})
 	return d, nil
 }

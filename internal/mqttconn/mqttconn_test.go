@@ -108,6 +108,18 @@ func (g *gateway) dialHub(ctx context.Context, host, deviceID string, op *ecdsa.
 	return sess, nil
 }
 
+// provisioned is a gateway registered with a fresh azsim over raw MQTT,
+// ready to dial its hub; ctx bounds the test's dials.
+func provisioned(t *testing.T, regID string) (*azsimtest.Azsim, *gateway, context.Context, *provisioning.Issued, *ecdsa.PrivateKey) {
+	t.Helper()
+	az := azsimtest.Start(t, azsim.Config{})
+	g := newGateway(t, az, regID)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	t.Cleanup(cancel)
+	issued, op := g.provisionDirect(ctx)
+	return az, g, ctx, issued, op
+}
+
 func withCreds(u *url.URL, user, pw string) *url.URL {
 	c := *u
 	c.User = url.UserPassword(user, pw)
@@ -203,11 +215,7 @@ func TestThroughProxy(t *testing.T) {
 }
 
 func TestProxyRefusals(t *testing.T) {
-	az := azsimtest.Start(t, azsim.Config{})
-	g := newGateway(t, az, "refused")
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-	defer cancel()
-	issued, op := g.provisionDirect(ctx)
+	az, g, ctx, issued, op := provisioned(t, "refused")
 	dial := func(nw mqttconn.Options) error {
 		_, err := g.dialHub(ctx, issued.State.AssignedHub, issued.State.DeviceID, op, issued.Chain, nw)
 		return err
@@ -284,11 +292,7 @@ func TestProxyRefusals(t *testing.T) {
 // the WebSocket attempt after it must still get its CONNACK: paho's connect
 // timeout covers both attempts.
 func TestAutoAfterSilentMQTT(t *testing.T) {
-	az := azsimtest.Start(t, azsim.Config{})
-	g := newGateway(t, az, "silent-8883")
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-	defer cancel()
-	issued, op := g.provisionDirect(ctx)
+	_, g, ctx, issued, op := provisioned(t, "silent-8883")
 	silent, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -311,5 +315,31 @@ func TestAutoAfterSilentMQTT(t *testing.T) {
 	}
 	if sess.Transport() != mqttconn.WebSocket {
 		t.Fatalf("transport %q", sess.Transport())
+	}
+}
+
+// A quiet session outlives the keep-alive against the hub's real MQTT
+// broker, which drops a client it has not heard from for one and a half
+// keep-alives: the connection pings in paho's place (keepalive.go), over
+// either transport.
+func TestKeepAliveHoldsAQuietSession(t *testing.T) {
+	az, g, ctx, issued, op := provisioned(t, "quiet")
+	const every = 2 * time.Second
+	for _, tr := range []mqttconn.Transport{mqttconn.MQTT, mqttconn.WebSocket} {
+		sess, err := transport.Dial(ctx, transport.Config{Host: issued.State.AssignedHub, DeviceID: issued.State.DeviceID,
+			Roots: g.roots, Signer: op, Chain: issued.Chain, KeepAlive: every,
+			Network: mqttconn.Options{Transport: tr, WebSocketPort: az.Info.HubWebSocketPort}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		select {
+		case <-sess.Done():
+			t.Fatalf("%s: the quiet session ended: %v", tr, sess.Err())
+		case <-time.After(3 * every):
+		}
+		if err := sess.SendTelemetry(ctx, []byte(`{"after":"quiet"}`), nil, nil); err != nil {
+			t.Fatalf("%s: after %s of quiet: %v", tr, 3*every, err)
+		}
+		sess.Close()
 	}
 }
