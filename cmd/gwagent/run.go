@@ -362,11 +362,10 @@ func cmdRenew(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 // is under 1 MB, but Go's defaults let the heap reach 4 MB before the first
 // collection and hand freed pages back to the kernel only slowly, so RSS
 // climbed for minutes after start. A lower GC target, and every 15 s a
-// collection that returns free pages at once (under a millisecond of CPU;
-// freeSchedule: only while the agent allocates), keep it flat: at one
-// reading a second, anonymous memory stayed at 3.10 MiB where a collection
-// once a minute let it climb to 3.48 MiB in six minutes (make bench's
-// soak, same run), for no measurable CPU.
+// collection that returns free pages at once (under a millisecond of CPU),
+// keep it flat: at one reading a second, anonymous memory stayed at
+// 3.10 MiB where a collection once a minute let it climb to 3.48 MiB in
+// six minutes (make bench's soak, same run), for no measurable CPU.
 // GOGC in the environment still wins.
 //
 // The agent runs Go code on one processor (GOMAXPROCS=1), unless the
@@ -393,28 +392,15 @@ func gatewayRuntime(ctx context.Context) (backlog func(bool)) {
 	}
 	debug.SetGCPercent(steadyGC)
 	go func() {
-		var ms runtime.MemStats
-		allocated := func() uint64 {
-			runtime.ReadMemStats(&ms)
-			return ms.TotalAlloc
-		}
-		wait := freeEvery
-		t, tick := clock.Real{}.NewTimer(wait)
+		t, tick := clock.Real{}.NewTicker(15 * time.Second)
 		defer t.Stop()
-		last := allocated()
 		for {
 			select {
 			case <-ctx.Done():
 				return
 			case <-tick:
-			}
-			var collect bool
-			collect, wait = freeSchedule(allocated()-last, wait)
-			if collect {
 				debug.FreeOSMemory()
-				last = allocated()
 			}
-			t.Reset(wait)
 		}
 	}()
 	return func(busy bool) {
@@ -425,27 +411,6 @@ func gatewayRuntime(ctx context.Context) (backlog func(bool)) {
 		}
 	}
 }
-
-// freeSchedule decides, from the bytes allocated since the last collection
-// and the wait before this look, whether to collect now and when to look
-// again: every freeEvery while the agent allocates, and less and less
-// often, up to freeIdle, while it does not. Between two health messages an
-// idle agent allocates nothing (as the runtime counts: whole spans of
-// 8 KiB or more); a collection every 15 s woke it four times a minute
-// for nothing to give back. At one reading a second it allocates about
-// 20-250 KiB between two looks, so it is collected every 15 s as before.
-func freeSchedule(allocated uint64, wait time.Duration) (collect bool, next time.Duration) {
-	if allocated >= freeAfter {
-		return true, freeEvery
-	}
-	return false, min(2*wait, freeIdle)
-}
-
-const (
-	freeEvery = 15 * time.Second
-	freeIdle  = 2 * time.Minute
-	freeAfter = 8 << 10
-)
 
 // The GC targets (GOGC) while steady and while draining a backlog.
 const (
