@@ -152,22 +152,24 @@ var errNotConnect = errors.New("mqttconn: the first packet written is not an MQT
 // withKeepAlive returns a copy of the CONNECT packet p with its keep-alive
 // set to every (in whole seconds, at most 65535).
 func withKeepAlive(p []byte, every time.Duration) ([]byte, error) {
-	bad := errNotConnect
 	if len(p) < 2 || p[0] != 0x10 {
-		return nil, bad
+		return nil, errNotConnect
 	}
 	i := 1 // the remaining length: 1 to 4 bytes, the last without 0x80
-	for i < len(p) && i < 5 && p[i]&0x80 != 0 {
+	for i < len(p) && i < 4 && p[i]&0x80 != 0 {
 		i++
+	}
+	if i >= len(p) || p[i]&0x80 != 0 {
+		return nil, errNotConnect
 	}
 	i++
 	if i+2 > len(p) {
-		return nil, bad
+		return nil, errNotConnect
 	}
 	// The protocol name (a length and the bytes), the level, the flags.
 	at := i + 2 + int(binary.BigEndian.Uint16(p[i:])) + 2
 	if at+2 > len(p) {
-		return nil, bad
+		return nil, errNotConnect
 	}
 	q := append([]byte(nil), p...)
 	binary.BigEndian.PutUint16(q[at:], uint16(min(every/time.Second, 65535)))

@@ -20,7 +20,7 @@ import (
 func connectPacket(t *testing.T, version byte) []byte {
 	t.Helper()
 	cp := packets.NewControlPacket(packets.Connect).(*packets.ConnectPacket)
-	cp.ProtocolName, cp.ProtocolVersion = "MQTT", 4
+	cp.ProtocolName = "MQTT"
 	if version == 3 {
 		cp.ProtocolName = "MQIsdp"
 	}
@@ -101,9 +101,13 @@ func TestKeeperConnectCarriesKeepAlive(t *testing.T) {
 	}
 	a, b := net.Pipe()
 	defer b.Close()
+	go io.Copy(io.Discard, b) // a packet wrongly passed on must not block the test
 	k := keepAlive(a, nil, 240*time.Second, time.Second)
 	defer k.Close()
-	for _, first := range [][]byte{{0x30, 2, 0, 0}, {0x10}, {0x10, 0x80, 0x80, 0x80, 0x80, 0x01}, connectPacket(t, 4)[:9]} {
+	for _, first := range [][]byte{{0x30, 2, 0, 0}, {0x10}, {0x10, 0x80, 0x80, 0x80, 0x80, 0x01},
+		// A remaining length of five bytes, with a CONNECT's body after it.
+		{0x10, 0x80, 0x80, 0x80, 0x80, 0x01, 0, 4, 'M', 'Q', 'T', 'T', 4, 2, 0, 0},
+		connectPacket(t, 4)[:9]} {
 		if _, err := k.Write(first); err == nil {
 			t.Fatalf("% x was written as a CONNECT", first)
 		}
